@@ -1,0 +1,18 @@
+"""iql_torchrl: Implicit Q-Learning for TorchRL, faithful to the paper and lean."""
+from iql_torchrl.loss import DiscreteIQLLoss, IQLLoss, awr_weight, bellman_target, expectile_loss
+from iql_torchrl.models import make_actor, make_iql_networks, make_qvalue_networks, make_value_network
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IQLLoss",
+    "DiscreteIQLLoss",
+    "expectile_loss",
+    "bellman_target",
+    "awr_weight",
+    "make_actor",
+    "make_iql_networks",
+    "make_qvalue_networks",
+    "make_value_network",
+    "__version__",
+]

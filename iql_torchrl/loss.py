@@ -1,0 +1,638 @@
+"""IQLLoss: the three objectives of Implicit Q-Learning (Kostrikov, Nair & Levine, ICLR 2022).
+
+The paper's equations each live in one function below:
+
+* :func:`expectile_loss`  -- eq. (5): V(s) is the τ-expectile of min_i Q_target_i(s, a_dataset);
+* :func:`bellman_target`  -- eq. (6): Q(s, a) regresses to r + γ·(1 − terminated)·V(s');
+* :func:`awr_weight`      -- eq. (7): the actor maximises exp(β·(Q − V)), clamped at 100, · log π(a|s).
+
+:class:`IQLLoss` wires them to TorchRL networks and TensorDicts.  It accepts the same
+constructor arguments, keys and attributes as :class:`torchrl.objectives.IQLLoss`, so an
+existing TorchRL script can swap the import; the defaults are the paper's.
+
+Network evaluations per batch (each one call; the critic ensemble is one vmapped call):
+
+========================== =========== ====== ======= ================ ======
+call                        target Q    V(s)   V(s')   online Q         actor
+========================== =========== ====== ======= ================ ======
+``forward``                 1           1      1       1                1
+``value_phase``             1           1      0       0                0
+``actor_critic_phase``      0           1      1       1                1
+========================== =========== ====== ======= ================ ======
+
+``value_phase`` followed by ``actor_critic_phase`` is the paper's update order (step V first,
+then the actor and Q with the new V); it costs exactly one V(s) pass more than ``forward``.
+TorchRL's own loss evaluates the target critics twice and V(s) twice per batch.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import TensorDictModule, dispatch
+from tensordict.utils import NestedKey
+from torch import Tensor, nn
+from torchrl.data.tensor_specs import TensorSpec
+from torchrl.data.utils import _find_action_space
+from torchrl.objectives.common import LossModule
+from torchrl.objectives.utils import (
+    ValueEstimators,
+    _vmap_func,
+    dispatch_value_estimator,
+    distance_loss,
+)
+from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
+
+__all__ = ["IQLLoss", "DiscreteIQLLoss", "expectile_loss", "bellman_target", "awr_weight"]
+
+MAX_AWR_WEIGHT = 100.0
+
+
+# --------------------------------------------------------------------------- the paper's equations
+def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
+    """Eq. (5): asymmetric squared loss |τ − 1(diff < 0)|·diff², with ``diff = Q − V``.
+
+    With τ > 0.5, V is pushed up more by Q above it than down by Q below it, so V approaches
+    the upper expectile of Q over the dataset's actions.
+    """
+    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
+    return weight * diff.pow(2)
+
+
+def bellman_target(reward: Tensor, terminated: Tensor, next_value: Tensor, gamma) -> Tensor:
+    """Eq. (6): r + γ·(1 − terminated)·V(s').  Truncated (not terminated) transitions bootstrap."""
+    return reward + gamma * (~terminated).to(next_value.dtype) * next_value
+
+
+def awr_weight(advantage: Tensor, temperature: float) -> Tensor:
+    """Eq. (7): the advantage-weighted-regression weight exp(β·A), clamped at 100."""
+    return torch.exp(advantage * temperature).clamp(max=MAX_AWR_WEIGHT)
+
+
+# --------------------------------------------------------------------------- the loss module
+class IQLLoss(LossModule):
+    r"""Implicit Q-Learning loss, paper-faithful and evaluating each network once per batch.
+
+    Args:
+        actor_network: the policy. A ``ProbabilisticActor`` (any distribution with
+            ``log_prob``: TanhNormal, Normal, ...) is trained by advantage-weighted log-likelihood
+            ``−w·log π(a|s)``; a deterministic module writing the action key by the
+            advantage-weighted squared error ``w·‖π(s) − a‖²``.
+        qvalue_network: Q(s, a), writing ``state_action_value`` with a trailing dim of 1. A single
+            module is copied ``num_qvalue_nets`` times, each copy freshly initialised; a list of
+            modules is stacked as given.
+        value_network: V(s), writing ``state_value`` with a trailing dim of 1.
+
+    Keyword Args:
+        num_qvalue_nets (int): number of critics; the min over their targets is used. Default 2.
+        loss_function (str): critic regression loss, ``"l2"`` (paper), ``"l1"`` or ``"smooth_l1"``.
+            Summed over critics. Default ``"l2"``.
+        temperature (float): β, the inverse temperature of the AWR weight. 0 is behaviour cloning.
+            Default 3.0 (paper, MuJoCo).
+        expectile (float): τ in (0, 1). Default 0.7 (paper, MuJoCo).
+        separate_losses (bool): if ``True``, parameters the critics share with the actor are
+            trained by the actor loss only (as in TorchRL).
+        reduction (str): ``"mean"`` (default), ``"sum"`` or ``"none"`` (losses keep the batch shape).
+        deactivate_vmap (bool): evaluate the critic ensemble with a Python loop instead of vmap.
+        scalar_output_mode (str): with ``reduction="none"``, ``"exclude"`` drops the 0-dim outputs
+            (entropy, diagnostics), ``"non_tensor"`` stores them as non-tensor data.
+
+    Differences from ``torchrl.objectives.IQLLoss`` (all intended, all the paper's):
+    ``expectile`` 0.7 (TorchRL 0.5), ``temperature`` 3.0 (TorchRL 1.0), ``loss_function`` ``"l2"``
+    (TorchRL ``"smooth_l1"``); Q's bootstrap target uses V(s') only through ``terminated`` (never
+    ``done``); each network runs once per batch; a single critic module is copied with a fresh
+    initialisation per copy.
+
+    The output holds ``loss_value``, ``loss_qvalue``, ``loss_actor``, ``entropy`` (for
+    probabilistic actors: −mean log π(a|s) on dataset actions, as in TorchRL) and detached 0-dim
+    diagnostics: ``value_mean``, ``min_q_mean``, ``advantage_mean``, ``awr_weight_mean``,
+    ``awr_weight_max``, ``awr_weight_clamped_frac``, ``non_finite`` (a device-side bool: some loss
+    is NaN or inf; read it when logging, it costs no sync here).
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from iql_torchrl import IQLLoss, make_iql_networks
+        >>> actor, qvalue, value = make_iql_networks(obs_dim=3, action_dim=2, hidden_sizes=(32, 32))
+        >>> loss = IQLLoss(actor, qvalue, value)
+        >>> batch = TensorDict({
+        ...     "observation": torch.randn(8, 3), "action": torch.rand(8, 2) * 2 - 1,
+        ...     ("next", "observation"): torch.randn(8, 3), ("next", "reward"): torch.randn(8, 1),
+        ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
+        ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
+        >>> out = loss(batch)
+        >>> (out["loss_value"] + out["loss_qvalue"] + out["loss_actor"]).backward()
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Tensordict keys the loss reads and writes; rename them with ``set_keys(...)``.
+
+        Attributes:
+            value (NestedKey): where V(s) is written by the value network. Default ``"state_value"``.
+            action (NestedKey): the dataset action. Default ``"action"``.
+            log_prob (NestedKey): where log π(a|s) is written into the input. Default ``"_log_prob"``.
+            priority (NestedKey): where the per-sample TD error (max over critics) is written into
+                the input, for prioritized replay. Default ``"td_error"``.
+            state_action_value (NestedKey): where Q(s, a) is written by the critic.
+                Default ``"state_action_value"``.
+            reward (NestedKey): reward, read under ``"next"``. Default ``"reward"``.
+            done (NestedKey): done flag, read under ``"next"`` by multi-step estimators.
+                Default ``"done"``.
+            terminated (NestedKey): termination flag, read under ``"next"``: only terminated
+                transitions stop the bootstrap. Default ``"terminated"``.
+        """
+
+        value: NestedKey = "state_value"
+        action: NestedKey = "action"
+        log_prob: NestedKey = "_log_prob"
+        priority: NestedKey = "td_error"
+        state_action_value: NestedKey = "state_action_value"
+        reward: NestedKey = "reward"
+        done: NestedKey = "done"
+        terminated: NestedKey = "terminated"
+
+    tensor_keys: _AcceptedKeys
+    default_keys = _AcceptedKeys
+    default_value_estimator = ValueEstimators.TD0
+    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda)
+    out_keys = ["loss_actor", "loss_qvalue", "loss_value", "entropy"]
+
+    actor_network: TensorDictModule
+    actor_network_params: TensorDictParams
+    target_actor_network_params: TensorDictParams
+    qvalue_network: TensorDictModule
+    qvalue_network_params: TensorDictParams
+    target_qvalue_network_params: TensorDictParams
+    value_network: TensorDictModule
+    value_network_params: TensorDictParams
+    target_value_network_params: TensorDictParams
+
+    def __init__(
+        self,
+        actor_network: TensorDictModule,
+        qvalue_network: TensorDictModule | list[TensorDictModule],
+        value_network: TensorDictModule,
+        *,
+        num_qvalue_nets: int = 2,
+        loss_function: str = "l2",
+        temperature: float = 3.0,
+        expectile: float = 0.7,
+        gamma: float | None = None,
+        priority_key: str | None = None,
+        separate_losses: bool = False,
+        reduction: str | None = None,
+        deactivate_vmap: bool = False,
+        scalar_output_mode: str | None = None,
+    ) -> None:
+        if gamma is not None:
+            raise TypeError(
+                "gamma is not a constructor argument: set it with loss.make_value_estimator(gamma=...)."
+            )
+        if not 0.0 < expectile < 1.0:
+            raise ValueError(f"expectile must lie in (0, 1), got {expectile}.")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is behaviour cloning), got {temperature}.")
+        if loss_function not in ("l2", "l1", "smooth_l1"):
+            raise ValueError(f"loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
+        reduction = "mean" if reduction is None else reduction
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+        if value_network is None:
+            raise ValueError("IQL needs a value network V(s): pass value_network.")
+        self._in_keys = None
+        self._out_keys = None
+        super().__init__()
+        self._set_deprecated_ctor_keys(priority=priority_key)
+        self.temperature = temperature
+        self.expectile = expectile
+        self.loss_function = loss_function
+        self.reduction = reduction
+        self.deactivate_vmap = deactivate_vmap
+        self.num_qvalue_nets = num_qvalue_nets
+        self.is_probabilistic_actor = hasattr(actor_network, "get_dist")
+
+        self.convert_to_functional(actor_network, "actor_network", create_target_params=False)
+        shared_with_actor = list(actor_network.parameters()) if separate_losses else None
+        self.convert_to_functional(
+            value_network, "value_network", create_target_params=False, compare_against=shared_with_actor
+        )
+        if separate_losses:
+            shared_with_actor = shared_with_actor + list(value_network.parameters())
+        self.convert_to_functional(
+            _independent_copies(qvalue_network, num_qvalue_nets, keep=shared_with_actor),
+            "qvalue_network",
+            num_qvalue_nets,
+            create_target_params=True,
+            compare_against=shared_with_actor,
+        )
+        self._vmapped_qvalue = _vmap_func(
+            self.qvalue_network, (None, 0), randomness=self.vmap_randomness, pseudo_vmap=deactivate_vmap
+        )
+
+        if reduction == "none" and scalar_output_mode is None:
+            warnings.warn(
+                "With reduction='none' the 0-dim outputs (entropy and diagnostics) do not fit the "
+                "batch-shaped output and are left out. Pass scalar_output_mode='exclude' to silence "
+                "this, or 'non_tensor' to keep them as non-tensor data.",
+                UserWarning,
+                stacklevel=2,
+            )
+            scalar_output_mode = "exclude"
+        self.scalar_output_mode = scalar_output_mode
+
+    # ------------------------------------------------------------------ TorchRL plumbing
+    def _set_in_keys(self):
+        keys = [
+            self.tensor_keys.action,
+            ("next", self.tensor_keys.reward),
+            ("next", self.tensor_keys.done),
+            ("next", self.tensor_keys.terminated),
+            *self.actor_network.in_keys,
+            *self.qvalue_network.in_keys,
+            *self.value_network.in_keys,
+            *[("next", key) for key in self.value_network.in_keys],
+        ]
+        self._in_keys = list(dict.fromkeys(_as_tuple_key(k) if isinstance(k, tuple) else k for k in keys))
+
+    @property
+    def in_keys(self):
+        if self._in_keys is None:
+            self._set_in_keys()
+        return self._in_keys
+
+    @in_keys.setter
+    def in_keys(self, values):
+        self._in_keys = values
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        if self._value_estimator is not None:
+            self._value_estimator.set_keys(
+                value=self.tensor_keys.value,
+                reward=self.tensor_keys.reward,
+                done=self.tensor_keys.done,
+                terminated=self.tensor_keys.terminated,
+            )
+        self._set_in_keys()
+
+    def make_value_estimator(self, value_type: ValueEstimators = None, **hyperparams):
+        """Chooses the bootstrap target for Q: TD0 (the paper, default), TD1 or TDLambda; gamma here."""
+        if value_type is None:
+            value_type = self.default_value_estimator
+        if isinstance(value_type, ValueEstimatorBase) or (
+            isinstance(value_type, type) and issubclass(value_type, ValueEstimatorBase)
+        ):
+            return LossModule.make_value_estimator(self, value_type, **hyperparams)
+        dispatch_value_estimator(
+            self,
+            value_type,
+            supported=self.SUPPORTED_VALUE_ESTIMATORS,
+            tensor_keys={
+                "value_target": "value_target",
+                "value": self.tensor_keys.value,
+                "reward": self.tensor_keys.reward,
+                "done": self.tensor_keys.done,
+                "terminated": self.tensor_keys.terminated,
+            },
+            **hyperparams,
+        )
+
+    # ------------------------------------------------------------------ network calls
+    def _state_value(self, tensordict: TensorDictBase) -> Tensor:
+        """V on the value network's in_keys of ``tensordict``; returns shape [*B] (trailing 1 dropped)."""
+        td = tensordict.select(*self.value_network.in_keys)
+        with self.value_network_params.to_module(self.value_network):
+            td = self.value_network(td)
+        value = td.get(self.tensor_keys.value)
+        if value.shape[-1:] != (1,):
+            raise ValueError(
+                f"The value network must write {self.tensor_keys.value!r} with a trailing dim of 1 "
+                f"([*batch, 1]); got shape {tuple(value.shape)}."
+            )
+        return value.squeeze(-1)
+
+    def _critic_values(self, tensordict: TensorDictBase, params: TensorDictBase) -> Tensor:
+        """All critics on (s, a) in one vmapped call; returns Q(s, a) of shape [num_qvalue_nets, *B]."""
+        td = tensordict.select(*self.qvalue_network.in_keys)
+        q_all = self._vmapped_qvalue(td, params).get(self.tensor_keys.state_action_value)
+        return self._q_of_dataset_action(q_all, tensordict.get(self.tensor_keys.action))
+
+    def _q_of_dataset_action(self, q_all: Tensor, action: Tensor) -> Tensor:
+        """Continuous critics already score the dataset action: drop the trailing 1."""
+        if q_all.shape[-1:] != (1,):
+            raise ValueError(
+                f"The Q network must write {self.tensor_keys.state_action_value!r} with a trailing dim "
+                f"of 1 ([*batch, 1]); got shape {tuple(q_all.shape[1:])}. For a Q network with one "
+                "output per discrete action use DiscreteIQLLoss."
+            )
+        return q_all.squeeze(-1)
+
+    def _actor_objective(self, tensordict: TensorDictBase) -> tuple[Tensor, Tensor | None]:
+        """Per-sample quantity the AWR weight multiplies: −log π(a|s), or ‖π(s) − a‖² if deterministic.
+
+        Returns it together with log π(a|s) (``None`` for a deterministic actor).
+        """
+        action = tensordict.get(self.tensor_keys.action)
+        td = tensordict.select(*self.actor_network.in_keys)
+        with self.actor_network_params.to_module(self.actor_network):
+            if self.is_probabilistic_actor:
+                dist = self.actor_network.get_dist(td)
+            else:
+                predicted = self.actor_network(td).get(self.tensor_keys.action)
+        if not self.is_probabilistic_actor:
+            return (predicted - action).pow(2).sum(-1), None
+        log_prob = self._log_prob(dist, action)
+        return -log_prob, log_prob
+
+    def _log_prob(self, dist, action: Tensor) -> Tensor:
+        log_prob = dist.log_prob(action)
+        if log_prob.shape == action.shape:  # a factorised distribution without Independent
+            log_prob = log_prob.sum(-1)
+        return log_prob
+
+    # ------------------------------------------------------------------ the three losses
+    def value_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
+        """Eq. (5): expectile regression of V(s) onto min over TARGET critics of Q(s, a_dataset).
+
+        Evaluates the target critics once and V(s) once. Returns (loss, metadata) with the
+        detached ``target_min_q`` and ``value`` for reuse by :meth:`actor_loss`.
+        """
+        self._check_keys(tensordict)
+        value = self._state_value(tensordict)
+        self._check_batch_shape(tensordict, value.shape)
+        with torch.no_grad():
+            min_q = self._critic_values(tensordict, self.target_qvalue_network_params).min(0).values
+        loss = expectile_loss(min_q - value, self.expectile)
+        return self._reduce(loss), {"target_min_q": min_q, "value": value.detach()}
+
+    def actor_loss(
+        self,
+        tensordict: TensorDictBase,
+        target_min_q: Tensor | None = None,
+        value: Tensor | None = None,
+    ) -> tuple[Tensor, dict]:
+        """Eq. (7): −exp(β·(min Q_target − V(s))).clamp(max=100)·log π(a|s), the weight detached.
+
+        ``target_min_q`` and ``value`` are computed here when not given (so the method also
+        works alone, as TorchRL's does). Evaluates the actor once.
+        """
+        self._check_keys(tensordict)
+        if target_min_q is None:
+            with torch.no_grad():
+                target_min_q = self._critic_values(tensordict, self.target_qvalue_network_params).min(0).values
+        if value is None:
+            with torch.no_grad():
+                value = self._state_value(tensordict)
+        advantage = (target_min_q - value).detach()
+        weight = awr_weight(advantage, self.temperature)
+        objective, log_prob = self._actor_objective(tensordict)
+        if objective.shape != weight.shape:
+            raise ValueError(
+                f"The actor's per-sample objective has shape {tuple(objective.shape)} but the batch "
+                f"is {tuple(weight.shape)}: check the shape of {self.tensor_keys.action!r} and the "
+                "actor's distribution (its log_prob must reduce over the action dim)."
+            )
+        metadata = {
+            "advantage_mean": advantage.mean(),
+            "awr_weight_mean": weight.mean(),
+            "awr_weight_max": weight.max(),
+            "awr_weight_clamped_frac": (weight >= MAX_AWR_WEIGHT).float().mean(),
+        }
+        if log_prob is not None:
+            log_prob = log_prob.detach()
+            tensordict.set(self.tensor_keys.log_prob, log_prob)
+            metadata["entropy"] = -log_prob.mean()
+        return self._reduce(weight * objective), metadata
+
+    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
+        """Eq. (6): every online critic regresses onto r + γ·(1 − terminated)·V(s'); summed over critics.
+
+        Evaluates V(s') once and the online critics once (one vmapped call).
+        """
+        self._check_keys(tensordict)
+        with torch.no_grad():
+            target = self._bellman_target(tensordict)
+        q = self._critic_values(tensordict, self.qvalue_network_params)
+        if q.shape[1:] != target.shape:
+            raise ValueError(
+                f"Q(s, a) has batch shape {tuple(q.shape[1:])} but the Bellman target has "
+                f"{tuple(target.shape)}: check the shapes of {self.tensor_keys.action!r} and "
+                f"('next', {self.tensor_keys.reward!r})."
+            )
+        target = target.expand_as(q)
+        loss = distance_loss(q, target, loss_function=self.loss_function).sum(0)
+        td_error = (q.detach() - target).pow(2)
+        return self._reduce(loss), {"td_error": td_error, "q_mean": q.detach().mean()}
+
+    def _bellman_target(self, tensordict: TensorDictBase) -> Tensor:
+        next_td = tensordict.get("next")
+        next_value = self._state_value(next_td)
+        reward = _batch_shaped(next_td, self.tensor_keys.reward, next_value.shape)
+        terminated = _batch_shaped(next_td, self.tensor_keys.terminated, next_value.shape)
+        if isinstance(self.value_estimator, TD0Estimator):
+            return bellman_target(reward, terminated.bool(), next_value, self.value_estimator.gamma)
+        # multi-step estimators (TD1, TDLambda) need the time dim: TorchRL's own code does it
+        return self.value_estimator.value_estimate(tensordict, next_value=next_value.unsqueeze(-1)).squeeze(-1)
+
+    # ------------------------------------------------------------------ forward and phases
+    @dispatch
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """All three losses with each network evaluated once (V is stepped with the others)."""
+        loss_value, value_md = self.value_loss(tensordict)
+        loss_actor, actor_md = self.actor_loss(tensordict, value_md["target_min_q"], value_md["value"])
+        loss_qvalue, q_md = self.qvalue_loss(tensordict)
+        return self._output(tensordict, value_md, actor_md, q_md, loss_value, loss_actor, loss_qvalue)
+
+    def value_phase(self, tensordict: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
+        """First half of the paper's update order: ``loss_value`` only.
+
+        Returns the output TensorDict and the detached min over target critics, to pass to
+        :meth:`actor_critic_phase` after V has been stepped. Calls: target critics 1, V(s) 1.
+        """
+        loss_value, value_md = self.value_loss(tensordict)
+        return self._output(tensordict, value_md, None, None, loss_value), value_md["target_min_q"]
+
+    def actor_critic_phase(self, tensordict: TensorDictBase, target_min_q: Tensor) -> TensorDictBase:
+        """Second half of the paper's update order: ``loss_actor`` and ``loss_qvalue`` with the new V.
+
+        Calls: V(s) 1 (no grad), V(s') 1, online critics 1, actor 1; target critics 0.
+        """
+        with torch.no_grad():
+            value = self._state_value(tensordict)
+        loss_actor, actor_md = self.actor_loss(tensordict, target_min_q, value)
+        loss_qvalue, q_md = self.qvalue_loss(tensordict)
+        value_md = {"value": value, "target_min_q": target_min_q}
+        return self._output(tensordict, value_md, actor_md, q_md, None, loss_actor, loss_qvalue)
+
+    def _output(self, tensordict, value_md, actor_md, q_md, loss_value=None, loss_actor=None, loss_qvalue=None):
+        losses = {
+            name: loss
+            for name, loss in (("loss_actor", loss_actor), ("loss_qvalue", loss_qvalue), ("loss_value", loss_value))
+            if loss is not None
+        }
+        scalars = {"value_mean": value_md["value"].mean(), "min_q_mean": value_md["target_min_q"].mean()}
+        if actor_md is not None:
+            scalars.update(actor_md)
+        if q_md is not None:
+            tensordict.set(self.tensor_keys.priority, q_md["td_error"].max(0).values)
+            scalars["q_mean"] = q_md["q_mean"]
+        finite = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses.values()]).all()
+        scalars["non_finite"] = ~finite
+        if self.reduction != "none":
+            return TensorDict({**losses, **scalars}, batch_size=[])
+        out = TensorDict(losses, batch_size=tensordict.batch_size)
+        if self.scalar_output_mode == "non_tensor":
+            for name, scalar in scalars.items():
+                out.set_non_tensor(name, scalar)
+        return out
+
+    def _reduce(self, loss: Tensor) -> Tensor:
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+    # ------------------------------------------------------------------ input checks
+    def _check_keys(self, tensordict: TensorDictBase) -> None:
+        """A missing key fails here, named, with the call that fixes it."""
+        keys = self.tensor_keys
+        for key, name in ((keys.action, "action"), (("next", keys.reward), "reward"),
+                          (("next", keys.terminated), "terminated")):
+            if tensordict.get(key, None) is None:
+                raise KeyError(
+                    f"IQLLoss: the input has no {key!r}. If your data stores it under another key, "
+                    f"call loss.set_keys({name}=<your key>)"
+                    + (" (the loss reads it under 'next')." if name != "action" else ".")
+                )
+        for network, where in ((self.actor_network, ""), (self.qvalue_network, ""),
+                               (self.value_network, ""), (self.value_network, "next")):
+            for key in network.in_keys:
+                full_key = _as_tuple_key(("next", key)) if where else key
+                if tensordict.get(full_key, None) is None:
+                    raise KeyError(
+                        f"IQLLoss: the input has no {full_key!r}, which the "
+                        f"{_network_name(self, network)} reads (in_keys={network.in_keys}). Rename the "
+                        "key in your data or build the network with matching in_keys."
+                    )
+
+    def _check_batch_shape(self, tensordict: TensorDictBase, batch_shape: torch.Size) -> None:
+        """Action, reward and terminated must share V(s)'s batch shape (no silent broadcasting)."""
+        next_td = tensordict.get("next")
+        _batch_shaped(next_td, self.tensor_keys.reward, batch_shape, prefix="next")
+        _batch_shaped(next_td, self.tensor_keys.terminated, batch_shape, prefix="next")
+        self._check_action_shape(tensordict.get(self.tensor_keys.action), batch_shape)
+
+    def _check_action_shape(self, action: Tensor, batch_shape: torch.Size) -> None:
+        if action.shape[:-1] != batch_shape:
+            raise ValueError(
+                f"{self.tensor_keys.action!r} has shape {tuple(action.shape)} but the observations give "
+                f"a batch of {tuple(batch_shape)}: expected [*batch, action_dim]."
+            )
+
+
+class DiscreteIQLLoss(IQLLoss):
+    """IQL for discrete actions: the critic outputs one Q value per action.
+
+    Keyword Args:
+        action_space (str or TensorSpec): ``"categorical"`` (actions are indices, shaped ``[*B]``
+            or ``[*B, 1]``) or ``"one-hot"`` (actions shaped ``[*B, n]``). Required.
+        Other arguments as :class:`IQLLoss`. The actor must be probabilistic (a Categorical or
+        OneHotCategorical ``ProbabilisticActor``).
+    """
+
+    def __init__(self, actor_network, qvalue_network, value_network, *, action_space: str | TensorSpec = None, **kwargs):
+        if action_space is None:
+            raise ValueError("DiscreteIQLLoss needs action_space: 'categorical' or 'one-hot' (or a spec).")
+        super().__init__(actor_network, qvalue_network, value_network, **kwargs)
+        if not self.is_probabilistic_actor:
+            raise TypeError("DiscreteIQLLoss needs a probabilistic actor (Categorical or OneHotCategorical).")
+        self.action_space = _find_action_space(action_space)
+        if self.action_space not in ("categorical", "one_hot"):
+            raise ValueError(f"action_space must be 'categorical' or 'one-hot', got {action_space!r}.")
+
+    def _index(self, action: Tensor, batch_ndim: int) -> Tensor:
+        """Action as a long index of shape [*B]."""
+        if self.action_space == "one_hot":
+            return action.argmax(-1)
+        return action.squeeze(-1).long() if action.ndim > batch_ndim else action.long()
+
+    def _q_of_dataset_action(self, q_all: Tensor, action: Tensor) -> Tensor:
+        # q_all: [num_critics, *B, n_actions]
+        index = self._index(action, q_all.ndim - 2)
+        return q_all.gather(-1, index.unsqueeze(-1).expand(*q_all.shape[:-1], 1)).squeeze(-1)
+
+    def _log_prob(self, dist, action: Tensor) -> Tensor:
+        if self.action_space == "categorical":
+            # (B, 1)-shaped indices would broadcast in Categorical.log_prob
+            batch_ndim = len(dist.batch_shape)
+            return dist.log_prob(self._index(action, batch_ndim))
+        return dist.log_prob(action)
+
+    def _check_action_shape(self, action: Tensor, batch_shape: torch.Size) -> None:
+        ok = action.shape[:-1] == batch_shape if self.action_space == "one_hot" else (
+            action.shape == batch_shape or action.shape == (*batch_shape, 1)
+        )
+        if not ok:
+            expected = "[*batch, n_actions]" if self.action_space == "one_hot" else "[*batch] or [*batch, 1]"
+            raise ValueError(
+                f"{self.tensor_keys.action!r} has shape {tuple(action.shape)} but the observations give a "
+                f"batch of {tuple(batch_shape)}: expected {expected} for action_space={self.action_space!r}."
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+def _independent_copies(qvalue_network, num_qvalue_nets: int, keep=None):
+    """A list of ``num_qvalue_nets`` critics: the given one plus freshly initialised copies.
+
+    The paper's critics are initialised independently. A list passes through unchanged, and
+    so does a critic sharing parameters with the actor (``separate_losses``), which TorchRL expands.
+    """
+    if isinstance(qvalue_network, (list, tuple)):
+        if len(qvalue_network) != num_qvalue_nets:
+            raise ValueError(
+                f"Got {len(qvalue_network)} Q networks but num_qvalue_nets={num_qvalue_nets}."
+            )
+        return list(qvalue_network)
+    shared = {id(p) for p in keep or ()} & {id(p) for p in qvalue_network.parameters()}
+    if num_qvalue_nets == 1 or shared:
+        return qvalue_network
+    copies = [qvalue_network]
+    for _ in range(num_qvalue_nets - 1):
+        critic = copy.deepcopy(qvalue_network)
+        for module in critic.modules():
+            if hasattr(module, "reset_parameters") and module is not critic:
+                module.reset_parameters()
+        copies.append(critic)
+    return copies
+
+
+def _batch_shaped(td: TensorDictBase, key: NestedKey, batch_shape: torch.Size, prefix: str = "next") -> Tensor:
+    """``td[key]`` as shape [*B], accepting TorchRL's [*B, 1]; anything else is a named error."""
+    value = td.get(key)
+    if value.shape == (*batch_shape, 1):
+        return value.squeeze(-1)
+    if value.shape == batch_shape:
+        return value
+    raise ValueError(
+        f"({prefix!r}, {key!r}) has shape {tuple(value.shape)} but the observations give a batch of "
+        f"{tuple(batch_shape)}: expected [*batch, 1] (or [*batch])."
+    )
+
+
+def _as_tuple_key(key) -> tuple:
+    """Flattens ('next', ('a', 'b')) to ('next', 'a', 'b')."""
+    out = []
+    for part in key if isinstance(key, tuple) else (key,):
+        out.extend(_as_tuple_key(part) if isinstance(part, tuple) else (part,))
+    return tuple(out)
+
+
+def _network_name(loss: IQLLoss, network: nn.Module) -> str:
+    for name in ("actor_network", "qvalue_network", "value_network"):
+        if loss.__dict__.get(name) is network:
+            return name.replace("_", " ")
+    return "network"

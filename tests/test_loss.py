@@ -1,0 +1,480 @@
+"""IQLLoss against the paper's equations, with numbers worked out by hand.
+
+The hand-checked network is tiny and linear:  obs s, action a (both 1-d), two critics
+Q1(s, a) = s + 2a, Q2(s, a) = s + 0.5, V(s) = s, deterministic actor π(s) = 0.25·s.
+Batch: s = [1, 2], a = [0.5, −0.5], r = [1, 2], s' = [2, 1], terminated = [F, T].
+
+  min target Q  = min([2, 1], [1.5, 2.5])         = [1.5, 1]
+  Q − V         = [1.5 − 1, 1 − 2]                = [0.5, −1]
+  loss_value    = mean(0.7·0.25, 0.3·1)           = 0.2375            (τ = 0.7)
+  target        = [1 + 0.99·V(2), 2 + 0]           = [2.98, 2]        (γ = 0.99; 2nd terminated)
+  loss_qvalue   = mean((2−2.98)² + (1.5−2.98)², (1−2)² + (2.5−2)²)
+                = mean(0.9604 + 2.1904, 1 + 0.25)  = 2.2004
+  weights       = exp(3·[0.5, −1])                 = [e^1.5, e^−3]    (β = 3)
+  loss_actor    = mean(e^1.5·(0.25 − 0.5)², e^−3·(0.5 + 0.5)²)
+"""
+import math
+import warnings
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.objectives import HardUpdate, SoftUpdate, ValueEstimators
+from torchrl.objectives import IQLLoss as TorchRLIQLLoss
+
+from iql_torchrl import DiscreteIQLLoss, IQLLoss, awr_weight, bellman_target, expectile_loss, make_iql_networks
+from iql_torchrl.models import GaussianPolicyHead, make_actor
+
+warnings.filterwarnings("ignore", message="No target network updater")
+
+
+# ---------------------------------------------------------------------------- fixtures
+def linear(weights, bias=0.0):
+    layer = nn.Linear(len(weights), 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+        layer.bias.fill_(bias)
+    return layer
+
+
+class Concat(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *xs):
+        return self.net(torch.cat(xs, -1))
+
+
+def hand_networks(actor=None):
+    q1 = TensorDictModule(Concat(linear([1.0, 2.0])), ["observation", "action"], ["state_action_value"])
+    q2 = TensorDictModule(Concat(linear([1.0, 0.0], 0.5)), ["observation", "action"], ["state_action_value"])
+    value = TensorDictModule(linear([1.0]), ["observation"], ["state_value"])
+    if actor is None:
+        actor = TensorDictModule(linear([0.25]), ["observation"], ["action"])
+    return actor, [q1, q2], value
+
+
+def hand_batch(terminated=(False, True), truncated=(False, False)):
+    terminated = torch.tensor(terminated).unsqueeze(-1)
+    truncated = torch.tensor(truncated).unsqueeze(-1)
+    return TensorDict(
+        {
+            "observation": torch.tensor([[1.0], [2.0]]),
+            "action": torch.tensor([[0.5], [-0.5]]),
+            ("next", "observation"): torch.tensor([[2.0], [1.0]]),
+            ("next", "reward"): torch.tensor([[1.0], [2.0]]),
+            ("next", "terminated"): terminated,
+            ("next", "truncated"): truncated,
+            ("next", "done"): terminated | truncated,
+        },
+        batch_size=[2],
+    )
+
+
+def random_batch(batch=16, obs_dim=3, action_dim=2, action=None):
+    return TensorDict(
+        {
+            "observation": torch.randn(batch, obs_dim),
+            "action": torch.rand(batch, action_dim) * 2 - 1 if action is None else action,
+            ("next", "observation"): torch.randn(batch, obs_dim),
+            ("next", "reward"): torch.randn(batch, 1),
+            ("next", "terminated"): torch.rand(batch, 1) < 0.2,
+            ("next", "done"): torch.rand(batch, 1) < 0.3,
+        },
+        batch_size=[batch],
+    )
+
+
+def small_loss(actor_kind="gaussian", **kwargs):
+    torch.manual_seed(0)
+    discrete = actor_kind in ("categorical", "one_hot")
+    actor, critics, value = make_iql_networks(3, 4 if discrete else 2, actor_kind=actor_kind, hidden_sizes=(16, 16))
+    if discrete:
+        return DiscreteIQLLoss(actor, critics, value, action_space=actor_kind, **kwargs)
+    return IQLLoss(actor, critics, value, **kwargs)
+
+
+# ---------------------------------------------------------------------------- the equations
+def test_expectile_loss_weights_positive_errors_by_tau_and_negative_by_one_minus_tau():
+    diff = torch.tensor([2.0, -2.0, 0.0])
+    assert torch.allclose(expectile_loss(diff, 0.7), torch.tensor([0.7 * 4, 0.3 * 4, 0.0]))
+    assert torch.allclose(expectile_loss(diff, 0.5), torch.tensor([2.0, 2.0, 0.0]))
+
+
+def test_bellman_target_stops_only_at_termination():
+    target = bellman_target(torch.tensor([1.0, 1.0]), torch.tensor([False, True]), torch.tensor([10.0, 10.0]), 0.9)
+    assert torch.allclose(target, torch.tensor([1.0 + 9.0, 1.0]))
+
+
+def test_awr_weight_is_clamped_at_100():
+    weight = awr_weight(torch.tensor([0.0, 1.0, 2.0]), temperature=3.0)
+    assert torch.allclose(weight, torch.tensor([1.0, math.exp(3.0), 100.0]))
+
+
+# ---------------------------------------------------------------------------- hand-computed loss
+def test_losses_match_the_hand_computed_values():
+    loss = IQLLoss(*hand_networks())
+    out = loss(hand_batch())
+    assert out["loss_value"].item() == pytest.approx(0.2375, rel=1e-6)
+    assert out["loss_qvalue"].item() == pytest.approx(2.2004, rel=1e-6)
+    expected_actor = (math.exp(1.5) * 0.0625 + math.exp(-3.0) * 1.0) / 2
+    assert out["loss_actor"].item() == pytest.approx(expected_actor, rel=1e-6)
+    # diagnostics: V = [1, 2], min Q = [1.5, 1], advantage = [0.5, -1]
+    assert out["value_mean"].item() == pytest.approx(1.5)
+    assert out["min_q_mean"].item() == pytest.approx(1.25)
+    assert out["advantage_mean"].item() == pytest.approx(-0.25)
+    assert out["awr_weight_max"].item() == pytest.approx(math.exp(1.5), rel=1e-6)
+    assert out["awr_weight_clamped_frac"].item() == 0.0
+    assert not out["non_finite"]
+
+
+def test_value_uses_the_min_over_target_critics_not_the_online_ones():
+    loss = IQLLoss(*hand_networks())
+    with torch.no_grad():  # move the online critics; the targets stay where they were
+        loss.qvalue_network_params.apply_(lambda p: p.add_(10.0))
+    out = loss(hand_batch())
+    assert out["loss_value"].item() == pytest.approx(0.2375, rel=1e-6)
+    assert out["min_q_mean"].item() == pytest.approx(1.25)
+
+
+def test_critic_loss_is_summed_over_critics_with_mse():
+    loss = IQLLoss(*hand_networks(), num_qvalue_nets=2)
+    per_sample = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")(hand_batch())
+    assert torch.allclose(per_sample["loss_qvalue"], torch.tensor([0.9604 + 2.1904, 1.0 + 0.25]))
+    assert loss(hand_batch())["loss_qvalue"].item() == pytest.approx((3.1508 + 1.25) / 2, rel=1e-6)
+
+
+def test_truncated_transitions_still_bootstrap():
+    # the second transition is truncated (done) but not terminated: its target is 2 + 0.99 * V(1)
+    loss = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")
+    out = loss(hand_batch(terminated=(False, False), truncated=(False, True)))
+    target = torch.tensor([2.98, 2.0 + 0.99 * 1.0])
+    q1, q2 = torch.tensor([2.0, 1.0]), torch.tensor([1.5, 2.5])
+    assert torch.allclose(out["loss_qvalue"], (q1 - target) ** 2 + (q2 - target) ** 2)
+
+
+def test_advantages_above_the_clamp_get_weight_100():
+    # V = s - 2 gives advantages [2.5, 1]: exp(3 * 2.5) > 100 is clamped, exp(3) is not
+    actor, critics, _ = hand_networks()
+    value = TensorDictModule(linear([1.0], -2.0), ["observation"], ["state_value"])
+    out = IQLLoss(actor, critics, value)(hand_batch())
+    assert out["awr_weight_max"].item() == 100.0
+    assert out["awr_weight_clamped_frac"].item() == 0.5
+    expected = (100.0 * 0.0625 + math.exp(3.0) * 1.0) / 2
+    assert out["loss_actor"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gaussian_actor_is_trained_by_weighted_log_likelihood():
+    # loc = tanh(0) = 0 and log_std = 0: log N(±0.5; 0, 1) = -0.125 - 0.5 log(2π)
+    actor = make_actor(1, 1, hidden_sizes=(4,))
+    head = actor.module[0].module
+    assert isinstance(head, GaussianPolicyHead)
+    with torch.no_grad():
+        for p in head.net.parameters():
+            p.zero_()
+    out = IQLLoss(*hand_networks(actor))(hand_batch())
+    nll = 0.125 + 0.5 * math.log(2 * math.pi)
+    expected = (math.exp(1.5) * nll + math.exp(-3.0) * nll) / 2
+    assert out["loss_actor"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["entropy"].item() == pytest.approx(nll, rel=1e-5)
+
+
+def test_temperature_zero_is_behaviour_cloning():
+    out = IQLLoss(*hand_networks(), temperature=0.0)(hand_batch())
+    assert out["loss_actor"].item() == pytest.approx((0.0625 + 1.0) / 2)
+
+
+def test_matches_torchrl_iqlloss_when_given_the_same_networks_and_hyperparameters():
+    torch.manual_seed(1)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(16, 16))
+    kwargs = dict(temperature=2.0, expectile=0.8, loss_function="l2")
+    ours = IQLLoss(actor, critics, value, **kwargs)
+    theirs = TorchRLIQLLoss(actor, critics, value, **kwargs)
+    batch = random_batch()
+    batch.set(("next", "done"), batch.get(("next", "terminated")).clone())  # TorchRL's TD0 reads done too
+    a, b = ours(batch.clone()), theirs(batch.clone())
+    for key in ("loss_value", "loss_qvalue", "loss_actor", "entropy"):
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
+
+
+# ---------------------------------------------------------------------------- gradients
+def _grad_reaches(loss, scalar):
+    groups = {
+        "actor": list(loss.actor_network_params.values(True, True)),
+        "qvalue": list(loss.qvalue_network_params.values(True, True)),
+        "value": list(loss.value_network_params.values(True, True)),
+    }
+    reached = set()
+    for name, params in groups.items():
+        grads = torch.autograd.grad(scalar, params, retain_graph=True, allow_unused=True)
+        if any(g is not None and g.abs().sum() > 0 for g in grads):
+            reached.add(name)
+    return reached
+
+
+@pytest.mark.parametrize("actor_kind", ["gaussian", "deterministic", "categorical"])
+def test_each_loss_reaches_only_its_own_network(actor_kind):
+    loss = small_loss(actor_kind)
+    action = torch.randint(0, 4, (16,)) if actor_kind == "categorical" else None
+    out = loss(random_batch(action=action))
+    assert _grad_reaches(loss, out["loss_value"]) == {"value"}
+    assert _grad_reaches(loss, out["loss_qvalue"]) == {"qvalue"}
+    assert _grad_reaches(loss, out["loss_actor"]) == {"actor"}
+    assert all(not p.requires_grad for p in loss.target_qvalue_network_params.values(True, True))
+
+
+def test_critics_are_initialised_independently_from_a_single_module():
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    loss = IQLLoss(actor, critics[0], value, num_qvalue_nets=2)
+    weight = loss.qvalue_network_params["module", "net", "0", "weight"]
+    assert weight.shape[0] == 2 and not torch.equal(weight[0], weight[1])
+    assert torch.equal(weight[0], critics[0].module.net[0].weight)
+
+
+# ---------------------------------------------------------------------------- call counts
+def _count_calls(network):
+    first = next(m for m in network.modules() if isinstance(m, nn.Linear))
+    calls = []
+    first.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def _counted(loss_cls, **kwargs):
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    loss = loss_cls(actor, critics, value, **kwargs)
+    counts = {name: _count_calls(getattr(loss, name)) for name in ("actor_network", "qvalue_network", "value_network")}
+    return loss, counts
+
+
+def _snapshot(counts):
+    return {name.split("_")[0]: len(calls) for name, calls in counts.items()}
+
+
+def test_forward_evaluates_each_network_once_per_batch():
+    # critics: 1 vmapped call for the targets + 1 for the online ones; V: V(s) and V(s')
+    loss, counts = _counted(IQLLoss)
+    loss(random_batch())
+    assert _snapshot(counts) == {"actor": 1, "qvalue": 2, "value": 2}
+
+
+def test_torchrl_iqlloss_evaluates_target_critics_and_value_twice():
+    loss, counts = _counted(TorchRLIQLLoss)
+    loss(random_batch())
+    assert _snapshot(counts) == {"actor": 1, "qvalue": 3, "value": 3}
+
+
+def test_the_paper_order_costs_one_extra_value_pass():
+    loss, counts = _counted(IQLLoss)
+    batch = random_batch()
+    value_out, target_min_q = loss.value_phase(batch)
+    assert _snapshot(counts) == {"actor": 0, "qvalue": 1, "value": 1}
+    rest = loss.actor_critic_phase(batch, target_min_q)
+    assert _snapshot(counts) == {"actor": 1, "qvalue": 2, "value": 3}
+    assert set(value_out.keys()) >= {"loss_value", "non_finite"}
+    assert set(rest.keys()) >= {"loss_actor", "loss_qvalue", "awr_weight_max"}
+    # with V unchanged between the phases, the split equals the fused forward
+    fused = loss(batch)
+    for key in ("loss_value", "loss_actor", "loss_qvalue"):
+        source = value_out if key == "loss_value" else rest
+        assert torch.allclose(source[key], fused[key])
+
+
+# ---------------------------------------------------------------------------- TorchRL interface
+def test_custom_keys_via_set_keys_give_the_same_losses():
+    torch.manual_seed(0)
+    default = small_loss()
+    batch = random_batch()
+    renamed = batch.clone().rename_key_("action", "act")
+    renamed.rename_key_(("next", "reward"), ("next", "rew"))
+    renamed.rename_key_(("next", "terminated"), ("next", "term"))
+    custom = small_loss()
+    custom.set_keys(action="act", reward="rew", terminated="term", priority="prio", log_prob="lp")
+    with pytest.raises(KeyError):  # the critic still reads "action"...
+        custom(renamed.clone())
+    renamed.set("action", renamed["act"])  # ...so give it what its in_keys name
+    a, b = default(batch), custom(renamed)
+    for key in ("loss_value", "loss_qvalue", "loss_actor"):
+        assert torch.allclose(a[key], b[key])
+    assert "prio" in renamed.keys() and "lp" in renamed.keys()
+
+
+def test_reduction_none_keeps_the_batch_shape_and_sum_is_batch_times_mean():
+    batch = random_batch()
+    mean = small_loss()(batch.clone())
+    summed = small_loss(reduction="sum")(batch.clone())
+    with pytest.warns(UserWarning, match="scalar_output_mode"):
+        none_loss = small_loss(reduction="none")
+    per_sample = none_loss(batch.clone())
+    assert per_sample.batch_size == batch.batch_size
+    for key in ("loss_value", "loss_qvalue", "loss_actor"):
+        assert per_sample[key].shape == (16,)
+        assert torch.allclose(per_sample[key].mean(), mean[key], rtol=1e-5)
+        assert torch.allclose(summed[key], 16 * mean[key], rtol=1e-5)
+    assert "entropy" not in per_sample.keys()
+    kept = small_loss(reduction="none", scalar_output_mode="non_tensor")(batch.clone())
+    assert "awr_weight_max" in kept.keys()
+
+
+def test_priority_and_log_prob_are_written_into_the_input():
+    loss = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")
+    batch = hand_batch()
+    loss(batch)
+    # max over critics of the squared TD error: [max(0.9604, 2.1904), max(1, 0.25)]
+    assert torch.allclose(batch["td_error"], torch.tensor([2.1904, 1.0]))
+    gaussian = small_loss()
+    batch = random_batch()
+    out = gaussian(batch)
+    assert torch.allclose(out["entropy"], -batch["_log_prob"].mean())
+
+
+def test_state_dict_round_trip_restores_the_losses_and_the_targets():
+    source = small_loss()
+    with torch.no_grad():
+        source.target_qvalue_network_params.apply_(lambda p: p.mul_(0.5))
+    torch.manual_seed(123)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(16, 16))
+    restored = IQLLoss(actor, critics, value)
+    batch = random_batch()
+    assert not torch.allclose(source(batch.clone())["loss_value"], restored(batch.clone())["loss_value"])
+    restored.load_state_dict(source.state_dict())
+    a, b = source(batch.clone()), restored(batch.clone())
+    for key in ("loss_value", "loss_qvalue", "loss_actor"):
+        assert torch.equal(a[key], b[key])
+
+
+def test_reset_parameters_recursive_reinitialises_the_networks():
+    loss = small_loss()
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    loss.reset_parameters_recursive()
+    after = loss.state_dict()
+    changed = [k for k in before if before[k].shape == after[k].shape and not torch.equal(before[k], after[k])]
+    assert any("actor" in k for k in changed) and any("value_network" in k for k in changed)
+
+
+def test_soft_and_hard_updates_move_the_target_critics():
+    loss = small_loss()
+    soft = SoftUpdate(loss, tau=0.005)
+    with torch.no_grad():
+        loss.qvalue_network_params.apply_(lambda p: p.add_(1.0))
+    online = loss.qvalue_network_params.detach().clone()
+    target = loss.target_qvalue_network_params.clone()
+    soft.step()  # target <- 0.995 target + 0.005 online: every entry moves by 0.005
+    moved = loss.target_qvalue_network_params - target
+    assert all(torch.allclose(d, torch.full_like(d, 0.005), atol=1e-6) for d in moved.values(True, True))
+    HardUpdate(loss).step()
+    assert (loss.target_qvalue_network_params == online).all()
+
+
+def test_gamma_is_set_by_make_value_estimator():
+    loss = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")
+    loss.make_value_estimator(ValueEstimators.TD0, gamma=0.5)
+    out = loss(hand_batch())
+    target = torch.tensor([1.0 + 0.5 * 2.0, 2.0])
+    q1, q2 = torch.tensor([2.0, 1.0]), torch.tensor([1.5, 2.5])
+    assert torch.allclose(out["loss_qvalue"], (q1 - target) ** 2 + (q2 - target) ** 2)
+    with pytest.raises(TypeError, match="make_value_estimator"):
+        IQLLoss(*hand_networks(), gamma=0.9)
+
+
+@pytest.mark.parametrize("estimator", [ValueEstimators.TD1, ValueEstimators.TDLambda])
+def test_multi_step_estimators_run_on_trajectories(estimator):
+    loss = small_loss()
+    loss.make_value_estimator(estimator, gamma=0.9)
+    batch = TensorDict(
+        {
+            "observation": torch.randn(4, 5, 3),
+            "action": torch.rand(4, 5, 2) * 2 - 1,
+            ("next", "observation"): torch.randn(4, 5, 3),
+            ("next", "reward"): torch.randn(4, 5, 1),
+            ("next", "terminated"): torch.zeros(4, 5, 1, dtype=torch.bool),
+            ("next", "done"): torch.zeros(4, 5, 1, dtype=torch.bool),
+        },
+        batch_size=[4, 5],
+        names=[None, "time"],
+    )
+    out = loss(batch)
+    assert torch.isfinite(out["loss_qvalue"])
+
+
+# ---------------------------------------------------------------------------- actors
+def test_tanh_normal_actor_trains():
+    loss = small_loss("tanh_normal")
+    batch = random_batch(action=(torch.rand(16, 2) * 2 - 1) * 0.99)
+    out = loss(batch)
+    out["loss_actor"].backward()
+    assert torch.isfinite(out["loss_actor"])
+
+
+def test_categorical_actions_of_shape_b_and_b1_give_the_same_loss():
+    index = torch.randint(0, 4, (16,))
+    batch = random_batch(action=index)
+    flat = small_loss("categorical")(batch.clone())
+    column = small_loss("categorical")(batch.clone().set("action", index.unsqueeze(-1)))
+    for key in ("loss_value", "loss_qvalue", "loss_actor"):
+        assert torch.allclose(flat[key], column[key])
+
+
+def test_one_hot_actions_match_categorical_indices():
+    index = torch.randint(0, 4, (16,))
+    batch = random_batch(action=index)
+    categorical = small_loss("categorical")(batch.clone())
+    one_hot_loss = small_loss("one_hot")
+    one_hot = one_hot_loss(batch.clone().set("action", nn.functional.one_hot(index, 4)))
+    for key in ("loss_value", "loss_qvalue", "loss_actor"):
+        assert torch.allclose(categorical[key], one_hot[key], rtol=1e-5)
+
+
+def test_discrete_loss_needs_an_action_space():
+    actor, critics, value = make_iql_networks(3, 4, actor_kind="categorical", hidden_sizes=(8,))
+    with pytest.raises(ValueError, match="action_space"):
+        DiscreteIQLLoss(actor, critics, value)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_a_missing_key_names_the_key_and_the_set_keys_call():
+    batch = random_batch()
+    batch.rename_key_(("next", "terminated"), ("next", "is_terminal"))
+    with pytest.raises(KeyError, match=r"set_keys\(terminated="):
+        small_loss()(batch)
+    batch = random_batch().exclude("action")
+    with pytest.raises(KeyError, match=r"set_keys\(action="):
+        small_loss()(batch)
+    batch = random_batch().exclude(("next", "observation"))
+    with pytest.raises(KeyError, match="value network"):
+        small_loss()(batch)
+
+
+def test_mismatched_batch_shapes_fail_on_the_first_call():
+    batch = random_batch()
+    unbatched = TensorDict({k: v for k, v in batch.items(True, True)}, batch_size=[])
+    unbatched.set(("next", "reward"), torch.randn(15, 1))
+    with pytest.raises(ValueError, match="reward"):
+        small_loss()(unbatched)
+    unbatched = TensorDict({k: v for k, v in batch.items(True, True)}, batch_size=[])
+    unbatched.set("action", torch.randn(15, 2))
+    with pytest.raises(ValueError, match="action"):
+        small_loss()(unbatched)
+    unbatched = TensorDict({k: v for k, v in batch.items(True, True)}, batch_size=[])
+    unbatched.set(("next", "reward"), torch.randn(16))  # [B] is accepted as well as [B, 1]
+    assert torch.isfinite(small_loss()(unbatched)["loss_qvalue"])
+
+
+def test_non_finite_losses_raise_a_device_side_flag():
+    batch = random_batch()
+    batch["next", "reward"][3] = float("nan")
+    out = small_loss()(batch)
+    assert out["non_finite"].dtype == torch.bool and bool(out["non_finite"])
+    assert not small_loss()(random_batch())["non_finite"]
+
+
+def test_bad_hyperparameters_are_refused():
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    with pytest.raises(ValueError, match="expectile"):
+        IQLLoss(actor, critics, value, expectile=1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        IQLLoss(actor, critics, value, reduction="max")
