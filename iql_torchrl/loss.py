@@ -229,6 +229,7 @@ class IQLLoss(LossModule):
             create_target_params=True,
             compare_against=shared_with_actor,
         )
+        self.make_value_estimator()  # built now, so state_dicts of fresh and used losses match
         self._vmapped_qvalue = _vmap_func(
             self.qvalue_network, (None, 0), randomness=self.vmap_randomness, pseudo_vmap=deactivate_vmap
         )

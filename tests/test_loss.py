@@ -340,6 +340,8 @@ def test_state_dict_round_trip_restores_the_losses_and_the_targets():
     actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(16, 16))
     restored = IQLLoss(actor, critics, value)
     batch = random_batch()
+    source(batch.clone())  # a loss that has run loads into one that has not
+    assert source.state_dict().keys() == restored.state_dict().keys()
     assert not torch.allclose(source(batch.clone())["loss_value"], restored(batch.clone())["loss_value"])
     restored.load_state_dict(source.state_dict())
     a, b = source(batch.clone()), restored(batch.clone())
@@ -478,3 +480,26 @@ def test_bad_hyperparameters_are_refused():
         IQLLoss(actor, critics, value, expectile=1.0)
     with pytest.raises(ValueError, match="reduction"):
         IQLLoss(actor, critics, value, reduction="max")
+
+
+def test_keyword_call_returns_the_tuple_torchrl_scripts_unpack():
+    loss = small_loss()
+    b = random_batch()
+    loss_actor, loss_qvalue, loss_value, entropy = loss(
+        observation=b["observation"], action=b["action"], next_observation=b["next", "observation"],
+        next_reward=b["next", "reward"], next_done=b["next", "done"], next_terminated=b["next", "terminated"],
+    )
+    assert torch.allclose(loss_value, loss(b.clone())["loss_value"])
+
+
+def test_separate_losses_keeps_shared_trunk_gradients_to_the_actor():
+    trunk = nn.Linear(3, 8)
+    actor = TensorDictModule(nn.Sequential(trunk, nn.ReLU(), nn.Linear(8, 2), nn.Tanh()), ["observation"], ["action"])
+    value = TensorDictModule(nn.Sequential(trunk, nn.ReLU(), nn.Linear(8, 1)), ["observation"], ["state_value"])
+    _, critics, _ = make_iql_networks(3, 2, hidden_sizes=(8,))
+    shared_weight = trunk.weight
+    for separate, expected in ((True, False), (False, True)):
+        loss = IQLLoss(actor, critics, value, separate_losses=separate)
+        value_params = list(loss.value_network_params.values(True, True))
+        trainable = [p for p in value_params if isinstance(p, nn.Parameter) and p.requires_grad]
+        assert any(p.data_ptr() == shared_weight.data_ptr() for p in trainable) is expected

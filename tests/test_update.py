@@ -1,0 +1,176 @@
+"""The fused update step: order, optimizers, cosine actor LR, soft target update, modes, state."""
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from iql_torchrl import IQLLoss, make_iql_networks
+from iql_torchrl.update import IQLUpdate, cosine_decay
+
+N, B, OBS, ACT = 512, 32, 3, 2
+
+
+def dataset(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict(
+        {
+            "observation": torch.randn(N, OBS, generator=g),
+            "action": torch.rand(N, ACT, generator=g) * 2 - 1,
+            ("next", "observation"): torch.randn(N, OBS, generator=g),
+            ("next", "reward"): torch.randn(N, 1, generator=g),
+            ("next", "terminated"): torch.rand(N, 1, generator=g) < 0.05,
+            ("next", "done"): torch.rand(N, 1, generator=g) < 0.05,
+        },
+        [N],
+    )
+
+
+def make_update(data=None, seed=1, **kwargs):
+    torch.manual_seed(seed)
+    loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16)))
+    return loss, IQLUpdate(loss, data=data, **kwargs)
+
+
+def index_stream(steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, N, (B,), generator=g) for _ in range(steps)]
+
+
+def params(loss):
+    return {k: v.detach().clone() for k, v in loss.state_dict().items()}
+
+
+def test_cosine_decay_goes_from_one_to_zero():
+    steps = torch.tensor([0, 50, 100, 150])
+    assert torch.allclose(cosine_decay(steps, 100), torch.tensor([1.0, 0.5, 0.0, 0.0]), atol=1e-7)
+
+
+def test_actor_lr_follows_the_cosine_while_value_and_critic_lr_stay():
+    data = dataset()
+    _, update = make_update(data, total_steps=8)
+    lrs = [float(update(i)["actor_lr"]) for i in index_stream(8)]
+    expected = [3e-4 * 0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)]
+    assert lrs == pytest.approx(expected, rel=1e-5)
+    assert float(update.value_optimizer.param_groups[0]["lr"]) == pytest.approx(3e-4)
+    assert float(update.critic_optimizer.param_groups[0]["lr"]) == pytest.approx(3e-4)
+
+
+def test_target_critics_move_by_tau_towards_the_updated_critics():
+    data = dataset()
+    loss, update = make_update(data, tau=0.1)
+    target_before = loss.target_qvalue_network_params.detach().clone()
+    update(index_stream(1)[0])
+    online_after = loss.qvalue_network_params.detach()
+    expected = target_before * 0.9 + online_after * 0.1
+    assert all(
+        torch.allclose(a, b, atol=1e-7)
+        for a, b in zip(loss.target_qvalue_network_params.values(True, True), expected.values(True, True))
+    )
+
+
+def test_paper_order_steps_v_before_the_actor_and_critic_use_it():
+    # one paper step = V's Adam step, then actor/critic losses computed with the NEW V
+    data = dataset()
+    batch_idx = index_stream(1)[0]
+    loss, update = make_update(data)
+    metrics = update(batch_idx)
+    reference, _ = make_update(data)
+    optimizer = torch.optim.Adam(reference.value_network_params.values(True, True), lr=3e-4)
+    value_out, min_q = reference.value_phase(data[batch_idx])
+    value_out["loss_value"].backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_v = reference.actor_critic_phase(data[batch_idx], min_q)
+    assert torch.allclose(metrics["loss_actor"], after_v["loss_actor"], rtol=1e-5)
+    assert torch.allclose(metrics["loss_qvalue"], after_v["loss_qvalue"], rtol=1e-5)
+    summed_loss, summed = make_update(data, order="summed")
+    before_v = summed(batch_idx)
+    assert not torch.allclose(before_v["loss_qvalue"], metrics["loss_qvalue"])
+
+
+def test_batches_and_indices_into_device_data_give_the_same_step():
+    data = dataset()
+    loss_a, by_index = make_update(data)
+    loss_b, by_batch = make_update()
+    for idx in index_stream(3):
+        by_index(idx)
+        by_batch(data[idx])
+    assert all(torch.equal(a, b) for a, b in zip(params(loss_a).values(), params(loss_b).values()))
+
+
+def test_a_non_finite_loss_is_recorded_with_its_step_without_stopping_the_step():
+    data = dataset()
+    data["next", "reward"][7] = float("nan")
+    _, update = make_update(data)
+    clean = torch.arange(8, 8 + B)
+    update(clean)
+    assert update.nonfinite_report() is None
+    update(torch.arange(0, B))  # holds transition 7
+    update(clean)
+    report = update.nonfinite_report()
+    assert report is not None and "loss_qvalue" in report and "step 1" in report
+
+
+def test_state_dict_resume_continues_bitwise():
+    data = dataset()
+    stream = index_stream(6)
+    loss_a, straight = make_update(data, total_steps=6)
+    for idx in stream:
+        straight(idx)
+    loss_b, first = make_update(data, total_steps=6)
+    for idx in stream[:3]:
+        first(idx)
+    saved = {"loss": params(loss_b), "update": first.state_dict()}
+    loss_c, resumed = make_update(data, seed=99, total_steps=6)
+    loss_c.load_state_dict(saved["loss"])
+    resumed.load_state_dict(saved["update"])
+    for idx in stream[3:]:
+        resumed(idx)
+    assert int(resumed.step) == 6
+    assert all(torch.equal(a, b) for a, b in zip(params(loss_a).values(), params(loss_c).values()))
+
+
+def test_unknown_order_and_mode_are_refused():
+    with pytest.raises(ValueError, match="order"):
+        make_update(order="backwards")
+    with pytest.raises(ValueError, match="mode"):
+        make_update(mode="jit")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cudagraphs_without_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        make_update(mode="cudagraphs")
+
+
+@pytest.mark.parametrize("order", ["paper", "summed"])
+def test_compiled_step_matches_eager_after_several_steps(order):
+    # tolerance: float32 reassociation in inductor's kernels; 1e-5 relative after 5 steps
+    data = dataset()
+    stream = index_stream(5)
+    loss_e, eager = make_update(data, total_steps=5, order=order)
+    loss_c, compiled = make_update(data, total_steps=5, order=order, mode="compile")
+    for idx in stream:
+        eager(idx)
+        metrics = compiled(idx)
+    assert not bool(metrics["non_finite"])
+    for (key, a), b in zip(params(loss_e).items(), params(loss_c).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_step_matches_eager_on_cuda():
+    data = dataset().to("cuda")
+    stream = [i.to("cuda") for i in index_stream(20)]
+    torch.manual_seed(1)
+    loss_e = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16))).to("cuda")
+    eager = IQLUpdate(loss_e, data=data, total_steps=20)
+    torch.manual_seed(1)
+    loss_g = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16))).to("cuda")
+    graphed = IQLUpdate(loss_g, data=data, total_steps=20, mode="cudagraphs")
+    for idx in stream:
+        eager(idx)
+        graphed(idx)
+    for (key, a), b in zip(params(loss_e).items(), params(loss_g).values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), key
