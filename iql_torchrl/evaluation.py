@@ -1,0 +1,66 @@
+"""Deterministic rollouts of a policy in the dataset's environment, and normalized scores.
+
+The policy acts in the buffer's action space ([−1, 1] when the loader scaled actions) on
+observations prepared the way the dataset was (flattened, normalised if it was);
+``metadata.action_to_env`` maps its actions back to the environment's bounds. Episodes run in
+parallel in a gymnasium ``SyncVectorEnv``: one batched policy call per step for all of them.
+"""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+__all__ = ["evaluate_policy"]
+
+
+@torch.no_grad()
+def evaluate_policy(
+    actor,
+    metadata,
+    *,
+    episodes: int = 10,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    observation_key="observation",
+    action_key="action",
+) -> dict:
+    """Runs ``episodes`` deterministic episodes at once; returns their returns and scores.
+
+    Returns a dict with ``returns`` (one per episode), ``return_mean``, ``return_std``
+    (population), ``normalized_score`` (100 × ``minari.get_normalized_score`` of the mean
+    return: 0 is the random policy, 100 the expert; unclamped) and ``normalized_scores`` per
+    episode. Episode ``i`` resets with seed ``seed + i``, so a given seed is reproducible.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}.")
+    envs = gym.vector.SyncVectorEnv([metadata.make_env for _ in range(episodes)])
+    try:
+        observation, _ = envs.reset(seed=[seed + i for i in range(episodes)])
+        returns = np.zeros(episodes)
+        running = np.ones(episodes, dtype=bool)
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            while running.any():
+                obs = metadata.observation_from_env(observation, device=device)
+                td = TensorDict({observation_key: obs}, batch_size=[episodes], device=device)
+                env_action = metadata.action_to_env(actor(td).get(action_key)).cpu().numpy()
+                if np.issubdtype(env_action.dtype, np.floating):  # a Gaussian policy's mean may leave the box
+                    env_action = np.clip(env_action, metadata.action_low, metadata.action_high)
+                observation, reward, terminated, truncated, _ = envs.step(env_action)
+                returns += np.where(running, reward, 0.0)
+                # each env counts its first episode only (the vector env auto-resets after it)
+                running &= ~(terminated | truncated)
+    finally:
+        envs.close()
+    return_mean = float(returns.mean())
+    result = {
+        "returns": returns.tolist(),
+        "return_mean": return_mean,
+        "return_std": float(returns.std()),
+    }
+    if metadata.ref_min_score is not None and metadata.ref_max_score is not None:
+        result["normalized_score"] = float(metadata.normalized_score(return_mean))
+        result["normalized_scores"] = [float(metadata.normalized_score(r)) for r in returns]
+    return result

@@ -1,0 +1,130 @@
+"""The offline trainer end to end on a tiny dataset: summary, plot, logs, checkpoints, resume."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from iql_torchrl.trainer import Config, NonFiniteLossError, load_actor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    steps=20, batch_size=32, eval_every=10, eval_episodes=2, log_every=5, checkpoint_every=10,
+    hidden_sizes=(16, 16), device="cpu", progress=False,
+)
+
+
+def test_a_short_run_writes_a_finite_summary_a_plot_and_csv_logs(tiny_datasets, tmp_path):
+    out = tmp_path / "run"
+    summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("dataset", "steps", "seed", "temperature", "expectile", "normalized_score", "return_mean",
+                "return_std", "updates_per_second", "wall_seconds", "curve", "version"):
+        assert key in on_disk, key
+    assert on_disk["steps"] == 20 and on_disk["temperature"] == 3.0 and on_disk["expectile"] == 0.7
+    for key in ("normalized_score", "return_mean", "return_std", "updates_per_second", "wall_seconds"):
+        assert math.isfinite(on_disk[key]), key
+    assert [p["step"] for p in on_disk["curve"]] == [10, 20]
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    assert list((out / "logs").rglob("loss_qvalue.csv"))
+
+
+def test_an_existing_output_dir_is_not_overwritten(tiny_datasets, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("results")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    assert (out / "keep.txt").read_text() == "results"
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_datasets, tmp_path, monkeypatch):
+    # transition 0 gets a NaN reward and is the whole batch from update step 14 on
+    import iql_torchrl.trainer as trainer
+
+    real_transitions, real_indices, calls = trainer.buffer_transitions, trainer.sample_indices, []
+
+    def poisoned_transitions(buffer):
+        data = real_transitions(buffer)
+        data["next", "reward"][0] = float("nan")
+        return data
+
+    def indices(num, batch, generator, device):
+        calls.append(1)
+        drawn = real_indices(num - 1, batch, generator, device) + 1
+        return drawn if len(calls) <= 14 else torch.zeros_like(drawn)
+
+    monkeypatch.setattr(trainer, "buffer_transitions", poisoned_transitions)
+    monkeypatch.setattr(trainer, "sample_indices", indices)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"loss_qvalue at update step 14"):
+        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["loss"].values())
+    assert not (out / "summary.json").exists()
+
+
+def test_the_saved_policy_loads_as_a_plain_torchrl_module(tiny_datasets, tmp_path):
+    from tensordict import TensorDict
+
+    out = tmp_path / "run"
+    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    actor, metadata = load_actor(out)
+    action = actor(TensorDict({"observation": torch.zeros(4, metadata.observation_dim)}, [4]))["action"]
+    assert action.shape == (4, metadata.action_dim)
+    result = subprocess.run([sys.executable, "-m", "iql_torchrl.evaluate", str(out), "--episodes", "2"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "normalized_score" in result.stdout
+
+
+def test_wandb_without_an_api_key_runs_offline_and_writes_its_files(tiny_datasets, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, logger="wandb", **TINY))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+
+
+def _example(*args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "examples" / "iql_offline.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_final_parameters(tiny_datasets, tmp_path):
+    flags = ["--dataset", tiny_datasets.pendulum, "--steps", "600", "--batch-size", "32", "--eval-every", "600",
+             "--eval-episodes", "1", "--checkpoint-every", "50", "--log-every", "50", "--hidden-sizes", "16", "16",
+             "--device", "cpu", "--no-progress", "--logger", "none"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    reference = _example(*flags, "--output-dir", str(straight))
+    victim = _example(*flags, "--output-dir", str(killed))
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for a mid-run checkpoint, then kill -9
+        path = killed / CHECKPOINT_NAME
+        if path.exists() and load_checkpoint(path)["step"] >= 100:
+            break
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    interrupted_at = load_checkpoint(killed / CHECKPOINT_NAME)["step"]
+    assert 100 <= interrupted_at < 600
+    resumed = _example("--resume", "--output-dir", str(killed), "--no-progress")
+    for proc in (reference, resumed):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    a = load_checkpoint(straight / CHECKPOINT_NAME)
+    b = load_checkpoint(killed / CHECKPOINT_NAME)
+    assert a["step"] == b["step"] == 600
+    for key in a["loss"]:
+        assert torch.equal(a["loss"][key], b["loss"][key]), key
