@@ -1,6 +1,9 @@
 """iql_torchrl: Implicit Q-Learning for TorchRL, faithful to the paper and lean."""
+from iql_torchrl.data import OfflineDataMetadata, load_minari_dataset, make_offline_buffer
+from iql_torchrl.datasets import DEFAULT_DATASET, ensure_dataset
 from iql_torchrl.loss import DiscreteIQLLoss, IQLLoss, awr_weight, bellman_target, expectile_loss
 from iql_torchrl.models import make_actor, make_iql_networks, make_qvalue_networks, make_value_network
+from iql_torchrl.update import IQLUpdate
 
 __version__ = "0.1.0"
 
@@ -14,5 +17,11 @@ __all__ = [
     "make_iql_networks",
     "make_qvalue_networks",
     "make_value_network",
+    "IQLUpdate",
+    "load_minari_dataset",
+    "make_offline_buffer",
+    "OfflineDataMetadata",
+    "DEFAULT_DATASET",
+    "ensure_dataset",
     "__version__",
 ]

@@ -55,13 +55,13 @@ class Config:
 
     dataset: str = DEFAULT_DATASET
     """Minari dataset id. Ids of the local builders (``python -m iql_torchrl.datasets list``) are built on first use."""
-    steps: int = 20_000
-    """Gradient steps (each updates V, the actor and both critics)."""
+    steps: int = 10_000
+    """Gradient steps (each updates V, the actor and both critics). The paper runs 1M on D4RL."""
     batch_size: int = 256
     """Transitions per update (per process)."""
     seed: int = 0
     """Seed of the network initialisation, the batch draws and the evaluation episodes."""
-    eval_every: int = 5_000
+    eval_every: int = 2_000
     """Evaluate every this many updates (and always at the end)."""
     eval_episodes: int = 10
     """Episodes per evaluation, stepped in parallel."""

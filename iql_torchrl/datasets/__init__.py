@@ -1,0 +1,52 @@
+"""Local Minari datasets built from scripted controllers, for machines without network and for tests.
+
+See :mod:`iql_torchrl.datasets.builders` for the dataset ids and recipes and
+:mod:`iql_torchrl.datasets.controllers` for the scripted experts. Command line::
+
+    python -m iql_torchrl.datasets list
+    python -m iql_torchrl.datasets build iql_torchrl/pendulum/mixed-v0 [--episodes N] [--seed S] [--overwrite]
+"""
+
+from iql_torchrl.datasets.builders import (
+    BUILDERS,
+    DEFAULT_DATASET,
+    KINDS,
+    REFERENCE_EPISODES,
+    REFERENCE_SEED,
+    DatasetRecipe,
+    build_dataset,
+    dataset_exists,
+    ensure_dataset,
+    make_policy,
+    reference_returns,
+    rollout_episode,
+)
+from iql_torchrl.datasets.controllers import (
+    DegradedPolicy,
+    InvertedPendulumExpert,
+    PendulumExpert,
+    RandomPolicy,
+    ReacherExpert,
+    make_expert,
+)
+
+__all__ = [
+    "BUILDERS",
+    "DEFAULT_DATASET",
+    "DatasetRecipe",
+    "DegradedPolicy",
+    "InvertedPendulumExpert",
+    "KINDS",
+    "PendulumExpert",
+    "REFERENCE_EPISODES",
+    "REFERENCE_SEED",
+    "RandomPolicy",
+    "ReacherExpert",
+    "build_dataset",
+    "dataset_exists",
+    "ensure_dataset",
+    "make_expert",
+    "make_policy",
+    "reference_returns",
+    "rollout_episode",
+]

@@ -1,0 +1,87 @@
+"""Command line for the local dataset builders.
+
+    python -m iql_torchrl.datasets list
+    python -m iql_torchrl.datasets build ID [ID ...] [--episodes N] [--seed S] [--overwrite]
+    python -m iql_torchrl.datasets build --all
+
+Datasets are written under ``MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from iql_torchrl.datasets.builders import (
+    BUILDERS,
+    DEFAULT_DATASET,
+    REFERENCE_EPISODES,
+    _datasets_root,
+    build_dataset,
+    dataset_exists,
+)
+
+
+def _list() -> int:
+    print(f"datasets root: {_datasets_root()}")
+    width = max(len(dataset_id) for dataset_id in BUILDERS)
+    for dataset_id, recipe in BUILDERS.items():
+        status = "built" if dataset_exists(dataset_id) else "-"
+        default = "  (default)" if dataset_id == DEFAULT_DATASET else ""
+        print(f"{dataset_id:<{width}}  {status:<5}  {recipe.describe()}{default}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    dataset_ids = sorted(BUILDERS) if args.all else args.dataset_ids
+    if not dataset_ids:
+        print("build: name at least one dataset id, or pass --all", file=sys.stderr)
+        return 2
+    unknown = [dataset_id for dataset_id in dataset_ids if dataset_id not in BUILDERS]
+    if unknown:
+        print(f"build: unknown dataset ids {unknown}; see `python -m iql_torchrl.datasets list`", file=sys.stderr)
+        return 2
+    for dataset_id in dataset_ids:
+        try:
+            dataset = build_dataset(
+                dataset_id,
+                episodes=args.episodes,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                reference_episodes=args.reference_episodes,
+                progress=True,
+            )
+        except FileExistsError as error:
+            print(f"build: {error}", file=sys.stderr)
+            return 1
+        metadata = dataset.storage.metadata
+        print(
+            f"{dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, "
+            f"ref_min_score={metadata['ref_min_score']:.2f} (random), ref_max_score={metadata['ref_max_score']:.2f} "
+            f"(expert) -> {dataset.storage.data_path.parent}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iql_torchrl.datasets", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="list the builder dataset ids, their recipes and whether they are built")
+    build = commands.add_parser("build", help="build datasets into MINARI_DATASETS_PATH")
+    build.add_argument("dataset_ids", nargs="*", metavar="ID", help="builder dataset ids")
+    build.add_argument("--all", action="store_true", help="build every builder dataset")
+    build.add_argument("--episodes", type=int, default=None, help="number of episodes (default: the recipe's)")
+    build.add_argument("--seed", type=int, default=0, help="episode i resets with seed SEED + i (default 0)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
+    build.add_argument(
+        "--reference-episodes", type=int, default=REFERENCE_EPISODES,
+        help=f"episodes per policy for ref_min_score/ref_max_score (default {REFERENCE_EPISODES})",
+    )
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        return _list()
+    return _build(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

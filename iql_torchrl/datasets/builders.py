@@ -1,0 +1,359 @@
+"""Local Minari dataset builders: scripted experts, random and degraded policies.
+
+Each builder id ``iql_torchrl/<env>/<kind>-v0`` names an environment and a kind:
+
+* ``expert``: every episode from the scripted expert (:mod:`iql_torchrl.datasets.controllers`);
+* ``random``: uniform random actions;
+* ``medium``: the degraded expert (:class:`~iql_torchrl.datasets.controllers.DegradedPolicy`:
+  Gaussian action noise, and a random action with some probability at each step);
+* ``mixed``: the first ``round(expert_fraction * episodes)`` episodes from the expert,
+  the rest random.
+
+Episode ``i`` of a dataset built with ``seed=s`` resets the environment with seed ``s + i``
+and draws its random/noisy actions from ``numpy.random.default_rng(s + i)``, so any
+episode can be reproduced from its recorded seed and its ``policy`` episode attribute
+(``dataset.storage.get_episode_metadata([i])``). ``ref_min_score`` and ``ref_max_score``
+are the mean returns of the random policy and of the expert over
+:data:`REFERENCE_EPISODES` episodes with seeds ``REFERENCE_SEED + j`` (disjoint from the
+data), so ``minari.get_normalized_score`` works on every builder dataset.
+
+The default dataset of the main example, :data:`DEFAULT_DATASET`
+(``iql_torchrl/pendulum/mixed-v0``), is 200 Pendulum-v1 episodes of 200 steps
+(40,000 transitions): 40 expert episodes (20%) and 160 uniform-random ones. Pendulum
+episodes always end by truncation at 200 steps (never by termination). A
+behaviour-cloning policy averages the expert's swing-up torques with the random ones and
+cannot swing up; an offline RL method that weighs actions by their advantage can
+recover the expert's behaviour. It builds in a few seconds.
+
+Builders write to a hidden staging folder inside the datasets root and rename the
+finished dataset into place, so an interrupted build leaves nothing half-written, and
+they refuse to replace an existing dataset unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+
+from iql_torchrl.datasets.controllers import DegradedPolicy, RandomPolicy, make_expert
+
+__all__ = [
+    "BUILDERS",
+    "DEFAULT_DATASET",
+    "DatasetRecipe",
+    "KINDS",
+    "REFERENCE_EPISODES",
+    "REFERENCE_SEED",
+    "build_dataset",
+    "dataset_exists",
+    "ensure_dataset",
+    "make_policy",
+    "reference_returns",
+    "rollout_episode",
+]
+
+KINDS = ("expert", "random", "medium", "mixed")
+REFERENCE_EPISODES = 50
+REFERENCE_SEED = 1_000_000
+
+
+@dataclass(frozen=True)
+class DatasetRecipe:
+    """How a builder dataset is made.
+
+    Attributes:
+        dataset_id: the Minari id, ``iql_torchrl/<env>/<kind>-v0``.
+        env_id: the gymnasium environment.
+        kind: ``expert``, ``random``, ``medium`` or ``mixed``.
+        episodes: default number of episodes.
+        expert_fraction: share of expert episodes (``mixed``; 1 for ``expert``, 0 otherwise).
+        noise_std: ``medium`` only, Gaussian action noise (fraction of the half-range).
+        random_action_prob: ``medium`` only, per-step probability of a uniform random action.
+    """
+
+    dataset_id: str
+    env_id: str
+    kind: str
+    episodes: int
+    expert_fraction: float = 0.0
+    noise_std: float = 0.0
+    random_action_prob: float = 0.0
+
+    def expert_episodes(self, episodes: int) -> int:
+        """How many of ``episodes`` episodes come from the expert."""
+        if self.kind == "expert":
+            return episodes
+        if self.kind == "mixed":
+            return int(round(self.expert_fraction * episodes))
+        return 0
+
+    def policy_name(self, episode: int, episodes: int) -> str:
+        """``"expert"``, ``"random"`` or ``"medium"``: the policy that plays episode ``episode``."""
+        if self.kind == "medium":
+            return "medium"
+        return "expert" if episode < self.expert_episodes(episodes) else "random"
+
+    def describe(self, episodes: int | None = None) -> str:
+        episodes = self.episodes if episodes is None else episodes
+        if self.kind == "expert":
+            policy = "the scripted expert"
+        elif self.kind == "random":
+            policy = "uniform random actions"
+        elif self.kind == "medium":
+            policy = (
+                f"the scripted expert degraded by Gaussian action noise (std {self.noise_std} of the half-range) "
+                f"and a uniform random action with probability {self.random_action_prob} per step"
+            )
+        else:
+            expert = self.expert_episodes(episodes)
+            policy = (
+                f"{expert} scripted-expert episodes ({self.expert_fraction:.0%}) followed by "
+                f"{episodes - expert} uniform-random episodes"
+            )
+        return f"{episodes} {self.env_id} episodes: {policy}."
+
+
+# Degradation of the ``medium`` datasets, chosen to land between random and expert.
+_MEDIUM = {
+    "Pendulum-v1": dict(noise_std=0.3, random_action_prob=0.6),  # normalised score about 53
+    "InvertedPendulum-v5": dict(noise_std=0.3, random_action_prob=0.05),  # about 36
+    "Reacher-v5": dict(noise_std=0.3, random_action_prob=0.3),  # about 48
+}
+_ENVIRONMENTS = {
+    # short name: (env id, {kind: default episodes}, mixed expert fraction)
+    "pendulum": ("Pendulum-v1", dict(expert=50, random=50, medium=50, mixed=200), 0.2),
+    "inverted-pendulum": ("InvertedPendulum-v5", dict(expert=25, random=2000, medium=100, mixed=100), 0.2),
+    "reacher": ("Reacher-v5", dict(expert=400, random=400, medium=400, mixed=400), 0.2),
+}
+
+
+def _make_builders() -> dict[str, DatasetRecipe]:
+    builders = {}
+    for short_name, (env_id, episodes, mixed_fraction) in _ENVIRONMENTS.items():
+        for kind in KINDS:
+            dataset_id = f"iql_torchrl/{short_name}/{kind}-v0"
+            extra = {}
+            if kind == "expert":
+                extra["expert_fraction"] = 1.0
+            elif kind == "mixed":
+                extra["expert_fraction"] = mixed_fraction
+            elif kind == "medium":
+                extra.update(_MEDIUM[env_id])
+            builders[dataset_id] = DatasetRecipe(dataset_id, env_id, kind, episodes[kind], **extra)
+    return builders
+
+
+BUILDERS: dict[str, DatasetRecipe] = _make_builders()
+DEFAULT_DATASET = "iql_torchrl/pendulum/mixed-v0"
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts
+# --------------------------------------------------------------------------------------
+
+
+def make_policy(
+    env_id: str, policy_name: str, action_space: gym.spaces.Box, seed: int, recipe: DatasetRecipe | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The policy that plays one episode: ``"expert"``, ``"random"`` or ``"medium"``.
+
+    Random and medium policies draw from ``numpy.random.default_rng(seed)``.
+    """
+    rng = np.random.default_rng(seed)
+    if policy_name == "expert":
+        return make_expert(env_id)
+    if policy_name == "random":
+        return RandomPolicy(action_space, rng)
+    if policy_name == "medium":
+        params = _MEDIUM[env_id] if recipe is None else dict(
+            noise_std=recipe.noise_std, random_action_prob=recipe.random_action_prob
+        )
+        return DegradedPolicy(make_expert(env_id), action_space, rng, **params)
+    raise ValueError(f"Unknown policy {policy_name!r}; expected 'expert', 'random' or 'medium'.")
+
+
+def rollout_episode(env: gym.Env, policy: Callable, seed: int) -> dict:
+    """Play one episode from ``env.reset(seed=seed)``; returns Minari's episode fields and the return."""
+    observation, _ = env.reset(seed=seed)
+    observations, actions, rewards, terminations, truncations = [observation], [], [], [], []
+    while True:
+        action = policy(observation)
+        observation, reward, terminated, truncated, _ = env.step(action)
+        observations.append(observation)
+        actions.append(action)
+        rewards.append(float(reward))
+        terminations.append(bool(terminated))
+        truncations.append(bool(truncated))
+        if terminated or truncated:
+            break
+    return dict(
+        observations=np.stack(observations),
+        actions=np.stack(actions),
+        rewards=np.asarray(rewards, dtype=np.float64),
+        terminations=np.asarray(terminations),
+        truncations=np.asarray(truncations),
+        episode_return=float(np.sum(rewards)),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def reference_returns(
+    env_id: str, episodes: int = REFERENCE_EPISODES, seed: int = REFERENCE_SEED
+) -> tuple[float, float]:
+    """Mean returns ``(random policy, scripted expert)`` over ``episodes`` seeded episodes."""
+    env = gym.make(env_id)
+    means = []
+    for policy_name in ("random", "expert"):
+        returns = [
+            rollout_episode(env, make_policy(env_id, policy_name, env.action_space, seed + j), seed + j)[
+                "episode_return"
+            ]
+            for j in range(episodes)
+        ]
+        means.append(float(np.mean(returns)))
+    env.close()
+    return means[0], means[1]
+
+
+# --------------------------------------------------------------------------------------
+# Writing datasets
+# --------------------------------------------------------------------------------------
+
+
+def _datasets_root() -> Path:
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    return get_dataset_path()
+
+
+def dataset_exists(dataset_id: str) -> bool:
+    """Whether a Minari dataset with this id is present under the local datasets root."""
+    return (_datasets_root() / dataset_id / "data").exists()
+
+
+@contextlib.contextmanager
+def _minari_root(path: Path):
+    """Point Minari at another datasets root for the duration of the block."""
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+def _ensure_namespace(dataset_id: str) -> None:
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.namespace import create_namespace, list_local_namespaces
+
+    namespace = parse_dataset_id(dataset_id)[0]
+    if namespace is not None and namespace not in list_local_namespaces():
+        create_namespace(namespace)
+
+
+def build_dataset(
+    dataset_id: str,
+    *,
+    episodes: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    reference_episodes: int = REFERENCE_EPISODES,
+    progress: bool = True,
+):
+    """Build a builder dataset (see :data:`BUILDERS`) under ``MINARI_DATASETS_PATH``.
+
+    Args:
+        dataset_id: a key of :data:`BUILDERS`, e.g. ``"iql_torchrl/pendulum/mixed-v0"``.
+        episodes: number of episodes (default: the recipe's).
+        seed: episode ``i`` uses seed ``seed + i``.
+        overwrite: replace an existing dataset with this id (otherwise ``FileExistsError``).
+        reference_episodes: episodes per policy for ``ref_min_score``/``ref_max_score``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The new ``minari.MinariDataset``.
+    """
+    import minari
+    from tqdm.auto import tqdm
+
+    if dataset_id not in BUILDERS:
+        raise KeyError(f"No builder for {dataset_id!r}; available: {sorted(BUILDERS)}.")
+    recipe = BUILDERS[dataset_id]
+    episodes = recipe.episodes if episodes is None else int(episodes)
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {episodes}.")
+    root = _datasets_root()
+    final_path = root / dataset_id
+    if final_path.exists() and not overwrite:
+        raise FileExistsError(
+            f"Dataset {dataset_id!r} already exists at {final_path}; pass overwrite=True (CLI: --overwrite) to replace it."
+        )
+
+    env = gym.make(recipe.env_id)
+    episode_buffers, policies = [], []
+    for i in tqdm(range(episodes), desc=f"building {dataset_id}", unit="episode", disable=not progress):
+        policy_name = recipe.policy_name(i, episodes)
+        policy = make_policy(recipe.env_id, policy_name, env.action_space, seed + i, recipe)
+        episode = rollout_episode(env, policy, seed + i)
+        episode.pop("episode_return")
+        episode_buffers.append(minari.data_collector.EpisodeBuffer(id=i, seed=seed + i, **episode))
+        policies.append(policy_name)
+    env.close()
+    ref_min_score, ref_max_score = reference_returns(recipe.env_id, reference_episodes)
+
+    staging_root = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        with _minari_root(staging_root), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # minari's reminders about unset author fields
+            dataset = minari.create_dataset_from_buffers(
+                dataset_id,
+                episode_buffers,
+                env=recipe.env_id,
+                eval_env=recipe.env_id,
+                algorithm_name=f"iql_torchrl scripted {recipe.kind} policy",
+                author="iql_torchrl",
+                ref_min_score=ref_min_score,
+                ref_max_score=ref_max_score,
+                num_episodes_average_score=reference_episodes,
+                description=recipe.describe(episodes) + f" Episode i resets with seed {seed} + i.",
+            )
+            dataset.storage.update_episode_metadata([{"policy": name} for name in policies])
+        _ensure_namespace(dataset_id)
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        if final_path.exists():  # overwrite: move the old copy aside, then swap in the new one
+            os.rename(final_path, staging_root / ".previous")
+        os.rename(staging_root / dataset_id, final_path)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    return minari.load_dataset(dataset_id)
+
+
+def ensure_dataset(dataset_id: str = DEFAULT_DATASET, **build_kwargs) -> str:
+    """Return ``dataset_id``, building it first if it is a builder id that is not present.
+
+    ``build_kwargs`` go to :func:`build_dataset` (e.g. ``progress=False``). A missing id
+    that is not a builder id raises ``FileNotFoundError`` (use
+    :func:`iql_torchrl.data.load_minari_dataset`, which can download it).
+    """
+    if dataset_exists(dataset_id):
+        return dataset_id
+    if dataset_id not in BUILDERS:
+        raise FileNotFoundError(
+            f"Dataset {dataset_id!r} is not under {_datasets_root()} and is not one of the builder ids "
+            f"{sorted(BUILDERS)}; download it with `minari download {dataset_id}`."
+        )
+    build_dataset(dataset_id, **build_kwargs)
+    return dataset_id

@@ -1,0 +1,215 @@
+"""Local dataset builders: controllers, recipes, recorded returns, safe writes, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+from minari.dataset.minari_dataset import parse_dataset_id
+
+from iql_torchrl import datasets
+from iql_torchrl.data import load_minari_dataset
+from iql_torchrl.datasets import (
+    BUILDERS,
+    DEFAULT_DATASET,
+    build_dataset,
+    ensure_dataset,
+    make_expert,
+    make_policy,
+    rollout_episode,
+)
+from iql_torchrl.datasets.__main__ import main as cli_main
+
+
+
+def _mean_return(env_id, policy_name, episodes, seed=500):
+    env = gym.make(env_id)
+    returns = [
+        rollout_episode(env, make_policy(env_id, policy_name, env.action_space, seed + i), seed + i)["episode_return"]
+        for i in range(episodes)
+    ]
+    env.close()
+    return float(np.mean(returns))
+
+
+# --------------------------------------------------------------------------------------
+# Controllers
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env_id, episodes, expert_at_least, random_at_most",
+    [
+        ("Pendulum-v1", 10, -300.0, -900.0),  # measured over 100 episodes: expert -159, random -1268
+        ("InvertedPendulum-v5", 3, 1000.0, 30.0),  # expert 1000 (never falls), random about 5
+        ("Reacher-v5", 20, -6.0, -35.0),  # expert -3.9, random -42.5
+    ],
+)
+def test_scripted_expert_beats_random_by_a_wide_margin(env_id, episodes, expert_at_least, random_at_most):
+    expert = _mean_return(env_id, "expert", episodes)
+    random = _mean_return(env_id, "random", episodes)
+    assert expert >= expert_at_least
+    assert random <= random_at_most
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "InvertedPendulum-v5", "Reacher-v5"])
+def test_medium_policy_scores_between_random_and_expert(env_id):
+    episodes = 3 if env_id == "InvertedPendulum-v5" else 10
+    random, medium, expert = (_mean_return(env_id, name, episodes) for name in ("random", "medium", "expert"))
+    assert random < medium < expert
+
+
+def test_expert_actions_stay_within_the_action_bounds():
+    for env_id in ("Pendulum-v1", "InvertedPendulum-v5", "Reacher-v5"):
+        env = gym.make(env_id)
+        expert = make_expert(env_id)
+        observation, _ = env.reset(seed=0)
+        for _ in range(20):
+            action = expert(observation)
+            assert env.action_space.contains(action)
+            observation, *_ = env.step(action)
+
+
+# --------------------------------------------------------------------------------------
+# Recipes and ids
+# --------------------------------------------------------------------------------------
+
+
+def test_builder_ids_are_valid_minari_ids_for_each_env_and_kind():
+    assert len(BUILDERS) == 12
+    for dataset_id, recipe in BUILDERS.items():
+        namespace, name, version = parse_dataset_id(dataset_id)
+        assert namespace.startswith("iql_torchrl/") and name == recipe.kind and version == 0
+    assert {"iql_torchrl/pendulum/mixed-v0", "iql_torchrl/inverted-pendulum/expert-v0", "iql_torchrl/reacher/medium-v0"} <= set(BUILDERS)
+
+
+def test_default_dataset_recipe_is_a_fifth_expert_and_the_rest_random():
+    recipe = BUILDERS[DEFAULT_DATASET]
+    assert DEFAULT_DATASET == "iql_torchrl/pendulum/mixed-v0"
+    assert (recipe.env_id, recipe.episodes, recipe.expert_episodes(recipe.episodes)) == ("Pendulum-v1", 200, 40)
+    names = [recipe.policy_name(i, recipe.episodes) for i in range(recipe.episodes)]
+    assert names.count("expert") == 40 and names.count("random") == 160
+
+
+# --------------------------------------------------------------------------------------
+# Built datasets
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["pendulum", "inverted_pendulum"])
+def test_recorded_episodes_replay_exactly_from_their_seed_and_policy(tiny_datasets, name):
+    dataset_id = getattr(tiny_datasets, name)
+    dataset = minari.load_dataset(dataset_id)
+    recipe = BUILDERS[dataset_id]
+    env = gym.make(recipe.env_id)
+    episode_info = list(dataset.storage.get_episode_metadata(range(dataset.total_episodes)))
+    for episode, info in zip(dataset.iterate_episodes(), episode_info):
+        policy = make_policy(recipe.env_id, info["policy"], env.action_space, info["seed"])
+        replay = rollout_episode(env, policy, info["seed"])
+        assert replay["episode_return"] == pytest.approx(float(np.sum(episode.rewards)), rel=1e-9, abs=1e-9)
+        np.testing.assert_allclose(replay["actions"], episode.actions)
+    assert [info["policy"] for info in episode_info] == ["expert"] + ["random"] * (tiny_datasets.episodes - 1)
+
+
+def test_tiny_datasets_record_expert_and_random_episodes_as_expected(tiny_datasets):
+    returns = [float(np.sum(e.rewards)) for e in minari.load_dataset(tiny_datasets.inverted_pendulum).iterate_episodes()]
+    assert returns[0] == 1000.0 and max(returns[1:]) < 100
+    pendulum = [float(np.sum(e.rewards)) for e in minari.load_dataset(tiny_datasets.pendulum).iterate_episodes()]
+    assert pendulum[0] > max(pendulum[1:]) + 300
+
+
+def test_reference_scores_are_random_and_expert_means(tiny_datasets):
+    dataset = minari.load_dataset(tiny_datasets.pendulum)
+    ref_min, ref_max = dataset.storage.metadata["ref_min_score"], dataset.storage.metadata["ref_max_score"]
+    assert (ref_min, ref_max) == datasets.reference_returns("Pendulum-v1", tiny_datasets.reference_episodes)
+    assert ref_max > ref_min + 500
+    np.testing.assert_allclose(minari.get_normalized_score(dataset, np.array([ref_min, ref_max])), [0.0, 1.0])
+
+
+def test_build_refuses_to_overwrite_unless_asked(minari_root):
+    dataset_id = "iql_torchrl/reacher/random-v0"
+    build_dataset(dataset_id, episodes=2, reference_episodes=2, progress=False)
+    data_file = minari_root / dataset_id / "data" / "main_data.hdf5"
+    before = data_file.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        build_dataset(dataset_id, episodes=3, reference_episodes=2, progress=False)
+    assert data_file.read_bytes() == before
+
+    rebuilt = build_dataset(dataset_id, episodes=3, reference_episodes=2, progress=False, overwrite=True)
+    assert rebuilt.total_episodes == 3
+    assert [p.name for p in minari_root.iterdir()] == ["iql_torchrl"]  # no staging folders left behind
+
+
+def test_failed_build_leaves_no_dataset_behind(minari_root, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_dataset("iql_torchrl/reacher/random-v0", episodes=2, reference_episodes=2, progress=False)
+    assert not (minari_root / "iql_torchrl/reacher/random-v0").exists()
+    assert list(minari_root.iterdir()) == []
+
+
+def test_built_datasets_are_listed_by_minari(minari_root):
+    build_dataset("iql_torchrl/reacher/expert-v0", episodes=2, reference_episodes=2, progress=False)
+    assert "iql_torchrl/reacher/expert-v0" in minari.list_local_datasets()
+
+
+def test_ensure_dataset_builds_the_default_once_in_seconds(minari_root, monkeypatch):
+    assert ensure_dataset(progress=False) == DEFAULT_DATASET
+    dataset = minari.load_dataset(DEFAULT_DATASET)
+    assert (dataset.total_episodes, dataset.total_steps) == (200, 40_000)
+    buffer = load_minari_dataset(DEFAULT_DATASET)
+    assert len(buffer) == 40_000 and not buffer_has_terminations(buffer)
+
+    monkeypatch.setattr(datasets.builders, "build_dataset", lambda *a, **k: pytest.fail("must not rebuild"))
+    assert ensure_dataset() == DEFAULT_DATASET
+
+
+def buffer_has_terminations(buffer):
+    return bool(buffer[:]["next", "terminated"].any())
+
+
+def test_ensure_dataset_refuses_unknown_missing_ids(minari_root):
+    with pytest.raises(FileNotFoundError, match="minari download somebody/else-v0"):
+        ensure_dataset("somebody/else-v0")
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_lists_every_builder_id(minari_root, capsys):
+    assert cli_main(["list"]) == 0
+    output = capsys.readouterr().out
+    for dataset_id in BUILDERS:
+        assert dataset_id in output
+    assert "(default)" in output
+
+
+def test_cli_builds_a_dataset_and_refuses_to_rebuild_it(minari_root, capsys):
+    arguments = ["build", "iql_torchrl/pendulum/expert-v0", "--episodes", "2", "--reference-episodes", "2"]
+    assert cli_main(arguments) == 0
+    assert "2 episodes, 400 steps" in capsys.readouterr().out
+    assert cli_main(arguments) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(arguments + ["--overwrite", "--seed", "5"]) == 0
+
+
+def test_cli_rejects_unknown_ids(minari_root, capsys):
+    assert cli_main(["build", "iql_torchrl/cartpole/expert-v0"]) == 2
+    assert "unknown dataset ids" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_module(minari_root):
+    result = subprocess.run(
+        [sys.executable, "-m", "iql_torchrl.datasets", "list"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert DEFAULT_DATASET in result.stdout
