@@ -227,6 +227,8 @@ def train(config: Config) -> dict:
     config = config.resolved()
     if config.cudagraphs and config.device != "cuda":
         raise ValueError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
     if config.steps <= 0 or config.batch_size <= 0:
         raise ValueError("--steps and --batch-size must be positive.")
     output_dir = _prepare_output_dir(config)

@@ -105,12 +105,18 @@ class IQLUpdate:
         self.critic_optimizer = adam(self.critic_params, torch.tensor(lr, device=device))
         self.optimizers = {"value": self.value_optimizer, "actor": self.actor_optimizer, "critic": self.critic_optimizer}
         self.target_params = list(loss.target_qvalue_network_params.values(True, True))
+        for network in loss._has_update_associated:  # this step owns the target update (as SoftUpdate would)
+            loss._has_update_associated[network] = True
         self.online_params = list(loss.qvalue_network_params.values(True, True))
 
         step_fn = self._paper_step if order == "paper" else self._summed_step
         if mode == "eager":
             self._step_fn = step_fn
         else:
+            if any(isinstance(m, torch.nn.Dropout) for m in _networks(loss)):
+                # inductor draws its own dropout masks unless told to use eager's generator:
+                # with it, compiled and eager steps (and resumed runs) draw the same masks
+                torch._inductor.config.fallback_random = True
             self._step_fn = torch.compile(step_fn)
             if mode == "cudagraphs":
                 from tensordict.nn import CudaGraphModule
@@ -205,6 +211,11 @@ class IQLUpdate:
             return None
         names = [name for name, bad in zip(LOSS_NAMES, self.nonfinite_losses.tolist()) if bad]
         return f"non-finite {', '.join(names)} at update step {step}"
+
+
+def _networks(loss: IQLLoss):
+    for name in ("actor_network", "qvalue_network", "value_network"):
+        yield from getattr(loss, name).modules()
 
 
 def _trainable(params: TensorDictBase) -> list[Tensor]:

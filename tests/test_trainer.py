@@ -46,6 +46,15 @@ def test_an_existing_output_dir_is_not_overwritten(tiny_datasets, tmp_path):
     assert (out / "keep.txt").read_text() == "results"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors raised without CUDA")
+def test_cuda_only_flags_fail_clearly_without_cuda(tmp_path):
+    with pytest.raises(ValueError, match="--cudagraphs needs CUDA"):
+        train(Config(output_dir=tmp_path / "a", cudagraphs=True, device="auto"))
+    with pytest.raises(ValueError, match="no CUDA device"):
+        train(Config(output_dir=tmp_path / "b", device="cuda"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_datasets, tmp_path, monkeypatch):
     # transition 0 gets a NaN reward and is the whole batch from update step 14 on
     import iql_torchrl.trainer as trainer
