@@ -17,11 +17,12 @@ call                        target Q    V(s)   V(s')   online Q         actor
 ========================== =========== ====== ======= ================ ======
 ``forward``                 1           1      1       1                1
 ``value_phase``             1           1      0       0                0
-``actor_critic_phase``      0           1      1       1                1
+``actor_critic_phase``      0           1*     1*      1                1
 ========================== =========== ====== ======= ================ ======
 
 ``value_phase`` followed by ``actor_critic_phase`` is the paper's update order (step V first,
 then the actor and Q with the new V); it costs exactly one V(s) pass more than ``forward``.
+(*) Both without gradient, so they share one call on s and s' stacked into one batch.
 TorchRL's own loss evaluates the target critics twice and V(s) twice per batch.
 """
 from __future__ import annotations
@@ -408,14 +409,15 @@ class IQLLoss(LossModule):
             metadata["entropy"] = -log_prob.mean()
         return self._reduce(weight * objective), metadata
 
-    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
+    def qvalue_loss(self, tensordict: TensorDictBase, next_value: Tensor | None = None) -> tuple[Tensor, dict]:
         """Eq. (6): every online critic regresses onto r + γ·(1 − terminated)·V(s'); summed over critics.
 
-        Evaluates V(s') once and the online critics once (one vmapped call).
+        Evaluates V(s') once (unless ``next_value`` is given) and the online critics once (one
+        vmapped call).
         """
         self._check_keys(tensordict)
         with torch.no_grad():
-            target = self._bellman_target(tensordict)
+            target = self._bellman_target(tensordict, next_value)
         q = self._critic_values(tensordict, self.qvalue_network_params)
         if q.shape[1:] != target.shape:
             raise ValueError(
@@ -428,9 +430,10 @@ class IQLLoss(LossModule):
         td_error = (q.detach() - target).pow(2)
         return self._reduce(loss), {"td_error": td_error, "q_mean": q.detach().mean()}
 
-    def _bellman_target(self, tensordict: TensorDictBase) -> Tensor:
+    def _bellman_target(self, tensordict: TensorDictBase, next_value: Tensor | None = None) -> Tensor:
         next_td = tensordict.get("next")
-        next_value = self._state_value(next_td)
+        if next_value is None:
+            next_value = self._state_value(next_td)
         reward = _batch_shaped(next_td, self.tensor_keys.reward, next_value.shape)
         terminated = _batch_shaped(next_td, self.tensor_keys.terminated, next_value.shape)
         if isinstance(self.value_estimator, TD0Estimator):
@@ -459,12 +462,16 @@ class IQLLoss(LossModule):
     def actor_critic_phase(self, tensordict: TensorDictBase, target_min_q: Tensor) -> TensorDictBase:
         """Second half of the paper's update order: ``loss_actor`` and ``loss_qvalue`` with the new V.
 
-        Calls: V(s) 1 (no grad), V(s') 1, online critics 1, actor 1; target critics 0.
+        Calls: V 1 (no grad, on s and s' stacked into one batch), online critics 1, actor 1;
+        target critics 0.
         """
+        self._check_keys(tensordict)
         with torch.no_grad():
-            value = self._state_value(tensordict)
+            in_keys = self.value_network.in_keys
+            both = torch.cat([tensordict.select(*in_keys), tensordict.get("next").select(*in_keys)])
+            value, next_value = self._state_value(both).chunk(2)
         loss_actor, actor_md = self.actor_loss(tensordict, target_min_q, value)
-        loss_qvalue, q_md = self.qvalue_loss(tensordict)
+        loss_qvalue, q_md = self.qvalue_loss(tensordict, next_value)
         value_md = {"value": value, "target_min_q": target_min_q}
         return self._output(tensordict, value_md, actor_md, q_md, None, loss_actor, loss_qvalue)
 

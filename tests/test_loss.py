@@ -274,7 +274,8 @@ def test_the_paper_order_costs_one_extra_value_pass():
     value_out, target_min_q = loss.value_phase(batch)
     assert _snapshot(counts) == {"actor": 0, "qvalue": 1, "value": 1}
     rest = loss.actor_critic_phase(batch, target_min_q)
-    assert _snapshot(counts) == {"actor": 1, "qvalue": 2, "value": 3}
+    # V(s) and V(s') need no gradient here: one call on both, stacked (2B rows)
+    assert _snapshot(counts) == {"actor": 1, "qvalue": 2, "value": 2}
     assert set(value_out.keys()) >= {"loss_value", "non_finite"}
     assert set(rest.keys()) >= {"loss_actor", "loss_qvalue", "awr_weight_max"}
     # with V unchanged between the phases, the split equals the fused forward
