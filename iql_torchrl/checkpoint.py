@@ -22,7 +22,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def capture_rng(generator: torch.Generator | None = None) -> dict:
+def capture_rng(generators: list[torch.Generator] = ()) -> dict:
     """The random states a resumed run needs to draw the same numbers."""
     state = {
         "torch": torch.get_rng_state(),
@@ -31,19 +31,18 @@ def capture_rng(generator: torch.Generator | None = None) -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["generator"] = generator.get_state()
+    state["generators"] = [g.get_state() for g in generators]
     return state
 
 
-def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
+def restore_rng(state: dict, generators: list[torch.Generator] = ()) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None:
-        generator.set_state(state["generator"])
+    for generator, saved in zip(generators, state["generators"], strict=True):
+        generator.set_state(saved)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:

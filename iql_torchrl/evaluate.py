@@ -18,8 +18,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--episodes", type=int, default=10, help="episodes to run (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (default 0)")
     parser.add_argument("--device", default="cpu", help="device for the policy (default cpu)")
+    parser.add_argument("--seed-index", type=int, default=0, help="which seed of a --num-seeds run (default 0)")
     args = parser.parse_args(argv)
-    actor, metadata = load_actor(args.run_dir, device=args.device)
+    actor, metadata = load_actor(args.run_dir, device=args.device, seed_index=args.seed_index)
     result = evaluate_policy(actor, metadata, episodes=args.episodes, seed=args.seed, device=args.device)
     report = {"run_dir": args.run_dir, "dataset": metadata.dataset_id, "episodes": args.episodes, **result}
     print(json.dumps(report, indent=2))

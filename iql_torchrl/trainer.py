@@ -23,6 +23,7 @@ import iql_torchrl
 from iql_torchrl.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, load_minari_dataset, sample_indices
 from iql_torchrl.datasets import BUILDERS, DEFAULT_DATASET, ensure_dataset
+from iql_torchrl.distributed import SeedEnsemble, all_reduce_gradients, broadcast_parameters, setup_distributed
 from iql_torchrl.evaluation import evaluate_policy
 from iql_torchrl.loss import IQLLoss
 from iql_torchrl.models import make_iql_networks
@@ -61,6 +62,8 @@ class Config:
     """Transitions per update (per process)."""
     seed: int = 0
     """Seed of the network initialisation, the batch draws and the evaluation episodes."""
+    num_seeds: int = 1
+    """Train seeds seed … seed+K−1 at once, vmapped in one process; results per seed and mean ± std."""
     eval_every: int = 2_000
     """Evaluate every this many updates (and always at the end)."""
     eval_episodes: int = 10
@@ -133,18 +136,26 @@ def build_loss(config: Config, metadata: OfflineDataMetadata) -> IQLLoss:
     return loss.to(config.device)
 
 
-def load_actor(run_dir: str | Path, device: str = "cpu"):
+def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
     """The trained policy of a run as a plain TorchRL module, and the data metadata it needs.
 
     ``actor(TensorDict({"observation": obs}, batch))`` writes ``"action"`` in the buffer's action
-    space; ``metadata.action_to_env`` maps it to the environment's bounds.
+    space; ``metadata.action_to_env`` maps it to the environment's bounds. For a run of several
+    seeds, ``seed_index`` picks one (0 is ``--seed``).
     """
     state = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME, map_location=device)
     config = Config(**{**state["config"], "output_dir": None, "device": device})
     config.hidden_sizes = tuple(config.hidden_sizes)
     metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
+    if not 0 <= seed_index < config.num_seeds:
+        raise ValueError(f"seed_index must be in [0, {config.num_seeds}) for this run, got {seed_index}.")
     loss = build_loss(config, metadata)
-    loss.load_state_dict(state["loss"])
+    if config.num_seeds > 1:
+        ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(config.num_seeds)])
+        ensemble.load_state_dict(state["loss"])
+        loss = ensemble.seed_loss(seed_index)
+    else:
+        loss.load_state_dict(state["loss"])
     return loss.get_stateful_net("actor_network", copy=True).eval(), metadata
 
 
@@ -190,8 +201,11 @@ def _log(logger, values: dict, step: int) -> None:
         logger.log_scalar(key, value, step=step)
 
 
-def plot_curve(curve: list[dict], path: Path, title: str) -> None:
-    """Normalized score against updates, with the random (0) and expert (100) references."""
+def plot_curve(curve: list[dict], path: Path, title: str, phase_boundary: int | None = None) -> None:
+    """Normalized score against updates, with the random (0) and expert (100) references.
+
+    ``phase_boundary`` (an update count) draws a vertical line where online fine-tuning starts.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,6 +215,8 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     ax.plot([p["step"] for p in curve], [p["normalized_score"] for p in curve], marker="o", label="IQL")
     ax.axhline(100, color="tab:green", ls="--", lw=1, label="expert (100)")
     ax.axhline(0, color="tab:red", ls="--", lw=1, label="random (0)")
+    if phase_boundary is not None:
+        ax.axvline(phase_boundary, color="black", ls=":", lw=1.5, label="offline | online")
     ax.set_xlabel("updates")
     ax.set_ylabel("normalized score")
     ax.set_title(title, fontsize=9)
@@ -217,7 +233,10 @@ def train(config: Config) -> dict:
 
     With ``resume=True`` the run in ``output_dir`` continues with the configuration saved in its
     checkpoint (the other fields of ``config`` are ignored) and ends with the same parameters as
-    an uninterrupted run.
+    an uninterrupted run. ``num_seeds=K`` trains seeds ``seed … seed+K−1`` as one vmapped
+    ensemble. Under ``torchrun`` every process trains on its own batches with gradients averaged
+    across processes; rank 0 alone builds the dataset, logs, evaluates, checkpoints and writes
+    the summary.
     """
     state = None
     if config.resume:
@@ -225,21 +244,22 @@ def train(config: Config) -> dict:
         config = Config(**{**state["config"], "resume": True, "progress": config.progress})
         config.hidden_sizes = tuple(config.hidden_sizes)
     config = config.resolved()
-    if config.cudagraphs and config.device != "cuda":
-        raise ValueError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
-    if config.steps <= 0 or config.batch_size <= 0:
-        raise ValueError("--steps and --batch-size must be positive.")
-    output_dir = _prepare_output_dir(config)
-    torch.manual_seed(config.seed)
+    _check_config(config)
+    ctx = setup_distributed(config.device)
+    if state is not None and state.get("world_size", 1) != ctx.world_size:
+        raise ValueError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
+    device = f"cuda:{ctx.local_rank}" if config.device == "cuda" and ctx.enabled else config.device
+    output_dir = _shared_output_dir(config, ctx)
+    seeds = [config.seed + k for k in range(config.num_seeds)]
 
     if config.dataset in BUILDERS:
-        ensure_dataset(config.dataset, progress=config.progress)
+        if ctx.is_main:
+            ensure_dataset(config.dataset, progress=config.progress)
+        ctx.barrier()  # the other ranks wait until rank 0 has built it
     buffer = load_minari_dataset(
         config.dataset,
         batch_size=config.batch_size,
-        device=config.device,
+        device=device,
         reward_transform=PRESETS[config.preset].reward_transform,
         normalize_observations=config.normalize_observations,
     )
@@ -247,19 +267,33 @@ def train(config: Config) -> dict:
     data = buffer_transitions(buffer)
     num_transitions = data.batch_size[0]
 
-    loss = build_loss(config, metadata)
+    losses = []
+    for seed in seeds:  # each seed initialised exactly as a single-seed run would be
+        torch.manual_seed(seed)
+        losses.append(build_loss(config, metadata).to(device))
+    loss = losses[0] if len(losses) == 1 else SeedEnsemble(losses)
+    if ctx.enabled:
+        broadcast_parameters(loss)
     mode = "cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager"
-    update = IQLUpdate(loss, total_steps=config.steps, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data)
-    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    update = IQLUpdate(
+        loss, total_steps=config.steps, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data,
+        grad_hook=all_reduce_gradients if ctx.enabled else None,
+    )
+    # one batch stream per seed and per rank; rank 0 of seed s draws what a single process would
+    generators = [torch.Generator(device=device).manual_seed(seed + _RANK_SEED_STRIDE * ctx.rank) for seed in seeds]
+
+    def draw_indices() -> torch.Tensor:
+        indices = [sample_indices(num_transitions, config.batch_size, g, device) for g in generators]
+        return indices[0] if len(indices) == 1 else torch.stack(indices)
 
     start, curve, train_seconds = 0, [], 0.0
     checkpoint_path = output_dir / CHECKPOINT_NAME
     if state is not None:
         loss.load_state_dict(state["loss"])
         update.load_state_dict(state["update"])
-        restore_rng(state["rng"], generator)
+        restore_rng(state["rng"][ctx.rank], generators)
         start, curve, train_seconds = state["step"], state["curve"], state["train_seconds"]
-    logger = _make_logger(config, output_dir)
+    logger = _make_logger(config, output_dir) if ctx.is_main else None
 
     def checkpoint(step: int) -> None:
         _raise_if_nonfinite(update)  # never write non-finite parameters
@@ -268,12 +302,19 @@ def train(config: Config) -> dict:
                 f"Training stopped: parameters became non-finite in update step {step - 1}. "
                 "The last checkpoint (written before it) is intact; try a lower --lr."
             )
+        rng = [capture_rng(generators)]
+        if ctx.enabled:  # every rank's batch stream, so each resumes its own
+            rng = [None] * ctx.world_size
+            torch.distributed.all_gather_object(rng, capture_rng(generators))
+        if not ctx.is_main:
+            return
         save_checkpoint(
             checkpoint_path,
             {
                 "loss": loss.state_dict(),
                 "update": update.state_dict(),
-                "rng": capture_rng(generator),
+                "rng": rng,
+                "world_size": ctx.world_size,
                 "step": step,
                 "curve": curve,
                 "train_seconds": train_seconds,
@@ -284,21 +325,27 @@ def train(config: Config) -> dict:
         )
 
     def evaluate(step: int) -> dict:
-        actor = loss.get_stateful_net("actor_network", copy=True).eval()
-        result = evaluate_policy(actor, metadata, episodes=config.eval_episodes, seed=config.seed + 10_000, device=config.device)
-        curve.append({"step": step, "normalized_score": result.get("normalized_score", float("nan")), "return_mean": result["return_mean"]})
-        _log(logger, {k: result[k] for k in ("return_mean", "normalized_score") if k in result}, step)
-        return result
+        results = []
+        for k, seed in enumerate(seeds):
+            seed_loss = loss if len(seeds) == 1 else loss.seed_loss(k)
+            actor = seed_loss.get_stateful_net("actor_network", copy=True).eval()
+            result = evaluate_policy(actor, metadata, episodes=config.eval_episodes, seed=seed + 10_000, device=device)
+            results.append({"seed": seed, **result})
+        summary = _seed_summary(results)
+        curve.append({"step": step, **{k: summary[k] for k in ("normalized_score", "return_mean", "per_seed")}})
+        _log(logger, {k: summary[k] for k in ("return_mean", "normalized_score") if summary[k] is not None}, step)
+        return summary
 
     bar = tqdm(
-        total=config.steps, initial=start, desc="IQL", unit="upd", disable=not config.progress, mininterval=1.0, dynamic_ncols=True
+        total=config.steps, initial=start, desc="IQL", unit="upd", mininterval=1.0, dynamic_ncols=True,
+        disable=not (config.progress and ctx.is_main),
     )
     timed_from, timed_steps, last_eval = None, 0, None
     wall_start = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
         if timed_from is None and step > start + (1 if mode != "eager" else 0):
             timed_from = time.perf_counter()  # compile warm-up excluded from updates/s
-        metrics = update(sample_indices(num_transitions, config.batch_size, generator, config.device))
+        metrics = update(draw_indices())
         timed_steps += timed_from is not None
         bar.update(1)
         log_now = step % config.log_every == 0 or step == config.steps
@@ -310,7 +357,7 @@ def train(config: Config) -> dict:
             if timed_from is not None:
                 train_seconds += time.perf_counter() - timed_from
             _log(logger, values, step)
-            if eval_now:
+            if eval_now and ctx.is_main:
                 last_eval = evaluate(step)
             if ckpt_now:
                 checkpoint(step)
@@ -321,6 +368,9 @@ def train(config: Config) -> dict:
             bar.set_postfix(postfix)
             timed_from = time.perf_counter()
     bar.close()
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 finishes the run
+        return {}
 
     if last_eval is None:  # resumed a finished run
         last_eval = evaluate(config.steps)
@@ -328,6 +378,7 @@ def train(config: Config) -> dict:
         "dataset": config.dataset,
         "steps": config.steps,
         "seed": config.seed,
+        "num_seeds": config.num_seeds,
         "temperature": config.temperature,
         "expectile": config.expectile,
         "preset": config.preset,
@@ -335,9 +386,9 @@ def train(config: Config) -> dict:
         "mode": mode,
         "device": config.device,
         "batch_size": config.batch_size,
-        "normalized_score": last_eval.get("normalized_score"),
-        "return_mean": last_eval["return_mean"],
-        "return_std": last_eval["return_std"],
+        "world_size": ctx.world_size,
+        "global_batch_size": config.batch_size * ctx.world_size,
+        **{k: last_eval[k] for k in ("normalized_score", "normalized_score_std", "return_mean", "return_std", "per_seed")},
         "eval_episodes": config.eval_episodes,
         "updates_per_second": timed_steps / train_seconds if train_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - wall_start,
@@ -345,10 +396,53 @@ def train(config: Config) -> dict:
         "version": iql_torchrl.__version__,
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_curve(curve, output_dir / "learning_curve.png", f"IQL on {config.dataset} (seed {config.seed})")
+    seeds_label = f"seed {config.seed}" if len(seeds) == 1 else f"seeds {seeds[0]}–{seeds[-1]}, mean"
+    plot_curve(curve, output_dir / "learning_curve.png", f"IQL on {config.dataset} ({seeds_label})")
     if logger is not None and hasattr(logger, "experiment") and config.logger == "wandb":
         logger.experiment.finish()
+    ctx.barrier()
     return summary
+
+
+_RANK_SEED_STRIDE = 1_000_003  # keeps the ranks' batch streams apart
+
+
+def _seed_summary(results: list[dict]) -> dict:
+    """Mean over seeds of the per-seed evaluations, with each seed's own figures."""
+    import statistics
+
+    scores = [r.get("normalized_score") for r in results]
+    has_scores = all(s is not None for s in scores)
+    returns = [x for r in results for x in r["returns"]]
+    return {
+        "normalized_score": statistics.fmean(scores) if has_scores else None,
+        "normalized_score_std": statistics.pstdev(scores) if has_scores else None,
+        "return_mean": statistics.fmean(r["return_mean"] for r in results),
+        "return_std": statistics.pstdev(returns),
+        "per_seed": [
+            {"seed": r["seed"], "normalized_score": r.get("normalized_score"), "return_mean": r["return_mean"]}
+            for r in results
+        ],
+    }
+
+
+def _check_config(config: Config) -> None:
+    if config.cudagraphs and config.device != "cuda":
+        raise ValueError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
+    if config.steps <= 0 or config.batch_size <= 0 or config.num_seeds <= 0:
+        raise ValueError("--steps, --batch-size and --num-seeds must be positive.")
+    if config.num_seeds > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--num-seeds cannot be combined with torchrun: run the seeds in one process, or one seed per run.")
+
+
+def _shared_output_dir(config: Config, ctx) -> Path:
+    """Rank 0 prepares the run folder; every rank gets its path."""
+    path = [str(_prepare_output_dir(config))] if ctx.is_main else [None]
+    if ctx.enabled:
+        torch.distributed.broadcast_object_list(path, src=0)
+    return Path(path[0])
 
 
 def _checkpoint_to_resume(config: Config) -> dict:

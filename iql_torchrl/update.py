@@ -54,6 +54,13 @@ class IQLUpdate:
         mode (str): ``"eager"``, ``"compile"`` or ``"cudagraphs"`` (needs CUDA).
         data (TensorDict, optional): the whole dataset on the training device. When given, the
             step takes a tensor of indices and gathers the batch itself (inside the graph).
+        grad_hook (callable, optional): called with each optimizer phase's parameters between
+            backward and the optimizer step; data-parallel training averages gradients across
+            processes here (:func:`iql_torchrl.distributed.all_reduce_gradients`).
+
+    ``loss`` may also be a :class:`~iql_torchrl.distributed.SeedEnsemble`: its losses have one
+    entry per seed, summed before backward (the seeds share no parameters, so each gets its own
+    gradient), and Adam, being elementwise, steps every seed independently.
 
     State kept on the device: ``step`` (int64), ``actor_lr`` (the current actor learning rate),
     and the first non-finite loss: ``first_nonfinite_step`` (−1 while all losses are finite) and
@@ -71,6 +78,7 @@ class IQLUpdate:
         order: str = "paper",
         mode: str = "eager",
         data: TensorDictBase | None = None,
+        grad_hook=None,
     ):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
@@ -87,6 +95,7 @@ class IQLUpdate:
         self.order = order
         self.mode = mode
         self.data = data
+        self.grad_hook = grad_hook
         device = next(loss.parameters()).device
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -139,13 +148,15 @@ class IQLUpdate:
         batch = self._batch(batch_or_indices)
         self.value_optimizer.zero_grad(set_to_none=True)
         value_out, target_min_q = self.loss.value_phase(batch)
-        value_out["loss_value"].backward()
+        value_out["loss_value"].sum().backward()
+        self._reduce_gradients(self.value_params)
         self.value_optimizer.step()
 
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.critic_optimizer.zero_grad(set_to_none=True)
         out = self.loss.actor_critic_phase(batch, target_min_q)
-        (out["loss_actor"] + out["loss_qvalue"]).backward()
+        (out["loss_actor"] + out["loss_qvalue"]).sum().backward()
+        self._reduce_gradients(self.actor_params + self.critic_params)
         self._set_actor_lr()
         self.actor_optimizer.step()
         self.critic_optimizer.step()
@@ -157,11 +168,16 @@ class IQLUpdate:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         out = self.loss(batch)
-        (out["loss_value"] + out["loss_actor"] + out["loss_qvalue"]).backward()
+        (out["loss_value"] + out["loss_actor"] + out["loss_qvalue"]).sum().backward()
+        self._reduce_gradients(self.value_params + self.actor_params + self.critic_params)
         self._set_actor_lr()
         for optimizer in self.optimizers.values():
             optimizer.step()
         return self._finish(out)
+
+    def _reduce_gradients(self, params):
+        if self.grad_hook is not None:
+            self.grad_hook(params)
 
     def _set_actor_lr(self):
         if self.total_steps is not None:
@@ -177,6 +193,7 @@ class IQLUpdate:
             self.nonfinite_losses.copy_(torch.where(first, bad, self.nonfinite_losses))
             self.step.add_(1)
         metrics = out.detach()
+        metrics.batch_size = torch.Size([])  # a SeedEnsemble's metrics are [num_seeds]-shaped
         metrics.set("actor_lr", self.actor_lr.clone())
         return metrics
 
@@ -223,5 +240,5 @@ def _trainable(params: TensorDictBase) -> list[Tensor]:
 
 
 def metrics_to_floats(metrics: TensorDict) -> dict[str, float]:
-    """Host copies of a metrics TensorDict (one sync), for logging."""
-    return {key: float(value) for key, value in metrics.items()}
+    """Host copies of a metrics TensorDict (one sync), for logging; per-seed entries are averaged."""
+    return {key: float(value.float().mean()) for key, value in metrics.items()}
