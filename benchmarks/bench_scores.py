@@ -1,0 +1,114 @@
+"""Learning quality: IQL vs behaviour cloning on the local builders' mixed datasets, 3 seeds each.
+
+    python benchmarks/bench_scores.py                       # default budget (CPU, under 30 minutes)
+    python benchmarks/bench_scores.py --steps 1000000 --device cuda --eval-every 50000   # paper budget
+
+Each configuration trains its seeds together (``--num-seeds``, vmapped) through the trainer, so
+every number comes from the same code path as ``examples/iql_offline.py``. Rows: IQL in the
+paper's update order, IQL with one summed backward (TorchRL's order), and behaviour cloning
+(``temperature=0``). Prints a markdown table (mean ± std of the normalized score over seeds),
+writes JSON and a bar chart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from iql_torchrl.trainer import Config, train
+
+DATASETS = ("iql_torchrl/pendulum/mixed-v0", "iql_torchrl/inverted-pendulum/mixed-v0", "iql_torchrl/reacher/mixed-v0")
+METHODS = {
+    "IQL (paper order)": dict(order="paper"),
+    "IQL (summed backward)": dict(order="summed"),
+    "BC (β = 0)": dict(order="paper", temperature=0.0),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--eval-every", type=int, default=5000)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--json", default="bench_scores.json")
+    parser.add_argument("--png", default="bench_scores.png")
+    args = parser.parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_scores_"))
+    results = []
+    start = time.perf_counter()
+    for dataset in args.datasets:
+        for method, overrides in METHODS.items():
+            run_dir = out / f"{dataset.replace('/', '_')}-{method.split()[0]}-{overrides['order']}-{overrides.get('temperature', 'beta')}"
+            config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                            num_seeds=args.seeds, device=args.device, compile=args.compile, output_dir=run_dir,
+                            logger="none", progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10))
+            for key, value in overrides.items():
+                setattr(config, key, value)
+            t0 = time.perf_counter()
+            summary = train(config)
+            scores = [s["normalized_score"] for s in summary["per_seed"]]
+            results.append({"dataset": dataset, "method": method, "scores": scores,
+                            "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                            "seconds": time.perf_counter() - t0})
+            print(f"{dataset:<42} {method:<24} {results[-1]['mean']:7.1f} ± {results[-1]['std']:5.1f}  "
+                  f"({', '.join(f'{s:.1f}' for s in scores)})  {results[-1]['seconds']:.0f} s", flush=True)
+    total = time.perf_counter() - start
+    table = markdown_table(results, args)
+    print("\n" + table)
+    print(f"\ntotal {total / 60:.1f} min")
+    with open(args.json, "w") as f:
+        json.dump({"steps": args.steps, "seeds": args.seeds, "device": args.device, "total_seconds": total,
+                   "results": results}, f, indent=2)
+    plot(results, args.png, args)
+    return results
+
+
+def markdown_table(results, args) -> str:
+    methods = list(METHODS)
+    lines = [f"| dataset ({args.steps} updates, {args.seeds} seeds) | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        cells = []
+        for method in methods:
+            r = next(r for r in results if r["dataset"] == dataset and r["method"] == method)
+            cells.append(f"{r['mean']:.1f} ± {r['std']:.1f}")
+        lines.append(f"| `{dataset}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    methods = list(METHODS)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    for i, method in enumerate(methods):
+        rs = [next(r for r in results if r["dataset"] == d and r["method"] == method) for d in datasets]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(datasets))]
+        ax.bar(xs, [r["mean"] for r in rs], width, yerr=[r["std"] for r in rs], capsize=3, label=method)
+    ax.axhline(100, color="gray", ls="--", lw=1)
+    ax.set_xticks(range(len(datasets)), [d.split("/")[1] + "\n" + d.split("/")[2] for d in datasets])
+    ax.set_ylabel("normalized score (mean ± std over seeds)")
+    ax.set_title(f"IQL vs BC on mixed datasets ({args.steps} updates, {args.seeds} seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
