@@ -65,11 +65,12 @@ def make_batch(setup: Setup, seed: int = 0) -> TensorDict:
 
 
 # ------------------------------------------------------------------------------------- the steps
-def iql_torchrl_step(setup: Setup, mode: str, order: str):
+def iql_torchrl_step(setup: Setup, mode: str, order: str, dtype: str = "float32"):
     torch.manual_seed(0)
     loss = IQLLoss(*make_iql_networks(setup.obs_dim, setup.action_dim, hidden_sizes=setup.hidden_sizes))
     loss = loss.to(setup.device)
-    return IQLUpdate(loss, total_steps=10**9, mode=mode, order=order)
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    return IQLUpdate(loss, total_steps=10**9, mode=mode, order=order, autocast_dtype=autocast)
 
 
 def torchrl_step(setup: Setup, mode: str):
@@ -217,14 +218,20 @@ def step_memory_mb(step, batch, device) -> float:
 
 
 # ------------------------------------------------------------------------------------- runs
-def measure(setup: Setup, modes, reps: int, block: int, include_torchrl: bool = True, orders=("paper", "summed")):
+def measure(setup: Setup, modes, reps: int, block: int, include_torchrl: bool = True, orders=("paper", "summed"),
+            bf16: bool = False):
     batch = make_batch(setup)
     candidates = []
     for mode in modes:
         for order in orders:
-            candidates.append(({"impl": "iql_torchrl", "mode": mode, "order": order}, iql_torchrl_step(setup, mode, order)))
+            candidates.append(({"impl": "iql_torchrl", "mode": mode, "order": order, "dtype": "float32"},
+                               iql_torchrl_step(setup, mode, order)))
+        if bf16:
+            candidates.append(({"impl": "iql_torchrl", "mode": mode, "order": "paper", "dtype": "bfloat16"},
+                               iql_torchrl_step(setup, mode, "paper", "bfloat16")))
         if include_torchrl and mode != "cudagraphs":
-            candidates.append(({"impl": "torchrl", "mode": mode, "order": "summed"}, torchrl_step(setup, mode)))
+            candidates.append(({"impl": "torchrl", "mode": mode, "order": "summed", "dtype": "float32"},
+                               torchrl_step(setup, mode)))
     compile_s = {}
     for row, step in candidates:  # warm-up: the first calls compile / capture
         start = time.perf_counter()
@@ -242,7 +249,6 @@ def measure(setup: Setup, modes, reps: int, block: int, include_torchrl: bool = 
         median = statistics.median(ms)
         rows.append({
             **row,
-            "dtype": "float32",
             "updates_per_s": 1000 / median,
             "ms_per_update": median,
             "min": min(ms),
@@ -255,14 +261,14 @@ def measure(setup: Setup, modes, reps: int, block: int, include_torchrl: bool = 
 def print_table(rows, limit_ms, title):
     print(f"\n{title}")
     torchrl_by_mode = {r["mode"]: r["ms_per_update"] for r in rows if r["impl"] == "torchrl"}
-    header = f"{'impl':<12} {'mode':<10} {'order':<7} {'upd/s':>8} {'ms/upd':>8} {'min':>7} {'max':>7} {'compile s':>9} {'vs torchrl':>10} {'of limit':>8}"
+    header = f"{'impl':<12} {'mode':<10} {'order':<7} {'dtype':<9} {'upd/s':>8} {'ms/upd':>8} {'min':>7} {'max':>7} {'compile s':>9} {'vs torchrl':>10} {'of limit':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         base = torchrl_by_mode.get(r["mode"], torchrl_by_mode.get("compile"))
         ratio = f"{base / r['ms_per_update']:.2f}x" if base else "-"
         print(
-            f"{r['impl']:<12} {r['mode']:<10} {r['order']:<7} {r['updates_per_s']:>8.1f} {r['ms_per_update']:>8.2f} "
+            f"{r['impl']:<12} {r['mode']:<10} {r['order']:<7} {r['dtype']:<9} {r['updates_per_s']:>8.1f} {r['ms_per_update']:>8.2f} "
             f"{r['min']:>7.2f} {r['max']:>7.2f} {r['compile_s']:>9.1f} {ratio:>10} {limit_ms / r['ms_per_update']:>7.0%}"
         )
 
@@ -326,6 +332,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions")
     parser.add_argument("--block", type=int, default=50, help="updates per timed block")
     parser.add_argument("--no-compile", action="store_true", help="eager rows only")
+    parser.add_argument("--bf16", action="store_true", help="also iql_torchrl rows under bfloat16 autocast")
     parser.add_argument("--scaling", action="store_true", help="also measure batch/width scaling")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and scaling points")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -340,7 +347,7 @@ def main(argv=None):
     if str(args.device).startswith("cuda") and not args.no_compile:
         modes.append("cudagraphs")
 
-    rows, _, _ = measure(setup, modes, args.reps, args.block)
+    rows, _, _ = measure(setup, modes, args.reps, args.block, bf16=args.bf16)
     gemms = step_gemms(setup)
     limit_ms = time_gemms(gemms, args.device)
     flops = gemm_flops(gemms)

@@ -80,6 +80,8 @@ class Config:
     """torch.compile the whole update step."""
     cudagraphs: bool = False
     """Capture the compiled step in a CUDA graph (needs CUDA)."""
+    bf16: bool = False
+    """Compute the losses under bfloat16 autocast (parameters and optimizer stay float32)."""
     order: Literal["paper", "summed"] = "paper"
     """Update order: step V first, then the actor and Q with the new V (paper); or one summed backward."""
     logger: Literal["csv", "wandb", "tensorboard", "none"] = "csv"
@@ -277,7 +279,7 @@ def train(config: Config) -> dict:
     mode = "cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager"
     update = IQLUpdate(
         loss, total_steps=config.steps, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data,
-        grad_hook=all_reduce_gradients if ctx.enabled else None,
+        autocast_dtype=torch.bfloat16 if config.bf16 else None, grad_hook=all_reduce_gradients if ctx.enabled else None,
     )
     # one batch stream per seed and per rank; rank 0 of seed s draws what a single process would
     generators = [torch.Generator(device=device).manual_seed(seed + _RANK_SEED_STRIDE * ctx.rank) for seed in seeds]

@@ -54,6 +54,9 @@ class IQLUpdate:
         mode (str): ``"eager"``, ``"compile"`` or ``"cudagraphs"`` (needs CUDA).
         data (TensorDict, optional): the whole dataset on the training device. When given, the
             step takes a tensor of indices and gathers the batch itself (inside the graph).
+        autocast_dtype (torch.dtype, optional): run the losses under ``torch.autocast`` with this
+            dtype (e.g. ``torch.bfloat16``); parameters, optimizer state and the target update
+            stay float32.
         grad_hook (callable, optional): called with each optimizer phase's parameters between
             backward and the optimizer step; data-parallel training averages gradients across
             processes here (:func:`iql_torchrl.distributed.all_reduce_gradients`).
@@ -78,6 +81,7 @@ class IQLUpdate:
         order: str = "paper",
         mode: str = "eager",
         data: TensorDictBase | None = None,
+        autocast_dtype: torch.dtype | None = None,
         grad_hook=None,
     ):
         if order not in ORDERS:
@@ -97,6 +101,8 @@ class IQLUpdate:
         self.data = data
         self.grad_hook = grad_hook
         device = next(loss.parameters()).device
+        self.autocast_dtype = autocast_dtype
+        self.device_type = device.type
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
@@ -147,14 +153,16 @@ class IQLUpdate:
     def _paper_step(self, batch_or_indices):
         batch = self._batch(batch_or_indices)
         self.value_optimizer.zero_grad(set_to_none=True)
-        value_out, target_min_q = self.loss.value_phase(batch)
+        with self._autocast():
+            value_out, target_min_q = self.loss.value_phase(batch)
         value_out["loss_value"].sum().backward()
         self._reduce_gradients(self.value_params)
         self.value_optimizer.step()
 
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.critic_optimizer.zero_grad(set_to_none=True)
-        out = self.loss.actor_critic_phase(batch, target_min_q)
+        with self._autocast():
+            out = self.loss.actor_critic_phase(batch, target_min_q)
         (out["loss_actor"] + out["loss_qvalue"]).sum().backward()
         self._reduce_gradients(self.actor_params + self.critic_params)
         self._set_actor_lr()
@@ -167,13 +175,17 @@ class IQLUpdate:
         batch = self._batch(batch_or_indices)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        out = self.loss(batch)
+        with self._autocast():
+            out = self.loss(batch)
         (out["loss_value"] + out["loss_actor"] + out["loss_qvalue"]).sum().backward()
         self._reduce_gradients(self.value_params + self.actor_params + self.critic_params)
         self._set_actor_lr()
         for optimizer in self.optimizers.values():
             optimizer.step()
         return self._finish(out)
+
+    def _autocast(self):
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
 
     def _reduce_gradients(self, params):
         if self.grad_hook is not None:
