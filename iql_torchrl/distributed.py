@@ -14,6 +14,7 @@ bigger global batch, or the same batch in less time" when one process is compute
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -107,8 +108,6 @@ class SeedEnsemble(nn.Module):
 
     def seed_loss(self, index: int) -> IQLLoss:
         """A stand-alone copy of seed ``index``'s loss (for evaluation, export, comparison)."""
-        import copy
-
         loss = copy.deepcopy(self.template)
         TensorDict.from_module(loss).data.update_(self.params[index].data)
         return loss

@@ -151,12 +151,12 @@ def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
     metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
     if not 0 <= seed_index < config.num_seeds:
         raise ValueError(f"seed_index must be in [0, {config.num_seeds}) for this run, got {seed_index}.")
-    loss = build_loss(config, metadata)
     if config.num_seeds > 1:
         ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(config.num_seeds)])
         ensemble.load_state_dict(state["loss"])
         loss = ensemble.seed_loss(seed_index)
     else:
+        loss = build_loss(config, metadata)
         loss.load_state_dict(state["loss"])
     return loss.get_stateful_net("actor_network", copy=True).eval(), metadata
 

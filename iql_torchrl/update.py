@@ -31,6 +31,7 @@ __all__ = ["IQLUpdate", "cosine_decay", "MODES", "ORDERS"]
 MODES = ("eager", "compile", "cudagraphs")
 ORDERS = ("paper", "summed")
 LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
+_STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
 
 
 def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
@@ -213,15 +214,12 @@ class IQLUpdate:
     def state_dict(self) -> dict:
         """Everything a resumed run needs besides the loss's own parameters."""
         return {
-            "step": self.step.clone(),
-            "actor_lr": self.actor_lr.clone(),
-            "first_nonfinite_step": self.first_nonfinite_step.clone(),
-            "nonfinite_losses": self.nonfinite_losses.clone(),
+            **{name: getattr(self, name).clone() for name in _STATE_TENSORS},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses"):
+        for name in _STATE_TENSORS:
             getattr(self, name).copy_(state[name])
         for name, opt in self.optimizers.items():
             learning_rates = [group["lr"] for group in opt.param_groups]

@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tensordict import TensorDict
 
+from synthetic import random_transitions
+
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.distributed import SeedEnsemble, all_reduce_gradients
 
@@ -15,18 +17,7 @@ N, B, OBS, ACT, STEPS = 256, 16, 3, 2, 6
 
 
 def dataset():
-    g = torch.Generator().manual_seed(0)
-    return TensorDict(
-        {
-            "observation": torch.randn(N, OBS, generator=g),
-            "action": torch.rand(N, ACT, generator=g) * 2 - 1,
-            ("next", "observation"): torch.randn(N, OBS, generator=g),
-            ("next", "reward"): torch.randn(N, 1, generator=g),
-            ("next", "terminated"): torch.rand(N, 1, generator=g) < 0.05,
-            ("next", "done"): torch.rand(N, 1, generator=g) < 0.05,
-        },
-        [N],
-    )
+    return random_transitions(N, OBS, ACT)
 
 
 def make_loss(seed):

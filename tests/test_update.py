@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from tensordict import TensorDict
+
+from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, make_iql_networks
 from iql_torchrl.update import IQLUpdate, cosine_decay
@@ -12,18 +13,7 @@ N, B, OBS, ACT = 512, 32, 3, 2
 
 
 def dataset(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDict(
-        {
-            "observation": torch.randn(N, OBS, generator=g),
-            "action": torch.rand(N, ACT, generator=g) * 2 - 1,
-            ("next", "observation"): torch.randn(N, OBS, generator=g),
-            ("next", "reward"): torch.randn(N, 1, generator=g),
-            ("next", "terminated"): torch.rand(N, 1, generator=g) < 0.05,
-            ("next", "done"): torch.rand(N, 1, generator=g) < 0.05,
-        },
-        [N],
-    )
+    return random_transitions(N, OBS, ACT, seed)
 
 
 def make_update(data=None, seed=1, actor_dropout=0.0, **kwargs):
