@@ -13,7 +13,42 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-__all__ = ["evaluate_policy"]
+__all__ = ["evaluate_policy", "reference_scores_problem", "check_evaluation_env", "summarize_seeds", "EvaluationEnvError"]
+
+
+class EvaluationEnvError(RuntimeError):
+    """The dataset's evaluation environment cannot be created or reset here."""
+
+
+def reference_scores_problem(metadata) -> str | None:
+    """Why normalized scores cannot be computed for this dataset (``None`` when they can).
+
+    They need the random and expert reference returns, finite and distinct.
+    """
+    low, high = metadata.ref_min_score, metadata.ref_max_score
+    if low is None or high is None:
+        return "the dataset has no reference scores (ref_min_score / ref_max_score)"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"its reference scores are not finite (ref_min_score {low}, ref_max_score {high})"
+    if low == high:
+        return f"its reference scores are equal (ref_min_score = ref_max_score = {low})"
+    return None
+
+
+def check_evaluation_env(metadata) -> None:
+    """Creates and resets the evaluation environment once; :class:`EvaluationEnvError` says why it cannot run."""
+    name = metadata.env_id or "(unknown)"
+    try:
+        env = metadata.make_env()
+        try:
+            env.reset(seed=0)
+        finally:
+            env.close()
+    except Exception as err:
+        raise EvaluationEnvError(
+            f"The evaluation environment {name} of dataset {metadata.dataset_id} cannot be created and reset: "
+            f"{type(err).__name__}: {err}. Install what it needs (e.g. gymnasium[mujoco]) or use another --dataset."
+        ) from err
 
 
 @torch.no_grad()
@@ -32,7 +67,8 @@ def evaluate_policy(
     Returns a dict with ``returns`` (one per episode), ``return_mean``, ``return_std``
     (population), ``normalized_score`` (100 × ``minari.get_normalized_score`` of the mean
     return: 0 is the random policy, 100 the expert; unclamped) and ``normalized_scores`` per
-    episode. Episode ``i`` resets with seed ``seed + i``, so a given seed is reproducible.
+    episode -- the two scores only when :func:`reference_scores_problem` finds the references
+    usable. Episode ``i`` resets with seed ``seed + i``, so a given seed is reproducible.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
@@ -60,7 +96,29 @@ def evaluate_policy(
         "return_mean": return_mean,
         "return_std": float(returns.std()),
     }
-    if metadata.ref_min_score is not None and metadata.ref_max_score is not None:
+    if reference_scores_problem(metadata) is None:
         result["normalized_score"] = float(metadata.normalized_score(return_mean))
         result["normalized_scores"] = [float(metadata.normalized_score(r)) for r in returns]
     return result
+
+
+def summarize_seeds(results: list[dict]) -> dict:
+    """Mean over seeds of per-seed :func:`evaluate_policy` results (each with its ``"seed"``), with each seed's own figures.
+
+    ``normalized_score`` is ``None`` when the references were unusable.
+    """
+    import statistics
+
+    scores = [r.get("normalized_score") for r in results]
+    has_scores = all(s is not None for s in scores)
+    returns = [x for r in results for x in r["returns"]]
+    return {
+        "normalized_score": statistics.fmean(scores) if has_scores else None,
+        "normalized_score_std": statistics.pstdev(scores) if has_scores else None,
+        "return_mean": statistics.fmean(r["return_mean"] for r in results),
+        "return_std": statistics.pstdev(returns),
+        "per_seed": [
+            {"seed": r["seed"], "normalized_score": r.get("normalized_score"), "return_mean": r["return_mean"]}
+            for r in results
+        ],
+    }

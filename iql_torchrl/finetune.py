@@ -1,13 +1,13 @@
 """Offline-to-online fine-tuning: an offline IQL policy keeps learning from its own interaction.
 
 :class:`FinetuneConfig` is the run configuration (``examples/iql_finetune.py`` turns it into the
-command line with tyro); :func:`finetune` runs it and returns the summary it writes to
-``output_dir/summary.json``. Two phases, one update step (the same :class:`~iql_torchrl.IQLUpdate`
-object throughout):
+command line with tyro); :func:`finetune` runs it on the run harness (:class:`~iql_torchrl.run.Run`)
+and returns the summary it writes to ``output_dir/summary.json``. Two phases, one update step
+(the same :class:`~iql_torchrl.IQLUpdate` object throughout):
 
-1. offline -- ``offline_steps`` updates on the dataset, exactly as the offline trainer draws them
-   (or, with ``checkpoint=DIR``, the offline run saved in DIR: its networks, optimizer moments and
-   step count);
+1. offline -- ``offline_steps`` updates on the dataset with the offline trainer's own loop
+   (:func:`~iql_torchrl.trainer.offline_loop`), or, with ``checkpoint=DIR``, the offline run
+   saved in DIR: its networks, optimizer moments and step count;
 2. online -- TorchRL's ``Collector`` (0.14's name for ``SyncDataCollector``) steps ``num_envs``
    copies of the dataset's environment with the stochastic policy, ``frames_per_batch`` env steps
    at a time; they go into the online half of an ``OfflineToOnlineReplayBuffer`` whose other half
@@ -16,32 +16,25 @@ object throughout):
 
 Learning rates stay constant in both phases, as in the official fine-tuning configuration
 (``antmaze_finetune_config.py``: ``opt_decay_schedule = None``): a fine-tuned actor must keep
-learning. A run started from an offline checkpoint therefore sets the actor's learning rate back to
-``lr`` (the offline trainer's cosine has decayed it to ~0) and keeps the optimizers' moments.
+learning. A run started from an offline checkpoint therefore sets the actor's learning rate back
+(the offline trainer's cosine has decayed it to ~0) and keeps the optimizers' moments.
 
-Both phases keep the offline trainer's guarantees: tqdm progress, TorchRL loggers, evaluation
-(deterministic actions) every ``eval_every`` updates and at the phase boundary and the end,
-atomic checkpoints, a clear stop on a non-finite loss, and exact resume (``resume=True``) --
-including the collector's counters, the online buffer, every random state and the episodes that
-were running (rebuilt by replaying their reset and actions: :class:`~iql_torchrl.online.EpisodeReplay`).
+A resumed run continues exactly -- including the collector's counters, the online buffer, every
+random state and the episodes that were running (rebuilt by replaying their reset and actions:
+:class:`~iql_torchrl.online.EpisodeReplay`).
 """
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torchrl.collectors import Collector
-from tqdm.auto import tqdm
 
-import iql_torchrl
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions, load_minari_dataset, sample_indices
-from iql_torchrl.datasets import BUILDERS, ensure_dataset
-from iql_torchrl.evaluation import evaluate_policy
+from iql_torchrl.checkpoint import load_run_checkpoint, restore_rng
+from iql_torchrl.config import ConfigError, RunConfig
+from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
+from iql_torchrl.evaluation import reference_scores_problem
 from iql_torchrl.online import (
     episode_states,
     make_exploration_policy,
@@ -49,243 +42,181 @@ from iql_torchrl.online import (
     make_online_env,
     restore_episodes,
 )
-from iql_torchrl.trainer import (
-    PRESETS,
-    Config,
-    NonFiniteLossError,
-    _jsonable,
-    _log,
-    _make_logger,
-    _raise_if_nonfinite,
-    build_loss,
-    plot_curve,
-)
-from iql_torchrl.update import IQLUpdate, metrics_to_floats
+from iql_torchrl.run import Run
+from iql_torchrl.trainer import build_loss, index_sampler, make_update, offline_loop
 
-__all__ = ["FinetuneConfig", "finetune"]
+__all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
 
 FINETUNE_DATASET = "iql_torchrl/pendulum/medium-v0"  # offline IQL stays clearly below expert on it
+ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "temperature", "expectile", "hidden_sizes", "gamma", "normalize_observations")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     """Offline IQL on a Minari dataset, then online fine-tuning in its environment."""
 
     dataset: str = FINETUNE_DATASET
-    """Minari dataset id (its environment is the one fine-tuned in). Ignored with --checkpoint."""
+    eval_every: int = 1_000
     offline_steps: int = 2_000
-    """Offline gradient steps before any interaction. Ignored with --checkpoint (the run's own steps)."""
+    """Offline gradient steps before any interaction (>= 0). Ignored with --checkpoint (the run's own steps)."""
     online_steps: int = 4_000
     """Environment steps of the online phase, summed over the environments."""
     checkpoint: Path | None = None
-    """Start from this offline run folder (examples/iql_offline.py's --output-dir) instead of training one."""
+    """Start from this offline run folder (iql_offline.py's --output-dir): its data, networks, preset, gamma and steps replace these flags."""
     num_envs: int = 4
-    """Environments stepped by the collector (a TorchRL SerialEnv)."""
+    """Environments stepped by the collector (a TorchRL SerialEnv). They run on the CPU."""
     frames_per_batch: int = 200
     """Env steps (over all environments) per collection; the updates follow each collection."""
     utd_ratio: float = 1.0
     """Updates per environment step (the paper: 1)."""
     online_fraction: float = 0.5
-    """Share of every online-phase batch drawn from the online transitions; the rest is offline data."""
+    """Share of every online-phase batch drawn from the online transitions, in (0, 1); the rest is offline data."""
     online_buffer_size: int | None = None
     """Capacity of the online buffer (oldest overwritten first). Default: online_steps (keep all)."""
-    batch_size: int = 256
-    """Transitions per update."""
-    seed: int = 0
-    """Seed of the networks, the batch draws, the environments and the evaluation episodes."""
-    eval_every: int = 1_000
-    """Evaluate every this many updates (counted over both phases), at the phase boundary and at the end."""
-    eval_episodes: int = 10
-    """Episodes per evaluation, stepped in parallel."""
-    temperature: float | None = None
-    """β, the AWR inverse temperature. Default: the preset's (or the checkpoint's)."""
-    expectile: float | None = None
-    """τ, the value expectile. Default: the preset's (or the checkpoint's)."""
-    preset: Literal["mujoco", "antmaze", "kitchen", "adroit"] = "mujoco"
-    """The paper's per-domain τ, β, actor dropout and reward transform."""
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    """Training device; auto picks cuda when available. Environments run on the CPU."""
-    compile: bool = False
-    """torch.compile the whole update step."""
-    cudagraphs: bool = False
-    """Capture the compiled step in a CUDA graph (needs CUDA)."""
-    order: Literal["paper", "summed"] = "paper"
-    """Update order: step V first, then the actor and Q with the new V (paper); or one summed backward."""
-    logger: Literal["csv", "wandb", "tensorboard", "none"] = "csv"
-    """TorchRL logger; wandb runs offline when no API key is set."""
-    output_dir: Path | None = None
-    """Run folder (checkpoint, logs, summary.json, curve PNG). Default: runs/<dataset>-finetune-seed<seed>-<time>."""
-    resume: bool = False
-    """Continue the run in --output-dir from its checkpoint (either phase)."""
-    checkpoint_every: int = 5_000
-    """Write the checkpoint every this many updates (online: at the end of the collection that crosses it), and at the end."""
-    log_every: int = 500
-    """Read metrics to the host and log them every this many updates."""
-    hidden_sizes: tuple[int, ...] = (256, 256)
-    """Hidden layer widths of every network. Ignored with --checkpoint."""
-    lr: float = 3e-4
-    """Adam learning rate of every network, constant in both phases."""
-    tau: float = 0.005
-    """Soft target update rate of the critics."""
-    gamma: float = 0.99
-    """Discount. Ignored with --checkpoint."""
-    normalize_observations: bool = False
-    """Standardise observations (offline and online) with the dataset's statistics. Ignored with --checkpoint."""
-    progress: bool = True
-    """Show the progress bars."""
-
-    def network_config(self) -> Config:
-        """The offline trainer's :class:`~iql_torchrl.trainer.Config` for these networks and data, resolved."""
-        shared = {f.name: getattr(self, f.name) for f in fields(Config) if f.name in {g.name for g in fields(self)}}
-        shared.update(steps=self.offline_steps, resume=False, output_dir=None, hidden_sizes=tuple(self.hidden_sizes))
-        return Config(**shared).resolved()
 
     @property
     def updates_per_collection(self) -> int:
         return round(self.utd_ratio * self.frames_per_batch)
 
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.offline_steps, int) or self.offline_steps < 0:
+            raise ConfigError(f"--offline-steps {self.offline_steps}: must be an integer >= 0.")
+        for name in ("online_steps", "num_envs", "frames_per_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be an integer >= 1.")
+        if self.frames_per_batch % self.num_envs:
+            raise ConfigError(f"--frames-per-batch ({self.frames_per_batch}) must be a multiple of --num-envs ({self.num_envs}).")
+        if self.online_steps % self.frames_per_batch:
+            raise ConfigError(f"--online-steps ({self.online_steps}) must be a multiple of --frames-per-batch ({self.frames_per_batch}).")
+        if not (self.utd_ratio > 0 and self.updates_per_collection >= 1):
+            raise ConfigError(f"--utd-ratio {self.utd_ratio} gives no update per collection of {self.frames_per_batch} env steps.")
+        if not 0.0 < self.online_fraction < 1.0:
+            raise ConfigError(f"--online-fraction {self.online_fraction}: must be in (0, 1).")
+        if self.online_buffer_size is not None and self.online_buffer_size < 1:
+            raise ConfigError(f"--online-buffer-size {self.online_buffer_size}: must be >= 1.")
+
 
 # ---------------------------------------------------------------------------------------- finetune
-def finetune(config: FinetuneConfig) -> dict:
+def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
     """Runs the configured offline phase (or loads it) and the online phase; returns the summary.
 
     With ``resume=True`` the run in ``output_dir`` continues with the configuration saved in its
-    checkpoint and ends where an uninterrupted run would.
+    checkpoint and ends where an uninterrupted run would (the resume rules are
+    :mod:`iql_torchrl.resume`'s).
     """
-    state, offline_state = None, None
-    if config.resume:
-        state = _checkpoint_to_resume(config)
-        config = FinetuneConfig(**{**state["finetune_config"], "resume": True, "progress": config.progress})
-    elif config.checkpoint is not None:
-        offline_state = load_checkpoint(Path(config.checkpoint) / CHECKPOINT_NAME, map_location="cpu")
-        config = _adopt_offline_run(config, offline_state)
-    config.hidden_sizes = tuple(config.hidden_sizes)
-    net_config = config.network_config()
-    _check(config, net_config)
-    output_dir = _prepare_output_dir(config)
-    torch.manual_seed(config.seed)
+    offline_run = None
+    if not config.resume and config.checkpoint is not None:
+        offline_run = load_run_checkpoint(config.checkpoint, map_location="cpu")
+        config = adopt_offline_run(config, offline_run)
+    with Run.begin(config, job="finetune", given=given, label="finetune") as run:
+        if run.finished:
+            return run.finished_summary()
+        config = run.config
+        torch.manual_seed(config.seed)
+        data = buffer_transitions(run.load_data(fingerprint=offline_run["data"] if offline_run else None))
+        loss = build_loss(config, run.metadata)
+        update = make_update(config, loss, data, total_steps=None)
+        generator = torch.Generator(device=run.device).manual_seed(config.seed)
+        online = OnlinePhase(run, loss, update, generator, data)
+        run.attach(loss, update, [generator], [config.seed], extra_state=online.state_dict, point_fields=online.point_fields)
+        if run.state is not None:
+            online.load_state_dict(run.state)
+        elif offline_run is not None:
+            loss.load_state_dict(offline_run["loss"])
+            update.load_state_dict(offline_run["update"])
+            update.actor_lr.fill_(config.actor_lr or config.lr)  # constant learning rates: undo the offline cosine decay
+            run.step = offline_run["step"]
+            run.curve = [dict(p, phase="offline", env_steps=0) for p in offline_run["curve"] if p["step"] < run.step]
+        run.evaluate_if_pending()
 
-    # data: the offline buffer, with the preset's transforms
-    if config.dataset in BUILDERS:
-        ensure_dataset(config.dataset, progress=config.progress)
-    buffer = load_minari_dataset(
-        config.dataset,
-        batch_size=config.batch_size,
-        device=net_config.device,
-        reward_transform=PRESETS[config.preset].reward_transform,
-        normalize_observations=config.normalize_observations,
-    )
-    metadata = buffer.metadata
-    saved = state or offline_state
-    if saved is not None and saved["metadata"] != metadata.state_dict():
-        raise ValueError(f"{config.dataset} no longer matches the checkpoint's data (statistics or transforms differ).")
-    data = buffer_transitions(buffer)
+        if online.phase == "offline":
+            draw = index_sampler([generator], data.batch_size[0], config.batch_size, run.device)
+            offline_loop(run, update, draw, config.offline_steps, desc="IQL offline")
+            if not run.curve or run.curve[-1]["step"] != run.step:  # no offline update ran in this session
+                run.checkpoint_and_evaluate()
+            online.offline_result = run.last_eval  # the score before any online step
+            online.phase = "online"
+            run.checkpoint()
+        online.collect_and_train()
 
-    # networks, loss and the one update step of both phases
-    loss = build_loss(net_config, metadata)
-    mode = "cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager"
-    update = IQLUpdate(loss, total_steps=None, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data)
-    generator = torch.Generator(device=net_config.device).manual_seed(config.seed)
-    run = _Run(config, net_config, output_dir, loss, update, generator, metadata)
-    if state is not None:
-        run.load(state)
-    elif offline_state is not None:
-        loss.load_state_dict(offline_state["loss"])
-        update.load_state_dict(offline_state["update"])
-        update.actor_lr.fill_(config.lr)  # constant learning rates: undo the offline cosine decay
-        run.step = offline_state["step"]
-        run.curve = [dict(p, phase="offline", env_steps=0) for p in offline_state["curve"] if p["step"] < run.step]
-
-    wall_start = time.perf_counter()
-    if run.phase == "offline":
-        run.offline_phase(data)
-    run.online_phase(data)
-    summary = run.summary(time.perf_counter() - wall_start)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_curve(run.curve, output_dir / "learning_curve.png",
-               f"IQL fine-tuning on {config.dataset} (seed {config.seed})", phase_boundary=config.offline_steps)
-    if run.logger is not None and config.logger == "wandb":
-        run.logger.experiment.finish()
-    return summary
+        summary = {
+            "dataset": config.dataset,
+            "seed": config.seed,
+            "started_from": str(config.checkpoint) if config.checkpoint is not None else None,
+            "offline_steps": config.offline_steps,
+            "online_steps": config.online_steps,
+            "env_steps": online.env_steps,
+            "updates": run.step,
+            "utd_ratio": config.utd_ratio,
+            "online_fraction": config.online_fraction,
+            "num_envs": config.num_envs,
+            "frames_per_batch": config.frames_per_batch,
+            "batch_size": config.batch_size,
+            "temperature": config.temperature,
+            "expectile": config.expectile,
+            "preset": config.preset,
+            "offline_normalized_score": online.offline_result.get("normalized_score"),
+            "offline_return_mean": online.offline_result["return_mean"],
+            "train_episodes": len(online.episode_returns),
+            **run.summary_fields(),
+        }
+        return run.finish(summary, f"IQL fine-tuning on {config.dataset} (seed {config.seed})",
+                          phase_boundary=config.offline_steps)
 
 
-class _Run:
-    """The state of one fine-tuning run and its two loops (kept together so a checkpoint is one dict)."""
+def adopt_offline_run(config: FinetuneConfig, offline_run: dict) -> FinetuneConfig:
+    """The fine-tuning config with the offline run's data, networks and step count."""
+    if offline_run.get("job") != "offline":
+        raise ConfigError(f"--checkpoint {config.checkpoint} is not an offline run (iql_offline.py's run folder).")
+    offline = offline_run["config"]
+    if offline.get("num_seeds", 1) > 1:
+        raise ConfigError(f"--checkpoint {config.checkpoint} trained {offline['num_seeds']} seeds at once; "
+                          "fine-tuning takes a one-seed run.")
+    adopted = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN}
+    adopted["hidden_sizes"] = tuple(adopted["hidden_sizes"])
+    return FinetuneConfig(**{**asdict(config), **adopted, "offline_steps": offline_run["step"]})
 
-    def __init__(self, config, net_config, output_dir, loss, update, generator, metadata):
-        self.config, self.net_config, self.output_dir = config, net_config, output_dir
-        self.loss, self.update, self.generator, self.metadata = loss, update, generator, metadata
-        self.logger = _make_logger(config, output_dir)
+
+class OnlinePhase:
+    """The online loop and its state (env steps, training episodes, collector, online buffer)."""
+
+    def __init__(self, run: Run, loss, update, generator: torch.Generator, data):
+        self.run, self.loss, self.update, self.generator, self.data = run, loss, update, generator, data
+        self.config = run.config
         self.phase = "offline"
-        self.step = 0  # updates, both phases
         self.env_steps = 0
-        self.curve: list[dict] = []
         self.offline_result: dict | None = None
-        self.last_result: dict | None = None
-        self.train_seconds = 0.0
-        self.timed_updates = 0
         self.episode_returns: list[float] = []  # online training episodes (raw env return)
-        self.running_returns = torch.zeros(config.num_envs, dtype=torch.float64)
-        self.online_state: dict | None = None  # collector, episodes, buffer: restored in online_phase
-        self.last_values = {"loss_qvalue": float("nan")}
+        self.running_returns = torch.zeros(self.config.num_envs, dtype=torch.float64)
+        self.saved_online: dict | None = None  # collector, episodes, buffer: restored in collect_and_train()
+        self.collector = self.env = self.replay = None
 
-    # -- offline ----------------------------------------------------------------------------
-    def offline_phase(self, data) -> None:
-        config = self.config
-        bar = tqdm(total=config.offline_steps, initial=self.step, desc="IQL offline", unit="upd",
-                   disable=not config.progress, mininterval=1.0, dynamic_ncols=True)
-        timed_from = time.perf_counter()
-        for step in range(self.step + 1, config.offline_steps + 1):
-            metrics = self.update(sample_indices(data.batch_size[0], config.batch_size, self.generator, self.net_config.device))
-            self.step, self.timed_updates = step, self.timed_updates + 1
-            bar.update(1)
-            if step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0:
-                self.train_seconds += time.perf_counter() - timed_from
-                self._log_metrics(metrics)
-                if step % config.eval_every == 0 and step < config.offline_steps:
-                    self._evaluate()
-                if step % config.checkpoint_every == 0 and step < config.offline_steps:
-                    self._checkpoint()
-                self._postfix(bar)
-                timed_from = time.perf_counter()
-        self.train_seconds += time.perf_counter() - timed_from
-        bar.close()
-        self.offline_result = self._evaluate()  # the score before any online step
-        self.phase = "online"
-        self._checkpoint()
+    def point_fields(self) -> dict:
+        return {"env_steps": self.env_steps, "phase": self.phase}
 
-    # -- online -----------------------------------------------------------------------------
-    def online_phase(self, data) -> None:
-        config = self.config
-        env = make_online_env(self.metadata, config.num_envs, seed=config.seed)
+    def collect_and_train(self) -> None:
+        run, config, device = self.run, self.config, self.run.device
+        env = make_online_env(run.metadata, config.num_envs, seed=config.seed)
         actor = self.loss.get_stateful_net("actor_network", copy=True).eval()  # shares the trained tensors
         collector = Collector(
-            env,
-            make_exploration_policy(actor, self.metadata),
-            frames_per_batch=config.frames_per_batch,
-            total_frames=config.online_steps,
-            policy_device=self.net_config.device,
-            env_device="cpu",
-            storing_device=self.net_config.device,
+            env, make_exploration_policy(actor, run.metadata), frames_per_batch=config.frames_per_batch,
+            total_frames=config.online_steps, policy_device=device, env_device="cpu", storing_device=device,
             auto_register_policy_transforms=False,  # the policy needs no env transform of its own
         )
         replay = make_offline_online_buffer(
-            data,
-            online_capacity=config.online_buffer_size or config.online_steps,
-            online_fraction=config.online_fraction,
-            batch_size=config.batch_size,
-            device=self.net_config.device,
+            self.data, online_capacity=config.online_buffer_size or config.online_steps,
+            online_fraction=config.online_fraction, batch_size=config.batch_size, device=device,
         )
         self.collector, self.env, self.replay = collector, env, replay
-        if self.online_state is not None:
-            collector.load_state_dict(self.online_state["collector"])
-            if self.online_state["episodes"] is not None:
-                restore_episodes(env, self.online_state["episodes"])
-                collector._carrier.update(self.online_state["carrier"])  # the running episodes' current step
-            replay.online_buffer.load_state_dict(self.online_state["buffer"])
-            restore_rng(self.online_state["rng"], [self.generator])  # again, last: building the collector drew
-        bar = tqdm(total=config.online_steps, initial=self.env_steps, desc="IQL online", unit="env step",
-                   disable=not config.progress, mininterval=1.0, dynamic_ncols=True)
+        if self.saved_online is not None:
+            collector.load_state_dict(self.saved_online["collector"])
+            if self.saved_online["episodes"] is not None:
+                restore_episodes(env, _episodes_as_arrays(self.saved_online["episodes"]))
+                collector._carrier.update(self.saved_online["carrier"])  # the running episodes' current step
+            replay.online_buffer.load_state_dict(self.saved_online["buffer"])
+            restore_rng(run.state["rng"][0], [self.generator])  # again, last: building the collector drew
+        bar = run.progress_bar(total=config.online_steps, initial=self.env_steps, desc="IQL online", unit="env step")
         try:
             for rollout in collector:
                 transitions = rollout.reshape(-1).select(*TRANSITION_KEYS)
@@ -294,30 +225,31 @@ class _Run:
                 self._count_episodes(rollout)
                 bar.update(transitions.batch_size[0])
 
-                timed_from, before = time.perf_counter(), self.step
+                before = run.step
+                run.timing.start()
                 for _ in range(config.updates_per_collection):
                     metrics = self.update(replay.sample())
-                self.step += config.updates_per_collection
-                self.timed_updates += config.updates_per_collection
-                self.train_seconds += time.perf_counter() - timed_from
+                run.step += config.updates_per_collection
+                run.timing.count(config.updates_per_collection)
+                run.timing.pause()
 
                 done = self.env_steps >= config.online_steps
-                crossed = lambda every: self.step // every > before // every  # noqa: E731
-                if crossed(config.log_every) or crossed(config.eval_every) or crossed(config.checkpoint_every) or done:
-                    self._log_metrics(metrics, {"env_steps": self.env_steps, **self._episode_stats()})
-                    if crossed(config.eval_every) or done:
-                        self._evaluate()
-                    if crossed(config.checkpoint_every) or done:
-                        self._checkpoint()
-                    self._postfix(bar)
+                crossed = lambda every: run.step // every > before // every  # noqa: E731
+                evaluate_now = crossed(config.eval_every) or done
+                checkpoint_now = evaluate_now or crossed(config.checkpoint_every)
+                if checkpoint_now or crossed(config.log_every):
+                    run.read_metrics(metrics, {"env_steps": self.env_steps, **self._episode_stats()})
+                    if evaluate_now:
+                        run.checkpoint_and_evaluate()
+                    elif checkpoint_now:
+                        run.checkpoint()
+                    run.show_progress(bar)
         finally:
             bar.close()
             collector.shutdown()
-        if self.last_result is None:  # resumed a finished run
-            self._evaluate(record=False)
 
     def _count_episodes(self, rollout) -> None:
-        reward = self.metadata.untransform_reward(rollout.get(("next", "reward")).squeeze(-1).to(torch.float64).cpu())
+        reward = self.run.metadata.untransform_reward(rollout.get(("next", "reward")).squeeze(-1).to(torch.float64).cpu())
         done = rollout.get(("next", "done")).squeeze(-1).cpu()
         for t in range(reward.shape[1]):
             self.running_returns += reward[:, t]
@@ -331,171 +263,39 @@ class _Run:
             return {}
         mean = sum(recent) / len(recent)
         stats = {"train_episode_return": mean}
-        if self.metadata.ref_min_score is not None and self.metadata.ref_max_score is not None:
-            stats["train_normalized_score"] = float(self.metadata.normalized_score(mean))
+        if reference_scores_problem(self.run.metadata) is None:
+            stats["train_normalized_score"] = float(self.run.metadata.normalized_score(mean))
         return stats
 
-    # -- shared -----------------------------------------------------------------------------
-    def _log_metrics(self, metrics, extra: dict | None = None) -> None:
-        values = metrics_to_floats(metrics)  # the one host sync of the interval
-        _raise_if_nonfinite(self.update)
-        self.last_values = values
-        _log(self.logger, {**values, **(extra or {})}, self.step)
-
-    def _postfix(self, bar) -> None:
-        rate = self.timed_updates / self.train_seconds if self.train_seconds > 0 else float("nan")
-        postfix = {"upd/s": f"{rate:.0f}", "loss_q": f"{self.last_values['loss_qvalue']:.3g}"}
-        if self.curve:
-            postfix["score"] = f"{self.curve[-1]['normalized_score']:.1f}"
-        bar.set_postfix(postfix)
-
-    def _evaluate(self, record: bool = True) -> dict:
-        actor = self.loss.get_stateful_net("actor_network", copy=True).eval()
-        result = evaluate_policy(actor, self.metadata, episodes=self.config.eval_episodes,
-                                 seed=self.config.seed + 10_000, device=self.net_config.device)
-        point = {"step": self.step, "env_steps": self.env_steps, "phase": self.phase,
-                 "normalized_score": result.get("normalized_score", float("nan")), "return_mean": result["return_mean"]}
-        if record:
-            self.curve.append(point)
-            _log(self.logger, {k: result[k] for k in ("return_mean", "normalized_score") if k in result}, self.step)
-        self.last_result = result
-        return result
-
-    def _checkpoint(self) -> None:
-        _raise_if_nonfinite(self.update)  # never write non-finite parameters
-        if not all(torch.isfinite(p).all() for p in self.loss.parameters()):
-            raise NonFiniteLossError(
-                f"Training stopped: parameters became non-finite before update {self.step}. "
-                "The last checkpoint (written before it) is intact; try a lower --lr."
-            )
+    def state_dict(self) -> dict:
         online = None
-        if self.phase == "online" and hasattr(self, "collector"):
+        if self.phase == "online" and self.collector is not None:
             running = not self.env.is_closed  # the collector closes the env after its last frame
             online = {
                 "collector": self.collector.state_dict(),
-                "episodes": episode_states(self.env) if running else None,
-                "carrier": self.collector._carrier.clone() if running else None,
+                "episodes": _episodes_as_tensors(episode_states(self.env)) if running else None,
+                "carrier": self.collector._carrier.to_dict() if running else None,  # plain tensors: loads with weights_only
                 "buffer": self.replay.online_buffer.state_dict(),
             }
-        save_checkpoint(self.output_dir / CHECKPOINT_NAME, {
-            "loss": self.loss.state_dict(),
-            "update": self.update.state_dict(),
-            "rng": capture_rng([self.generator]),
+        return {
             "phase": self.phase,
-            "step": self.step,
             "env_steps": self.env_steps,
-            "curve": self.curve,
             "offline_result": self.offline_result,
-            "train_seconds": self.train_seconds,
-            "timed_updates": self.timed_updates,
             "episode_returns": self.episode_returns,
             "running_returns": self.running_returns.clone(),
             "online": online,
-            "metadata": self.metadata.state_dict(),
-            # the offline trainer's Config of these networks: load_actor and `python -m iql_torchrl.evaluate` read it
-            "config": _jsonable(asdict(self.net_config)),
-            "finetune_config": _jsonable(asdict(self.config)),
-            "version": iql_torchrl.__version__,
-        })
-
-    def load(self, state: dict) -> None:
-        self.loss.load_state_dict(state["loss"])
-        self.update.load_state_dict(state["update"])
-        restore_rng(state["rng"], [self.generator])
-        self.phase, self.step, self.env_steps = state["phase"], state["step"], state["env_steps"]
-        self.curve, self.offline_result = state["curve"], state["offline_result"]
-        self.train_seconds, self.timed_updates = state["train_seconds"], state["timed_updates"]
-        self.episode_returns, self.running_returns = state["episode_returns"], state["running_returns"]
-        if state["online"] is not None:
-            self.online_state = {**state["online"], "rng": state["rng"]}
-
-    def summary(self, wall_seconds: float) -> dict:
-        config, last = self.config, self.last_result
-        return {
-            "dataset": config.dataset,
-            "seed": config.seed,
-            "started_from": str(config.checkpoint) if config.checkpoint is not None else None,
-            "offline_steps": config.offline_steps,
-            "online_steps": config.online_steps,
-            "env_steps": self.env_steps,
-            "updates": self.step,
-            "utd_ratio": config.utd_ratio,
-            "online_fraction": config.online_fraction,
-            "num_envs": config.num_envs,
-            "frames_per_batch": config.frames_per_batch,
-            "batch_size": config.batch_size,
-            "temperature": self.net_config.temperature,
-            "expectile": self.net_config.expectile,
-            "preset": config.preset,
-            "offline_normalized_score": self.offline_result.get("normalized_score"),
-            "offline_return_mean": self.offline_result["return_mean"],
-            "normalized_score": last.get("normalized_score"),
-            "return_mean": last["return_mean"],
-            "return_std": last["return_std"],
-            "eval_episodes": config.eval_episodes,
-            "train_episodes": len(self.episode_returns),
-            "updates_per_second": self.timed_updates / self.train_seconds if self.train_seconds > 0 else None,
-            "wall_seconds": wall_seconds,
-            "curve": self.curve,
-            "version": iql_torchrl.__version__,
         }
 
-
-# ---------------------------------------------------------------------------------------- helpers
-def _adopt_offline_run(config: FinetuneConfig, offline_state: dict) -> FinetuneConfig:
-    """The fine-tuning config with the offline run's data, networks and step count."""
-    if "finetune_config" in offline_state:
-        raise ValueError(f"{config.checkpoint} is a fine-tuning run; --checkpoint takes an offline run (iql_offline.py).")
-    offline = offline_state["config"]
-    if offline.get("num_seeds", 1) > 1:
-        raise ValueError(f"{config.checkpoint} trained {offline['num_seeds']} seeds at once; fine-tuning takes a one-seed run.")
-    adopted = {name: offline[name] for name in
-               ("dataset", "preset", "temperature", "expectile", "hidden_sizes", "gamma", "normalize_observations")}
-    return FinetuneConfig(**{**asdict(config), **adopted, "offline_steps": offline_state["step"]})
+    def load_state_dict(self, state: dict) -> None:
+        self.phase, self.env_steps, self.offline_result = state["phase"], state["env_steps"], state["offline_result"]
+        self.episode_returns, self.running_returns = state["episode_returns"], state["running_returns"]
+        self.saved_online = state["online"]
 
 
-def _check(config: FinetuneConfig, net_config: Config) -> None:
-    if config.cudagraphs and net_config.device != "cuda":
-        raise ValueError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
-    if net_config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
-    if config.offline_steps < 0 or config.online_steps <= 0 or config.batch_size <= 0:
-        raise ValueError("--offline-steps must be >= 0, --online-steps and --batch-size positive.")
-    if config.frames_per_batch % config.num_envs:
-        raise ValueError(f"--frames-per-batch ({config.frames_per_batch}) must be a multiple of --num-envs ({config.num_envs}).")
-    if config.online_steps % config.frames_per_batch:
-        raise ValueError(f"--online-steps ({config.online_steps}) must be a multiple of --frames-per-batch ({config.frames_per_batch}).")
-    if config.updates_per_collection < 1:
-        raise ValueError(f"--utd-ratio {config.utd_ratio} gives no update per collection of {config.frames_per_batch} env steps.")
-    if not 0.0 < config.online_fraction < 1.0:
-        raise ValueError(f"--online-fraction must be in (0, 1), got {config.online_fraction}.")
+# a checkpoint holds tensors and plain data only (it loads with weights_only=True)
+def _episodes_as_tensors(episodes: list[dict]) -> list[dict]:
+    return [{**e, "actions": [torch.from_numpy(a) for a in e["actions"]]} for e in episodes]
 
 
-def _checkpoint_to_resume(config: FinetuneConfig) -> dict:
-    if config.output_dir is None:
-        raise ValueError("--resume needs --output-dir: the run folder to continue.")
-    path = Path(config.output_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {config.output_dir}.")
-    state = load_checkpoint(path, map_location="cpu")
-    if "finetune_config" not in state:
-        raise ValueError(f"{config.output_dir} is an offline run: continue it with iql_offline.py --resume, "
-                         "or fine-tune it with --checkpoint.")
-    state["finetune_config"]["output_dir"] = str(config.output_dir)
-    return state
-
-
-def _prepare_output_dir(config: FinetuneConfig) -> Path:
-    if config.resume:
-        return Path(config.output_dir)
-    if config.output_dir is not None:
-        output_dir = Path(config.output_dir)
-    else:
-        name = config.dataset.replace("/", "_")
-        output_dir = Path("runs") / f"{name}-finetune-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(
-            f"{output_dir} already exists: pass --resume to continue that run, or choose another --output-dir."
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
+def _episodes_as_arrays(episodes: list[dict]) -> list[dict]:
+    return [{**e, "actions": [a.numpy() for a in e["actions"]]} for e in episodes]

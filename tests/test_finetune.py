@@ -161,22 +161,22 @@ def test_a_short_run_writes_a_finite_summary_over_both_phases(tiny_datasets, tmp
 
 
 def test_a_run_resumed_mid_online_phase_ends_like_an_uninterrupted_one(tiny_datasets, tmp_path, monkeypatch):
-    import iql_torchrl.finetune as finetune_module
+    import iql_torchrl.run as run_module
 
     straight = finetune(FinetuneConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", logger="none", **TINY))
 
-    real_checkpoint, written = finetune_module._Run._checkpoint, []
+    real_checkpoint = run_module.Run.checkpoint
 
-    def crash_after_first_online_checkpoint(self):
-        real_checkpoint(self)
-        written.append((self.phase, self.env_steps))
-        if self.phase == "online" and self.env_steps > 0:
+    def crash_after_first_online_checkpoint(self, evaluate_pending=False):
+        real_checkpoint(self, evaluate_pending)
+        job_state = self.extra_state()
+        if job_state["phase"] == "online" and job_state["env_steps"] > 0:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(finetune_module._Run, "_checkpoint", crash_after_first_online_checkpoint)
+    monkeypatch.setattr(run_module.Run, "checkpoint", crash_after_first_online_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         finetune(FinetuneConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "crashed", logger="none", **TINY))
-    monkeypatch.setattr(finetune_module._Run, "_checkpoint", real_checkpoint)
+    monkeypatch.setattr(run_module.Run, "checkpoint", real_checkpoint)
     interrupted = load_checkpoint(tmp_path / "crashed" / CHECKPOINT_NAME)
     assert interrupted["phase"] == "online" and 0 < interrupted["env_steps"] < 96
     assert any(len(e["actions"]) > 0 for e in interrupted["online"]["episodes"])  # episodes were mid-way
@@ -227,7 +227,15 @@ def test_a_non_finite_online_loss_stops_the_run_with_the_last_checkpoint_intact(
     assert not (out / "summary.json").exists()
 
 
-def test_the_finetune_config_offers_every_offline_option():
-    # steps is --offline-steps here; seed ensembles and bf16 autocast are offline-only for now
-    offline = {f.name for f in fields(Config)} - {"steps", "num_seeds", "bf16"}
-    assert offline <= {f.name for f in fields(FinetuneConfig)}
+def test_both_configs_extend_one_run_config_and_write_no_field_twice():
+    from iql_torchrl.config import RunConfig
+
+    shared = {f.name for f in fields(RunConfig)}
+    offline_only = {f.name for f in fields(Config)} - shared
+    finetune_only = {f.name for f in fields(FinetuneConfig)} - shared
+    assert offline_only == {"steps", "num_seeds"}
+    assert not offline_only & finetune_only
+    # a subclass may override a default (the fine-tuning dataset, its evaluation interval), not restate a field
+    restated = {name for name in FinetuneConfig.__annotations__ if name in shared}
+    assert restated == {"dataset", "eval_every"}
+    assert FinetuneConfig().dataset != Config().dataset

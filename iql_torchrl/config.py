@@ -1,0 +1,225 @@
+"""Run configuration: the paper's presets and the settings every run shares.
+
+:class:`RunConfig` holds the fields both jobs have (data, networks, loss, optimiser, evaluation,
+logging, the run folder); the offline trainer's :class:`~iql_torchrl.trainer.Config` and the
+fine-tuning :class:`~iql_torchrl.finetune.FinetuneConfig` extend it (a subclass may override a
+default, never restate a field). ``tyro`` turns a config class into the command line
+(:func:`parse_cli`), with one ``--flag-name`` per field.
+
+Every setting is checked before any work starts (:meth:`RunConfig.check`): an error names the
+flag and its valid range.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Literal
+
+from iql_torchrl.datasets import DEFAULT_DATASET
+
+__all__ = [
+    "Preset", "PRESETS", "RunConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
+    "config_to_dict", "config_from_dict",
+]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The paper's per-domain hyperparameters (appendix B)."""
+
+    expectile: float
+    temperature: float
+    actor_dropout: float
+    reward_transform: str
+
+
+PRESETS = {
+    "mujoco": Preset(expectile=0.7, temperature=3.0, actor_dropout=0.0, reward_transform="locomotion"),
+    "antmaze": Preset(expectile=0.9, temperature=10.0, actor_dropout=0.0, reward_transform="antmaze"),
+    "kitchen": Preset(expectile=0.7, temperature=0.5, actor_dropout=0.1, reward_transform="none"),
+    "adroit": Preset(expectile=0.7, temperature=0.5, actor_dropout=0.1, reward_transform="none"),
+}
+
+# Settings that do not shape what a run learns: a resumed run may change them.
+RUN_NEUTRAL_SETTINGS = (
+    "logger", "progress", "threads", "eval_episodes", "log_every", "checkpoint_every", "device", "output_dir", "resume",
+)
+
+
+class ConfigError(ValueError):
+    """A setting out of its range, or a combination of settings that cannot run."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``batch_size`` → ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by offline training and fine-tuning."""
+
+    dataset: str = DEFAULT_DATASET
+    """Minari dataset id. Ids of the local builders (``python -m iql_torchrl.datasets list``) are built on first use."""
+    batch_size: int = 256
+    """Transitions per update (per process)."""
+    seed: int = 0
+    """Seed of the network initialisation, the batch draws and the evaluation episodes."""
+    eval_every: int = 2_000
+    """Evaluate every this many updates (and always at the end)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation, stepped in parallel."""
+    temperature: float | None = None
+    """β, the AWR inverse temperature (0 is behaviour cloning). Default: the preset's."""
+    expectile: float | None = None
+    """τ, the value expectile, in (0, 1). Default: the preset's."""
+    preset: Literal["mujoco", "antmaze", "kitchen", "adroit"] = "mujoco"
+    """The paper's per-domain τ, β, actor dropout and reward transform."""
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    """Training device; auto picks cuda when available."""
+    compile: bool = False
+    """torch.compile the whole update step."""
+    cudagraphs: bool = False
+    """Capture the compiled step in a CUDA graph (needs CUDA)."""
+    bf16: bool = False
+    """Compute the losses under bfloat16 autocast (parameters and optimizer stay float32)."""
+    order: Literal["paper", "summed"] = "paper"
+    """Update order: step V first, then the actor and Q with the new V (paper); or one summed backward."""
+    logger: Literal["csv", "wandb", "tensorboard", "none"] = "csv"
+    """TorchRL logger; wandb runs offline when no API key is set."""
+    output_dir: Path | None = None
+    """Run folder (checkpoint, logs, summary.json, curve PNG), owned by one process at a time. Default: a new folder under runs/."""
+    resume: bool = False
+    """Continue the run in --output-dir from its checkpoint, with the checkpoint's settings."""
+    checkpoint_every: int = 5_000
+    """Write the checkpoint every this many updates (and before every evaluation)."""
+    log_every: int = 500
+    """Read metrics to the host and log them every this many updates."""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of every network."""
+    lr: float = 3e-4
+    """Learning rate of every network, unless set per network below."""
+    actor_lr: float | None = None
+    """Learning rate of the actor. Default: --lr."""
+    critic_lr: float | None = None
+    """Learning rate of the two critics. Default: --lr."""
+    value_lr: float | None = None
+    """Learning rate of the value network. Default: --lr."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """Optimizer of every network (adamw: decoupled weight decay)."""
+    weight_decay: float = 0.0
+    """Weight decay of every optimizer (>= 0)."""
+    tau: float = 0.005
+    """Soft target update rate of the critics, in (0, 1]."""
+    gamma: float = 0.99
+    """Discount, in [0, 1]."""
+    normalize_observations: bool = False
+    """Standardise observations with the dataset's statistics (saved in the checkpoint)."""
+    progress: bool = True
+    """Show the progress bar."""
+    threads: int | Literal["auto"] = "auto"
+    """CPU threads of torch: a number, or auto (this process's share of the CPUs it may run on)."""
+
+    def resolved(self):
+        """A copy with the preset's values filled in and the device chosen."""
+        import torch
+
+        preset = PRESETS[self.preset]
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return replace(
+            self,
+            temperature=preset.temperature if self.temperature is None else self.temperature,
+            expectile=preset.expectile if self.expectile is None else self.expectile,
+            device=device,
+            hidden_sizes=tuple(self.hidden_sizes),
+        )
+
+    def optimizer_settings(self) -> dict:
+        """The keyword arguments of :class:`~iql_torchrl.IQLUpdate` for the optimisers, where they differ from its defaults."""
+        settings = dict(actor_lr=self.actor_lr, critic_lr=self.critic_lr, value_lr=self.value_lr,
+                        optimizer=self.optimizer, weight_decay=self.weight_decay)
+        defaults = dict(actor_lr=None, critic_lr=None, value_lr=None, optimizer="adam", weight_decay=0.0)
+        return {name: value for name, value in settings.items() if value != defaults[name]}
+
+    def check(self) -> None:
+        """Raises :class:`ConfigError` naming the first setting out of its range."""
+        def need(ok: bool, name: str, valid: str) -> None:
+            if not ok:
+                raise ConfigError(f"{flag(name)} {_shown(getattr(self, name))}: must be {valid}.")
+
+        for name in ("batch_size", "eval_every", "eval_episodes", "checkpoint_every", "log_every"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(len(self.hidden_sizes) >= 1 and all(_is_int(h) and h >= 1 for h in self.hidden_sizes),
+             "hidden_sizes", "one or more layer widths, each >= 1")
+        if self.temperature is not None:
+            need(_finite(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0 (0 is behaviour cloning)")
+        if self.expectile is not None:
+            need(_finite(self.expectile) and 0 < self.expectile < 1, "expectile", "in (0, 1), e.g. 0.7")
+        for name in ("lr", "actor_lr", "critic_lr", "value_lr"):
+            if getattr(self, name) is not None:
+                need(_finite(getattr(self, name)) and getattr(self, name) > 0, name, "a finite number > 0, e.g. 3e-4")
+        need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        need(_finite(self.tau) and 0 < self.tau <= 1, "tau", "in (0, 1], e.g. 0.005")
+        need(_finite(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")
+        need(self.threads == "auto" or (_is_int(self.threads) and self.threads >= 1), "threads", "auto or an integer >= 1")
+        if self.resume and self.output_dir is None:
+            raise ConfigError("--resume needs --output-dir: the run folder to continue.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+# ---------------------------------------------------------------------------------------- saving and the CLI
+def config_to_dict(config) -> dict:
+    """The config as plain JSON data (paths as strings, tuples as lists), as checkpoints store it."""
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def config_from_dict(config_cls, saved: dict):
+    """The config a checkpoint stored; fields added since then keep their defaults."""
+    names = {f.name for f in fields(config_cls)}
+    config = config_cls(**{k: v for k, v in saved.items() if k in names})
+    config.hidden_sizes = tuple(config.hidden_sizes)
+    if config.output_dir is not None:
+        config.output_dir = Path(config.output_dir)
+    return config
+
+
+def given_fields(config, argv: list[str] | None = None) -> set[str]:
+    """The fields set on purpose: those named on the command line ``argv``, and those that differ from the default."""
+    defaults = type(config)()
+    given = {f.name for f in fields(config) if _plain(getattr(config, f.name)) != _plain(getattr(defaults, f.name))}
+    for arg in argv or ():
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            for candidate in (name, name[3:] if name.startswith("no_") else None):
+                if candidate in {f.name for f in fields(config)}:
+                    given.add(candidate)
+    return given
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def parse_cli(config_cls, argv: list[str] | None = None):
+    """``(config, given)``: the config from the command line, and the fields set on purpose (see :func:`given_fields`)."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    config = tyro.cli(config_cls, args=argv)
+    return config, given_fields(config, argv)

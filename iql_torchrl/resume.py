@@ -1,0 +1,106 @@
+"""What ``--resume`` checks before a run continues.
+
+* The run's settings come from its checkpoint. A setting given on purpose on the resume command
+  line (or in the config passed to ``train``) that differs from the checkpoint's refuses to resume,
+  listing every such flag with both values -- except the settings that do not shape the run
+  (:data:`~iql_torchrl.config.RUN_NEUTRAL_SETTINGS`: logger, progress bar, threads, evaluation
+  episodes, log and checkpoint intervals, device), which take the new value. ``--steps`` is
+  never one of those: the actor's cosine schedule depends on it.
+* The data must be the data the run trained on: the checkpoint keeps a fingerprint (dataset id,
+  transition count, a SHA-256 of the dataset's files, the normalisation statistics), and a
+  changed or missing dataset refuses to resume -- a builder dataset is never silently rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from iql_torchrl.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, flag
+
+__all__ = ["ResumeError", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
+
+
+class ResumeError(RuntimeError):
+    """The run in the folder cannot continue as asked."""
+
+
+def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
+    """The checkpoint's config, with the given run-neutral settings; refuses any other changed setting."""
+    config = config_from_dict(config_cls, saved)
+    wanted, stored = config_to_dict(given_config), config_to_dict(config)
+    changed = []
+    for name in sorted(given & set(wanted)):
+        if name in RUN_NEUTRAL_SETTINGS:
+            setattr(config, name, getattr(given_config, name))
+        elif name in stored and wanted[name] != stored[name] and not _preset_default(name, wanted[name]):
+            changed.append(f"  {flag(name)}: checkpoint {_shown(stored[name])}, given {_shown(wanted[name])}")
+    if changed:
+        raise ResumeError(
+            "--resume continues a run with the settings in its checkpoint; these differ from it:\n"
+            + "\n".join(changed)
+            + "\nDrop them to continue the run as it was, or start a new run in another --output-dir."
+        )
+    config.resume = True
+    return config
+
+
+def _preset_default(name: str, value) -> bool:
+    # "use the preset's value" (None) matches whatever value the checkpoint resolved it to
+    return name in ("temperature", "expectile") and value is None
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+# ---------------------------------------------------------------------------------------- data fingerprint
+def dataset_files(dataset_id: str) -> list[Path]:
+    """The files of a local Minari dataset (empty when it is not there)."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    folder = get_dataset_path(dataset_id) / "data"
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def data_fingerprint(dataset_id: str, metadata) -> dict:
+    """What identifies the data a run trains on: id, size, a SHA-256 of the dataset's files, the statistics."""
+    digest = hashlib.sha256()
+    files = dataset_files(dataset_id)
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return {
+        "dataset": dataset_id,
+        "num_transitions": metadata.num_transitions,
+        "files_sha256": digest.hexdigest() if files else None,
+        "observation_mean": list(metadata.observation_mean),
+        "observation_std": list(metadata.observation_std),
+        "reward_scale": metadata.reward_scale,
+        "reward_shift": metadata.reward_shift,
+    }
+
+
+def check_same_data(saved: dict, current: dict, what: str = "this run") -> None:
+    """Refuses (:class:`ResumeError`) when the data differ from the fingerprint ``saved``."""
+    differences = [
+        name for name in ("dataset", "num_transitions", "files_sha256") if saved.get(name) != current.get(name)
+    ] + [name for name in ("observation_mean", "observation_std", "reward_scale", "reward_shift")
+         if not _close(saved.get(name), current.get(name))]
+    if differences:
+        raise ResumeError(
+            f"The dataset {current['dataset']} is not the data {what} trained on ({', '.join(differences)} differ: "
+            f"it was rebuilt or replaced since). Restore the original dataset, or start a new run."
+        )
+
+
+def _close(a, b) -> bool:
+    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b

@@ -1,0 +1,372 @@
+"""The run harness shared by offline training and fine-tuning.
+
+One :class:`Run` owns a run folder from start to summary:
+
+1. settings -- checked before any work (:meth:`~iql_torchrl.config.RunConfig.check`); with
+   ``--resume`` they come from the checkpoint (:mod:`iql_torchrl.resume` refuses changed ones);
+2. the folder -- created and locked (:class:`~iql_torchrl.run_folder.RunFolder`), stale temporary
+   files removed; a finished run is reported and left untouched;
+3. the data -- loaded, fingerprinted (and on resume compared with the checkpoint's), the
+   evaluation environment created and reset once, the reference scores checked;
+4. the loop's services -- logger, progress bar, timing summed over resumes, non-finite guard,
+   checkpoints written before every evaluation, evaluation, and the summary.
+
+Jobs (:func:`iql_torchrl.trainer.train`, :func:`iql_torchrl.finetune.finetune`) build their
+networks and update step, :meth:`Run.attach` them, and run their loops on these services.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import iql_torchrl
+from iql_torchrl.checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_run_checkpoint, remove_stale_temporaries, restore_rng, save_checkpoint
+from iql_torchrl.config import PRESETS, ConfigError, config_to_dict, given_fields
+from iql_torchrl.data import load_minari_dataset
+from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
+from iql_torchrl.distributed import setup_distributed
+from iql_torchrl.evaluation import EvaluationEnvError, check_evaluation_env, evaluate_policy, reference_scores_problem, summarize_seeds
+from iql_torchrl.report import plot_curve
+from iql_torchrl.resume import ResumeError, check_same_data, data_fingerprint, resumed_config
+from iql_torchrl.run_folder import FolderInUseError, RunFolder, default_run_dir
+from iql_torchrl.threads import set_threads
+from iql_torchrl.update import metrics_to_floats
+
+__all__ = ["Run", "RunTiming", "NonFiniteLossError", "USER_ERRORS", "make_logger", "log_values", "quiet_library_logs"]
+
+SUMMARY_NAME = "summary.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or parameter became NaN or inf; the last checkpoint (written before it) is intact."""
+
+
+# What a command line reports as one line and a non-zero exit: bad settings or files, not bugs.
+USER_ERRORS = (ConfigError, ResumeError, FolderInUseError, CheckpointError, NonFiniteLossError, EvaluationEnvError,
+               FileExistsError, FileNotFoundError, PermissionError, ValueError)
+
+
+class RunTiming:
+    """Update time and wall time of a run, summed over its sessions (a resumed run continues the sums).
+
+    Only the updates count towards ``updates_per_second``: logging, evaluation and checkpoints
+    are paused out, and so is the compile warm-up of each session.
+    """
+
+    def __init__(self, saved: dict | None = None):
+        saved = saved or {}
+        self.train_seconds = saved.get("train_seconds", 0.0)
+        self.timed_updates = saved.get("timed_updates", 0)
+        self.wall_seconds_before = saved.get("wall_seconds", 0.0)
+        self._session_start = time.perf_counter()
+        self._since, self._count = None, 0
+
+    def start(self) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def count(self, updates: int = 1) -> None:
+        if self._since is not None:
+            self._count += updates
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.train_seconds += time.perf_counter() - self._since
+            self.timed_updates += self._count
+        self._since, self._count = None, 0
+
+    @property
+    def updates_per_second(self) -> float | None:
+        return self.timed_updates / self.train_seconds if self.train_seconds > 0 and self.timed_updates else None
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.wall_seconds_before + time.perf_counter() - self._session_start
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds, "timed_updates": self.timed_updates, "wall_seconds": self.wall_seconds}
+
+
+def quiet_library_logs() -> None:
+    """Keeps TorchRL's informational log lines (storage initialisation …) off the console."""
+    import logging
+
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+
+
+def make_logger(config, output_dir: Path):
+    """The TorchRL logger ``--logger`` names, writing under the run folder (``None`` for ``none``)."""
+    if config.logger == "none":
+        return None
+    from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
+
+    name = output_dir.name
+    if config.logger == "csv":
+        return CSVLogger(exp_name=name, log_dir=str(output_dir / "logs"))
+    if config.logger == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "--logger tensorboard needs the tensorboard package: pip install 'iql_torchrl[tensorboard]'."
+            ) from err
+        return TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
+    offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
+    return WandbLogger(exp_name=name, save_dir=str(output_dir), project="iql_torchrl", offline=offline,
+                       config=config_to_dict(config))
+
+
+def log_values(logger, values: dict, step: int) -> None:
+    if logger is None:
+        return
+    for key, value in values.items():
+        logger.log_scalar(key, value, step=step)
+
+
+class Run:
+    """One run folder, from the checked settings to the summary. Build it with :meth:`begin`."""
+
+    def __init__(self, config, job: str, ctx, folder: RunFolder | None, output_dir: Path, state: dict | None):
+        self.config, self.job, self.ctx, self.folder, self.output_dir, self.state = config, job, ctx, folder, output_dir, state
+        self.device = f"cuda:{ctx.local_rank}" if config.device == "cuda" and ctx.enabled else config.device
+        self.finished = state is not None and (output_dir / SUMMARY_NAME).is_file()
+        self.logger = None
+        self.step, self.curve, self.last_eval, self.last_checkpoint_step = 0, [], None, None
+        self.timing = RunTiming(state.get("timing") if state else None)
+        self.metadata = self.fingerprint = None
+        self.last_values = {"loss_qvalue": float("nan")}
+
+    # ------------------------------------------------------------------ start
+    @classmethod
+    def begin(cls, config, job: str, given: set[str] | None = None, label: str = "") -> Run:
+        """Checks the settings, locks the run folder and, with ``--resume``, reads its checkpoint.
+
+        ``given`` names the fields set on purpose (see :func:`~iql_torchrl.config.parse_cli`);
+        by default, those that differ from the defaults. A finished run comes back with
+        ``run.finished`` set and nothing written.
+        """
+        given = given_fields(config) | set(given or ())
+        state = None
+        config.check()
+        if config.resume:
+            state = load_run_checkpoint(config.output_dir, map_location="cpu")
+            if state.get("job") != job:
+                raise ResumeError(f"{config.output_dir} holds a {state.get('job', 'different')} run, not a {job} run: "
+                                  f"continue it with the script that started it.")
+            config = resumed_config(type(config), state["config"], config, given)
+            config.check()
+        config = config.resolved()
+        if config.cudagraphs and config.device != "cuda":
+            raise ValueError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
+        ctx = setup_distributed(config.device)
+        set_threads(config.threads)
+        if state is not None and state.get("world_size", 1) != ctx.world_size:
+            raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
+        folder = None
+        if ctx.is_main:
+            if config.resume:
+                folder = RunFolder.open(config.output_dir)
+            else:
+                folder = RunFolder.create(config.output_dir or default_run_dir(config.dataset, config.seed, label))
+            remove_stale_temporaries(folder.path)
+        path = [str(folder.path) if folder else None]
+        if ctx.enabled:
+            torch.distributed.broadcast_object_list(path, src=0)
+        config.output_dir = Path(path[0])
+        return cls(config, job, ctx, folder, Path(path[0]), state)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.folder is not None:
+            self.folder.release()
+
+    def finished_summary(self) -> dict:
+        """The summary of a finished run, read back (nothing is written)."""
+        print(f"{self.output_dir}: this run is finished ({SUMMARY_NAME} is there); nothing to do.", file=sys.stderr)
+        return json.loads((self.output_dir / SUMMARY_NAME).read_text()) if self.ctx.is_main else {}
+
+    # ------------------------------------------------------------------ data
+    def load_data(self, dataset: str | None = None, fingerprint: dict | None = None):
+        """The offline replay buffer, after the checks a run needs before training (see the module docstring).
+
+        ``fingerprint``: data the run must match (a resumed run's own, or the offline run it starts from).
+        """
+        config, ctx = self.config, self.ctx
+        dataset = dataset or config.dataset
+        fingerprint = fingerprint or (self.state or {}).get("data")
+        if fingerprint is not None:
+            if not dataset_exists(dataset):
+                raise ResumeError(f"The dataset {dataset} of this run is missing; restore it to continue "
+                                  "(it is not rebuilt: rebuilt data would not be the data the run trained on).")
+        elif dataset in BUILDERS:
+            if ctx.is_main:
+                ensure_dataset(dataset, progress=config.progress)
+            ctx.barrier()  # the other ranks wait until rank 0 has built it
+        buffer = load_minari_dataset(
+            dataset, batch_size=config.batch_size, device=self.device,
+            reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
+        )
+        self.metadata = buffer.metadata
+        self.fingerprint = data_fingerprint(dataset, self.metadata)
+        if fingerprint is not None:
+            check_same_data(fingerprint, self.fingerprint)
+        if ctx.is_main:
+            check_evaluation_env(self.metadata)
+            problem = reference_scores_problem(self.metadata)
+            if problem is not None:
+                warnings.warn(f"No normalized scores for {dataset}: {problem}. Evaluations report raw returns.", stacklevel=2)
+        return buffer
+
+    # ------------------------------------------------------------------ training state
+    def attach(self, loss, update, generators: list[torch.Generator], seeds: list[int], *, extra_state=None,
+               point_fields=None) -> None:
+        """The networks, update step and batch generators this run trains and checkpoints.
+
+        ``extra_state()`` returns the job's own checkpoint entries; ``point_fields()`` the job's
+        fields of each learning-curve point. A resumed run gets its saved state back here.
+        """
+        self.loss, self.update, self.generators, self.seeds = loss, update, generators, seeds
+        self.extra_state = extra_state or dict
+        self.point_fields = point_fields or dict
+        if self.ctx.is_main:
+            self.logger = make_logger(self.config, self.output_dir)
+        if self.state is not None:
+            loss.load_state_dict(self.state["loss"])
+            update.load_state_dict(self.state["update"])
+            restore_rng(self.state["rng"][self.ctx.rank], generators)
+            self.step, self.curve = self.state["step"], self.state["curve"]
+            self.last_checkpoint_step = self.step
+
+    def due(self, step: int, last: int) -> tuple[bool, bool, bool]:
+        """Whether update ``step`` logs, checkpoints, evaluates (the last step does all three)."""
+        config = self.config
+        evaluate = step % config.eval_every == 0 or step == last
+        checkpoint = evaluate or step % config.checkpoint_every == 0
+        return checkpoint or step % config.log_every == 0, checkpoint, evaluate
+
+    def read_metrics(self, metrics, extra: dict | None = None) -> dict:
+        """The interval's one host sync: metrics to floats, the non-finite guard, the log."""
+        values = metrics_to_floats(metrics)
+        self.timing.pause()
+        self.guard()
+        self.last_values = values
+        log_values(self.logger, {**values, **(extra or {})}, self.step)
+        return values
+
+    def guard(self) -> None:
+        """Stops the run with :class:`NonFiniteLossError` once a loss has been non-finite."""
+        report = self.update.nonfinite_report()
+        if report is not None:
+            raise NonFiniteLossError(f"Training stopped: {report}. {self._kept()} "
+                                     "Try a lower --lr or check the dataset for extreme values.")
+
+    def _kept(self) -> str:
+        if self.last_checkpoint_step is None:
+            return "No checkpoint was written before it."
+        return f"The last checkpoint (update step {self.last_checkpoint_step}, written before it) is intact."
+
+    def checkpoint(self, evaluate_pending: bool = False) -> None:
+        """Writes the checkpoint (rank 0; every rank contributes its batch stream); never non-finite parameters."""
+        self.guard()
+        if not all(torch.isfinite(p).all() for p in self.loss.parameters()):
+            raise NonFiniteLossError(f"Training stopped: parameters became non-finite before update {self.step}. "
+                                     f"{self._kept()} Try a lower --lr.")
+        rng = [capture_rng(self.generators)]
+        if self.ctx.enabled:  # every rank's batch stream, so each resumes its own
+            rng = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(rng, capture_rng(self.generators))
+        if self.ctx.is_main:
+            save_checkpoint(self.output_dir / CHECKPOINT_NAME, {
+                "job": self.job,
+                "loss": self.loss.state_dict(),
+                "update": self.update.state_dict(),
+                "rng": rng,
+                "world_size": self.ctx.world_size,
+                "step": self.step,
+                "curve": self.curve,
+                "evaluate_pending": evaluate_pending,
+                "timing": self.timing.state_dict(),
+                "metadata": self.metadata.state_dict(),
+                "data": self.fingerprint,
+                "config": config_to_dict(self.config),
+                "version": iql_torchrl.__version__,
+                **self.extra_state(),
+            })
+        self.last_checkpoint_step = self.step
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict | None:
+        """Deterministic episodes of every seed's policy (rank 0): a learning-curve point and the log."""
+        if not self.ctx.is_main:
+            return None
+        results = []
+        for k, seed in enumerate(self.seeds):
+            seed_loss = self.loss if len(self.seeds) == 1 else self.loss.seed_loss(k)
+            actor = seed_loss.get_stateful_net("actor_network", copy=True).eval()
+            result = evaluate_policy(actor, self.metadata, episodes=self.config.eval_episodes, seed=seed + 10_000,
+                                     device=self.device)
+            results.append({"seed": seed, **result})
+        summary = summarize_seeds(results)
+        self.curve.append({"step": self.step, **self.point_fields(),
+                           **{k: summary[k] for k in ("normalized_score", "return_mean", "per_seed")}})
+        log_values(self.logger, {k: summary[k] for k in ("return_mean", "normalized_score") if summary[k] is not None},
+                   self.step)
+        self.last_eval = summary
+        return summary
+
+    def checkpoint_and_evaluate(self) -> dict | None:
+        """Checkpoint first, so a failing evaluation loses nothing; a resumed run redoes the evaluation."""
+        self.checkpoint(evaluate_pending=True)
+        return self.evaluate()
+
+    def evaluate_if_pending(self) -> None:
+        """A resumed run whose checkpoint was written right before an evaluation evaluates first."""
+        if self.state is not None and self.state.get("evaluate_pending") and self.step == self.state["step"]:
+            if not any(p["step"] == self.step for p in self.curve[-1:]):
+                self.evaluate()
+
+    # ------------------------------------------------------------------ console and summary
+    def progress_bar(self, total: int, initial: int, desc: str, unit: str = "upd"):
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True,
+                    disable=not (self.config.progress and self.ctx.is_main))
+
+    def show_progress(self, bar) -> None:
+        rate = self.timing.updates_per_second
+        postfix = {"upd/s": f"{rate:.0f}" if rate else "-", "loss_q": f"{self.last_values['loss_qvalue']:.3g}"}
+        if self.curve and self.curve[-1].get("normalized_score") is not None:
+            postfix["score"] = f"{self.curve[-1]['normalized_score']:.1f}"
+        bar.set_postfix(postfix)
+
+    def summary_fields(self) -> dict:
+        """The summary entries every job reports: the last evaluation, speed, wall time, curve."""
+        last = self.last_eval
+        return {
+            **{k: last[k] for k in ("normalized_score", "normalized_score_std", "return_mean", "return_std", "per_seed")},
+            "eval_episodes": self.config.eval_episodes,
+            "updates_per_second": self.timing.updates_per_second,
+            "wall_seconds": self.timing.wall_seconds,
+            "run_dir": str(self.output_dir),
+            "curve": self.curve,
+            "version": iql_torchrl.__version__,
+        }
+
+    def finish(self, summary: dict, title: str, phase_boundary: int | None = None) -> dict:
+        """Writes ``summary.json`` and the learning curve (rank 0), closes the logger; returns the summary."""
+        if self.ctx.is_main:
+            self.folder.write_text_atomic(SUMMARY_NAME, json.dumps(summary, indent=2))
+            plot_curve(self.curve, self.output_dir / "learning_curve.png", title, phase_boundary=phase_boundary)
+            if self.logger is not None and self.config.logger == "wandb":
+                self.logger.experiment.finish()
+        self.ctx.barrier()
+        return summary if self.ctx.is_main else {}
