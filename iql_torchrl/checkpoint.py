@@ -130,18 +130,23 @@ def load_checkpoint(path: str | Path, map_location=None) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # not a pickle this package wrote: garbage, not a forbidden object
+            raise CheckpointError(_unreadable(path, err)) from err
         raise CheckpointError(
             f"{path} holds objects a checkpoint of this package never stores (refused, not executed: "
             f"{_unsafe_global(err)}). Use only checkpoints written by iql_torchrl."
         ) from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated, empty or not written by torch.save: {err}). "
-            f"Delete it to start over, or restore it from a copy."
-        ) from err
+        raise CheckpointError(_unreadable(path, err)) from err
     if not isinstance(state, dict) or "loss" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not an iql_torchrl checkpoint (no loss and config in it).")
     return state
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (f"{path} is not a readable checkpoint (truncated, empty or not written by torch.save: {reason}). "
+            "Delete it to start over, or restore it from a copy.")
 
 
 def _unsafe_global(err: Exception) -> str:

@@ -130,6 +130,24 @@ def log_values(logger, values: dict, step: int) -> None:
         logger.log_scalar(key, value, step=step)
 
 
+def _settings(config, job: str, given: set[str]):
+    """The run's resolved settings (a resumed run's from its checkpoint), and the checkpoint to resume."""
+    state = None
+    if config.resume:
+        state = load_run_checkpoint(config.output_dir, map_location="cpu")
+        if state.get("job") != job:
+            raise ResumeError(f"{config.output_dir} holds a {state.get('job', 'different')} run, not a {job} run: "
+                              "continue it with the script that started it.")
+        config = resumed_config(type(config), state["config"], config, given)
+        config.check()
+    config = config.resolved()
+    if config.cudagraphs and config.device != "cuda":
+        raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
+    return config, state
+
+
 class Run:
     """One run folder, from the checked settings to the summary. Build it with :meth:`begin`."""
 
@@ -153,31 +171,24 @@ class Run:
         ``run.finished`` set and nothing written.
         """
         given = given_fields(config) | set(given or ())
-        state = None
         config.check()
-        if config.resume:
-            state = load_run_checkpoint(config.output_dir, map_location="cpu")
-            if state.get("job") != job:
-                raise ResumeError(f"{config.output_dir} holds a {state.get('job', 'different')} run, not a {job} run: "
-                                  f"continue it with the script that started it.")
-            config = resumed_config(type(config), state["config"], config, given)
-            config.check()
-        config = config.resolved()
-        if config.cudagraphs and config.device != "cuda":
-            raise ValueError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
-        ctx = setup_distributed(config.device)
-        set_threads(config.threads)
-        if state is not None and state.get("world_size", 1) != ctx.world_size:
-            raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
         folder = None
-        if ctx.is_main:
-            if config.resume:
-                folder = RunFolder.open(config.output_dir)
-            else:
-                folder = RunFolder.create(config.output_dir or default_run_dir(config.dataset, config.seed, label))
-            remove_stale_temporaries(folder.path)
+        if config.resume and int(os.environ.get("RANK", "0")) == 0:  # the folder's owner: lock it before reading it
+            folder = RunFolder.open(config.output_dir)
+        try:
+            config, state = _settings(config, job, given)
+            ctx = setup_distributed(config.device)
+            set_threads(config.threads)
+            if state is not None and state.get("world_size", 1) != ctx.world_size:
+                raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
+            if ctx.is_main:
+                if folder is None:
+                    folder = RunFolder.create(config.output_dir or default_run_dir(config.dataset, config.seed, label))
+                remove_stale_temporaries(folder.path)
+        except BaseException:
+            if folder is not None:
+                folder.release()
+            raise
         path = [str(folder.path) if folder else None]
         if ctx.enabled:
             torch.distributed.broadcast_object_list(path, src=0)

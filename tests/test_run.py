@@ -1,0 +1,306 @@
+"""The run harness: one process per run folder, checked resumes, safe checkpoints, settings checked
+before any work, nothing lost when an evaluation fails, timing summed over resumes."""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from iql_torchrl.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run_checkpoint
+from iql_torchrl.config import ConfigError, given_fields
+from iql_torchrl.finetune import FinetuneConfig, finetune
+from iql_torchrl.resume import ResumeError
+from iql_torchrl.run import Run
+from iql_torchrl.run_folder import LOCK_NAME, FolderInUseError, RunFolder, default_run_dir
+from iql_torchrl.trainer import Config, load_actor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(steps=20, batch_size=32, eval_every=10, eval_episodes=1, log_every=5, checkpoint_every=10,
+            hidden_sizes=(16, 16), device="cpu", progress=False, logger="none")
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _evaluation_fails_at(monkeypatch, step: int):
+    real = Run.evaluate
+
+    def evaluate(self):
+        if self.step == step:
+            raise RuntimeError("evaluation failed")
+        return real(self)
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    return real
+
+
+# ------------------------------------------------------------------ one process per run folder
+def test_a_second_run_on_a_folder_in_use_stops_at_once_and_writes_nothing(tiny_datasets, tmp_path):
+    out = tmp_path / "run"
+    with RunFolder.create(out):
+        with pytest.raises(FolderInUseError, match="in use by another run"):
+            train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+        with pytest.raises(FolderInUseError, match="in use by another run"):
+            train(Config(output_dir=out, resume=True, progress=False))
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+
+
+def test_the_command_line_exits_non_zero_on_a_folder_in_use(tmp_path):
+    out = tmp_path / "run"
+    with RunFolder.create(out):
+        started = time.time()
+        result = subprocess.run([sys.executable, str(ROOT / "examples" / "iql_offline.py"), "--output-dir", str(out)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "in use by another run" in result.stderr and "Traceback" not in result.stderr
+    assert time.time() - started < 60 and [p.name for p in out.iterdir()] == [LOCK_NAME]
+
+
+def test_a_killed_owner_leaves_no_stale_lock_and_the_lock_file_does_not_make_a_folder_busy(tmp_path):
+    out = tmp_path / "run"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; from filelock import FileLock; "
+                              f"lock = FileLock({str(out / LOCK_NAME)!r}, timeout=0); lock.acquire(); "
+                              "print('locked', flush=True); time.sleep(600)"],
+                             stdout=subprocess.PIPE, text=True)
+    out.mkdir()
+    assert owner.stdout.readline().strip() == "locked"
+    with pytest.raises(FolderInUseError):
+        RunFolder.create(out)
+    owner.kill()  # SIGKILL: the kernel releases the lock
+    owner.wait()
+    with RunFolder.create(out) as folder:  # only the lock file is there: an empty folder
+        assert folder.path == out
+
+
+def test_default_run_folders_differ_for_runs_started_in_the_same_second():
+    names = {default_run_dir("iql_torchrl/pendulum/mixed-v0", 0) for _ in range(20)}
+    assert len(names) == 20
+
+
+# ------------------------------------------------------------------ settings checked before any work
+@pytest.mark.parametrize("field, value, flag", [
+    ("tau", 2.0, "--tau"), ("gamma", 5.0, "--gamma"), ("hidden_sizes", (0,), "--hidden-sizes"),
+    ("hidden_sizes", (), "--hidden-sizes"), ("temperature", math.inf, "--temperature"),
+    ("temperature", math.nan, "--temperature"), ("temperature", -1.0, "--temperature"),
+    ("expectile", 1.0, "--expectile"), ("log_every", 0, "--log-every"), ("checkpoint_every", 0, "--checkpoint-every"),
+    ("eval_every", 0, "--eval-every"), ("eval_episodes", 0, "--eval-episodes"), ("batch_size", 0, "--batch-size"),
+    ("steps", 0, "--steps"), ("num_seeds", 0, "--num-seeds"), ("lr", 0.0, "--lr"), ("lr", math.nan, "--lr"),
+    ("actor_lr", -1e-3, "--actor-lr"), ("weight_decay", -0.1, "--weight-decay"), ("threads", 0, "--threads"),
+])
+def test_an_invalid_setting_is_refused_by_its_flag_before_anything_is_written(tmp_path, field, value, flag):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"^{flag} .*must be"):
+        train(Config(output_dir=out, **{**TINY, field: value}))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("online_fraction", 1.0, "--online-fraction"), ("offline_steps", -1, "--offline-steps"),
+    ("online_steps", 0, "--online-steps"), ("frames_per_batch", 15, "--frames-per-batch"), ("tau", 0.0, "--tau"),
+])
+def test_an_invalid_fine_tuning_setting_is_refused_by_its_flag(tmp_path, field, value, flag):
+    with pytest.raises(ConfigError, match=flag):
+        finetune(FinetuneConfig(output_dir=tmp_path / "run", **{field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="choose a writable --output-dir"):
+        train(Config(output_dir=blocker / "run", **TINY))
+
+
+def test_an_environment_that_cannot_be_created_is_refused_before_training(tiny_datasets, tmp_path, monkeypatch):
+    from iql_torchrl.data import OfflineDataMetadata
+    from iql_torchrl.evaluation import EvaluationEnvError
+
+    def missing_module(self, **kwargs):
+        raise ModuleNotFoundError("No module named 'mujoco'")
+
+    monkeypatch.setattr(OfflineDataMetadata, "make_env", missing_module)
+    out = tmp_path / "run"
+    with pytest.raises(EvaluationEnvError, match="cannot be created and reset: ModuleNotFoundError"):
+        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    assert not (out / CHECKPOINT_NAME).exists()
+
+
+def test_unusable_reference_scores_fall_back_to_returns_with_a_warning(tiny_datasets, tmp_path, monkeypatch):
+    import iql_torchrl.run as run_module
+
+    real_load = run_module.load_minari_dataset
+
+    def equal_references(*args, **kwargs):
+        buffer = real_load(*args, **kwargs)
+        buffer.metadata.ref_max_score = buffer.metadata.ref_min_score
+        return buffer
+
+    monkeypatch.setattr(run_module, "load_minari_dataset", equal_references)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="No normalized scores .* reference scores are equal"):
+        summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    assert summary["normalized_score"] is None and math.isfinite(summary["return_mean"])
+    assert all(p["normalized_score"] is None for p in summary["curve"])
+    assert (out / "learning_curve.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ resume checks
+def test_resume_refuses_every_changed_setting_and_lists_both_values(tiny_datasets, tmp_path):
+    out = tmp_path / "run"
+    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    before = _files(out)
+    changed = dict(batch_size=64, hidden_sizes=(8,), expectile=0.9, steps=40)
+    with pytest.raises(ResumeError) as err:
+        train(Config(**{**TINY, **changed, "output_dir": out, "resume": True}))
+    message = str(err.value)
+    for line in ("--batch-size: checkpoint 32, given 64", "--hidden-sizes: checkpoint 16 16, given 8",
+                 "--expectile: checkpoint 0.7, given 0.9", "--steps: checkpoint 20, given 40"):
+        assert line in message, line
+    assert "--eval-episodes" not in message  # not changed
+    assert _files(out) == before
+
+
+def test_a_flag_given_on_the_command_line_counts_even_at_its_default_value(tiny_datasets, tmp_path):
+    out = tmp_path / "run"
+    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    argv = ["--resume", "--output-dir", str(out), "--batch-size", "256", "--no-progress", "--eval-episodes=3"]
+    config = Config(output_dir=out, resume=True, progress=False, eval_episodes=3)  # what tyro makes of argv
+    assert given_fields(config, argv) == {"resume", "output_dir", "batch_size", "progress", "eval_episodes"}
+    with pytest.raises(ResumeError, match="--batch-size: checkpoint 32, given 256"):
+        train(config, given_fields(config, argv))
+
+
+def test_a_finished_run_says_so_and_leaves_every_file_untouched(tiny_datasets, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    before = _files(out)
+    again = train(Config(output_dir=out, resume=True, progress=False, eval_episodes=5))  # a run-neutral change
+    assert "this run is finished" in capsys.readouterr().err
+    assert again == json.loads(json.dumps(summary))
+    assert _files(out) == before
+
+
+def _crashed_run(dataset, out, monkeypatch, **overrides):
+    """A run whose evaluation failed at its last step: its checkpoint (step 20) is written, the summary is not."""
+    real = _evaluation_fails_at(monkeypatch, 20)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(Config(dataset=dataset, output_dir=out, **{**TINY, **overrides}))
+    monkeypatch.setattr(Run, "evaluate", real)
+
+
+def test_resume_refuses_data_rebuilt_since_and_never_rebuilds_a_missing_dataset(minari_root, tmp_path, monkeypatch):
+    from iql_torchrl.datasets import build_dataset, dataset_exists
+
+    dataset = "iql_torchrl/pendulum/mixed-v0"
+    build_dataset(dataset, episodes=2, seed=0, reference_episodes=1, progress=False)
+    out = tmp_path / "run"
+    _crashed_run(dataset, out, monkeypatch)
+
+    build_dataset(dataset, episodes=2, seed=1, reference_episodes=1, progress=False, overwrite=True)  # other data
+    with pytest.raises(ResumeError, match="not the data this run trained on"):
+        train(Config(output_dir=out, resume=True, progress=False))
+
+    import shutil
+
+    shutil.rmtree(minari_root / dataset)
+    with pytest.raises(ResumeError, match="dataset iql_torchrl/pendulum/mixed-v0 of this run is missing"):
+        train(Config(output_dir=out, resume=True, progress=False))
+    assert not dataset_exists(dataset)  # not silently rebuilt
+    assert not (out / "summary.json").exists()
+
+
+def test_a_failed_evaluation_loses_nothing_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_datasets, tmp_path, monkeypatch):
+    straight = train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", **TINY))
+    out = tmp_path / "crashed"
+    _crashed_run(tiny_datasets.pendulum, out, monkeypatch)
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["step"] == 20 and state["evaluate_pending"]  # written before the evaluation that failed
+    assert not (out / "summary.json").exists()
+    (out / ".checkpoint.pt.stale.tmp").write_bytes(b"left by kill -9")
+
+    resumed = train(Config(output_dir=out, resume=True, progress=False))
+    assert not (out / ".checkpoint.pt.stale.tmp").exists()  # stale temporary files are cleaned up
+    assert resumed["curve"] == straight["curve"] and [p["step"] for p in resumed["curve"]] == [10, 20]
+    assert resumed["normalized_score"] == straight["normalized_score"]
+    a, b = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME), load_checkpoint(out / CHECKPOINT_NAME)
+    for key in a["loss"]:
+        assert torch.equal(a["loss"][key], b["loss"][key]), key
+    # the resumed session ran no update: updates/s is the first session's, not 0 or None
+    assert b["timing"]["timed_updates"] == 20
+    assert resumed["updates_per_second"] == pytest.approx(20 / state["timing"]["train_seconds"])
+    assert resumed["wall_seconds"] >= state["timing"]["wall_seconds"]
+
+
+def test_updates_per_second_counts_each_update_once_across_a_resume(tiny_datasets, tmp_path, monkeypatch):
+    real = Run.checkpoint
+
+    def crash_after_step_10(self, evaluate_pending=False):
+        real(self, evaluate_pending)
+        if self.step == 10:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Run, "checkpoint", crash_after_step_10)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    monkeypatch.setattr(Run, "checkpoint", real)
+    first = load_checkpoint(out / CHECKPOINT_NAME)["timing"]
+    assert first["timed_updates"] == 10
+
+    summary = train(Config(output_dir=out, resume=True, progress=False))
+    timing = load_checkpoint(out / CHECKPOINT_NAME)["timing"]
+    assert timing["timed_updates"] == 20  # 10 + 10, not 10 (this session's) over both sessions' seconds
+    assert timing["train_seconds"] > first["train_seconds"]
+    assert summary["updates_per_second"] == pytest.approx(20 / timing["train_seconds"], rel=1e-6)
+    assert summary["wall_seconds"] > first["wall_seconds"]
+
+
+# ------------------------------------------------------------------ safe loading
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"loss": _RunsCode(marker), "config": {}}, out / CHECKPOINT_NAME)
+    assert pickle.loads(pickle.dumps(_RunsCode(marker))) is None and marker.exists()  # unpickled, it runs code
+    marker.unlink()
+    with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME} holds objects .*refused, not executed"):
+        load_actor(out)
+    with pytest.raises(CheckpointError):
+        train(Config(output_dir=out, resume=True, progress=False))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
+def test_an_unreadable_checkpoint_names_the_file_and_falls_back_to_the_previous_one(tiny_datasets, tmp_path, damage):
+    out = tmp_path / "run"
+    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    path = out / CHECKPOINT_NAME
+    previous_step = load_checkpoint(out / PREVIOUS_CHECKPOINT_NAME)["step"]
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": os.urandom(4096)}[damage])
+
+    with pytest.raises(CheckpointError, match=rf"{path} is not a readable checkpoint .* Delete it"):
+        load_checkpoint(path)
+    with pytest.warns(UserWarning, match=rf"Using the previous checkpoint {PREVIOUS_CHECKPOINT_NAME} \(update step {previous_step}\)"):
+        state = load_run_checkpoint(out)
+    assert state["step"] == previous_step
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        actor, _ = load_actor(out)  # evaluation and export read the same fallback
+    (out / PREVIOUS_CHECKPOINT_NAME).unlink()
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_run_checkpoint(out)
