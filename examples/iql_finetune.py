@@ -17,23 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 
 import sys  # noqa: E402
 
-from iql_torchrl.config import parse_cli  # noqa: E402
+from iql_torchrl.cli import run_job  # noqa: E402
 from iql_torchrl.finetune import FinetuneConfig, finetune  # noqa: E402
-from iql_torchrl.report import console_summary  # noqa: E402
-from iql_torchrl.run import USER_ERRORS, quiet_library_logs  # noqa: E402
-
-
-def main() -> int:
-    quiet_library_logs()
-    config, given = parse_cli(FinetuneConfig)
-    try:
-        summary = finetune(config, given)
-    except USER_ERRORS as err:  # bad settings, a folder in use, a refused resume …
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(console_summary(summary, summary["run_dir"]))
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(FinetuneConfig, finetune))

@@ -18,29 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 
 import sys  # noqa: E402
 
-import torch  # noqa: E402
-
-from iql_torchrl.config import parse_cli  # noqa: E402
-from iql_torchrl.report import console_summary  # noqa: E402
-from iql_torchrl.run import USER_ERRORS, quiet_library_logs  # noqa: E402
+from iql_torchrl.cli import run_job  # noqa: E402
 from iql_torchrl.trainer import Config, train  # noqa: E402
 
-
-def main() -> int:
-    quiet_library_logs()
-    config, given = parse_cli(Config)
-    try:
-        summary = train(config, given)
-    except USER_ERRORS as err:  # bad settings, a folder in use, a refused resume …
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if summary:  # under torchrun only rank 0 returns one
-        print(console_summary(summary, summary["run_dir"]))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(Config, train))

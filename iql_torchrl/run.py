@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -27,19 +26,35 @@ import torch
 from tqdm.auto import tqdm
 
 import iql_torchrl
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_run_checkpoint, remove_stale_temporaries, restore_rng, save_checkpoint
+from iql_torchrl.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    capture_rng,
+    load_run_checkpoint,
+    remove_stale_temporaries,
+    restore_rng,
+    save_checkpoint,
+)
 from iql_torchrl.config import PRESETS, ConfigError, config_to_dict, given_fields
 from iql_torchrl.data import load_minari_dataset
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
 from iql_torchrl.distributed import setup_distributed
-from iql_torchrl.evaluation import EvaluationEnvError, check_evaluation_env, evaluate_policy, reference_scores_problem, summarize_seeds
+from iql_torchrl.evaluation import (
+    EvaluationEnvError,
+    check_evaluation_env,
+    evaluate_policy,
+    reference_scores_problem,
+    summarize_seeds,
+)
+from iql_torchrl.loggers import log_values, make_logger
 from iql_torchrl.report import plot_curve
 from iql_torchrl.resume import ResumeError, check_same_data, data_fingerprint, resumed_config
 from iql_torchrl.run_folder import FolderInUseError, RunFolder, default_run_dir
 from iql_torchrl.threads import set_threads
+from iql_torchrl.timing import RunTiming
 from iql_torchrl.update import metrics_to_floats
 
-__all__ = ["Run", "RunTiming", "NonFiniteLossError", "USER_ERRORS", "make_logger", "log_values", "quiet_library_logs"]
+__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS"]
 
 SUMMARY_NAME = "summary.json"
 
@@ -51,83 +66,6 @@ class NonFiniteLossError(RuntimeError):
 # What a command line reports as one line and a non-zero exit: bad settings or files, not bugs.
 USER_ERRORS = (ConfigError, ResumeError, FolderInUseError, CheckpointError, NonFiniteLossError, EvaluationEnvError,
                FileExistsError, FileNotFoundError, PermissionError, ValueError)
-
-
-class RunTiming:
-    """Update time and wall time of a run, summed over its sessions (a resumed run continues the sums).
-
-    Only the updates count towards ``updates_per_second``: logging, evaluation and checkpoints
-    are paused out, and so is the compile warm-up of each session.
-    """
-
-    def __init__(self, saved: dict | None = None):
-        saved = saved or {}
-        self.train_seconds = saved.get("train_seconds", 0.0)
-        self.timed_updates = saved.get("timed_updates", 0)
-        self.wall_seconds_before = saved.get("wall_seconds", 0.0)
-        self._session_start = time.perf_counter()
-        self._since, self._count = None, 0
-
-    def start(self) -> None:
-        if self._since is None:
-            self._since = time.perf_counter()
-
-    def count(self, updates: int = 1) -> None:
-        if self._since is not None:
-            self._count += updates
-
-    def pause(self) -> None:
-        if self._since is not None:
-            self.train_seconds += time.perf_counter() - self._since
-            self.timed_updates += self._count
-        self._since, self._count = None, 0
-
-    @property
-    def updates_per_second(self) -> float | None:
-        return self.timed_updates / self.train_seconds if self.train_seconds > 0 and self.timed_updates else None
-
-    @property
-    def wall_seconds(self) -> float:
-        return self.wall_seconds_before + time.perf_counter() - self._session_start
-
-    def state_dict(self) -> dict:
-        return {"train_seconds": self.train_seconds, "timed_updates": self.timed_updates, "wall_seconds": self.wall_seconds}
-
-
-def quiet_library_logs() -> None:
-    """Keeps TorchRL's informational log lines (storage initialisation …) off the console."""
-    import logging
-
-    logging.getLogger("torchrl").setLevel(logging.WARNING)
-
-
-def make_logger(config, output_dir: Path):
-    """The TorchRL logger ``--logger`` names, writing under the run folder (``None`` for ``none``)."""
-    if config.logger == "none":
-        return None
-    from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
-
-    name = output_dir.name
-    if config.logger == "csv":
-        return CSVLogger(exp_name=name, log_dir=str(output_dir / "logs"))
-    if config.logger == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                "--logger tensorboard needs the tensorboard package: pip install 'iql_torchrl[tensorboard]'."
-            ) from err
-        return TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
-    offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
-    return WandbLogger(exp_name=name, save_dir=str(output_dir), project="iql_torchrl", offline=offline,
-                       config=config_to_dict(config))
-
-
-def log_values(logger, values: dict, step: int) -> None:
-    if logger is None:
-        return
-    for key, value in values.items():
-        logger.log_scalar(key, value, step=step)
 
 
 def _settings(config, job: str, given: set[str]):

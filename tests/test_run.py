@@ -6,7 +6,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,12 +54,11 @@ def test_a_second_run_on_a_folder_in_use_stops_at_once_and_writes_nothing(tiny_d
 def test_the_command_line_exits_non_zero_on_a_folder_in_use(tmp_path):
     out = tmp_path / "run"
     with RunFolder.create(out):
-        started = time.time()
         result = subprocess.run([sys.executable, str(ROOT / "examples" / "iql_offline.py"), "--output-dir", str(out)],
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "in use by another run" in result.stderr and "Traceback" not in result.stderr
-    assert time.time() - started < 60 and [p.name for p in out.iterdir()] == [LOCK_NAME]
+    assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # stopped before any work
 
 
 def test_a_killed_owner_leaves_no_stale_lock_and_the_lock_file_does_not_make_a_folder_busy(tmp_path):
