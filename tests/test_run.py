@@ -302,3 +302,35 @@ def test_an_unreadable_checkpoint_names_the_file_and_falls_back_to_the_previous_
     (out / PREVIOUS_CHECKPOINT_NAME).unlink()
     with pytest.raises(CheckpointError, match=str(path)):
         load_run_checkpoint(out)
+
+
+# ------------------------------------------------------------------ threads and optimiser flags
+def test_threads_auto_takes_omp_num_threads_else_this_process_share_of_its_cpus(monkeypatch):
+    from iql_torchrl.threads import auto_threads, set_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert auto_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert auto_threads() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes on this node share the CPUs
+    assert auto_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert auto_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_per_network_learning_rates_optimizer_and_weight_decay_reach_the_update_step(monkeypatch):
+    import iql_torchrl.trainer as trainer
+
+    received = {}
+    monkeypatch.setattr(trainer, "IQLUpdate", lambda loss, **kwargs: received.update(kwargs))
+    config = Config(lr=1e-3, actor_lr=1e-4, value_lr=2e-4, optimizer="adamw", weight_decay=0.01, device="cpu")
+    trainer.make_update(config.resolved(), loss=None, data=None, total_steps=10)
+    assert received["lr"] == 1e-3 and received["actor_lr"] == 1e-4 and received["value_lr"] == 2e-4
+    assert received["optimizer"] == "adamw" and received["weight_decay"] == 0.01
+    assert received.get("critic_lr") is None  # unset: --lr
