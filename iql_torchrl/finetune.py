@@ -140,27 +140,7 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
             run.checkpoint()
         online.collect_and_train()
 
-        summary = {
-            "dataset": config.dataset,
-            "seed": config.seed,
-            "started_from": str(config.checkpoint) if config.checkpoint is not None else None,
-            "offline_steps": config.offline_steps,
-            "online_steps": config.online_steps,
-            "env_steps": online.env_steps,
-            "updates": run.step,
-            "utd_ratio": config.utd_ratio,
-            "online_fraction": config.online_fraction,
-            "num_envs": config.num_envs,
-            "frames_per_batch": config.frames_per_batch,
-            "batch_size": config.batch_size,
-            "temperature": config.temperature,
-            "expectile": config.expectile,
-            "preset": config.preset,
-            "offline_normalized_score": online.offline_result.get("normalized_score"),
-            "offline_return_mean": online.offline_result["return_mean"],
-            "train_episodes": len(online.episode_returns),
-            **run.summary_fields(),
-        }
+        summary = {**online.summary_fields(), **run.summary_fields()}
         return run.finish(summary, f"IQL fine-tuning on {config.dataset} (seed {config.seed})",
                           phase_boundary=config.offline_steps)
 
@@ -247,6 +227,30 @@ class OnlinePhase:
         finally:
             bar.close()
             collector.shutdown()
+
+    def summary_fields(self) -> dict:
+        """The fine-tuning entries of the summary: the run's phases, sizes and the score before going online."""
+        config = self.config
+        return {
+            "dataset": config.dataset,
+            "seed": config.seed,
+            "started_from": str(config.checkpoint) if config.checkpoint is not None else None,
+            "offline_steps": config.offline_steps,
+            "online_steps": config.online_steps,
+            "env_steps": self.env_steps,
+            "updates": self.run.step,
+            "utd_ratio": config.utd_ratio,
+            "online_fraction": config.online_fraction,
+            "num_envs": config.num_envs,
+            "frames_per_batch": config.frames_per_batch,
+            "batch_size": config.batch_size,
+            "temperature": config.temperature,
+            "expectile": config.expectile,
+            "preset": config.preset,
+            "offline_normalized_score": self.offline_result.get("normalized_score"),
+            "offline_return_mean": self.offline_result["return_mean"],
+            "train_episodes": len(self.episode_returns),
+        }
 
     def _count_episodes(self, rollout) -> None:
         reward = self.run.metadata.untransform_reward(rollout.get(("next", "reward")).squeeze(-1).to(torch.float64).cpu())
