@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from iql_torchrl.checkpoint import CheckpointError
 from iql_torchrl.evaluation import evaluate_policy
 from iql_torchrl.trainer import load_actor
 
@@ -20,7 +21,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="device for the policy (default cpu)")
     parser.add_argument("--seed-index", type=int, default=0, help="which seed of a --num-seeds run (default 0)")
     args = parser.parse_args(argv)
-    actor, metadata = load_actor(args.run_dir, device=args.device, seed_index=args.seed_index)
+    if args.episodes < 1:
+        parser.error(f"--episodes {args.episodes}: must be an integer >= 1.")
+    try:
+        actor, metadata = load_actor(args.run_dir, device=args.device, seed_index=args.seed_index)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
     result = evaluate_policy(actor, metadata, episodes=args.episodes, seed=args.seed, device=args.device)
     report = {"run_dir": args.run_dir, "dataset": metadata.dataset_id, "episodes": args.episodes, **result}
     print(json.dumps(report, indent=2))
