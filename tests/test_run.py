@@ -116,6 +116,18 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
         train(Config(output_dir=blocker / "run", **TINY))
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_fails_before_training_even_without_a_logger(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="Cannot write in the run folder"):
+            train(Config(output_dir=out, **TINY))
+    finally:
+        out.chmod(0o700)
+
+
 def test_an_environment_that_cannot_be_created_is_refused_before_training(tiny_datasets, tmp_path, monkeypatch):
     from iql_torchrl.data import OfflineDataMetadata
     from iql_torchrl.evaluation import EvaluationEnvError
