@@ -86,25 +86,37 @@ class SeedEnsemble(nn.Module):
         return self.template.value_network
 
     # the loss, vmapped over seeds
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args, params: dict | None = None):
+        """``template.method(*args, params)`` for every seed at once; ``params`` replaces the seed's own."""
         if method not in self._vmapped:
             template = self.template
 
-            def one_seed(params, *inputs):
-                with params.to_module(template):
-                    return getattr(template, method)(*inputs)
+            def one_seed(seed_params, *inputs):
+                return getattr(template, method)(*inputs, seed_params)
 
             self._vmapped[method] = torch.vmap(one_seed, randomness="different")
-        return self._vmapped[method](self.params, *args)
+        seed_params = {
+            "actor": self.actor_network_params,
+            "value": self.value_network_params,
+            "qvalue": self.qvalue_network_params,
+            "target_qvalue": self.target_qvalue_network_params,
+            **(params or {}),
+        }
+        return self._vmapped[method](seed_params, *args)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        return self._call("forward", tensordict)
+        return self._call("evaluate", tensordict)
 
-    def value_phase(self, tensordict: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
-        return self._call("value_phase", tensordict)
+    def evaluate(self, tensordict: TensorDictBase, params: dict | None = None) -> TensorDictBase:
+        return self._call("evaluate", tensordict, params=params)
 
-    def actor_critic_phase(self, tensordict: TensorDictBase, target_min_q: Tensor) -> TensorDictBase:
-        return self._call("actor_critic_phase", tensordict, target_min_q)
+    def value_phase(self, tensordict: TensorDictBase, params: dict | None = None) -> tuple[TensorDictBase, Tensor]:
+        return self._call("value_phase", tensordict, params=params)
+
+    def actor_critic_phase(
+        self, tensordict: TensorDictBase, target_min_q: Tensor, params: dict | None = None
+    ) -> TensorDictBase:
+        return self._call("actor_critic_phase", tensordict, target_min_q, params=params)
 
     def seed_loss(self, index: int) -> IQLLoss:
         """A stand-alone copy of seed ``index``'s loss (for evaluation, export, comparison)."""
@@ -155,16 +167,12 @@ def setup_distributed(device: str) -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def all_reduce_gradients(params: list[Tensor]) -> None:
-    """Averages the gradients of ``params`` over all processes, in one flat all-reduce."""
-    grads = [p.grad for p in params]
+def all_reduce_gradients(grads: list[Tensor]) -> list[Tensor]:
+    """The gradients averaged over all processes, in one flat all-reduce (an ``IQLUpdate`` grad_hook)."""
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 def broadcast_parameters(module: nn.Module) -> None:

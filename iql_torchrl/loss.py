@@ -303,10 +303,21 @@ class IQLLoss(LossModule):
         )
 
     # ------------------------------------------------------------------ network calls
-    def _state_value(self, tensordict: TensorDictBase) -> Tensor:
+    def _params(self, params: dict | None, network: str) -> TensorDictBase:
+        """The parameters to evaluate ``network`` with: ``params[network]`` when given, else the loss's own.
+
+        ``network`` is ``"actor"``, ``"value"``, ``"qvalue"`` or ``"target_qvalue"``. Passing
+        ``params`` evaluates the loss as a pure function of them (the fused update step
+        differentiates it with ``torch.func``).
+        """
+        if params is not None and network in params:
+            return params[network]
+        return getattr(self, f"{network}_network_params")
+
+    def _state_value(self, tensordict: TensorDictBase, params: dict | None = None) -> Tensor:
         """V on the value network's in_keys of ``tensordict``; returns shape [*B] (trailing 1 dropped)."""
         td = tensordict.select(*self.value_network.in_keys)
-        with self.value_network_params.to_module(self.value_network):
+        with self._params(params, "value").to_module(self.value_network, preserve_module_state=False):
             td = self.value_network(td)
         value = td.get(self.tensor_keys.value)
         if value.shape[-1:] != (1,):
@@ -332,14 +343,14 @@ class IQLLoss(LossModule):
             )
         return q_all.squeeze(-1)
 
-    def _actor_objective(self, tensordict: TensorDictBase) -> tuple[Tensor, Tensor | None]:
+    def _actor_objective(self, tensordict: TensorDictBase, params: dict | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-sample quantity the AWR weight multiplies: −log π(a|s), or ‖π(s) − a‖² if deterministic.
 
         Returns it together with log π(a|s) (``None`` for a deterministic actor).
         """
         action = tensordict.get(self.tensor_keys.action)
         td = tensordict.select(*self.actor_network.in_keys)
-        with self.actor_network_params.to_module(self.actor_network):
+        with self._params(params, "actor").to_module(self.actor_network, preserve_module_state=False):
             if self.is_probabilistic_actor:
                 dist = self.actor_network.get_dist(td)
             else:
@@ -356,17 +367,17 @@ class IQLLoss(LossModule):
         return log_prob
 
     # ------------------------------------------------------------------ the three losses
-    def value_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
+    def value_loss(self, tensordict: TensorDictBase, *, params: dict | None = None) -> tuple[Tensor, dict]:
         """Eq. (5): expectile regression of V(s) onto min over TARGET critics of Q(s, a_dataset).
 
         Evaluates the target critics once and V(s) once. Returns (loss, metadata) with the
         detached ``target_min_q`` and ``value`` for reuse by :meth:`actor_loss`.
         """
         self._check_keys(tensordict)
-        value = self._state_value(tensordict)
+        value = self._state_value(tensordict, params)
         self._check_batch_shape(tensordict, value.shape)
         with torch.no_grad():
-            min_q = self._critic_values(tensordict, self.target_qvalue_network_params).min(0).values
+            min_q = self._critic_values(tensordict, self._params(params, "target_qvalue")).min(0).values
         loss = expectile_loss(min_q - value, self.expectile)
         return self._reduce(loss), {"target_min_q": min_q, "value": value.detach()}
 
@@ -375,6 +386,8 @@ class IQLLoss(LossModule):
         tensordict: TensorDictBase,
         target_min_q: Tensor | None = None,
         value: Tensor | None = None,
+        *,
+        params: dict | None = None,
     ) -> tuple[Tensor, dict]:
         """Eq. (7): −exp(β·(min Q_target − V(s))).clamp(max=100)·log π(a|s), the weight detached.
 
@@ -384,13 +397,13 @@ class IQLLoss(LossModule):
         self._check_keys(tensordict)
         if target_min_q is None:
             with torch.no_grad():
-                target_min_q = self._critic_values(tensordict, self.target_qvalue_network_params).min(0).values
+                target_min_q = self._critic_values(tensordict, self._params(params, "target_qvalue")).min(0).values
         if value is None:
             with torch.no_grad():
-                value = self._state_value(tensordict)
+                value = self._state_value(tensordict, params)
         advantage = (target_min_q - value).detach()
         weight = awr_weight(advantage, self.temperature)
-        objective, log_prob = self._actor_objective(tensordict)
+        objective, log_prob = self._actor_objective(tensordict, params)
         if objective.shape != weight.shape:
             raise ValueError(
                 f"The actor's per-sample objective has shape {tuple(objective.shape)} but the batch "
@@ -409,7 +422,9 @@ class IQLLoss(LossModule):
             metadata["entropy"] = -log_prob.mean()
         return self._reduce(weight * objective), metadata
 
-    def qvalue_loss(self, tensordict: TensorDictBase, next_value: Tensor | None = None) -> tuple[Tensor, dict]:
+    def qvalue_loss(
+        self, tensordict: TensorDictBase, next_value: Tensor | None = None, *, params: dict | None = None
+    ) -> tuple[Tensor, dict]:
         """Eq. (6): every online critic regresses onto r + γ·(1 − terminated)·V(s'); summed over critics.
 
         Evaluates V(s') once (unless ``next_value`` is given) and the online critics once (one
@@ -417,8 +432,8 @@ class IQLLoss(LossModule):
         """
         self._check_keys(tensordict)
         with torch.no_grad():
-            target = self._bellman_target(tensordict, next_value)
-        q = self._critic_values(tensordict, self.qvalue_network_params)
+            target = self._bellman_target(tensordict, next_value, params)
+        q = self._critic_values(tensordict, self._params(params, "qvalue"))
         if q.shape[1:] != target.shape:
             raise ValueError(
                 f"Q(s, a) has batch shape {tuple(q.shape[1:])} but the Bellman target has "
@@ -430,10 +445,10 @@ class IQLLoss(LossModule):
         td_error = (q.detach() - target).pow(2)
         return self._reduce(loss), {"td_error": td_error, "q_mean": q.detach().mean()}
 
-    def _bellman_target(self, tensordict: TensorDictBase, next_value: Tensor | None = None) -> Tensor:
+    def _bellman_target(self, tensordict: TensorDictBase, next_value: Tensor | None = None, params=None) -> Tensor:
         next_td = tensordict.get("next")
         if next_value is None:
-            next_value = self._state_value(next_td)
+            next_value = self._state_value(next_td, params)
         reward = _batch_shaped(next_td, self.tensor_keys.reward, next_value.shape)
         terminated = _batch_shaped(next_td, self.tensor_keys.terminated, next_value.shape)
         if isinstance(self.value_estimator, TD0Estimator):
@@ -445,21 +460,29 @@ class IQLLoss(LossModule):
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """All three losses with each network evaluated once (V is stepped with the others)."""
-        loss_value, value_md = self.value_loss(tensordict)
-        loss_actor, actor_md = self.actor_loss(tensordict, value_md["target_min_q"], value_md["value"])
-        loss_qvalue, q_md = self.qvalue_loss(tensordict)
+        return self.evaluate(tensordict)
+
+    def evaluate(self, tensordict: TensorDictBase, params: dict | None = None) -> TensorDictBase:
+        """:meth:`forward` at the given parameters (see :meth:`_params`); the loss's own when ``None``."""
+        loss_value, value_md = self.value_loss(tensordict, params=params)
+        loss_actor, actor_md = self.actor_loss(
+            tensordict, value_md["target_min_q"], value_md["value"], params=params
+        )
+        loss_qvalue, q_md = self.qvalue_loss(tensordict, params=params)
         return self._output(tensordict, value_md, actor_md, q_md, loss_value, loss_actor, loss_qvalue)
 
-    def value_phase(self, tensordict: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
+    def value_phase(self, tensordict: TensorDictBase, params: dict | None = None) -> tuple[TensorDictBase, Tensor]:
         """First half of the paper's update order: ``loss_value`` only.
 
         Returns the output TensorDict and the detached min over target critics, to pass to
         :meth:`actor_critic_phase` after V has been stepped. Calls: target critics 1, V(s) 1.
         """
-        loss_value, value_md = self.value_loss(tensordict)
+        loss_value, value_md = self.value_loss(tensordict, params=params)
         return self._output(tensordict, value_md, None, None, loss_value), value_md["target_min_q"]
 
-    def actor_critic_phase(self, tensordict: TensorDictBase, target_min_q: Tensor) -> TensorDictBase:
+    def actor_critic_phase(
+        self, tensordict: TensorDictBase, target_min_q: Tensor, params: dict | None = None
+    ) -> TensorDictBase:
         """Second half of the paper's update order: ``loss_actor`` and ``loss_qvalue`` with the new V.
 
         Calls: V 1 (no grad, on s and s' stacked into one batch), online critics 1, actor 1;
@@ -469,9 +492,9 @@ class IQLLoss(LossModule):
         with torch.no_grad():
             in_keys = self.value_network.in_keys
             both = torch.cat([tensordict.select(*in_keys), tensordict.get("next").select(*in_keys)])
-            value, next_value = self._state_value(both).chunk(2)
-        loss_actor, actor_md = self.actor_loss(tensordict, target_min_q, value)
-        loss_qvalue, q_md = self.qvalue_loss(tensordict, next_value)
+            value, next_value = self._state_value(both, params).chunk(2)
+        loss_actor, actor_md = self.actor_loss(tensordict, target_min_q, value, params=params)
+        loss_qvalue, q_md = self.qvalue_loss(tensordict, next_value, params=params)
         value_md = {"value": value, "target_min_q": target_min_q}
         return self._output(tensordict, value_md, actor_md, q_md, None, loss_actor, loss_qvalue)
 

@@ -1,17 +1,19 @@
-"""The fused IQL update: losses → backward → Adam steps → cosine actor LR → soft target update.
+"""The fused IQL update: gradients → Adam steps → cosine actor LR → soft target update, one function.
 
 One call of :class:`IQLUpdate` is one gradient step of every network. The step is a plain
-function of tensors (no ``.item()``, no Python branching on tensor values), so the same code runs
+function of tensors (no ``.item()``, no Python branching on tensor values, no ``backward()``,
+no ``optimizer.step()``), so the same code runs
 
-* eager,
-* under ``torch.compile`` (the whole step: losses, backward, optimizers and target update),
-* as a CUDA graph on top of compile (tensordict's ``CudaGraphModule``; CUDA only).
+* eager (gradients from ``torch.autograd.grad``),
+* under ``torch.compile`` as ONE graph (gradients from ``torch.func.grad``, which the compiler
+  traces into the same graph as the losses, the optimizers and the target update),
+* as a CUDA graph of that compiled step (tensordict's ``CudaGraphModule``; CUDA only).
 
 Update order (``order``):
 
 * ``"paper"`` (default) -- the official implementation: step V on its expectile loss, then the
   actor and the critics with the new V (``IQLLoss.value_phase`` then ``actor_critic_phase``);
-* ``"summed"`` -- TorchRL's script: one backward of the three losses summed, then every optimizer.
+* ``"summed"`` -- TorchRL's script: the gradient of the three losses summed, then every optimizer.
 
 Random draws (batch indices) are made by the caller, outside the step, so eager, compiled and
 vmapped runs see the same batches and a resumed run continues the same random stream.
@@ -23,15 +25,20 @@ import math
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
+from torch.optim.adam import adam
 
 from iql_torchrl.loss import IQLLoss
 
-__all__ = ["IQLUpdate", "cosine_decay", "MODES", "ORDERS"]
+__all__ = ["IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "metrics_to_floats"]
 
 MODES = ("eager", "compile", "cudagraphs")
 ORDERS = ("paper", "summed")
+OPTIMIZERS = ("adam", "adamw")
 LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
+# each optimizer group and the loss's name for the parameters it trains
+GROUPS = {"value": "value", "actor": "actor", "critic": "qvalue"}
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
 
 
 def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
@@ -44,12 +51,18 @@ class IQLUpdate:
     """One call = one IQL gradient step on a batch; returns a detached metrics TensorDict.
 
     Args:
-        loss: the :class:`~iql_torchrl.IQLLoss` whose networks are trained.
+        loss: the :class:`~iql_torchrl.IQLLoss` whose networks are trained (or a
+            :class:`~iql_torchrl.distributed.SeedEnsemble` of them).
 
     Keyword Args:
         total_steps (int): length of the run, for the actor's cosine learning-rate decay to 0.
             ``None`` keeps the actor's learning rate constant.
-        lr (float): Adam learning rate of every network (paper: 3e-4).
+        lr (float): learning rate of every network (paper: 3e-4).
+        actor_lr, critic_lr, value_lr (float, optional): per-network learning rates; ``None``
+            uses ``lr``. The actor's cosine decay starts from ``actor_lr``.
+        optimizer (str): ``"adam"`` (paper) or ``"adamw"`` (decoupled weight decay).
+        weight_decay (float): weight decay of every network's parameters (default 0): L2 added
+            to the gradient for Adam, decoupled for AdamW.
         tau (float): soft target update rate: target ← (1 − τ)·target + τ·online (paper: 0.005).
         order (str): ``"paper"`` or ``"summed"`` (see the module docstring).
         mode (str): ``"eager"``, ``"compile"`` or ``"cudagraphs"`` (needs CUDA).
@@ -58,12 +71,15 @@ class IQLUpdate:
         autocast_dtype (torch.dtype, optional): run the losses under ``torch.autocast`` with this
             dtype (e.g. ``torch.bfloat16``); parameters, optimizer state and the target update
             stay float32.
-        grad_hook (callable, optional): called with each optimizer phase's parameters between
-            backward and the optimizer step; data-parallel training averages gradients across
-            processes here (:func:`iql_torchrl.distributed.all_reduce_gradients`).
+        grad_hook (callable, optional): called with each optimizer phase's list of gradients
+            between the gradient and the optimizer step, returns the gradients to apply;
+            data-parallel training averages them across processes here
+            (:func:`iql_torchrl.distributed.all_reduce_gradients`).
 
-    ``loss`` may also be a :class:`~iql_torchrl.distributed.SeedEnsemble`: its losses have one
-    entry per seed, summed before backward (the seeds share no parameters, so each gets its own
+    The optimizers are ``torch.optim.Adam`` objects (``value_optimizer``, ``actor_optimizer``,
+    ``critic_optimizer``) holding the state and learning rates, stepped through torch's functional
+    ``adam`` so the step stays one graph. A :class:`SeedEnsemble`'s losses have one entry per
+    seed, summed before differentiation (the seeds share no parameters, so each gets its own
     gradient), and Adam, being elementwise, steps every seed independently.
 
     State kept on the device: ``step`` (int64), ``actor_lr`` (the current actor learning rate),
@@ -78,6 +94,11 @@ class IQLUpdate:
         *,
         total_steps: int | None = None,
         lr: float = 3e-4,
+        actor_lr: float | None = None,
+        critic_lr: float | None = None,
+        value_lr: float | None = None,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
         tau: float = 0.005,
         order: str = "paper",
         mode: str = "eager",
@@ -89,43 +110,57 @@ class IQLUpdate:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
         if mode == "cudagraphs" and not torch.cuda.is_available():
             raise RuntimeError("mode='cudagraphs' needs CUDA; use mode='compile' or 'eager' on this machine.")
         if total_steps is not None and total_steps <= 0:
             raise ValueError(f"total_steps must be positive, got {total_steps}.")
+        learning_rates = {"value": value_lr, "actor": actor_lr, "critic": critic_lr}
+        learning_rates = {name: lr if rate is None else rate for name, rate in learning_rates.items()}
+        for name, value in (*((f"{g}_lr", r) for g, r in learning_rates.items()), ("tau", tau)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}.")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}.")
         self.loss = loss
         self.total_steps = total_steps
         self.lr = lr
+        self.learning_rates = learning_rates
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
         self.tau = tau
         self.order = order
         self.mode = mode
         self.data = data
         self.grad_hook = grad_hook
-        device = next(loss.parameters()).device
         self.autocast_dtype = autocast_dtype
+        device = next(loss.parameters()).device
         self.device_type = device.type
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
 
-        def adam(params, lr):
-            # a tensor learning rate lets the compiled step change it without recompiling
-            return torch.optim.Adam(params, lr=lr, fused=True)
-
-        self.value_params = _trainable(loss.value_network_params)
-        self.actor_params = _trainable(loss.actor_network_params)
-        self.critic_params = _trainable(loss.qvalue_network_params)
-        self.value_optimizer = adam(self.value_params, torch.tensor(lr, device=device))
-        self.actor_optimizer = adam(self.actor_params, torch.tensor(lr, device=device))
+        # per group: the loss's parameter TensorDict, its trainable leaves, and an Adam holding their state
+        self.param_tds = {group: getattr(loss, f"{name}_network_params") for group, name in GROUPS.items()}
+        self.params = {group: _trainable(td) for group, td in self.param_tds.items()}
+        self.optimizers = {
+            group: _make_optimizer(self.params[group], learning_rates[group], optimizer, weight_decay, device)
+            for group in GROUPS
+        }
+        self.value_optimizer = self.optimizers["value"]
+        self.actor_optimizer = self.optimizers["actor"]
+        self.critic_optimizer = self.optimizers["critic"]
         self.actor_lr = self.actor_optimizer.param_groups[0]["lr"]
-        self.critic_optimizer = adam(self.critic_params, torch.tensor(lr, device=device))
-        self.optimizers = {"value": self.value_optimizer, "actor": self.actor_optimizer, "critic": self.critic_optimizer}
         self.target_params = list(loss.target_qvalue_network_params.values(True, True))
+        self.online_params = list(loss.qvalue_network_params.values(True, True))
         for network in loss._has_update_associated:  # this step owns the target update (as SoftUpdate would)
             loss._has_update_associated[network] = True
-        self.online_params = list(loss.qvalue_network_params.values(True, True))
 
         step_fn = self._paper_step if order == "paper" else self._summed_step
+        # eager differentiates with autograd (no functorch wrappers to pay for); compile with
+        # torch.func, which the compiler traces into the one graph
+        self.functional = mode != "eager"
         if mode == "eager":
             self._step_fn = step_fn
         else:
@@ -133,7 +168,7 @@ class IQLUpdate:
                 # inductor draws its own dropout masks unless told to use eager's generator:
                 # with it, compiled and eager steps (and resumed runs) draw the same masks
                 torch._inductor.config.fallback_random = True
-            self._step_fn = torch.compile(step_fn)
+            self._step_fn = torch.compile(step_fn, fullgraph=grad_hook is None)
             if mode == "cudagraphs":
                 from tensordict.nn import CudaGraphModule
 
@@ -144,6 +179,22 @@ class IQLUpdate:
         return self._step_fn(batch_or_indices)
 
     # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def _paper_step(self, batch_or_indices):
+        batch = self._batch(batch_or_indices)
+        value_out, target_min_q = self._descend(("value",), batch, self.loss.value_phase)
+        out = self._descend(
+            ("actor", "critic"), batch, lambda td, params: self.loss.actor_critic_phase(td, target_min_q, params)
+        )
+        out.set("loss_value", value_out["loss_value"])
+        return self._finish(out)
+
+    @torch.no_grad()
+    def _summed_step(self, batch_or_indices):
+        batch = self._batch(batch_or_indices)
+        out = self._descend(tuple(GROUPS), batch, self.loss.evaluate)
+        return self._finish(out)
+
     def _batch(self, batch_or_indices):
         if isinstance(batch_or_indices, Tensor):
             if self.data is None:
@@ -151,60 +202,94 @@ class IQLUpdate:
             return self.data[batch_or_indices]
         return batch_or_indices
 
-    def _paper_step(self, batch_or_indices):
-        batch = self._batch(batch_or_indices)
-        self.value_optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            value_out, target_min_q = self.loss.value_phase(batch)
-        value_out["loss_value"].sum().backward()
-        self._reduce_gradients(self.value_params)
-        self.value_optimizer.step()
+    def _descend(self, groups: tuple[str, ...], batch: TensorDictBase, phase):
+        """Differentiates ``phase``'s summed losses w.r.t. ``groups`` and steps their optimizers.
 
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            out = self.loss.actor_critic_phase(batch, target_min_q)
-        (out["loss_actor"] + out["loss_qvalue"]).sum().backward()
-        self._reduce_gradients(self.actor_params + self.critic_params)
-        self._set_actor_lr()
-        self.actor_optimizer.step()
-        self.critic_optimizer.step()
-        out.set("loss_value", value_out["loss_value"])
-        return self._finish(out)
+        ``phase(batch, params)`` evaluates the loss at ``params`` (``None``: the loss's own
+        parameters) and returns its output TensorDict (or a tuple starting with it), returned here.
+        """
+        if self.functional:
 
-    def _summed_step(self, batch_or_indices):
-        batch = self._batch(batch_or_indices)
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            out = self.loss(batch)
-        (out["loss_value"] + out["loss_actor"] + out["loss_qvalue"]).sum().backward()
-        self._reduce_gradients(self.value_params + self.actor_params + self.critic_params)
-        self._set_actor_lr()
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-        return self._finish(out)
+            def objective(tensors):
+                # a shallow copy takes the loss's writes (log-prob, priority), which must not leave torch.func
+                result = self._autocast_call(phase, batch.copy(), self._loss_params(groups, tensors))
+                return _summed_losses(result), result
 
-    def _autocast(self):
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
-
-    def _reduce_gradients(self, params):
+            grads, result = torch.func.grad(objective, has_aux=True)({g: self.params[g] for g in groups})
+            grads = [grad for g in groups for grad in grads[g]]
+        else:
+            with torch.enable_grad():
+                result = self._autocast_call(phase, batch, None)
+                params = [p for g in groups for p in self.params[g]]
+                grads = torch.autograd.grad(_summed_losses(result), params, allow_unused=True, materialize_grads=True)
+            # the fused CPU Adam kernel reads gradients as laid out like their (contiguous) parameters;
+            # autograd may return a transposed view (vmapped critics' weights)
+            grads = [g.contiguous() for g in grads]
         if self.grad_hook is not None:
-            self.grad_hook(params)
+            grads = self.grad_hook(list(grads))
+        if "actor" in groups:
+            self._set_actor_lr()
+        offset = 0
+        for g in groups:
+            n = len(self.params[g])
+            self._optimizer_step(g, list(grads[offset : offset + n]))
+            offset += n
+        return result
+
+    def _autocast_call(self, phase, batch, params):
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            return phase(batch, params)
+
+    def _loss_params(self, groups, tensors: dict[str, list[Tensor]]) -> dict[str, TensorDictBase]:
+        """The loss's parameter TensorDicts of ``groups`` with their trainable leaves replaced by ``tensors``."""
+        params = {}
+        for g in groups:
+            td = self.param_tds[g]
+            leaves = iter(tensors[g])
+            params[GROUPS[g]] = TensorDict(
+                {key: next(leaves) if _is_trainable(v) else v for key, v in td.items(True, True)},
+                batch_size=td.batch_size,
+            )
+        return params
+
+    def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
+        optimizer = self.optimizers[group]
+        states = [optimizer.state[p] for p in self.params[group]]
+        adam(
+            self.params[group],
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            # eager: one fused kernel per group; compiled: foreach ops that inductor fuses into the
+            # graph, step count and learning rate staying tensors (no sync, no recompile)
+            fused=not self.functional,
+            foreach=self.functional,
+            capturable=self.functional,
+            decoupled_weight_decay=self.optimizer_name == "adamw",
+            amsgrad=False,
+            beta1=BETAS[0],
+            beta2=BETAS[1],
+            lr=optimizer.param_groups[0]["lr"],
+            weight_decay=self.weight_decay,
+            eps=EPS,
+            maximize=False,
+        )
 
     def _set_actor_lr(self):
         if self.total_steps is not None:
-            self.actor_lr.copy_(self.lr * cosine_decay(self.step, self.total_steps))
+            self.actor_lr.copy_(self.learning_rates["actor"] * cosine_decay(self.step, self.total_steps))
 
     def _finish(self, out: TensorDictBase) -> TensorDictBase:
         """Soft target update, step counter, non-finite bookkeeping; the detached metrics."""
-        with torch.no_grad():
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
-            bad = torch.stack([~torch.isfinite(out[name]).all() for name in LOSS_NAMES])
-            first = bad.any() & (self.first_nonfinite_step < 0)
-            self.first_nonfinite_step.copy_(torch.where(first, self.step, self.first_nonfinite_step))
-            self.nonfinite_losses.copy_(torch.where(first, bad, self.nonfinite_losses))
-            self.step.add_(1)
+        torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        bad = torch.stack([~torch.isfinite(out[name]).all() for name in LOSS_NAMES])
+        first = bad.any() & (self.first_nonfinite_step < 0)
+        self.first_nonfinite_step.copy_(torch.where(first, self.step, self.first_nonfinite_step))
+        self.nonfinite_losses.copy_(torch.where(first, bad, self.nonfinite_losses))
+        self.step.add_(1)
         metrics = out.detach()
         metrics.batch_size = torch.Size([])  # a SeedEnsemble's metrics are [num_seeds]-shaped
         metrics.set("actor_lr", self.actor_lr.clone())
@@ -227,6 +312,8 @@ class IQLUpdate:
             for group, lr in zip(opt.param_groups, learning_rates):  # keep the tensors the step holds
                 lr.copy_(group["lr"])
                 group["lr"] = lr
+            for param in opt.param_groups[0]["params"]:  # older checkpoints hold a 0-dim step on any device
+                opt.state[param]["step"] = opt.state[param]["step"].to(param.device, torch.float32)
 
     def nonfinite_report(self) -> str | None:
         """``None`` while every loss has been finite, else which loss went non-finite at which step.
@@ -240,13 +327,47 @@ class IQLUpdate:
         return f"non-finite {', '.join(names)} at update step {step}"
 
 
+def _make_optimizer(params, lr: float, name: str, weight_decay: float, device) -> torch.optim.Adam:
+    """A ``torch.optim.Adam`` holding ``params``' state, with a tensor learning rate and state built now.
+
+    A tensor learning rate lets the step change it (the actor's cosine) without recompiling; the
+    state exists before the first step, so the compiled step never sees a lazy initialisation.
+    """
+    optimizer = torch.optim.Adam(
+        params,
+        lr=torch.tensor(lr, device=device),
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=name == "adamw",
+        foreach=True,
+        capturable=True,
+    )
+    for p in params:
+        optimizer.state[p] = {
+            "step": torch.zeros((), dtype=torch.float32, device=device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+    return optimizer
+
+
+def _summed_losses(result) -> Tensor:
+    out = result[0] if isinstance(result, tuple) else result
+    return sum(out[name].sum() for name in LOSS_NAMES if name in out.keys())
+
+
 def _networks(loss: IQLLoss):
     for name in ("actor_network", "qvalue_network", "value_network"):
         yield from getattr(loss, name).modules()
 
 
+def _is_trainable(value) -> bool:
+    return isinstance(value, torch.nn.Parameter) and value.requires_grad
+
+
 def _trainable(params: TensorDictBase) -> list[Tensor]:
-    return [p for p in params.values(True, True) if isinstance(p, torch.nn.Parameter) and p.requires_grad]
+    return [p for p in params.values(True, True) if _is_trainable(p)]
 
 
 def metrics_to_floats(metrics: TensorDict) -> dict[str, float]:
