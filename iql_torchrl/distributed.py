@@ -150,15 +150,13 @@ class DistributedContext:
 def setup_distributed(device: str) -> DistributedContext:
     """Joins the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA).
 
-    Also splits the machine's cores between the local processes, so ranks do not oversubscribe
-    the CPU. Outside torchrun it returns a single-process context and does nothing.
+    Outside torchrun it returns a single-process context and does nothing. (The run harness
+    splits the machine's cores between the local processes: ``iql_torchrl.threads``.)
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistributedContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):

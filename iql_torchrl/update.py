@@ -152,15 +152,15 @@ class IQLUpdate:
         self.actor_optimizer = self.optimizers["actor"]
         self.critic_optimizer = self.optimizers["critic"]
         self.actor_lr = self.actor_optimizer.param_groups[0]["lr"]
+        # this step owns the target update (as SoftUpdate would); said before the target parameters
+        # are read, which is when TorchRL warns about a missing updater
+        for network in loss._has_update_associated:
+            loss._has_update_associated[network] = True
         self.target_params = list(loss.target_qvalue_network_params.values(True, True))
         self.online_params = list(loss.qvalue_network_params.values(True, True))
-        for network in loss._has_update_associated:  # this step owns the target update (as SoftUpdate would)
-            loss._has_update_associated[network] = True
 
-        step_fn = self._paper_step if order == "paper" else self._summed_step
-        # eager differentiates with autograd (no functorch wrappers to pay for); compile with
-        # torch.func, which the compiler traces into the one graph
-        self.functional = mode != "eager"
+        # the plain step, before any compilation (e.g. for torch._dynamo.explain)
+        self.step_function = step_fn = self._paper_step if order == "paper" else self._summed_step
         if mode == "eager":
             self._step_fn = step_fn
         else:
@@ -208,7 +208,8 @@ class IQLUpdate:
         ``phase(batch, params)`` evaluates the loss at ``params`` (``None``: the loss's own
         parameters) and returns its output TensorDict (or a tuple starting with it), returned here.
         """
-        if self.functional:
+        # compiled, torch.func.grad traces into the one graph; eager, autograd has no wrappers to pay for
+        if torch.compiler.is_compiling():
 
             def objective(tensors):
                 # a shallow copy takes the loss's writes (log-prob, priority), which must not leave torch.func
@@ -255,6 +256,7 @@ class IQLUpdate:
 
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
         optimizer = self.optimizers[group]
+        compiling = torch.compiler.is_compiling()
         states = [optimizer.state[p] for p in self.params[group]]
         adam(
             self.params[group],
@@ -265,9 +267,9 @@ class IQLUpdate:
             [s["step"] for s in states],
             # eager: one fused kernel per group; compiled: foreach ops that inductor fuses into the
             # graph, step count and learning rate staying tensors (no sync, no recompile)
-            fused=not self.functional,
-            foreach=self.functional,
-            capturable=self.functional,
+            fused=not compiling,
+            foreach=compiling,
+            capturable=compiling,
             decoupled_weight_decay=self.optimizer_name == "adamw",
             amsgrad=False,
             beta1=BETAS[0],

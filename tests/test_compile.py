@@ -45,3 +45,42 @@ def test_compiled_loss_matches_eager_in_one_graph(actor_kind):
         assert torch.allclose(eager[key].float(), comp[key].float(), rtol=1e-5, atol=1e-6), key
     for a, b in zip(eager_grads, comp_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _tanh_normal_mlp_actor(obs_dim, act_dim):
+    from tensordict.nn import TensorDictModule
+    from torchrl.modules import MLP, NormalParamExtractor, ProbabilisticActor, TanhNormal
+
+    net = torch.nn.Sequential(MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=[16, 16]), NormalParamExtractor())
+    return ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        distribution_class=TanhNormal,
+    )
+
+
+@pytest.mark.parametrize("order", ["paper", "summed"])
+@pytest.mark.parametrize("actor", ["default", "tanh_normal_mlp", "seed_ensemble"])
+def test_the_whole_update_step_is_one_graph(order, actor):
+    # losses, gradients, the three optimizers, the cosine actor LR and the target update: one graph
+    from synthetic import random_transitions
+
+    from iql_torchrl import IQLUpdate, make_qvalue_networks, make_value_network
+    from iql_torchrl.distributed import SeedEnsemble
+
+    def make_loss(seed):
+        torch.manual_seed(seed)
+        if actor == "tanh_normal_mlp":
+            policy = _tanh_normal_mlp_actor(3, 2)
+            return IQLLoss(policy, make_qvalue_networks(3, 2, hidden_sizes=(16,)), make_value_network(3, hidden_sizes=(16,)))
+        return IQLLoss(*make_iql_networks(3, 2, hidden_sizes=(16,)))
+
+    data = random_transitions(64, 3, 2)
+    if actor == "seed_ensemble":
+        loss, indices = SeedEnsemble([make_loss(0), make_loss(1)]), torch.randint(0, 64, (2, 16))
+    else:
+        loss, indices = make_loss(0), torch.randint(0, 64, (16,))
+    update = IQLUpdate(loss, data=data, total_steps=10, order=order)
+    explanation = torch._dynamo.explain(update.step_function)(indices)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    assert int(update.step) == 1  # explain ran the step once

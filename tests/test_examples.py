@@ -63,8 +63,6 @@ def test_the_main_job_shows_no_library_log_lines(main_job):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="IQLUpdate reads loss.target_qvalue_network_params before marking the target "
-                   "update as its own; marking it first silences TorchRL's warning (then drop this mark)")
 def test_the_main_job_shows_no_warning_about_the_target_update_it_owns(main_job):
     result, _ = main_job
     assert "No target network updater" not in result.stderr
