@@ -2,12 +2,17 @@
 
     python benchmarks/bench_scores.py                       # default budget (CPU, under 30 minutes)
     python benchmarks/bench_scores.py --steps 1000000 --device cuda --eval-every 50000   # paper budget
+    python benchmarks/bench_scores.py --sweep --json benchmarks/results_sweep.json --png benchmarks/sweep.png
 
 Each configuration trains its seeds together (``--num-seeds``, vmapped) through the trainer, so
 every number comes from the same code path as ``examples/iql_offline.py``. Rows: IQL in the
 paper's update order, IQL with one summed backward (TorchRL's order), and behaviour cloning
 (``temperature=0``). Prints a markdown table (mean ± std of the normalized score over seeds),
 writes JSON and a bar chart.
+
+``--sweep`` trains IQL (paper order) on the first dataset for every expectile τ in
+``--expectiles`` and temperature β in ``--temperatures`` instead, and prints a τ × β table
+with a heat map.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ METHODS = {
     "IQL (summed backward)": dict(order="summed"),
     "BC (β = 0)": dict(order="paper", temperature=0.0),
 }
+SWEEP_EXPECTILES = (0.5, 0.7, 0.9)
+SWEEP_TEMPERATURES = (0.0, 1.0, 3.0, 10.0)
 
 
 def main(argv=None):
@@ -41,7 +48,12 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--json", default="bench_scores.json")
     parser.add_argument("--png", default="bench_scores.png")
+    parser.add_argument("--sweep", action="store_true", help="τ × β grid on the first dataset instead of the methods")
+    parser.add_argument("--expectiles", type=float, nargs="+", default=list(SWEEP_EXPECTILES))
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(SWEEP_TEMPERATURES))
     args = parser.parse_args(argv)
+    if args.sweep:
+        return sweep(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_scores_"))
     results = []
     start = time.perf_counter()
@@ -105,6 +117,74 @@ def plot(results, path, args):
     ax.set_title(f"IQL vs BC on mixed datasets ({args.steps} updates, {args.seeds} seeds)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- τ × β sweep
+def sweep(args):
+    """IQL (paper order) on ``args.datasets[0]`` for every (τ, β); table, JSON and heat map."""
+    dataset = args.datasets[0]
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
+    results = []
+    start = time.perf_counter()
+    for expectile in args.expectiles:
+        for temperature in args.temperatures:
+            config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                            num_seeds=args.seeds, device=args.device, compile=args.compile, logger="none",
+                            progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
+                            output_dir=out / f"tau{expectile}-beta{temperature}", order="paper",
+                            expectile=expectile, temperature=temperature)
+            t0 = time.perf_counter()
+            summary = train(config)
+            scores = [s["normalized_score"] for s in summary["per_seed"]]
+            results.append({"expectile": expectile, "temperature": temperature, "scores": scores,
+                            "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                            "seconds": time.perf_counter() - t0})
+            print(f"τ={expectile:<4} β={temperature:<5} {results[-1]['mean']:7.1f} ± {results[-1]['std']:5.1f}  "
+                  f"({', '.join(f'{s:.1f}' for s in scores)})  {results[-1]['seconds']:.0f} s", flush=True)
+    total = time.perf_counter() - start
+    print("\n" + sweep_table(results, args))
+    print(f"\ntotal {total / 60:.1f} min")
+    with open(args.json, "w") as f:
+        json.dump({"dataset": dataset, "steps": args.steps, "seeds": args.seeds, "device": args.device,
+                   "total_seconds": total, "results": results}, f, indent=2)
+    plot_sweep(results, args.png, args)
+    return results
+
+
+def _grid(results, args):
+    return [[next(r for r in results if r["expectile"] == e and r["temperature"] == t) for t in args.temperatures]
+            for e in args.expectiles]
+
+
+def sweep_table(results, args) -> str:
+    lines = [f"| τ \\ β ({args.steps} updates, {args.seeds} seeds) | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
+             "|---|" + "---|" * len(args.temperatures)]
+    for expectile, row in zip(args.expectiles, _grid(results, args)):
+        lines.append(f"| τ = {expectile:g} | " + " | ".join(f"{r['mean']:.1f} ± {r['std']:.1f}" for r in row) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(results, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = _grid(results, args)
+    means = [[r["mean"] for r in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    image = ax.imshow(means, cmap="viridis", vmin=0, vmax=max(100.0, max(map(max, means))), aspect="auto")
+    for i, row in enumerate(grid):
+        for j, r in enumerate(row):
+            ax.text(j, i, f"{r['mean']:.0f}\n±{r['std']:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if r["mean"] < 60 else "black")
+    ax.set_xticks(range(len(args.temperatures)), [f"β = {t:g}" for t in args.temperatures])
+    ax.set_yticks(range(len(args.expectiles)), [f"τ = {e:g}" for e in args.expectiles])
+    ax.set_title(f"normalized score, {args.datasets[0]}\n({args.steps} updates, {args.seeds} seeds, mean ± std)", fontsize=9)
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
