@@ -116,7 +116,7 @@ def test_bf16_autocast_keeps_loss_actor_within_two_percent_of_float64():
 def test_the_loss_alone_matches_the_reference_and_reads_the_target_critics():
     loss = perturbed_loss(3, hidden=(16, 16))
     batch = random_transitions(B, OBS, ACT, 3)
-    out = loss(batch.clone())
+    out = loss(batch.clone()).detach()
     expected = ReferenceIQL.from_loss(loss).losses(batch)
     wrong = ReferenceIQL.from_loss(loss, variant="online_critics_for_value").losses(batch)
     for key in ("loss_value", "loss_actor", "loss_qvalue"):
