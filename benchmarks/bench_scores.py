@@ -131,6 +131,12 @@ def sweep(args):
     start = time.perf_counter()
     for expectile in args.expectiles:
         for temperature in args.temperatures:
+            cloned = next((r for r in results if r["temperature"] == 0.0 == temperature), None)
+            if cloned is not None:
+                # β = 0 weighs every sample by exp(0) = 1: the actor never reads V or Q, so τ cannot
+                # change the policy (same seeds, same batches, same scores); trained once
+                results.append({**cloned, "expectile": expectile, "seconds": 0.0, "same_run_as_expectile": cloned["expectile"]})
+                continue
             config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                             num_seeds=args.seeds, device=args.device, compile=args.compile, logger="none",
                             progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
