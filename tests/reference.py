@@ -256,3 +256,20 @@ def max_abs_diff(a: Params, b) -> float:
     if a.keys() != b.keys():
         raise KeyError(f"parameter names differ: {sorted(a.keys() ^ b.keys())}")
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# --------------------------------------------------------------------------- multi-step targets
+def lambda_returns(reward, next_value, terminated, done, gamma: float, lmbda: float) -> list[float]:
+    """TD(λ) targets along one trajectory, by the backward recursion (λ = 1 is TD(1)).
+
+    G_t = r_t + γ·(1 − terminated_t)·V(s'_t)                          where the trajectory ends
+          (done_t, or the last step of the batch);
+    G_t = r_t + γ·(1 − terminated_t)·((1 − λ)·V(s'_t) + λ·G_{t+1})    otherwise.
+    """
+    returns = [0.0] * len(reward)
+    for t in reversed(range(len(reward))):
+        bootstrap = next_value[t]
+        if not done[t] and t + 1 < len(reward):
+            bootstrap = (1 - lmbda) * next_value[t] + lmbda * returns[t + 1]
+        returns[t] = reward[t] + gamma * (1.0 - float(terminated[t])) * bootstrap
+    return returns
