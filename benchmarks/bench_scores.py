@@ -51,7 +51,11 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="τ × β grid on the first dataset instead of the methods")
     parser.add_argument("--expectiles", type=float, nargs="+", default=list(SWEEP_EXPECTILES))
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(SWEEP_TEMPERATURES))
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="with --sweep: train nothing, join the cells of sweeps run in parts into one table")
     args = parser.parse_args(argv)
+    if args.sweep and args.merge:
+        return merge_sweeps(args)
     if args.sweep:
         return sweep(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_scores_"))
@@ -156,6 +160,33 @@ def sweep(args):
     with open(args.json, "w") as f:
         json.dump({"dataset": dataset, "steps": args.steps, "seeds": args.seeds, "device": args.device,
                    "total_seconds": total, "results": results}, f, indent=2)
+    plot_sweep(results, args.png, args)
+    return results
+
+
+def merge_sweeps(args):
+    """One table, JSON and heat map from sweeps run in parts (e.g. one τ row per process)."""
+    parts = [json.loads(Path(path).read_text()) for path in args.merge]
+    args.datasets, args.steps, args.seeds = [parts[0]["dataset"]], parts[0]["steps"], parts[0]["seeds"]
+    cells = {}
+    for part in parts:
+        for r in part["results"]:
+            cells.setdefault((r["expectile"], r["temperature"]), r)
+    behaviour_cloning = next((r for (_, t), r in cells.items() if t == 0.0), None)
+    results = []
+    for expectile in args.expectiles:
+        for temperature in args.temperatures:
+            cell = cells.get((expectile, temperature))
+            if cell is None and temperature == 0.0 and behaviour_cloning is not None:  # τ-free, see sweep()
+                cell = {**behaviour_cloning, "expectile": expectile, "seconds": 0.0,
+                        "same_run_as_expectile": behaviour_cloning["expectile"]}
+            if cell is None:
+                raise SystemExit(f"no result for τ = {expectile}, β = {temperature} in {args.merge}")
+            results.append(cell)
+    print(sweep_table(results, args))
+    with open(args.json, "w") as f:
+        json.dump({**{k: parts[0][k] for k in ("dataset", "steps", "seeds", "device")}, "parts": args.merge,
+                   "total_seconds": sum(r["seconds"] for r in results), "results": results}, f, indent=2)
     plot_sweep(results, args.png, args)
     return results
 
