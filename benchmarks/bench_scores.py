@@ -146,14 +146,9 @@ def sweep(args):
                             progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
                             output_dir=out / f"tau{expectile}-beta{temperature}", order="paper",
                             expectile=expectile, temperature=temperature)
-            t0 = time.perf_counter()
-            summary = train(config)
-            scores = [s["normalized_score"] for s in summary["per_seed"]]
-            results.append({"expectile": expectile, "temperature": temperature, "scores": scores,
-                            "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
-                            "seconds": time.perf_counter() - t0})
+            results.append({"expectile": expectile, "temperature": temperature, **seed_scores(config)})
             print(f"τ={expectile:<4} β={temperature:<5} {results[-1]['mean']:7.1f} ± {results[-1]['std']:5.1f}  "
-                  f"({', '.join(f'{s:.1f}' for s in scores)})  {results[-1]['seconds']:.0f} s", flush=True)
+                  f"({', '.join(f'{s:.1f}' for s in results[-1]['scores'])})  {results[-1]['seconds']:.0f} s", flush=True)
     total = time.perf_counter() - start
     print("\n" + sweep_table(results, args))
     print(f"\ntotal {total / 60:.1f} min")
@@ -162,6 +157,14 @@ def sweep(args):
                    "total_seconds": total, "results": results}, f, indent=2)
     plot_sweep(results, args.png, args)
     return results
+
+
+def seed_scores(config: Config) -> dict:
+    """Trains ``config`` (its seeds vmapped); the final normalized score of each seed, mean, std, seconds."""
+    t0 = time.perf_counter()
+    scores = [s["normalized_score"] for s in train(config)["per_seed"]]
+    return {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+            "seconds": time.perf_counter() - t0}
 
 
 def merge_sweeps(args):

@@ -52,7 +52,7 @@ from torchrl.objectives.utils import (
 )
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
-__all__ = ["IQLLoss", "DiscreteIQLLoss", "expectile_loss", "bellman_target", "awr_weight"]
+__all__ = ["IQLLoss", "DiscreteIQLLoss", "expectile_loss", "bellman_target", "awr_weight", "is_probabilistic"]
 
 MAX_AWR_WEIGHT = 100.0
 
@@ -85,11 +85,13 @@ class IQLLoss(LossModule):
     Args:
         actor_network: the policy. A ``ProbabilisticActor`` (any distribution with
             ``log_prob``: TanhNormal, Normal, ...) is trained by advantage-weighted log-likelihood
-            ``−w·log π(a|s)``; a deterministic module writing the action key by the
-            advantage-weighted squared error ``w·‖π(s) − a‖²``.
-        qvalue_network: Q(s, a), writing ``state_action_value`` with a trailing dim of 1. A single
-            module is copied ``num_qvalue_nets`` times, each copy freshly initialised; a list of
-            modules is stacked as given.
+            ``−w·log π(a|s)``; any other ``TensorDictModule`` (TorchRL's deterministic ``Actor``
+            included) writing the action key by the advantage-weighted squared error
+            ``w·‖π(s) − a‖²`` (see :func:`is_probabilistic`).
+        qvalue_network: Q(s, a), writing ``state_action_value`` with a trailing dim of 1. A list of
+            ``num_qvalue_nets`` modules is used as given. A single module keeps its weights as
+            critic 0; critics 1…N−1 are deep copies re-initialised by their ``reset_parameters``
+            (a ``ValueError`` if some parameter is reached by none: pass a list then).
         value_network: V(s), writing ``state_value`` with a trailing dim of 1.
 
     Keyword Args:
@@ -99,8 +101,9 @@ class IQLLoss(LossModule):
         temperature (float): β, the inverse temperature of the AWR weight. 0 is behaviour cloning.
             Default 3.0 (paper, MuJoCo).
         expectile (float): τ in (0, 1). Default 0.7 (paper, MuJoCo).
-        separate_losses (bool): if ``True``, parameters the critics share with the actor are
-            trained by the actor loss only (as in TorchRL).
+        separate_losses (bool): if ``True``, parameters the value network or the critics share
+            with the actor are trained by the actor loss only; V and the critics see them without
+            gradient (as in TorchRL).
         reduction (str): ``"mean"`` (default), ``"sum"`` or ``"none"`` (losses keep the batch shape).
         deactivate_vmap (bool): evaluate the critic ensemble with a Python loop instead of vmap.
         scalar_output_mode (str): with ``reduction="none"``, ``"exclude"`` drops the 0-dim outputs
@@ -109,8 +112,9 @@ class IQLLoss(LossModule):
     Differences from ``torchrl.objectives.IQLLoss`` (all intended, all the paper's):
     ``expectile`` 0.7 (TorchRL 0.5), ``temperature`` 3.0 (TorchRL 1.0), ``loss_function`` ``"l2"``
     (TorchRL ``"smooth_l1"``); Q's bootstrap target uses V(s') only through ``terminated`` (never
-    ``done``); each network runs once per batch; a single critic module is copied with a fresh
-    initialisation per copy.
+    ``done``); each network runs once per batch; a single critic module keeps its weights as critic
+    0 (TorchRL re-draws every copy); deterministic actors, ``[B, 1]`` categorical and bool one-hot
+    actions are supported; shapes and dtypes are checked with named errors before any network runs.
 
     The output holds ``loss_value``, ``loss_qvalue``, ``loss_actor``, ``entropy`` (for
     probabilistic actors: −mean log π(a|s) on dataset actions, as in TorchRL) and detached 0-dim
