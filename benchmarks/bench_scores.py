@@ -52,7 +52,8 @@ def main(argv=None):
     parser.add_argument("--expectiles", type=float, nargs="+", default=list(SWEEP_EXPECTILES))
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(SWEEP_TEMPERATURES))
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="with --sweep: train nothing, join the cells of sweeps run in parts into one table")
+                        help="with --sweep: train nothing, join the cells of sweeps run in parts (their JSON, "
+                             "or their --out folders for parts stopped early) into one table")
     args = parser.parse_args(argv)
     if args.sweep and args.merge:
         return merge_sweeps(args)
@@ -169,7 +170,7 @@ def seed_scores(config: Config) -> dict:
 
 def merge_sweeps(args):
     """One table, JSON and heat map from sweeps run in parts (e.g. one τ row per process)."""
-    parts = [json.loads(Path(path).read_text()) for path in args.merge]
+    parts = [_sweep_part(Path(path)) for path in args.merge]
     args.datasets, args.steps, args.seeds = [parts[0]["dataset"]], parts[0]["steps"], parts[0]["seeds"]
     cells = {}
     for part in parts:
@@ -192,6 +193,24 @@ def merge_sweeps(args):
                    "total_seconds": sum(r["seconds"] for r in results), "results": results}, f, indent=2)
     plot_sweep(results, args.png, args)
     return results
+
+
+def _sweep_part(path: Path) -> dict:
+    """A sweep's JSON, or the cells finished so far in its ``--out`` folder (one summary.json a run)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    summaries = [json.loads(f.read_text()) for f in sorted(path.glob("*/summary.json"))]
+    if not summaries:
+        raise SystemExit(f"{path}: neither a sweep JSON nor a folder of finished runs")
+    results = []
+    for summary in summaries:
+        scores = [s["normalized_score"] for s in summary["per_seed"]]
+        results.append({"expectile": summary["expectile"], "temperature": summary["temperature"], "scores": scores,
+                        "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                        "seconds": summary["wall_seconds"]})
+    first = summaries[0]
+    return {"dataset": first["dataset"], "steps": first["steps"], "seeds": first["num_seeds"], "device": first["device"],
+            "results": results}
 
 
 def _grid(results, args):
