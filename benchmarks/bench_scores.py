@@ -188,6 +188,7 @@ def merge_sweeps(args):
                 raise SystemExit(f"no result for τ = {expectile}, β = {temperature} in {args.merge}")
             results.append(cell)
     print(sweep_table(results, args))
+    print("\n" + clamp_table(results, args))
     with open(args.json, "w") as f:
         json.dump({**{k: parts[0][k] for k in ("dataset", "steps", "seeds", "device")}, "parts": args.merge,
                    "total_seconds": sum(r["seconds"] for r in results), "results": results}, f, indent=2)
@@ -205,12 +206,52 @@ def _sweep_part(path: Path) -> dict:
     results = []
     for summary in summaries:
         scores = [s["normalized_score"] for s in summary["per_seed"]]
+        run_dir = path / f"tau{summary['expectile']}-beta{summary['temperature']}"
         results.append({"expectile": summary["expectile"], "temperature": summary["temperature"], "scores": scores,
                         "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
-                        "seconds": summary["wall_seconds"]})
+                        "seconds": summary["wall_seconds"], **awr_diagnostics(run_dir)})
     first = summaries[0]
     return {"dataset": first["dataset"], "steps": first["steps"], "seeds": first["num_seeds"], "device": first["device"],
             "results": results}
+
+
+def awr_diagnostics(run_dir: Path) -> dict:
+    """The trained losses of a run on every transition of its dataset: how many AWR weights sit at
+    the clamp (100), and the mean advantage, averaged over seeds."""
+    import warnings
+
+    import torch
+
+    from iql_torchrl.checkpoint import load_checkpoint
+    from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, load_minari_dataset
+    from iql_torchrl.distributed import SeedEnsemble
+    from iql_torchrl.trainer import PRESETS, build_loss
+
+    state = load_checkpoint(run_dir / "checkpoint.pt", map_location="cpu")
+    config = Config(**{**state["config"], "output_dir": None, "device": "cpu"})
+    metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
+    ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(config.num_seeds)])
+    ensemble.load_state_dict(state["loss"])
+    data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
+                                                  normalize_observations=config.normalize_observations))
+    clamped, advantage = [], []
+    warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
+    with torch.no_grad():
+        for i in range(config.num_seeds):
+            out = ensemble.seed_loss(i)(data.clone())
+            clamped.append(float(out["awr_weight_clamped_frac"]))
+            advantage.append(float(out["advantage_mean"]))
+    return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage)}
+
+
+def clamp_table(results, args) -> str:
+    """Share of the dataset's transitions whose AWR weight is clamped at 100, per cell."""
+    lines = ["| τ \\ β: AWR weights at the clamp | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
+             "|---|" + "---|" * len(args.temperatures)]
+    for expectile, row in zip(args.expectiles, _grid(results, args)):
+        lines.append(f"| τ = {expectile:g} | " + " | ".join(
+            f"{100 * r['awr_clamped_frac']:.1f}%" if "awr_clamped_frac" in r else "–" for r in row) + " |")
+    return "\n".join(lines)
 
 
 def _grid(results, args):
