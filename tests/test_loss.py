@@ -877,3 +877,17 @@ def test_one_hot_actions_of_the_wrong_width_name_the_number_of_actions():
     batch = random_batch(action=nn.functional.one_hot(torch.randint(0, 3, (16,)), 3))
     with pytest.raises(ValueError, match=r"'action'.*4"):
         small_loss("one_hot")(batch)
+
+
+def test_rewards_c_times_larger_act_like_a_temperature_c_times_larger():
+    # eq. (7) sees β·(Q − V): critics and V whose outputs are all doubled (as after training on
+    # doubled rewards) give the actor the weights β = 6 gives the original ones
+    doubled = hand_networks()
+    for network in (*doubled[1], doubled[2]):
+        with torch.no_grad():
+            for p in network.parameters():
+                p.mul_(2.0)
+    a = IQLLoss(*doubled, temperature=3.0)(hand_batch())
+    b = IQLLoss(*hand_networks(), temperature=6.0)(hand_batch())
+    assert a["loss_actor"].item() == pytest.approx(b["loss_actor"].item(), rel=1e-6)
+    assert a["loss_actor"].item() != pytest.approx(IQLLoss(*hand_networks(), temperature=3.0)(hand_batch())["loss_actor"].item(), rel=1e-2)
