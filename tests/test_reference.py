@@ -13,8 +13,10 @@ from iql_torchrl import IQLLoss, make_iql_networks
 from iql_torchrl.update import IQLUpdate
 
 OBS, ACT, B = 3, 2, 64
-# float32 against float64 after 3 Adam steps: the largest parameter difference seen is ~1.3e-7
-PARAM_TOL = 1e-6
+# float32 against float64 after 3 Adam steps: the largest parameter difference seen is 1.3e-7
+# (eager); the nearest wrong variant lands 2.7e-4 away. 1e-5 leaves room for compiled kernels'
+# reassociation and still sits 27x below it (each variant must differ by more than 10x this).
+PARAM_TOL = 1e-5
 NETWORKS = {  # reference attribute -> the loss's parameters
     "actor": "actor_network_params",
     "critics": "qvalue_network_params",
