@@ -687,7 +687,7 @@ def _critic_copies(qvalue_network, num_qvalue_nets: int, shared=None) -> list:
     shared_ids = {id(p) for p in shared or ()}
     copies = [qvalue_network]
     for _ in range(num_qvalue_nets - 1):
-        critic = copy.deepcopy(qvalue_network, memo={i: p for p in shared or () for i in (id(p),)})
+        critic = copy.deepcopy(qvalue_network, memo={id(p): p for p in shared or ()})  # shared stay shared
         reached = set()
         for module in critic.modules():
             holds_shared = any(id(p) in shared_ids for p in module.parameters())
