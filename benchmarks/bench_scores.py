@@ -188,7 +188,8 @@ def merge_sweeps(args):
                 raise SystemExit(f"no result for τ = {expectile}, β = {temperature} in {args.merge}")
             results.append(cell)
     print(sweep_table(results, args))
-    print("\n" + clamp_table(results, args))
+    print("\n" + diagnostic_table(results, args, "awr_clamped_frac", "AWR weights at the clamp", lambda x: f"{100 * x:.1f}%"))
+    print("\n" + diagnostic_table(results, args, "advantage_mean", "mean advantage", lambda x: f"{x:.2f}"))
     with open(args.json, "w") as f:
         json.dump({**{k: parts[0][k] for k in ("dataset", "steps", "seeds", "device")}, "parts": args.merge,
                    "total_seconds": sum(r["seconds"] for r in results), "results": results}, f, indent=2)
@@ -244,13 +245,12 @@ def awr_diagnostics(run_dir: Path) -> dict:
     return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage)}
 
 
-def clamp_table(results, args) -> str:
-    """Share of the dataset's transitions whose AWR weight is clamped at 100, per cell."""
-    lines = ["| τ \\ β: AWR weights at the clamp | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
+def diagnostic_table(results, args, key: str, title: str, fmt) -> str:
+    """One diagnostic of :func:`awr_diagnostics` per cell ("–" where a cell has no checkpoint)."""
+    lines = [f"| τ \\ β: {title} | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
              "|---|" + "---|" * len(args.temperatures)]
     for expectile, row in zip(args.expectiles, _grid(results, args)):
-        lines.append(f"| τ = {expectile:g} | " + " | ".join(
-            f"{100 * r['awr_clamped_frac']:.1f}%" if "awr_clamped_frac" in r else "–" for r in row) + " |")
+        lines.append(f"| τ = {expectile:g} | " + " | ".join(fmt(r[key]) if key in r else "–" for r in row) + " |")
     return "\n".join(lines)
 
 
