@@ -2,12 +2,17 @@
 
     python benchmarks/bench_scores.py                       # default budget (CPU, under 30 minutes)
     python benchmarks/bench_scores.py --steps 1000000 --device cuda --eval-every 50000   # paper budget
+    python benchmarks/bench_scores.py --sweep --json benchmarks/results_sweep.json --png benchmarks/sweep.png
 
 Each configuration trains its seeds together (``--num-seeds``, vmapped) through the trainer, so
 every number comes from the same code path as ``examples/iql_offline.py``. Rows: IQL in the
 paper's update order, IQL with one summed backward (TorchRL's order), and behaviour cloning
 (``temperature=0``). Prints a markdown table (mean ± std of the normalized score over seeds),
 writes JSON and a bar chart.
+
+``--sweep`` trains IQL (paper order) on the first dataset for every expectile τ in
+``--expectiles`` and temperature β in ``--temperatures`` instead, and prints a τ × β table
+with a heat map.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ METHODS = {
     "IQL (summed backward)": dict(order="summed"),
     "BC (β = 0)": dict(order="paper", temperature=0.0),
 }
+SWEEP_EXPECTILES = (0.5, 0.7, 0.9)
+SWEEP_TEMPERATURES = (0.0, 1.0, 3.0, 10.0)
 
 
 def main(argv=None):
@@ -41,7 +48,17 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--json", default="bench_scores.json")
     parser.add_argument("--png", default="bench_scores.png")
+    parser.add_argument("--sweep", action="store_true", help="τ × β grid on the first dataset instead of the methods")
+    parser.add_argument("--expectiles", type=float, nargs="+", default=list(SWEEP_EXPECTILES))
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(SWEEP_TEMPERATURES))
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="with --sweep: train nothing, join the cells of sweeps run in parts (their JSON, "
+                             "or their --out folders for parts stopped early) into one table")
     args = parser.parse_args(argv)
+    if args.sweep and args.merge:
+        return merge_sweeps(args)
+    if args.sweep:
+        return sweep(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_scores_"))
     results = []
     start = time.perf_counter()
@@ -105,6 +122,169 @@ def plot(results, path, args):
     ax.set_title(f"IQL vs BC on mixed datasets ({args.steps} updates, {args.seeds} seeds)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- τ × β sweep
+def sweep(args):
+    """IQL (paper order) on ``args.datasets[0]`` for every (τ, β); table, JSON and heat map."""
+    dataset = args.datasets[0]
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
+    results = []
+    start = time.perf_counter()
+    for expectile in args.expectiles:
+        for temperature in args.temperatures:
+            cloned = next((r for r in results if r["temperature"] == 0.0 == temperature), None)
+            if cloned is not None:
+                # β = 0 weighs every sample by exp(0) = 1: the actor never reads V or Q, so τ cannot
+                # change the policy (same seeds, same batches, same scores); trained once
+                results.append({**cloned, "expectile": expectile, "seconds": 0.0, "same_run_as_expectile": cloned["expectile"]})
+                continue
+            config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                            num_seeds=args.seeds, device=args.device, compile=args.compile, logger="none",
+                            progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
+                            output_dir=out / f"tau{expectile}-beta{temperature}", order="paper",
+                            expectile=expectile, temperature=temperature)
+            results.append({"expectile": expectile, "temperature": temperature, **seed_scores(config)})
+            print(f"τ={expectile:<4} β={temperature:<5} {results[-1]['mean']:7.1f} ± {results[-1]['std']:5.1f}  "
+                  f"({', '.join(f'{s:.1f}' for s in results[-1]['scores'])})  {results[-1]['seconds']:.0f} s", flush=True)
+    total = time.perf_counter() - start
+    print("\n" + sweep_table(results, args))
+    print(f"\ntotal {total / 60:.1f} min")
+    with open(args.json, "w") as f:
+        json.dump({"dataset": dataset, "steps": args.steps, "seeds": args.seeds, "device": args.device,
+                   "total_seconds": total, "results": results}, f, indent=2)
+    plot_sweep(results, args.png, args)
+    return results
+
+
+def seed_scores(config: Config) -> dict:
+    """Trains ``config`` (its seeds vmapped); the final normalized score of each seed, mean, std, seconds."""
+    t0 = time.perf_counter()
+    scores = [s["normalized_score"] for s in train(config)["per_seed"]]
+    return {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+            "seconds": time.perf_counter() - t0}
+
+
+def merge_sweeps(args):
+    """One table, JSON and heat map from sweeps run in parts (e.g. one τ row per process)."""
+    parts = [_sweep_part(Path(path)) for path in args.merge]
+    args.datasets, args.steps, args.seeds = [parts[0]["dataset"]], parts[0]["steps"], parts[0]["seeds"]
+    cells = {}
+    for part in parts:
+        for r in part["results"]:
+            cells.setdefault((r["expectile"], r["temperature"]), r)
+    behaviour_cloning = next((r for (_, t), r in cells.items() if t == 0.0), None)
+    results = []
+    for expectile in args.expectiles:
+        for temperature in args.temperatures:
+            cell = cells.get((expectile, temperature))
+            if cell is None and temperature == 0.0 and behaviour_cloning is not None:  # τ-free, see sweep()
+                cell = {**behaviour_cloning, "expectile": expectile, "seconds": 0.0,
+                        "same_run_as_expectile": behaviour_cloning["expectile"]}
+            if cell is None:
+                raise SystemExit(f"no result for τ = {expectile}, β = {temperature} in {args.merge}")
+            results.append(cell)
+    print(sweep_table(results, args))
+    print("\n" + diagnostic_table(results, args, "awr_clamped_frac", "AWR weights at the clamp", lambda x: f"{100 * x:.1f}%"))
+    print("\n" + diagnostic_table(results, args, "advantage_mean", "mean advantage", lambda x: f"{x:.2f}"))
+    with open(args.json, "w") as f:
+        json.dump({**{k: parts[0][k] for k in ("dataset", "steps", "seeds", "device")}, "parts": args.merge,
+                   "total_seconds": sum(r["seconds"] for r in results), "results": results}, f, indent=2)
+    plot_sweep(results, args.png, args)
+    return results
+
+
+def _sweep_part(path: Path) -> dict:
+    """A sweep's JSON, or the cells finished so far in its ``--out`` folder (one summary.json a run)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    summaries = [json.loads(f.read_text()) for f in sorted(path.glob("*/summary.json"))]
+    if not summaries:
+        raise SystemExit(f"{path}: neither a sweep JSON nor a folder of finished runs")
+    results = []
+    for summary in summaries:
+        scores = [s["normalized_score"] for s in summary["per_seed"]]
+        run_dir = path / f"tau{summary['expectile']}-beta{summary['temperature']}"
+        results.append({"expectile": summary["expectile"], "temperature": summary["temperature"], "scores": scores,
+                        "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                        "seconds": summary["wall_seconds"], **awr_diagnostics(run_dir)})
+    first = summaries[0]
+    return {"dataset": first["dataset"], "steps": first["steps"], "seeds": first["num_seeds"], "device": first["device"],
+            "results": results}
+
+
+def awr_diagnostics(run_dir: Path) -> dict:
+    """The trained losses of a run on every transition of its dataset: how many AWR weights sit at
+    the clamp (100), and the mean advantage, averaged over seeds."""
+    import warnings
+
+    import torch
+
+    from iql_torchrl.checkpoint import load_checkpoint
+    from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, load_minari_dataset
+    from iql_torchrl.distributed import SeedEnsemble
+    from iql_torchrl.trainer import PRESETS, build_loss
+
+    state = load_checkpoint(run_dir / "checkpoint.pt", map_location="cpu")
+    config = Config(**{**state["config"], "output_dir": None, "device": "cpu"})
+    metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
+    ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(config.num_seeds)])
+    ensemble.load_state_dict(state["loss"])
+    data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
+                                                  normalize_observations=config.normalize_observations))
+    clamped, advantage = [], []
+    warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
+    with torch.no_grad():
+        for i in range(config.num_seeds):
+            out = ensemble.seed_loss(i)(data.clone())
+            clamped.append(float(out["awr_weight_clamped_frac"]))
+            advantage.append(float(out["advantage_mean"]))
+    return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage)}
+
+
+def diagnostic_table(results, args, key: str, title: str, fmt) -> str:
+    """One diagnostic of :func:`awr_diagnostics` per cell ("–" where a cell has no checkpoint)."""
+    lines = [f"| τ \\ β: {title} | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
+             "|---|" + "---|" * len(args.temperatures)]
+    for expectile, row in zip(args.expectiles, _grid(results, args)):
+        lines.append(f"| τ = {expectile:g} | " + " | ".join(fmt(r[key]) if key in r else "–" for r in row) + " |")
+    return "\n".join(lines)
+
+
+def _grid(results, args):
+    return [[next(r for r in results if r["expectile"] == e and r["temperature"] == t) for t in args.temperatures]
+            for e in args.expectiles]
+
+
+def sweep_table(results, args) -> str:
+    lines = [f"| τ \\ β ({args.steps} updates, {args.seeds} seeds) | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
+             "|---|" + "---|" * len(args.temperatures)]
+    for expectile, row in zip(args.expectiles, _grid(results, args)):
+        lines.append(f"| τ = {expectile:g} | " + " | ".join(f"{r['mean']:.1f} ± {r['std']:.1f}" for r in row) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(results, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = _grid(results, args)
+    means = [[r["mean"] for r in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    image = ax.imshow(means, cmap="viridis", vmin=0, vmax=max(100.0, max(map(max, means))), aspect="auto")
+    for i, row in enumerate(grid):
+        for j, r in enumerate(row):
+            ax.text(j, i, f"{r['mean']:.0f}\n±{r['std']:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if r["mean"] < 60 else "black")
+    ax.set_xticks(range(len(args.temperatures)), [f"β = {t:g}" for t in args.temperatures])
+    ax.set_yticks(range(len(args.expectiles)), [f"τ = {e:g}" for e in args.expectiles])
+    ax.set_title(f"normalized score, {args.datasets[0]}\n({args.steps} updates, {args.seeds} seeds, mean ± std)", fontsize=9)
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -33,7 +33,12 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import TensorDictModule, dispatch
+from tensordict.nn import (
+    ProbabilisticTensorDictModule,
+    ProbabilisticTensorDictSequential,
+    TensorDictModule,
+    dispatch,
+)
 from tensordict.utils import NestedKey
 from torch import Tensor, nn
 from torchrl.data.tensor_specs import TensorSpec
@@ -47,7 +52,7 @@ from torchrl.objectives.utils import (
 )
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
-__all__ = ["IQLLoss", "DiscreteIQLLoss", "expectile_loss", "bellman_target", "awr_weight"]
+__all__ = ["IQLLoss", "DiscreteIQLLoss", "expectile_loss", "bellman_target", "awr_weight", "is_probabilistic"]
 
 MAX_AWR_WEIGHT = 100.0
 
@@ -80,11 +85,13 @@ class IQLLoss(LossModule):
     Args:
         actor_network: the policy. A ``ProbabilisticActor`` (any distribution with
             ``log_prob``: TanhNormal, Normal, ...) is trained by advantage-weighted log-likelihood
-            ``−w·log π(a|s)``; a deterministic module writing the action key by the
-            advantage-weighted squared error ``w·‖π(s) − a‖²``.
-        qvalue_network: Q(s, a), writing ``state_action_value`` with a trailing dim of 1. A single
-            module is copied ``num_qvalue_nets`` times, each copy freshly initialised; a list of
-            modules is stacked as given.
+            ``−w·log π(a|s)``; any other ``TensorDictModule`` (TorchRL's deterministic ``Actor``
+            included) writing the action key by the advantage-weighted squared error
+            ``w·‖π(s) − a‖²`` (see :func:`is_probabilistic`).
+        qvalue_network: Q(s, a), writing ``state_action_value`` with a trailing dim of 1. A list of
+            ``num_qvalue_nets`` modules is used as given. A single module keeps its weights as
+            critic 0; critics 1…N−1 are deep copies re-initialised by their ``reset_parameters``
+            (a ``ValueError`` if some parameter is reached by none: pass a list then).
         value_network: V(s), writing ``state_value`` with a trailing dim of 1.
 
     Keyword Args:
@@ -94,8 +101,9 @@ class IQLLoss(LossModule):
         temperature (float): β, the inverse temperature of the AWR weight. 0 is behaviour cloning.
             Default 3.0 (paper, MuJoCo).
         expectile (float): τ in (0, 1). Default 0.7 (paper, MuJoCo).
-        separate_losses (bool): if ``True``, parameters the critics share with the actor are
-            trained by the actor loss only (as in TorchRL).
+        separate_losses (bool): if ``True``, parameters the value network or the critics share
+            with the actor are trained by the actor loss only; V and the critics see them without
+            gradient (as in TorchRL).
         reduction (str): ``"mean"`` (default), ``"sum"`` or ``"none"`` (losses keep the batch shape).
         deactivate_vmap (bool): evaluate the critic ensemble with a Python loop instead of vmap.
         scalar_output_mode (str): with ``reduction="none"``, ``"exclude"`` drops the 0-dim outputs
@@ -104,8 +112,9 @@ class IQLLoss(LossModule):
     Differences from ``torchrl.objectives.IQLLoss`` (all intended, all the paper's):
     ``expectile`` 0.7 (TorchRL 0.5), ``temperature`` 3.0 (TorchRL 1.0), ``loss_function`` ``"l2"``
     (TorchRL ``"smooth_l1"``); Q's bootstrap target uses V(s') only through ``terminated`` (never
-    ``done``); each network runs once per batch; a single critic module is copied with a fresh
-    initialisation per copy.
+    ``done``); each network runs once per batch; a single critic module keeps its weights as critic
+    0 (TorchRL re-draws every copy); deterministic actors, ``[B, 1]`` categorical and bool one-hot
+    actions are supported; shapes and dtypes are checked with named errors before any network runs.
 
     The output holds ``loss_value``, ``loss_qvalue``, ``loss_actor``, ``entropy`` (for
     probabilistic actors: −mean log π(a|s) on dataset actions, as in TorchRL) and detached 0-dim
@@ -214,7 +223,8 @@ class IQLLoss(LossModule):
         self.reduction = reduction
         self.deactivate_vmap = deactivate_vmap
         self.num_qvalue_nets = num_qvalue_nets
-        self.is_probabilistic_actor = hasattr(actor_network, "get_dist")
+        self.is_probabilistic_actor = is_probabilistic(actor_network)
+        self._expected_action_size = _spec_last_dim(actor_network)
 
         self.convert_to_functional(actor_network, "actor_network", create_target_params=False)
         shared_with_actor = list(actor_network.parameters()) if separate_losses else None
@@ -223,13 +233,12 @@ class IQLLoss(LossModule):
         )
         if separate_losses:
             shared_with_actor = shared_with_actor + list(value_network.parameters())
+        critics = _critic_copies(qvalue_network, num_qvalue_nets, shared=shared_with_actor)
         self.convert_to_functional(
-            _independent_copies(qvalue_network, num_qvalue_nets, keep=shared_with_actor),
-            "qvalue_network",
-            num_qvalue_nets,
-            create_target_params=True,
-            compare_against=shared_with_actor,
+            critics, "qvalue_network", num_qvalue_nets, create_target_params=True, compare_against=shared_with_actor
         )
+        _detach_shared(self.qvalue_network_params, critics[0], shared_with_actor, num_qvalue_nets)
+        self._critic_in_features = getattr(critics[0], "in_features", None)
         self.make_value_estimator()  # built now, so state_dicts of fresh and used losses match
         self._vmapped_qvalue = _vmap_func(
             self.qvalue_network, (None, 0), randomness=self.vmap_randomness, pseudo_vmap=deactivate_vmap
@@ -272,13 +281,17 @@ class IQLLoss(LossModule):
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         if self._value_estimator is not None:
-            self._value_estimator.set_keys(
-                value=self.tensor_keys.value,
-                reward=self.tensor_keys.reward,
-                done=self.tensor_keys.done,
-                terminated=self.tensor_keys.terminated,
-            )
+            self._value_estimator.set_keys(**self._estimator_keys())
         self._set_in_keys()
+
+    def _estimator_keys(self) -> dict:
+        # TorchRL's estimators refuse a value key their network does not write; the loss lets the
+        # user fix it with set_keys after construction (and names it at the first call if not)
+        keys = {"reward": self.tensor_keys.reward, "done": self.tensor_keys.done,
+                "terminated": self.tensor_keys.terminated}
+        if self.tensor_keys.value in self.value_network.out_keys:
+            keys["value"] = self.tensor_keys.value
+        return keys
 
     def make_value_estimator(self, value_type: ValueEstimators = None, **hyperparams):
         """Chooses the bootstrap target for Q: TD0 (the paper, default), TD1 or TDLambda; gamma here."""
@@ -292,13 +305,7 @@ class IQLLoss(LossModule):
             self,
             value_type,
             supported=self.SUPPORTED_VALUE_ESTIMATORS,
-            tensor_keys={
-                "value_target": "value_target",
-                "value": self.tensor_keys.value,
-                "reward": self.tensor_keys.reward,
-                "done": self.tensor_keys.done,
-                "terminated": self.tensor_keys.terminated,
-            },
+            tensor_keys={"value_target": "value_target", **self._estimator_keys()},
             **hyperparams,
         )
 
@@ -317,6 +324,7 @@ class IQLLoss(LossModule):
     def _state_value(self, tensordict: TensorDictBase, params: dict | None = None) -> Tensor:
         """V on the value network's in_keys of ``tensordict``; returns shape [*B] (trailing 1 dropped)."""
         td = tensordict.select(*self.value_network.in_keys)
+        # preserve_module_state=False keeps detached (shared, separate_losses) tensors detached
         with self._params(params, "value").to_module(self.value_network, preserve_module_state=False):
             td = self.value_network(td)
         value = td.get(self.tensor_keys.value)
@@ -529,7 +537,8 @@ class IQLLoss(LossModule):
 
     # ------------------------------------------------------------------ input checks
     def _check_keys(self, tensordict: TensorDictBase) -> None:
-        """A missing key fails here, named, with the call that fixes it."""
+        """Keys, dtypes and the action size, checked before any network runs (shapes and dtypes
+        only: free on the hot path). A missing key fails here, named, with the call that fixes it."""
         keys = self.tensor_keys
         for key, name in ((keys.action, "action"), (("next", keys.reward), "reward"),
                           (("next", keys.terminated), "terminated")):
@@ -539,16 +548,48 @@ class IQLLoss(LossModule):
                     f"call loss.set_keys({name}=<your key>)"
                     + (" (the loss reads it under 'next')." if name != "action" else ".")
                 )
-        for network, where in ((self.actor_network, ""), (self.qvalue_network, ""),
-                               (self.value_network, ""), (self.value_network, "next")):
+        for network, key, name in ((self.value_network, keys.value, "value"),
+                                   (self.qvalue_network, keys.state_action_value, "state_action_value")):
+            if key not in network.out_keys:
+                raise KeyError(
+                    f"IQLLoss reads {key!r} but the {_network_name(self, network)} writes "
+                    f"out_keys={network.out_keys}: call loss.set_keys({name}=<its output key>)."
+                )
+        for network, params, where in ((self.actor_network, self.actor_network_params, ""),
+                                       (self.qvalue_network, self.qvalue_network_params, ""),
+                                       (self.value_network, self.value_network_params, ""),
+                                       (self.value_network, self.value_network_params, "next")):
+            dtype = _floating_dtype(params)
             for key in network.in_keys:
                 full_key = _as_tuple_key(("next", key)) if where else key
-                if tensordict.get(full_key, None) is None:
+                value = tensordict.get(full_key, None)
+                if value is None:
                     raise KeyError(
                         f"IQLLoss: the input has no {full_key!r}, which the "
                         f"{_network_name(self, network)} reads (in_keys={network.in_keys}). Rename the "
                         "key in your data or build the network with matching in_keys."
                     )
+                if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+                    raise TypeError(
+                        f"IQLLoss: {full_key!r} is {value.dtype} but the {_network_name(self, network)}'s "
+                        f"parameters are {dtype}: cast the data (or the loss, e.g. loss.to({value.dtype})) "
+                        "so that both match."
+                    )
+        self._check_action(tensordict)
+
+    def _check_action(self, tensordict: TensorDictBase) -> None:
+        """A continuous action's last dim is what the actor's spec or the critic's input layer takes."""
+        action = tensordict.get(self.tensor_keys.action)
+        expected, source = self._expected_action_size, "the actor's spec"
+        if expected is None and isinstance(self._critic_in_features, int):
+            other = [k for k in self.qvalue_network.in_keys if k != self.tensor_keys.action]
+            expected = self._critic_in_features - sum(tensordict.get(k).shape[-1] for k in other)
+            source = f"the critic's input layer ({self._critic_in_features} features, less {other})"
+        if expected is not None and (action.ndim == 0 or action.shape[-1] != expected):
+            raise ValueError(
+                f"IQLLoss: {self.tensor_keys.action!r} has shape {tuple(action.shape)} but {source} "
+                f"expects action_dim = {expected}: expected [*batch, {expected}]."
+            )
 
     def _check_batch_shape(self, tensordict: TensorDictBase, batch_shape: torch.Size) -> None:
         """Action, reward and terminated must share V(s)'s batch shape (no silent broadcasting)."""
@@ -584,15 +625,37 @@ class DiscreteIQLLoss(IQLLoss):
         self.action_space = _find_action_space(action_space)
         if self.action_space not in ("categorical", "one_hot"):
             raise ValueError(f"action_space must be 'categorical' or 'one-hot', got {action_space!r}.")
+        if self.action_space == "categorical":
+            self._expected_action_size = None  # indices: the number of actions is a value, not a shape
+
+    def _check_action(self, tensordict: TensorDictBase) -> None:
+        action = tensordict.get(self.tensor_keys.action)
+        if self.action_space == "categorical" and (action.is_floating_point() or action.dtype == torch.bool):
+            raise TypeError(
+                f"DiscreteIQLLoss: {self.tensor_keys.action!r} is {action.dtype}, but categorical actions "
+                "are integer indices (torch.long). Cast them where the data enters the buffer, or use "
+                "action_space='one-hot' for one-hot actions."
+            )
+        expected = self._expected_action_size
+        if self.action_space == "one_hot" and expected is not None and action.shape[-1:] != (expected,):
+            raise ValueError(
+                f"DiscreteIQLLoss: one-hot {self.tensor_keys.action!r} has shape {tuple(action.shape)} but "
+                f"the actor's spec has {expected} actions: expected [*batch, {expected}]."
+            )
 
     def _index(self, action: Tensor, batch_ndim: int) -> Tensor:
         """Action as a long index of shape [*B]."""
         if self.action_space == "one_hot":
-            return action.argmax(-1)
+            return (action.to(torch.uint8) if action.dtype == torch.bool else action).argmax(-1)
         return action.squeeze(-1).long() if action.ndim > batch_ndim else action.long()
 
     def _q_of_dataset_action(self, q_all: Tensor, action: Tensor) -> Tensor:
-        # q_all: [num_critics, *B, n_actions]
+        # q_all: [num_critics, *B, n_actions]: Q(s, a_dataset), never max_a Q(s, a)
+        if self.action_space == "one_hot" and action.shape[-1] != q_all.shape[-1]:
+            raise ValueError(
+                f"DiscreteIQLLoss: one-hot {self.tensor_keys.action!r} has {action.shape[-1]} entries but "
+                f"the critic scores {q_all.shape[-1]} actions: expected [*batch, {q_all.shape[-1]}]."
+            )
         index = self._index(action, q_all.ndim - 2)
         return q_all.gather(-1, index.unsqueeze(-1).expand(*q_all.shape[:-1], 1)).squeeze(-1)
 
@@ -601,7 +664,7 @@ class DiscreteIQLLoss(IQLLoss):
             # (B, 1)-shaped indices would broadcast in Categorical.log_prob
             batch_ndim = len(dist.batch_shape)
             return dist.log_prob(self._index(action, batch_ndim))
-        return dist.log_prob(action)
+        return dist.log_prob(action if action.is_floating_point() else action.to(dist.logits.dtype))
 
     def _check_action_shape(self, action: Tensor, batch_shape: torch.Size) -> None:
         ok = action.shape[:-1] == batch_shape if self.action_space == "one_hot" else (
@@ -616,11 +679,27 @@ class DiscreteIQLLoss(IQLLoss):
 
 
 # --------------------------------------------------------------------------- helpers
-def _independent_copies(qvalue_network, num_qvalue_nets: int, keep=None):
-    """A list of ``num_qvalue_nets`` critics: the given one plus freshly initialised copies.
+def is_probabilistic(actor: nn.Module) -> bool:
+    """Whether the actor is trained by log-likelihood (a distribution) or by squared error.
 
-    The paper's critics are initialised independently. A list passes through unchanged, and
-    so does a critic sharing parameters with the actor (``separate_losses``), which TorchRL expands.
+    Decided by what the module is: TensorDict's probabilistic modules (``ProbabilisticActor``)
+    are; any other ``TensorDictModule`` is not, TorchRL's deterministic ``Actor`` included (its
+    ``get_dist`` returns a Delta, whose log-density is infinite). Other modules: by ``get_dist``.
+    """
+    if isinstance(actor, (ProbabilisticTensorDictSequential, ProbabilisticTensorDictModule)):
+        return True
+    if isinstance(actor, TensorDictModule):
+        return False
+    return hasattr(actor, "get_dist")
+
+
+def _critic_copies(qvalue_network, num_qvalue_nets: int, shared=None) -> list:
+    """The ``num_qvalue_nets`` critics: a list as given, or one module and fresh copies of it.
+
+    Copy 0 is the given module with its weights; copies 1…N−1 are re-initialised by every
+    ``reset_parameters`` they hold. Parameters in ``shared`` (the actor's, with
+    ``separate_losses``) stay shared by all copies. A parameter no ``reset_parameters`` reaches
+    would leave the copies equal (the min over critics would do nothing): that is an error.
     """
     if isinstance(qvalue_network, (list, tuple)):
         if len(qvalue_network) != num_qvalue_nets:
@@ -628,17 +707,56 @@ def _independent_copies(qvalue_network, num_qvalue_nets: int, keep=None):
                 f"Got {len(qvalue_network)} Q networks but num_qvalue_nets={num_qvalue_nets}."
             )
         return list(qvalue_network)
-    shared = {id(p) for p in keep or ()} & {id(p) for p in qvalue_network.parameters()}
-    if num_qvalue_nets == 1 or shared:
-        return qvalue_network
+    shared_ids = {id(p) for p in shared or ()}
     copies = [qvalue_network]
     for _ in range(num_qvalue_nets - 1):
-        critic = copy.deepcopy(qvalue_network)
+        critic = copy.deepcopy(qvalue_network, memo={id(p): p for p in shared or ()})  # shared stay shared
+        reached = set()
         for module in critic.modules():
-            if hasattr(module, "reset_parameters") and module is not critic:
+            holds_shared = any(id(p) in shared_ids for p in module.parameters())
+            if hasattr(module, "reset_parameters") and module is not critic and not holds_shared:
                 module.reset_parameters()
+                reached.update(id(p) for p in module.parameters(recurse=False))
+        for (name, new), old in zip(critic.named_parameters(), qvalue_network.parameters()):
+            if id(new) not in shared_ids and id(new) not in reached and torch.equal(new, old):
+                raise ValueError(
+                    f"Cannot initialise {num_qvalue_nets} independent critics from one module: its "
+                    f"parameter {name!r} is not reset by any reset_parameters(), so every copy would "
+                    "hold the same values and the min over critics would do nothing. Pass a list of "
+                    f"{num_qvalue_nets} critics (e.g. make_qvalue_networks(..., num_nets="
+                    f"{num_qvalue_nets})) instead."
+                )
         copies.append(critic)
     return copies
+
+
+def _detach_shared(params: TensorDictParams, critic: nn.Module, shared, num_qvalue_nets: int) -> None:
+    """With ``separate_losses``, the critics see the actor's shared parameters without gradient."""
+    shared_ids = {id(p) for p in shared or ()}
+    with params.unlock_():
+        for name, param in critic.named_parameters():
+            if id(param) in shared_ids:
+                params.set(tuple(name.split(".")), param.data.expand(num_qvalue_nets, *param.shape))
+
+
+def _floating_dtype(params: TensorDictBase):
+    for value in params.values(True, True):
+        if value.is_floating_point():
+            return value.dtype
+    return None
+
+
+def _spec_last_dim(actor: nn.Module):
+    """The action size the actor's spec declares (``None`` when it declares none)."""
+    spec = getattr(actor, "spec", None)
+    if spec is None:
+        return None
+    if hasattr(spec, "keys"):  # a Composite: the action entry, if any
+        keys = list(spec.keys(True, True))
+        spec = spec.get(keys[0]) if len(keys) == 1 else spec.get("action", None)
+    if spec is None or len(spec.shape) == 0:
+        return None
+    return int(spec.shape[-1])
 
 
 def _batch_shaped(td: TensorDictBase, key: NestedKey, batch_shape: torch.Size, prefix: str = "next") -> Tensor:

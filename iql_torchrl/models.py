@@ -190,6 +190,11 @@ class _Concat(nn.Module):
         super().__init__()
         self.net = net
 
+    @property
+    def in_features(self) -> int:
+        """Width of the concatenated input (IQLLoss reads it to check the action size, as for TorchRL's MLP)."""
+        return next(m for m in self.net.modules() if isinstance(m, nn.Linear)).in_features
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat(inputs, -1))
 

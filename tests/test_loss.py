@@ -25,7 +25,8 @@ from torchrl.objectives import HardUpdate, SoftUpdate, ValueEstimators
 from torchrl.objectives import IQLLoss as TorchRLIQLLoss
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, awr_weight, bellman_target, expectile_loss, make_iql_networks
-from iql_torchrl.models import GaussianPolicyHead, make_actor
+from iql_torchrl.models import GaussianPolicyHead, make_actor, make_qvalue_networks
+from reference import gaussian_log_prob, lambda_returns, read
 
 warnings.filterwarnings("ignore", message="No target network updater")
 
@@ -131,13 +132,29 @@ def test_losses_match_the_hand_computed_values():
     assert not out["non_finite"]
 
 
-def test_value_uses_the_min_over_target_critics_not_the_online_ones():
+def test_value_and_actor_use_the_min_over_target_critics_not_the_online_ones():
     loss = IQLLoss(*hand_networks())
     with torch.no_grad():  # move the online critics; the targets stay where they were
         loss.qvalue_network_params.apply_(lambda p: p.add_(10.0))
     out = loss(hand_batch())
     assert out["loss_value"].item() == pytest.approx(0.2375, rel=1e-6)
     assert out["min_q_mean"].item() == pytest.approx(1.25)
+    expected_actor = (math.exp(1.5) * 0.0625 + math.exp(-3.0) * 1.0) / 2
+    assert out["loss_actor"].item() == pytest.approx(expected_actor, rel=1e-6)
+    # the online critics (every output +10 + 10·(s + a) terms) would give weights clamped at 100
+    assert out["awr_weight_max"].item() < 100.0
+
+
+def test_moving_the_target_critics_moves_the_value_and_actor_losses_but_not_the_critic_loss():
+    loss = IQLLoss(*hand_networks())
+    with torch.no_grad():  # target biases +1: min target Q = [2.5, 2], advantages [1.5, 0]
+        for key, p in loss.target_qvalue_network_params.items(True, True):
+            if key[-1] == "bias":
+                p.add_(1.0)
+    out = loss(hand_batch())
+    assert out["loss_value"].item() == pytest.approx((0.7 * 1.5**2 + 0.0) / 2, rel=1e-6)
+    assert out["loss_actor"].item() == pytest.approx((math.exp(4.5) * 0.0625 + 1.0 * 1.0) / 2, rel=1e-6)
+    assert out["loss_qvalue"].item() == pytest.approx(2.2004, rel=1e-6)
 
 
 def test_critic_loss_is_summed_over_critics_with_mse():
@@ -384,24 +401,34 @@ def test_gamma_is_set_by_make_value_estimator():
         IQLLoss(*hand_networks(), gamma=0.9)
 
 
-@pytest.mark.parametrize("estimator", [ValueEstimators.TD1, ValueEstimators.TDLambda])
-def test_multi_step_estimators_run_on_trajectories(estimator):
-    loss = small_loss()
-    loss.make_value_estimator(estimator, gamma=0.9)
-    batch = TensorDict(
-        {
-            "observation": torch.randn(4, 5, 3),
-            "action": torch.rand(4, 5, 2) * 2 - 1,
-            ("next", "observation"): torch.randn(4, 5, 3),
-            ("next", "reward"): torch.randn(4, 5, 1),
-            ("next", "terminated"): torch.zeros(4, 5, 1, dtype=torch.bool),
-            ("next", "done"): torch.zeros(4, 5, 1, dtype=torch.bool),
-        },
-        batch_size=[4, 5],
-        names=[None, "time"],
-    )
-    out = loss(batch)
-    assert torch.isfinite(out["loss_qvalue"])
+def trajectory_batch():
+    """One trajectory of 5 steps for the hand networks: a truncation at t=1, a termination at t=3."""
+    s = torch.tensor([1.0, 2.0, 0.5, -1.0, 3.0])
+    columns = {
+        "observation": s, "action": torch.tensor([0.5, -0.5, 0.25, 1.0, 0.0]),
+        ("next", "observation"): torch.tensor([2.0, 0.5, -1.0, 3.0, 1.5]),
+        ("next", "reward"): torch.tensor([1.0, 2.0, -1.0, 0.5, 1.0]),
+        ("next", "terminated"): torch.tensor([False, False, False, True, False]),
+        ("next", "done"): torch.tensor([False, True, False, True, False]),
+    }
+    return TensorDict({k: v.view(1, 5, 1) for k, v in columns.items()}, [1, 5], names=[None, "time"])
+
+
+@pytest.mark.parametrize("estimator, lmbda", [(ValueEstimators.TD1, 1.0), (ValueEstimators.TDLambda, 0.8)])
+def test_multi_step_estimators_regress_q_onto_hand_lambda_returns(estimator, lmbda):
+    loss = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")
+    loss.make_value_estimator(estimator, gamma=0.9, **({} if estimator == ValueEstimators.TD1 else {"lmbda": lmbda}))
+    batch = trajectory_batch()
+    got = loss(batch.clone())["loss_qvalue"].reshape(-1)
+    flat = {k: batch[k].reshape(-1) for k in ("observation", "action")}
+    nxt = {k: batch["next", k].reshape(-1).tolist() for k in ("observation", "reward", "terminated", "done")}
+    q1, q2 = flat["observation"] + 2 * flat["action"], flat["observation"] + 0.5  # V(s') = s'
+    lam = torch.tensor(lambda_returns(nxt["reward"], nxt["observation"], nxt["terminated"], nxt["done"], 0.9, lmbda))
+    one_step = torch.tensor(lambda_returns(nxt["reward"], nxt["observation"], nxt["terminated"], nxt["done"], 0.9, 0.0))
+    assert torch.allclose(got, (q1 - lam) ** 2 + (q2 - lam) ** 2, rtol=1e-5)
+    # the estimator ignored (TD(0)) would give other numbers: at t=0 and t=2 by more than 1
+    wrong = (q1 - one_step) ** 2 + (q2 - one_step) ** 2
+    assert (got - wrong).abs().max() > 1.0
 
 
 # ---------------------------------------------------------------------------- actors
@@ -504,3 +531,363 @@ def test_separate_losses_keeps_shared_trunk_gradients_to_the_actor():
         value_params = list(loss.value_network_params.values(True, True))
         trainable = [p for p in value_params if isinstance(p, nn.Parameter) and p.requires_grad]
         assert any(p.data_ptr() == shared_weight.data_ptr() for p in trainable) is expected
+
+
+# ---------------------------------------------------------------------------- the user's critic weights
+def test_a_single_critic_with_one_critic_is_used_exactly_as_given():
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    loss = IQLLoss(actor, critics[0], value, num_qvalue_nets=1)
+    given = read(TensorDict.from_module(critics[0]))
+    for params in (loss.qvalue_network_params, loss.target_qvalue_network_params):
+        got = read(params)
+        assert got.keys() == given.keys()
+        assert all(torch.equal(got[k][0], given[k]) for k in given)
+    batch = random_batch()
+    q = critics[0](batch.clone())["state_action_value"].squeeze(-1)
+    per_sample = IQLLoss(actor, critics[0], value, num_qvalue_nets=1, reduction="none", scalar_output_mode="exclude")
+    per_sample(batch)  # writes the TD error of the one critic: (Q − target)²
+    assert torch.allclose(batch["td_error"], (q - bellman_target(
+        batch["next", "reward"].squeeze(-1), batch["next", "terminated"].squeeze(-1),
+        value(batch["next"].clone())["state_value"].squeeze(-1), 0.99)).detach() ** 2, rtol=1e-5)
+
+
+def test_copies_of_one_critic_keep_its_weights_in_copy_0_and_draw_fresh_ones_for_the_rest():
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    loss = IQLLoss(actor, critics[0], value, num_qvalue_nets=3)
+    given = read(TensorDict.from_module(critics[0]))
+    got = read(loss.qvalue_network_params)
+    for key in given:
+        assert torch.equal(got[key][0], given[key]), key
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            assert not torch.equal(got[key][i], got[key][j]), (key, i, j)
+
+
+def test_a_critic_with_layer_norm_copies_fine_its_constant_init_is_reached_by_reset_parameters():
+    torch.manual_seed(0)
+    critic = make_qvalue_networks(3, 2, num_nets=1, hidden_sizes=(8,), layer_norm=True)[0]
+    actor, _, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    loss = IQLLoss(actor, critic, value, num_qvalue_nets=2)
+    weight = loss.qvalue_network_params["module", "net", "0", "weight"]
+    assert not torch.equal(weight[0], weight[1])
+
+
+class BareCritic(nn.Module):
+    """Q(s, a) = w·[s, a] + b with bare parameters: no reset_parameters reaches them."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5))
+        self.b = nn.Parameter(torch.zeros(1))
+
+    def forward(self, observation, action):
+        return (torch.cat([observation, action], -1) * self.w).sum(-1, keepdim=True) + self.b
+
+
+def test_copies_that_would_be_identical_are_refused_with_the_fix():
+    actor, _, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    critic = TensorDictModule(BareCritic(), ["observation", "action"], ["state_action_value"])
+    with pytest.raises(ValueError, match=r"'module.w'.*Pass a list of 2 critics"):
+        IQLLoss(actor, critic, value, num_qvalue_nets=2)
+    IQLLoss(actor, critic, value, num_qvalue_nets=1)  # one critic: nothing to copy
+    listed = [critic, TensorDictModule(BareCritic(), ["observation", "action"], ["state_action_value"])]
+    loss = IQLLoss(actor, listed, value, num_qvalue_nets=2)  # a list is used as given
+    assert torch.equal(loss.qvalue_network_params["module", "w"][0], listed[0].module.w)
+    assert torch.equal(loss.qvalue_network_params["module", "w"][1], listed[1].module.w)
+
+
+# ---------------------------------------------------------------------------- separate_losses
+class SharedTrunkCritic(nn.Module):
+    def __init__(self, trunk):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(10, 1)
+
+    def forward(self, observation, action):
+        return self.head(torch.cat([self.trunk(observation).relu(), action], -1))
+
+
+def shared_trunk_networks():
+    """Actor (TanhNormal), critic and value sharing one trunk, each with its own head."""
+    from torchrl.modules import NormalParamExtractor, ProbabilisticActor, TanhNormal
+
+    torch.manual_seed(0)
+    trunk = nn.Linear(3, 8)
+    actor = ProbabilisticActor(
+        TensorDictModule(nn.Sequential(trunk, nn.ReLU(), nn.Linear(8, 4), NormalParamExtractor()),
+                         ["observation"], ["loc", "scale"]),
+        in_keys=["loc", "scale"], distribution_class=TanhNormal)
+    critic = TensorDictModule(SharedTrunkCritic(trunk), ["observation", "action"], ["state_action_value"])
+    value = TensorDictModule(nn.Sequential(trunk, nn.ReLU(), nn.Linear(8, 1)), ["observation"], ["state_value"])
+    return trunk, actor, critic, value
+
+
+def _gradient_receivers(loss, scalar, trunk):
+    """Which of trunk / actor head / critic head / value head a loss sends gradient into.
+
+    Every tensor the loss holds is asked (trainable or not): a detached copy of the trunk that
+    became a leaf again would show here."""
+    tensors = {}
+    for name in ("actor_network_params", "qvalue_network_params", "value_network_params"):
+        for key, tensor in getattr(loss, name).items(True, True):
+            tensors[(name, key)] = tensor
+    trunk_ptrs = {trunk.weight.data_ptr(), trunk.bias.data_ptr()}
+    leaves = {k: t for k, t in tensors.items() if t.requires_grad}
+    grads = torch.autograd.grad(scalar, list(leaves.values()), retain_graph=True, allow_unused=True)
+    reached = set()
+    for ((name, key), tensor), grad in zip(leaves.items(), grads):
+        if grad is None or not grad.abs().sum() > 0:
+            continue
+        if tensor.data_ptr() in trunk_ptrs:
+            reached.add("trunk")
+        elif name == "qvalue_network_params" and "trunk" in key:
+            reached.add("critic's own trunk")
+        else:
+            reached.add(name.split("_")[0] + " head")
+    return reached
+
+
+@pytest.mark.parametrize("separate, expected", [
+    # TorchRL's semantics: shared parameters are trained by the actor loss only
+    (True, {"loss_value": {"value head"}, "loss_qvalue": {"qvalue head"}, "loss_actor": {"trunk", "actor head"}}),
+    # without it the value loss trains the trunk it shares, the critics get trunks of their own
+    (False, {"loss_value": {"trunk", "value head"}, "loss_qvalue": {"critic's own trunk", "qvalue head"},
+             "loss_actor": {"trunk", "actor head"}}),
+])
+def test_separate_losses_decides_which_loss_trains_a_shared_trunk(separate, expected):
+    trunk, actor, critic, value = shared_trunk_networks()
+    loss = IQLLoss(actor, critic, value, separate_losses=separate)
+    batch = random_batch(action=(torch.rand(16, 2) * 2 - 1) * 0.9)
+    for _ in range(2):  # the second call sees whatever the first call's functional swaps left behind
+        out = loss(batch.clone())
+    for name, receivers in expected.items():
+        assert _gradient_receivers(loss, out[name], trunk) == receivers, name
+
+
+def test_separate_losses_critics_follow_the_actors_trunk():
+    trunk, actor, critic, value = shared_trunk_networks()
+    loss = IQLLoss(actor, critic, value, separate_losses=True)
+    with torch.no_grad():
+        trunk.weight.add_(1.0)  # an actor step on the trunk is seen by every critic copy
+    stacked = loss.qvalue_network_params["module", "trunk", "weight"]
+    assert stacked.shape[0] == 2 and all(torch.equal(stacked[i], trunk.weight) for i in range(2))
+    heads = loss.qvalue_network_params["module", "head", "weight"]
+    assert torch.equal(heads[0], critic.module.head.weight) and not torch.equal(heads[0], heads[1])
+
+
+# ---------------------------------------------------------------------------- construct, then set_keys
+def renamed_networks():
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    for critic in critics:
+        critic.out_keys = ["q_test"]
+    value.out_keys = ["value_test"]
+    return actor, critics, value
+
+
+def test_networks_with_other_output_keys_construct_then_take_set_keys():
+    loss = IQLLoss(*renamed_networks())  # TorchRL's order: construct first...
+    batch = random_batch()
+    with pytest.raises(KeyError, match=r"'state_value'.*value network.*set_keys\(value="):
+        loss(batch.clone())
+    loss.set_keys(value="value_test")
+    with pytest.raises(KeyError, match=r"'state_action_value'.*set_keys\(state_action_value="):
+        loss(batch.clone())
+    loss.set_keys(state_action_value="q_test")  # ...then name the keys
+    torch.manual_seed(0)
+    default = IQLLoss(*make_iql_networks(3, 2, hidden_sizes=(8,)))
+    a, b = loss(batch.clone()), default(batch.clone())
+    for key in ("loss_value", "loss_qvalue", "loss_actor"):
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------- what kind of actor
+def torchrl_actors():
+    """Each actor on the hand batch: π(s) = 0.25·s (deterministic), or loc = 0.25·s, scale = 0.5."""
+    from torchrl.modules import Actor, ProbabilisticActor, TanhNormal
+    from torch.distributions import Normal
+
+    class LocScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = linear([0.25])
+
+        def forward(self, observation):
+            loc = self.loc(observation)
+            return loc, torch.full_like(loc, 0.5)
+
+    def probabilistic(distribution, **kwargs):
+        return ProbabilisticActor(TensorDictModule(LocScale(), ["observation"], ["loc", "scale"]),
+                                  in_keys=["loc", "scale"], distribution_class=distribution, **kwargs)
+
+    return {
+        "torchrl Actor": Actor(linear([0.25]), in_keys=["observation"]),
+        "TensorDictModule": TensorDictModule(linear([0.25]), ["observation"], ["action"]),
+        "ProbabilisticActor Normal": probabilistic(Normal),
+        "ProbabilisticActor TanhNormal": probabilistic(TanhNormal, distribution_kwargs={"low": -1.0, "high": 1.0}),
+    }
+
+
+def hand_log_prob(kind, s, a):
+    loc, scale = 0.25 * s, 0.5
+    if kind.endswith("TanhNormal"):
+        u = math.atanh(a)
+        return -0.5 * ((u - loc) / scale) ** 2 - math.log(scale) - 0.5 * math.log(2 * math.pi) - math.log(1 - a * a)
+    return -0.5 * ((a - loc) / scale) ** 2 - math.log(scale) - 0.5 * math.log(2 * math.pi)
+
+
+@pytest.mark.parametrize("kind", list(torchrl_actors()))
+def test_every_kind_of_torchrl_actor_gets_its_own_objective(kind):
+    # weights exp(3·[0.5, −1]) on the hand batch (s = [1, 2], a = [0.5, −0.5])
+    actor = torchrl_actors()[kind]
+    out = IQLLoss(*hand_networks(actor))(hand_batch())
+    weights = [math.exp(1.5), math.exp(-3.0)]
+    if kind in ("torchrl Actor", "TensorDictModule"):  # squared error to the dataset action
+        expected = (weights[0] * (0.25 - 0.5) ** 2 + weights[1] * (0.5 + 0.5) ** 2) / 2
+        assert "entropy" not in out.keys()
+    else:  # −w·log π(a|s)
+        expected = -(weights[0] * hand_log_prob(kind, 1.0, 0.5) + weights[1] * hand_log_prob(kind, 2.0, -0.5)) / 2
+    assert math.isfinite(out["loss_actor"].item())
+    assert out["loss_actor"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_papers_gaussian_has_a_tanh_mean_and_a_clipped_log_std():
+    # non-zero weights (so the tanh matters) and log-std components outside [−5, 2]
+    torch.manual_seed(0)
+    actor = make_actor(3, 2, hidden_sizes=(8,))
+    with torch.no_grad():
+        actor.module[0].module.log_std.copy_(torch.tensor([2.7, -6.0]))
+        for p in actor.module[0].module.net.parameters():
+            p.mul_(3.0)  # pre-tanh means well beyond ±1
+    _, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    loss = IQLLoss(actor, critics, value, temperature=0.0)  # β = 0: loss_actor = −mean log π(a|s)
+    batch = random_batch()
+    got = loss(batch)["loss_actor"].item()
+    params = read(loss.actor_network_params)
+    s, a = batch["observation"].double(), batch["action"].double()
+    expected = -gaussian_log_prob(params, s, a).mean().item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    for wrong in ("untanhed_mean", "unclipped_log_std"):
+        assert -gaussian_log_prob(params, s, a, wrong).mean().item() != pytest.approx(expected, rel=1e-2), wrong
+
+
+# ---------------------------------------------------------------------------- discrete actions by hand
+def discrete_hand_networks():
+    """Q1(s, ·) = s·[1, 2, 3], Q2(s, ·) = s·[1.5, 1, 2.5], V(s) = s, logits(s) = s·[1, 0, −1]."""
+    def per_action(weights):
+        layer = nn.Linear(1, len(weights))
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor(weights).unsqueeze(-1))
+            layer.bias.zero_()
+        return layer
+
+    from torchrl.modules import ProbabilisticActor
+
+    q1 = TensorDictModule(per_action([1.0, 2.0, 3.0]), ["observation"], ["state_action_value"])
+    q2 = TensorDictModule(per_action([1.5, 1.0, 2.5]), ["observation"], ["state_action_value"])
+    value = TensorDictModule(linear([1.0]), ["observation"], ["state_value"])
+    actor = ProbabilisticActor(TensorDictModule(per_action([1.0, 0.0, -1.0]), ["observation"], ["logits"]),
+                               in_keys=["logits"], distribution_class=torch.distributions.Categorical)
+    return actor, [q1, q2], value
+
+
+def test_discrete_losses_use_q_of_the_dataset_action_and_its_log_probability():
+    # s = [1, 2], dataset actions [0, 1] (neither greedy for Q nor for π)
+    batch = hand_batch()
+    batch.set("action", torch.tensor([0, 1]))
+    out = DiscreteIQLLoss(*discrete_hand_networks(), action_space="categorical")(batch)
+    # min_i Q_i(s, a): [min(1, 1.5), min(4, 2)] = [1, 2]; V = [1, 2]; advantages [0, 0]
+    assert out["loss_value"].item() == pytest.approx(0.0, abs=1e-7)
+    log_pi = [math.log(math.exp(1) / (math.exp(1) + 1 + math.exp(-1))),   # s = 1, a = 0
+              math.log(1 / (math.exp(2) + 1 + math.exp(-2)))]              # s = 2, a = 1
+    assert out["loss_actor"].item() == pytest.approx(-(log_pi[0] + log_pi[1]) / 2, rel=1e-6)
+    # the wrong variants: max_a Q (max_a min_i Q = [2.5, 5]) would give loss_value 0.7·(1.5² + 3²)/2 ...
+    assert out["loss_value"].item() != pytest.approx(0.7 * (1.5**2 + 3.0**2) / 2, abs=1.0)
+    # ... and the greedy action's log-probability (a = 0 in both rows) another actor loss
+    greedy = [log_pi[0], math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))]
+    assert -(greedy[0] + greedy[1]) / 2 != pytest.approx(out["loss_actor"].item(), rel=1e-2)
+
+
+def test_bool_one_hot_actions_give_the_categorical_losses():
+    index = torch.randint(0, 4, (16,))
+    batch = random_batch(action=index)
+    categorical = small_loss("categorical")(batch.clone())
+    for dtype in (torch.bool, torch.long, torch.float32):
+        one_hot = small_loss("one_hot")(batch.clone().set("action", nn.functional.one_hot(index, 4).to(dtype)))
+        for key in ("loss_value", "loss_qvalue", "loss_actor"):
+            assert torch.allclose(categorical[key], one_hot[key], rtol=1e-5), (dtype, key)
+
+
+@pytest.mark.parametrize("action_space", ["categorical", "one_hot"])
+def test_discrete_loss_matches_torchrl_number_for_number(action_space):
+    from torchrl.objectives import DiscreteIQLLoss as TorchRLDiscreteIQLLoss
+
+    torch.manual_seed(3)
+    actor, critics, value = make_iql_networks(3, 4, actor_kind=action_space, hidden_sizes=(16,))
+    kwargs = dict(action_space=action_space, temperature=2.0, expectile=0.8, loss_function="l2")
+    ours, theirs = DiscreteIQLLoss(actor, critics, value, **kwargs), TorchRLDiscreteIQLLoss(actor, critics, value, **kwargs)
+    index = torch.randint(0, 4, (16,))
+    batch = random_batch(action=index if action_space == "categorical" else nn.functional.one_hot(index, 4))
+    batch.set(("next", "done"), batch.get(("next", "terminated")).clone())  # TorchRL's TD0 reads done too
+    a, b = ours(batch.clone()), theirs(batch.clone())
+    for key in ("loss_value", "loss_qvalue", "loss_actor", "entropy"):
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------- input checks a TorchRL user expects
+def test_an_action_of_the_wrong_size_names_action_and_the_expected_size():
+    batch = random_batch(action=torch.rand(16, 3) * 2 - 1)  # the networks take action_dim = 2
+    with pytest.raises(ValueError, match=r"'action'.*actor's spec.*action_dim = 2"):
+        small_loss()(batch.clone())  # the paper's Gaussian declares its spec
+    with pytest.raises(ValueError, match=r"'action'.*critic's input layer.*action_dim = 2"):
+        small_loss("deterministic")(batch.clone())  # no spec: the critic's first layer tells
+
+
+def test_the_action_size_check_stays_out_of_the_way_when_nothing_declares_a_size():
+    class AnyActionCritic(nn.Module):  # Q(s, a) = s·w + Σ a: any action size works
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(3, 1)
+
+        def forward(self, observation, action):
+            return self.w(observation) + action.sum(-1, keepdim=True)
+
+    actor = TensorDictModule(nn.Linear(3, 5), ["observation"], ["action"])
+    critics = [TensorDictModule(AnyActionCritic(), ["observation", "action"], ["state_action_value"]) for _ in range(2)]
+    value = TensorDictModule(nn.Linear(3, 1), ["observation"], ["state_value"])
+    out = IQLLoss(actor, critics, value)(random_batch(action=torch.rand(16, 5)))
+    assert torch.isfinite(out["loss_actor"])
+
+
+def test_float64_data_with_float32_networks_names_both_dtypes():
+    batch = random_batch().apply(lambda x: x.double() if x.is_floating_point() else x)
+    with pytest.raises(TypeError, match=r"'observation' is torch.float64.*torch.float32"):
+        small_loss()(batch)
+    assert torch.isfinite(small_loss().double()(batch)["loss_actor"])  # a float64 loss takes it
+
+
+def test_categorical_actions_must_be_integer_indices():
+    batch = random_batch(action=torch.randint(0, 4, (16,)).float())
+    with pytest.raises(TypeError, match=r"'action' is torch.float32.*integer indices"):
+        small_loss("categorical")(batch)
+
+
+def test_one_hot_actions_of_the_wrong_width_name_the_number_of_actions():
+    batch = random_batch(action=nn.functional.one_hot(torch.randint(0, 3, (16,)), 3))
+    with pytest.raises(ValueError, match=r"'action'.*4"):
+        small_loss("one_hot")(batch)
+
+
+def test_rewards_c_times_larger_act_like_a_temperature_c_times_larger():
+    # eq. (7) sees β·(Q − V): critics and V whose outputs are all doubled (as after training on
+    # doubled rewards) give the actor the weights β = 6 gives the original ones
+    doubled = hand_networks()
+    for network in (*doubled[1], doubled[2]):
+        with torch.no_grad():
+            for p in network.parameters():
+                p.mul_(2.0)
+    a = IQLLoss(*doubled, temperature=3.0)(hand_batch())
+    b = IQLLoss(*hand_networks(), temperature=6.0)(hand_batch())
+    assert a["loss_actor"].item() == pytest.approx(b["loss_actor"].item(), rel=1e-6)
+    assert a["loss_actor"].item() != pytest.approx(IQLLoss(*hand_networks(), temperature=3.0)(hand_batch())["loss_actor"].item(), rel=1e-2)
