@@ -43,12 +43,12 @@ def distances(reference: ReferenceIQL, loss) -> dict[str, float]:
     return {name: max_abs_diff(getattr(reference, name), getattr(loss, params)) for name, params in NETWORKS.items()}
 
 
-def run_steps(order, variants, seed=0, steps=3, lr=1e-2, tau=0.1, total_steps=4):
+def run_steps(order, variants, seed=0, steps=3, lr=1e-2, tau=0.1, total_steps=4, mode="eager"):
     """The library's update and one reference per variant (None: the right one) over the same batches."""
     loss = perturbed_loss(seed)
     references = {v: ReferenceIQL.from_loss(loss, lr=lr, tau=tau, total_steps=total_steps, order=order, variant=v)
                   for v in (None, *variants)}
-    update = IQLUpdate(loss, total_steps=total_steps, lr=lr, tau=tau, order=order)
+    update = IQLUpdate(loss, total_steps=total_steps, lr=lr, tau=tau, order=order, mode=mode)
     data = random_transitions(B * steps, OBS, ACT, seed)
     for k in range(steps):
         batch = data[k * B:(k + 1) * B]
@@ -57,11 +57,15 @@ def run_steps(order, variants, seed=0, steps=3, lr=1e-2, tau=0.1, total_steps=4)
     return loss, references, metrics, seen
 
 
-@pytest.mark.parametrize("order, variants", [("paper", PAPER_VARIANTS), ("summed", SUMMED_VARIANTS)])
-def test_three_updates_match_the_float64_reference_and_no_wrong_variant(order, variants):
+@pytest.mark.parametrize(
+    "order, variants, mode",
+    [("paper", PAPER_VARIANTS, "eager"), ("summed", SUMMED_VARIANTS, "eager"), ("paper", PAPER_VARIANTS, "compile")],
+)
+def test_three_updates_match_the_float64_reference_and_no_wrong_variant(order, variants, mode):
     # lr 1e-2 and τ_soft 0.1 make one step move the networks far enough to tell the variants
-    # apart; total_steps=4 puts the actor's cosine at 1, 0.854, 0.5 over the three steps
-    loss, references, metrics, seen = run_steps(order, variants)
+    # apart; total_steps=4 puts the actor's cosine at 1, 0.854, 0.5 over the three steps.
+    # The compiled step (one graph, torch.func gradients) is held to the same reference.
+    loss, references, metrics, seen = run_steps(order, variants, mode=mode)
     right = distances(references[None], loss)
     assert max(right.values()) < PARAM_TOL, right
     assert float(metrics["loss_actor"]) == pytest.approx(seen[None]["loss_actor"], rel=1e-5)
