@@ -306,8 +306,6 @@ class IQLUpdate:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in _STATE_TENSORS:
-            getattr(self, name).copy_(state[name])
         for name, opt in self.optimizers.items():
             learning_rates = [group["lr"] for group in opt.param_groups]
             opt.load_state_dict(state["optimizers"][name])
@@ -316,6 +314,8 @@ class IQLUpdate:
                 group["lr"] = lr
             for param in opt.param_groups[0]["params"]:  # older checkpoints hold a 0-dim step on any device
                 opt.state[param]["step"] = opt.state[param]["step"].to(param.device, torch.float32)
+        for name in _STATE_TENSORS:  # after the optimizers: the saved actor_lr is the one in force
+            getattr(self, name).copy_(state[name])
 
     def nonfinite_report(self) -> str | None:
         """``None`` while every loss has been finite, else which loss went non-finite at which step.

@@ -179,3 +179,27 @@ def test_bf16_autocast_step_stays_close_to_float32_and_keeps_float32_state():
     # bfloat16 keeps ~3 significant digits: the losses agree to a few percent, not exactly
     assert not torch.equal(m32["loss_qvalue"], m16["loss_qvalue"])
     assert torch.allclose(m32["loss_qvalue"], m16["loss_qvalue"].float(), rtol=0.05)
+
+
+def test_update_state_saved_by_the_previous_fused_adam_step_loads_and_continues():
+    # earlier releases kept three torch.optim.Adam(fused=True) optimizers and saved their state_dicts
+    data = dataset()
+    stream = index_stream(2)
+    loss, update = make_update(data, total_steps=4)
+    previous = {}
+    for name, params in update.params.items():
+        optimizer = torch.optim.Adam(params, lr=torch.tensor(3e-4), fused=True)
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+        optimizer.step()
+        previous[name] = optimizer.state_dict()
+        for p in params:
+            p.grad = None
+    state = {"step": torch.tensor(1), "actor_lr": torch.tensor(2e-4), "first_nonfinite_step": torch.tensor(-1),
+             "nonfinite_losses": torch.zeros(3, dtype=torch.bool), "optimizers": previous}
+    update.load_state_dict(state)
+    assert float(update.actor_lr) == pytest.approx(2e-4)
+    first = update.params["critic"][0]
+    assert torch.allclose(update.critic_optimizer.state[first]["exp_avg"], torch.full_like(first, 0.05))
+    update(stream[0])
+    assert int(update.step) == 2 and float(update.critic_optimizer.state[first]["step"]) == 2.0
