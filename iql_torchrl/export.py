@@ -1,0 +1,204 @@
+"""Policies that run without the library: a run exported to torch.export or ONNX.
+
+    python -m iql_torchrl.export RUN_DIR --format exported-program   # RUN_DIR/policy.pt2
+    python -m iql_torchrl.export RUN_DIR --format onnx               # RUN_DIR/policy.onnx
+
+The exported file is the run's deterministic evaluation policy as one function of a batch of raw
+environment observations, float32 ``[N, obs_dim]`` (N dynamic; Dict observations flattened in the
+order the sidecar lists), to environment actions: float32 ``[N, act_dim]`` in the environment's
+units and bounds for Box actions, int64 ``[N]`` (the greedy action) for Discrete ones. The
+observation normalisation, the mapping from the policy's action space to the environment's and the
+evaluator's clipping to the bounds are inside the graph. Beside each file, ``<FILE>.json`` records
+the environment, both spaces, the format, the versions and the run's final normalized score.
+
+Load it with plain torch (``torch.export.load(path).module()``) or with onnxruntime
+(``onnxruntime.InferenceSession(path)``, input ``"observation"``, output ``"action"``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+import iql_torchrl
+from iql_torchrl.checkpoint import CHECKPOINT_NAME
+from iql_torchrl.trainer import load_actor
+
+__all__ = ["EnvironmentPolicy", "export_policy", "check_finished_run", "NotAFinishedRunError", "ExportArgumentError", "FORMATS", "main"]
+
+FORMATS = {"exported-program": ".pt2", "onnx": ".onnx"}
+"""Export format → file suffix of the default output ``RUN_DIR/policy<suffix>``."""
+SUMMARY_NAME = "summary.json"
+INPUT_NAME, OUTPUT_NAME = "observation", "action"
+
+
+class ExportArgumentError(ValueError):
+    """An argument of the export names something that cannot be exported."""
+
+
+class NotAFinishedRunError(ExportArgumentError):
+    """The folder given to export is not a run that trained to its end."""
+
+
+class EnvironmentPolicy(nn.Module):
+    """A run's deterministic policy from raw (flattened) env observations to env actions.
+
+    It does what the evaluator (:func:`iql_torchrl.evaluation.evaluate_policy`) does around the
+    actor, as tensor operations only: normalise the observation with the dataset's statistics,
+    take the actor's deterministic action, map it to the environment's bounds and clip it to them
+    (Box), or take the greedy action index (Discrete).
+    """
+
+    def __init__(self, actor: nn.Module, metadata, observation_key="observation", action_key="action"):
+        super().__init__()
+        self.actor = actor
+        self.metadata = metadata
+        self.observation_key, self.action_key = observation_key, action_key
+        self.discrete = is_discrete(metadata)
+        if not self.discrete:
+            self.register_buffer("action_low", torch.tensor(metadata.action_low, dtype=torch.float32))
+            self.register_buffer("action_high", torch.tensor(metadata.action_high, dtype=torch.float32))
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        observation = self.metadata.normalize_observation(observation)
+        td = TensorDict({self.observation_key: observation}, batch_size=observation.shape[:1])
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            action = self.actor(td).get(self.action_key)
+        if self.discrete:  # a one-hot actor's action becomes its index
+            index = action.argmax(-1) if action.ndim == 2 else action.reshape(-1)
+            return index.to(torch.int64)
+        action = self.metadata.action_to_env(action)
+        return torch.clamp(action, self.action_low, self.action_high)  # the evaluator's clip: the mean may leave the box
+
+
+def is_discrete(metadata) -> bool:
+    """Whether the run's actions are indices of a Discrete space (from the data metadata)."""
+    return getattr(metadata, "action_space", "box") == "discrete"
+
+
+# ---------------------------------------------------------------------------------------- runs
+def check_finished_run(run_dir: str | Path) -> dict:
+    """The summary of the finished run in ``run_dir``; a clear error for anything else."""
+    run_dir = Path(run_dir)
+    what = "a run folder (the --output-dir of examples/iql_offline.py or examples/iql_finetune.py)"
+    if not run_dir.is_dir():
+        raise NotAFinishedRunError(f"RUN_DIR {str(run_dir)!r} is not a folder: pass {what}.")
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        raise NotAFinishedRunError(f"RUN_DIR {str(run_dir)!r} holds no {CHECKPOINT_NAME}: it is not {what}.")
+    if not (run_dir / SUMMARY_NAME).is_file():
+        raise NotAFinishedRunError(
+            f"RUN_DIR {str(run_dir)!r} is not a finished run (no {SUMMARY_NAME}): finish it with "
+            f"--resume --output-dir {run_dir}, then export."
+        )
+    return json.loads((run_dir / SUMMARY_NAME).read_text())
+
+
+def environment_policy(run_dir: str | Path, seed_index: int = 0) -> tuple[EnvironmentPolicy, dict]:
+    """The exportable policy of a finished run (seed ``seed_index`` of a ``--num-seeds`` run) and its summary."""
+    summary = check_finished_run(run_dir)
+    num_seeds = summary.get("num_seeds", 1)
+    if not 0 <= seed_index < num_seeds:
+        raise ExportArgumentError(f"--seed-index must be in [0, {num_seeds}) for this run of {num_seeds} seed(s), got {seed_index}.")
+    actor, metadata = load_actor(run_dir, device="cpu", seed_index=seed_index)
+    return EnvironmentPolicy(actor, metadata).eval(), summary
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_policy(
+    run_dir: str | Path, format: str = "exported-program", output: str | Path | None = None, seed_index: int = 0
+) -> Path:
+    """Writes the run's policy in ``format`` to ``output`` (default ``RUN_DIR/policy.pt2|.onnx``)
+    and its sidecar ``<output>.json``; returns the policy file's path."""
+    if format not in FORMATS:
+        raise ExportArgumentError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
+    if format == "onnx":
+        _require_onnx()
+    output = Path(run_dir) / f"policy{FORMATS[format]}" if output is None else Path(output)
+    policy, summary = environment_policy(run_dir, seed_index)
+    metadata = policy.metadata
+    example = torch.zeros(2, metadata.observation_dim)  # two rows: a batch of one would fix N to 1
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if format == "exported-program":
+        program = torch.export.export(policy, (example,), dynamic_shapes=dynamic_shapes, strict=False)
+        torch.export.save(program, output)
+    else:
+        onnx_program = torch.onnx.export(
+            policy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+        )
+        onnx_program.save(output, external_data=False)
+        extra["onnx_opset"] = next(o.version for o in onnx_program.model_proto.opset_import if o.domain == "")
+    sidecar = policy_sidecar(policy, summary, format=format, file=output.name, seed_index=seed_index)
+    Path(f"{output}.json").write_text(json.dumps({**sidecar, **extra}, indent=2))
+    return output
+
+
+def policy_sidecar(policy: EnvironmentPolicy, summary: dict, *, format: str, file: str, seed_index: int) -> dict:
+    """What a user of the exported file needs: environment, spaces, input/output, versions, score."""
+    from minari.serialization import serialize_space
+
+    metadata = policy.metadata
+    env = metadata.make_env()
+    try:
+        observation_space = json.loads(serialize_space(env.observation_space))
+        action_space = json.loads(serialize_space(env.action_space))
+    finally:
+        env.close()
+    per_seed = summary.get("per_seed") or []
+    score_of = per_seed[seed_index] if len(per_seed) > seed_index else summary
+    action_shape = ["N"] if policy.discrete else ["N", metadata.action_dim]
+    return {
+        "format": format,
+        "file": file,
+        "env_id": metadata.env_id,
+        "env_spec": metadata.env_spec_json,
+        "dataset": metadata.dataset_id,
+        "observation_space": observation_space,
+        "observation_keys": metadata.observation_keys,
+        "action_space": action_space,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", metadata.observation_dim]},
+        "output": {"name": OUTPUT_NAME, "dtype": "int64" if policy.discrete else "float32", "shape": action_shape},
+        "seed": summary.get("seed", 0) + seed_index,
+        "seed_index": seed_index,
+        "normalized_score": score_of.get("normalized_score"),
+        "return_mean": score_of.get("return_mean"),
+        "versions": {"iql_torchrl": iql_torchrl.__version__, "torch": torch.__version__},
+    }
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"--format onnx needs onnx and onnxscript ({err.name} is missing): pip install 'iql_torchrl[export]'."
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m iql_torchrl.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a finished run folder (holding checkpoint.pt and summary.json)")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="exported-program",
+                        help="exported-program (torch.export, .pt2) or onnx (default exported-program)")
+    parser.add_argument("--output", type=Path, default=None, help="policy file (default RUN_DIR/policy.pt2 or .onnx)")
+    parser.add_argument("--seed-index", type=int, default=0, help="which seed of a --num-seeds run (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        path = export_policy(args.run_dir, args.format, args.output, args.seed_index)
+    except (ExportArgumentError, ImportError) as err:
+        parser.error(str(err))
+    print(f"wrote {path} and {path}.json")
+    return path
+
+
+if __name__ == "__main__":
+    main()
