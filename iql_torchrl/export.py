@@ -17,6 +17,7 @@ Load it with plain torch (``torch.export.load(path).module()``) or with onnxrunt
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import iql_torchrl
 from iql_torchrl.checkpoint import CHECKPOINT_NAME
 from iql_torchrl.trainer import load_actor
 
-__all__ = ["EnvironmentPolicy", "export_policy", "check_finished_run", "NotAFinishedRunError", "ExportArgumentError", "FORMATS", "main"]
+__all__ = ["EnvironmentPolicy", "export_policy", "write_policy", "environment_policy", "check_finished_run", "NotAFinishedRunError", "ExportArgumentError", "FORMATS", "main"]
 
 FORMATS = {"exported-program": ".pt2", "onnx": ".onnx"}
 """Export format → file suffix of the default output ``RUN_DIR/policy<suffix>``."""
@@ -114,30 +115,33 @@ def export_policy(
 ) -> Path:
     """Writes the run's policy in ``format`` to ``output`` (default ``RUN_DIR/policy.pt2|.onnx``)
     and its sidecar ``<output>.json``; returns the policy file's path."""
-    if format not in FORMATS:
-        raise ExportArgumentError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
-    if format == "onnx":
-        _require_onnx()
+    _check_format(format)
     output = Path(run_dir) / f"policy{FORMATS[format]}" if output is None else Path(output)
     policy, summary = environment_policy(run_dir, seed_index)
-    metadata = policy.metadata
-    example = torch.zeros(2, metadata.observation_dim)  # two rows: a batch of one would fix N to 1
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    extra = {}
-    if format == "exported-program":
-        program = torch.export.export(policy, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-        torch.export.save(program, output)
-    else:
-        onnx_program = torch.onnx.export(
-            policy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-        )
-        onnx_program.save(output, external_data=False)
-        extra["onnx_opset"] = next(o.version for o in onnx_program.model_proto.opset_import if o.domain == "")
+    extra = write_policy(policy, format, output)
     sidecar = policy_sidecar(policy, summary, format=format, file=output.name, seed_index=seed_index)
     Path(f"{output}.json").write_text(json.dumps({**sidecar, **extra}, indent=2))
     return output
+
+
+def write_policy(policy: EnvironmentPolicy, format: str, path: str | Path) -> dict:
+    """Exports ``policy`` with a dynamic batch dimension to ``path``; returns format details for the sidecar."""
+    _check_format(format)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    policy = copy.deepcopy(policy).eval().requires_grad_(False)  # actions come out as plain tensors, ready for .numpy()
+    example = torch.zeros(2, policy.metadata.observation_dim)  # two rows: a batch of one would fix N to 1
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
+    if format == "exported-program":
+        program = torch.export.export(policy, (example,), dynamic_shapes=dynamic_shapes, strict=False)
+        torch.export.save(program, path)
+        return {}
+    onnx_program = torch.onnx.export(
+        policy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+    )
+    onnx_program.save(path, external_data=False)  # one self-contained file
+    return {"onnx_opset": next(o.version for o in onnx_program.model_proto.opset_import if o.domain == "")}
 
 
 def policy_sidecar(policy: EnvironmentPolicy, summary: dict, *, format: str, file: str, seed_index: int) -> dict:
@@ -173,7 +177,11 @@ def policy_sidecar(policy: EnvironmentPolicy, summary: dict, *, format: str, fil
     }
 
 
-def _require_onnx() -> None:
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ExportArgumentError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
+    if format != "onnx":
+        return
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
