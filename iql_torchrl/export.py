@@ -70,10 +70,9 @@ class EnvironmentPolicy(nn.Module):
         td = TensorDict({self.observation_key: observation}, batch_size=observation.shape[:1])
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             action = self.actor(td).get(self.action_key)
-        if self.discrete:  # a one-hot actor's action becomes its index
-            index = action.argmax(-1) if action.ndim == 2 else action.reshape(-1)
-            return index.to(torch.int64)
-        action = self.metadata.action_to_env(action)
+        action = self.metadata.action_to_env(action)  # Discrete: the index (also of a one-hot action)
+        if self.discrete:
+            return action.to(torch.int64)
         return torch.clamp(action, self.action_low, self.action_high)  # the evaluator's clip: the mean may leave the box
 
 
