@@ -19,6 +19,7 @@ from iql_torchrl.checkpoint import CHECKPOINT_NAME
 from iql_torchrl.evaluation import evaluate_policy
 from iql_torchrl.export import EnvironmentPolicy, NotAFinishedRunError, export_policy, main, write_policy
 from iql_torchrl.finetune import FinetuneConfig, finetune
+from iql_torchrl.models import make_actor
 from iql_torchrl.trainer import Config, load_actor, train
 
 from conftest import TINY_PENDULUM
@@ -278,3 +279,33 @@ def test_a_fine_tuned_run_exports_and_acts_like_its_evaluator(tiny_datasets, tmp
     assert np.abs(exported - actions).max() <= 1e-5
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(Path(f"{path}.json").read_text())["normalized_score"] == summary["normalized_score"]
+
+
+# ------------------------------------------------------------------ discrete actions
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_a_discrete_policy_exports_its_greedy_action_index(run, tmp_path, one_hot):
+    import onnxruntime
+
+    _, metadata = load_actor(run.dir)
+    if "action_space" not in {f.name for f in dataclasses.fields(metadata)}:
+        pytest.skip("the data metadata records no action space yet (no discrete runs)")
+    metadata = dataclasses.replace(
+        metadata, observation_dim=3, action_dim=4, action_low=[], action_high=[], actions_scaled=False,
+        observations_normalized=False, action_space="discrete", num_actions=4, one_hot_actions=one_hot,
+    )
+    torch.manual_seed(0)
+    actor = make_actor(3, 4, kind="one_hot" if one_hot else "categorical", hidden_sizes=(8,))
+    write_policy(EnvironmentPolicy(actor, metadata), "exported-program", tmp_path / "greedy.pt2")
+    write_policy(EnvironmentPolicy(actor, metadata), "onnx", tmp_path / "greedy.onnx")
+    observations = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
+    # the greedy action by hand: argmax of the logits, computed in float64 from the actor's weights
+    (w1, b1), (w2, b2) = [(layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy())
+                          for layer in actor.modules() if isinstance(layer, torch.nn.Linear)]
+    logits = np.maximum(observations @ w1.T + b1, 0.0) @ w2.T + b2
+    expected = logits.argmax(-1)
+    assert len(set(expected.tolist())) > 1  # the observations reach several actions
+    program = torch.export.load(tmp_path / "greedy.pt2").module()
+    session = onnxruntime.InferenceSession(str(tmp_path / "greedy.onnx"))
+    for got in (program(torch.from_numpy(observations)).numpy(), session.run(["action"], {"observation": observations})[0]):
+        assert got.dtype == np.int64 and got.shape == (100,)
+        np.testing.assert_array_equal(got, expected)
