@@ -30,7 +30,18 @@ import iql_torchrl
 from iql_torchrl.checkpoint import CHECKPOINT_NAME
 from iql_torchrl.trainer import load_actor
 
-__all__ = ["EnvironmentPolicy", "export_policy", "write_policy", "environment_policy", "check_finished_run", "NotAFinishedRunError", "ExportArgumentError", "FORMATS", "main"]
+__all__ = [
+    "EnvironmentPolicy",
+    "environment_policy",
+    "export_policy",
+    "write_policy",
+    "policy_sidecar",
+    "check_finished_run",
+    "ExportArgumentError",
+    "NotAFinishedRunError",
+    "FORMATS",
+    "main",
+]
 
 FORMATS = {"exported-program": ".pt2", "onnx": ".onnx"}
 """Export format → file suffix of the default output ``RUN_DIR/policy<suffix>``."""
@@ -73,7 +84,7 @@ class EnvironmentPolicy(nn.Module):
         action = self.metadata.action_to_env(action)  # Discrete: the index (also of a one-hot action)
         if self.discrete:
             return action.to(torch.int64)
-        return torch.clamp(action, self.action_low, self.action_high)  # the evaluator's clip: the mean may leave the box
+        return torch.clamp(action, self.action_low, self.action_high)  # the evaluator's clip (a mean may leave the box)
 
 
 def is_discrete(metadata) -> bool:
@@ -103,7 +114,9 @@ def environment_policy(run_dir: str | Path, seed_index: int = 0) -> tuple[Enviro
     summary = check_finished_run(run_dir)
     num_seeds = summary.get("num_seeds", 1)
     if not 0 <= seed_index < num_seeds:
-        raise ExportArgumentError(f"--seed-index must be in [0, {num_seeds}) for this run of {num_seeds} seed(s), got {seed_index}.")
+        raise ExportArgumentError(
+            f"--seed-index must be in [0, {num_seeds}) for this run of {num_seeds} seed(s), got {seed_index}."
+        )
     actor, metadata = load_actor(run_dir, device="cpu", seed_index=seed_index)
     return EnvironmentPolicy(actor, metadata).eval(), summary
 
