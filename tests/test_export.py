@@ -109,14 +109,14 @@ class _RecordingMetadata:
         return _RecordingEnv(self._metadata.make_env(**kwargs), self.steps)
 
 
-def evaluator_steps(run_dir, seed=OBSERVATIONS_SEED, n=100, seed_index=0):
-    """The first ``n`` raw observations of the library's evaluation episode and the env actions it took."""
+def evaluator_steps(run_dir, seed=OBSERVATIONS_SEED, n=100, seed_index=0, episodes=1):
+    """The first ``n`` raw observations of the library's evaluation episodes and the env actions it took."""
     actor, metadata = load_actor(run_dir, seed_index=seed_index)
     recording = _RecordingMetadata(metadata)
-    evaluate_policy(actor, recording, episodes=1, seed=seed)
+    evaluate_policy(actor, recording, episodes=episodes, seed=seed)
     observations, actions = map(np.stack, zip(*recording.steps[:n]))
     assert len(observations) == n
-    return observations, actions.astype(np.float64)
+    return observations, actions
 
 
 # ------------------------------------------------------------------ one run, exported both ways
