@@ -28,6 +28,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 import iql_torchrl
 from iql_torchrl.checkpoint import CHECKPOINT_NAME
+from iql_torchrl.run import SUMMARY_NAME
 from iql_torchrl.trainer import load_actor
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
 
 FORMATS = {"exported-program": ".pt2", "onnx": ".onnx"}
 """Export format → file suffix of the default output ``RUN_DIR/policy<suffix>``."""
-SUMMARY_NAME = "summary.json"
 INPUT_NAME, OUTPUT_NAME = "observation", "action"
 
 
