@@ -27,7 +27,8 @@ from torch import nn
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 import iql_torchrl
-from iql_torchrl.checkpoint import CHECKPOINT_NAME
+from iql_torchrl.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from iql_torchrl.cli import quiet_library_logs
 from iql_torchrl.run import SUMMARY_NAME
 from iql_torchrl.trainer import load_actor
 
@@ -106,6 +107,12 @@ def check_finished_run(run_dir: str | Path) -> dict:
             f"RUN_DIR {str(run_dir)!r} is not a finished run (no {SUMMARY_NAME}): finish it with "
             f"--resume --output-dir {run_dir}, then export."
         )
+    try:  # the final policy: never the older one that loading falls back to when the last is unreadable
+        load_checkpoint(run_dir / CHECKPOINT_NAME, map_location="cpu")
+    except CheckpointError as err:
+        raise NotAFinishedRunError(
+            f"{err} The export needs this final checkpoint ({PREVIOUS_CHECKPOINT_NAME} holds an older policy)."
+        ) from err
     return json.loads((run_dir / SUMMARY_NAME).read_text())
 
 
@@ -205,6 +212,7 @@ def _check_format(format: str) -> None:
 
 # ---------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> Path:
+    quiet_library_logs()
     parser = argparse.ArgumentParser(prog="python -m iql_torchrl.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a finished run folder (holding checkpoint.pt and summary.json)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="exported-program",
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         path = export_policy(args.run_dir, args.format, args.output, args.seed_index)
     except (ExportArgumentError, ImportError) as err:
-        parser.error(str(err))
+        parser.exit(2, f"error: {err}\n")
     print(f"wrote {path} and {path}.json")
     return path
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tensordict.nn import TensorDictModule
 
-from iql_torchrl.checkpoint import CHECKPOINT_NAME
+from iql_torchrl.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME
 from iql_torchrl.evaluation import evaluate_policy
 from iql_torchrl.export import EnvironmentPolicy, NotAFinishedRunError, export_policy, main, write_policy
 from iql_torchrl.finetune import FinetuneConfig, finetune
@@ -208,8 +208,13 @@ def test_a_folder_that_is_not_a_finished_run_is_refused_before_any_work(run, tmp
     unfinished.mkdir()
     shutil.copy(run.dir / CHECKPOINT_NAME, unfinished / CHECKPOINT_NAME)  # a run stopped before its end
     (tmp_path / "empty").mkdir()
+    torn = tmp_path / "torn"  # finished, but its last checkpoint is unreadable: the previous one is older
+    torn.mkdir()
+    shutil.copy(run.dir / "summary.json", torn / "summary.json")
+    shutil.copy(run.dir / CHECKPOINT_NAME, torn / PREVIOUS_CHECKPOINT_NAME)
+    (torn / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     cases = {tmp_path / "missing": "is not a folder", tmp_path / "empty": f"holds no {CHECKPOINT_NAME}",
-             unfinished: "is not a finished run"}
+             unfinished: "is not a finished run", torn: "needs this final checkpoint"}
     for folder, message in cases.items():
         with pytest.raises(NotAFinishedRunError, match=message):
             export_policy(folder, "onnx")
