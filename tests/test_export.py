@@ -132,18 +132,22 @@ def run(tiny_datasets_root, tmp_path_factory):
     return SimpleNamespace(dir=out, onnx=onnx_path, program=program_path, observations=observations, actions=actions)
 
 
-@pytest.fixture(scope="module")
-def standalone(run, tmp_path_factory):
-    """What the exported files do in a fresh process that cannot import iql_torchrl."""
-    work = tmp_path_factory.mktemp("standalone")
-    np.save(work / "observations.npy", run.observations)
-    args = {"observations": str(work / "observations.npy"), "policies": [str(run.onnx), str(run.program)],
+def run_standalone(policies, observations, work):
+    """What the exported files do in a fresh process that cannot import iql_torchrl: their actions on
+    ``observations`` and their returns over episodes reset with ``EPISODE_SEEDS``."""
+    np.save(work / "observations.npy", observations)
+    args = {"observations": str(work / "observations.npy"), "policies": [str(p) for p in policies],
             "seeds": EPISODE_SEEDS, "result": str(work / "result.json")}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", STANDALONE, json.dumps(args)], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((work / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def standalone(run, tmp_path_factory):
+    return run_standalone([run.onnx, run.program], run.observations, tmp_path_factory.mktemp("standalone"))
 
 
 def test_the_default_outputs_are_policy_files_in_the_run_folder_with_sidecars(run):
@@ -314,3 +318,33 @@ def test_a_discrete_policy_exports_its_greedy_action_index(run, tmp_path, one_ho
     for got in (program(torch.from_numpy(observations)).numpy(), session.run(["action"], {"observation": observations})[0]):
         assert got.dtype == np.int64 and got.shape == (100,)
         np.testing.assert_array_equal(got, expected)
+
+
+CARTPOLE = "iql_torchrl/cartpole/mixed-v0"
+
+
+def test_a_discrete_run_exports_the_evaluators_greedy_actions(tmp_path):
+    from iql_torchrl.datasets import BUILDERS, build_dataset
+
+    if CARTPOLE not in BUILDERS:
+        pytest.skip("no discrete datasets yet")
+    out = tmp_path / "cartpole"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+        build_dataset(CARTPOLE, episodes=5, reference_episodes=2, progress=False)
+        train(Config(dataset=CARTPOLE, output_dir=out, **TINY))
+    paths = [export_policy(out, "onnx"), export_policy(out, "exported-program")]
+    observations, actions = evaluator_steps(out, episodes=30)  # CartPole episodes can be short
+    assert actions.dtype == np.int64
+    standalone = run_standalone(paths, observations, tmp_path)
+    assert standalone["imported"] == []
+    actor, metadata = load_actor(out)
+    expected_returns = evaluate_policy(actor, metadata, episodes=len(EPISODE_SEEDS), seed=EPISODE_SEEDS[0])["returns"]
+    for path in paths:
+        result = standalone[str(path)]
+        assert result["dtype"] == "int64" and result["shape"] == [100], path
+        np.testing.assert_array_equal(result["actions"], actions)
+        assert result["returns"] == expected_returns, path
+        meta = json.loads(Path(f"{path}.json").read_text())
+        assert meta["output"] == {"name": "action", "dtype": "int64", "shape": ["N"]}
+        assert meta["action_space"] == {"type": "Discrete", "dtype": "int64", "start": 0, "n": 2}
