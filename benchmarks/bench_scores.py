@@ -223,22 +223,25 @@ def awr_diagnostics(run_dir: Path) -> dict:
 
     import torch
 
-    from iql_torchrl.checkpoint import load_checkpoint
+    from iql_torchrl.checkpoint import load_run_checkpoint
+    from iql_torchrl.config import PRESETS, RunConfig, config_from_dict
     from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, load_minari_dataset
     from iql_torchrl.distributed import SeedEnsemble
-    from iql_torchrl.trainer import PRESETS, build_loss
+    from iql_torchrl.trainer import build_loss
 
-    state = load_checkpoint(run_dir / "checkpoint.pt", map_location="cpu")
-    config = Config(**{**state["config"], "output_dir": None, "device": "cpu"})
+    state = load_run_checkpoint(run_dir, map_location="cpu")
+    config = config_from_dict(RunConfig, state["config"])
+    config.device, config.output_dir = "cpu", None
+    num_seeds = state["config"].get("num_seeds", 1)
     metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
-    ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(config.num_seeds)])
+    ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(num_seeds)])
     ensemble.load_state_dict(state["loss"])
     data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
                                                   normalize_observations=config.normalize_observations))
     clamped, advantage = [], []
     warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
     with torch.no_grad():
-        for i in range(config.num_seeds):
+        for i in range(num_seeds):
             out = ensemble.seed_loss(i)(data.clone())
             clamped.append(float(out["awr_weight_clamped_frac"]))
             advantage.append(float(out["advantage_mean"]))
