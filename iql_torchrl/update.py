@@ -26,6 +26,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.optim.adam import adam
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from iql_torchrl.loss import IQLLoss
 
@@ -168,6 +169,9 @@ class IQLUpdate:
                 # inductor draws its own dropout masks unless told to use eager's generator:
                 # with it, compiled and eager steps (and resumed runs) draw the same masks
                 torch._inductor.config.fallback_random = True
+            # tensordict registers a TensorDict's pytree constructor on first use, which a compiled
+            # step's guards would see as a change and recompile once; use it before compiling
+            tree_unflatten(*tree_flatten(TensorDict()))
             self._step_fn = torch.compile(step_fn, fullgraph=grad_hook is None)
             if mode == "cudagraphs":
                 from tensordict.nn import CudaGraphModule
