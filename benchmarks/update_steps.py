@@ -88,7 +88,7 @@ def torchrl_steps(setup: Setup, mode: str) -> Steps:
         actor, critics, value,
         loss_function="l2", temperature=PAPER["temperature"], expectile=PAPER["expectile"],
     ).to(setup.device)
-    loss.make_value_estimator(gamma=PAPER["gamma"])
+    loss.make_value_estimator(gamma=PAPER["gamma"], device=setup.device)
     target_updater = SoftUpdate(loss, tau=PAPER["tau"])
     optimizer = group_optimizers(*(
         torch.optim.Adam(list(getattr(loss, f"{name}_network_params").flatten_keys().values()), lr=PAPER["lr"])
