@@ -74,9 +74,8 @@ class OfflineDataTransform(Transform):
 
     # -- data
     def _observation(self, tensordict: TensorDictBase) -> torch.Tensor:
-        batch = tensordict.batch_size
-        parts = [tensordict.get(key).to(torch.float32).reshape(*batch, -1) for key in self.env_observation_keys]
-        return self.metadata.normalize_observation(torch.cat(parts, dim=-1))
+        source = tensordict if self.metadata.observation_keys else tensordict.get("observation")
+        return self.metadata.normalize_observation(self.metadata.flatten_observation(source))
 
     def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
         next_tensordict.set("observation", self._observation(next_tensordict))
@@ -198,14 +197,7 @@ def restore_episodes(env: TransformedEnv, states: list[dict]) -> None:
 # ------------------------------------------------------------------------------ the policy
 def stored_action_bounds(metadata: OfflineDataMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The box stored offline actions were clipped to (buffer space), or ``None`` if unbounded."""
-    eps = metadata.action_clip_eps
-    if metadata.actions_scaled:
-        return torch.full((metadata.action_dim,), -1.0 + eps), torch.full((metadata.action_dim,), 1.0 - eps)
-    low, high = torch.tensor(metadata.action_low), torch.tensor(metadata.action_high)
-    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-        return None
-    center, half = (low + high) / 2, (high - low) / 2
-    return (center - half * (1 - eps)).float(), (center + half * (1 - eps)).float()
+    return metadata.stored_action_box()
 
 
 class _ClipAction(torch.nn.Module):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from iql_torchrl import data as data_module
+from iql_torchrl.data import minari as minari_io
 from iql_torchrl.data import (
     ACTION_CLIP_EPS,
     OBSERVATION_STD_EPS,
@@ -445,7 +445,7 @@ def test_unknown_reward_transform_is_refused():
 
 
 def test_missing_remote_dataset_fails_fast_without_network(minari_root, monkeypatch):
-    monkeypatch.setattr(data_module, "_remote_unreachable_reason", lambda timeout=3.0: "cannot reach huggingface.co (test)")
+    monkeypatch.setattr(minari_io, "_remote_unreachable_reason", lambda timeout=3.0: "cannot reach huggingface.co (test)")
     monkeypatch.setattr(minari, "download_dataset", lambda *a, **k: pytest.fail("download must not be attempted"))
     with pytest.raises(FileNotFoundError) as error:
         load_minari_dataset("mujoco/pendulum/nowhere-v0")
@@ -459,7 +459,7 @@ def test_failed_download_is_reported_with_how_to_get_the_data(minari_root, monke
     def refuse(*args, **kwargs):
         raise ConnectionError("connection reset")
 
-    monkeypatch.setattr(data_module, "_remote_unreachable_reason", lambda timeout=3.0: None)
+    monkeypatch.setattr(minari_io, "_remote_unreachable_reason", lambda timeout=3.0: None)
     monkeypatch.setattr(minari, "download_dataset", refuse)
     with pytest.raises(FileNotFoundError, match=r"(?s)download failed: ConnectionError: connection reset.*minari download"):
         load_minari_dataset("mujoco/pendulum/nowhere-v0")

@@ -1,0 +1,321 @@
+"""Building the offline replay buffer: write the raw transitions, check them, compute the
+statistics, then apply the transforms in place, chunk by chunk.
+
+:class:`BufferOptions` holds every choice about the buffer (where it lives, the transforms);
+:class:`DataSource` what is known about the data's origin (environment, spaces, reference
+scores); :func:`build_buffer` turns a stream of raw transition chunks into a read-only
+``ReplayBuffer`` with an :class:`~iql_torchrl.data.metadata.OfflineDataMetadata`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, ReplayBuffer
+from torchrl.data.replay_buffers.writers import ImmutableDatasetWriter
+
+from iql_torchrl.data.checks import DatasetError, OutOfBoundsActions, check_action_indices
+from iql_torchrl.data.metadata import ACTION_CLIP_EPS, OBSERVATION_STD_EPS, OfflineDataMetadata
+
+__all__ = [
+    "BufferOptions",
+    "CHUNK_SIZE",
+    "DataSource",
+    "REWARD_TRANSFORMS",
+    "action_space_fields",
+    "build_buffer",
+]
+
+REWARD_TRANSFORMS = ("none", "locomotion", "antmaze")
+CHUNK_SIZE = 1 << 20  # transitions per in-place transform step (bounds memory use)
+
+
+@dataclass(frozen=True)
+class BufferOptions:
+    """Where the buffer lives and which transforms it applies (once, when it is built).
+
+    The keyword arguments of :func:`~iql_torchrl.data.load_minari_dataset` and
+    :func:`~iql_torchrl.data.make_offline_buffer` are these fields.
+    """
+
+    batch_size: int | None = 256
+    """Default batch size of ``buffer.sample()``."""
+    device: torch.device | str = "cpu"
+    """Where the data lives and batches are returned (``"memory"`` storage only)."""
+    storage: str = "memory"
+    """``"memory"`` (a ``LazyTensorStorage`` on ``device``) or ``"memmap"`` (a ``LazyMemmapStorage``
+    under ``scratch_dir``, for datasets larger than memory)."""
+    scratch_dir: str | os.PathLike | None = None
+    """Directory for the memory-mapped files (a temporary one if ``None``)."""
+    reward_transform: str = "none"
+    """``"none"``, ``"locomotion"`` (× 1000 / return range) or ``"antmaze"`` (− 1)."""
+    normalize_observations: bool = False
+    """Store ``(obs - mean) / std`` (statistics kept in the metadata either way)."""
+    scale_actions: bool = True
+    """Map Box actions from the env's bounds to ``[-1, 1]``."""
+    action_clip_eps: float = ACTION_CLIP_EPS
+    """Clip stored Box actions to ``±(1 - action_clip_eps)``; 0 disables."""
+    raw: bool = False
+    """Turn every transform off (overrides the four fields above; out-of-bounds actions are kept)."""
+    clip_actions: bool = False
+    """Clip Box actions outside the env's bounds into them (with a warning) instead of refusing the data."""
+    one_hot_actions: bool = False
+    """Store discrete actions as float32 one-hot ``[N, n]`` instead of int64 indices ``[N]``."""
+
+    def __post_init__(self):
+        if self.reward_transform not in REWARD_TRANSFORMS:
+            raise ValueError(f"reward_transform must be one of {REWARD_TRANSFORMS}, got {self.reward_transform!r}.")
+        if not 0.0 <= self.action_clip_eps < 1.0:
+            raise ValueError(f"action_clip_eps must be in [0, 1), got {self.action_clip_eps}.")
+        if self.storage not in ("memory", "memmap"):
+            raise ValueError(f"storage must be 'memory' or 'memmap', got {self.storage!r}.")
+        if self.storage == "memmap" and torch.device(self.device).type != "cpu":
+            raise ValueError("storage='memmap' keeps the data on disk; use device='cpu' (batches can be moved later).")
+
+    @classmethod
+    def merge(cls, options: BufferOptions | None, **overrides) -> BufferOptions:
+        """``options`` (or the defaults) with keyword arguments replacing fields; unknown names refused."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"Unknown buffer option(s) {unknown}; the options are {names}.")
+        return dataclasses.replace(options if options is not None else cls(), **overrides)
+
+    def effective(self) -> BufferOptions:
+        """The options actually applied: ``raw`` turns every transform off."""
+        if not self.raw:
+            return self
+        return dataclasses.replace(
+            self, reward_transform="none", normalize_observations=False, scale_actions=False, action_clip_eps=0.0
+        )
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where transitions come from: ids, reference scores, observation layout, action space."""
+
+    dataset_id: str | None
+    env_id: str | None
+    env_spec_json: str | None
+    ref_min_score: float | None
+    ref_max_score: float | None
+    observation_keys: list[str] | None
+    observation_key_shapes: list[list[int]]
+    action_space: str
+    """``"box"`` or ``"discrete"``."""
+    action_low: list[float]
+    action_high: list[float]
+    num_actions: int | None
+
+    def describe(self) -> str:
+        if self.env_id is not None:
+            return f"environment {self.env_id!r}"
+        return f"dataset {self.dataset_id!r}" if self.dataset_id is not None else "the action space"
+
+
+def action_space_fields(space: gym.Space, owner: str) -> dict:
+    """``action_space``, ``action_low``, ``action_high``, ``num_actions`` of a gymnasium action space.
+
+    Box and ``Discrete(n)`` (starting at 0) are supported; anything else is refused, naming
+    ``owner`` (the dataset or environment) and the space.
+    """
+    if isinstance(space, gym.spaces.Box):
+        return dict(
+            action_space="box",
+            action_low=np.broadcast_to(space.low, space.shape).reshape(-1).astype(np.float64).tolist(),
+            action_high=np.broadcast_to(space.high, space.shape).reshape(-1).astype(np.float64).tolist(),
+            num_actions=None,
+        )
+    if isinstance(space, gym.spaces.Discrete):
+        if int(space.start) != 0:
+            raise DatasetError(
+                f"{owner} has the action space {space}, whose indices start at {int(space.start)}; only "
+                "Discrete spaces starting at 0 are supported. Shift the actions to start at 0 and pass "
+                "the transitions to make_offline_buffer(..., num_actions=n)."
+            )
+        return dict(action_space="discrete", action_low=[], action_high=[], num_actions=int(space.n))
+    raise DatasetError(
+        f"{owner} has a {type(space).__name__} action space ({space}); only Box and Discrete action spaces "
+        "are supported. A MultiDiscrete or Tuple space can be flattened into one Discrete space (one index "
+        "per combination) and passed to make_offline_buffer(..., num_actions=n)."
+    )
+
+
+def build_buffer(
+    chunks: Iterable[TensorDict], *, num_transitions: int, source: DataSource, options: BufferOptions
+) -> ReplayBuffer:
+    """Write ``chunks`` (raw transitions) into storage, check them, transform them in place."""
+    options = options.effective()
+    if num_transitions <= 0:
+        raise DatasetError(f"Dataset {source.dataset_id!r} has no transitions: there is nothing to learn from.")
+    device = torch.device(options.device)
+    if options.storage == "memory":
+        data_storage = LazyTensorStorage(num_transitions, device=device)
+    else:
+        data_storage = LazyMemmapStorage(num_transitions, scratch_dir=options.scratch_dir)
+    count = _write(chunks, data_storage, num_transitions, source, options.one_hot_actions, device)
+    data = data_storage.get(slice(None))
+
+    episode_ids, episode_index = torch.unique(data.get("episode"), return_inverse=True)
+    mean, std, episode_returns, out_of_bounds = _statistics(data, episode_index, episode_ids.numel(), source, options)
+    if out_of_bounds is not None and out_of_bounds.count:
+        _refuse_or_warn(out_of_bounds, episode_ids, source, options)
+
+    discrete = source.action_space == "discrete"
+    bounded = not discrete and bool(np.isfinite(source.action_low).all() and np.isfinite(source.action_high).all())
+    already_unit = bounded and bool(np.all(np.asarray(source.action_low) == -1) and np.all(np.asarray(source.action_high) == 1))
+    reward_scale, reward_shift = _reward_transform(options.reward_transform, episode_returns)
+    metadata = OfflineDataMetadata(
+        dataset_id=source.dataset_id,
+        env_id=source.env_id,
+        env_spec_json=source.env_spec_json,
+        ref_min_score=source.ref_min_score,
+        ref_max_score=source.ref_max_score,
+        observation_dim=int(data.get("observation").shape[-1]),
+        observation_keys=source.observation_keys,
+        observation_key_shapes=source.observation_key_shapes,
+        action_dim=int(source.num_actions) if discrete else len(source.action_low),
+        action_low=[float(x) for x in source.action_low],
+        action_high=[float(x) for x in source.action_high],
+        actions_scaled=bool(options.scale_actions and bounded and not already_unit),
+        action_clip_eps=float(options.action_clip_eps) if bounded else 0.0,
+        reward_transform=options.reward_transform,
+        reward_scale=float(reward_scale),
+        reward_shift=float(reward_shift),
+        observation_mean=mean.cpu().tolist(),
+        observation_std=std.cpu().tolist(),
+        observations_normalized=bool(options.normalize_observations),
+        num_transitions=int(count),
+        num_episodes=int(episode_ids.numel()),
+        action_space=source.action_space,
+        num_actions=source.num_actions,
+        one_hot_actions=bool(discrete and options.one_hot_actions),
+    )
+    _transform_in_place(data, metadata, clip_to_box=not options.raw)
+
+    buffer = ReplayBuffer(
+        storage=data_storage,
+        sampler=RandomSampler(),
+        writer=ImmutableDatasetWriter(),
+        batch_size=options.batch_size,
+    )
+    buffer.metadata = metadata
+    return buffer
+
+
+def _write(chunks, data_storage, num_transitions: int, source: DataSource, one_hot: bool, device) -> int:
+    """Write the raw chunks; discrete indices are range-checked (and one-hot encoded on request)."""
+    cursor = 0
+    for chunk in chunks:
+        count = chunk.batch_size[0]
+        if cursor + count > num_transitions:
+            raise DatasetError(
+                f"Dataset {source.dataset_id!r} holds more steps than its metadata's total_steps "
+                f"({num_transitions}); its metadata is corrupt."
+            )
+        action = chunk.get("action")
+        if source.action_space == "discrete":
+            check_action_indices(action, chunk.get("episode"), source.num_actions, source.describe())
+            if one_hot:
+                chunk = chunk.clone(False)
+                chunk.set("action", torch.nn.functional.one_hot(action, source.num_actions).to(torch.float32))
+        elif action.shape[-1] != len(source.action_low):
+            raise DatasetError(
+                f"Dataset {source.dataset_id!r}: 'action' has dimension {action.shape[-1]} but "
+                f"{source.describe()} has {len(source.action_low)}-dimensional actions."
+            )
+        data_storage.set(torch.arange(cursor, cursor + count), chunk.to(device))
+        cursor += count
+    if cursor == 0:
+        raise DatasetError(f"Dataset {source.dataset_id!r} has no transitions: there is nothing to learn from.")
+    if cursor != num_transitions:
+        raise DatasetError(
+            f"Dataset {source.dataset_id!r} holds {cursor} steps but its metadata says {num_transitions}; "
+            "the file is truncated or its metadata is corrupt."
+        )
+    return cursor
+
+
+def _statistics(data: TensorDictBase, episode_index, num_episodes: int, source: DataSource, options: BufferOptions):
+    """Observation mean/std, episode returns and (Box, bounded, not raw) out-of-bounds actions."""
+    device = data.device if data.device is not None else torch.device("cpu")
+    observation_dim = data.get("observation").shape[-1]
+    obs_sum = torch.zeros(observation_dim, dtype=torch.float64, device=device)
+    obs_sq_sum = torch.zeros(observation_dim, dtype=torch.float64, device=device)
+    episode_returns = torch.zeros(num_episodes, dtype=torch.float64, device=device)
+    out_of_bounds = None
+    low, high = np.asarray(source.action_low), np.asarray(source.action_high)
+    if source.action_space == "box" and not options.raw and np.isfinite(low).all() and np.isfinite(high).all():
+        out_of_bounds = OutOfBoundsActions(torch.from_numpy(low), torch.from_numpy(high), num_episodes)
+    count = data.batch_size[0]
+    for start in range(0, count, CHUNK_SIZE):
+        block = slice(start, start + CHUNK_SIZE)
+        observation = data.get("observation")[block].to(torch.float64)
+        obs_sum += observation.sum(0)
+        obs_sq_sum += observation.square().sum(0)
+        reward = data.get(("next", "reward"))[block].reshape(-1).to(torch.float64)
+        episode_returns.index_add_(0, episode_index[block], reward)
+        if out_of_bounds is not None:
+            out_of_bounds.add(data.get("action")[block], episode_index[block])
+    mean = obs_sum / count
+    std = (obs_sq_sum / count - mean.square()).clamp_min(0.0).sqrt() + OBSERVATION_STD_EPS
+    return mean, std, episode_returns, out_of_bounds
+
+
+def _refuse_or_warn(out_of_bounds: OutOfBoundsActions, episode_ids, source: DataSource, options: BufferOptions):
+    bounds = f"[{source.action_low}, {source.action_high}]" if len(source.action_low) > 1 else (
+        f"[{source.action_low[0]:g}, {source.action_high[0]:g}]"
+    )
+    report = f"Field 'action' of {source.describe()}: " + out_of_bounds.describe(episode_ids.cpu(), bounds)
+    if not options.clip_actions:
+        raise DatasetError(
+            report + ". Such actions would be clipped to the bounds, changing the behaviour the data records. "
+            "Check the data's action units (e.g. a forgotten rescaling), or pass clip_actions=True "
+            "(command line: --clip-actions) to clip them on purpose."
+        )
+    warnings.warn(report + "; clipped to the bounds (clip_actions=True).", stacklevel=3)
+
+
+def _reward_transform(name: str, episode_returns: torch.Tensor) -> tuple[float, float]:
+    """(scale, shift) of the reward transform."""
+    if name == "locomotion":
+        spread = float(episode_returns.max() - episode_returns.min())
+        if spread <= 0:
+            raise DatasetError(
+                f"reward_transform='locomotion' needs episodes with different returns; all "
+                f"{episode_returns.numel()} episodes return {float(episode_returns[0]):.6g}."
+            )
+        return 1000.0 / spread, 0.0
+    if name == "antmaze":
+        return 1.0, -1.0
+    return 1.0, 0.0
+
+
+def _transform_in_place(data: TensorDictBase, metadata: OfflineDataMetadata, clip_to_box: bool) -> None:
+    """Apply the metadata's transforms to the stored data, chunk by chunk."""
+    box = metadata.stored_action_box() if clip_to_box else None
+    transforms_actions = metadata.actions_scaled or box is not None
+    transforms_rewards = metadata.reward_scale != 1.0 or metadata.reward_shift != 0.0
+    if not (transforms_actions or transforms_rewards or metadata.observations_normalized):
+        return
+    for start in range(0, metadata.num_transitions, CHUNK_SIZE):
+        block = slice(start, start + CHUNK_SIZE)
+        if transforms_actions:
+            action = metadata.action_from_env(data.get("action")[block])
+            if box is not None:
+                action = torch.maximum(torch.minimum(action, box[1].to(action)), box[0].to(action))
+            data.get("action")[block] = action
+        if transforms_rewards:
+            reward = data.get(("next", "reward"))[block]
+            data.get(("next", "reward"))[block] = reward * metadata.reward_scale + metadata.reward_shift
+        if metadata.observations_normalized:
+            for key in ("observation", ("next", "observation")):
+                data.get(key)[block] = metadata.normalize_observation(data.get(key)[block])

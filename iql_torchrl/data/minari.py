@@ -1,0 +1,322 @@
+"""Minari datasets read episode by episode into TorchRL transitions, and into offline buffers.
+
+``minari.load_dataset(...).iterate_episodes()`` is read directly: TorchRL's
+``MinariExperienceReplay`` is not used because, for local datasets, version 0.14.1 has been seen
+filling correctly shaped tensors with zeros. A missing remote dataset is downloaded when Minari's
+server answers; a missing builder dataset is never downloaded (build it locally).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict import TensorDict
+from torchrl.data import ReplayBuffer
+
+from iql_torchrl.data.buffer import BufferOptions, DataSource, action_space_fields, build_buffer
+from iql_torchrl.data.checks import DatasetError, check_finite
+from iql_torchrl.data.metadata import flatten_observation
+
+__all__ = ["load_minari_dataset", "read_minari_transitions"]
+
+
+# --------------------------------------------------------------------------------------
+# Opening (and downloading) a dataset
+# --------------------------------------------------------------------------------------
+
+
+def _minari_remote() -> str:
+    return os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+
+
+def _remote_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """``None`` if Minari's remote server accepts a TCP connection, else why not."""
+    remote = _minari_remote()
+    host = {"hf": "huggingface.co", "gcp": "storage.googleapis.com"}.get(remote.split("://")[0])
+    if host is None:
+        return None  # unknown remote: let minari try
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return None
+    except OSError as error:
+        return f"cannot reach {host} ({remote}): {error}"
+
+
+def _not_found_message(dataset_id: str, data_path: Path, reason: str) -> str:
+    root = os.environ.get("MINARI_DATASETS_PATH")
+    root_note = f"MINARI_DATASETS_PATH={root}" if root else "MINARI_DATASETS_PATH unset, default ~/.minari/datasets"
+    return (
+        f"Minari dataset {dataset_id!r} is not available: looked in {data_path} ({root_note}); {reason}.\n"
+        f"To get it: on a machine with network run `minari download {dataset_id}` "
+        "(Minari's remote needs `pip install 'minari[hf]'`), then copy its folder "
+        f"to {data_path.parent} or point MINARI_DATASETS_PATH at the datasets root that holds it. "
+        "Datasets this package can build offline are listed by `python -m iql_torchrl.datasets list`."
+    )
+
+
+def _open_minari_dataset(dataset_id: str, download: bool):
+    """Open a local Minari dataset, downloading it when allowed and possible."""
+    import minari
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    from iql_torchrl.datasets import BUILDERS
+
+    parse_dataset_id(dataset_id)  # raises a clear ValueError for malformed ids
+    data_path = get_dataset_path(dataset_id) / "data"
+    if not data_path.exists():
+        if dataset_id in BUILDERS:
+            raise FileNotFoundError(
+                f"Dataset {dataset_id!r} is not built yet (looked in {data_path}). Build it with "
+                f"`python -m iql_torchrl.datasets build {dataset_id}` or "
+                f"`iql_torchrl.datasets.ensure_dataset({dataset_id!r})`."
+            )
+        if not download:
+            raise FileNotFoundError(_not_found_message(dataset_id, data_path, "download=False"))
+        reason = _remote_unreachable_reason()
+        if reason is not None:
+            raise FileNotFoundError(_not_found_message(dataset_id, data_path, reason))
+        try:
+            minari.download_dataset(dataset_id)
+        except Exception as error:  # network, missing client library, unknown id
+            raise FileNotFoundError(
+                _not_found_message(dataset_id, data_path, f"download failed: {type(error).__name__}: {error}")
+            ) from error
+    try:
+        return minari.load_dataset(dataset_id)
+    except Exception as error:
+        raise DatasetError(
+            f"Minari dataset {dataset_id!r} at {data_path} is unreadable ({type(error).__name__}: {error}). "
+            "Rebuild it (`python -m iql_torchrl.datasets build ID --overwrite`) or download it again "
+            f"(`minari download {dataset_id} --force`)."
+        ) from error
+
+
+# --------------------------------------------------------------------------------------
+# Episodes to transitions
+# --------------------------------------------------------------------------------------
+
+
+def _observation_layout(space: gym.Space) -> tuple[list[str] | None, list[list[int]]]:
+    """Flattening order for Dict spaces: (keys joined by "/", their shapes); (None, [shape]) for Box."""
+    if isinstance(space, gym.spaces.Box):
+        return None, [list(space.shape)]
+    if not isinstance(space, gym.spaces.Dict):
+        raise DatasetError(
+            f"The observation space is a {type(space).__name__}; only Box and Dict-of-Box observations are supported."
+        )
+    keys, shapes = [], []
+
+    def visit(sub_space: gym.Space, prefix: str):
+        for name, child in sub_space.spaces.items():
+            key = f"{prefix}{name}"
+            if isinstance(child, gym.spaces.Dict):
+                visit(child, key + "/")
+            elif isinstance(child, gym.spaces.Box):
+                keys.append(key)
+                shapes.append(list(child.shape))
+            else:
+                raise DatasetError(
+                    f"Observation entry {key!r} is a {type(child).__name__} space; only Box entries "
+                    "(possibly nested in Dicts) can be flattened into 'observation'."
+                )
+
+    visit(space, "")
+    return keys, shapes
+
+
+def _episode_actions(episode, num_steps: int, discrete: bool) -> torch.Tensor:
+    """Box actions as float32 ``[T, act_dim]``; discrete ones as int64 indices ``[T]``."""
+    if not isinstance(episode.actions, np.ndarray):
+        raise DatasetError(
+            f"Episode {episode.id}: actions are a {type(episode.actions).__name__}; only Box and Discrete "
+            "action spaces are supported."
+        )
+    if not discrete:
+        return torch.from_numpy(np.asarray(episode.actions, dtype=np.float32).reshape(num_steps, -1))
+    actions = np.asarray(episode.actions)
+    if not np.issubdtype(actions.dtype, np.integer):
+        raise DatasetError(
+            f"Episode {episode.id}: the action space is Discrete but 'action' holds {actions.dtype} values; "
+            "a discrete dataset stores integer action indices."
+        )
+    return torch.from_numpy(actions.astype(np.int64).reshape(num_steps))
+
+
+def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[int]]], discrete: bool) -> TensorDict:
+    """One Minari episode -> TorchRL transitions (raw values; floats as float32)."""
+    observations = flatten_observation(episode.observations, *layout)
+    num_steps = len(episode.rewards)
+    if observations.shape[0] != num_steps + 1:
+        raise DatasetError(
+            f"Episode {episode.id}: {observations.shape[0]} observations for {num_steps} steps "
+            "(Minari stores one more observation than steps)."
+        )
+    terminated = torch.as_tensor(np.asarray(episode.terminations, dtype=bool)).reshape(num_steps, 1)
+    truncated = torch.as_tensor(np.asarray(episode.truncations, dtype=bool)).reshape(num_steps, 1)
+    observations = torch.from_numpy(observations)
+    return TensorDict(
+        {
+            "observation": observations[:-1],
+            "action": _episode_actions(episode, num_steps, discrete),
+            "episode": torch.full((num_steps,), int(episode.id), dtype=torch.int64),
+            "next": {
+                "observation": observations[1:],
+                "reward": torch.as_tensor(np.asarray(episode.rewards, dtype=np.float32)).reshape(num_steps, 1),
+                "done": terminated | truncated,
+                "terminated": terminated,
+                "truncated": truncated,
+            },
+        },
+        batch_size=[num_steps],
+    )
+
+
+def _iterate_minari_transitions(dataset, layout, discrete: bool) -> Iterator[TensorDict]:
+    """Transitions of each episode, checked; errors name the episode and the field."""
+    path = dataset.storage.data_path
+    try:
+        for episode in dataset.iterate_episodes():
+            if len(episode.rewards) == 0:
+                continue
+            transitions = _episode_to_transitions(episode, layout, discrete)
+            check_finite(transitions, episode_label=f"episode {episode.id}")
+            yield transitions
+    except (OSError, KeyError, RuntimeError) as error:
+        raise DatasetError(
+            f"Could not read the episodes of Minari dataset {dataset.spec.dataset_id!r} at {path} "
+            f"({type(error).__name__}: {error}); the file is truncated or corrupt. Rebuild or re-download it."
+        ) from error
+
+
+def _concatenate_in_chunks(episodes: Iterable[TensorDict], rows: int = 1 << 16) -> Iterator[TensorDict]:
+    """Group consecutive episodes into chunks of about ``rows`` transitions (fewer storage writes)."""
+    pending, count = [], 0
+    for episode in episodes:
+        pending.append(episode)
+        count += episode.batch_size[0]
+        if count >= rows:
+            yield torch.cat(pending, 0)
+            pending, count = [], 0
+    if pending:
+        yield torch.cat(pending, 0)
+
+
+def _is_discrete(space: gym.Space) -> bool:
+    return isinstance(space, gym.spaces.Discrete)
+
+
+def read_minari_transitions(dataset_id: str, *, download: bool = True) -> TensorDict:
+    """All transitions of a Minari dataset, untransformed (Dict observations flattened).
+
+    Values equal the Minari source: floats cast to float32, discrete actions as int64 indices
+    ``[N]``. Useful to inspect data or to feed :func:`~iql_torchrl.data.make_offline_buffer`
+    after your own edits.
+    """
+    dataset = _open_minari_dataset(dataset_id, download)
+    layout = _observation_layout(dataset.observation_space)
+    episodes = list(_iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space)))
+    if not episodes:
+        raise DatasetError(f"Minari dataset {dataset_id!r} has no transitions.")
+    return torch.cat(episodes, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Loading into a buffer
+# --------------------------------------------------------------------------------------
+
+
+def _env_spec_of(dataset):
+    """The evaluation env spec recorded with the dataset, else the collection env spec."""
+    return getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+
+
+def _env_action_space(env_spec) -> gym.spaces.Space | None:
+    """The environment's action space, or ``None`` when it cannot be created here."""
+    if env_spec is None:
+        return None
+    try:
+        env = gym.make(env_spec)
+    except Exception:  # environment not installed (e.g. gymnasium-robotics): trust the dataset
+        return None
+    try:
+        return env.action_space
+    finally:
+        env.close()
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _check_env_matches(dataset_id: str, action_space: gym.Space, env_spec) -> None:
+    env_action_space = _env_action_space(env_spec)
+    if env_action_space is None:
+        return
+    if type(env_action_space) is not type(action_space) or (
+        _is_discrete(action_space) and env_action_space.n != action_space.n
+    ):
+        raise DatasetError(
+            f"Dataset {dataset_id!r}: 'action' lives in {action_space} but environment {env_spec.id!r} "
+            f"takes {env_action_space}. The dataset does not belong to this environment."
+        )
+    if env_action_space.shape != action_space.shape:
+        raise DatasetError(
+            f"Dataset {dataset_id!r}: 'action' has shape {action_space.shape} but environment "
+            f"{env_spec.id!r} expects {env_action_space.shape}. The dataset does not belong to this environment."
+        )
+
+
+def load_minari_dataset(
+    dataset_id: str, options: BufferOptions | None = None, *, download: bool = True, **option_overrides
+) -> ReplayBuffer:
+    """Load a Minari dataset into a TorchRL replay buffer (transforms applied once, here).
+
+    Local datasets under ``MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``) load
+    without network. A missing remote id is downloaded with ``minari.download_dataset``
+    when the remote server answers; otherwise a ``FileNotFoundError`` says where it looked
+    and how to get the data. Missing ids of this package's builders (``iql_torchrl/...``)
+    are not downloaded: build them with ``python -m iql_torchrl.datasets build ID``.
+
+    Box and ``Discrete(n)`` action spaces are supported (discrete actions become int64 indices
+    ``[N]``, each checked to lie in ``[0, n)``, or float32 one-hot ``[N, n]`` with
+    ``one_hot_actions=True``); other spaces are refused with the reason.
+
+    Args:
+        dataset_id: Minari id, e.g. ``"iql_torchrl/pendulum/mixed-v0"`` or ``"mujoco/hopper/medium-v0"``.
+        options: a :class:`~iql_torchrl.data.BufferOptions`; keyword arguments named after its
+            fields (``batch_size``, ``device``, ``storage``, ``scratch_dir``, ``reward_transform``,
+            ``normalize_observations``, ``scale_actions``, ``action_clip_eps``, ``raw``,
+            ``clip_actions``, ``one_hot_actions``) replace single fields.
+        download: allow downloading a missing non-builder dataset.
+
+    Returns:
+        A ``ReplayBuffer`` (``RandomSampler``, read-only writer) with a ``metadata``
+        attribute of type :class:`~iql_torchrl.data.OfflineDataMetadata`.
+    """
+    options = BufferOptions.merge(options, **option_overrides)
+    dataset = _open_minari_dataset(dataset_id, download)
+    action_fields = action_space_fields(dataset.action_space, f"Dataset {dataset_id!r}")
+    env_spec = _env_spec_of(dataset)
+    _check_env_matches(dataset_id, dataset.action_space, env_spec)
+    layout = _observation_layout(dataset.observation_space)
+    source = DataSource(
+        dataset_id=dataset_id,
+        env_id=env_spec.id if env_spec is not None else None,
+        env_spec_json=env_spec.to_json() if env_spec is not None else None,
+        ref_min_score=_optional_float(dataset.storage.metadata.get("ref_min_score")),
+        ref_max_score=_optional_float(dataset.storage.metadata.get("ref_max_score")),
+        observation_keys=layout[0],
+        observation_key_shapes=layout[1],
+        **action_fields,
+    )
+    episodes = _iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space))
+    return build_buffer(
+        _concatenate_in_chunks(episodes), num_transitions=dataset.total_steps, source=source, options=options
+    )
