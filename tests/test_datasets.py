@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import gymnasium as gym
 import minari
@@ -47,6 +49,8 @@ def _mean_return(env_id, policy_name, episodes, seed=500):
         ("Pendulum-v1", 10, -300.0, -900.0),  # measured over 100 episodes: expert -159, random -1268
         ("InvertedPendulum-v5", 3, 1000.0, 30.0),  # expert 1000 (never falls), random about 5
         ("Reacher-v5", 20, -6.0, -35.0),  # expert -3.9, random -42.5
+        ("CartPole-v1", 10, 500.0, 40.0),  # over 50 episodes: expert 500 (never falls), random 23.3
+        ("MountainCar-v0", 10, -130.0, -200.0),  # over 50 episodes: expert -119.8, random -200 (never arrives)
     ],
 )
 def test_scripted_expert_beats_random_by_a_wide_margin(env_id, episodes, expert_at_least, random_at_most):
@@ -56,7 +60,7 @@ def test_scripted_expert_beats_random_by_a_wide_margin(env_id, episodes, expert_
     assert random <= random_at_most
 
 
-@pytest.mark.parametrize("env_id", ["Pendulum-v1", "InvertedPendulum-v5", "Reacher-v5"])
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "InvertedPendulum-v5", "Reacher-v5", "CartPole-v1", "MountainCar-v0"])
 def test_medium_policy_scores_between_random_and_expert(env_id):
     episodes = 3 if env_id == "InvertedPendulum-v5" else 10
     random, medium, expert = (_mean_return(env_id, name, episodes) for name in ("random", "medium", "expert"))
@@ -64,7 +68,7 @@ def test_medium_policy_scores_between_random_and_expert(env_id):
 
 
 def test_expert_actions_stay_within_the_action_bounds():
-    for env_id in ("Pendulum-v1", "InvertedPendulum-v5", "Reacher-v5"):
+    for env_id in ("Pendulum-v1", "InvertedPendulum-v5", "Reacher-v5", "CartPole-v1", "MountainCar-v0"):
         env = gym.make(env_id)
         expert = make_expert(env_id)
         observation, _ = env.reset(seed=0)
@@ -80,7 +84,7 @@ def test_expert_actions_stay_within_the_action_bounds():
 
 
 def test_builder_ids_are_valid_minari_ids_for_each_env_and_kind():
-    assert len(BUILDERS) == 12
+    assert len(BUILDERS) == 20
     for dataset_id, recipe in BUILDERS.items():
         namespace, name, version = parse_dataset_id(dataset_id)
         assert namespace.startswith("iql_torchrl/") and name == recipe.kind and version == 0
@@ -141,7 +145,8 @@ def test_build_refuses_to_overwrite_unless_asked(minari_root):
 
     rebuilt = build_dataset(dataset_id, episodes=3, reference_episodes=2, progress=False, overwrite=True)
     assert rebuilt.total_episodes == 3
-    assert [p.name for p in minari_root.iterdir()] == ["iql_torchrl"]  # no staging folders left behind
+    # no staging folders left behind (the lock files stay, empty)
+    assert sorted(p.name for p in minari_root.iterdir()) == [".locks", "iql_torchrl"]
 
 
 def test_failed_build_leaves_no_dataset_behind(minari_root, monkeypatch):
@@ -152,7 +157,7 @@ def test_failed_build_leaves_no_dataset_behind(minari_root, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         build_dataset("iql_torchrl/reacher/random-v0", episodes=2, reference_episodes=2, progress=False)
     assert not (minari_root / "iql_torchrl/reacher/random-v0").exists()
-    assert list(minari_root.iterdir()) == []
+    assert [p.name for p in minari_root.iterdir()] == [".locks"]
 
 
 def test_built_datasets_are_listed_by_minari(minari_root):
@@ -181,6 +186,95 @@ def test_ensure_dataset_refuses_unknown_missing_ids(minari_root):
 
 
 # --------------------------------------------------------------------------------------
+# Discrete datasets
+# --------------------------------------------------------------------------------------
+
+
+def test_discrete_mixed_recipes_are_few_expert_episodes_and_many_mirrored_ones():
+    cartpole = BUILDERS["iql_torchrl/cartpole/mixed-v0"]
+    names = [cartpole.policy_name(i, cartpole.episodes) for i in range(cartpole.episodes)]
+    assert (cartpole.env_id, names.count("expert"), names.count("mirrored")) == ("CartPole-v1", 10, 990)
+    mountain_car = BUILDERS["iql_torchrl/mountain-car/mixed-v0"]
+    names = [mountain_car.policy_name(i, mountain_car.episodes) for i in range(mountain_car.episodes)]
+    assert (mountain_car.env_id, names.count("expert"), names.count("mirrored")) == ("MountainCar-v0", 10, 90)
+    assert "mirrored-expert (wrong-way)" in mountain_car.describe()
+
+
+def test_mirrored_policy_pushes_the_other_way_in_every_state():
+    for env_id, num_actions in (("CartPole-v1", 2), ("MountainCar-v0", 3)):
+        env = gym.make(env_id)
+        expert, mirrored = make_expert(env_id), make_policy(env_id, "mirrored", env.action_space, 0)
+        for observation in (env.observation_space.sample() for _ in range(50)):
+            assert int(mirrored(observation)) == num_actions - 1 - int(expert(observation))
+            assert int(expert(observation)) in (0, num_actions - 1)  # MountainCar's expert never idles
+        env.close()
+
+
+def test_cartpole_mixed_builds_long_expert_and_short_mirrored_episodes_that_replay(minari_root):
+    dataset_id = "iql_torchrl/cartpole/mixed-v0"
+    build_dataset(dataset_id, episodes=100, reference_episodes=2, progress=False)  # 1 expert, 99 mirrored
+    dataset = minari.load_dataset(dataset_id)
+    infos = list(dataset.storage.get_episode_metadata(range(dataset.total_episodes)))
+    assert [info["policy"] for info in infos] == ["expert"] + ["mirrored"] * 99
+    lengths = [len(episode.rewards) for episode in dataset.iterate_episodes()]
+    assert lengths[0] == 500 and max(lengths[1:]) <= 15  # the pole falls within 15 steps when pushed away
+    env = gym.make("CartPole-v1")
+    for episode, info in list(zip(dataset.iterate_episodes(), infos))[:3]:
+        replay = rollout_episode(env, make_policy("CartPole-v1", info["policy"], env.action_space, info["seed"]), info["seed"])
+        np.testing.assert_array_equal(replay["actions"], episode.actions)
+    metadata = load_minari_dataset(dataset_id).metadata
+    assert (metadata.action_space, metadata.num_actions, metadata.env_id) == ("discrete", 2, "CartPole-v1")
+    assert metadata.ref_max_score == 500.0 and metadata.ref_min_score < 50
+
+
+# --------------------------------------------------------------------------------------
+# Concurrent builds
+# --------------------------------------------------------------------------------------
+
+
+def test_concurrent_builds_of_one_id_build_it_once(minari_root):
+    dataset_id = "iql_torchrl/cartpole/expert-v0"
+    outcomes = []
+
+    def build():
+        try:
+            build_dataset(dataset_id, episodes=2, reference_episodes=2, progress=False)
+            outcomes.append("built")
+        except FileExistsError:
+            outcomes.append("exists")
+
+    with datasets.build_lock(dataset_id):  # both builds start while the lock is held
+        threads = [threading.Thread(target=build) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        assert outcomes == [] and not (minari_root / dataset_id).exists()  # both wait
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(outcomes) == ["built", "exists"]
+    assert minari.load_dataset(dataset_id).total_episodes == 2
+
+
+def test_ensure_dataset_waits_for_a_build_in_progress_and_returns_its_dataset(minari_root, monkeypatch):
+    dataset_id = "iql_torchrl/cartpole/expert-v0"
+    building, results = threading.Event(), []
+    real_reference_returns = datasets.builders.reference_returns
+
+    def slow_reference_returns(*args, **kwargs):  # runs inside the first build, under its lock
+        building.set()
+        time.sleep(0.5)
+        return real_reference_returns(*args, **kwargs)
+
+    monkeypatch.setattr(datasets.builders, "reference_returns", slow_reference_returns)
+    first = threading.Thread(target=build_dataset, args=(dataset_id,), kwargs=dict(episodes=2, reference_episodes=2, progress=False))
+    first.start()
+    assert building.wait(timeout=60)
+    ensure_dataset(dataset_id, episodes=3, reference_episodes=2, progress=False)
+    first.join(timeout=60)
+    assert minari.load_dataset(dataset_id).total_episodes == 2  # the first build's, not rebuilt
+
+
+# --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
 
@@ -203,7 +297,7 @@ def test_cli_builds_a_dataset_and_refuses_to_rebuild_it(minari_root, capsys):
 
 
 def test_cli_rejects_unknown_ids(minari_root, capsys):
-    assert cli_main(["build", "iql_torchrl/cartpole/expert-v0"]) == 2
+    assert cli_main(["build", "iql_torchrl/acrobot/expert-v0"]) == 2
     assert "unknown dataset ids" in capsys.readouterr().err
 
 

@@ -15,6 +15,7 @@ from iql_torchrl.datasets.builders import (
     REFERENCE_SEED,
     DatasetRecipe,
     build_dataset,
+    build_lock,
     dataset_exists,
     ensure_dataset,
     make_policy,
@@ -22,8 +23,11 @@ from iql_torchrl.datasets.builders import (
     rollout_episode,
 )
 from iql_torchrl.datasets.controllers import (
+    CartPoleExpert,
     DegradedPolicy,
     InvertedPendulumExpert,
+    MirroredPolicy,
+    MountainCarExpert,
     PendulumExpert,
     RandomPolicy,
     ReacherExpert,
@@ -32,10 +36,13 @@ from iql_torchrl.datasets.controllers import (
 
 __all__ = [
     "BUILDERS",
+    "CartPoleExpert",
     "DEFAULT_DATASET",
     "DatasetRecipe",
     "DegradedPolicy",
     "InvertedPendulumExpert",
+    "MirroredPolicy",
+    "MountainCarExpert",
     "KINDS",
     "PendulumExpert",
     "REFERENCE_EPISODES",
@@ -43,6 +50,7 @@ __all__ = [
     "RandomPolicy",
     "ReacherExpert",
     "build_dataset",
+    "build_lock",
     "dataset_exists",
     "ensure_dataset",
     "make_expert",

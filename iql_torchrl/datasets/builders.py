@@ -7,7 +7,8 @@ Each builder id ``iql_torchrl/<env>/<kind>-v0`` names an environment and a kind:
 * ``medium``: the degraded expert (:class:`~iql_torchrl.datasets.controllers.DegradedPolicy`:
   Gaussian action noise, and a random action with some probability at each step);
 * ``mixed``: the first ``round(expert_fraction * episodes)`` episodes from the expert,
-  the rest random.
+  the rest random (continuous actions) or from the mirrored expert (discrete actions,
+  :class:`~iql_torchrl.datasets.controllers.MirroredPolicy`; see below).
 
 Episode ``i`` of a dataset built with ``seed=s`` resets the environment with seed ``s + i``
 and draws its random/noisy actions from ``numpy.random.default_rng(s + i)``, so any
@@ -24,6 +25,21 @@ episodes always end by truncation at 200 steps (never by termination). A
 behaviour-cloning policy averages the expert's swing-up torques with the random ones and
 cannot swing up; an offline RL method that weighs actions by their advantage can
 recover the expert's behaviour. It builds in a few seconds.
+
+The discrete datasets (``iql_torchrl/cartpole/...`` on ``CartPole-v1``,
+``iql_torchrl/mountain-car/...`` on ``MountainCar-v0``) have a ``mixed`` recipe made to mislead
+behaviour cloning: few expert episodes next to many episodes of the mirrored expert, which pushes
+the other way in the same states. Uniform random actions would not do: they spread over every
+action, so the expert's action stays the most frequent in its states and a greedy
+behaviour-cloning policy recovers the expert. The mirrored policy is systematically wrong and,
+around the start states the two share, more frequent than the expert, so cloning picks it; its
+episodes end early (CartPole: the pole falls in about 9 steps) or go nowhere (MountainCar: the car
+stays in the valley for the full 200 steps). An advantage-weighted policy (IQL) sees that the
+expert's action leads to higher returns and takes it.
+
+Builds of one dataset id are serialised by a lock file (``.locks/`` in the datasets root): a second
+build started while one runs waits for it, then finds the dataset present and refuses (or, with
+``overwrite``, replaces it); :func:`ensure_dataset` waits and returns the dataset the first built.
 
 Builders write to a hidden staging folder inside the datasets root and rename the
 finished dataset into place, so an interrupted build leaves nothing half-written, and
@@ -42,10 +58,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import filelock
 import gymnasium as gym
 import numpy as np
 
-from iql_torchrl.datasets.controllers import DegradedPolicy, RandomPolicy, make_expert
+from iql_torchrl.datasets.controllers import DegradedPolicy, MirroredPolicy, RandomPolicy, make_expert
 
 __all__ = [
     "BUILDERS",
@@ -55,6 +72,7 @@ __all__ = [
     "REFERENCE_EPISODES",
     "REFERENCE_SEED",
     "build_dataset",
+    "build_lock",
     "dataset_exists",
     "ensure_dataset",
     "make_policy",
@@ -79,6 +97,8 @@ class DatasetRecipe:
         expert_fraction: share of expert episodes (``mixed``; 1 for ``expert``, 0 otherwise).
         noise_std: ``medium`` only, Gaussian action noise (fraction of the half-range).
         random_action_prob: ``medium`` only, per-step probability of a uniform random action.
+        other_policy: ``mixed`` only, who plays the non-expert episodes: ``"random"`` or
+            ``"mirrored"`` (the expert's action mirrored, for discrete actions).
     """
 
     dataset_id: str
@@ -88,6 +108,7 @@ class DatasetRecipe:
     expert_fraction: float = 0.0
     noise_std: float = 0.0
     random_action_prob: float = 0.0
+    other_policy: str = "random"
 
     def expert_episodes(self, episodes: int) -> int:
         """How many of ``episodes`` episodes come from the expert."""
@@ -98,10 +119,12 @@ class DatasetRecipe:
         return 0
 
     def policy_name(self, episode: int, episodes: int) -> str:
-        """``"expert"``, ``"random"`` or ``"medium"``: the policy that plays episode ``episode``."""
+        """``"expert"``, ``"random"``, ``"medium"`` or ``"mirrored"``: the policy that plays episode ``episode``."""
         if self.kind == "medium":
             return "medium"
-        return "expert" if episode < self.expert_episodes(episodes) else "random"
+        if episode < self.expert_episodes(episodes):
+            return "expert"
+        return self.other_policy if self.kind == "mixed" else "random"
 
     def describe(self, episodes: int | None = None) -> str:
         episodes = self.episodes if episodes is None else episodes
@@ -109,6 +132,8 @@ class DatasetRecipe:
             policy = "the scripted expert"
         elif self.kind == "random":
             policy = "uniform random actions"
+        elif self.kind == "medium" and self.noise_std == 0:
+            policy = f"the scripted expert, replaced by a uniform random action with probability {self.random_action_prob} per step"
         elif self.kind == "medium":
             policy = (
                 f"the scripted expert degraded by Gaussian action noise (std {self.noise_std} of the half-range) "
@@ -116,9 +141,10 @@ class DatasetRecipe:
             )
         else:
             expert = self.expert_episodes(episodes)
+            other = "uniform-random" if self.other_policy == "random" else "mirrored-expert (wrong-way)"
             policy = (
                 f"{expert} scripted-expert episodes ({self.expert_fraction:.0%}) followed by "
-                f"{episodes - expert} uniform-random episodes"
+                f"{episodes - expert} {other} episodes"
             )
         return f"{episodes} {self.env_id} episodes: {policy}."
 
@@ -128,25 +154,29 @@ _MEDIUM = {
     "Pendulum-v1": dict(noise_std=0.3, random_action_prob=0.6),  # normalised score about 53
     "InvertedPendulum-v5": dict(noise_std=0.3, random_action_prob=0.05),  # about 36
     "Reacher-v5": dict(noise_std=0.3, random_action_prob=0.3),  # about 48
+    "CartPole-v1": dict(noise_std=0.0, random_action_prob=0.5),  # about 42
+    "MountainCar-v0": dict(noise_std=0.0, random_action_prob=0.3),  # about 45
 }
 _ENVIRONMENTS = {
-    # short name: (env id, {kind: default episodes}, mixed expert fraction)
-    "pendulum": ("Pendulum-v1", dict(expert=50, random=50, medium=50, mixed=200), 0.2),
-    "inverted-pendulum": ("InvertedPendulum-v5", dict(expert=25, random=2000, medium=100, mixed=100), 0.2),
-    "reacher": ("Reacher-v5", dict(expert=400, random=400, medium=400, mixed=400), 0.2),
+    # short name: (env id, {kind: default episodes}, mixed expert fraction, mixed non-expert policy)
+    "pendulum": ("Pendulum-v1", dict(expert=50, random=50, medium=50, mixed=200), 0.2, "random"),
+    "inverted-pendulum": ("InvertedPendulum-v5", dict(expert=25, random=2000, medium=100, mixed=100), 0.2, "random"),
+    "reacher": ("Reacher-v5", dict(expert=400, random=400, medium=400, mixed=400), 0.2, "random"),
+    "cartpole": ("CartPole-v1", dict(expert=20, random=500, medium=50, mixed=1000), 0.01, "mirrored"),
+    "mountain-car": ("MountainCar-v0", dict(expert=50, random=50, medium=50, mixed=100), 0.1, "mirrored"),
 }
 
 
 def _make_builders() -> dict[str, DatasetRecipe]:
     builders = {}
-    for short_name, (env_id, episodes, mixed_fraction) in _ENVIRONMENTS.items():
+    for short_name, (env_id, episodes, mixed_fraction, other_policy) in _ENVIRONMENTS.items():
         for kind in KINDS:
             dataset_id = f"iql_torchrl/{short_name}/{kind}-v0"
             extra = {}
             if kind == "expert":
                 extra["expert_fraction"] = 1.0
             elif kind == "mixed":
-                extra["expert_fraction"] = mixed_fraction
+                extra.update(expert_fraction=mixed_fraction, other_policy=other_policy)
             elif kind == "medium":
                 extra.update(_MEDIUM[env_id])
             builders[dataset_id] = DatasetRecipe(dataset_id, env_id, kind, episodes[kind], **extra)
@@ -163,9 +193,9 @@ DEFAULT_DATASET = "iql_torchrl/pendulum/mixed-v0"
 
 
 def make_policy(
-    env_id: str, policy_name: str, action_space: gym.spaces.Box, seed: int, recipe: DatasetRecipe | None = None
+    env_id: str, policy_name: str, action_space: gym.spaces.Space, seed: int, recipe: DatasetRecipe | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """The policy that plays one episode: ``"expert"``, ``"random"`` or ``"medium"``.
+    """The policy that plays one episode: ``"expert"``, ``"random"``, ``"medium"`` or ``"mirrored"``.
 
     Random and medium policies draw from ``numpy.random.default_rng(seed)``.
     """
@@ -179,7 +209,11 @@ def make_policy(
             noise_std=recipe.noise_std, random_action_prob=recipe.random_action_prob
         )
         return DegradedPolicy(make_expert(env_id), action_space, rng, **params)
-    raise ValueError(f"Unknown policy {policy_name!r}; expected 'expert', 'random' or 'medium'.")
+    if policy_name == "mirrored":
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise ValueError(f"The mirrored policy needs a Discrete action space; {env_id!r} has {action_space}.")
+        return MirroredPolicy(make_expert(env_id), int(action_space.n))
+    raise ValueError(f"Unknown policy {policy_name!r}; expected 'expert', 'random', 'medium' or 'mirrored'.")
 
 
 def rollout_episode(env: gym.Env, policy: Callable, seed: int) -> dict:
@@ -264,6 +298,16 @@ def _ensure_namespace(dataset_id: str) -> None:
         create_namespace(namespace)
 
 
+@contextlib.contextmanager
+def build_lock(dataset_id: str, timeout: float = -1):
+    """Hold the build lock of ``dataset_id`` (a file under ``<datasets root>/.locks``; waits while
+    another process holds it, up to ``timeout`` seconds, forever if negative)."""
+    lock_dir = _datasets_root() / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(lock_dir / (dataset_id.replace("/", "--") + ".lock"), timeout=timeout):
+        yield
+
+
 def build_dataset(
     dataset_id: str,
     *,
@@ -279,22 +323,29 @@ def build_dataset(
         dataset_id: a key of :data:`BUILDERS`, e.g. ``"iql_torchrl/pendulum/mixed-v0"``.
         episodes: number of episodes (default: the recipe's).
         seed: episode ``i`` uses seed ``seed + i``.
-        overwrite: replace an existing dataset with this id (otherwise ``FileExistsError``).
+        overwrite: replace an existing dataset with this id (otherwise ``FileExistsError``, also
+            when another process finished building it while this one waited for the lock).
         reference_episodes: episodes per policy for ``ref_min_score``/``ref_max_score``.
         progress: show a tqdm progress bar.
 
     Returns:
         The new ``minari.MinariDataset``.
     """
-    import minari
-    from tqdm.auto import tqdm
-
     if dataset_id not in BUILDERS:
         raise KeyError(f"No builder for {dataset_id!r}; available: {sorted(BUILDERS)}.")
     recipe = BUILDERS[dataset_id]
     episodes = recipe.episodes if episodes is None else int(episodes)
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
+    with build_lock(dataset_id):
+        return _build_locked(recipe, episodes, seed, overwrite, reference_episodes, progress)
+
+
+def _build_locked(recipe: DatasetRecipe, episodes: int, seed: int, overwrite: bool, reference_episodes: int, progress: bool):
+    import minari
+    from tqdm.auto import tqdm
+
+    dataset_id = recipe.dataset_id
     root = _datasets_root()
     final_path = root / dataset_id
     if final_path.exists() and not overwrite:
@@ -355,5 +406,8 @@ def ensure_dataset(dataset_id: str = DEFAULT_DATASET, **build_kwargs) -> str:
             f"Dataset {dataset_id!r} is not under {_datasets_root()} and is not one of the builder ids "
             f"{sorted(BUILDERS)}; download it with `minari download {dataset_id}`."
         )
-    build_dataset(dataset_id, **build_kwargs)
+    try:
+        build_dataset(dataset_id, **build_kwargs)
+    except FileExistsError:  # another process built it while this one waited for the lock
+        pass
     return dataset_id
