@@ -255,10 +255,12 @@ def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
 
-def _check_env_matches(dataset_id: str, action_space: gym.Space, env_spec) -> None:
+def _evaluation_action_space(dataset_id: str, action_space: gym.Space, env_spec) -> gym.Space:
+    """The environment's action space (its bounds are what evaluation acts in), checked against the
+    dataset's; the dataset's own when the environment cannot be created here."""
     env_action_space = _env_action_space(env_spec)
     if env_action_space is None:
-        return
+        return action_space
     if type(env_action_space) is not type(action_space) or (
         _is_discrete(action_space) and env_action_space.n != action_space.n
     ):
@@ -271,6 +273,7 @@ def _check_env_matches(dataset_id: str, action_space: gym.Space, env_spec) -> No
             f"Dataset {dataset_id!r}: 'action' has shape {action_space.shape} but environment "
             f"{env_spec.id!r} expects {env_action_space.shape}. The dataset does not belong to this environment."
         )
+    return env_action_space
 
 
 def load_minari_dataset(
@@ -302,9 +305,10 @@ def load_minari_dataset(
     """
     options = BufferOptions.merge(options, **option_overrides)
     dataset = _open_minari_dataset(dataset_id, download)
-    action_fields = action_space_fields(dataset.action_space, f"Dataset {dataset_id!r}")
+    action_space_fields(dataset.action_space, f"Dataset {dataset_id!r}")  # refuses unsupported spaces first
     env_spec = _env_spec_of(dataset)
-    _check_env_matches(dataset_id, dataset.action_space, env_spec)
+    action_space = _evaluation_action_space(dataset_id, dataset.action_space, env_spec)
+    action_fields = action_space_fields(action_space, f"Dataset {dataset_id!r}")
     layout = _observation_layout(dataset.observation_space)
     source = DataSource(
         dataset_id=dataset_id,
