@@ -29,13 +29,14 @@ recover the expert's behaviour. It builds in a few seconds.
 The discrete datasets (``iql_torchrl/cartpole/...`` on ``CartPole-v1``,
 ``iql_torchrl/mountain-car/...`` on ``MountainCar-v0``) have a ``mixed`` recipe made to mislead
 behaviour cloning: few expert episodes next to many episodes of the mirrored expert, which pushes
-the other way in the same states. Uniform random actions would not do: they spread over every
-action, so the expert's action stays the most frequent in its states and a greedy
-behaviour-cloning policy recovers the expert. The mirrored policy is systematically wrong and,
-around the start states the two share, more frequent than the expert, so cloning picks it; its
-episodes end early (CartPole: the pole falls in about 9 steps) or go nowhere (MountainCar: the car
-stays in the valley for the full 200 steps). An advantage-weighted policy (IQL) sees that the
-expert's action leads to higher returns and takes it.
+the other way in the same states (CartPole: 50 expert and 200 mirrored episodes; MountainCar: 10
+and 90). Uniform random actions would not do: they spread over every action, so the expert's
+action stays the most frequent in its states and a greedy behaviour-cloning policy recovers the
+expert. The mirrored policy is systematically wrong and, around the start states the two share,
+more frequent than the expert, so cloning picks it; its episodes end early (CartPole: the pole
+falls in about 9 steps) or go nowhere (MountainCar: the car stays in the valley for the full 200
+steps). An advantage-weighted policy (IQL) sees that the expert's action leads to higher returns
+and takes it.
 
 Builds of one dataset id are serialised by a lock file (``.locks/`` in the datasets root): a second
 build started while one runs waits for it, then finds the dataset present and refuses (or, with
@@ -162,7 +163,7 @@ _ENVIRONMENTS = {
     "pendulum": ("Pendulum-v1", dict(expert=50, random=50, medium=50, mixed=200), 0.2, "random"),
     "inverted-pendulum": ("InvertedPendulum-v5", dict(expert=25, random=2000, medium=100, mixed=100), 0.2, "random"),
     "reacher": ("Reacher-v5", dict(expert=400, random=400, medium=400, mixed=400), 0.2, "random"),
-    "cartpole": ("CartPole-v1", dict(expert=20, random=500, medium=50, mixed=1000), 0.01, "mirrored"),
+    "cartpole": ("CartPole-v1", dict(expert=20, random=500, medium=50, mixed=250), 0.2, "mirrored"),
     "mountain-car": ("MountainCar-v0", dict(expert=50, random=50, medium=50, mixed=100), 0.1, "mirrored"),
 }
 
