@@ -118,6 +118,8 @@ class RunConfig:
     """Discount, in [0, 1]."""
     normalize_observations: bool = False
     """Standardise observations with the dataset's statistics (saved in the checkpoint)."""
+    clip_actions: bool = False
+    """Clip dataset actions outside the environment's bounds into them (with a warning) instead of refusing the data."""
     progress: bool = True
     """Show the progress bar."""
     threads: int | Literal["auto"] = "auto"

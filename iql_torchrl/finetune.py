@@ -48,7 +48,8 @@ from iql_torchrl.trainer import build_loss, index_sampler, make_update, offline_
 __all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
 
 FINETUNE_DATASET = "iql_torchrl/pendulum/medium-v0"  # offline IQL stays clearly below expert on it
-ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "temperature", "expectile", "hidden_sizes", "gamma", "normalize_observations")
+ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "temperature", "expectile", "hidden_sizes", "gamma", "normalize_observations",
+                           "clip_actions")
 
 
 @dataclass
@@ -115,6 +116,9 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         config = run.config
         torch.manual_seed(config.seed)
         data = buffer_transitions(run.load_data(fingerprint=offline_run["data"] if offline_run else None))
+        if run.metadata.discrete:
+            raise ConfigError(f"--dataset {config.dataset} has discrete actions: fine-tuning on discrete actions is not "
+                              "supported yet; train offline with examples/iql_offline.py.")
         loss = build_loss(config, run.metadata)
         update = make_update(config, loss, data, total_steps=None)
         generator = torch.Generator(device=run.device).manual_seed(config.seed)

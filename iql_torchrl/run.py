@@ -165,6 +165,7 @@ class Run:
         buffer = load_minari_dataset(
             dataset, batch_size=config.batch_size, device=self.device,
             reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
+            clip_actions=config.clip_actions,
         )
         self.metadata = buffer.metadata
         self.fingerprint = data_fingerprint(dataset, self.metadata)

@@ -18,7 +18,7 @@ from iql_torchrl.checkpoint import load_run_checkpoint
 from iql_torchrl.config import PRESETS, ConfigError, RunConfig, config_from_dict
 from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, sample_indices
 from iql_torchrl.distributed import SeedEnsemble, all_reduce_gradients, broadcast_parameters
-from iql_torchrl.loss import IQLLoss
+from iql_torchrl.loss import DiscreteIQLLoss, IQLLoss
 from iql_torchrl.models import make_iql_networks
 from iql_torchrl.run import NonFiniteLossError, Run
 from iql_torchrl.update import IQLUpdate
@@ -50,14 +50,25 @@ class Config(RunConfig):
 
 # ---------------------------------------------------------------------------------------- networks
 def build_loss(config: RunConfig, metadata: OfflineDataMetadata) -> IQLLoss:
-    """The networks and loss a run trains, from its (resolved) config and the data's metadata."""
+    """The networks and loss a run trains, from its (resolved) config and the data's metadata.
+
+    Box actions: :class:`IQLLoss` with the paper's Gaussian actor. Discrete actions:
+    :class:`DiscreteIQLLoss` with a categorical actor over ``metadata.num_actions`` (one-hot when
+    the data stores one-hot actions) and one Q value per action.
+    """
+    actor_kind = ("one_hot" if metadata.one_hot_actions else "categorical") if metadata.discrete else "gaussian"
     actor, critics, value = make_iql_networks(
         metadata.observation_dim,
         metadata.action_dim,
+        actor_kind=actor_kind,
         hidden_sizes=tuple(config.hidden_sizes),
         actor_dropout=PRESETS[config.preset].actor_dropout,
     )
-    loss = IQLLoss(actor, critics, value, temperature=config.temperature, expectile=config.expectile)
+    hyperparameters = dict(temperature=config.temperature, expectile=config.expectile)
+    if metadata.discrete:
+        loss = DiscreteIQLLoss(actor, critics, value, action_space=actor_kind, **hyperparameters)
+    else:
+        loss = IQLLoss(actor, critics, value, **hyperparameters)
     loss.make_value_estimator(gamma=config.gamma)
     return loss.to(config.device)
 
