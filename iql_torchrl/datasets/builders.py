@@ -35,8 +35,8 @@ action stays the most frequent in its states and a greedy behaviour-cloning poli
 expert. The mirrored policy is systematically wrong and, around the start states the two share,
 more frequent than the expert, so cloning picks it; its episodes end early (CartPole: the pole
 falls in about 9 steps) or go nowhere (MountainCar: the car stays in the valley for the full 200
-steps). An advantage-weighted policy (IQL) sees that the expert's action leads to higher returns
-and takes it.
+steps). An advantage-weighted policy (IQL) is meant to see that the expert's action leads to
+higher returns and take it; ``benchmarks/README.md`` reports how far this holds at small budgets.
 
 Builds of one dataset id are serialised by a lock file (``.locks/`` in the datasets root): a second
 build started while one runs waits for it, then finds the dataset present and refuses (or, with
