@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from bench_update import Setup, _sync, make_batch
+from update_steps import Setup, make_batch, sync
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.distributed import SeedEnsemble
 
@@ -38,11 +38,11 @@ def time_step(step, batch, reps: int, block: int, device) -> list[float]:
         step(batch)
     samples = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(block):
             step(batch)
-        _sync(device)
+        sync(device)
         samples.append((time.perf_counter() - start) * 1000 / block)
     return samples
 

@@ -42,7 +42,6 @@ import iql_torchrl
 from iql_torchrl.threads import available_cpus
 from update_steps import Setup, gemm_flops, gemm_steps, iql_steps, make_batch, recorded_gemms, sync, torchrl_steps
 
-_sync = sync  # the name bench_seeds.py imports
 HERE = Path(__file__).resolve().parent
 ORDERS = ("paper", "summed")
 BASE_VARIANTS = ("torchrl-eager", "torchrl-compile", *(f"ours-{m}-{o}" for m in ("eager", "compile") for o in ORDERS),

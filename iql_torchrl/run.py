@@ -54,7 +54,7 @@ from iql_torchrl.threads import set_threads
 from iql_torchrl.timing import RunTiming
 from iql_torchrl.update import metrics_to_floats
 
-__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS"]
+__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME"]
 
 SUMMARY_NAME = "summary.json"
 
