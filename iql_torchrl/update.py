@@ -172,7 +172,9 @@ class IQLUpdate:
             # tensordict registers a TensorDict's pytree constructor on first use, which a compiled
             # step's guards would see as a change and recompile once; use it before compiling
             tree_unflatten(*tree_flatten(TensorDict()))
-            self._step_fn = torch.compile(step_fn, fullgraph=grad_hook is None)
+            # static shapes: the batch size is fixed for a run, and a dynamic batch dim would make
+            # the step slower and is not supported by dropout under torch.func
+            self._step_fn = torch.compile(step_fn, fullgraph=grad_hook is None, dynamic=False)
             if mode == "cudagraphs":
                 from tensordict.nn import CudaGraphModule
 

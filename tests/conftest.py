@@ -34,6 +34,16 @@ class TinyDatasets(NamedTuple):
     reference_episodes: int = TINY_REFERENCE_EPISODES
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler_caches():
+    """Each test compiles from scratch: compiled steps of earlier tests share the step's code object,
+    and their cache entries would count against torch._dynamo's recompile limit."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture
 def minari_root(tmp_path, monkeypatch):
     """An empty Minari datasets root for this test."""
