@@ -471,7 +471,13 @@ class IQLLoss(LossModule):
         return self.evaluate(tensordict)
 
     def evaluate(self, tensordict: TensorDictBase, params: dict | None = None) -> TensorDictBase:
-        """:meth:`forward` at the given parameters (see :meth:`_params`); the loss's own when ``None``."""
+        """:meth:`forward` evaluated at ``params`` instead of the loss's own parameters.
+
+        ``params`` maps any of ``"actor"``, ``"value"``, ``"qvalue"``, ``"target_qvalue"`` to a
+        TensorDict shaped like the loss's ``*_network_params``; missing entries (or ``None``) use
+        the loss's own. :meth:`value_phase` and :meth:`actor_critic_phase` take it too. The fused
+        update step differentiates the loss this way with ``torch.func`` (one compiled graph).
+        """
         loss_value, value_md = self.value_loss(tensordict, params=params)
         loss_actor, actor_md = self.actor_loss(
             tensordict, value_md["target_min_q"], value_md["value"], params=params
