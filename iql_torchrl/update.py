@@ -126,10 +126,7 @@ class IQLUpdate:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}.")
         self.loss = loss
         self.total_steps = total_steps
-        self.lr = lr
         self.learning_rates = learning_rates
-        self.optimizer_name = optimizer
-        self.weight_decay = weight_decay
         self.tau = tau
         self.order = order
         self.mode = mode
@@ -261,7 +258,9 @@ class IQLUpdate:
         return params
 
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
+        """torch's functional Adam with the settings and state the group's optimizer holds."""
         optimizer = self.optimizers[group]
+        settings = optimizer.param_groups[0]
         compiling = torch.compiler.is_compiling()
         states = [optimizer.state[p] for p in self.params[group]]
         adam(
@@ -276,13 +275,13 @@ class IQLUpdate:
             fused=not compiling,
             foreach=compiling,
             capturable=compiling,
-            decoupled_weight_decay=self.optimizer_name == "adamw",
+            decoupled_weight_decay=settings["decoupled_weight_decay"],
             amsgrad=False,
-            beta1=BETAS[0],
-            beta2=BETAS[1],
-            lr=optimizer.param_groups[0]["lr"],
-            weight_decay=self.weight_decay,
-            eps=EPS,
+            beta1=settings["betas"][0],
+            beta2=settings["betas"][1],
+            lr=settings["lr"],
+            weight_decay=settings["weight_decay"],
+            eps=settings["eps"],
             maximize=False,
         )
 
@@ -348,8 +347,6 @@ def _make_optimizer(params, lr: float, name: str, weight_decay: float, device) -
         eps=EPS,
         weight_decay=weight_decay,
         decoupled_weight_decay=name == "adamw",
-        foreach=True,
-        capturable=True,
     )
     for p in params:
         optimizer.state[p] = {
