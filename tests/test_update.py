@@ -203,3 +203,31 @@ def test_update_state_saved_by_the_previous_fused_adam_step_loads_and_continues(
     assert torch.allclose(update.critic_optimizer.state[first]["exp_avg"], torch.full_like(first, 0.05))
     update(stream[0])
     assert int(update.step) == 2 and float(update.critic_optimizer.state[first]["step"]) == 2.0
+
+
+def test_adamw_decays_weights_apart_from_the_gradient_and_each_network_gets_its_own_rate():
+    # first Adam step: every element moves by lr·g/(|g| + eps) ≈ ±lr; AdamW also multiplies the
+    # weights by (1 − lr·wd) first, so against the same step without decay the difference is
+    # exactly −lr·wd·p0. Adam's coupled L2 (wd added to the gradient) differs: still ≈ ±lr moves.
+    data, idx = dataset(), index_stream(1)[0]
+    lrs = dict(lr=3e-4, value_lr=1e-3, critic_lr=2e-4)
+
+    def first_step(**kwargs):
+        loss, update = make_update(data, **lrs, **kwargs)
+        before = params(loss)
+        update(idx)
+        return before, params(loss)
+
+    p0, plain = first_step()
+    _, adamw = first_step(optimizer="adamw", weight_decay=0.5)
+    _, coupled = first_step(optimizer="adam", weight_decay=0.5)
+    value_keys = [k for k in p0 if k.startswith("value_network_params")]
+    for key in value_keys:
+        expected = plain[key] - 1e-3 * 0.5 * p0[key]
+        assert torch.allclose(adamw[key], expected, atol=1e-7), key
+    wrong = max(float((coupled[k] - plain[k] + 1e-3 * 0.5 * p0[k]).abs().max()) for k in value_keys)
+    assert wrong > 1e-5
+    moves = {prefix: max(float((plain[k] - p0[k]).abs().max()) for k in p0 if k.startswith(prefix))
+             for prefix in ("value_network_params", "qvalue_network_params")}
+    assert moves["value_network_params"] == pytest.approx(1e-3, rel=1e-3)
+    assert moves["qvalue_network_params"] == pytest.approx(2e-4, rel=1e-3)
