@@ -48,7 +48,8 @@ BASE_VARIANTS = ("torchrl-eager", "torchrl-compile", *(f"ours-{m}-{o}" for m in 
                  "gemm-limit")
 BF16_VARIANTS = ("ours-eager-paper-bf16", "ours-compile-paper-bf16")
 CUDA_VARIANTS = tuple(f"ours-cudagraphs-{o}" for o in ORDERS)
-ALL_VARIANTS = BASE_VARIANTS + BF16_VARIANTS + CUDA_VARIANTS
+CUDA_BF16_VARIANTS = ("ours-cudagraphs-paper-bf16",)
+ALL_VARIANTS = BASE_VARIANTS + BF16_VARIANTS + CUDA_VARIANTS + CUDA_BF16_VARIANTS
 WARMUP_CALLS = 12  # after the first call; CUDA-graph capture happens after 10
 
 
@@ -229,6 +230,8 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                         help=f"which rows (default: all that apply): {', '.join(ALL_VARIANTS)}")
     parser.add_argument("--bf16", action="store_true", help="also our paper-order step under bfloat16 autocast")
+    parser.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                        help="torch.set_float32_matmul_precision for every row ('high': TF32 on NVIDIA GPUs)")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="write a torch.profiler table of this variant")
     parser.add_argument("--profile-out", type=Path, default=None,
                         help="profile table path (default: benchmarks/profile_<variant>_<threads>t.txt)")
@@ -243,12 +246,13 @@ def parse_args(argv=None):
     cuda = str(args.device).startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu.")
-    default = BASE_VARIANTS + (BF16_VARIANTS if args.bf16 else ()) + (CUDA_VARIANTS if cuda else ())
+    default = (BASE_VARIANTS + (BF16_VARIANTS if args.bf16 else ()) + (CUDA_VARIANTS if cuda else ())
+               + (CUDA_BF16_VARIANTS if cuda and args.bf16 else ()))
     args.variants = list(dict.fromkeys(args.variants or default))
     for name in args.variants:
         if name not in ALL_VARIANTS:
             parser.error(f"--variants: unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}.")
-        if name in CUDA_VARIANTS and not cuda:
+        if name in CUDA_VARIANTS + CUDA_BF16_VARIANTS and not cuda:
             parser.error(f"--variants {name} needs CUDA (--device cuda).")
     if args.profile is not None and args.profile not in args.variants:
         parser.error(f"--profile {args.profile!r} is not among the variants run: {', '.join(args.variants)}.")
@@ -261,11 +265,13 @@ def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads or available_cpus())
+    torch.set_float32_matmul_precision(args.matmul_precision)
     threads = torch.get_num_threads()
     setup = Setup(args.batch_size, args.obs_dim, args.action_dim, args.hidden, args.layers, args.device)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({_cpu_name()})"
     title = (f"IQL update step, B {setup.batch_size}, obs {setup.obs_dim}, act {setup.action_dim}, "
-             f"{setup.layers}x{setup.hidden} MLPs, {device_name}, {threads} threads")
+             f"{setup.layers}x{setup.hidden} MLPs, {device_name}, {threads} threads"
+             + ("" if args.matmul_precision == "highest" else f", float32 matmul precision {args.matmul_precision}"))
     print(title, file=sys.stderr)
 
     gemms = recorded_gemms(setup)
@@ -307,6 +313,7 @@ def main(argv=None):
     result = {
         "device": device_name,
         "threads": threads,
+        "matmul_precision": args.matmul_precision,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -7,7 +7,7 @@ no ``optimizer.step()``), so the same code runs
 * eager (gradients from ``torch.autograd.grad``),
 * under ``torch.compile`` as ONE graph (gradients from ``torch.func.grad``, which the compiler
   traces into the same graph as the losses, the optimizers and the target update),
-* as a CUDA graph of that compiled step (tensordict's ``CudaGraphModule``; CUDA only).
+* as a CUDA graph of that compiled step (:class:`~iql_torchrl.cuda_graph.CudaGraphStep`; CUDA only).
 
 Update order (``order``):
 
@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from iql_torchrl.cuda_graph import CudaGraphStep
 from iql_torchrl.loss import IQLLoss
 
 __all__ = ["IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "metrics_to_floats"]
@@ -173,9 +174,7 @@ class IQLUpdate:
             # the step slower and is not supported by dropout under torch.func
             self._step_fn = torch.compile(step_fn, fullgraph=grad_hook is None, dynamic=False)
             if mode == "cudagraphs":
-                from tensordict.nn import CudaGraphModule
-
-                self._step_fn = CudaGraphModule(self._step_fn, warmup=10)
+                self._step_fn = CudaGraphStep(self._step_fn)
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
         """One update. Pass a batch TensorDict, or indices into ``data`` when it was given."""
@@ -311,14 +310,19 @@ class IQLUpdate:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Loads in place: the tensors the step holds stay the same objects (a compiled step keeps
+        its graph, a CUDA graph keeps reading them)."""
         for name, opt in self.optimizers.items():
             learning_rates = [group["lr"] for group in opt.param_groups]
+            held = {p: dict(opt.state[p]) for p in self.params[name]}
             opt.load_state_dict(state["optimizers"][name])
-            for group, lr in zip(opt.param_groups, learning_rates):  # keep the tensors the step holds
+            for group, lr in zip(opt.param_groups, learning_rates):
                 lr.copy_(group["lr"])
                 group["lr"] = lr
-            for param in opt.param_groups[0]["params"]:  # older checkpoints hold a 0-dim step on any device
-                opt.state[param]["step"] = opt.state[param]["step"].to(param.device, torch.float32)
+            for param, tensors in held.items():
+                loaded = opt.state[param]
+                for key, tensor in tensors.items():  # older checkpoints hold a 0-dim step on any device
+                    loaded[key] = tensor.copy_(loaded[key])
         for name in _STATE_TENSORS:  # after the optimizers: the saved actor_lr is the one in force
             getattr(self, name).copy_(state[name])
 

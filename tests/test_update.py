@@ -164,7 +164,19 @@ def test_cuda_graph_step_matches_eager_on_cuda():
     graphed = IQLUpdate(loss_g, data=data, total_steps=20, mode="cudagraphs")
     for idx in stream:
         eager(idx)
-        graphed(idx)
+        metrics = graphed(idx)
+    for (key, a), b in zip(params(loss_e).items(), params(loss_g).values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), key
+    # the metrics returned are a copy: the next replay does not overwrite them
+    before = metrics.clone()
+    graphed(stream[0])
+    assert all(torch.equal(before[k], metrics[k]) for k in before.keys())
+    # a state loaded after capture reaches the captured graph (loaded in place)
+    state = eager.state_dict()
+    loss_g.load_state_dict(loss_e.state_dict())
+    graphed.load_state_dict(state)
+    eager(stream[1])
+    graphed(stream[1])
     for (key, a), b in zip(params(loss_e).items(), params(loss_g).values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), key
 
@@ -203,6 +215,26 @@ def test_update_state_saved_by_the_previous_fused_adam_step_loads_and_continues(
     assert torch.allclose(update.critic_optimizer.state[first]["exp_avg"], torch.full_like(first, 0.05))
     update(stream[0])
     assert int(update.step) == 2 and float(update.critic_optimizer.state[first]["step"]) == 2.0
+
+
+def test_loading_a_state_keeps_the_tensors_the_step_holds():
+    # a compiled step and a captured CUDA graph read these tensors: loading must write into them
+    data, stream = dataset(), index_stream(3)
+    _, source = make_update(data, total_steps=4)
+    for idx in stream:
+        source(idx)
+    _, update = make_update(data, total_steps=4)
+    held = {name: [t for p in update.params[name] for t in update.optimizers[name].state[p].values()]
+            for name in update.optimizers}
+    lrs = {name: opt.param_groups[0]["lr"] for name, opt in update.optimizers.items()}
+    update.load_state_dict(source.state_dict())
+    for name, opt in update.optimizers.items():
+        now = [t for p in update.params[name] for t in opt.state[p].values()]
+        assert all(a is b for a, b in zip(held[name], now)) and len(now) == len(held[name]), name
+        assert opt.param_groups[0]["lr"] is lrs[name]
+        loaded = [t for p in source.params[name] for t in source.optimizers[name].state[p].values()]
+        assert all(torch.equal(a, b) for a, b in zip(now, loaded)), name
+    assert float(update.optimizers["critic"].state[update.params["critic"][0]]["step"]) == 3.0
 
 
 def test_adamw_decays_weights_apart_from_the_gradient_and_each_network_gets_its_own_rate():

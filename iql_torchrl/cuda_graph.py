@@ -1,0 +1,73 @@
+"""Replaying a step function as one CUDA graph.
+
+:class:`CudaGraphStep` wraps a function of one input (a tensor or a TensorDict) whose every other
+tensor lives at a fixed address (parameters, optimizer state, counters): after a few warm-up
+calls on a side stream (where ``torch.compile`` compiles), one call is captured with
+``torch.cuda.graph`` and every later call copies its input into the captured input and replays
+the graph: one launch per update, no Python between the kernels.
+
+It is written here rather than taken from tensordict's ``CudaGraphModule`` because that module
+removes TensorDict from torch's pytree registry for the whole process, which breaks
+``torch.func.grad`` returning TensorDicts (the compiled update step) and vmapped seeds.
+"""
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+__all__ = ["CudaGraphStep"]
+
+
+class CudaGraphStep:
+    """``fn`` run ``warmup`` times on a side stream, then captured once and replayed.
+
+    Every call does the work of one call of ``fn`` (the warm-up calls are real calls; the capture
+    is followed by a replay on the capturing call's input). The returned value is a copy of the
+    graph's output, so it stays valid after the next call.
+
+    The captured graph reads the tensors ``fn`` read when it was captured: state that ``fn``
+    keeps must be updated in place (``copy_``), never replaced by new tensors.
+    """
+
+    def __init__(self, fn, *, warmup: int = 3):
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (a compiled fn compiles there), got {warmup}.")
+        self.fn = fn
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_input = None
+        self.static_output = None
+
+    def __call__(self, x: Tensor | TensorDictBase):
+        if not x.is_cuda:
+            raise ValueError(f"a CUDA graph step needs its input on a CUDA device, got one on {x.device}.")
+        if self.graph is None:
+            self.calls += 1
+            if self.calls <= self.warmup:
+                return self._warm_up(x)
+            self._capture(x)
+        elif x.shape != self.static_input.shape:
+            raise ValueError(
+                f"a CUDA graph replays fixed shapes: it was captured with input shape {tuple(self.static_input.shape)},"
+                f" got {tuple(x.shape)}. Keep the batch size fixed for the run."
+            )
+        self.static_input.copy_(x)
+        self.graph.replay()
+        return self.static_output.clone()
+
+    def _warm_up(self, x):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.fn(x)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, x):
+        self.static_input = x.clone()
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = self.fn(self.static_input)
