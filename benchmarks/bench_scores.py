@@ -3,6 +3,8 @@
     python benchmarks/bench_scores.py                       # default budget (CPU, under 30 minutes)
     python benchmarks/bench_scores.py --steps 1000000 --device cuda --eval-every 50000   # paper budget
     python benchmarks/bench_scores.py --sweep --json benchmarks/results_sweep.json --png benchmarks/sweep.png
+    python benchmarks/bench_scores.py --discrete --datasets iql_torchrl/cartpole/mixed-v0 --steps 30000 \
+        --eval-every 30000 --hidden-sizes 64 64 --json benchmarks/results_scores_discrete.json --png benchmarks/scores_discrete.png
 
 Each configuration trains its seeds together (``--num-seeds``, vmapped) through the trainer, so
 every number comes from the same code path as ``examples/iql_offline.py``. Rows: IQL in the
@@ -28,7 +30,7 @@ from iql_torchrl.trainer import Config, train
 
 DATASETS = ("iql_torchrl/pendulum/mixed-v0", "iql_torchrl/inverted-pendulum/mixed-v0", "iql_torchrl/reacher/mixed-v0")
 # Discrete actions (DiscreteIQLLoss, categorical actor, greedy evaluation): few expert episodes next to
-# many of the mirrored expert, which misleads cloning. ``--discrete`` runs these, IQL (paper order) and BC.
+# many of a systematically wrong policy, which misleads cloning. ``--discrete`` runs these, IQL (paper order) and BC.
 DISCRETE_DATASETS = ("iql_torchrl/cartpole/mixed-v0", "iql_torchrl/mountain-car/mixed-v0")
 METHODS = {
     "IQL (paper order)": dict(order="paper"),
@@ -49,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
+                        help="hidden layer widths of every network (default: the trainer's, 256 256)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--json", default="bench_scores.json")
     parser.add_argument("--png", default="bench_scores.png")
@@ -76,6 +80,8 @@ def main(argv=None):
             config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                             num_seeds=args.seeds, device=args.device, compile=args.compile, output_dir=run_dir,
                             logger="none", progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10))
+            if args.hidden_sizes:
+                config.hidden_sizes = tuple(args.hidden_sizes)
             for key, value in overrides.items():
                 setattr(config, key, value)
             t0 = time.perf_counter()
@@ -92,6 +98,7 @@ def main(argv=None):
     print(f"\ntotal {total / 60:.1f} min")
     with open(args.json, "w") as f:
         json.dump({"steps": args.steps, "seeds": args.seeds, "device": args.device, "total_seconds": total,
+                   "hidden_sizes": args.hidden_sizes,
                    "results": results}, f, indent=2)
     plot(results, args.png, args)
     return results

@@ -190,10 +190,11 @@ def test_ensure_dataset_refuses_unknown_missing_ids(minari_root):
 # --------------------------------------------------------------------------------------
 
 
-def test_discrete_mixed_recipes_are_few_expert_episodes_and_many_mirrored_ones():
+def test_discrete_mixed_recipes_are_few_expert_episodes_and_many_wrong_ones():
     cartpole = BUILDERS["iql_torchrl/cartpole/mixed-v0"]
     names = [cartpole.policy_name(i, cartpole.episodes) for i in range(cartpole.episodes)]
-    assert (cartpole.env_id, names.count("expert"), names.count("mirrored")) == ("CartPole-v1", 50, 200)
+    assert (cartpole.env_id, names.count("expert"), names.count("drifting")) == ("CartPole-v1", 5, 195)
+    assert "drifting-balancer" in cartpole.describe()
     mountain_car = BUILDERS["iql_torchrl/mountain-car/mixed-v0"]
     names = [mountain_car.policy_name(i, mountain_car.episodes) for i in range(mountain_car.episodes)]
     assert (mountain_car.env_id, names.count("expert"), names.count("mirrored")) == ("MountainCar-v0", 10, 90)
@@ -210,16 +211,50 @@ def test_mirrored_policy_pushes_the_other_way_in_every_state():
         env.close()
 
 
-def test_cartpole_mixed_builds_long_expert_and_short_mirrored_episodes_that_replay(minari_root):
+@pytest.mark.parametrize("seed, bias", [(2, 0.2), (3, -0.2)])
+def test_drifting_policy_is_the_shifted_expert_with_random_actions(seed, bias):
+    # push right when w·s + bias > 0 (the expert: w·s > 0; even episode seeds +0.2, odd −0.2),
+    # a uniform random action with probability 0.3
+    weights = np.array([0.01, 0.1, 1.0, 0.3])
+    env = gym.make("CartPole-v1")
+    drifting = make_policy("CartPole-v1", "drifting", env.action_space, seed=seed)
+    rng = np.random.default_rng(seed)  # the policy's own stream, replayed
+    observations = np.random.default_rng(0).uniform(-0.3, 0.3, size=(400, 4))
+    shifted = 0
+    for observation in observations:
+        score = float(weights @ observation)
+        if rng.random() < 0.3:
+            expected = int(rng.integers(2))
+        else:
+            expected = int(score + bias > 0)
+            shifted += int(score > 0) != expected
+        assert int(drifting(observation)) == expected
+    assert shifted > 50  # the bias changes the decision in many of these states
+    with pytest.raises(ValueError, match="No drifting policy"):
+        make_policy("MountainCar-v0", "drifting", gym.make("MountainCar-v0").action_space, 0)
+
+
+def test_cartpole_mixed_builds_long_expert_and_shorter_drifting_episodes_that_replay(minari_root):
     dataset_id = "iql_torchrl/cartpole/mixed-v0"
-    build_dataset(dataset_id, episodes=10, reference_episodes=2, progress=False)  # 2 expert, 8 mirrored
+    build_dataset(dataset_id, episodes=40, reference_episodes=2, progress=False)  # 1 expert, 39 drifting
     dataset = minari.load_dataset(dataset_id)
     infos = list(dataset.storage.get_episode_metadata(range(dataset.total_episodes)))
-    assert [info["policy"] for info in infos] == ["expert"] * 2 + ["mirrored"] * 8
-    lengths = [len(episode.rewards) for episode in dataset.iterate_episodes()]
-    assert lengths[:2] == [500, 500] and max(lengths[2:]) <= 15  # the pole falls within 15 steps when pushed away
+    assert [info["policy"] for info in infos] == ["expert"] + ["drifting"] * 39
+    episodes = list(dataset.iterate_episodes())
+    lengths = [len(episode.rewards) for episode in episodes]
+    assert lengths[0] == 500 and max(lengths[1:]) < 300
+    # the drifting balancer: many of its episodes end with the cart off the track, the pole still up,
+    # off the left end for even seeds and off the right end for odd ones
+    ends = [(e.observations[-1][0], abs(e.observations[-1][2]) < 0.2095, info["seed"] % 2)
+            for e, info in zip(episodes[1:], infos[1:])]
+    off_left = sum(x < -2.4 and up for x, up, odd in ends if not odd)
+    off_right = sum(x > 2.4 and up for x, up, odd in ends if odd)
+    assert off_left >= 5 and off_right >= 5
+    assert not any(x > 2.4 for x, _, odd in ends if not odd) and not any(x < -2.4 for x, _, odd in ends if odd)
+    # together its episodes hold more transitions than the expert's: cloning follows them
+    assert sum(lengths[1:]) > 2 * lengths[0]
     env = gym.make("CartPole-v1")
-    for episode, info in list(zip(dataset.iterate_episodes(), infos))[:3]:
+    for episode, info in list(zip(episodes, infos))[:4]:
         replay = rollout_episode(env, make_policy("CartPole-v1", info["policy"], env.action_space, info["seed"]), info["seed"])
         np.testing.assert_array_equal(replay["actions"], episode.actions)
     metadata = load_minari_dataset(dataset_id).metadata

@@ -26,7 +26,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def cartpole_root(tmp_path_factory):
-    """A datasets root with a 5-episode CartPole mixed set (1 expert, 4 mirrored episodes)."""
+    """A datasets root with a 5-episode CartPole mixed set (drifting-balancer episodes)."""
     from iql_torchrl.datasets import build_dataset
 
     root = tmp_path_factory.mktemp("discrete_minari_datasets")

@@ -28,15 +28,26 @@ recover the expert's behaviour. It builds in a few seconds.
 
 The discrete datasets (``iql_torchrl/cartpole/...`` on ``CartPole-v1``,
 ``iql_torchrl/mountain-car/...`` on ``MountainCar-v0``) have a ``mixed`` recipe made to mislead
-behaviour cloning: few expert episodes next to many episodes of the mirrored expert, which pushes
-the other way in the same states (CartPole: 50 expert and 200 mirrored episodes; MountainCar: 10
-and 90). Uniform random actions would not do: they spread over every action, so the expert's
-action stays the most frequent in its states and a greedy behaviour-cloning policy recovers the
-expert. The mirrored policy is systematically wrong and, around the start states the two share,
-more frequent than the expert, so cloning picks it; its episodes end early (CartPole: the pole
-falls in about 9 steps) or go nowhere (MountainCar: the car stays in the valley for the full 200
-steps). An advantage-weighted policy (IQL) is meant to see that the expert's action leads to
-higher returns and take it; ``benchmarks/README.md`` reports how far this holds at small budgets.
+behaviour cloning: few expert episodes next to many episodes of a systematically wrong policy.
+
+* CartPole: 5 expert episodes and 195 of the *drifting* balancer (the expert's rule shifted by a
+  bias, :class:`~iql_torchrl.datasets.controllers.CartPoleExpert` with ``bias=±0.2``, replaced by
+  a uniform random action with probability 0.3 at each step). It keeps the pole up but lets the
+  cart run off the track, off the left end in episodes with even seeds and off the right end in
+  odd ones: its episodes end after 77 steps on average (11–119), 62% of them off the track with
+  the pole still up, and it acts unlike the expert in 44% of its steps. Its 15,036 transitions
+  outnumber the expert's 2,500 six to one, and in the states a drifting cart passes through the
+  drifting action is the most frequent one, so cloning keeps drifting. Its random actions put both
+  actions in the same states, and the two drift directions cover both sides of the track, which
+  is what lets IQL's in-sample values tell the actions apart: those that bring the cart back lead
+  to longer episodes. (A drift to one side only, or a wrong policy without random actions, left
+  IQL without the data to see the better action: it failed with cloning.)
+* MountainCar: 10 expert episodes and 90 of the *mirrored* expert (pushing against the velocity:
+  the car stays in the valley for 200 steps).
+
+Uniform random episodes alone would not do: random actions spread over every action, so in the
+expert's states the expert's action stays the most frequent one and a greedy cloned policy recovers
+the expert. ``benchmarks/README.md`` reports what IQL and cloning score on these sets.
 
 Builds of one dataset id are serialised by a lock file (``.locks/`` in the datasets root): a second
 build started while one runs waits for it, then finds the dataset present and refuses (or, with
@@ -63,7 +74,7 @@ import filelock
 import gymnasium as gym
 import numpy as np
 
-from iql_torchrl.datasets.controllers import DegradedPolicy, MirroredPolicy, RandomPolicy, make_expert
+from iql_torchrl.datasets.controllers import CartPoleExpert, DegradedPolicy, MirroredPolicy, RandomPolicy, make_expert
 
 __all__ = [
     "BUILDERS",
@@ -98,8 +109,9 @@ class DatasetRecipe:
         expert_fraction: share of expert episodes (``mixed``; 1 for ``expert``, 0 otherwise).
         noise_std: ``medium`` only, Gaussian action noise (fraction of the half-range).
         random_action_prob: ``medium`` only, per-step probability of a uniform random action.
-        other_policy: ``mixed`` only, who plays the non-expert episodes: ``"random"`` or
-            ``"mirrored"`` (the expert's action mirrored, for discrete actions).
+        other_policy: ``mixed`` only, who plays the non-expert episodes: ``"random"``,
+            ``"mirrored"`` (the expert's action mirrored, for discrete actions) or ``"drifting"``
+            (CartPole's balancer shifted to run off the track, with random actions).
     """
 
     dataset_id: str
@@ -120,7 +132,7 @@ class DatasetRecipe:
         return 0
 
     def policy_name(self, episode: int, episodes: int) -> str:
-        """``"expert"``, ``"random"``, ``"medium"`` or ``"mirrored"``: the policy that plays episode ``episode``."""
+        """``"expert"``, ``"random"``, ``"medium"``, ``"mirrored"`` or ``"drifting"``: the policy that plays episode ``episode``."""
         if self.kind == "medium":
             return "medium"
         if episode < self.expert_episodes(episodes):
@@ -142,7 +154,8 @@ class DatasetRecipe:
             )
         else:
             expert = self.expert_episodes(episodes)
-            other = "uniform-random" if self.other_policy == "random" else "mirrored-expert (wrong-way)"
+            other = {"random": "uniform-random", "mirrored": "mirrored-expert (wrong-way)",
+                     "drifting": "drifting-balancer (cart runs off the track)"}[self.other_policy]
             policy = (
                 f"{expert} scripted-expert episodes ({self.expert_fraction:.0%}) followed by "
                 f"{episodes - expert} {other} episodes"
@@ -158,12 +171,22 @@ _MEDIUM = {
     "CartPole-v1": dict(noise_std=0.0, random_action_prob=0.5),  # about 42
     "MountainCar-v0": dict(noise_std=0.0, random_action_prob=0.3),  # about 45
 }
+
+
+def _drifting_cartpole(seed: int) -> CartPoleExpert:
+    """Episodes with even seeds drift off the left end of the track (bias +0.2), odd ones off the right."""
+    return CartPoleExpert(bias=0.2 if seed % 2 == 0 else -0.2)
+
+
+# The drifting policies of the discrete ``mixed`` datasets: (the balancer of an episode seed, the
+# probability of a uniform random action in its place at each step).
+_DRIFTING = {"CartPole-v1": (_drifting_cartpole, 0.3)}
 _ENVIRONMENTS = {
     # short name: (env id, {kind: default episodes}, mixed expert fraction, mixed non-expert policy)
     "pendulum": ("Pendulum-v1", dict(expert=50, random=50, medium=50, mixed=200), 0.2, "random"),
     "inverted-pendulum": ("InvertedPendulum-v5", dict(expert=25, random=2000, medium=100, mixed=100), 0.2, "random"),
     "reacher": ("Reacher-v5", dict(expert=400, random=400, medium=400, mixed=400), 0.2, "random"),
-    "cartpole": ("CartPole-v1", dict(expert=20, random=500, medium=50, mixed=250), 0.2, "mirrored"),
+    "cartpole": ("CartPole-v1", dict(expert=20, random=500, medium=50, mixed=200), 0.025, "drifting"),
     "mountain-car": ("MountainCar-v0", dict(expert=50, random=50, medium=50, mixed=100), 0.1, "mirrored"),
 }
 
@@ -196,9 +219,10 @@ DEFAULT_DATASET = "iql_torchrl/pendulum/mixed-v0"
 def make_policy(
     env_id: str, policy_name: str, action_space: gym.spaces.Space, seed: int, recipe: DatasetRecipe | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """The policy that plays one episode: ``"expert"``, ``"random"``, ``"medium"`` or ``"mirrored"``.
+    """The policy that plays one episode: ``"expert"``, ``"random"``, ``"medium"``, ``"mirrored"`` or ``"drifting"``.
 
-    Random and medium policies draw from ``numpy.random.default_rng(seed)``.
+    Random, medium and drifting policies draw from ``numpy.random.default_rng(seed)``; a drifting
+    episode drifts left for an even ``seed``, right for an odd one.
     """
     rng = np.random.default_rng(seed)
     if policy_name == "expert":
@@ -210,11 +234,16 @@ def make_policy(
             noise_std=recipe.noise_std, random_action_prob=recipe.random_action_prob
         )
         return DegradedPolicy(make_expert(env_id), action_space, rng, **params)
+    if policy_name == "drifting":
+        if env_id not in _DRIFTING:
+            raise ValueError(f"No drifting policy for {env_id!r}; available: {sorted(_DRIFTING)}.")
+        make_drifting, random_action_prob = _DRIFTING[env_id]
+        return DegradedPolicy(make_drifting(seed), action_space, rng, noise_std=0.0, random_action_prob=random_action_prob)
     if policy_name == "mirrored":
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ValueError(f"The mirrored policy needs a Discrete action space; {env_id!r} has {action_space}.")
         return MirroredPolicy(make_expert(env_id), int(action_space.n))
-    raise ValueError(f"Unknown policy {policy_name!r}; expected 'expert', 'random', 'medium' or 'mirrored'.")
+    raise ValueError(f"Unknown policy {policy_name!r}; expected 'expert', 'random', 'medium', 'mirrored' or 'drifting'.")
 
 
 def rollout_episode(env: gym.Env, policy: Callable, seed: int) -> dict:
