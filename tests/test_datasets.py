@@ -180,6 +180,18 @@ def buffer_has_terminations(buffer):
     return bool(buffer[:]["next", "terminated"].any())
 
 
+def test_ensure_dataset_refuses_a_dataset_an_earlier_recipe_built(minari_root, monkeypatch):
+    import dataclasses
+
+    dataset_id = "iql_torchrl/cartpole/mixed-v0"
+    build_dataset(dataset_id, episodes=4, seed=7, reference_episodes=2, progress=False)
+    assert ensure_dataset(dataset_id) == dataset_id  # same recipe (any seed, any episode count): used
+    earlier = dataclasses.replace(datasets.builders.BUILDERS[dataset_id], other_policy="mirrored")
+    monkeypatch.setitem(datasets.builders.BUILDERS, dataset_id, earlier)  # as if the data were older than the recipe
+    with pytest.raises(ValueError, match=r"another version of its recipe.*drifting.*mirrored.*--overwrite"):
+        ensure_dataset(dataset_id)
+
+
 def test_ensure_dataset_refuses_unknown_missing_ids(minari_root):
     with pytest.raises(FileNotFoundError, match="minari download somebody/else-v0"):
         ensure_dataset("somebody/else-v0")

@@ -87,6 +87,7 @@ __all__ = [
     "build_lock",
     "dataset_exists",
     "ensure_dataset",
+    "check_recipe",
     "make_policy",
     "reference_returns",
     "rollout_episode",
@@ -422,14 +423,39 @@ def _build_locked(recipe: DatasetRecipe, episodes: int, seed: int, overwrite: bo
     return minari.load_dataset(dataset_id)
 
 
+def check_recipe(dataset_id: str) -> None:
+    """Refuse a builder dataset on disk that another version of its recipe built.
+
+    A builder writes its recipe into the dataset's description; when the recipe of ``dataset_id``
+    has changed since (e.g. other policies in the ``mixed`` set), training on the old data would
+    silently not be what the documentation describes.
+    """
+    import minari
+
+    dataset = minari.load_dataset(dataset_id)
+    description = dataset.storage.metadata.get("description") or ""
+    expected = BUILDERS[dataset_id].describe(dataset.total_episodes)
+    if not description.startswith(expected):
+        raise ValueError(
+            f"Dataset {dataset_id!r} at {_datasets_root() / dataset_id} was built by another version of its recipe "
+            f"({description!r}); this version builds {expected!r}. Rebuild it: "
+            f"`python -m iql_torchrl.datasets build {dataset_id} --overwrite`."
+        )
+
+
 def ensure_dataset(dataset_id: str = DEFAULT_DATASET, **build_kwargs) -> str:
     """Return ``dataset_id``, building it first if it is a builder id that is not present.
+
+    A builder dataset already present must have been built by the current recipe
+    (:func:`check_recipe`), else ``ValueError`` says how to rebuild it.
 
     ``build_kwargs`` go to :func:`build_dataset` (e.g. ``progress=False``). A missing id
     that is not a builder id raises ``FileNotFoundError`` (use
     :func:`iql_torchrl.data.load_minari_dataset`, which can download it).
     """
     if dataset_exists(dataset_id):
+        if dataset_id in BUILDERS:
+            check_recipe(dataset_id)
         return dataset_id
     if dataset_id not in BUILDERS:
         raise FileNotFoundError(
