@@ -47,7 +47,6 @@ __all__ = [
     "make_offline_online_buffer",
     "make_online_env",
     "restore_episodes",
-    "stored_action_bounds",
 ]
 
 
@@ -195,11 +194,6 @@ def restore_episodes(env: TransformedEnv, states: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------ the policy
-def stored_action_bounds(metadata: OfflineDataMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The box stored offline actions were clipped to (buffer space), or ``None`` if unbounded."""
-    return metadata.stored_action_box()
-
-
 class _ClipAction(torch.nn.Module):
     def __init__(self, low: torch.Tensor, high: torch.Tensor):
         super().__init__()
@@ -211,12 +205,13 @@ class _ClipAction(torch.nn.Module):
 
 
 def make_exploration_policy(actor, metadata: OfflineDataMetadata) -> TensorDictSequential:
-    """The actor followed by a clip of ``"action"`` to :func:`stored_action_bounds`.
+    """The actor followed by a clip of ``"action"`` to the box stored offline actions were clipped to
+    (:meth:`~iql_torchrl.data.OfflineDataMetadata.stored_action_box`; no clip when unbounded).
 
     The actor keeps its parameters (pass one that shares the trained tensors and the collector
     acts with the current weights after every update, with no copy).
     """
-    bounds = stored_action_bounds(metadata)
+    bounds = metadata.stored_action_box()
     if bounds is None:
         return TensorDictSequential(actor)
     device = next((p.device for p in actor.parameters()), torch.device("cpu"))

@@ -7,8 +7,8 @@ Each builder id ``iql_torchrl/<env>/<kind>-v0`` names an environment and a kind:
 * ``medium``: the degraded expert (:class:`~iql_torchrl.datasets.controllers.DegradedPolicy`:
   Gaussian action noise, and a random action with some probability at each step);
 * ``mixed``: the first ``round(expert_fraction * episodes)`` episodes from the expert,
-  the rest random (continuous actions) or from the mirrored expert (discrete actions,
-  :class:`~iql_torchrl.datasets.controllers.MirroredPolicy`; see below).
+  the rest random (continuous actions) or from a systematically wrong policy (discrete actions:
+  CartPole's drifting balancer, MountainCar's mirrored expert; see below).
 
 Episode ``i`` of a dataset built with ``seed=s`` resets the environment with seed ``s + i``
 and draws its random/noisy actions from ``numpy.random.default_rng(s + i)``, so any
@@ -85,9 +85,9 @@ __all__ = [
     "REFERENCE_SEED",
     "build_dataset",
     "build_lock",
+    "check_recipe",
     "dataset_exists",
     "ensure_dataset",
-    "check_recipe",
     "make_policy",
     "reference_returns",
     "rollout_episode",

@@ -11,7 +11,8 @@ the environment's own action bounds, so it can drive ``env.step`` directly.
   two-link arm to the target, then a joint-space PD controller.
 * :class:`CartPoleExpert` (``CartPole-v1``, 2 actions): push towards the side the pole
   is falling to, judged by a linear feedback of the pole angle and angular velocity
-  (plus a little cart position and velocity, to stay centred).
+  (plus a little cart position and velocity, to stay centred); with a ``bias``, the
+  drifting balancer of the CartPole ``mixed`` dataset (the pole stays up, the cart runs off).
 * :class:`MountainCarExpert` (``MountainCar-v0``, 3 actions): push in the direction the
   car moves, pumping energy into its swing until it climbs the right hill.
 * :class:`RandomPolicy`: uniform actions over the action box, or uniform action indices.
