@@ -10,7 +10,8 @@ The paper's equations each live in one function below:
 constructor arguments, keys and attributes as :class:`torchrl.objectives.IQLLoss`, so an
 existing TorchRL script can swap the import; the defaults are the paper's.
 
-Network evaluations per batch (each one call; the critic ensemble is one vmapped call):
+Network evaluations per batch (each one call; the critic ensemble is one vmapped call, or, for plain
+MLP critics, one batched matmul per layer: :mod:`iql_torchrl.plain_mlp`):
 
 ========================== =========== ====== ======= ================ ======
 call                        target Q    V(s)   V(s')   online Q         actor
@@ -51,6 +52,8 @@ from torchrl.objectives.utils import (
     distance_loss,
 )
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
+
+from iql_torchrl.plain_mlp import PlainMLP
 
 __all__ = ["IQLLoss", "DiscreteIQLLoss", "expectile_loss", "bellman_target", "awr_weight", "is_probabilistic"]
 
@@ -243,6 +246,9 @@ class IQLLoss(LossModule):
         self._vmapped_qvalue = _vmap_func(
             self.qvalue_network, (None, 0), randomness=self.vmap_randomness, pseudo_vmap=deactivate_vmap
         )
+        # plain MLPs are evaluated from their parameters (the critics as batched matmuls); None: through the module
+        self.plain_value = PlainMLP.from_module(self.value_network)
+        self.plain_qvalue = None if deactivate_vmap else PlainMLP.from_module(self.qvalue_network)
 
         if reduction == "none" and scalar_output_mode is None:
             warnings.warn(
@@ -321,13 +327,21 @@ class IQLLoss(LossModule):
             return params[network]
         return getattr(self, f"{network}_network_params")
 
+    @staticmethod
+    def _plain(plain: PlainMLP | None, out_key) -> bool:
+        """Whether to evaluate a network as a plain MLP: recognised, writing the key the loss reads, no hooks."""
+        return plain is not None and out_key in plain.out_keys and not plain.hooked()
+
     def _state_value(self, tensordict: TensorDictBase, params: dict | None = None) -> Tensor:
         """V on the value network's in_keys of ``tensordict``; returns shape [*B] (trailing 1 dropped)."""
-        td = tensordict.select(*self.value_network.in_keys)
-        # preserve_module_state=False keeps detached (shared, separate_losses) tensors detached
-        with self._params(params, "value").to_module(self.value_network, preserve_module_state=False):
-            td = self.value_network(td)
-        value = td.get(self.tensor_keys.value)
+        if self._plain(self.plain_value, self.tensor_keys.value):
+            value = self.plain_value(self._params(params, "value"), tensordict)
+        else:
+            td = tensordict.select(*self.value_network.in_keys)
+            # preserve_module_state=False keeps detached (shared, separate_losses) tensors detached
+            with self._params(params, "value").to_module(self.value_network, preserve_module_state=False):
+                td = self.value_network(td)
+            value = td.get(self.tensor_keys.value)
         if value.shape[-1:] != (1,):
             raise ValueError(
                 f"The value network must write {self.tensor_keys.value!r} with a trailing dim of 1 "
@@ -336,9 +350,12 @@ class IQLLoss(LossModule):
         return value.squeeze(-1)
 
     def _critic_values(self, tensordict: TensorDictBase, params: TensorDictBase) -> Tensor:
-        """All critics on (s, a) in one vmapped call; returns Q(s, a) of shape [num_qvalue_nets, *B]."""
-        td = tensordict.select(*self.qvalue_network.in_keys)
-        q_all = self._vmapped_qvalue(td, params).get(self.tensor_keys.state_action_value)
+        """All critics on (s, a) in one call; returns Q(s, a) of shape [num_qvalue_nets, *B]."""
+        if self._plain(self.plain_qvalue, self.tensor_keys.state_action_value):
+            q_all = self.plain_qvalue(params, tensordict)
+        else:
+            td = tensordict.select(*self.qvalue_network.in_keys)
+            q_all = self._vmapped_qvalue(td, params).get(self.tensor_keys.state_action_value)
         return self._q_of_dataset_action(q_all, tensordict.get(self.tensor_keys.action))
 
     def _q_of_dataset_action(self, q_all: Tensor, action: Tensor) -> Tensor:
@@ -436,7 +453,7 @@ class IQLLoss(LossModule):
         """Eq. (6): every online critic regresses onto r + γ·(1 − terminated)·V(s'); summed over critics.
 
         Evaluates V(s') once (unless ``next_value`` is given) and the online critics once (one
-        vmapped call).
+        call for the ensemble).
         """
         self._check_keys(tensordict)
         with torch.no_grad():

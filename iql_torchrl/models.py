@@ -24,6 +24,7 @@ __all__ = [
     "make_value_network",
     "make_iql_networks",
     "ACTOR_KINDS",
+    "ConcatInputs",
 ]
 
 ACTOR_KINDS = ("gaussian", "tanh_normal", "deterministic", "categorical", "one_hot")
@@ -144,7 +145,7 @@ def make_qvalue_networks(
         ]
     return [
         ValueOperator(
-            _Concat(mlp(obs_dim + action_dim, 1, hidden_sizes, layer_norm=layer_norm)),
+            ConcatInputs(mlp(obs_dim + action_dim, 1, hidden_sizes, layer_norm=layer_norm)),
             in_keys=[observation_key, action_key],
         )
         for _ in range(num_nets)
@@ -183,7 +184,7 @@ def make_iql_networks(
     return actor, critics, value
 
 
-class _Concat(nn.Module):
+class ConcatInputs(nn.Module):
     """Calls ``net`` on the concatenation of its inputs along the last dim."""
 
     def __init__(self, net: nn.Module):

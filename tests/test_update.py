@@ -152,6 +152,35 @@ def test_compiled_step_matches_eager_after_several_steps(order, actor_dropout):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
 
 
+def test_compiled_step_follows_a_new_batch_shape_and_dropout_switched_off():
+    # The compiled step skips dynamo's guards when a call matches the one it was compiled for; a new
+    # batch size or the actor's dropout put in eval mode must still be seen (recompiled), as eager sees them.
+    data = dataset()
+    g = torch.Generator().manual_seed(3)
+    calls = [torch.randint(0, N, (B,), generator=g), torch.randint(0, N, (B,), generator=g),
+             torch.randint(0, N, (B // 2,), generator=g), "eval", torch.randint(0, N, (B // 2,), generator=g)]
+    results = []
+    for mode in ("eager", "compile"):
+        loss, update = make_update(data, total_steps=5, mode=mode, actor_dropout=0.5)
+        for seed, call in enumerate(calls):
+            if call == "eval":
+                loss.actor_network.eval()
+                continue
+            torch.manual_seed(seed)
+            update(call)
+        results.append(params(loss))
+    for (key, a), b in zip(results[0].items(), results[1].values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+    # the wrong variant: the last step with dropout still on moves the actor elsewhere
+    loss, update = make_update(data, total_steps=5, actor_dropout=0.5)
+    for seed, call in enumerate(calls):
+        if call != "eval":
+            torch.manual_seed(seed)
+            update(call)
+    actor_key = next(k for k in results[0] if k.startswith("actor_network_params") and k.endswith("net.0.weight"))
+    assert not torch.allclose(params(loss)[actor_key], results[0][actor_key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_step_matches_eager_on_cuda():
     data = dataset().to("cuda")
