@@ -219,6 +219,7 @@ class IQLLoss(LossModule):
         self._in_keys = None
         self._out_keys = None
         super().__init__()
+        self._dtypes = None  # the networks' parameter dtypes, for the input checks
         self._set_deprecated_ctor_keys(priority=priority_key)
         self.temperature = temperature
         self.expectile = expectile
@@ -399,6 +400,9 @@ class IQLLoss(LossModule):
         detached ``target_min_q`` and ``value`` for reuse by :meth:`actor_loss`.
         """
         self._check_keys(tensordict)
+        return self._value_loss(tensordict, params)
+
+    def _value_loss(self, tensordict: TensorDictBase, params: dict | None) -> tuple[Tensor, dict]:
         value = self._state_value(tensordict, params)
         self._check_batch_shape(tensordict, value.shape)
         with torch.no_grad():
@@ -420,6 +424,9 @@ class IQLLoss(LossModule):
         works alone, as TorchRL's does). Evaluates the actor once.
         """
         self._check_keys(tensordict)
+        return self._actor_loss(tensordict, target_min_q, value, params)
+
+    def _actor_loss(self, tensordict, target_min_q, value, params) -> tuple[Tensor, dict]:
         if target_min_q is None:
             with torch.no_grad():
                 target_min_q = self._critic_values(tensordict, self._params(params, "target_qvalue")).min(0).values
@@ -456,6 +463,9 @@ class IQLLoss(LossModule):
         call for the ensemble).
         """
         self._check_keys(tensordict)
+        return self._qvalue_loss(tensordict, next_value, params)
+
+    def _qvalue_loss(self, tensordict, next_value, params) -> tuple[Tensor, dict]:
         with torch.no_grad():
             target = self._bellman_target(tensordict, next_value, params)
         q = self._critic_values(tensordict, self._params(params, "qvalue"))
@@ -495,11 +505,10 @@ class IQLLoss(LossModule):
         the loss's own. :meth:`value_phase` and :meth:`actor_critic_phase` take it too. The fused
         update step differentiates the loss this way with ``torch.func`` (one compiled graph).
         """
-        loss_value, value_md = self.value_loss(tensordict, params=params)
-        loss_actor, actor_md = self.actor_loss(
-            tensordict, value_md["target_min_q"], value_md["value"], params=params
-        )
-        loss_qvalue, q_md = self.qvalue_loss(tensordict, params=params)
+        self._check_keys(tensordict)  # once; the three losses below are the unchecked bodies
+        loss_value, value_md = self._value_loss(tensordict, params)
+        loss_actor, actor_md = self._actor_loss(tensordict, value_md["target_min_q"], value_md["value"], params)
+        loss_qvalue, q_md = self._qvalue_loss(tensordict, None, params)
         return self._output(tensordict, value_md, actor_md, q_md, loss_value, loss_actor, loss_qvalue)
 
     def value_phase(self, tensordict: TensorDictBase, params: dict | None = None) -> tuple[TensorDictBase, Tensor]:
@@ -524,8 +533,8 @@ class IQLLoss(LossModule):
             in_keys = self.value_network.in_keys
             both = torch.cat([tensordict.select(*in_keys), tensordict.get("next").select(*in_keys)])
             value, next_value = self._state_value(both, params).chunk(2)
-        loss_actor, actor_md = self.actor_loss(tensordict, target_min_q, value, params=params)
-        loss_qvalue, q_md = self.qvalue_loss(tensordict, next_value, params=params)
+        loss_actor, actor_md = self._actor_loss(tensordict, target_min_q, value, params)
+        loss_qvalue, q_md = self._qvalue_loss(tensordict, next_value, params)
         value_md = {"value": value, "target_min_q": target_min_q}
         return self._output(tensordict, value_md, actor_md, q_md, None, loss_actor, loss_qvalue)
 
@@ -578,11 +587,10 @@ class IQLLoss(LossModule):
                     f"IQLLoss reads {key!r} but the {_network_name(self, network)} writes "
                     f"out_keys={network.out_keys}: call loss.set_keys({name}=<its output key>)."
                 )
-        for network, params, where in ((self.actor_network, self.actor_network_params, ""),
-                                       (self.qvalue_network, self.qvalue_network_params, ""),
-                                       (self.value_network, self.value_network_params, ""),
-                                       (self.value_network, self.value_network_params, "next")):
-            dtype = _floating_dtype(params)
+        dtypes = self._parameter_dtypes()
+        for network, name, where in ((self.actor_network, "actor", ""), (self.qvalue_network, "qvalue", ""),
+                                     (self.value_network, "value", ""), (self.value_network, "value", "next")):
+            dtype = dtypes[name]
             for key in network.in_keys:
                 full_key = _as_tuple_key(("next", key)) if where else key
                 value = tensordict.get(full_key, None)
@@ -599,6 +607,18 @@ class IQLLoss(LossModule):
                         "so that both match."
                     )
         self._check_action(tensordict)
+
+    def _parameter_dtypes(self) -> dict:
+        """Each network's floating dtype, read once and again after ``.to()``/``.double()`` (``_apply``)."""
+        if self._dtypes is None:
+            self._dtypes = {
+                name: _floating_dtype(getattr(self, f"{name}_network_params")) for name in ("actor", "qvalue", "value")
+            }
+        return self._dtypes
+
+    def _apply(self, *args, **kwargs):
+        self._dtypes = None
+        return super()._apply(*args, **kwargs)
 
     def _check_action(self, tensordict: TensorDictBase) -> None:
         """A continuous action's last dim is what the actor's spec or the critic's input layer takes."""

@@ -97,12 +97,11 @@ class PlainMLP:
                 continue
             if stacked is None:  # the input is shared by the K networks
                 stacked = weight.shape[0]
-                h = h.expand(stacked, *h.shape)
-            # bmm, then the bias: compiled, the bias joins the activation's kernel
-            h = torch.bmm(h, weight.transpose(1, 2)) + bias.unsqueeze(1)
+                h = h.T.expand(stacked, *h.T.shape)
+            h = torch.bmm(weight, h) + bias.unsqueeze(2)
         if stacked is None:
             return h.reshape(*batch_shape, h.shape[-1])
-        return h.reshape(stacked, *batch_shape, h.shape[-1])
+        return h.transpose(1, 2).reshape(stacked, *batch_shape, h.shape[1])
 
 
 def _has_hooks(module: nn.Module) -> bool:

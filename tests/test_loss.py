@@ -862,9 +862,12 @@ def test_the_action_size_check_stays_out_of_the_way_when_nothing_declares_a_size
 
 def test_float64_data_with_float32_networks_names_both_dtypes():
     batch = random_batch().apply(lambda x: x.double() if x.is_floating_point() else x)
+    loss = small_loss()
     with pytest.raises(TypeError, match=r"'observation' is torch.float64.*torch.float32"):
-        small_loss()(batch)
-    assert torch.isfinite(small_loss().double()(batch)["loss_actor"])  # a float64 loss takes it
+        loss(batch)
+    assert torch.isfinite(loss.double()(batch)["loss_actor"])  # the same loss, cast after a check, takes it
+    with pytest.raises(TypeError, match=r"'observation' is torch.float32.*torch.float64"):
+        loss(random_batch())
 
 
 def test_categorical_actions_must_be_integer_indices():
