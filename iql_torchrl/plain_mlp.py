@@ -10,10 +10,13 @@ the same function from the parameter TensorDict directly:
 * one network (parameters without a leading dim): ``F.linear`` per layer;
 * a stacked ensemble (parameters ``[K, ...]``, e.g. the twin critics): one ``bmm`` per layer,
   the K networks in one batched matmul on the shared input (what ``vmap`` makes of the modules,
-  without its per-call work).
+  without its per-call work). Activations are kept feature-major, ``[K, features, N]``
+  (``h ← W·h + b``), so each weight's gradient comes out laid out like the weight, which the
+  optimizer's elementwise update then reads contiguously.
 
 Anything else (LayerNorm, dropout, custom modules) is not recognised and keeps the general path,
-as does a network with hooks registered on it (:meth:`PlainMLP.hooked`, checked at every call). The result is the module's own output, to float rounding.
+as does a network with hooks registered on it (:meth:`PlainMLP.hooked`, checked at every call).
+The result is the module's own output, to float rounding.
 """
 from __future__ import annotations
 
