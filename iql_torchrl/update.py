@@ -180,7 +180,7 @@ class IQLUpdate:
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
         """One update. Pass a batch TensorDict, or indices into ``data`` when it was given."""
-        if self.mode != "compile" or self.grad_hook is not None:
+        if self.mode != "compile" or self.grad_hook is not None or torch.compiler.is_compiling():
             return self._step_fn(batch_or_indices)
         signature = self._call_signature(batch_or_indices)
         if signature == self._compiled_for:
