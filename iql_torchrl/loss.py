@@ -1,10 +1,7 @@
 """IQLLoss: the three objectives of Implicit Q-Learning (Kostrikov, Nair & Levine, ICLR 2022).
 
-The paper's equations each live in one function below:
-
-* :func:`expectile_loss`  -- eq. (5): V(s) is the τ-expectile of min_i Q_target_i(s, a_dataset);
-* :func:`bellman_target`  -- eq. (6): Q(s, a) regresses to r + γ·(1 − terminated)·V(s');
-* :func:`awr_weight`      -- eq. (7): the actor maximises exp(β·(Q − V)), clamped at 100, · log π(a|s).
+The paper's equations each live in one function of :mod:`iql_torchrl.equations`:
+:func:`expectile_loss` (eq. 5), :func:`bellman_target` (eq. 6), :func:`awr_weight` (eq. 7).
 
 :class:`IQLLoss` wires them to TorchRL networks and TensorDicts.  It accepts the same
 constructor arguments, keys and attributes as :class:`torchrl.objectives.IQLLoss`, so an
@@ -42,8 +39,6 @@ from tensordict.nn import (
 )
 from tensordict.utils import NestedKey
 from torch import Tensor, nn
-from torchrl.data.tensor_specs import TensorSpec
-from torchrl.data.utils import _find_action_space
 from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import (
     ValueEstimators,
@@ -53,33 +48,10 @@ from torchrl.objectives.utils import (
 )
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
+from iql_torchrl.equations import MAX_AWR_WEIGHT, awr_weight, bellman_target, expectile_loss
 from iql_torchrl.plain_mlp import PlainMLP
 
-__all__ = ["IQLLoss", "DiscreteIQLLoss", "expectile_loss", "bellman_target", "awr_weight", "is_probabilistic"]
-
-MAX_AWR_WEIGHT = 100.0
-
-
-# --------------------------------------------------------------------------- the paper's equations
-def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
-    """Eq. (5): asymmetric squared loss |τ − 1(diff < 0)|·diff², with ``diff = Q − V``.
-
-    With τ > 0.5, V is pushed up more by Q above it than down by Q below it, so V approaches
-    the upper expectile of Q over the dataset's actions.
-    """
-    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
-    return weight * diff.pow(2)
-
-
-def bellman_target(reward: Tensor, terminated: Tensor, next_value: Tensor, gamma) -> Tensor:
-    """Eq. (6): r + γ·(1 − terminated)·V(s').  Truncated (not terminated) transitions bootstrap."""
-    return reward + gamma * (~terminated).to(next_value.dtype) * next_value
-
-
-def awr_weight(advantage: Tensor, temperature: float) -> Tensor:
-    """Eq. (7): the advantage-weighted-regression weight exp(β·A), clamped at 100."""
-    return torch.exp(advantage * temperature).clamp(max=MAX_AWR_WEIGHT)
-
+__all__ = ["IQLLoss", "is_probabilistic"]
 
 # --------------------------------------------------------------------------- the loss module
 class IQLLoss(LossModule):
@@ -646,78 +618,6 @@ class IQLLoss(LossModule):
             raise ValueError(
                 f"{self.tensor_keys.action!r} has shape {tuple(action.shape)} but the observations give "
                 f"a batch of {tuple(batch_shape)}: expected [*batch, action_dim]."
-            )
-
-
-class DiscreteIQLLoss(IQLLoss):
-    """IQL for discrete actions: the critic outputs one Q value per action.
-
-    Keyword Args:
-        action_space (str or TensorSpec): ``"categorical"`` (actions are indices, shaped ``[*B]``
-            or ``[*B, 1]``) or ``"one-hot"`` (actions shaped ``[*B, n]``). Required.
-        Other arguments as :class:`IQLLoss`. The actor must be probabilistic (a Categorical or
-        OneHotCategorical ``ProbabilisticActor``).
-    """
-
-    def __init__(self, actor_network, qvalue_network, value_network, *, action_space: str | TensorSpec = None, **kwargs):
-        if action_space is None:
-            raise ValueError("DiscreteIQLLoss needs action_space: 'categorical' or 'one-hot' (or a spec).")
-        super().__init__(actor_network, qvalue_network, value_network, **kwargs)
-        if not self.is_probabilistic_actor:
-            raise TypeError("DiscreteIQLLoss needs a probabilistic actor (Categorical or OneHotCategorical).")
-        self.action_space = _find_action_space(action_space)
-        if self.action_space not in ("categorical", "one_hot"):
-            raise ValueError(f"action_space must be 'categorical' or 'one-hot', got {action_space!r}.")
-        if self.action_space == "categorical":
-            self._expected_action_size = None  # indices: the number of actions is a value, not a shape
-
-    def _check_action(self, tensordict: TensorDictBase) -> None:
-        action = tensordict.get(self.tensor_keys.action)
-        if self.action_space == "categorical" and (action.is_floating_point() or action.dtype == torch.bool):
-            raise TypeError(
-                f"DiscreteIQLLoss: {self.tensor_keys.action!r} is {action.dtype}, but categorical actions "
-                "are integer indices (torch.long). Cast them where the data enters the buffer, or use "
-                "action_space='one-hot' for one-hot actions."
-            )
-        expected = self._expected_action_size
-        if self.action_space == "one_hot" and expected is not None and action.shape[-1:] != (expected,):
-            raise ValueError(
-                f"DiscreteIQLLoss: one-hot {self.tensor_keys.action!r} has shape {tuple(action.shape)} but "
-                f"the actor's spec has {expected} actions: expected [*batch, {expected}]."
-            )
-
-    def _index(self, action: Tensor, batch_ndim: int) -> Tensor:
-        """Action as a long index of shape [*B]."""
-        if self.action_space == "one_hot":
-            return (action.to(torch.uint8) if action.dtype == torch.bool else action).argmax(-1)
-        return action.squeeze(-1).long() if action.ndim > batch_ndim else action.long()
-
-    def _q_of_dataset_action(self, q_all: Tensor, action: Tensor) -> Tensor:
-        # q_all: [num_critics, *B, n_actions]: Q(s, a_dataset), never max_a Q(s, a)
-        if self.action_space == "one_hot" and action.shape[-1] != q_all.shape[-1]:
-            raise ValueError(
-                f"DiscreteIQLLoss: one-hot {self.tensor_keys.action!r} has {action.shape[-1]} entries but "
-                f"the critic scores {q_all.shape[-1]} actions: expected [*batch, {q_all.shape[-1]}]."
-            )
-        index = self._index(action, q_all.ndim - 2)
-        return q_all.gather(-1, index.unsqueeze(-1).expand(*q_all.shape[:-1], 1)).squeeze(-1)
-
-    def _log_prob(self, dist, action: Tensor) -> Tensor:
-        if self.action_space == "categorical":
-            # (B, 1)-shaped indices would broadcast in Categorical.log_prob
-            batch_ndim = len(dist.batch_shape)
-            return dist.log_prob(self._index(action, batch_ndim))
-        return dist.log_prob(action if action.is_floating_point() else action.to(dist.logits.dtype))
-
-    def _check_action_shape(self, action: Tensor, batch_shape: torch.Size) -> None:
-        ok = action.shape[:-1] == batch_shape if self.action_space == "one_hot" else (
-            action.shape == batch_shape or action.shape == (*batch_shape, 1)
-        )
-        if not ok:
-            expected = "[*batch, n_actions]" if self.action_space == "one_hot" else "[*batch] or [*batch, 1]"
-            raise ValueError(
-                f"{self.tensor_keys.action!r} has shape {tuple(action.shape)} but the observations give a "
-                f"batch of {tuple(batch_shape)}: expected {expected} for action_space={self.action_space!r}."
             )
 
 

@@ -18,7 +18,8 @@ from iql_torchrl.checkpoint import load_run_checkpoint
 from iql_torchrl.config import PRESETS, ConfigError, RunConfig, config_from_dict
 from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, sample_indices
 from iql_torchrl.distributed import SeedEnsemble, all_reduce_gradients, broadcast_parameters
-from iql_torchrl.loss import DiscreteIQLLoss, IQLLoss
+from iql_torchrl.discrete import DiscreteIQLLoss
+from iql_torchrl.loss import IQLLoss
 from iql_torchrl.models import make_iql_networks
 from iql_torchrl.run import NonFiniteLossError, Run
 from iql_torchrl.update import IQLUpdate

@@ -14,7 +14,7 @@ from tensordict import TensorDict
 from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from iql_torchrl.data import DatasetError, load_minari_dataset
 from iql_torchrl.evaluation import evaluate_policy
-from iql_torchrl.loss import DiscreteIQLLoss
+from iql_torchrl.discrete import DiscreteIQLLoss
 from iql_torchrl.trainer import Config, build_loss, load_actor, train
 
 CARTPOLE = "iql_torchrl/cartpole/mixed-v0"
