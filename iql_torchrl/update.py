@@ -40,6 +40,7 @@ LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
 # each optimizer group and the loss's name for the parameters it trains
 GROUPS = {"value": "value", "actor": "actor", "critic": "qvalue"}
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
+_NEVER = object()  # a compiled step that always runs guarded
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
 
 
@@ -192,10 +193,18 @@ class IQLUpdate:
             # the one graph was built for exactly this call: skip dynamo's guards on every parameter
             # and optimizer state (~0.5 ms a step on CPU); anything they would check that can change
             # between calls (input shapes and dtypes, dropout's train/eval) is in the signature
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._step_fn(batch_or_indices)
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._step_fn(batch_or_indices)
+            except RuntimeError as error:
+                # several compiled steps in one process share the step's code, and dynamo may then
+                # not tell their graphs apart without the guards: it refuses before running anything
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                self._compiled_for = _NEVER
         out = self._step_fn(batch_or_indices)  # guarded: compiles, or recompiles for a new signature
-        self._compiled_for = signature
+        if self._compiled_for is not _NEVER:
+            self._compiled_for = signature
         return out
 
     def _call_signature(self, batch_or_indices) -> tuple:

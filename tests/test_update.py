@@ -181,6 +181,26 @@ def test_compiled_step_follows_a_new_batch_shape_and_dropout_switched_off():
     assert not torch.allclose(params(loss)[actor_key], results[0][actor_key], rtol=1e-5, atol=1e-6)
 
 
+def test_two_compiled_steps_in_one_process_each_train_their_own_networks():
+    # the two steps share their code; each must keep running its own graph on its own parameters
+    data = dataset()
+    stream = index_stream(4)
+    losses = {}
+    for mode in ("eager", "compile"):
+        first_loss, first = make_update(data, seed=1, total_steps=4, mode=mode)
+        second_loss, second = make_update(data, seed=2, total_steps=4, mode=mode)
+        for idx in stream:
+            first(idx)
+            second(idx.flip(0))
+        losses[mode] = (params(first_loss), params(second_loss))
+    for eager, compiled in zip(losses["eager"], losses["compile"]):
+        for (key, a), b in zip(eager.items(), compiled.values()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+    # the wrong variant: the networks swapped
+    key = next(iter(losses["eager"][0]))
+    assert not torch.allclose(losses["eager"][0][key], losses["compile"][1][key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_step_matches_eager_on_cuda():
     data = dataset().to("cuda")
