@@ -36,8 +36,8 @@ class TinyDatasets(NamedTuple):
 
 @pytest.fixture(autouse=True)
 def fresh_compiler_caches():
-    """Each test compiles from scratch: compiled steps of earlier tests share the step's code object,
-    and their cache entries would count against torch._dynamo's recompile limit."""
+    """Each test compiles from scratch: no test depends on what earlier tests left in dynamo's caches
+    (e.g. compiled loss calls counting against torch._dynamo's recompile limit)."""
     import torch
 
     torch._dynamo.reset()

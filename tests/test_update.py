@@ -153,8 +153,8 @@ def test_compiled_step_matches_eager_after_several_steps(order, actor_dropout):
 
 
 def test_compiled_step_follows_a_new_batch_shape_and_dropout_switched_off():
-    # The compiled step skips dynamo's guards when a call matches the one it was compiled for; a new
-    # batch size or the actor's dropout put in eval mode must still be seen (recompiled), as eager sees them.
+    # The compiled step runs without dynamo's guards, compiled ahead of time for the call's signature; a new
+    # batch size or the actor's dropout put in eval mode must still be seen (compiled anew), as eager sees them.
     data = dataset()
     g = torch.Generator().manual_seed(3)
     calls = [torch.randint(0, N, (B,), generator=g), torch.randint(0, N, (B,), generator=g),
@@ -182,7 +182,7 @@ def test_compiled_step_follows_a_new_batch_shape_and_dropout_switched_off():
 
 
 def test_two_compiled_steps_in_one_process_each_train_their_own_networks():
-    # the two steps share their code; each must keep running its own graph on its own parameters
+    # two compiled steps of the same class: each must keep running its own graph on its own parameters
     data = dataset()
     stream = index_stream(4)
     losses = {}
@@ -199,6 +199,24 @@ def test_two_compiled_steps_in_one_process_each_train_their_own_networks():
     # the wrong variant: the networks swapped (a weight: the two inits differ there, log_std starts at 0 in both)
     key = next(k for k in losses["eager"][0] if k.endswith("weight"))
     assert not torch.allclose(losses["eager"][0][key], losses["compile"][1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_step_torch_cannot_compile_ahead_of_time_warns_and_runs_guarded(monkeypatch):
+    # aot_compile refuses when inductor's caches are disabled: the step says so and still trains like eager
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    data = dataset()
+    stream = index_stream(3)
+    loss_e, eager = make_update(data, total_steps=3)
+    loss_c, compiled = make_update(data, total_steps=3, mode="compile")
+    with pytest.warns(UserWarning, match="ahead of time failed .*force_disable_caches"):
+        for idx in stream:
+            eager(idx)
+            compiled(idx)
+    for (key, a), b in zip(params(loss_e).items(), params(loss_c).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+    # the wrong variant: a step behind
+    eager(stream[0])
+    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params(loss_e).values(), params(loss_c).values()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
