@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from iql_torchrl.adam import adam_step
 from iql_torchrl.cuda_graph import CudaGraphStep
 from iql_torchrl.loss import IQLLoss
 
@@ -54,6 +55,14 @@ def _own_code(function: types.FunctionType) -> types.FunctionType:
     name = f"{function.__name__}_{next(_copies)}"
     code = function.__code__.replace(co_name=name)
     return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
+
+
+def _structure(tensors: Tensor | TensorDictBase | None) -> tuple | None:
+    if tensors is None:
+        return None
+    if isinstance(tensors, Tensor):
+        return tensors.shape, tensors.stride(), tensors.dtype, tensors.device
+    return tuple((key, *_structure(v)) for key, v in tensors.items(True, True))
 
 
 def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
@@ -199,7 +208,7 @@ class IQLUpdate:
         # mode "compile" without grad_hook: the step compiled ahead of time for each call signature and
         # run without dynamo (no frame lookup, no guards on every parameter and Adam state: ~0.4 ms a
         # step on CPU); the signature holds everything those guards would check that can change
-        # between calls (input shapes and dtypes, dropout's train/eval, autocast)
+        # between calls (the input's and data's shapes, strides and dtypes, dropout's train/eval, autocast)
         self._unguarded = torch.compile(
             step_fn, **compile_options,
             options={**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
@@ -234,12 +243,14 @@ class IQLUpdate:
         return step
 
     def _call_signature(self, batch_or_indices) -> tuple:
-        """The input's structure (keys, shapes, dtypes, devices) and the dropout layers' train/eval flags."""
-        if isinstance(batch_or_indices, Tensor):
-            inputs = ((None, batch_or_indices.shape, batch_or_indices.dtype, batch_or_indices.device),)
-        else:
-            inputs = tuple((key, v.shape, v.dtype, v.device) for key, v in batch_or_indices.items(True, True))
-        return inputs, tuple(m.training for m in self._dropouts), torch.is_autocast_enabled(self.device_type)
+        """What the compiled step is specialised on: the structure (keys, shapes, strides, dtypes,
+        devices) of the input and of ``data``, the dropout layers' train/eval flags, and autocast."""
+        return (
+            _structure(batch_or_indices),
+            _structure(self.data),
+            tuple(m.training for m in self._dropouts),
+            torch.is_autocast_enabled(self.device_type),
+        )
 
     # ------------------------------------------------------------------ the step
     def _paper_step(self, batch_or_indices):
@@ -318,32 +329,25 @@ class IQLUpdate:
         return params
 
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
-        """torch's functional Adam with the settings and state the group's optimizer holds."""
+        """An Adam step with the settings and state the group's optimizer holds: eager, torch's fused
+        kernel (one per group); compiled, :func:`~iql_torchrl.adam.adam_step`'s foreach ops, which
+        inductor fuses into the graph (step count and learning rate stay tensors: no sync, no recompile)."""
         optimizer = self.optimizers[group]
         settings = optimizer.param_groups[0]
-        compiling = torch.compiler.is_compiling()
         states = [optimizer.state[p] for p in self.params[group]]
-        adam(
-            self.params[group],
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [],
-            [s["step"] for s in states],
-            # eager: one fused kernel per group; compiled: foreach ops that inductor fuses into the
-            # graph, step count and learning rate staying tensors (no sync, no recompile)
-            fused=not compiling,
-            foreach=compiling,
-            capturable=compiling,
-            decoupled_weight_decay=settings["decoupled_weight_decay"],
-            amsgrad=False,
-            beta1=settings["betas"][0],
-            beta2=settings["betas"][1],
-            lr=settings["lr"],
-            weight_decay=settings["weight_decay"],
-            eps=settings["eps"],
-            maximize=False,
+        tensors = (
+            self.params[group], grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
         )
+        steps = [s["step"] for s in states]
+        options = {
+            "lr": settings["lr"], "eps": settings["eps"], "weight_decay": settings["weight_decay"],
+            "decoupled_weight_decay": settings["decoupled_weight_decay"],
+        }
+        if torch.compiler.is_compiling():
+            adam_step(*tensors, steps, betas=settings["betas"], **options)
+            return
+        beta1, beta2 = settings["betas"]
+        adam(*tensors, [], steps, fused=True, amsgrad=False, beta1=beta1, beta2=beta2, maximize=False, **options)
 
     def _set_actor_lr(self):
         if self.total_steps is not None:

@@ -152,29 +152,41 @@ def test_compiled_step_matches_eager_after_several_steps(order, actor_dropout):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
 
 
-def test_compiled_step_follows_a_new_batch_shape_and_dropout_switched_off():
+def column_major(data):
+    """The same transitions, every matrix laid out column by column (same shapes, other strides)."""
+    return data.apply(lambda t: t.t().contiguous().t() if t.dim() == 2 else t.clone())
+
+
+def test_compiled_step_follows_a_new_batch_shape_dropout_switched_off_and_new_data():
     # The compiled step runs without dynamo's guards, compiled ahead of time for the call's signature; a new
-    # batch size or the actor's dropout put in eval mode must still be seen (compiled anew), as eager sees them.
+    # batch size, the actor's dropout put in eval mode, and a new dataset with other sizes and strides
+    # must still be seen (compiled anew), as eager sees them.
     data = dataset()
     g = torch.Generator().manual_seed(3)
     calls = [torch.randint(0, N, (B,), generator=g), torch.randint(0, N, (B,), generator=g),
-             torch.randint(0, N, (B // 2,), generator=g), "eval", torch.randint(0, N, (B // 2,), generator=g)]
+             torch.randint(0, N, (B // 2,), generator=g), "eval", torch.randint(0, N, (B // 2,), generator=g),
+             "new data", torch.randint(0, 2 * N, (B // 2,), generator=g)]
+    new_data = column_major(random_transitions(2 * N, OBS, ACT, seed=5))
     results = []
     for mode in ("eager", "compile"):
         loss, update = make_update(data, total_steps=5, mode=mode, actor_dropout=0.5)
         for seed, call in enumerate(calls):
             if call == "eval":
                 loss.actor_network.eval()
-                continue
-            torch.manual_seed(seed)
-            update(call)
+            elif call == "new data":
+                update.data = new_data
+            else:
+                torch.manual_seed(seed)
+                update(call)
         results.append(params(loss))
     for (key, a), b in zip(results[0].items(), results[1].values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
-    # the wrong variant: the last step with dropout still on moves the actor elsewhere
+    # the wrong variant: the last steps with dropout still on move the actor elsewhere
     loss, update = make_update(data, total_steps=5, actor_dropout=0.5)
     for seed, call in enumerate(calls):
-        if call != "eval":
+        if call == "new data":
+            update.data = new_data
+        elif call != "eval":
             torch.manual_seed(seed)
             update(call)
     actor_key = next(k for k in results[0] if k.startswith("actor_network_params") and k.endswith("net.0.weight"))
