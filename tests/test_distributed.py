@@ -66,21 +66,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, out_dir):
+def _rank_main(rank, world, port, out_dir, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     loss = make_loss(7)
-    update = IQLUpdate(loss, data=dataset(), total_steps=STEPS, grad_hook=all_reduce_gradients)
+    update = IQLUpdate(loss, data=dataset(), total_steps=STEPS, grad_hook=all_reduce_gradients, mode=mode)
     for idx in index_stream(0, batch=2 * B):  # each rank takes its half of the combined batch
         update(idx[rank * B : (rank + 1) * B])
     torch.save(flat_params(loss), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_stay_identical_and_match_one_process_on_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_two_gloo_processes_stay_identical_and_match_one_process_on_the_combined_batch(tmp_path, mode):
+    # compiled, the all-reduce between the gradients and the optimizers is where the step may break
     port = _free_port()
-    mp.start_processes(_rank_main, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, port, str(tmp_path), mode), nprocs=2, join=True, start_method="spawn")
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
