@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import iql_torchrl
+from iql_torchrl.allocator import keep_freed_memory
 from iql_torchrl.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -117,6 +118,7 @@ class Run:
             config, state = _settings(config, job, given)
             ctx = setup_distributed(config.device)
             set_threads(config.threads)
+            keep_freed_memory()  # glibc: activation buffers stay mapped between updates (iql_torchrl.allocator)
             if state is not None and state.get("world_size", 1) != ctx.world_size:
                 raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
             if ctx.is_main:
