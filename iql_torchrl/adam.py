@@ -10,8 +10,8 @@ instead of recomputing them (0.4 ms).
 """
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 __all__ = ["adam_step"]
 

@@ -186,6 +186,9 @@ class IQLUpdate:
         step = IQLUpdate._paper_step if order == "paper" else IQLUpdate._summed_step
         self.step_function = step_fn = types.MethodType(_own_code(step), self)
         self._dropouts = [m for m in _networks(loss) if isinstance(m, torch.nn.Dropout)]
+        # mode "compile" without grad_hook: call signature -> its step compiled ahead of time (or None: run
+        # guarded); None for the other modes, which call self._step_fn
+        self._ahead_of_time = {} if mode == "compile" and grad_hook is None else None
         if mode == "eager":
             self._step_fn = step_fn
             return
@@ -205,19 +208,19 @@ class IQLUpdate:
         self._step_fn = torch.compile(step_fn, **compile_options, options=inductor_options)
         if mode == "cudagraphs":
             self._step_fn = CudaGraphStep(self._step_fn)
-        # mode "compile" without grad_hook: the step compiled ahead of time for each call signature and
-        # run without dynamo (no frame lookup, no guards on every parameter and Adam state: ~0.4 ms a
-        # step on CPU); the signature holds everything those guards would check that can change
-        # between calls (the input's and data's shapes, strides and dtypes, dropout's train/eval, autocast)
-        self._unguarded = torch.compile(
-            step_fn, **compile_options,
-            options={**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
-        )
-        self._ahead_of_time = {}  # call signature -> its compiled step, or None: run guarded
+        if self._ahead_of_time is not None:
+            # the step compiled ahead of time for each call signature and run without dynamo (no frame
+            # lookup, no guards on every parameter and Adam state: ~0.4 ms a step on CPU); the signature
+            # holds everything those guards would check that can change between calls (the input's and
+            # data's shapes, strides and dtypes, dropout's train/eval, autocast)
+            self._unguarded = torch.compile(
+                step_fn, **compile_options,
+                options={**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
+            )
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
         """One update. Pass a batch TensorDict, or indices into ``data`` when it was given."""
-        if self.mode != "compile" or self.grad_hook is not None or torch.compiler.is_compiling():
+        if self._ahead_of_time is None or torch.compiler.is_compiling():
             return self._step_fn(batch_or_indices)
         signature = self._call_signature(batch_or_indices)
         if signature not in self._ahead_of_time:
