@@ -21,6 +21,9 @@ every row, the GEMM limit included.
     python benchmarks/bench_update.py --threads 1
     python benchmarks/bench_update.py --threads 2 --profile ours-compile-paper
     python benchmarks/bench_update.py --quick            # a tiny smoke run (no JSON unless --json)
+
+A run with ``--variants`` writes JSON only where ``--json`` says: the default results files hold
+the full default table.
 """
 from __future__ import annotations
 
@@ -236,7 +239,8 @@ def parse_args(argv=None):
     parser.add_argument("--profile-out", type=Path, default=None,
                         help="profile table path (default: benchmarks/profile_<variant>_<threads>t.txt)")
     parser.add_argument("--json", type=Path, default=None,
-                        help="results path (default: benchmarks/results_update_<threads>t.json; none with --quick)")
+                        help="results path (default: benchmarks/results_update_<threads>t.json for the full default run; "
+                             "none with --quick or --variants unless given)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run: B 32, width 32, 2 rounds of 3 updates")
     args = parser.parse_args(argv)
     for flag in ("threads", "rounds", "block", "batch_size", "obs_dim", "action_dim", "hidden", "layers"):
@@ -328,7 +332,9 @@ def main(argv=None):
         "gemm_flops_per_update": flops,
         "targets": met,
     }
-    path = args.json or (None if args.quick else HERE / f"results_update_{threads}t.json")
+    # the default results file holds the full table: a partial or tiny run writes only where --json says
+    partial = args.quick or args.variants is not None
+    path = args.json or (None if partial else HERE / f"results_update_{threads}t.json")
     if path is not None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwritten to {path}", file=sys.stderr)

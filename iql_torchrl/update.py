@@ -20,6 +20,7 @@ vmapped runs see the same batches and a resumed run continues the same random st
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import types
@@ -45,6 +46,9 @@ LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
 GROUPS = {"value": "value", "actor": "actor", "critic": "qvalue"}
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
+# tensordict's to_module reads a torch config that torch deprecates, each time the step is traced:
+# a FutureWarning that tells a user of the compiled step nothing
+_TRACING_NOISE = r"torch\._dynamo\.config\.inline_inbuilt_nn_modules is deprecated"
 
 
 _copies = itertools.count(1)
@@ -63,6 +67,13 @@ def _structure(tensors: Tensor | TensorDictBase | None) -> tuple | None:
     if isinstance(tensors, Tensor):
         return tensors.shape, tensors.stride(), tensors.dtype, tensors.device
     return tuple((key, *_structure(v)) for key, v in tensors.items(True, True))
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TRACING_NOISE, category=FutureWarning)
+        yield
 
 
 def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
@@ -220,21 +231,26 @@ class IQLUpdate:
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
         """One update. Pass a batch TensorDict, or indices into ``data`` when it was given."""
-        if self._ahead_of_time is None or torch.compiler.is_compiling():
+        if self.mode == "eager" or torch.compiler.is_compiling():
             return self._step_fn(batch_or_indices)
+        if self._ahead_of_time is None:
+            with _quiet_tracing():  # a guarded step traces on its first call and on recompiles
+                return self._step_fn(batch_or_indices)
         signature = self._call_signature(batch_or_indices)
         if signature not in self._ahead_of_time:
             self._ahead_of_time[signature] = self._compile_ahead_of_time(batch_or_indices)
         step = self._ahead_of_time[signature]
         if step is None:
-            return self._step_fn(batch_or_indices)
+            with _quiet_tracing():
+                return self._step_fn(batch_or_indices)
         return step(self, batch_or_indices)
 
     def _compile_ahead_of_time(self, example):
         """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), or
         None where torch refuses it (e.g. its caches disabled): the step then runs under dynamo's guards."""
         try:
-            step = self._unguarded.aot_compile(((example,), {}))
+            with _quiet_tracing():
+                step = self._unguarded.aot_compile(((example,), {}))
         except Exception as error:  # an experimental torch API: any refusal leaves the guarded step
             warnings.warn(
                 f"IQLUpdate: compiling the step ahead of time failed ({type(error).__name__}: {error}); "

@@ -1,4 +1,6 @@
 """torch.compile(IQLLoss) gives eager's values and gradients, in one graph (fullgraph=True)."""
+import warnings
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -115,7 +117,12 @@ def test_a_torchrl_tanh_normal_actor_and_mlp_critics_run_compiled_ahead_of_time_
         idx = torch.randint(0, 64, (16,), generator=g)
         one_step_behind = {k: v.clone() for k, v in eager_loss.state_dict().items()}
         eager(idx)
-        compiled(idx)
+        with warnings.catch_warnings(record=True) as caught:  # the first call compiles
+            warnings.simplefilter("always")
+            compiled(idx)
+        # tracing tensordict's to_module reads a deprecated torch config: torch's FutureWarning says
+        # nothing to a user of the step and is not shown
+        assert not [w for w in caught if "inline_inbuilt_nn_modules" in str(w.message)]
     moved = 0
     for (key, a), b in zip(eager_loss.state_dict().items(), compiled_loss.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
