@@ -57,6 +57,32 @@ def test_stacked_critics_equal_each_critic_called_alone(shape):
     assert (got - first_only).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("activations", [(nn.ReLU,), (nn.ReLU, nn.ReLU), (nn.Tanh,), (nn.ReLU, nn.Tanh)],
+                         ids=["relu", "relu_relu", "tanh", "relu_tanh"])
+@pytest.mark.parametrize("num_nets", [1, 2], ids=["single", "stacked"])
+def test_gradients_through_the_plain_path_equal_the_modules(activations, num_nets):
+    # the eager plain path overwrites GEMM outputs in place with a ReLU: a second activation on top,
+    # or a wrong in-place write, would corrupt the gradients autograd computes from saved tensors
+    torch.manual_seed(1)
+    nets = [TensorDictModule(nn.Sequential(nn.Linear(3, 8), *(a() for a in activations), nn.Linear(8, 8),
+                                           *(a() for a in activations), nn.Linear(8, 1)),
+                             in_keys=["observation"], out_keys=["out"]).double() for _ in range(num_nets)]
+    td = batch((6,))
+    params = TensorDict.from_modules(*nets, as_module=False) if num_nets > 1 else TensorDict.from_module(nets[0])
+    params = params.detach().clone().requires_grad_(True)
+    got = PlainMLP.from_module(nets[0])(params, td)
+    if num_nets == 1:
+        got = got.unsqueeze(0)
+    (got * torch.arange(1.0, 7.0, dtype=torch.float64).unsqueeze(-1)).sum().backward()  # rows weighted apart
+    for k, net in enumerate(nets):
+        out = net(td.clone())["out"]
+        torch.testing.assert_close(got[k].detach(), out.detach(), rtol=1e-12, atol=1e-12)
+        (out * torch.arange(1.0, 7.0, dtype=torch.float64).unsqueeze(-1)).sum().backward()
+        for (key, p), grad in zip(net.named_parameters(), (params.grad[k] if num_nets > 1 else params.grad).values(True, True)):
+            torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-12, msg=key)
+    assert all(g.abs().sum() > 0 for g in params.grad.values(True, True))  # every gradient compared is nonzero
+
+
 def test_torchrl_mlp_critic_and_single_network():
     torch.manual_seed(1)
     critics = [

@@ -213,14 +213,15 @@ def test_two_compiled_steps_in_one_process_each_train_their_own_networks():
     assert not torch.allclose(losses["eager"][0][key], losses["compile"][1][key], rtol=1e-5, atol=1e-6)
 
 
-def test_a_compiled_step_torch_cannot_compile_ahead_of_time_warns_and_runs_guarded(monkeypatch):
+def test_a_compiled_step_torch_cannot_compile_ahead_of_time_warns_and_runs_guarded():
     # aot_compile refuses when inductor's caches are disabled: the step says so and still trains like eager
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    # (config.patch restores the setting; monkeypatch's undo would delete torch's hidden config entry)
     data = dataset()
     stream = index_stream(3)
     loss_e, eager = make_update(data, total_steps=3)
     loss_c, compiled = make_update(data, total_steps=3, mode="compile")
-    with pytest.warns(UserWarning, match="ahead of time failed .*force_disable_caches"):
+    with torch._inductor.config.patch(force_disable_caches=True), \
+            pytest.warns(UserWarning, match="ahead of time failed .*force_disable_caches"):
         for idx in stream:
             eager(idx)
             compiled(idx)
