@@ -201,6 +201,7 @@ class OnlinePhase:
             replay.online_buffer.load_state_dict(self.saved_online["buffer"])
             restore_rng(run.state["rng"][0], [self.generator])  # again, last: building the collector drew
         bar = run.progress_bar(total=config.online_steps, initial=self.env_steps, desc="IQL online", unit="env step")
+        compiling = self.update.mode != "eager"  # not counted in updates/s
         try:
             for rollout in collector:
                 transitions = rollout.reshape(-1).select(*TRANSITION_KEYS)
@@ -210,11 +211,15 @@ class OnlinePhase:
                 bar.update(transitions.batch_size[0])
 
                 before = run.step
+                timed = config.updates_per_collection
+                if compiling:  # sampled batches are a new call signature: the first online update compiles
+                    metrics = self.update(replay.sample())
+                    timed, compiling = timed - 1, False
                 run.timing.start()
-                for _ in range(config.updates_per_collection):
+                for _ in range(timed):
                     metrics = self.update(replay.sample())
                 run.step += config.updates_per_collection
-                run.timing.count(config.updates_per_collection)
+                run.timing.count(timed)
                 run.timing.pause()
 
                 done = self.env_steps >= config.online_steps

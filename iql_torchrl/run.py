@@ -55,7 +55,7 @@ from iql_torchrl.threads import set_threads
 from iql_torchrl.timing import RunTiming
 from iql_torchrl.update import metrics_to_floats
 
-__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME"]
+__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME", "restart_progress_clock"]
 
 SUMMARY_NAME = "summary.json"
 
@@ -322,3 +322,10 @@ class Run:
                 self.logger.experiment.finish()
         self.ctx.barrier()
         return summary if self.ctx.is_main else {}
+
+
+def restart_progress_clock(bar, desc: str) -> None:
+    """Restarts a tqdm bar's clock (its rate and ETA count from here, e.g. after a first update that
+    compiled the step) and sets its description to ``desc``."""
+    bar.set_description_str(desc, refresh=False)
+    bar.unpause()  # tqdm moves its start time past the time since the bar last printed

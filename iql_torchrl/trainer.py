@@ -21,7 +21,7 @@ from iql_torchrl.distributed import SeedEnsemble, all_reduce_gradients, broadcas
 from iql_torchrl.discrete import DiscreteIQLLoss
 from iql_torchrl.loss import IQLLoss
 from iql_torchrl.models import make_iql_networks
-from iql_torchrl.run import NonFiniteLossError, Run
+from iql_torchrl.run import NonFiniteLossError, Run, restart_progress_clock
 from iql_torchrl.update import IQLUpdate
 
 __all__ = ["Config", "PRESETS", "train", "offline_loop", "NonFiniteLossError", "build_loss", "load_actor",
@@ -124,11 +124,13 @@ def offline_loop(run: Run, update: IQLUpdate, draw_batch, last_step: int, desc: 
     and at ``last_step``, and checkpoints every ``checkpoint_every`` and before every evaluation."""
     first = run.step + 1
     warmup = update.mode != "eager"  # the first compiled call compiles: not counted in updates/s
-    bar = run.progress_bar(total=last_step, initial=run.step, desc=desc)
+    bar = run.progress_bar(total=last_step, initial=run.step, desc=f"{desc} (compiling the update step)" if warmup else desc)
     for step in range(first, last_step + 1):
         if step > first or not warmup:
             run.timing.start()
         metrics = update(draw_batch())
+        if warmup and step == first:
+            restart_progress_clock(bar, desc)  # the bar's rate and ETA leave the compilation out too
         run.step = step
         run.timing.count()
         bar.update(1)

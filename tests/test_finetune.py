@@ -25,7 +25,7 @@ from iql_torchrl.online import (
     make_offline_online_buffer,
     make_online_env,
 )
-from iql_torchrl.trainer import Config, NonFiniteLossError, build_loss, load_actor, train
+from iql_torchrl.trainer import Config, NonFiniteLossError, build_loss, load_actor, make_update, train
 from iql_torchrl.update import IQLUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +131,26 @@ def test_the_same_update_step_runs_both_phases(tiny_datasets, tmp_path, monkeypa
     kinds = [kind for _, kind in calls]
     assert kinds == ["indices"] * 20 + ["batch"] * 96  # offline indices, then mixed batches, utd 1
     assert summary["updates"] == 116 and summary["env_steps"] == 96
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_updates_per_second_leaves_out_each_phase_s_compiling_first_update(tiny_datasets, tmp_path, monkeypatch, mode):
+    # a compiled step compiles on its first offline call (indices) and again on its first online call
+    # (sampled batches: a new call signature); neither belongs in updates/s. The step runs eager here,
+    # only reporting the mode, so the test checks the bookkeeping without compiling.
+    import iql_torchrl.finetune as finetune_module
+
+    def reporting(*args, **kwargs):
+        update = make_update(*args, **kwargs)
+        update.mode = mode
+        return update
+
+    monkeypatch.setattr(finetune_module, "make_update", reporting)
+    out = tmp_path / "run"
+    summary = finetune(FinetuneConfig(dataset=tiny_datasets.pendulum, output_dir=out, logger="none", **TINY))
+    timing = load_checkpoint(out / CHECKPOINT_NAME)["timing"]
+    assert summary["updates"] == 116
+    assert timing["timed_updates"] == (116 if mode == "eager" else 114)  # 115: the online compile counted
 
 
 def test_a_short_run_writes_a_finite_summary_over_both_phases(tiny_datasets, tmp_path):

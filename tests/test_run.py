@@ -349,3 +349,26 @@ def test_per_network_learning_rates_optimizer_and_weight_decay_reach_the_update_
     assert received["lr"] == 1e-3 and received["actor_lr"] == 1e-4 and received["value_lr"] == 2e-4
     assert received["optimizer"] == "adamw" and received["weight_decay"] == 0.01
     assert received.get("critic_lr") is None  # unset: --lr
+
+
+def test_restarting_the_progress_clock_drops_the_time_before_it():
+    # a compiling first update must not set the bar's rate and ETA for the rest of the run
+    import io
+    import time
+
+    from tqdm import tqdm
+
+    from iql_torchrl.run import restart_progress_clock
+
+    bars = {}
+    for restart in (True, False):
+        bar = tqdm(total=100, initial=10, desc="IQL (compiling the update step)", file=io.StringIO(), mininterval=1.0)
+        time.sleep(0.3)  # the first update, compiling
+        if restart:
+            restart_progress_clock(bar, "IQL")
+        bar.update(1)
+        bars[restart] = (bar.n, bar.format_dict["elapsed"], bar.desc)
+        bar.close()
+    n, elapsed, desc = bars[True]
+    assert (n, desc) == (11, "IQL") and elapsed < 0.2
+    assert bars[False][1] >= 0.3  # the wrong variant: no restart, the compilation in the rate
