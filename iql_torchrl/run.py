@@ -53,7 +53,7 @@ from iql_torchrl.resume import ResumeError, check_same_data, data_fingerprint, r
 from iql_torchrl.run_folder import FolderInUseError, RunFolder, default_run_dir
 from iql_torchrl.threads import set_threads
 from iql_torchrl.timing import RunTiming
-from iql_torchrl.update import metrics_to_floats
+from iql_torchrl.update import metrics_to_floats, missing_compiler
 
 __all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME", "restart_progress_clock"]
 
@@ -84,6 +84,8 @@ def _settings(config, job: str, given: set[str]):
         raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
+    if config.compile and (problem := missing_compiler(config.device)) is not None:
+        raise ConfigError(f"--compile: {problem} (leave out --compile).")
     return config, state
 
 

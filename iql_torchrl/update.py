@@ -36,7 +36,7 @@ from iql_torchrl.adam import adam_step
 from iql_torchrl.cuda_graph import CudaGraphStep
 from iql_torchrl.loss import IQLLoss
 
-__all__ = ["IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "metrics_to_floats"]
+__all__ = ["IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "metrics_to_floats", "missing_compiler"]
 
 MODES = ("eager", "compile", "cudagraphs")
 ORDERS = ("paper", "summed")
@@ -74,6 +74,26 @@ def _quiet_tracing():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TRACING_NOISE, category=FutureWarning)
         yield
+
+
+def missing_compiler(device_type: str) -> str | None:
+    """Why the step cannot be compiled for ``device_type`` on this machine, or None when it can.
+
+    On the CPU, torch's inductor builds the step's kernels with a C++ compiler (``g++``, or the one
+    the ``CXX`` environment variable names); without one the first compiled call would fail.
+    """
+    if device_type != "cpu":
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return ("compiling the update step on the CPU needs a C++ compiler (torch's inductor builds its kernels "
+                "with g++, or the compiler the CXX environment variable names), and none was found: install "
+                "one (e.g. `apt install g++`) or run the step eager")
+    return None
 
 
 def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
@@ -169,6 +189,8 @@ class IQLUpdate:
         self.autocast_dtype = autocast_dtype
         device = next(loss.parameters()).device
         self.device_type = device.type
+        if mode != "eager" and (problem := missing_compiler(device.type)) is not None:
+            raise RuntimeError(f"IQLUpdate(mode={mode!r}): {problem} (mode='eager').")
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)

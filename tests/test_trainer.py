@@ -55,6 +55,22 @@ def test_cuda_only_flags_fail_clearly_without_cuda(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_compile_without_a_cpp_compiler_fails_before_any_work(tiny_datasets, tmp_path):
+    # inductor builds CPU kernels with a C++ compiler: a machine without one is told so at the start
+    from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        with pytest.raises(ValueError, match="--compile: .*needs a C\\+\\+ compiler.*CXX"):
+            train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "run", compile=True, **TINY))
+        loss = IQLLoss(*make_iql_networks(3, 1, hidden_sizes=(8,)))
+        with pytest.raises(RuntimeError, match="mode='compile'.*needs a C\\+\\+ compiler"):
+            IQLUpdate(loss, mode="compile")
+        IQLUpdate(loss)  # eager needs none
+    assert not (tmp_path / "run").exists()
+    # with the compiler found, the same settings pass the check
+    IQLUpdate(IQLLoss(*make_iql_networks(3, 1, hidden_sizes=(8,))), mode="compile")
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_datasets, tmp_path, monkeypatch):
     # transition 0 gets a NaN reward and is the whole batch from update step 14 on
     import iql_torchrl.trainer as trainer
