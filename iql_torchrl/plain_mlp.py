@@ -8,9 +8,9 @@ activations in an ``nn.Sequential`` (our ``mlp``, TorchRL's ``MLP``), :class:`Pl
 the same function from the parameter TensorDict directly:
 
 * one network (parameters without a leading dim): ``F.linear`` per layer;
-* a stacked ensemble (parameters ``[K, ...]``, e.g. the twin critics): one ``bmm`` per layer,
-  the K networks in one batched matmul on the shared input (what ``vmap`` makes of the modules,
-  without its per-call work). Activations are kept feature-major, ``[K, features, N]``
+* a stacked ensemble (parameters ``[K, ...]``, e.g. the twin critics): one batched matmul per
+  layer, the K networks at once on the shared input (what ``vmap`` makes of the modules, without
+  its per-call work): ``baddbmm`` eager, ``bmm`` + bias compiled (see :meth:`PlainMLP.__call__`). Activations are kept feature-major, ``[K, features, N]``
   (``h ← W·h + b``), so each weight's gradient comes out laid out like the weight, which the
   optimizer's elementwise update then reads contiguously.
 
