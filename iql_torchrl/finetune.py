@@ -42,7 +42,7 @@ from iql_torchrl.online import (
     make_online_env,
     restore_episodes,
 )
-from iql_torchrl.run import Run
+from iql_torchrl.run import Run, restart_progress_clock
 from iql_torchrl.trainer import build_loss, index_sampler, make_update, offline_loop
 
 __all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
@@ -213,7 +213,9 @@ class OnlinePhase:
                 before = run.step
                 timed = config.updates_per_collection
                 if compiling:  # sampled batches are a new call signature: the first online update compiles
+                    bar.set_description_str("IQL online (compiling the update step)")
                     metrics = self.update(replay.sample())
+                    restart_progress_clock(bar, "IQL online")
                     timed, compiling = timed - 1, False
                 run.timing.start()
                 for _ in range(timed):
