@@ -37,6 +37,44 @@ def test_a_short_run_writes_a_finite_summary_a_plot_and_csv_logs(tiny_datasets, 
     assert list((out / "logs").rglob("loss_qvalue.csv"))
 
 
+def test_the_main_job_compiled_trains_like_eager_and_resumes_where_it_stopped(tiny_datasets, tmp_path, monkeypatch):
+    from iql_torchrl.run import Run
+
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / name, compile=compiled, **TINY))
+        runs[name] = load_checkpoint(tmp_path / name / CHECKPOINT_NAME)
+    eager, compiled = runs["eager"]["loss"], runs["compiled"]["loss"]
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert runs["compiled"]["timing"]["timed_updates"] == 19  # the compiling first update is left out
+    assert runs["eager"]["timing"]["timed_updates"] == 20
+
+    # a compiled run stopped after its step-10 checkpoint and resumed compiles again and ends where
+    # the uninterrupted compiled run ended
+    real = Run.checkpoint
+
+    def stop_after_step_10(self, evaluate_pending=False):
+        real(self, evaluate_pending)
+        if self.step == 10:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(Run, "checkpoint", stop_after_step_10)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, compile=True, **TINY))
+    halfway = load_checkpoint(out / CHECKPOINT_NAME)["loss"]
+    monkeypatch.setattr(Run, "checkpoint", real)
+    train(Config(output_dir=out, resume=True, progress=False))
+    resumed = load_checkpoint(out / CHECKPOINT_NAME)
+    assert resumed["step"] == 20 and resumed["config"]["compile"] is True
+    assert resumed["timing"]["timed_updates"] == 9 + 9  # ten updates a session, each session's first compiling
+    for key in compiled:
+        torch.testing.assert_close(resumed["loss"][key], compiled[key], rtol=1e-6, atol=1e-7, msg=key)
+    # the wrong variant: the run as it stood at step 10
+    assert any(not torch.allclose(halfway[key], compiled[key], rtol=1e-4, atol=1e-5) for key in compiled)
+
+
 def test_an_existing_output_dir_is_not_overwritten(tiny_datasets, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
