@@ -10,6 +10,7 @@
   episodes=TINY_EPISODES, reference_episodes=TINY_REFERENCE_EPISODES)``.
 * ``write_minari_dataset``: writes a hand-made Minari dataset from episode arrays.
 * ``synthetic_episode``: makes the arrays of one random episode.
+* ``stop_after_checkpoint``: makes runs stop (``KeyboardInterrupt``) right after a chosen checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +43,30 @@ def fresh_compiler_caches():
 
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture
+def stop_after_checkpoint(monkeypatch):
+    """``stop_after_checkpoint(when)``: from then on a run raises ``KeyboardInterrupt`` right after a
+    checkpoint for which ``when(run)`` is true, as if killed there; ``stop_after_checkpoint(None)``
+    lets runs finish again."""
+    from iql_torchrl.run import Run
+
+    real = Run.checkpoint
+
+    def stop(when) -> None:
+        if when is None:
+            monkeypatch.setattr(Run, "checkpoint", real)
+            return
+
+        def checkpoint_then_stop(self, evaluate_pending=False):
+            real(self, evaluate_pending)
+            if when(self):
+                raise KeyboardInterrupt("stopped after a checkpoint")
+
+        monkeypatch.setattr(Run, "checkpoint", checkpoint_then_stop)
+
+    return stop
 
 
 @pytest.fixture

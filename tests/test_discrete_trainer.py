@@ -74,22 +74,13 @@ def test_a_discrete_run_trains_evaluates_greedily_and_checkpoints(cartpole, tmp_
     assert result["returns"] == returns
 
 
-def test_discrete_seeds_train_together_and_resume_exactly(cartpole, tmp_path, monkeypatch):
-    from iql_torchrl.run import Run
-
+def test_discrete_seeds_train_together_and_resume_exactly(cartpole, tmp_path, stop_after_checkpoint):
     whole = train(Config(dataset=cartpole, output_dir=tmp_path / "whole", num_seeds=2, **TINY))
     assert len(whole["per_seed"]) == 2
-    real = Run.checkpoint
-
-    def killed_after_step_10(self, evaluate_pending=False):
-        real(self, evaluate_pending)
-        if self.step == 10:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Run, "checkpoint", killed_after_step_10)
+    stop_after_checkpoint(lambda run: run.step == 10)
     with pytest.raises(KeyboardInterrupt):
         train(Config(dataset=cartpole, output_dir=tmp_path / "split", num_seeds=2, **TINY))
-    monkeypatch.setattr(Run, "checkpoint", real)
+    stop_after_checkpoint(None)
     resumed = train(Config(output_dir=tmp_path / "split", resume=True, progress=False))
     assert resumed["normalized_score"] == whole["normalized_score"]
     a = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)["loss"]

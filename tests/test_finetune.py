@@ -180,23 +180,17 @@ def test_a_short_run_writes_a_finite_summary_over_both_phases(tiny_datasets, tmp
     assert actor(TensorDict({"observation": torch.zeros(2, metadata.observation_dim)}, [2]))["action"].shape == (2, 1)
 
 
-def test_a_run_resumed_mid_online_phase_ends_like_an_uninterrupted_one(tiny_datasets, tmp_path, monkeypatch):
-    import iql_torchrl.run as run_module
-
+def test_a_run_resumed_mid_online_phase_ends_like_an_uninterrupted_one(tiny_datasets, tmp_path, stop_after_checkpoint):
     straight = finetune(FinetuneConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", logger="none", **TINY))
 
-    real_checkpoint = run_module.Run.checkpoint
+    def first_online_checkpoint(run) -> bool:
+        job_state = run.extra_state()
+        return job_state["phase"] == "online" and job_state["env_steps"] > 0
 
-    def crash_after_first_online_checkpoint(self, evaluate_pending=False):
-        real_checkpoint(self, evaluate_pending)
-        job_state = self.extra_state()
-        if job_state["phase"] == "online" and job_state["env_steps"] > 0:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(run_module.Run, "checkpoint", crash_after_first_online_checkpoint)
+    stop_after_checkpoint(first_online_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         finetune(FinetuneConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "crashed", logger="none", **TINY))
-    monkeypatch.setattr(run_module.Run, "checkpoint", real_checkpoint)
+    stop_after_checkpoint(None)
     interrupted = load_checkpoint(tmp_path / "crashed" / CHECKPOINT_NAME)
     assert interrupted["phase"] == "online" and 0 < interrupted["env_steps"] < 96
     assert any(len(e["actions"]) > 0 for e in interrupted["online"]["episodes"])  # episodes were mid-way

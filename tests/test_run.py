@@ -249,19 +249,12 @@ def test_a_failed_evaluation_loses_nothing_and_the_resumed_run_ends_like_an_unin
     assert resumed["wall_seconds"] >= state["timing"]["wall_seconds"]
 
 
-def test_updates_per_second_counts_each_update_once_across_a_resume(tiny_datasets, tmp_path, monkeypatch):
-    real = Run.checkpoint
-
-    def crash_after_step_10(self, evaluate_pending=False):
-        real(self, evaluate_pending)
-        if self.step == 10:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Run, "checkpoint", crash_after_step_10)
+def test_updates_per_second_counts_each_update_once_across_a_resume(tiny_datasets, tmp_path, stop_after_checkpoint):
+    stop_after_checkpoint(lambda run: run.step == 10)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
-    monkeypatch.setattr(Run, "checkpoint", real)
+    stop_after_checkpoint(None)
     first = load_checkpoint(out / CHECKPOINT_NAME)["timing"]
     assert first["timed_updates"] == 10
 

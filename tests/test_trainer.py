@@ -37,9 +37,7 @@ def test_a_short_run_writes_a_finite_summary_a_plot_and_csv_logs(tiny_datasets, 
     assert list((out / "logs").rglob("loss_qvalue.csv"))
 
 
-def test_the_main_job_compiled_trains_like_eager_and_resumes_where_it_stopped(tiny_datasets, tmp_path, monkeypatch):
-    from iql_torchrl.run import Run
-
+def test_the_main_job_compiled_trains_like_eager_and_resumes_where_it_stopped(tiny_datasets, tmp_path, stop_after_checkpoint):
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / name, compile=compiled, **TINY))
@@ -52,19 +50,12 @@ def test_the_main_job_compiled_trains_like_eager_and_resumes_where_it_stopped(ti
 
     # a compiled run stopped after its step-10 checkpoint and resumed compiles again and ends where
     # the uninterrupted compiled run ended
-    real = Run.checkpoint
-
-    def stop_after_step_10(self, evaluate_pending=False):
-        real(self, evaluate_pending)
-        if self.step == 10:
-            raise KeyboardInterrupt("stopped")
-
-    monkeypatch.setattr(Run, "checkpoint", stop_after_step_10)
+    stop_after_checkpoint(lambda run: run.step == 10)
     out = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt):
         train(Config(dataset=tiny_datasets.pendulum, output_dir=out, compile=True, **TINY))
     halfway = load_checkpoint(out / CHECKPOINT_NAME)["loss"]
-    monkeypatch.setattr(Run, "checkpoint", real)
+    stop_after_checkpoint(None)
     train(Config(output_dir=out, resume=True, progress=False))
     resumed = load_checkpoint(out / CHECKPOINT_NAME)
     assert resumed["step"] == 20 and resumed["config"]["compile"] is True
