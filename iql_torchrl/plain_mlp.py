@@ -108,7 +108,11 @@ class PlainMLP:
             if stacked is None:  # the input is shared by the K networks
                 stacked = weight.shape[0]
                 h = h.T.expand(stacked, *h.T.shape)
-            h = torch.baddbmm(bias.unsqueeze(2), weight, h) if eager else torch.bmm(weight, h) + bias.unsqueeze(2)
+            if eager:
+                h = torch.baddbmm(bias.unsqueeze(2), weight, h)
+            else:  # the bias in the product's dtype, as baddbmm and Linear have it under autocast
+                h = torch.bmm(weight, h)
+                h = h + bias.unsqueeze(2).to(h.dtype)
         if stacked is None:
             return h.reshape(*batch_shape, h.shape[-1])
         return h.transpose(1, 2).reshape(stacked, *batch_shape, h.shape[1])

@@ -83,6 +83,21 @@ def test_gradients_through_the_plain_path_equal_the_modules(activations, num_net
     assert all(g.abs().sum() > 0 for g in params.grad.values(True, True))  # every gradient compared is nonzero
 
 
+def test_under_bf16_autocast_the_compiled_plain_path_keeps_eager_s_dtypes_and_values():
+    # eager uses baddbmm, compiled bmm + bias: under autocast both must stay in bfloat16 like the
+    # critics' own Linear layers (a float32 bias added to a bf16 product would promote to float32)
+    torch.manual_seed(0)
+    critics = make_qvalue_networks(3, 2, num_nets=2, hidden_sizes=(16, 16))
+    params, td = stacked_params(critics), batch((8,)).float()
+    plain = PlainMLP.from_module(critics[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = plain(params, td)
+        compiled = torch.compile(plain.__call__, fullgraph=True)(params, td)
+        modules = separate_calls(critics, td)
+    assert eager.dtype == compiled.dtype == modules.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_torchrl_mlp_critic_and_single_network():
     torch.manual_seed(1)
     critics = [
