@@ -76,6 +76,17 @@ def _quiet_tracing():
         yield
 
 
+def _traced_quietly(compiled):
+    """A guarded compiled step (it traces on its first call and on recompiles) called under _quiet_tracing."""
+    def call(batch_or_indices):
+        if torch.compiler.is_compiling():  # traced into an enclosing compiled graph: dynamo cannot trace catch_warnings
+            return compiled(batch_or_indices)
+        with _quiet_tracing():
+            return compiled(batch_or_indices)
+
+    return call
+
+
 def missing_compiler(device_type: str) -> str | None:
     """Why the step cannot be compiled for ``device_type`` on this machine, or None when it can.
 
@@ -238,8 +249,8 @@ class IQLUpdate:
         # (and what the call signature stands for in the ahead-of-time step): 0.16 ms a step on CPU
         compile_options = {"fullgraph": grad_hook is None, "dynamic": False}
         inductor_options = {"size_asserts": False, "alignment_asserts": False}
-        self._step_fn = torch.compile(step_fn, **compile_options, options=inductor_options)
-        if mode == "cudagraphs":
+        self._step_fn = _traced_quietly(torch.compile(step_fn, **compile_options, options=inductor_options))
+        if mode == "cudagraphs":  # the graph replays without calling the compiled step (nor its warning filter)
             self._step_fn = CudaGraphStep(self._step_fn)
         if self._ahead_of_time is not None:
             # the step compiled ahead of time for each call signature and run without dynamo (no frame
@@ -253,18 +264,14 @@ class IQLUpdate:
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
         """One update. Pass a batch TensorDict, or indices into ``data`` when it was given."""
-        if self.mode == "eager" or torch.compiler.is_compiling():
+        if self._ahead_of_time is None or torch.compiler.is_compiling():
             return self._step_fn(batch_or_indices)
-        if self._ahead_of_time is None:
-            with _quiet_tracing():  # a guarded step traces on its first call and on recompiles
-                return self._step_fn(batch_or_indices)
         signature = self._call_signature(batch_or_indices)
         if signature not in self._ahead_of_time:
             self._ahead_of_time[signature] = self._compile_ahead_of_time(batch_or_indices)
         step = self._ahead_of_time[signature]
         if step is None:
-            with _quiet_tracing():
-                return self._step_fn(batch_or_indices)
+            return self._step_fn(batch_or_indices)
         return step(self, batch_or_indices)
 
     def _compile_ahead_of_time(self, example):
