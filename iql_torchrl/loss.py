@@ -25,7 +25,6 @@ TorchRL's own loss evaluates the target critics twice and V(s) twice per batch.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ from torchrl.objectives.utils import (
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
 from iql_torchrl.equations import MAX_AWR_WEIGHT, awr_weight, bellman_target, expectile_loss
+from iql_torchrl.models import critic_copies, own_critic_parameters
 from iql_torchrl.plain_mlp import PlainMLP
 
 __all__ = ["IQLLoss", "is_probabilistic"]
@@ -209,11 +209,14 @@ class IQLLoss(LossModule):
         )
         if separate_losses:
             shared_with_actor = shared_with_actor + list(value_network.parameters())
-        critics = _critic_copies(qvalue_network, num_qvalue_nets, shared=shared_with_actor)
+        critics = critic_copies(qvalue_network, num_qvalue_nets, shared=shared_with_actor)
         self.convert_to_functional(
             critics, "qvalue_network", num_qvalue_nets, create_target_params=True, compare_against=shared_with_actor
         )
-        _detach_shared(self.qvalue_network_params, critics[0], shared_with_actor, num_qvalue_nets)
+        own_critic_parameters(
+            self.qvalue_network_params, critics, detached=shared_with_actor or (),
+            elsewhere=[*actor_network.parameters(), *value_network.parameters()],
+        )
         self._critic_in_features = getattr(critics[0], "in_features", None)
         self.make_value_estimator()  # built now, so state_dicts of fresh and used losses match
         self._vmapped_qvalue = _vmap_func(
@@ -634,52 +637,6 @@ def is_probabilistic(actor: nn.Module) -> bool:
     if isinstance(actor, TensorDictModule):
         return False
     return hasattr(actor, "get_dist")
-
-
-def _critic_copies(qvalue_network, num_qvalue_nets: int, shared=None) -> list:
-    """The ``num_qvalue_nets`` critics: a list as given, or one module and fresh copies of it.
-
-    Copy 0 is the given module with its weights; copies 1…N−1 are re-initialised by every
-    ``reset_parameters`` they hold. Parameters in ``shared`` (the actor's, with
-    ``separate_losses``) stay shared by all copies. A parameter no ``reset_parameters`` reaches
-    would leave the copies equal (the min over critics would do nothing): that is an error.
-    """
-    if isinstance(qvalue_network, (list, tuple)):
-        if len(qvalue_network) != num_qvalue_nets:
-            raise ValueError(
-                f"Got {len(qvalue_network)} Q networks but num_qvalue_nets={num_qvalue_nets}."
-            )
-        return list(qvalue_network)
-    shared_ids = {id(p) for p in shared or ()}
-    copies = [qvalue_network]
-    for _ in range(num_qvalue_nets - 1):
-        critic = copy.deepcopy(qvalue_network, memo={id(p): p for p in shared or ()})  # shared stay shared
-        reached = set()
-        for module in critic.modules():
-            holds_shared = any(id(p) in shared_ids for p in module.parameters())
-            if hasattr(module, "reset_parameters") and module is not critic and not holds_shared:
-                module.reset_parameters()
-                reached.update(id(p) for p in module.parameters(recurse=False))
-        for (name, new), old in zip(critic.named_parameters(), qvalue_network.parameters()):
-            if id(new) not in shared_ids and id(new) not in reached and torch.equal(new, old):
-                raise ValueError(
-                    f"Cannot initialise {num_qvalue_nets} independent critics from one module: its "
-                    f"parameter {name!r} is not reset by any reset_parameters(), so every copy would "
-                    "hold the same values and the min over critics would do nothing. Pass a list of "
-                    f"{num_qvalue_nets} critics (e.g. make_qvalue_networks(..., num_nets="
-                    f"{num_qvalue_nets})) instead."
-                )
-        copies.append(critic)
-    return copies
-
-
-def _detach_shared(params: TensorDictParams, critic: nn.Module, shared, num_qvalue_nets: int) -> None:
-    """With ``separate_losses``, the critics see the actor's shared parameters without gradient."""
-    shared_ids = {id(p) for p in shared or ()}
-    with params.unlock_():
-        for name, param in critic.named_parameters():
-            if id(param) in shared_ids:
-                params.set(tuple(name.split(".")), param.data.expand(num_qvalue_nets, *param.shape))
 
 
 def _floating_dtype(params: TensorDictBase):

@@ -6,9 +6,11 @@ of samples; V optionally with LayerNorm; dropout on the actor for some domains.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterable, Sequence
 
 import torch
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import nn
 from torch.distributions import Categorical
@@ -25,6 +27,8 @@ __all__ = [
     "make_iql_networks",
     "ACTOR_KINDS",
     "ConcatInputs",
+    "critic_copies",
+    "own_critic_parameters",
 ]
 
 ACTOR_KINDS = ("gaussian", "tanh_normal", "deterministic", "categorical", "one_hot")
@@ -198,6 +202,77 @@ class ConcatInputs(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat(inputs, -1))
+
+
+# --------------------------------------------------------------------------- the critics a loss trains
+def critic_copies(qvalue_network: nn.Module | Sequence[nn.Module], num_qvalue_nets: int, shared=None) -> list:
+    """The ``num_qvalue_nets`` critics a loss trains, as modules whose weights they start from.
+
+    A list is used as given, except that a module listed again stands for a fresh copy of it (as
+    below): ``[critic, critic]`` gives two independent critics, never one critic twice. One module is
+    copy 0 with its weights; copies 1…N−1 are deep copies re-initialised by every
+    ``reset_parameters`` they hold. Parameters in ``shared`` (the actor's, with ``separate_losses``)
+    stay shared by all copies. A parameter no ``reset_parameters`` reaches would leave a copy equal
+    to its original (the min over critics would do nothing): that is a ``ValueError``.
+    """
+    if isinstance(qvalue_network, (list, tuple)):
+        if len(qvalue_network) != num_qvalue_nets:
+            raise ValueError(f"Got {len(qvalue_network)} Q networks but num_qvalue_nets={num_qvalue_nets}.")
+        critics = []
+        for critic in qvalue_network:
+            repeated = any(critic is earlier for earlier in qvalue_network[: len(critics)])
+            critics.append(_fresh_copy(critic, num_qvalue_nets, shared) if repeated else critic)
+        return critics
+    return [qvalue_network] + [_fresh_copy(qvalue_network, num_qvalue_nets, shared) for _ in range(num_qvalue_nets - 1)]
+
+
+def _fresh_copy(critic: nn.Module, num_qvalue_nets: int, shared) -> nn.Module:
+    """A deep copy of ``critic`` re-initialised by its modules' ``reset_parameters`` (``shared`` stays shared)."""
+    shared_ids = {id(p) for p in shared or ()}
+    fresh = copy.deepcopy(critic, memo={id(p): p for p in shared or ()})
+    reached = set()
+    for module in fresh.modules():
+        holds_shared = any(id(p) in shared_ids for p in module.parameters())
+        if hasattr(module, "reset_parameters") and module is not fresh and not holds_shared:
+            module.reset_parameters()
+            reached.update(id(p) for p in module.parameters(recurse=False))
+    for (name, new), old in zip(fresh.named_parameters(), critic.parameters()):
+        if id(new) not in shared_ids and id(new) not in reached and torch.equal(new, old):
+            raise ValueError(
+                f"Cannot initialise {num_qvalue_nets} independent critics from one module: its "
+                f"parameter {name!r} is not reset by any reset_parameters(), so every copy would "
+                "hold the same values and the min over critics would do nothing. Pass a list of "
+                f"{num_qvalue_nets} critics, distinct modules (e.g. make_qvalue_networks(..., num_nets="
+                f"{num_qvalue_nets})) instead."
+            )
+    return fresh
+
+
+def own_critic_parameters(
+    params: TensorDictBase, critics: Sequence[nn.Module], *, detached: Iterable = (), elsewhere: Iterable = ()
+) -> None:
+    """Makes each entry of the critics' stacked ``[N, …]`` parameters ``params`` the loss's own, in place.
+
+    TensorDict stacks N critics' parameters into new tensors, except a tensor that every critic
+    holds (one module, N = 1; a trunk the critics share): that entry is an expanded *view*, which no
+    optimizer sees and no loss trains. Each such entry becomes a parameter of its own: with one
+    critic, a view of the module's own tensor (the module trains in place, as in TorchRL), unless
+    another network also holds that tensor (``elsewhere``: the actor's or V's), which gets a copy;
+    with several critics, a copy per critic. Parameters in ``detached`` (shared with the actor under
+    ``separate_losses``) are read by the critics without gradient: detached views of the actor's.
+    """
+    detached_ids, elsewhere_ids = {id(p) for p in detached}, {id(p) for p in elsewhere}
+    n = len(critics)
+    sources = dict(critics[0].named_parameters())
+    with params.unlock_():
+        for name, source in sources.items():
+            key = tuple(name.split("."))
+            if id(source) in detached_ids:
+                params.set(key, source.data.expand(n, *source.shape))
+            elif not isinstance(params.get(key), nn.Parameter):
+                alone = n == 1 and id(source) not in elsewhere_ids
+                values = source.data.unsqueeze(0) if alone else params.get(key).detach().clone()
+                params.set(key, nn.Parameter(values))
 
 
 def _dim(dim_or_spec) -> int:
