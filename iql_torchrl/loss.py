@@ -1,7 +1,10 @@
 """IQLLoss: the three objectives of Implicit Q-Learning (Kostrikov, Nair & Levine, ICLR 2022).
 
 The paper's equations each live in one function of :mod:`iql_torchrl.equations`:
-:func:`expectile_loss` (eq. 5), :func:`bellman_target` (eq. 6), :func:`awr_weight` (eq. 7).
+:func:`expectile_loss` (eq. 5), :func:`bellman_target` (eq. 6), :func:`awr_weight` (eq. 7), and each
+whole objective the loss computes (:func:`value_objective`, :func:`critic_objective`,
+:func:`actor_objective`). Input checks live in :mod:`iql_torchrl.loss_checks`, the critic copies in
+:mod:`iql_torchrl.models`.
 
 :class:`IQLLoss` wires them to TorchRL networks and TensorDicts.  It accepts the same
 constructor arguments, keys and attributes as :class:`torchrl.objectives.IQLLoss`, so an
@@ -43,11 +46,20 @@ from torchrl.objectives.utils import (
     ValueEstimators,
     _vmap_func,
     dispatch_value_estimator,
-    distance_loss,
 )
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
-from iql_torchrl.equations import MAX_AWR_WEIGHT, awr_weight, bellman_target, expectile_loss
+from iql_torchrl.equations import MAX_AWR_WEIGHT, actor_objective, bellman_target, critic_objective, value_objective
+from iql_torchrl.loss_checks import (
+    NETWORKS,
+    batch_shaped,
+    check_action_batch,
+    check_action_size,
+    check_input,
+    flat_key,
+    floating_dtype,
+    spec_last_dim,
+)
 from iql_torchrl.models import critic_copies, own_critic_parameters
 from iql_torchrl.plain_mlp import PlainMLP
 
@@ -200,7 +212,7 @@ class IQLLoss(LossModule):
         self.deactivate_vmap = deactivate_vmap
         self.num_qvalue_nets = num_qvalue_nets
         self.is_probabilistic_actor = is_probabilistic(actor_network)
-        self._expected_action_size = _spec_last_dim(actor_network)
+        self._expected_action_size = spec_last_dim(actor_network)
 
         self.convert_to_functional(actor_network, "actor_network", create_target_params=False)
         shared_with_actor = list(actor_network.parameters()) if separate_losses else None
@@ -249,7 +261,7 @@ class IQLLoss(LossModule):
             *self.value_network.in_keys,
             *[("next", key) for key in self.value_network.in_keys],
         ]
-        self._in_keys = list(dict.fromkeys(_as_tuple_key(k) if isinstance(k, tuple) else k for k in keys))
+        self._in_keys = list(dict.fromkeys(flat_key(k) if isinstance(k, tuple) else k for k in keys))
 
     @property
     def in_keys(self):
@@ -380,10 +392,14 @@ class IQLLoss(LossModule):
     def _value_loss(self, tensordict: TensorDictBase, params: dict | None) -> tuple[Tensor, dict]:
         value = self._state_value(tensordict, params)
         self._check_batch_shape(tensordict, value.shape)
-        with torch.no_grad():
-            min_q = self._critic_values(tensordict, self._params(params, "target_qvalue")).min(0).values
-        loss = expectile_loss(min_q - value, self.expectile)
+        min_q = self._target_min_q(tensordict, params)
+        loss = value_objective(min_q, value, self.expectile)
         return self._reduce(loss), {"target_min_q": min_q, "value": value.detach()}
+
+    def _target_min_q(self, tensordict: TensorDictBase, params: dict | None) -> Tensor:
+        """min_i Q̄_i(s, a_dataset) over the TARGET critics, without gradient: shape [*B]."""
+        with torch.no_grad():
+            return self._critic_values(tensordict, self._params(params, "target_qvalue")).min(0).values
 
     def actor_loss(
         self,
@@ -403,20 +419,18 @@ class IQLLoss(LossModule):
 
     def _actor_loss(self, tensordict, target_min_q, value, params) -> tuple[Tensor, dict]:
         if target_min_q is None:
-            with torch.no_grad():
-                target_min_q = self._critic_values(tensordict, self._params(params, "target_qvalue")).min(0).values
+            target_min_q = self._target_min_q(tensordict, params)
         if value is None:
             with torch.no_grad():
                 value = self._state_value(tensordict, params)
-        advantage = (target_min_q - value).detach()
-        weight = awr_weight(advantage, self.temperature)
         objective, log_prob = self._actor_objective(tensordict, params)
-        if objective.shape != weight.shape:
+        if objective.shape != target_min_q.shape:
             raise ValueError(
                 f"The actor's per-sample objective has shape {tuple(objective.shape)} but the batch "
-                f"is {tuple(weight.shape)}: check the shape of {self.tensor_keys.action!r} and the "
+                f"is {tuple(target_min_q.shape)}: check the shape of {self.tensor_keys.action!r} and the "
                 "actor's distribution (its log_prob must reduce over the action dim)."
             )
+        loss, weight, advantage = actor_objective(target_min_q, value, objective, self.temperature)
         metadata = {
             "advantage_mean": advantage.mean(),
             "awr_weight_mean": weight.mean(),
@@ -427,7 +441,7 @@ class IQLLoss(LossModule):
             log_prob = log_prob.detach()
             tensordict.set(self.tensor_keys.log_prob, log_prob)
             metadata["entropy"] = -log_prob.mean()
-        return self._reduce(weight * objective), metadata
+        return self._reduce(loss), metadata
 
     def qvalue_loss(
         self, tensordict: TensorDictBase, next_value: Tensor | None = None, *, params: dict | None = None
@@ -450,8 +464,7 @@ class IQLLoss(LossModule):
                 f"{tuple(target.shape)}: check the shapes of {self.tensor_keys.action!r} and "
                 f"('next', {self.tensor_keys.reward!r})."
             )
-        target = target.expand_as(q)
-        loss = distance_loss(q, target, loss_function=self.loss_function).sum(0)
+        loss = critic_objective(q, target, self.loss_function)
         td_error = (q.detach() - target).pow(2)
         return self._reduce(loss), {"td_error": td_error, "q_mean": q.detach().mean()}
 
@@ -459,8 +472,8 @@ class IQLLoss(LossModule):
         next_td = tensordict.get("next")
         if next_value is None:
             next_value = self._state_value(next_td, params)
-        reward = _batch_shaped(next_td, self.tensor_keys.reward, next_value.shape)
-        terminated = _batch_shaped(next_td, self.tensor_keys.terminated, next_value.shape)
+        reward = batch_shaped(next_td, self.tensor_keys.reward, next_value.shape)
+        terminated = batch_shaped(next_td, self.tensor_keys.terminated, next_value.shape)
         if isinstance(self.value_estimator, TD0Estimator):
             return bellman_target(reward, terminated.bool(), next_value, self.value_estimator.gamma)
         # multi-step estimators (TD1, TDLambda) need the time dim: TorchRL's own code does it
@@ -542,53 +555,16 @@ class IQLLoss(LossModule):
             return loss.sum()
         return loss
 
-    # ------------------------------------------------------------------ input checks
+    # ------------------------------------------------------------------ input checks (iql_torchrl.loss_checks)
     def _check_keys(self, tensordict: TensorDictBase) -> None:
-        """Keys, dtypes and the action size, checked before any network runs (shapes and dtypes
-        only: free on the hot path). A missing key fails here, named, with the call that fixes it."""
-        keys = self.tensor_keys
-        for key, name in ((keys.action, "action"), (("next", keys.reward), "reward"),
-                          (("next", keys.terminated), "terminated")):
-            if tensordict.get(key, None) is None:
-                raise KeyError(
-                    f"IQLLoss: the input has no {key!r}. If your data stores it under another key, "
-                    f"call loss.set_keys({name}=<your key>)"
-                    + (" (the loss reads it under 'next')." if name != "action" else ".")
-                )
-        for network, key, name in ((self.value_network, keys.value, "value"),
-                                   (self.qvalue_network, keys.state_action_value, "state_action_value")):
-            if key not in network.out_keys:
-                raise KeyError(
-                    f"IQLLoss reads {key!r} but the {_network_name(self, network)} writes "
-                    f"out_keys={network.out_keys}: call loss.set_keys({name}=<its output key>)."
-                )
-        dtypes = self._parameter_dtypes()
-        for network, name, where in ((self.actor_network, "actor", ""), (self.qvalue_network, "qvalue", ""),
-                                     (self.value_network, "value", ""), (self.value_network, "value", "next")):
-            dtype = dtypes[name]
-            for key in network.in_keys:
-                full_key = _as_tuple_key(("next", key)) if where else key
-                value = tensordict.get(full_key, None)
-                if value is None:
-                    raise KeyError(
-                        f"IQLLoss: the input has no {full_key!r}, which the "
-                        f"{_network_name(self, network)} reads (in_keys={network.in_keys}). Rename the "
-                        "key in your data or build the network with matching in_keys."
-                    )
-                if dtype is not None and value.is_floating_point() and value.dtype != dtype:
-                    raise TypeError(
-                        f"IQLLoss: {full_key!r} is {value.dtype} but the {_network_name(self, network)}'s "
-                        f"parameters are {dtype}: cast the data (or the loss, e.g. loss.to({value.dtype})) "
-                        "so that both match."
-                    )
+        """Keys, dtypes and the action, checked before any network runs."""
+        check_input(self, tensordict, self._parameter_dtypes())
         self._check_action(tensordict)
 
     def _parameter_dtypes(self) -> dict:
         """Each network's floating dtype, read once and again after ``.to()``/``.double()`` (``_apply``)."""
         if self._dtypes is None:
-            self._dtypes = {
-                name: _floating_dtype(getattr(self, f"{name}_network_params")) for name in ("actor", "qvalue", "value")
-            }
+            self._dtypes = {name: floating_dtype(getattr(self, f"{name}_network_params")) for name in NETWORKS}
         return self._dtypes
 
     def _apply(self, *args, **kwargs):
@@ -596,32 +572,18 @@ class IQLLoss(LossModule):
         return super()._apply(*args, **kwargs)
 
     def _check_action(self, tensordict: TensorDictBase) -> None:
-        """A continuous action's last dim is what the actor's spec or the critic's input layer takes."""
-        action = tensordict.get(self.tensor_keys.action)
-        expected, source = self._expected_action_size, "the actor's spec"
-        if expected is None and isinstance(self._critic_in_features, int):
-            other = [k for k in self.qvalue_network.in_keys if k != self.tensor_keys.action]
-            expected = self._critic_in_features - sum(tensordict.get(k).shape[-1] for k in other)
-            source = f"the critic's input layer ({self._critic_in_features} features, less {other})"
-        if expected is not None and (action.ndim == 0 or action.shape[-1] != expected):
-            raise ValueError(
-                f"IQLLoss: {self.tensor_keys.action!r} has shape {tuple(action.shape)} but {source} "
-                f"expects action_dim = {expected}: expected [*batch, {expected}]."
-            )
+        check_action_size(tensordict, self.tensor_keys.action, self._expected_action_size,
+                          self._critic_in_features, self.qvalue_network.in_keys)
 
     def _check_batch_shape(self, tensordict: TensorDictBase, batch_shape: torch.Size) -> None:
         """Action, reward and terminated must share V(s)'s batch shape (no silent broadcasting)."""
         next_td = tensordict.get("next")
-        _batch_shaped(next_td, self.tensor_keys.reward, batch_shape, prefix="next")
-        _batch_shaped(next_td, self.tensor_keys.terminated, batch_shape, prefix="next")
+        batch_shaped(next_td, self.tensor_keys.reward, batch_shape, prefix="next")
+        batch_shaped(next_td, self.tensor_keys.terminated, batch_shape, prefix="next")
         self._check_action_shape(tensordict.get(self.tensor_keys.action), batch_shape)
 
     def _check_action_shape(self, action: Tensor, batch_shape: torch.Size) -> None:
-        if action.shape[:-1] != batch_shape:
-            raise ValueError(
-                f"{self.tensor_keys.action!r} has shape {tuple(action.shape)} but the observations give "
-                f"a batch of {tuple(batch_shape)}: expected [*batch, action_dim]."
-            )
+        check_action_batch(action, self.tensor_keys.action, batch_shape)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -639,49 +601,3 @@ def is_probabilistic(actor: nn.Module) -> bool:
     return hasattr(actor, "get_dist")
 
 
-def _floating_dtype(params: TensorDictBase):
-    for value in params.values(True, True):
-        if value.is_floating_point():
-            return value.dtype
-    return None
-
-
-def _spec_last_dim(actor: nn.Module):
-    """The action size the actor's spec declares (``None`` when it declares none)."""
-    spec = getattr(actor, "spec", None)
-    if spec is None:
-        return None
-    if hasattr(spec, "keys"):  # a Composite: the action entry, if any
-        keys = list(spec.keys(True, True))
-        spec = spec.get(keys[0]) if len(keys) == 1 else spec.get("action", None)
-    if spec is None or len(spec.shape) == 0:
-        return None
-    return int(spec.shape[-1])
-
-
-def _batch_shaped(td: TensorDictBase, key: NestedKey, batch_shape: torch.Size, prefix: str = "next") -> Tensor:
-    """``td[key]`` as shape [*B], accepting TorchRL's [*B, 1]; anything else is a named error."""
-    value = td.get(key)
-    if value.shape == (*batch_shape, 1):
-        return value.squeeze(-1)
-    if value.shape == batch_shape:
-        return value
-    raise ValueError(
-        f"({prefix!r}, {key!r}) has shape {tuple(value.shape)} but the observations give a batch of "
-        f"{tuple(batch_shape)}: expected [*batch, 1] (or [*batch])."
-    )
-
-
-def _as_tuple_key(key) -> tuple:
-    """Flattens ('next', ('a', 'b')) to ('next', 'a', 'b')."""
-    out = []
-    for part in key if isinstance(key, tuple) else (key,):
-        out.extend(_as_tuple_key(part) if isinstance(part, tuple) else (part,))
-    return tuple(out)
-
-
-def _network_name(loss: IQLLoss, network: nn.Module) -> str:
-    for name in ("actor_network", "qvalue_network", "value_network"):
-        if loss.__dict__.get(name) is network:
-            return name.replace("_", " ")
-    return "network"

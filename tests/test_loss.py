@@ -894,3 +894,23 @@ def test_rewards_c_times_larger_act_like_a_temperature_c_times_larger():
     b = IQLLoss(*hand_networks(), temperature=6.0)(hand_batch())
     assert a["loss_actor"].item() == pytest.approx(b["loss_actor"].item(), rel=1e-6)
     assert a["loss_actor"].item() != pytest.approx(IQLLoss(*hand_networks(), temperature=3.0)(hand_batch())["loss_actor"].item(), rel=1e-2)
+
+
+def test_the_three_whole_objectives_on_hand_numbers():
+    """equations.py's whole objectives, per sample, on numbers worked out by hand (and their wrong twins)."""
+    from iql_torchrl.equations import actor_objective, critic_objective, value_objective
+
+    # V: diffs min Q̄ − V = [1, −2] → [0.7·1², 0.3·2²]; τ swapped would give [0.3, 2.8]
+    loss = value_objective(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]), 0.7)
+    torch.testing.assert_close(loss, torch.tensor([0.7, 1.2]))
+    assert not torch.allclose(loss, torch.tensor([0.3, 2.8]))
+    # Q: two critics [[1, 2], [3, 0]] onto [2, 1]: squared errors [1, 1] and [1, 1], summed over critics (not averaged)
+    loss = critic_objective(torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(loss, torch.tensor([2.0, 2.0]))
+    # π: A = [0.5, 0, 40] → weights [e^1.5, 1, 100 (clamped)] × objective [2, 3, 1]
+    loss, weight, advantage = actor_objective(
+        torch.tensor([1.0, 0.0, 40.0]), torch.tensor([0.5, 0.0, 0.0]), torch.tensor([2.0, 3.0, 1.0]), 3.0
+    )
+    torch.testing.assert_close(weight, torch.tensor([math.exp(1.5), 1.0, 100.0]))
+    torch.testing.assert_close(loss, torch.tensor([2 * math.exp(1.5), 3.0, 100.0]))
+    torch.testing.assert_close(advantage, torch.tensor([0.5, 0.0, 40.0]))
