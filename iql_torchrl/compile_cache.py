@@ -1,0 +1,137 @@
+"""Compiled update steps kept on disk: a second run of the same shapes starts without compiling.
+
+An entry is torch's serialised ahead-of-time compiled step (the bytes of
+``AOTCompiledFunction.save_compiled_function``: pickled code and kernels), so an entry is loaded
+only if this user's cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
+kept beside the entries (created on first use, readable by its owner only); its name is a hash of
+everything the compiled graph bakes in (the caller's description of the step and its call
+signature, plus torch's and this package's versions and sources, the Python version and the CPU's
+instruction set). A truncated, corrupt, foreign or unloadable entry is removed, with a warning, and
+the step is compiled anew: the cache never decides a result, it only saves time.
+
+The folder is ``$IQL_TORCHRL_COMPILE_CACHE`` when set (empty: no cache), else
+``$XDG_CACHE_HOME/iql_torchrl/compiled-steps`` (``~/.cache/...``).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import platform
+import secrets
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["CompiledStepCache", "default_cache_folder", "entry_key"]
+
+_SUFFIX = ".step"
+_KEY_FILE = "secret.key"
+_MAC_BYTES = 32
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def default_cache_folder() -> Path | None:
+    """Where compiled steps are kept (``None``: nowhere; ``IQL_TORCHRL_COMPILE_CACHE=""``)."""
+    configured = os.environ.get("IQL_TORCHRL_COMPILE_CACHE")
+    if configured is not None:
+        return Path(configured).expanduser() if configured else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "iql_torchrl" / "compiled-steps"
+
+
+def _package_sources() -> str:
+    """A hash of this package's Python sources: a changed step never loads an older compilation."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def entry_key(description: dict) -> str:
+    """The entry's name: a hash of ``description`` (JSON-able; ``str`` of anything else) and the
+    environment a compiled step depends on."""
+    environment = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "sources": _package_sources(),
+    }
+    text = json.dumps({"step": description, "environment": environment}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+class CompiledStepCache:
+    """Ahead-of-time compiled steps in ``folder``, each signed with the folder's own secret key."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}{_SUFFIX}"
+
+    def load(self, key: str, f_globals: dict) -> Callable | None:
+        """The compiled step stored under ``key``, or ``None`` (absent, or removed as untrustworthy)."""
+        path = self.path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        secret = self._secret(create=False)
+        payload = data[_MAC_BYTES:]
+        if secret is None or len(data) <= _MAC_BYTES or not hmac.compare_digest(data[:_MAC_BYTES], _mac(secret, payload)):
+            return self._discard(path, "its signature does not match this cache's key (corrupt or written elsewhere)")
+        try:
+            return torch.compiler.load_compiled_function(io.BytesIO(payload), f_globals=f_globals)
+        except Exception as error:  # an experimental torch API: any failure means compile anew
+            return self._discard(path, f"torch could not load it ({type(error).__name__}: {error})")
+
+    def store(self, key: str, compiled) -> None:
+        """Writes ``compiled`` (an ``AOTCompiledFunction``) under ``key`` atomically; a failure only warns."""
+        try:
+            payload = type(compiled).serialize(compiled).serialized_data
+            secret = self._secret(create=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".entry.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_mac(secret, payload) + payload)
+                os.replace(tmp, self.path(key))
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except Exception as error:
+            warnings.warn(f"The compiled update step could not be cached in {self.folder} "
+                          f"({type(error).__name__}: {error}); the next run compiles it again.", stacklevel=2)
+
+    def _secret(self, create: bool) -> bytes | None:
+        path = self.folder / _KEY_FILE
+        if create and not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another run created it first
+                pass
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(32))
+        try:
+            secret = path.read_bytes()
+        except OSError:
+            return None
+        return secret if len(secret) == 32 else None
+
+    def _discard(self, path: Path, why: str) -> None:
+        warnings.warn(f"Ignoring the cached compiled step {path.name}: {why}. It is removed and the step "
+                      "compiled anew.", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _mac(secret: bytes, payload: bytes) -> bytes:
+    return hmac.new(secret, payload, hashlib.sha256).digest()
