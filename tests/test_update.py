@@ -343,3 +343,17 @@ def test_adamw_decays_weights_apart_from_the_gradient_and_each_network_gets_its_
              for prefix in ("value_network_params", "qvalue_network_params")}
     assert moves["value_network_params"] == pytest.approx(1e-3, rel=1e-3)
     assert moves["qvalue_network_params"] == pytest.approx(2e-4, rel=1e-3)
+
+
+def test_a_compiled_step_with_dropout_leaves_inductor_s_settings_as_they_were():
+    """Compiled dropout draws eager's masks (inductor's fallback_random) for this step's compilation only:
+    the user's other compiled code keeps inductor's settings. Setting the flag for the whole process
+    (``torch._inductor.config.fallback_random = True``) fails this test."""
+    before = torch._inductor.config.get_config_copy()
+    data = dataset()
+    _, compiled = make_update(data, total_steps=2, mode="compile", actor_dropout=0.1)
+    for idx in index_stream(2):
+        compiled(idx)
+    after = torch._inductor.config.get_config_copy()
+    assert after["fallback_random"] is False
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}
