@@ -18,7 +18,8 @@ from iql_torchrl.finetune import FinetuneConfig, finetune
 from iql_torchrl.resume import ResumeError
 from iql_torchrl.run import Run
 from iql_torchrl.run_folder import LOCK_NAME, FolderInUseError, RunFolder, default_run_dir
-from iql_torchrl.trainer import Config, load_actor, train
+from iql_torchrl.build import load_actor
+from iql_torchrl.trainer import Config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=20, batch_size=32, eval_every=10, eval_episodes=1, log_every=5, checkpoint_every=10,
@@ -333,12 +334,12 @@ def test_threads_auto_takes_omp_num_threads_else_this_process_share_of_its_cpus(
 
 
 def test_per_network_learning_rates_optimizer_and_weight_decay_reach_the_update_step(monkeypatch):
-    import iql_torchrl.trainer as trainer
+    import iql_torchrl.build as build
 
     received = {}
-    monkeypatch.setattr(trainer, "IQLUpdate", lambda loss, **kwargs: received.update(kwargs))
+    monkeypatch.setattr(build, "IQLUpdate", lambda loss, **kwargs: received.update(kwargs))
     config = Config(lr=1e-3, actor_lr=1e-4, value_lr=2e-4, optimizer="adamw", weight_decay=0.01, device="cpu")
-    trainer.make_update(config.resolved(), loss=None, data=None, total_steps=10)
+    build.make_update(config.resolved(), loss=None, data=None, total_steps=10)
     assert received["lr"] == 1e-3 and received["actor_lr"] == 1e-4 and received["value_lr"] == 2e-4
     assert received["optimizer"] == "adamw" and received["weight_decay"] == 0.01
     assert received.get("critic_lr") is None  # unset: --lr
