@@ -19,7 +19,7 @@ from iql_torchrl.update import NETWORKS, claim_target_update
 
 __all__ = ["SeedEnsemble"]
 
-_PARAMETER_NAMES = ("actor", "value", "qvalue", "target_qvalue")  # the loss's "<name>_network_params"
+_PARAMETER_NAMES = (*NETWORKS.values(), "target_qvalue")  # the loss's "<name>_network_params"
 _TRAINABLE = tuple(f"{name}_network_params" for name in NETWORKS.values())
 
 

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from iql_torchrl.cuda_graph import CudaGraphStep
 
-__all__ = ["StepRunner", "MODES", "missing_compiler", "call_structure"]
+__all__ = ["StepRunner", "MODES", "check_mode", "missing_compiler", "call_structure"]
 
 MODES = ("eager", "compile", "cudagraphs")
 # tensordict's to_module reads a torch config that torch deprecates, each time the step is traced:
@@ -57,6 +57,16 @@ def missing_compiler(device_type: str) -> str | None:
     return None
 
 
+def check_mode(mode: str, device_type: str, owner: str = "StepRunner") -> None:
+    """Raises when a step cannot run in ``mode`` on ``device_type`` here (``owner`` names the caller in the message)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode == "cudagraphs" and not torch.cuda.is_available():
+        raise RuntimeError("mode='cudagraphs' needs CUDA; use mode='compile' or 'eager' on this machine.")
+    if mode != "eager" and (problem := missing_compiler(device_type)) is not None:
+        raise RuntimeError(f"{owner}(mode={mode!r}): {problem} (mode='eager').")
+
+
 def call_structure(tensors: Tensor | TensorDictBase | None) -> tuple | None:
     """What a compiled step is specialised on in ``tensors``: keys, shapes, strides, dtypes, devices."""
     if tensors is None:
@@ -75,7 +85,7 @@ class StepRunner:
             own (no recompile limit shared with another step of the same class).
 
     Keyword Args:
-        mode (str): one of :data:`MODES`.
+        mode (str): one of :data:`MODES` (the caller checks it first: :func:`check_mode`).
         fullgraph (bool): compile the step as one graph (any graph break raises).
         ahead_of_time (bool): mode ``"compile"`` only: compile ahead of time for each call signature.
         eager_random (bool): compiled random ops (dropout) draw from eager's generator, so compiled
@@ -87,8 +97,6 @@ class StepRunner:
 
     def __init__(self, step, *, mode: str, fullgraph: bool = True, ahead_of_time: bool = False,
                  eager_random: bool = False, specialisation=tuple):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         self.mode = mode
         # the plain step, before any compilation (e.g. for torch._dynamo.explain)
         self.step_function = types.MethodType(_own_code(step.__func__), step.__self__)

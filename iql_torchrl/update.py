@@ -27,7 +27,7 @@ from torch.optim.adam import adam
 
 from iql_torchrl.adam import adam_step
 from iql_torchrl.loss import IQLLoss
-from iql_torchrl.runner import MODES, StepRunner, call_structure, missing_compiler
+from iql_torchrl.runner import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
 __all__ = [
     "IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "NETWORKS", "metrics_to_floats", "missing_compiler",
@@ -147,12 +147,10 @@ class IQLUpdate:
     ):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        device = next(loss.parameters()).device
+        check_mode(mode, device.type, "IQLUpdate")  # before any work: how the step runs is the runner's
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if mode == "cudagraphs" and not torch.cuda.is_available():
-            raise RuntimeError("mode='cudagraphs' needs CUDA; use mode='compile' or 'eager' on this machine.")
         if total_steps is not None and total_steps <= 0:
             raise ValueError(f"total_steps must be positive, got {total_steps}.")
         learning_rates = {"value": value_lr, "actor": actor_lr, "critic": critic_lr}
@@ -170,10 +168,7 @@ class IQLUpdate:
         self.data = data
         self.grad_hook = grad_hook
         self.autocast_dtype = autocast_dtype
-        device = next(loss.parameters()).device
         self.device_type = device.type
-        if mode != "eager" and (problem := missing_compiler(device.type)) is not None:
-            raise RuntimeError(f"IQLUpdate(mode={mode!r}): {problem} (mode='eager').")
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
