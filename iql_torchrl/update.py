@@ -19,6 +19,7 @@ vmapped runs see the same batches and a resumed run continues the same random st
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -26,12 +27,11 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from iql_torchrl.adam import adam_step
-from iql_torchrl.loss import IQLLoss
 from iql_torchrl.runner import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
 __all__ = [
     "IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "NETWORKS", "metrics_to_floats", "missing_compiler",
-    "claim_target_update", "optimizer_settings_problem",
+    "claim_target_update", "optimizer_settings_problem", "TrainableLoss",
 ]
 
 ORDERS = ("paper", "summed")
@@ -41,6 +41,34 @@ LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
 NETWORKS = {"value": "value", "actor": "actor", "critic": "qvalue"}
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
+
+
+class TrainableLoss(Protocol):
+    """What :class:`IQLUpdate` reads from the loss it trains: :class:`~iql_torchrl.IQLLoss` has it, and so
+    has :class:`~iql_torchrl.ensemble.SeedEnsemble` (K seeds stacked).
+
+    For each network name in :data:`NETWORKS` (``value``, ``actor``, ``qvalue``): ``<name>_network``,
+    the module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable
+    leaves get an optimizer); ``target_qvalue_network_params`` (the soft update's target); the phases, each
+    evaluable at given parameters; and the claim on the target update (:func:`claim_target_update`).
+    """
+
+    value_network_params: TensorDictBase
+    actor_network_params: TensorDictBase
+    qvalue_network_params: TensorDictBase
+    target_qvalue_network_params: TensorDictBase
+    value_network: torch.nn.Module
+    actor_network: torch.nn.Module
+    qvalue_network: torch.nn.Module
+
+    def parameters(self): ...
+
+    def evaluate(self, tensordict: TensorDictBase, params: dict | None = None) -> TensorDictBase: ...
+
+    def value_phase(self, tensordict: TensorDictBase, params: dict | None = None) -> tuple[TensorDictBase, Tensor]: ...
+
+    def actor_critic_phase(self, tensordict: TensorDictBase, target_min_q: Tensor,
+                           params: dict | None = None) -> TensorDictBase: ...
 
 
 def optimizer_settings_problem(settings: dict[str, float | None]) -> tuple[str, str] | None:
@@ -85,7 +113,7 @@ class IQLUpdate:
 
     Args:
         loss: the :class:`~iql_torchrl.IQLLoss` whose networks are trained (or a
-            :class:`~iql_torchrl.ensemble.SeedEnsemble` of them).
+            :class:`~iql_torchrl.ensemble.SeedEnsemble` of them): a :class:`TrainableLoss`.
 
     Keyword Args:
         total_steps (int): length of the run, for the actor's cosine learning-rate decay to 0.
@@ -115,11 +143,7 @@ class IQLUpdate:
     seed, summed before differentiation (the seeds share no parameters, so each gets its own
     gradient), and Adam, being elementwise, steps every seed independently.
 
-    What the step reads from ``loss`` (an :class:`~iql_torchrl.IQLLoss` or anything with the same
-    surface, as :class:`~iql_torchrl.ensemble.SeedEnsemble`): for each network name in
-    :data:`NETWORKS`, ``<name>_network`` (its modules) and ``<name>_network_params``; also
-    ``target_qvalue_network_params``, ``value_phase``, ``actor_critic_phase``, ``evaluate``,
-    ``parameters()``, and the target-update claim (:func:`claim_target_update`).
+    What the step reads from ``loss`` is :class:`TrainableLoss`.
 
     State kept on the device: ``step`` (int64), ``actor_lr`` (the current actor learning rate),
     and the first non-finite loss: ``first_nonfinite_step`` (−1 while all losses are finite) and
@@ -129,7 +153,7 @@ class IQLUpdate:
 
     def __init__(
         self,
-        loss: IQLLoss,
+        loss: TrainableLoss,
         *,
         total_steps: int | None = None,
         lr: float = 3e-4,
@@ -398,7 +422,7 @@ def _summed_losses(result) -> Tensor:
     return sum(out[name].sum() for name in LOSS_NAMES if name in out.keys())
 
 
-def _networks(loss: IQLLoss):
+def _networks(loss: TrainableLoss):
     for name in NETWORKS.values():
         yield from getattr(loss, f"{name}_network").modules()
 
