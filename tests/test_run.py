@@ -366,3 +366,21 @@ def test_restarting_the_progress_clock_drops_the_time_before_it():
     n, elapsed, desc = bars[True]
     assert (n, desc) == (11, "IQL") and elapsed < 0.2
     assert bars[False][1] >= 0.3  # the wrong variant: no restart, the compilation in the rate
+
+
+def test_one_cadence_for_single_updates_and_for_collections_of_updates(tmp_path):
+    # the offline loop asks after every update, the online phase after each collection's updates: an
+    # interval is due when its multiple was reached on the way, and a loop's last updates do everything
+    from iql_torchrl.distributed import DistributedContext
+
+    config = Config(log_every=5, checkpoint_every=10, eval_every=20, device="cpu")
+    run = Run(config, "offline", DistributedContext(), None, tmp_path, None)
+    due = {step: run.due(step - 1, step, last=False) for step in range(1, 41)}
+    assert [s for s, (log, _, _) in due.items() if log] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [s for s, (_, checkpoint, _) in due.items() if checkpoint] == [10, 20, 30, 40]
+    assert [s for s, (_, _, evaluate) in due.items() if evaluate] == [20, 40]
+    assert run.due(0, 8, last=False) == (True, False, False)  # 8 updates a collection: 5 reached
+    assert run.due(8, 16, last=False) == (True, True, False)  # 10 reached
+    assert run.due(16, 24, last=False) == (True, True, True)  # 20 reached
+    assert run.due(24, 25, last=True) == (True, True, True)
+    assert run.due(25, 26, last=False) == (False, False, False)
