@@ -238,11 +238,11 @@ def awr_diagnostics(run_dir: Path) -> dict:
 
     import torch
 
+    from iql_torchrl.build import build_loss
     from iql_torchrl.checkpoint import load_run_checkpoint
     from iql_torchrl.config import PRESETS, RunConfig, config_from_dict
     from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, load_minari_dataset
-    from iql_torchrl.distributed import SeedEnsemble
-    from iql_torchrl.trainer import build_loss
+    from iql_torchrl.ensemble import SeedEnsemble
 
     state = load_run_checkpoint(run_dir, map_location="cpu")
     config = config_from_dict(RunConfig, state["config"])

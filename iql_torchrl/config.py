@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from iql_torchrl.datasets import DEFAULT_DATASET
+from iql_torchrl.update import optimizer_settings_problem
 
 __all__ = [
     "Preset", "PRESETS", "RunConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
@@ -150,27 +151,32 @@ class RunConfig:
 
     def check(self) -> None:
         """Raises :class:`ConfigError` naming the first setting out of its range."""
-        def need(ok: bool, name: str, valid: str) -> None:
-            if not ok:
-                raise ConfigError(f"{flag(name)} {_shown(getattr(self, name))}: must be {valid}.")
-
-        for name in ("batch_size", "eval_every", "eval_episodes", "checkpoint_every", "log_every"):
-            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need = self._need
+        self.check_integers(1, "batch_size", "eval_every", "eval_episodes", "checkpoint_every", "log_every")
         need(len(self.hidden_sizes) >= 1 and all(_is_int(h) and h >= 1 for h in self.hidden_sizes),
              "hidden_sizes", "one or more layer widths, each >= 1")
         if self.temperature is not None:
             need(_finite(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0 (0 is behaviour cloning)")
         if self.expectile is not None:
             need(_finite(self.expectile) and 0 < self.expectile < 1, "expectile", "in (0, 1), e.g. 0.7")
-        for name in ("lr", "actor_lr", "critic_lr", "value_lr"):
-            if getattr(self, name) is not None:
-                need(_finite(getattr(self, name)) and getattr(self, name) > 0, name, "a finite number > 0, e.g. 3e-4")
-        need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
-        need(_finite(self.tau) and 0 < self.tau <= 1, "tau", "in (0, 1], e.g. 0.005")
+        problem = optimizer_settings_problem({name: getattr(self, name) for name in (
+            "lr", "actor_lr", "critic_lr", "value_lr", "weight_decay", "tau")})
+        if problem is not None:
+            need(False, *problem)
         need(_finite(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")
         need(self.threads == "auto" or (_is_int(self.threads) and self.threads >= 1), "threads", "auto or an integer >= 1")
         if self.resume and self.output_dir is None:
             raise ConfigError("--resume needs --output-dir: the run folder to continue.")
+
+    def check_integers(self, minimum: int, *names: str) -> None:
+        """Raises :class:`ConfigError` for the first of ``names`` that is not an integer >= ``minimum``
+        (``True`` is no integer here)."""
+        for name in names:
+            self._need(_is_int(getattr(self, name)) and getattr(self, name) >= minimum, name, f"an integer >= {minimum}")
+
+    def _need(self, ok: bool, name: str, valid: str) -> None:
+        if not ok:
+            raise ConfigError(f"{flag(name)} {_shown(getattr(self, name))}: must be {valid}.")
 
 
 def _is_int(value) -> bool:

@@ -1,6 +1,6 @@
 """Evaluate a saved run without training: ``python -m iql_torchrl.evaluate RUN_DIR``.
 
-Loads the checkpoint's policy (a plain TorchRL module, see :func:`iql_torchrl.trainer.load_actor`),
+Loads the checkpoint's policy (a plain TorchRL module, see :func:`iql_torchrl.build.load_actor`),
 runs deterministic episodes in the dataset's environment and prints the normalized score.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 from iql_torchrl.checkpoint import CheckpointError
 from iql_torchrl.evaluation import evaluate_policy
-from iql_torchrl.trainer import load_actor
+from iql_torchrl.build import load_actor
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,7 +30,7 @@ import iql_torchrl
 from iql_torchrl.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from iql_torchrl.cli import quiet_library_logs
 from iql_torchrl.run import SUMMARY_NAME
-from iql_torchrl.trainer import load_actor
+from iql_torchrl.build import load_actor
 
 __all__ = [
     "EnvironmentPolicy",
@@ -72,7 +72,7 @@ class EnvironmentPolicy(nn.Module):
         self.actor = actor
         self.metadata = metadata
         self.observation_key, self.action_key = observation_key, action_key
-        self.discrete = is_discrete(metadata)
+        self.discrete = metadata.discrete
         if not self.discrete:
             self.register_buffer("action_low", torch.tensor(metadata.action_low, dtype=torch.float32))
             self.register_buffer("action_high", torch.tensor(metadata.action_high, dtype=torch.float32))
@@ -86,11 +86,6 @@ class EnvironmentPolicy(nn.Module):
         if self.discrete:
             return action.to(torch.int64)
         return torch.clamp(action, self.action_low, self.action_high)  # the evaluator's clip (a mean may leave the box)
-
-
-def is_discrete(metadata) -> bool:
-    """Whether the run's actions are indices of a Discrete space (from the data metadata)."""
-    return getattr(metadata, "action_space", "box") == "discrete"
 
 
 # ---------------------------------------------------------------------------------------- runs

@@ -5,8 +5,8 @@ command line with tyro); :func:`finetune` runs it on the run harness (:class:`~i
 and returns the summary it writes to ``output_dir/summary.json``. Two phases, one update step
 (the same :class:`~iql_torchrl.IQLUpdate` object throughout):
 
-1. offline -- ``offline_steps`` updates on the dataset with the offline trainer's own loop
-   (:func:`~iql_torchrl.trainer.offline_loop`), or, with ``checkpoint=DIR``, the offline run
+1. offline -- ``offline_steps`` updates on the dataset with the offline job's own loop
+   (:func:`~iql_torchrl.run.offline_loop`), or, with ``checkpoint=DIR``, the offline run
    saved in DIR: its networks, optimizer moments and step count;
 2. online -- TorchRL's ``Collector`` (0.14's name for ``SyncDataCollector``) steps ``num_envs``
    copies of the dataset's environment with the stochastic policy, ``frames_per_batch`` env steps
@@ -42,8 +42,8 @@ from iql_torchrl.online import (
     make_online_env,
     restore_episodes,
 )
-from iql_torchrl.run import Run, restart_progress_clock
-from iql_torchrl.trainer import build_loss, index_sampler, make_update, offline_loop
+from iql_torchrl.build import build_loss, index_sampler, make_update
+from iql_torchrl.run import Run, offline_loop
 
 __all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
 
@@ -81,11 +81,8 @@ class FinetuneConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
-        if not isinstance(self.offline_steps, int) or self.offline_steps < 0:
-            raise ConfigError(f"--offline-steps {self.offline_steps}: must be an integer >= 0.")
-        for name in ("online_steps", "num_envs", "frames_per_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be an integer >= 1.")
+        self.check_integers(0, "offline_steps")
+        self.check_integers(1, "online_steps", "num_envs", "frames_per_batch")
         if self.frames_per_batch % self.num_envs:
             raise ConfigError(f"--frames-per-batch ({self.frames_per_batch}) must be a multiple of --num-envs ({self.num_envs}).")
         if self.online_steps % self.frames_per_batch:
@@ -129,7 +126,7 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         elif offline_run is not None:
             loss.load_state_dict(offline_run["loss"])
             update.load_state_dict(offline_run["update"])
-            update.actor_lr.fill_(config.actor_lr or config.lr)  # constant learning rates: undo the offline cosine decay
+            update.set_actor_lr()  # constant learning rates: undo the offline cosine decay
             run.step = offline_run["step"]
             run.curve = [dict(p, phase="offline", env_steps=0) for p in offline_run["curve"] if p["step"] < run.step]
         run.evaluate_if_pending()
@@ -200,8 +197,8 @@ class OnlinePhase:
                 collector._carrier.update(self.saved_online["carrier"])  # the running episodes' current step
             replay.online_buffer.load_state_dict(self.saved_online["buffer"])
             restore_rng(run.state["rng"][0], [self.generator])  # again, last: building the collector drew
-        bar = run.progress_bar(total=config.online_steps, initial=self.env_steps, desc="IQL online", unit="env step")
-        compiling = self.update.mode != "eager"  # not counted in updates/s
+        bar = run.loop_bar(self.update, total=config.online_steps, initial=self.env_steps, desc="IQL online",
+                           unit="env step")  # sampled batches are a new call signature: the first online update compiles
         try:
             for rollout in collector:
                 transitions = rollout.reshape(-1).select(*TRANSITION_KEYS)
@@ -211,30 +208,11 @@ class OnlinePhase:
                 bar.update(transitions.batch_size[0])
 
                 before = run.step
-                timed = config.updates_per_collection
-                if compiling:  # sampled batches are a new call signature: the first online update compiles
-                    bar.set_description_str("IQL online (compiling the update step)")
-                    metrics = self.update(replay.sample())
-                    restart_progress_clock(bar, "IQL online")
-                    timed, compiling = timed - 1, False
-                run.timing.start()
-                for _ in range(timed):
-                    metrics = self.update(replay.sample())
+                metrics = run.run_updates(self.update, replay.sample, config.updates_per_collection, bar, "IQL online")
                 run.step += config.updates_per_collection
-                run.timing.count(timed)
-                run.timing.pause()
-
-                done = self.env_steps >= config.online_steps
-                crossed = lambda every: run.step // every > before // every  # noqa: E731
-                evaluate_now = crossed(config.eval_every) or done
-                checkpoint_now = evaluate_now or crossed(config.checkpoint_every)
-                if checkpoint_now or crossed(config.log_every):
-                    run.read_metrics(metrics, {"env_steps": self.env_steps, **self._episode_stats()})
-                    if evaluate_now:
-                        run.checkpoint_and_evaluate()
-                    elif checkpoint_now:
-                        run.checkpoint()
-                    run.show_progress(bar)
+                run.timing.pause()  # the next collection is not update time
+                run.after_updates(metrics, before, self.env_steps >= config.online_steps, bar,
+                                  extra=lambda: {"env_steps": self.env_steps, **self._episode_stats()})
         finally:
             bar.close()
             collector.shutdown()

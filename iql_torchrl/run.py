@@ -12,7 +12,10 @@ One :class:`Run` owns a run folder from start to summary:
    checkpoints written before every evaluation, evaluation, and the summary.
 
 Jobs (:func:`iql_torchrl.trainer.train`, :func:`iql_torchrl.finetune.finetune`) build their
-networks and update step, :meth:`Run.attach` them, and run their loops on these services.
+networks and update step (:mod:`iql_torchrl.build`), :meth:`Run.attach` them, and run their loops
+on one cadence: :meth:`Run.run_updates` (timed updates, a compiled step's warm-up kept apart) then
+:meth:`Run.after_updates` (log, checkpoint, evaluate when due). :func:`offline_loop` is the offline
+loop both jobs run.
 """
 from __future__ import annotations
 
@@ -53,9 +56,10 @@ from iql_torchrl.resume import ResumeError, check_same_data, data_fingerprint, r
 from iql_torchrl.run_folder import FolderInUseError, RunFolder, default_run_dir
 from iql_torchrl.threads import set_threads
 from iql_torchrl.timing import RunTiming
-from iql_torchrl.update import metrics_to_floats, missing_compiler
+from iql_torchrl.runner import missing_compiler
+from iql_torchrl.update import metrics_to_floats
 
-__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME", "restart_progress_clock"]
+__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME", "restart_progress_clock", "offline_loop"]
 
 SUMMARY_NAME = "summary.json"
 
@@ -101,6 +105,7 @@ class Run:
         self.timing = RunTiming(state.get("timing") if state else None)
         self.metadata = self.fingerprint = None
         self.last_values = {"loss_qvalue": float("nan")}
+        self.compile_pending = False
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -202,13 +207,6 @@ class Run:
             self.step, self.curve = self.state["step"], self.state["curve"]
             self.last_checkpoint_step = self.step
 
-    def due(self, step: int, last: int) -> tuple[bool, bool, bool]:
-        """Whether update ``step`` logs, checkpoints, evaluates (the last step does all three)."""
-        config = self.config
-        evaluate = step % config.eval_every == 0 or step == last
-        checkpoint = evaluate or step % config.checkpoint_every == 0
-        return checkpoint or step % config.log_every == 0, checkpoint, evaluate
-
     def read_metrics(self, metrics, extra: dict | None = None) -> dict:
         """The interval's one host sync: metrics to floats, the non-finite guard, the log."""
         values = metrics_to_floats(metrics)
@@ -290,6 +288,56 @@ class Run:
             if not any(p["step"] == self.step for p in self.curve[-1:]):
                 self.evaluate()
 
+    # ------------------------------------------------------------------ the loops' cadence
+    def loop_bar(self, update, total: int, initial: int, desc: str, unit: str = "upd"):
+        """The progress bar of a training loop about to run ``update``; a compiled step's first call in the
+        loop compiles (the first call, or a new call signature), which :meth:`run_updates` keeps apart."""
+        self.compile_pending = update.mode != "eager"
+        return self.progress_bar(total=total, initial=initial, desc=desc, unit=unit)
+
+    def run_updates(self, update, draw, count: int, bar, desc: str):
+        """``count`` updates on batches from ``draw()``, timed; returns the last one's metrics.
+
+        While the loop's first compiled call compiles, the bar reads "<desc> (compiling the update step)";
+        that call is left out of updates/s and of the bar's rate and ETA.
+        """
+        metrics = None
+        if self.compile_pending:
+            bar.set_description_str(f"{desc} (compiling the update step)")
+            metrics = update(draw())
+            restart_progress_clock(bar, desc)
+            self.compile_pending, count = False, count - 1
+        if count:
+            self.timing.start()
+            for _ in range(count):
+                metrics = update(draw())
+            self.timing.count(count)
+        return metrics
+
+    def due(self, before: int, after: int, last: bool) -> tuple[bool, bool, bool]:
+        """Whether updates from step ``before`` to ``after`` log, checkpoint, evaluate: each when its interval's
+        multiple was reached on the way; the ``last`` updates of a loop do all three."""
+        def reached(every: int) -> bool:
+            return after // every > before // every
+
+        config = self.config
+        evaluate = reached(config.eval_every) or last
+        checkpoint = evaluate or reached(config.checkpoint_every)
+        return checkpoint or reached(config.log_every), checkpoint, evaluate
+
+    def after_updates(self, metrics, before: int, last: bool, bar, extra=None) -> None:
+        """What is due after the updates from step ``before`` to ``self.step`` (:meth:`due`): the log
+        (with ``extra()``'s entries), then the evaluation (checkpointed first) or the checkpoint."""
+        log_now, checkpoint_now, evaluate_now = self.due(before, self.step, last)
+        if not log_now:
+            return
+        self.read_metrics(metrics, extra() if extra else None)
+        if evaluate_now:
+            self.checkpoint_and_evaluate()
+        elif checkpoint_now:
+            self.checkpoint()
+        self.show_progress(bar)
+
     # ------------------------------------------------------------------ console and summary
     def progress_bar(self, total: int, initial: int, desc: str, unit: str = "upd"):
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True,
@@ -331,3 +379,16 @@ def restart_progress_clock(bar, desc: str) -> None:
     compiled the step) and sets its description to ``desc``."""
     bar.set_description_str(desc, refresh=False)
     bar.unpause()  # tqdm moves its start time past the time since the bar last printed
+
+
+def offline_loop(run: Run, update, draw_batch, last_step: int, desc: str = "IQL") -> None:
+    """Updates from ``run.step`` to ``last_step`` on batches from ``draw_batch()``: logs every ``log_every``,
+    evaluates every ``eval_every`` and at ``last_step``, and checkpoints every ``checkpoint_every`` and
+    before every evaluation."""
+    bar = run.loop_bar(update, total=last_step, initial=run.step, desc=desc)
+    for step in range(run.step + 1, last_step + 1):
+        metrics = run.run_updates(update, draw_batch, 1, bar, desc)
+        run.step = step
+        bar.update(1)
+        run.after_updates(metrics, step - 1, step == last_step, bar)
+    bar.close()

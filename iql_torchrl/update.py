@@ -2,12 +2,10 @@
 
 One call of :class:`IQLUpdate` is one gradient step of every network. The step is a plain
 function of tensors (no ``.item()``, no Python branching on tensor values, no ``backward()``,
-no ``optimizer.step()``), so the same code runs
-
-* eager (gradients from ``torch.autograd.grad``),
-* under ``torch.compile`` as ONE graph (gradients from ``torch.func.grad``, which the compiler
-  traces into the same graph as the losses, the optimizers and the target update),
-* as a CUDA graph of that compiled step (:class:`~iql_torchrl.cuda_graph.CudaGraphStep`; CUDA only).
+no ``optimizer.step()``), so the same code runs eager (gradients from ``torch.autograd.grad``)
+or compiled as ONE graph (gradients from ``torch.func.grad``, which the compiler traces into the
+same graph as the losses, the optimizers and the target update), ahead of time or replayed as a
+CUDA graph: how it runs is :class:`~iql_torchrl.runner.StepRunner`'s job, not this module's.
 
 Update order (``order``):
 
@@ -20,91 +18,88 @@ vmapped runs see the same batches and a resumed run continues the same random st
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-import types
-import warnings
+from typing import Protocol
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.optim.adam import adam
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from iql_torchrl.adam import adam_step
-from iql_torchrl.cuda_graph import CudaGraphStep
-from iql_torchrl.loss import IQLLoss
+from iql_torchrl.runner import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
-__all__ = ["IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "metrics_to_floats", "missing_compiler"]
+__all__ = [
+    "IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "NETWORKS", "metrics_to_floats", "missing_compiler",
+    "claim_target_update", "optimizer_settings_problem", "TrainableLoss",
+]
 
-MODES = ("eager", "compile", "cudagraphs")
 ORDERS = ("paper", "summed")
 OPTIMIZERS = ("adam", "adamw")
 LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
-# each optimizer group and the loss's name for the parameters it trains
-GROUPS = {"value": "value", "actor": "actor", "critic": "qvalue"}
+# each optimizer group and the loss's name of the network it trains ("<name>_network", "<name>_network_params")
+NETWORKS = {"value": "value", "actor": "actor", "critic": "qvalue"}
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
-# tensordict's to_module reads a torch config that torch deprecates, each time the step is traced:
-# a FutureWarning that tells a user of the compiled step nothing
-_TRACING_NOISE = r"torch\._dynamo\.config\.inline_inbuilt_nn_modules is deprecated"
 
 
-_copies = itertools.count(1)
+class TrainableLoss(Protocol):
+    """What :class:`IQLUpdate` reads from the loss it trains: :class:`~iql_torchrl.IQLLoss` has it, and so
+    has :class:`~iql_torchrl.ensemble.SeedEnsemble` (K seeds stacked).
 
-
-def _own_code(function: types.FunctionType) -> types.FunctionType:
-    """A copy of ``function`` with a code object of its own (named ``<name>_<n>``, n counting copies)."""
-    name = f"{function.__name__}_{next(_copies)}"
-    code = function.__code__.replace(co_name=name)
-    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
-
-
-def _structure(tensors: Tensor | TensorDictBase | None) -> tuple | None:
-    if tensors is None:
-        return None
-    if isinstance(tensors, Tensor):
-        return tensors.shape, tensors.stride(), tensors.dtype, tensors.device
-    return tuple((key, *_structure(v)) for key, v in tensors.items(True, True))
-
-
-@contextlib.contextmanager
-def _quiet_tracing():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TRACING_NOISE, category=FutureWarning)
-        yield
-
-
-def _traced_quietly(compiled):
-    """A guarded compiled step (it traces on its first call and on recompiles) called under _quiet_tracing."""
-    def call(batch_or_indices):
-        if torch.compiler.is_compiling():  # traced into an enclosing compiled graph: dynamo cannot trace catch_warnings
-            return compiled(batch_or_indices)
-        with _quiet_tracing():
-            return compiled(batch_or_indices)
-
-    return call
-
-
-def missing_compiler(device_type: str) -> str | None:
-    """Why the step cannot be compiled for ``device_type`` on this machine, or None when it can.
-
-    On the CPU, torch's inductor builds the step's kernels with a C++ compiler (``g++``, or the one
-    the ``CXX`` environment variable names); without one the first compiled call would fail.
+    For each network name in :data:`NETWORKS` (``value``, ``actor``, ``qvalue``): ``<name>_network``,
+    the module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable
+    leaves get an optimizer); ``target_qvalue_network_params`` (the soft update's target); the phases, each
+    evaluable at given parameters; and the claim on the target update (:func:`claim_target_update`).
     """
-    if device_type != "cpu":
-        return None
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    from torch._inductor.exc import InvalidCxxCompiler
 
-    try:
-        get_cpp_compiler()
-    except InvalidCxxCompiler:
-        return ("compiling the update step on the CPU needs a C++ compiler (torch's inductor builds its kernels "
-                "with g++, or the compiler the CXX environment variable names), and none was found: install "
-                "one (e.g. `apt install g++`) or run the step eager")
+    value_network_params: TensorDictBase
+    actor_network_params: TensorDictBase
+    qvalue_network_params: TensorDictBase
+    target_qvalue_network_params: TensorDictBase
+    value_network: torch.nn.Module
+    actor_network: torch.nn.Module
+    qvalue_network: torch.nn.Module
+
+    def parameters(self): ...
+
+    def evaluate(self, tensordict: TensorDictBase, params: dict | None = None) -> TensorDictBase: ...
+
+    def value_phase(self, tensordict: TensorDictBase, params: dict | None = None) -> tuple[TensorDictBase, Tensor]: ...
+
+    def actor_critic_phase(self, tensordict: TensorDictBase, target_min_q: Tensor,
+                           params: dict | None = None) -> TensorDictBase: ...
+
+
+def optimizer_settings_problem(settings: dict[str, float | None]) -> tuple[str, str] | None:
+    """The first of ``settings`` (``lr``, ``<network>_lr``, ``tau``, ``weight_decay``; None: unset) out of
+    its range and what it must be, e.g. ``("tau", "in (0, 1], e.g. 0.005")``; None when all are valid."""
+    valid = {
+        "tau": (lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.005"),
+        "weight_decay": (lambda v: v >= 0, "a finite number >= 0"),
+    }
+    for name, value in settings.items():
+        ok, requirement = valid.get(name, (lambda v: v > 0, "a finite number > 0, e.g. 3e-4"))
+        if value is not None and not (_finite(value) and ok(value)):
+            return name, requirement
     return None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def claim_target_update(loss) -> None:
+    """Tells ``loss`` that the caller updates its target parameters, as TorchRL's ``SoftUpdate`` does.
+
+    TorchRL warns about a loss whose target parameters have no updater when they are read; a
+    :class:`~iql_torchrl.ensemble.SeedEnsemble` passes the claim on with ``claim_target_update()``.
+    """
+    if hasattr(loss, "claim_target_update"):
+        loss.claim_target_update()
+        return
+    for network in loss._has_update_associated:  # TorchRL LossModule's flags, the ones SoftUpdate sets
+        loss._has_update_associated[network] = True
 
 
 def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
@@ -118,7 +113,7 @@ class IQLUpdate:
 
     Args:
         loss: the :class:`~iql_torchrl.IQLLoss` whose networks are trained (or a
-            :class:`~iql_torchrl.distributed.SeedEnsemble` of them).
+            :class:`~iql_torchrl.ensemble.SeedEnsemble` of them): a :class:`TrainableLoss`.
 
     Keyword Args:
         total_steps (int): length of the run, for the actor's cosine learning-rate decay to 0.
@@ -148,6 +143,8 @@ class IQLUpdate:
     seed, summed before differentiation (the seeds share no parameters, so each gets its own
     gradient), and Adam, being elementwise, steps every seed independently.
 
+    What the step reads from ``loss`` is :class:`TrainableLoss`.
+
     State kept on the device: ``step`` (int64), ``actor_lr`` (the current actor learning rate),
     and the first non-finite loss: ``first_nonfinite_step`` (−1 while all losses are finite) and
     ``nonfinite_losses`` (which of ``loss_value``, ``loss_actor``, ``loss_qvalue`` it was). The
@@ -156,7 +153,7 @@ class IQLUpdate:
 
     def __init__(
         self,
-        loss: IQLLoss,
+        loss: TrainableLoss,
         *,
         total_steps: int | None = None,
         lr: float = 3e-4,
@@ -174,21 +171,18 @@ class IQLUpdate:
     ):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        device = next(loss.parameters()).device
+        check_mode(mode, device.type, "IQLUpdate")  # before any work: how the step runs is the runner's
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if mode == "cudagraphs" and not torch.cuda.is_available():
-            raise RuntimeError("mode='cudagraphs' needs CUDA; use mode='compile' or 'eager' on this machine.")
         if total_steps is not None and total_steps <= 0:
             raise ValueError(f"total_steps must be positive, got {total_steps}.")
         learning_rates = {"value": value_lr, "actor": actor_lr, "critic": critic_lr}
         learning_rates = {name: lr if rate is None else rate for name, rate in learning_rates.items()}
-        for name, value in (*((f"{g}_lr", r) for g, r in learning_rates.items()), ("tau", tau)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value}.")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}.")
+        settings = {**{f"{g}_lr": r for g, r in learning_rates.items()}, "tau": tau, "weight_decay": weight_decay}
+        if (problem := optimizer_settings_problem(settings)) is not None:
+            name, requirement = problem
+            raise ValueError(f"{name} must be {requirement}, got {settings[name]}.")
         self.loss = loss
         self.total_steps = total_steps
         self.learning_rates = learning_rates
@@ -198,104 +192,53 @@ class IQLUpdate:
         self.data = data
         self.grad_hook = grad_hook
         self.autocast_dtype = autocast_dtype
-        device = next(loss.parameters()).device
         self.device_type = device.type
-        if mode != "eager" and (problem := missing_compiler(device.type)) is not None:
-            raise RuntimeError(f"IQLUpdate(mode={mode!r}): {problem} (mode='eager').")
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
 
         # per group: the loss's parameter TensorDict, its trainable leaves, and an Adam holding their state
-        self.param_tds = {group: getattr(loss, f"{name}_network_params") for group, name in GROUPS.items()}
+        self.param_tds = {group: getattr(loss, f"{name}_network_params") for group, name in NETWORKS.items()}
         self.params = {group: _trainable(td) for group, td in self.param_tds.items()}
         self.optimizers = {
             group: _make_optimizer(self.params[group], learning_rates[group], optimizer, weight_decay, device)
-            for group in GROUPS
+            for group in NETWORKS
         }
         self.value_optimizer = self.optimizers["value"]
         self.actor_optimizer = self.optimizers["actor"]
         self.critic_optimizer = self.optimizers["critic"]
         self.actor_lr = self.actor_optimizer.param_groups[0]["lr"]
-        # this step owns the target update (as SoftUpdate would); said before the target parameters
-        # are read, which is when TorchRL warns about a missing updater
-        for network in loss._has_update_associated:
-            loss._has_update_associated[network] = True
+        # said before the target parameters are read, which is when TorchRL warns about a missing updater
+        claim_target_update(loss)
         self.target_params = list(loss.target_qvalue_network_params.values(True, True))
         self.online_params = list(loss.qvalue_network_params.values(True, True))
 
-        # the plain step, before any compilation (e.g. for torch._dynamo.explain); a copy with a code
-        # object of its own, as dynamo keeps one cache per code object: each IQLUpdate's guarded
-        # compiled step then has a cache of its own (no recompile limit shared with other steps)
-        step = IQLUpdate._paper_step if order == "paper" else IQLUpdate._summed_step
-        self.step_function = step_fn = types.MethodType(_own_code(step), self)
         self._dropouts = [m for m in _networks(loss) if isinstance(m, torch.nn.Dropout)]
-        # mode "compile" without grad_hook: call signature -> its step compiled ahead of time (or None: run
-        # guarded); None for the other modes, which call self._step_fn
-        self._ahead_of_time = {} if mode == "compile" and grad_hook is None else None
-        if mode == "eager":
-            self._step_fn = step_fn
-            return
-        if self._dropouts:
-            # inductor draws its own dropout masks unless told to use eager's generator:
-            # with it, compiled and eager steps (and resumed runs) draw the same masks
-            torch._inductor.config.fallback_random = True
-        # tensordict registers a TensorDict's pytree constructor on first use, which a compiled
-        # step's guards would see as a change and recompile once; use it before compiling
-        tree_unflatten(*tree_flatten(TensorDict()))
-        # static shapes: the batch size is fixed for a run, and a dynamic batch dim would make
-        # the step slower and is not supported by dropout under torch.func.
-        # inductor's per-call size/stride asserts on ~100 inputs repeat what dynamo's guards check
-        # (and what the call signature stands for in the ahead-of-time step): 0.16 ms a step on CPU
-        compile_options = {"fullgraph": grad_hook is None, "dynamic": False}
-        inductor_options = {"size_asserts": False, "alignment_asserts": False}
-        self._step_fn = _traced_quietly(torch.compile(step_fn, **compile_options, options=inductor_options))
-        if mode == "cudagraphs":  # the graph replays without calling the compiled step (nor its warning filter)
-            self._step_fn = CudaGraphStep(self._step_fn)
-        if self._ahead_of_time is not None:
-            # the step compiled ahead of time for each call signature and run without dynamo (no frame
-            # lookup, no guards on every parameter and Adam state: ~0.4 ms a step on CPU); the signature
-            # holds everything those guards would check that can change between calls (the input's and
-            # data's shapes, strides and dtypes, dropout's train/eval, autocast)
-            self._unguarded = torch.compile(
-                step_fn, **compile_options,
-                options={**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
-            )
+        self.runner = StepRunner(
+            self._paper_step if order == "paper" else self._summed_step, mode=mode,
+            fullgraph=grad_hook is None, ahead_of_time=grad_hook is None, eager_random=bool(self._dropouts),
+            specialisation=self._specialisation,
+        )
+
+    @property
+    def step_function(self):
+        """The plain step, before any compilation (e.g. for ``torch._dynamo.explain``)."""
+        return self.runner.step_function
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
         """One update. Pass a batch TensorDict, or indices into ``data`` when it was given."""
-        if self._ahead_of_time is None or torch.compiler.is_compiling():
-            return self._step_fn(batch_or_indices)
-        signature = self._call_signature(batch_or_indices)
-        if signature not in self._ahead_of_time:
-            self._ahead_of_time[signature] = self._compile_ahead_of_time(batch_or_indices)
-        step = self._ahead_of_time[signature]
-        if step is None:
-            return self._step_fn(batch_or_indices)
-        return step(self, batch_or_indices)
+        return self.runner(batch_or_indices)
 
-    def _compile_ahead_of_time(self, example):
-        """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), or
-        None where torch refuses it (e.g. its caches disabled): the step then runs under dynamo's guards."""
-        try:
-            with _quiet_tracing():
-                step = self._unguarded.aot_compile(((example,), {}))
-        except Exception as error:  # an experimental torch API: any refusal leaves the guarded step
-            warnings.warn(
-                f"IQLUpdate: compiling the step ahead of time failed ({type(error).__name__}: {error}); "
-                "it runs as a guarded torch.compile step instead (same results, ~0.4 ms slower a step on CPU).",
-                stacklevel=3,
-            )
-            return None
-        step.disable_guard_check()
-        return step
+    def set_actor_lr(self, lr: float | None = None) -> None:
+        """Sets the actor's current learning rate (``None``: the one the step was built with), in place, so a
+        compiled step or a captured CUDA graph reads it; with ``total_steps=None`` it stays there."""
+        self.actor_lr.fill_(self.learning_rates["actor"] if lr is None else lr)
 
-    def _call_signature(self, batch_or_indices) -> tuple:
-        """What the compiled step is specialised on: the structure (keys, shapes, strides, dtypes,
-        devices) of the input and of ``data``, the dropout layers' train/eval flags, and autocast."""
+    def _specialisation(self) -> tuple:
+        """What the compiled step is specialised on besides its input: the structure of ``data``, the dropout
+        layers' train/eval flags, and autocast."""
         return (
-            _structure(batch_or_indices),
-            _structure(self.data),
+            call_structure(self.data),
             tuple(m.training for m in self._dropouts),
             torch.is_autocast_enabled(self.device_type),
         )
@@ -314,7 +257,7 @@ class IQLUpdate:
     def _summed_step(self, batch_or_indices):
         with torch.no_grad():
             batch = self._batch(batch_or_indices)
-            out = self._descend(tuple(GROUPS), batch, self.loss.evaluate)
+            out = self._descend(tuple(NETWORKS), batch, self.loss.evaluate)
             return self._finish(out)
 
     def _batch(self, batch_or_indices):
@@ -370,7 +313,7 @@ class IQLUpdate:
         for g in groups:
             td = self.param_tds[g]
             leaves = iter(tensors[g])
-            params[GROUPS[g]] = TensorDict(
+            params[NETWORKS[g]] = TensorDict(
                 {key: next(leaves) if _is_trainable(v) else v for key, v in td.items(True, True)},
                 batch_size=td.batch_size,
             )
@@ -479,9 +422,9 @@ def _summed_losses(result) -> Tensor:
     return sum(out[name].sum() for name in LOSS_NAMES if name in out.keys())
 
 
-def _networks(loss: IQLLoss):
-    for name in ("actor_network", "qvalue_network", "value_network"):
-        yield from getattr(loss, name).modules()
+def _networks(loss: TrainableLoss):
+    for name in NETWORKS.values():
+        yield from getattr(loss, f"{name}_network").modules()
 
 
 def _is_trainable(value) -> bool:

@@ -68,7 +68,7 @@ def test_the_whole_update_step_is_one_graph(order, actor):
     from synthetic import random_transitions
 
     from iql_torchrl import IQLUpdate, make_qvalue_networks, make_value_network
-    from iql_torchrl.distributed import SeedEnsemble
+    from iql_torchrl.ensemble import SeedEnsemble
 
     def make_loss(seed):
         torch.manual_seed(seed)

@@ -15,7 +15,8 @@ from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from iql_torchrl.data import DatasetError, load_minari_dataset
 from iql_torchrl.evaluation import evaluate_policy
 from iql_torchrl.discrete import DiscreteIQLLoss
-from iql_torchrl.trainer import Config, build_loss, load_actor, train
+from iql_torchrl.build import build_loss, load_actor
+from iql_torchrl.trainer import Config, train
 
 CARTPOLE = "iql_torchrl/cartpole/mixed-v0"
 TINY = dict(

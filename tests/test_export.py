@@ -20,7 +20,8 @@ from iql_torchrl.evaluation import evaluate_policy
 from iql_torchrl.export import EnvironmentPolicy, NotAFinishedRunError, export_policy, main, write_policy
 from iql_torchrl.finetune import FinetuneConfig, finetune
 from iql_torchrl.models import make_actor
-from iql_torchrl.trainer import Config, load_actor, train
+from iql_torchrl.build import load_actor
+from iql_torchrl.trainer import Config, train
 
 from conftest import TINY_PENDULUM
 

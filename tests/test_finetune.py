@@ -25,7 +25,8 @@ from iql_torchrl.online import (
     make_offline_online_buffer,
     make_online_env,
 )
-from iql_torchrl.trainer import Config, NonFiniteLossError, build_loss, load_actor, make_update, train
+from iql_torchrl.build import build_loss, load_actor, make_update
+from iql_torchrl.trainer import Config, NonFiniteLossError, train
 from iql_torchrl.update import IQLUpdate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from iql_torchrl.finetune import FinetuneConfig, finetune
 from iql_torchrl.resume import ResumeError
 from iql_torchrl.run import Run
 from iql_torchrl.run_folder import LOCK_NAME, FolderInUseError, RunFolder, default_run_dir
-from iql_torchrl.trainer import Config, load_actor, train
+from iql_torchrl.build import load_actor
+from iql_torchrl.trainer import Config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=20, batch_size=32, eval_every=10, eval_episodes=1, log_every=5, checkpoint_every=10,
@@ -333,12 +334,12 @@ def test_threads_auto_takes_omp_num_threads_else_this_process_share_of_its_cpus(
 
 
 def test_per_network_learning_rates_optimizer_and_weight_decay_reach_the_update_step(monkeypatch):
-    import iql_torchrl.trainer as trainer
+    import iql_torchrl.build as build
 
     received = {}
-    monkeypatch.setattr(trainer, "IQLUpdate", lambda loss, **kwargs: received.update(kwargs))
+    monkeypatch.setattr(build, "IQLUpdate", lambda loss, **kwargs: received.update(kwargs))
     config = Config(lr=1e-3, actor_lr=1e-4, value_lr=2e-4, optimizer="adamw", weight_decay=0.01, device="cpu")
-    trainer.make_update(config.resolved(), loss=None, data=None, total_steps=10)
+    build.make_update(config.resolved(), loss=None, data=None, total_steps=10)
     assert received["lr"] == 1e-3 and received["actor_lr"] == 1e-4 and received["value_lr"] == 2e-4
     assert received["optimizer"] == "adamw" and received["weight_decay"] == 0.01
     assert received.get("critic_lr") is None  # unset: --lr
@@ -365,3 +366,21 @@ def test_restarting_the_progress_clock_drops_the_time_before_it():
     n, elapsed, desc = bars[True]
     assert (n, desc) == (11, "IQL") and elapsed < 0.2
     assert bars[False][1] >= 0.3  # the wrong variant: no restart, the compilation in the rate
+
+
+def test_one_cadence_for_single_updates_and_for_collections_of_updates(tmp_path):
+    # the offline loop asks after every update, the online phase after each collection's updates: an
+    # interval is due when its multiple was reached on the way, and a loop's last updates do everything
+    from iql_torchrl.distributed import DistributedContext
+
+    config = Config(log_every=5, checkpoint_every=10, eval_every=20, device="cpu")
+    run = Run(config, "offline", DistributedContext(), None, tmp_path, None)
+    due = {step: run.due(step - 1, step, last=False) for step in range(1, 41)}
+    assert [s for s, (log, _, _) in due.items() if log] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [s for s, (_, checkpoint, _) in due.items() if checkpoint] == [10, 20, 30, 40]
+    assert [s for s, (_, _, evaluate) in due.items() if evaluate] == [20, 40]
+    assert run.due(0, 8, last=False) == (True, False, False)  # 8 updates a collection: 5 reached
+    assert run.due(8, 16, last=False) == (True, True, False)  # 10 reached
+    assert run.due(16, 24, last=False) == (True, True, True)  # 20 reached
+    assert run.due(24, 25, last=True) == (True, True, True)
+    assert run.due(25, 26, last=False) == (False, False, False)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from iql_torchrl.trainer import Config, NonFiniteLossError, load_actor, train
+from iql_torchrl.build import load_actor
+from iql_torchrl.trainer import Config, NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -102,9 +103,10 @@ def test_compile_without_a_cpp_compiler_fails_before_any_work(tiny_datasets, tmp
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_datasets, tmp_path, monkeypatch):
     # transition 0 gets a NaN reward and is the whole batch from update step 14 on
+    import iql_torchrl.build as build
     import iql_torchrl.trainer as trainer
 
-    real_transitions, real_indices, calls = trainer.buffer_transitions, trainer.sample_indices, []
+    real_transitions, real_indices, calls = trainer.buffer_transitions, build.sample_indices, []
 
     def poisoned_transitions(buffer):
         data = real_transitions(buffer)
@@ -117,7 +119,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
         return drawn if len(calls) <= 14 else torch.zeros_like(drawn)
 
     monkeypatch.setattr(trainer, "buffer_transitions", poisoned_transitions)
-    monkeypatch.setattr(trainer, "sample_indices", indices)
+    monkeypatch.setattr(build, "sample_indices", indices)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"loss_qvalue at update step 14"):
         train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))

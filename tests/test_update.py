@@ -343,3 +343,25 @@ def test_adamw_decays_weights_apart_from_the_gradient_and_each_network_gets_its_
              for prefix in ("value_network_params", "qvalue_network_params")}
     assert moves["value_network_params"] == pytest.approx(1e-3, rel=1e-3)
     assert moves["qvalue_network_params"] == pytest.approx(2e-4, rel=1e-3)
+
+
+def test_a_compiled_step_with_dropout_draws_eager_s_masks_and_leaves_inductor_s_settings_as_they_were(monkeypatch):
+    """Compiled dropout draws its masks with eager's random ops (inductor's fallback_random) in this step's
+    compilation only: inductor never swaps in its own random ops there (on CUDA they would draw other
+    masks than eager; on the CPU it keeps eager's either way), and the user's other compiled code keeps
+    inductor's settings. Setting the flag for the whole process (``torch._inductor.config.fallback_random
+    = True``) fails the second part; leaving it out of the step's compilation fails the first."""
+    import torch._inductor.fx_passes.joint_graph as joint_graph
+
+    swaps = []
+    real_swap = joint_graph.replace_random_passes
+    monkeypatch.setattr(joint_graph, "replace_random_passes", lambda graph: swaps.append(1) or real_swap(graph))
+    before = torch._inductor.config.get_config_copy()
+    data = dataset()
+    _, compiled = make_update(data, total_steps=2, mode="compile", actor_dropout=0.1)
+    for idx in index_stream(2):
+        compiled(idx)
+    assert swaps == []
+    after = torch._inductor.config.get_config_copy()
+    assert after["fallback_random"] is False
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}

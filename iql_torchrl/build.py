@@ -1,0 +1,108 @@
+"""What every job builds from a run's config: the loss, the update step, the batch draws, a saved policy.
+
+The offline job (:mod:`iql_torchrl.trainer`), fine-tuning (:mod:`iql_torchrl.finetune`), the
+evaluation and export commands share these builders, so a run's networks are built one way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from iql_torchrl.checkpoint import load_run_checkpoint
+from iql_torchrl.config import PRESETS, RunConfig, config_from_dict
+from iql_torchrl.data import OfflineDataMetadata, sample_indices
+from iql_torchrl.discrete import DiscreteIQLLoss
+from iql_torchrl.distributed import all_reduce_gradients
+from iql_torchrl.ensemble import SeedEnsemble
+from iql_torchrl.loss import IQLLoss
+from iql_torchrl.models import make_iql_networks
+from iql_torchrl.update import IQLUpdate
+
+__all__ = ["build_loss", "build_seed_losses", "make_update", "batch_generators", "index_sampler", "load_actor",
+           "RANK_SEED_STRIDE"]
+
+RANK_SEED_STRIDE = 1_000_003  # keeps the ranks' batch streams apart
+
+
+def build_loss(config: RunConfig, metadata: OfflineDataMetadata) -> IQLLoss:
+    """The networks and loss a run trains, from its (resolved) config and the data's metadata.
+
+    Box actions: :class:`IQLLoss` with the paper's Gaussian actor. Discrete actions:
+    :class:`DiscreteIQLLoss` with a categorical actor over ``metadata.num_actions`` (one-hot when
+    the data stores one-hot actions) and one Q value per action.
+    """
+    actor_kind = ("one_hot" if metadata.one_hot_actions else "categorical") if metadata.discrete else "gaussian"
+    actor, critics, value = make_iql_networks(
+        metadata.observation_dim,
+        metadata.action_dim,
+        actor_kind=actor_kind,
+        hidden_sizes=tuple(config.hidden_sizes),
+        actor_dropout=PRESETS[config.preset].actor_dropout,
+    )
+    hyperparameters = dict(temperature=config.temperature, expectile=config.expectile)
+    if metadata.discrete:
+        loss = DiscreteIQLLoss(actor, critics, value, action_space=actor_kind, **hyperparameters)
+    else:
+        loss = IQLLoss(actor, critics, value, **hyperparameters)
+    loss.make_value_estimator(gamma=config.gamma)
+    return loss.to(config.device)
+
+
+def build_seed_losses(config: RunConfig, metadata: OfflineDataMetadata, seeds: list[int], device) -> IQLLoss | SeedEnsemble:
+    """The loss of one seed, or a :class:`SeedEnsemble` of several; each seed initialised exactly as
+    a single-seed run of that seed would be."""
+    losses = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        losses.append(build_loss(config, metadata).to(device))
+    return losses[0] if len(losses) == 1 else SeedEnsemble(losses)
+
+
+def make_update(config: RunConfig, loss, data, *, total_steps: int | None, distributed: bool = False) -> IQLUpdate:
+    """The fused update step a run's config asks for (``total_steps=None``: constant learning rates)."""
+    mode = "cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager"
+    return IQLUpdate(
+        loss, total_steps=total_steps, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data,
+        autocast_dtype=torch.bfloat16 if config.bf16 else None, grad_hook=all_reduce_gradients if distributed else None,
+        **config.optimizer_settings(),
+    )
+
+
+def batch_generators(seeds: list[int], rank: int, device) -> list[torch.Generator]:
+    """One batch stream per seed and per rank; rank 0 of seed s draws what a single process would."""
+    return [torch.Generator(device=device).manual_seed(seed + RANK_SEED_STRIDE * rank) for seed in seeds]
+
+
+def index_sampler(generators: list[torch.Generator], num_transitions: int, batch_size: int, device):
+    """Draws one batch of indices per generator (one per seed): ``[B]`` for one seed, ``[K, B]`` for K."""
+    def draw() -> torch.Tensor:
+        indices = [sample_indices(num_transitions, batch_size, g, device) for g in generators]
+        return indices[0] if len(indices) == 1 else torch.stack(indices)
+
+    return draw
+
+
+def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
+    """The trained policy of a run (offline or fine-tuned) as a plain TorchRL module, and the data metadata it needs.
+
+    ``actor(TensorDict({"observation": obs}, batch))`` writes ``"action"`` in the buffer's action
+    space; ``metadata.action_to_env`` maps it to the environment's bounds. For a run of several
+    seeds, ``seed_index`` picks one (0 is ``--seed``). The checkpoint loads with
+    ``weights_only=True`` (no code runs), falling back to ``checkpoint.prev.pt`` when the last is unreadable.
+    """
+    state = load_run_checkpoint(run_dir, map_location=device)
+    config = config_from_dict(RunConfig, state["config"])
+    config.device, config.output_dir = device, None
+    num_seeds = state["config"].get("num_seeds", 1)
+    metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
+    if not 0 <= seed_index < num_seeds:
+        raise ValueError(f"seed_index must be in [0, {num_seeds}) for this run, got {seed_index}.")
+    if num_seeds > 1:
+        ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(num_seeds)])
+        ensemble.load_state_dict(state["loss"])
+        loss = ensemble.seed_loss(seed_index)
+    else:
+        loss = build_loss(config, metadata)
+        loss.load_state_dict(state["loss"])
+    return loss.get_stateful_net("actor_network", copy=True).eval(), metadata

@@ -1,0 +1,180 @@
+"""How an update step runs: eager, compiled, compiled ahead of time, or replayed as a CUDA graph.
+
+:class:`StepRunner` takes a step (a method of one input: a batch TensorDict or a tensor of indices)
+and runs it in one of :data:`MODES` behind one call:
+
+* ``"eager"`` -- the method itself;
+* ``"compile"`` -- ``torch.compile`` as one graph; without a gradient hook, compiled ahead of time
+  (``aot_compile``) once per call signature and run without dynamo's guards, else guarded;
+* ``"cudagraphs"`` -- the guarded compiled step captured once in a CUDA graph and replayed
+  (:class:`~iql_torchrl.cuda_graph.CudaGraphStep`).
+
+Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls,
+inductor options, tensordict's pytree registration, code-object cloning. None of them changes a
+process-wide torch setting: inductor options reach only this step's compilation (``torch.compile``'s
+``options``), and warning filters only the calls that trace.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import types
+import warnings
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from iql_torchrl.cuda_graph import CudaGraphStep
+
+__all__ = ["StepRunner", "MODES", "check_mode", "missing_compiler", "call_structure"]
+
+MODES = ("eager", "compile", "cudagraphs")
+# tensordict's to_module reads a torch config that torch deprecates, each time the step is traced:
+# a FutureWarning that tells a user of the compiled step nothing
+_TRACING_NOISE = r"torch\._dynamo\.config\.inline_inbuilt_nn_modules is deprecated"
+_copies = itertools.count(1)
+
+
+def missing_compiler(device_type: str) -> str | None:
+    """Why the step cannot be compiled for ``device_type`` on this machine, or None when it can.
+
+    On the CPU, torch's inductor builds the step's kernels with a C++ compiler (``g++``, or the one
+    the ``CXX`` environment variable names); without one the first compiled call would fail.
+    """
+    if device_type != "cpu":
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return ("compiling the update step on the CPU needs a C++ compiler (torch's inductor builds its kernels "
+                "with g++, or the compiler the CXX environment variable names), and none was found: install "
+                "one (e.g. `apt install g++`) or run the step eager")
+    return None
+
+
+def check_mode(mode: str, device_type: str, owner: str = "StepRunner") -> None:
+    """Raises when a step cannot run in ``mode`` on ``device_type`` here (``owner`` names the caller in the message)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode == "cudagraphs" and not torch.cuda.is_available():
+        raise RuntimeError("mode='cudagraphs' needs CUDA; use mode='compile' or 'eager' on this machine.")
+    if mode != "eager" and (problem := missing_compiler(device_type)) is not None:
+        raise RuntimeError(f"{owner}(mode={mode!r}): {problem} (mode='eager').")
+
+
+def call_structure(tensors: Tensor | TensorDictBase | None) -> tuple | None:
+    """What a compiled step is specialised on in ``tensors``: keys, shapes, strides, dtypes, devices."""
+    if tensors is None:
+        return None
+    if isinstance(tensors, Tensor):
+        return tensors.shape, tensors.stride(), tensors.dtype, tensors.device
+    return tuple((key, *call_structure(v)) for key, v in tensors.items(True, True))
+
+
+class StepRunner:
+    """Runs ``step`` in ``mode`` (see the module docstring); one call = one call of the step.
+
+    Args:
+        step: a bound method of one input. The runner runs a copy with a code object of its own, as
+            dynamo keeps one cache per code object: each runner's compiled step has a cache of its
+            own (no recompile limit shared with another step of the same class).
+
+    Keyword Args:
+        mode (str): one of :data:`MODES` (the caller checks it first: :func:`check_mode`).
+        fullgraph (bool): compile the step as one graph (any graph break raises).
+        ahead_of_time (bool): mode ``"compile"`` only: compile ahead of time for each call signature.
+        eager_random (bool): compiled random ops (dropout) draw from eager's generator, so compiled
+            and eager steps, and resumed runs, draw the same masks.
+        specialisation (callable): what, besides the input's structure, the compiled step is
+            specialised on and may change between calls (e.g. the data's layout, train/eval flags,
+            autocast); a change compiles anew. Used by the ahead-of-time step, which has no guards.
+    """
+
+    def __init__(self, step, *, mode: str, fullgraph: bool = True, ahead_of_time: bool = False,
+                 eager_random: bool = False, specialisation=tuple):
+        self.mode = mode
+        # the plain step, before any compilation (e.g. for torch._dynamo.explain)
+        self.step_function = types.MethodType(_own_code(step.__func__), step.__self__)
+        self.specialisation = specialisation
+        # call signature -> its step compiled ahead of time (or None: run guarded); None when not ahead of time
+        self.ahead_of_time = {} if mode == "compile" and ahead_of_time else None
+        if mode == "eager":
+            self.guarded = self.step_function
+            return
+        # tensordict registers a TensorDict's pytree constructor on first use, which a compiled
+        # step's guards would see as a change and recompile once; use it before compiling
+        tree_unflatten(*tree_flatten(TensorDict()))
+        # static shapes: the batch size is fixed for a run, and a dynamic batch dim would make the
+        # step slower and is not supported by dropout under torch.func. Inductor's per-call size and
+        # stride asserts repeat what dynamo's guards (or the call signature) check.
+        compile_options = {"fullgraph": fullgraph, "dynamic": False}
+        inductor_options = {"size_asserts": False, "alignment_asserts": False}
+        if eager_random:
+            inductor_options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
+        self.guarded = _traced_quietly(torch.compile(self.step_function, **compile_options, options=inductor_options))
+        if mode == "cudagraphs":  # the graph replays without calling the compiled step (nor its warning filter)
+            self.guarded = CudaGraphStep(self.guarded)
+        if self.ahead_of_time is not None:
+            # run without dynamo: no frame lookup, no guards on every parameter and optimizer state;
+            # the call signature holds everything those guards would check that can change between calls
+            self.unguarded = torch.compile(
+                self.step_function, **compile_options,
+                options={**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
+            )
+
+    def __call__(self, batch_or_indices: TensorDictBase | Tensor):
+        if self.ahead_of_time is None or torch.compiler.is_compiling():
+            return self.guarded(batch_or_indices)
+        signature = (call_structure(batch_or_indices), *self.specialisation())
+        if signature not in self.ahead_of_time:
+            self.ahead_of_time[signature] = self._compile_ahead_of_time(batch_or_indices)
+        step = self.ahead_of_time[signature]
+        if step is None:
+            return self.guarded(batch_or_indices)
+        return step(self.step_function.__self__, batch_or_indices)
+
+    def _compile_ahead_of_time(self, example):
+        """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), or
+        None where torch refuses it (e.g. its caches disabled): the step then runs under dynamo's guards."""
+        try:
+            with _quiet_tracing():
+                step = self.unguarded.aot_compile(((example,), {}))
+        except Exception as error:  # an experimental torch API: any refusal leaves the guarded step
+            warnings.warn(
+                f"IQLUpdate: compiling the step ahead of time failed ({type(error).__name__}: {error}); "
+                "it runs as a guarded torch.compile step instead (same results, slower a step: benchmarks/README.md).",
+                stacklevel=4,
+            )
+            return None
+        step.disable_guard_check()
+        return step
+
+
+def _own_code(function: types.FunctionType) -> types.FunctionType:
+    """A copy of ``function`` with a code object of its own (named ``<name>_<n>``, n counting copies)."""
+    name = f"{function.__name__}_{next(_copies)}"
+    code = function.__code__.replace(co_name=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TRACING_NOISE, category=FutureWarning)
+        yield
+
+
+def _traced_quietly(compiled):
+    """A guarded compiled step (it traces on its first call and on recompiles) called under _quiet_tracing."""
+    def call(batch_or_indices):
+        if torch.compiler.is_compiling():  # traced into an enclosing compiled graph: dynamo cannot trace catch_warnings
+            return compiled(batch_or_indices)
+        with _quiet_tracing():
+            return compiled(batch_or_indices)
+
+    return call
