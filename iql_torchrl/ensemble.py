@@ -15,7 +15,7 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from torch import Tensor, nn
 
 from iql_torchrl.loss import IQLLoss
-from iql_torchrl.update import NETWORKS, claim_target_update
+from iql_torchrl.update import NETWORKS
 
 __all__ = ["SeedEnsemble"]
 
@@ -76,8 +76,8 @@ class SeedEnsemble(nn.Module):
         return self.template.value_network
 
     def claim_target_update(self) -> None:
-        """The update step owns the seeds' target update (:func:`~iql_torchrl.update.claim_target_update`)."""
-        claim_target_update(self.template)
+        """The update step owns the seeds' target update."""
+        self.template.claim_target_update()
 
     # the loss, vmapped over seeds
     def _call(self, method: str, *args, params: dict | None = None):

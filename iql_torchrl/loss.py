@@ -58,6 +58,7 @@ from iql_torchrl.loss_checks import (
     check_input,
     flat_key,
     floating_dtype,
+    nonfinite,
     spec_last_dim,
 )
 from iql_torchrl.models import critic_copies, own_critic_parameters
@@ -303,6 +304,12 @@ class IQLLoss(LossModule):
             **hyperparams,
         )
 
+    def claim_target_update(self) -> None:
+        """The caller updates the target critics (as TorchRL's ``SoftUpdate`` does, or :class:`IQLUpdate`):
+        TorchRL's warning about target parameters without an updater is not raised."""
+        for network in self._has_update_associated:
+            self._has_update_associated[network] = True
+
     # ------------------------------------------------------------------ network calls
     def _params(self, params: dict | None, network: str) -> TensorDictBase:
         """The parameters to evaluate ``network`` with: ``params[network]`` when given, else the loss's own.
@@ -538,8 +545,7 @@ class IQLLoss(LossModule):
         if q_md is not None:
             tensordict.set(self.tensor_keys.priority, q_md["td_error"].max(0).values)
             scalars["q_mean"] = q_md["q_mean"]
-        finite = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses.values()]).all()
-        scalars["non_finite"] = ~finite
+        scalars["non_finite"] = nonfinite(losses.values()).any()
         if self.reduction != "none":
             return TensorDict({**losses, **scalars}, batch_size=[])
         out = TensorDict(losses, batch_size=tensordict.batch_size)

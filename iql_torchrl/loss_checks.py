@@ -1,4 +1,5 @@
-"""IQLLoss's input checks: keys, dtypes and shapes, each failure a named error before any network runs.
+"""IQLLoss's input checks: keys, dtypes and shapes, each failure a named error before any network runs;
+and the one test of its outputs, :func:`nonfinite` (device-side, read when logging).
 
 Shapes, dtypes and keys only (free on the hot path: no host sync). Value checks -- an index in
 range, a row that is truly one-hot -- belong where data enters the buffer (:mod:`iql_torchrl.data.checks`).
@@ -19,6 +20,7 @@ __all__ = [
     "floating_dtype",
     "spec_last_dim",
     "flat_key",
+    "nonfinite",
 ]
 
 NETWORKS = ("actor", "qvalue", "value")  # the loss's networks: ``<name>_network`` and ``<name>_network_params``
@@ -131,6 +133,11 @@ def flat_key(key) -> tuple:
     for part in key if isinstance(key, tuple) else (key,):
         out.extend(flat_key(part) if isinstance(part, tuple) else (part,))
     return tuple(out)
+
+
+def nonfinite(losses) -> Tensor:
+    """Which of ``losses`` hold a NaN or an infinity: a bool tensor, one entry a loss (no host sync)."""
+    return torch.stack([~torch.isfinite(loss.detach()).all() for loss in losses])
 
 
 def _network_name(loss, network: nn.Module) -> str:

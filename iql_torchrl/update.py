@@ -27,11 +27,12 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from iql_torchrl.adam import adam_step
+from iql_torchrl.loss_checks import nonfinite
 from iql_torchrl.runner import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
 __all__ = [
     "IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "NETWORKS", "metrics_to_floats", "missing_compiler",
-    "claim_target_update", "optimizer_settings_problem", "TrainableLoss",
+    "optimizer_settings_problem", "TrainableLoss",
 ]
 
 ORDERS = ("paper", "summed")
@@ -50,7 +51,7 @@ class TrainableLoss(Protocol):
     For each network name in :data:`NETWORKS` (``value``, ``actor``, ``qvalue``): ``<name>_network``,
     the module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable
     leaves get an optimizer); ``target_qvalue_network_params`` (the soft update's target); the phases, each
-    evaluable at given parameters; and the claim on the target update (:func:`claim_target_update`).
+    evaluable at given parameters; and the claim on the target update (``claim_target_update()``: the step updates the targets itself).
     """
 
     value_network_params: TensorDictBase
@@ -62,6 +63,8 @@ class TrainableLoss(Protocol):
     qvalue_network: torch.nn.Module
 
     def parameters(self): ...
+
+    def claim_target_update(self) -> None: ...
 
     def evaluate(self, tensordict: TensorDictBase, params: dict | None = None) -> TensorDictBase: ...
 
@@ -87,19 +90,6 @@ def optimizer_settings_problem(settings: dict[str, float | None]) -> tuple[str, 
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def claim_target_update(loss) -> None:
-    """Tells ``loss`` that the caller updates its target parameters, as TorchRL's ``SoftUpdate`` does.
-
-    TorchRL warns about a loss whose target parameters have no updater when they are read; a
-    :class:`~iql_torchrl.ensemble.SeedEnsemble` passes the claim on with ``claim_target_update()``.
-    """
-    if hasattr(loss, "claim_target_update"):
-        loss.claim_target_update()
-        return
-    for network in loss._has_update_associated:  # TorchRL LossModule's flags, the ones SoftUpdate sets
-        loss._has_update_associated[network] = True
 
 
 def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
@@ -209,7 +199,7 @@ class IQLUpdate:
         self.critic_optimizer = self.optimizers["critic"]
         self.actor_lr = self.actor_optimizer.param_groups[0]["lr"]
         # said before the target parameters are read, which is when TorchRL warns about a missing updater
-        claim_target_update(loss)
+        loss.claim_target_update()
         self.target_params = list(loss.target_qvalue_network_params.values(True, True))
         self.online_params = list(loss.qvalue_network_params.values(True, True))
 
@@ -347,7 +337,7 @@ class IQLUpdate:
     def _finish(self, out: TensorDictBase) -> TensorDictBase:
         """Soft target update, step counter, non-finite bookkeeping; the detached metrics."""
         torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
-        bad = torch.stack([~torch.isfinite(out[name]).all() for name in LOSS_NAMES])
+        bad = nonfinite([out[name] for name in LOSS_NAMES])
         first = bad.any() & (self.first_nonfinite_step < 0)
         self.first_nonfinite_step.copy_(torch.where(first, self.step, self.first_nonfinite_step))
         self.nonfinite_losses.copy_(torch.where(first, bad, self.nonfinite_losses))
