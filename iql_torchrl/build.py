@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from iql_torchrl.checkpoint import load_run_checkpoint
+from iql_torchrl.compile_cache import default_cache_folder
 from iql_torchrl.config import PRESETS, RunConfig, config_from_dict
 from iql_torchrl.data import OfflineDataMetadata, sample_indices
 from iql_torchrl.discrete import DiscreteIQLLoss
@@ -65,7 +66,7 @@ def make_update(config: RunConfig, loss, data, *, total_steps: int | None, distr
     return IQLUpdate(
         loss, total_steps=total_steps, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data,
         autocast_dtype=torch.bfloat16 if config.bf16 else None, grad_hook=all_reduce_gradients if distributed else None,
-        **config.optimizer_settings(),
+        compile_cache=default_cache_folder(), **config.optimizer_settings(),
     )
 
 

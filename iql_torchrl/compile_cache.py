@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import io
 import json
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CompiledStepCache", "default_cache_folder", "entry_key"]
+__all__ = ["CompiledStepCache", "default_cache_folder", "entry_key", "describe_objects"]
 
 _SUFFIX = ".step"
 _KEY_FILE = "secret.key"
@@ -65,6 +66,49 @@ def entry_key(description: dict) -> str:
     }
     text = json.dumps({"step": description, "environment": environment}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def describe_objects(*objects) -> list:
+    """What a compiled graph may bake in from ``objects`` (modules and plain objects): for each object,
+    each of its submodules and each module it holds outside its registered submodules (a TorchRL loss
+    keeps its networks so), its class, a hash of the file that defines the class, and its attributes
+    that are plain Python values (numbers, strings, flags, tuples of them); tensors are left to the
+    call signature. A custom network with a constant in its ``forward`` changes the key when its
+    source file or that constant changes."""
+    out, seen = [], set()
+
+    def visit(obj, path: str) -> None:
+        parts = obj.named_modules() if isinstance(obj, torch.nn.Module) else [("", obj)]
+        for name, part in parts:
+            if id(part) in seen:
+                continue
+            seen.add(id(part))
+            cls = type(part)
+            attributes = {k: v for k, v in sorted(vars(part).items()) if _plain(v)}
+            out.append([f"{path}{name}", f"{cls.__module__}.{cls.__qualname__}", _source_hash(cls), attributes])
+            for key, value in sorted(vars(part).items()):
+                if isinstance(value, torch.nn.Module) and id(value) not in seen:
+                    visit(value, f"{path}{name}.{key}:")
+
+    for obj in objects:
+        visit(obj, "")
+    return out
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _source_hash(cls) -> str | None:
+    try:
+        return hashlib.sha256(Path(inspect.getsourcefile(cls)).read_bytes()).hexdigest()
+    except (TypeError, OSError):  # a builtin or a class without a source file: its name stands for it
+        return None
 
 
 class CompiledStepCache:

@@ -81,8 +81,9 @@ class RunConfig:
     """The paper's per-domain τ, β, actor dropout and reward transform."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
     """Training device; auto picks cuda when available."""
-    compile: bool = False
-    """torch.compile the whole update step."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the whole update step: auto does when the step can be compiled here and the run is long
+    enough to repay the compilation; --compile / --no-compile force it."""
     cudagraphs: bool = False
     """Capture the compiled step in a CUDA graph (needs CUDA)."""
     bf16: bool = False
@@ -141,6 +142,10 @@ class RunConfig:
             device=device,
             hidden_sizes=tuple(self.hidden_sizes),
         )
+
+    def total_updates(self) -> int:
+        """Gradient updates the run makes (what --compile auto weighs against the compilation)."""
+        raise NotImplementedError
 
     def optimizer_settings(self) -> dict:
         """The keyword arguments of :class:`~iql_torchrl.IQLUpdate` for the optimisers, where they differ from its defaults."""
@@ -224,10 +229,28 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
+# settings that are True, False or "auto", and whose bare flag forces them: --compile, --no-compile
+AUTO_FLAGS = ("compile",)
+
+
+def forced_flags(argv: list[str]) -> list[str]:
+    """``argv`` with each bare ``--X`` / ``--no-X`` of :data:`AUTO_FLAGS` spelled ``--X=True`` / ``--X=False``."""
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        for name in AUTO_FLAGS:
+            option = f"--{name.replace('_', '-')}"
+            value_follows = i + 1 < len(argv) and argv[i + 1] in ("True", "False", "auto")
+            if arg == option and not value_follows:
+                out[i] = f"{option}=True"
+            elif arg == f"--no-{option[2:]}":
+                out[i] = f"{option}=False"
+    return out
+
+
 def parse_cli(config_cls, argv: list[str] | None = None):
     """``(config, given)``: the config from the command line, and the fields set on purpose (see :func:`given_fields`)."""
     import tyro
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = forced_flags(sys.argv[1:] if argv is None else argv)
     config = tyro.cli(config_cls, args=argv)
     return config, given_fields(config, argv)

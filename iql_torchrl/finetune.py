@@ -79,6 +79,10 @@ class FinetuneConfig(RunConfig):
     def updates_per_collection(self) -> int:
         return round(self.utd_ratio * self.frames_per_batch)
 
+    def total_updates(self) -> int:
+        offline = 0 if self.checkpoint is not None else self.offline_steps
+        return offline + self.online_steps // self.frames_per_batch * self.updates_per_collection
+
     def check(self) -> None:
         super().check()
         self.check_integers(0, "offline_steps")

@@ -88,9 +88,30 @@ def _settings(config, job: str, given: set[str]):
         raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
+    if config.compile == "auto":
+        config.compile, reason = auto_compile(config)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"iql_torchrl: the update step runs {'compiled' if config.compile else 'eager'} ({reason}; "
+                  "--compile / --no-compile force it).", file=sys.stderr)
     if config.compile and (problem := missing_compiler(config.device)) is not None:
         raise ConfigError(f"--compile: {problem} (leave out --compile).")
     return config, state
+
+
+# --compile auto: compiling costs ~20-35 s on 2 CPU cores (a few s when an earlier run's compiled step is
+# cached) and saves ~6 ms an update at the default sizes, so it repays itself after ~5,000 updates
+# (measured: benchmarks/README.md, "Compile by default")
+COMPILE_BREAK_EVEN = 5_000
+
+
+def auto_compile(config) -> tuple[bool, str]:
+    """Whether ``--compile auto`` compiles this run's update step, and why, in words."""
+    if (problem := missing_compiler(config.device)) is not None:
+        return False, problem
+    updates = config.total_updates()
+    if updates < COMPILE_BREAK_EVEN:
+        return False, f"{updates} updates are fewer than the {COMPILE_BREAK_EVEN} that repay compiling"
+    return True, f"{updates} updates repay compiling it (from {COMPILE_BREAK_EVEN} on)"
 
 
 class Run:

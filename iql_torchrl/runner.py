@@ -5,7 +5,8 @@ and runs it in one of :data:`MODES` behind one call:
 
 * ``"eager"`` -- the method itself;
 * ``"compile"`` -- ``torch.compile`` as one graph; without a gradient hook, compiled ahead of time
-  (``aot_compile``) once per call signature and run without dynamo's guards, else guarded;
+  (``aot_compile``) once per call signature and run without dynamo's guards (and, with a cache,
+  loaded from an earlier run's compilation: :mod:`iql_torchrl.compile_cache`), else guarded;
 * ``"cudagraphs"`` -- the guarded compiled step captured once in a CUDA graph and replayed
   (:class:`~iql_torchrl.cuda_graph.CudaGraphStep`).
 
@@ -26,6 +27,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from iql_torchrl.compile_cache import CompiledStepCache, entry_key
 from iql_torchrl.cuda_graph import CudaGraphStep
 
 __all__ = ["StepRunner", "MODES", "check_mode", "missing_compiler", "call_structure"]
@@ -93,11 +95,20 @@ class StepRunner:
         specialisation (callable): what, besides the input's structure, the compiled step is
             specialised on and may change between calls (e.g. the data's layout, train/eval flags,
             autocast); a change compiles anew. Used by the ahead-of-time step, which has no guards.
+        cache (CompiledStepCache, optional): where ahead-of-time compiled steps are kept between runs
+            (:mod:`iql_torchrl.compile_cache`); an entry is found by ``description()`` and the call signature.
+        description (callable): everything else the compiled graph bakes in (settings, network
+            structure), JSON-able; required with ``cache``.
     """
 
     def __init__(self, step, *, mode: str, fullgraph: bool = True, ahead_of_time: bool = False,
-                 eager_random: bool = False, specialisation=tuple):
+                 eager_random: bool = False, specialisation=tuple, cache: CompiledStepCache | None = None,
+                 description=None):
+        if cache is not None and description is None:
+            raise ValueError("StepRunner(cache=...) needs description: what the compiled step bakes in.")
         self.mode = mode
+        self.cache = cache
+        self.description = description
         # the plain step, before any compilation (e.g. for torch._dynamo.explain)
         self.step_function = types.MethodType(_own_code(step.__func__), step.__self__)
         self.specialisation = specialisation
@@ -132,15 +143,24 @@ class StepRunner:
             return self.guarded(batch_or_indices)
         signature = (call_structure(batch_or_indices), *self.specialisation())
         if signature not in self.ahead_of_time:
-            self.ahead_of_time[signature] = self._compile_ahead_of_time(batch_or_indices)
+            self.ahead_of_time[signature] = self._compile_ahead_of_time(batch_or_indices, signature)
         step = self.ahead_of_time[signature]
         if step is None:
             return self.guarded(batch_or_indices)
         return step(self.step_function.__self__, batch_or_indices)
 
-    def _compile_ahead_of_time(self, example):
+    def _compile_ahead_of_time(self, example, signature):
         """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), or
-        None where torch refuses it (e.g. its caches disabled): the step then runs under dynamo's guards."""
+        None where torch refuses it (e.g. its caches disabled): the step then runs under dynamo's guards.
+        With a cache, a step compiled for the same description and signature by an earlier run is loaded
+        instead, and a step compiled here is stored."""
+        key = None
+        if self.cache is not None:
+            key = entry_key({"description": self.description(), "signature": repr(signature)})
+            step = self.cache.load(key, self.step_function.__globals__)
+            if step is not None:
+                step.disable_guard_check()
+                return step
         try:
             with _quiet_tracing():
                 step = self.unguarded.aot_compile(((example,), {}))
@@ -151,6 +171,8 @@ class StepRunner:
                 stacklevel=4,
             )
             return None
+        if key is not None:
+            self.cache.store(key, step)
         step.disable_guard_check()
         return step
 

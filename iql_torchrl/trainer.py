@@ -38,6 +38,9 @@ class Config(RunConfig):
     num_seeds: int = 1
     """Train seeds seed … seed+K−1 at once, vmapped in one process; results per seed and mean ± std."""
 
+    def total_updates(self) -> int:
+        return self.steps
+
     def check(self) -> None:
         super().check()
         self.check_integers(1, "steps", "num_seeds")

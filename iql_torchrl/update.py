@@ -19,6 +19,7 @@ vmapped runs see the same batches and a resumed run continues the same random st
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from iql_torchrl.adam import adam_step
+from iql_torchrl.compile_cache import CompiledStepCache, describe_objects
 from iql_torchrl.loss_checks import nonfinite
 from iql_torchrl.runner import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
@@ -126,6 +128,9 @@ class IQLUpdate:
             between the gradient and the optimizer step, returns the gradients to apply;
             data-parallel training averages them across processes here
             (:func:`iql_torchrl.distributed.all_reduce_gradients`).
+        compile_cache (path, optional): mode ``"compile"``: a folder where the step compiled ahead of
+            time is kept, signed, for the next step built with the same settings and shapes (which then
+            starts without compiling; :mod:`iql_torchrl.compile_cache`). ``None``: compile every time.
 
     The optimizers are ``torch.optim.Adam`` objects (``value_optimizer``, ``actor_optimizer``,
     ``critic_optimizer``) holding the state and learning rates, stepped through torch's functional
@@ -158,6 +163,7 @@ class IQLUpdate:
         data: TensorDictBase | None = None,
         autocast_dtype: torch.dtype | None = None,
         grad_hook=None,
+        compile_cache: str | Path | None = None,
     ):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
@@ -208,6 +214,8 @@ class IQLUpdate:
             self._paper_step if order == "paper" else self._summed_step, mode=mode,
             fullgraph=grad_hook is None, ahead_of_time=grad_hook is None, eager_random=bool(self._dropouts),
             specialisation=self._specialisation,
+            cache=None if compile_cache is None or mode != "compile" else CompiledStepCache(compile_cache),
+            description=self._compiled_step_description,
         )
 
     @property
@@ -223,6 +231,19 @@ class IQLUpdate:
         """Sets the actor's current learning rate (``None``: the one the step was built with), in place, so a
         compiled step or a captured CUDA graph reads it; with ``total_steps=None`` it stays there."""
         self.actor_lr.fill_(self.learning_rates["actor"] if lr is None else lr)
+
+    def _compiled_step_description(self) -> dict:
+        """Everything the compiled step bakes in besides its call signature, for the compile cache: the
+        update's settings, every plain attribute and class source of the loss and its networks, and the
+        structure of the parameters and optimizer state it reads."""
+        return {
+            "update": {"order": self.order, "tau": self.tau, "total_steps": self.total_steps,
+                       "learning_rates": self.learning_rates, "autocast": str(self.autocast_dtype),
+                       "optimizers": {g: {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")}
+                                      for g, opt in self.optimizers.items()}},
+            "loss": describe_objects(self.loss),
+            "tensors": [call_structure(td) for td in (*self.param_tds.values(), self.loss.target_qvalue_network_params)],
+        }
 
     def _specialisation(self) -> tuple:
         """What the compiled step is specialised on besides its input: the structure of ``data``, the dropout

@@ -36,6 +36,12 @@ class TinyDatasets(NamedTuple):
 
 
 @pytest.fixture(autouse=True)
+def no_compiled_step_cache(monkeypatch):
+    """Runs compile their steps afresh (tests of the compiled-step cache pass a folder of their own)."""
+    monkeypatch.setenv("IQL_TORCHRL_COMPILE_CACHE", "")
+
+
+@pytest.fixture(autouse=True)
 def fresh_compiler_caches():
     """Each test compiles from scratch: no test depends on what earlier tests left in dynamo's caches
     (e.g. compiled loss calls counting against torch._dynamo's recompile limit)."""

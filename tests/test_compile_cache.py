@@ -88,3 +88,98 @@ def test_the_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("IQL_TORCHRL_COMPILE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_folder() == tmp_path / "iql_torchrl" / "compiled-steps"
+
+
+# ------------------------------------------------------------------ with IQLUpdate: compiled steps across runs
+def _loss(seed: int = 0):
+    import torch
+
+    from iql_torchrl import IQLLoss, make_iql_networks
+
+    torch.manual_seed(seed)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(16,))
+    return IQLLoss(actor, critics, value)
+
+
+def _batch():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import random_transitions
+
+    return random_transitions(32, 3, 2)
+
+
+def _assert_matches_eager(update_factory, steps: int = 3):
+    import torch
+
+    from iql_torchrl import IQLUpdate
+
+    compiled_loss, eager_loss = _loss(), _loss()
+    compiled, eager = update_factory(compiled_loss), IQLUpdate(eager_loss, mode="eager")
+    batch = _batch()
+    for _ in range(steps):
+        compiled(batch.clone())
+        eager(batch.clone())
+    for p, q in zip(compiled_loss.parameters(), eager_loss.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    return compiled
+
+
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory):
+    """A cache holding the step of _loss() compiled once (by a run that then ends)."""
+    from iql_torchrl import IQLUpdate
+
+    folder = tmp_path_factory.mktemp("compiled-steps")
+    IQLUpdate(_loss(), mode="compile", compile_cache=folder)(_batch())
+    assert len(list(folder.glob("*.step"))) == 1
+    return folder
+
+
+def test_a_second_run_starts_from_the_cached_step_and_trains_as_eager(filled_cache):
+    from iql_torchrl import IQLUpdate
+
+    def from_cache(loss):
+        update = IQLUpdate(loss, mode="compile", compile_cache=filled_cache)
+        update.runner.unguarded = None  # compiling now would fail (and the suite turns that warning into an error)
+        return update
+
+    _assert_matches_eager(from_cache)
+
+
+def test_a_tampered_entry_is_compiled_anew(filled_cache, tmp_path):
+    from iql_torchrl import IQLUpdate
+
+    shutil.copytree(filled_cache, tmp_path / "cache")
+    entry = next((tmp_path / "cache").glob("*.step"))
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="compiled anew"):
+        _assert_matches_eager(lambda loss: IQLUpdate(loss, mode="compile", compile_cache=tmp_path / "cache"))
+    assert entry.read_bytes() != bytes(data)  # rewritten by the new compilation
+
+
+@pytest.mark.parametrize("change", ["tau", "expectile", "hidden layer", "lr"])
+def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
+    from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+
+    def key(loss=None, **kwargs):
+        update = IQLUpdate(loss or _loss(), mode="eager", **kwargs)
+        return entry_key(update._compiled_step_description())
+
+    base = key()
+    if change == "tau":
+        assert key(tau=0.01) != base
+    elif change == "lr":
+        assert key(actor_lr=1e-4) != base
+    elif change == "expectile":
+        loss = _loss()
+        loss.expectile = 0.9
+        assert key(loss) != base
+    else:
+        actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(17,))
+        assert key(IQLLoss(actor, critics, value)) != base
+    assert key() == base
