@@ -108,6 +108,8 @@ def auto_compile(config) -> tuple[bool, str]:
     """Whether ``--compile auto`` compiles this run's update step, and why, in words."""
     if (problem := missing_compiler(config.device)) is not None:
         return False, problem
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the gradient all-reduce breaks the graph: tested step-level only
+        return False, "under torchrun the compiled step runs guarded, tested at the IQLUpdate level only"
     updates = config.total_updates()
     if updates < COMPILE_BREAK_EVEN:
         return False, f"{updates} updates are fewer than the {COMPILE_BREAK_EVEN} that repay compiling"

@@ -32,6 +32,12 @@ def test_auto_compiles_long_runs_only():
     assert FinetuneConfig(offline_steps=1_000, online_steps=4_000, utd_ratio=0.5).total_updates() == 3_000
 
 
+def test_auto_stays_eager_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    compiled, why = auto_compile(Config(steps=10 * COMPILE_BREAK_EVEN))
+    assert compiled is False and "torchrun" in why
+
+
 def test_auto_stays_eager_without_a_cpp_compiler(tmp_path):
     with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
         compiled, why = auto_compile(Config(steps=10 * COMPILE_BREAK_EVEN, device="cpu"))
