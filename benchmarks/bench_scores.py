@@ -12,6 +12,9 @@ paper's update order, IQL with one summed backward (TorchRL's order), and behavi
 (``temperature=0``). Prints a markdown table (mean ± std of the normalized score over seeds),
 writes JSON and a bar chart.
 
+``--compile-vs-eager`` trains IQL (paper order) eager and compiled instead, same seeds: compiled training
+must learn as eager does, not only agree over a few steps (the main job compiles by default).
+
 ``--sweep`` trains IQL (paper order) on the first dataset for every expectile τ in
 ``--expectiles`` and temperature β in ``--temperatures`` instead, and prints a τ × β table
 with a heat map.
@@ -37,6 +40,10 @@ METHODS = {
     "IQL (summed backward)": dict(order="summed"),
     "BC (β = 0)": dict(order="paper", temperature=0.0),
 }
+COMPILE_METHODS = {
+    "IQL eager": dict(order="paper", compile=False),
+    "IQL compiled": dict(order="paper", compile=True),
+}
 SWEEP_EXPECTILES = (0.5, 0.7, 0.9)
 SWEEP_TEMPERATURES = (0.0, 1.0, 3.0, 10.0)
 
@@ -56,6 +63,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--json", default="bench_scores.json")
     parser.add_argument("--png", default="bench_scores.png")
+    parser.add_argument("--compile-vs-eager", action="store_true",
+                        help="IQL (paper order) eager and compiled instead of the methods")
     parser.add_argument("--sweep", action="store_true", help="τ × β grid on the first dataset instead of the methods")
     parser.add_argument("--expectiles", type=float, nargs="+", default=list(SWEEP_EXPECTILES))
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(SWEEP_TEMPERATURES))
@@ -72,11 +81,12 @@ def main(argv=None):
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_scores_"))
     results = []
     start = time.perf_counter()
+    methods = COMPILE_METHODS if args.compile_vs_eager else METHODS
     for dataset in args.datasets:
-        for method, overrides in METHODS.items():
+        for method, overrides in methods.items():
             if args.discrete and overrides.get("order") == "summed":
                 continue
-            run_dir = out / f"{dataset.replace('/', '_')}-{method.split()[0]}-{overrides['order']}-{overrides.get('temperature', 'beta')}"
+            run_dir = out / f"{dataset.replace('/', '_')}-{method.replace(' ', '_')}-{overrides['order']}-{overrides.get('temperature', 'beta')}"
             config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                             num_seeds=args.seeds, device=args.device, compile=args.compile, output_dir=run_dir,
                             logger="none", progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10))
