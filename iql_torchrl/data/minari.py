@@ -55,7 +55,8 @@ def _not_found_message(dataset_id: str, data_path: Path, reason: str) -> str:
     return (
         f"Minari dataset {dataset_id!r} is not available: looked in {data_path} ({root_note}); {reason}.\n"
         f"To get it: on a machine with network run `minari download {dataset_id}` "
-        "(Minari's remote needs `pip install 'minari[hf]'`), then copy its folder "
+        "(Minari's remote needs this package's [remote] extra: `pip install 'iql_torchrl[remote]'`, which "
+        "installs minari[hf]), then copy its folder "
         f"to {data_path.parent} or point MINARI_DATASETS_PATH at the datasets root that holds it. "
         "Datasets this package can build offline are listed by `python -m iql_torchrl.datasets list`."
     )
