@@ -18,6 +18,16 @@ must learn as eager does, not only agree over a few steps (the main job compiles
 ``--sweep`` trains IQL (paper order) on the first dataset for every expectile τ in
 ``--expectiles`` and temperature β in ``--temperatures`` instead, and prints a τ × β table
 with a heat map.
+
+``--suite maze``: sparse-reward navigation (the local PointMaze sets). On umaze, medium and
+medium-stitch, with the goal out of and in the policy's input (``--goal-input no / yes``), 3 seeds
+vmapped of IQL with the auto preset, IQL with τ 0.5 and behaviour cloning (β = 0); every final score,
+success rate and the share of AWR weights at the clamp; a PNG of the learning curves; then the
+τ ∈ {0.5, 0.7, 0.9} × β ∈ {3, 10} sweep on medium-stitch (``--no-maze-sweep`` leaves it out)::
+
+    python benchmarks/bench_scores.py --suite maze                     # 50k updates a run
+    python benchmarks/bench_scores.py --suite maze --datasets iql_torchrl/pointmaze/medium-stitch-v0 \
+        --goal-inputs no --steps 5000 --eval-every 1000 --no-maze-sweep     # a small slice
 """
 from __future__ import annotations
 
@@ -44,18 +54,30 @@ COMPILE_METHODS = {
     "IQL eager": dict(order="paper", compile=False),
     "IQL compiled": dict(order="paper", compile=True),
 }
+MAZE_DATASETS = ("iql_torchrl/pointmaze/umaze-v0", "iql_torchrl/pointmaze/medium-v0", "iql_torchrl/pointmaze/medium-stitch-v0")
+MAZE_METHODS = {
+    "IQL (auto preset)": dict(),
+    "IQL τ 0.5": dict(expectile=0.5),
+    "BC (β = 0)": dict(temperature=0.0),
+}
+MAZE_SWEEP = dict(dataset="iql_torchrl/pointmaze/medium-stitch-v0", expectiles=(0.5, 0.7, 0.9), temperatures=(3.0, 10.0))
 SWEEP_EXPECTILES = (0.5, 0.7, 0.9)
 SWEEP_TEMPERATURES = (0.0, 1.0, 3.0, 10.0)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("mixed", "maze"), default="mixed",
+                        help="mixed: the local mixed sets (default); maze: sparse-reward navigation, see above")
+    parser.add_argument("--goal-inputs", nargs="+", choices=("no", "yes"), default=["no", "yes"],
+                        help="--suite maze: goal out of / in the policy's input")
+    parser.add_argument("--no-maze-sweep", action="store_true", help="--suite maze: leave out the τ × β sweep")
     parser.add_argument("--datasets", nargs="+", default=None, help="default: the continuous mixed sets")
     parser.add_argument("--discrete", action="store_true", help="the discrete mixed sets, IQL (paper order) vs BC")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--eval-every", type=int, default=5000)
-    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None, help="default 5000 (maze: 50000)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default 5000")
+    parser.add_argument("--eval-episodes", type=int, default=None, help="default 10 (maze: the preset's 100)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
@@ -72,6 +94,11 @@ def main(argv=None):
                         help="with --sweep: train nothing, join the cells of sweeps run in parts (their JSON, "
                              "or their --out folders for parts stopped early) into one table")
     args = parser.parse_args(argv)
+    args.steps = args.steps or (50_000 if args.suite == "maze" else 5000)
+    args.eval_every = args.eval_every or 5000
+    if args.suite == "maze":
+        return maze_suite(args)
+    args.eval_episodes = args.eval_episodes or 10
     if args.datasets is None:
         args.datasets = list(DISCRETE_DATASETS if args.discrete else DATASETS)
     if args.sweep and args.merge:
@@ -262,7 +289,8 @@ def awr_diagnostics(run_dir: Path) -> dict:
     ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(num_seeds)])
     ensemble.load_state_dict(state["loss"])
     data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
-                                                  normalize_observations=config.normalize_observations))
+                                                  normalize_observations=config.normalize_observations,
+                                                  goal_in_observation=config.goal_in_observation()))
     clamped, advantage = [], []
     warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
     with torch.no_grad():
@@ -313,6 +341,101 @@ def plot_sweep(results, path, args):
     ax.set_yticks(range(len(args.expectiles)), [f"τ = {e:g}" for e in args.expectiles])
     ax.set_title(f"normalized score, {args.datasets[0]}\n({args.steps} updates, {args.seeds} seeds, mean ± std)", fontsize=9)
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- sparse-reward navigation
+def maze_suite(args):
+    """IQL (auto preset), IQL τ 0.5 and BC on the maze sets, goal out of and in the input; then the sweep."""
+    datasets = args.datasets or list(MAZE_DATASETS)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_maze_"))
+    json_path = args.json if args.json != "bench_scores.json" else "results_maze.json"
+    png_path = args.png if args.png != "bench_scores.png" else "maze_curves.png"
+    results, start = [], time.perf_counter()
+    for dataset in datasets:
+        for goal_input in args.goal_inputs:
+            for method, overrides in MAZE_METHODS.items():
+                name = f"{dataset.split('/')[-1]}-goal-{goal_input}-{method.split()[0]}-{'-'.join(map(str, overrides.values())) or 'auto'}"
+                config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, num_seeds=args.seeds,
+                                device=args.device, compile=args.compile, output_dir=out / name, logger="none",
+                                progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
+                                goal_input=goal_input, **overrides)
+                if args.eval_episodes:
+                    config.eval_episodes = args.eval_episodes
+                if args.hidden_sizes:
+                    config.hidden_sizes = tuple(args.hidden_sizes)
+                results.append({"dataset": dataset, "goal_input": goal_input, "method": method,
+                                **maze_run(config, out / name)})
+                r = results[-1]
+                print(f"{dataset:<40} goal {goal_input:<3} {method:<18} {r['mean']:6.1f} ± {r['std']:4.1f}  success "
+                      f"{100 * r['success_rate']:5.1f}%  clamp {100 * r['awr_clamped_frac']:.1f}%  "
+                      f"τ {r['expectile']} β {r['temperature']}  {r['seconds']:.0f} s", flush=True)
+    print("\n" + maze_table(results, args))
+    report = {"suite": "maze", "steps": args.steps, "seeds": args.seeds, "device": args.device,
+              "seconds": time.perf_counter() - start, "results": results}
+    plot_maze_curves(results, png_path, args)
+    if not args.no_maze_sweep:
+        sweep_args = argparse.Namespace(**{**vars(args), "datasets": [MAZE_SWEEP["dataset"]],
+                                           "expectiles": list(MAZE_SWEEP["expectiles"]),
+                                           "temperatures": list(MAZE_SWEEP["temperatures"]),
+                                           "json": str(Path(json_path).with_name("results_maze_sweep.json")),
+                                           "png": str(Path(png_path).with_name("maze_sweep.png")),
+                                           "out": str(out / "sweep"), "eval_episodes": args.eval_episodes or 100})
+        report["sweep"] = sweep(sweep_args)
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    return results
+
+
+def maze_run(config: Config, run_dir: Path) -> dict:
+    """One vmapped run: each seed's final score and success rate, the mean curve, the AWR clamp share."""
+    t0 = time.perf_counter()
+    summary = train(config)
+    scores = [s["normalized_score"] for s in summary["per_seed"]]
+    rates = [s.get("success_rate") or 0.0 for s in summary["per_seed"]]
+    return {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+            "success_rates": rates, "success_rate": statistics.fmean(rates),
+            "expectile": summary["expectile"], "temperature": summary["temperature"], "preset": summary["preset"],
+            "eval_episodes": summary["eval_episodes"], "updates_per_second": summary["updates_per_second"],
+            "curve": [{"step": p["step"], "normalized_score": p["normalized_score"], "success_rate": p.get("success_rate")}
+                      for p in summary["curve"]],
+            "seconds": time.perf_counter() - t0, **awr_diagnostics(run_dir)}
+
+
+def maze_table(results, args) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    lines = [f"| dataset, goal in input ({args.steps} updates, {args.seeds} seeds) | "
+             + " | ".join(f"{m}: score / success" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for dataset, goal_input in dict.fromkeys((r["dataset"], r["goal_input"]) for r in results):
+        cells = []
+        for method in methods:
+            r = next(r for r in results if (r["dataset"], r["goal_input"], r["method"]) == (dataset, goal_input, method))
+            cells.append(f"{r['mean']:.1f} ± {r['std']:.1f} / {100 * r['success_rate']:.0f}%")
+        lines.append(f"| `{dataset.split('/')[-1]}`, goal {goal_input} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_maze_curves(results, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["dataset"], r["goal_input"]) for r in results))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=120, squeeze=False)
+    for ax, (dataset, goal_input) in zip(axes[0], panels):
+        for r in results:
+            if (r["dataset"], r["goal_input"]) == (dataset, goal_input):
+                ax.plot([p["step"] for p in r["curve"]], [p["normalized_score"] for p in r["curve"]], marker="o",
+                        ms=3, label=f"{r['method']}")
+        ax.axhline(100, color="gray", ls="--", lw=1)
+        ax.set_title(f"{dataset.split('/')[-1]}, goal {goal_input}", fontsize=9)
+        ax.set_xlabel("updates")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"normalized score (mean of {args.seeds} seeds)")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

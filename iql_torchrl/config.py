@@ -22,7 +22,7 @@ from iql_torchrl.datasets import DEFAULT_DATASET
 from iql_torchrl.update import optimizer_settings_problem
 
 __all__ = [
-    "Preset", "PRESETS", "RunConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
+    "Preset", "PRESETS", "auto_preset", "preset_choice", "describe_preset", "RunConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
     "config_to_dict", "config_from_dict",
 ]
 
@@ -35,6 +35,8 @@ class Preset:
     temperature: float
     actor_dropout: float
     reward_transform: str
+    eval_episodes: int | None = None
+    """Evaluation episodes when --eval-episodes keeps its default (the paper's 100 on the mazes)."""
 
 
 PRESETS = {
@@ -42,7 +44,50 @@ PRESETS = {
     "antmaze": Preset(expectile=0.9, temperature=10.0, actor_dropout=0.0, reward_transform="antmaze"),
     "kitchen": Preset(expectile=0.7, temperature=0.5, actor_dropout=0.1, reward_transform="none"),
     "adroit": Preset(expectile=0.7, temperature=0.5, actor_dropout=0.1, reward_transform="none"),
+    # sparse goal-reaching rewards: no locomotion scaling (1000 / return range means nothing when every
+    # episode is cut at its success); the antmaze expectile and temperature
+    "maze": Preset(expectile=0.9, temperature=10.0, actor_dropout=0.0, reward_transform="none", eval_episodes=100),
 }
+PRESETS["antmaze"] = replace(PRESETS["antmaze"], eval_episodes=100)
+
+# --preset auto: the dataset id's prefix decides (first match wins); builder datasets declare theirs.
+AUTO_PRESETS = (
+    ("D4RL/antmaze/", "antmaze"),
+    ("D4RL/pointmaze/", "maze"),
+    ("mujoco/", "mujoco"),
+    ("D4RL/hopper", "mujoco"), ("D4RL/halfcheetah", "mujoco"), ("D4RL/walker2d", "mujoco"),
+    ("D4RL/kitchen/", "kitchen"),
+    ("D4RL/door", "adroit"), ("D4RL/hammer", "adroit"), ("D4RL/pen", "adroit"), ("D4RL/relocate", "adroit"),
+)
+
+
+def auto_preset(dataset_id: str) -> tuple[str, str]:
+    """``(preset, reason)`` for ``--preset auto``: a builder dataset's declared preset, else the id's prefix
+    (:data:`AUTO_PRESETS`), else ``mujoco`` with a reason saying so."""
+    from iql_torchrl.datasets import BUILDERS
+
+    if dataset_id in BUILDERS:
+        preset = BUILDERS[dataset_id].preset
+        return preset, f"auto: the builder dataset {dataset_id} declares the {preset} preset"
+    for prefix, preset in AUTO_PRESETS:
+        if dataset_id.startswith(prefix):
+            return preset, f"auto: {prefix}* datasets use the {preset} preset"
+    return "mujoco", (f"auto: no preset is known for {dataset_id}, so the mujoco preset is used "
+                      "(pass --preset to choose another)")
+
+
+def preset_choice(config) -> tuple[str, str]:
+    """``(preset, reason)`` of a config as given: ``auto`` resolved from the dataset, an explicit one as is."""
+    if config.preset == "auto":
+        return auto_preset(config.dataset)
+    return config.preset, f"--preset {config.preset} given"
+
+
+def describe_preset(name: str, reason: str) -> str:
+    """One console line: the preset, its values and why it was chosen."""
+    preset = PRESETS[name]
+    return (f"preset {name} (expectile {preset.expectile}, temperature {preset.temperature}, reward transform "
+            f"{preset.reward_transform}): {reason}")
 
 # Settings that do not shape what a run learns: a resumed run may change them.
 RUN_NEUTRAL_SETTINGS = (
@@ -72,13 +117,17 @@ class RunConfig:
     eval_every: int = 2_000
     """Evaluate every this many updates (and always at the end)."""
     eval_episodes: int = 10
-    """Episodes per evaluation, stepped in parallel."""
+    """Episodes per evaluation, stepped in parallel (left at 10, the maze and antmaze presets evaluate 100)."""
     temperature: float | None = None
     """β, the AWR inverse temperature (0 is behaviour cloning). Default: the preset's."""
     expectile: float | None = None
     """τ, the value expectile, in (0, 1). Default: the preset's."""
-    preset: Literal["mujoco", "antmaze", "kitchen", "adroit"] = "mujoco"
-    """The paper's per-domain τ, β, actor dropout and reward transform."""
+    preset: Literal["auto", "mujoco", "antmaze", "maze", "kitchen", "adroit"] = "auto"
+    """The paper's per-domain τ, β, actor dropout and reward transform; auto follows the dataset id (D4RL/antmaze → antmaze,
+    D4RL/pointmaze and the local mazes → maze, mujoco and D4RL locomotion → mujoco, D4RL/kitchen → kitchen, Adroit → adroit)."""
+    goal_input: Literal["auto", "yes", "no"] = "auto"
+    """Goal-reaching data: desired_goal in the policy's input (yes), or out with rewards relabelled to the
+    evaluation's fixed goal (no); auto is the dataset's choice (out for the mazes)."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
     """Training device; auto picks cuda when available."""
     compile: bool | Literal["auto"] = "auto"
@@ -131,7 +180,8 @@ class RunConfig:
         """A copy with the preset's values filled in and the device chosen."""
         import torch
 
-        preset = PRESETS[self.preset]
+        name, _ = preset_choice(self)
+        preset = PRESETS[name]
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,6 +189,9 @@ class RunConfig:
             self,
             temperature=preset.temperature if self.temperature is None else self.temperature,
             expectile=preset.expectile if self.expectile is None else self.expectile,
+            preset=name,
+            eval_episodes=preset.eval_episodes if preset.eval_episodes and self.eval_episodes == type(self).eval_episodes
+            else self.eval_episodes,
             device=device,
             hidden_sizes=tuple(self.hidden_sizes),
         )
@@ -146,6 +199,10 @@ class RunConfig:
     def total_updates(self) -> int:
         """Gradient updates the run makes (what --compile auto weighs against the compilation)."""
         raise NotImplementedError
+
+    def goal_in_observation(self) -> bool | None:
+        """``--goal-input`` as the data loader's ``goal_in_observation`` (``None``: the dataset's choice)."""
+        return {"auto": None, "yes": True, "no": False}[self.goal_input]
 
     def optimizer_settings(self) -> dict:
         """The keyword arguments of :class:`~iql_torchrl.IQLUpdate` for the optimisers, where they differ from its defaults."""

@@ -4,6 +4,9 @@ The policy acts in the buffer's action space ([−1, 1] when the loader scaled a
 observations prepared the way the dataset was (flattened, normalised if it was);
 ``metadata.action_to_env`` maps its actions back to the environment's bounds. Episodes run in
 parallel in a gymnasium ``SyncVectorEnv``: one batched policy call per step for all of them.
+
+Goal-reaching environments (those whose ``info`` carries ``"success"``, e.g. PointMaze and AntMaze)
+also report the success rate: the share of episodes with ``info["success"]`` at any of their steps.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from iql_torchrl.data.metadata import check_observation_layout
 
 __all__ = ["evaluate_policy", "reference_scores_problem", "check_evaluation_env", "summarize_seeds", "EvaluationEnvError"]
 
@@ -36,12 +41,13 @@ def reference_scores_problem(metadata) -> str | None:
 
 
 def check_evaluation_env(metadata) -> None:
-    """Creates and resets the evaluation environment once; :class:`EvaluationEnvError` says why it cannot run."""
+    """Creates and resets the evaluation environment once; :class:`EvaluationEnvError` says why it cannot run,
+    a :class:`~iql_torchrl.data.DatasetError` names an observation entry it lacks or shapes differently from the data."""
     name = metadata.env_id or "(unknown)"
     try:
         env = metadata.make_env()
         try:
-            env.reset(seed=0)
+            observation, _ = env.reset(seed=0)
         finally:
             env.close()
     except Exception as err:
@@ -49,6 +55,8 @@ def check_evaluation_env(metadata) -> None:
             f"The evaluation environment {name} of dataset {metadata.dataset_id} cannot be created and reset: "
             f"{type(err).__name__}: {err}. Install what it needs (e.g. gymnasium[mujoco]) or use another --dataset."
         ) from err
+    check_observation_layout(observation, metadata.observation_keys, metadata.observation_key_shapes,
+                             f"The evaluation environment {name} of dataset {metadata.dataset_id}")
 
 
 @torch.no_grad()
@@ -77,6 +85,7 @@ def evaluate_policy(
         observation, _ = envs.reset(seed=[seed + i for i in range(episodes)])
         returns = np.zeros(episodes)
         running = np.ones(episodes, dtype=bool)
+        succeeded, reports_success = np.zeros(episodes, dtype=bool), False
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             while running.any():
                 obs = metadata.observation_from_env(observation, device=device)
@@ -84,8 +93,11 @@ def evaluate_policy(
                 env_action = metadata.action_to_env(actor(td).get(action_key)).cpu().numpy()
                 if np.issubdtype(env_action.dtype, np.floating):  # a Gaussian policy's mean may leave the box
                     env_action = np.clip(env_action, metadata.action_low, metadata.action_high)
-                observation, reward, terminated, truncated, _ = envs.step(env_action)
+                observation, reward, terminated, truncated, info = envs.step(env_action)
                 returns += np.where(running, reward, 0.0)
+                if "success" in info:
+                    reports_success = True
+                    succeeded |= running & info.get("_success", True) & np.asarray(info["success"], dtype=bool)
                 # each env counts its first episode only (the vector env auto-resets after it)
                 running &= ~(terminated | truncated)
     finally:
@@ -96,6 +108,9 @@ def evaluate_policy(
         "return_mean": return_mean,
         "return_std": float(returns.std()),
     }
+    if reports_success:
+        result["successes"] = succeeded.tolist()
+        result["success_rate"] = float(succeeded.mean())
     if reference_scores_problem(metadata) is None:
         result["normalized_score"] = float(metadata.normalized_score(return_mean))
         result["normalized_scores"] = [float(metadata.normalized_score(r)) for r in returns]
@@ -105,20 +120,25 @@ def evaluate_policy(
 def summarize_seeds(results: list[dict]) -> dict:
     """Mean over seeds of per-seed :func:`evaluate_policy` results (each with its ``"seed"``), with each seed's own figures.
 
-    ``normalized_score`` is ``None`` when the references were unusable.
+    ``normalized_score`` is ``None`` when the references were unusable, ``success_rate`` when the
+    environment reports no success.
     """
     import statistics
 
     scores = [r.get("normalized_score") for r in results]
     has_scores = all(s is not None for s in scores)
     returns = [x for r in results for x in r["returns"]]
+    rates = [r.get("success_rate") for r in results]
+    has_rates = all(rate is not None for rate in rates)
     return {
+        "success_rate": statistics.fmean(rates) if has_rates else None,
         "normalized_score": statistics.fmean(scores) if has_scores else None,
         "normalized_score_std": statistics.pstdev(scores) if has_scores else None,
         "return_mean": statistics.fmean(r["return_mean"] for r in results),
         "return_std": statistics.pstdev(returns),
         "per_seed": [
-            {"seed": r["seed"], "normalized_score": r.get("normalized_score"), "return_mean": r["return_mean"]}
+            {"seed": r["seed"], "normalized_score": r.get("normalized_score"), "return_mean": r["return_mean"],
+             **({"success_rate": r["success_rate"]} if has_rates else {})}
             for r in results
         ],
     }

@@ -49,7 +49,7 @@ __all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
 
 FINETUNE_DATASET = "iql_torchrl/pendulum/medium-v0"  # offline IQL stays clearly below expert on it
 ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "temperature", "expectile", "hidden_sizes", "gamma", "normalize_observations",
-                           "clip_actions")
+                           "clip_actions", "goal_input")
 
 
 @dataclass
@@ -158,7 +158,7 @@ def adopt_offline_run(config: FinetuneConfig, offline_run: dict) -> FinetuneConf
     if offline.get("num_seeds", 1) > 1:
         raise ConfigError(f"--checkpoint {config.checkpoint} trained {offline['num_seeds']} seeds at once; "
                           "fine-tuning takes a one-seed run.")
-    adopted = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN}
+    adopted = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN if name in offline}  # older runs: no goal_input
     adopted["hidden_sizes"] = tuple(adopted["hidden_sizes"])
     return FinetuneConfig(**{**asdict(config), **adopted, "offline_steps": offline_run["step"]})
 

@@ -33,6 +33,13 @@ def plot_curve(curve: list[dict], path: Path, title: str, phase_boundary: int | 
     ax.set_ylabel("normalized score" if scored else "return")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
+    if all(p.get("success_rate") is not None for p in curve):  # goal-reaching tasks: success rate on its own axis
+        rates = ax.twinx()
+        rates.plot([p["step"] for p in curve], [100 * p["success_rate"] for p in curve], color="tab:purple",
+                   ls="--", marker=".", label="success rate (%)")
+        rates.set_ylim(0, 100)
+        rates.set_ylabel("success rate (%)")
+        rates.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -49,6 +56,10 @@ def console_summary(summary: dict, run_dir: Path) -> str:
     if score is not None:
         spread = f" ± {std:.1f} over seeds" if std and summary.get("num_seeds", 1) > 1 else ""
         lines.append(f"  normalized score: {score:.1f}{spread} (0 random, 100 expert)")
+    if summary.get("success_rate") is not None:
+        lines.append(f"  success rate: {summary['success_rate']:.0%} of {summary['eval_episodes']} evaluation episodes")
+    if summary.get("preset_reason"):
+        lines.append(f"  preset {summary.get('preset')}: {summary['preset_reason']}")
     lines.append(f"  return: {summary['return_mean']:.1f} ± {summary['return_std']:.1f} over "
                  f"{summary['eval_episodes']} evaluation episodes")
     rate = summary.get("updates_per_second")

@@ -47,8 +47,8 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
 
 
 def _preset_default(name: str, value) -> bool:
-    # "use the preset's value" (None) matches whatever value the checkpoint resolved it to
-    return name in ("temperature", "expectile") and value is None
+    # "use the preset's value" (None) matches whatever value the checkpoint resolved it to; so does --preset auto
+    return (name in ("temperature", "expectile") and value is None) or (name == "preset" and value == "auto")
 
 
 def _shown(value) -> str:

@@ -39,7 +39,7 @@ from iql_torchrl.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from iql_torchrl.config import PRESETS, ConfigError, config_to_dict, given_fields
+from iql_torchrl.config import PRESETS, ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
 from iql_torchrl.data import load_minari_dataset
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
 from iql_torchrl.distributed import setup_distributed
@@ -141,6 +141,7 @@ class Run:
         """
         given = given_fields(config) | set(given or ())
         config.check()
+        preset_reason = preset_choice(config)[1]
         folder = None
         if config.resume and int(os.environ.get("RANK", "0")) == 0:  # the folder's owner: lock it before reading it
             folder = RunFolder.open(config.output_dir)
@@ -163,7 +164,11 @@ class Run:
         if ctx.enabled:
             torch.distributed.broadcast_object_list(path, src=0)
         config.output_dir = Path(path[0])
-        return cls(config, job, ctx, folder, Path(path[0]), state)
+        run = cls(config, job, ctx, folder, Path(path[0]), state)
+        run.preset_reason = state.get("preset_reason", "the run's checkpoint") if state else preset_reason
+        if ctx.is_main and not run.finished:
+            print(describe_preset(config.preset, run.preset_reason), file=sys.stderr)
+        return run
 
     def __enter__(self) -> Run:
         return self
@@ -197,7 +202,7 @@ class Run:
         buffer = load_minari_dataset(
             dataset, batch_size=config.batch_size, device=self.device,
             reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
-            clip_actions=config.clip_actions,
+            clip_actions=config.clip_actions, goal_in_observation=config.goal_in_observation(),
         )
         self.metadata = buffer.metadata
         self.fingerprint = data_fingerprint(dataset, self.metadata)
@@ -275,6 +280,7 @@ class Run:
                 "metadata": self.metadata.state_dict(),
                 "data": self.fingerprint,
                 "config": config_to_dict(self.config),
+                "preset_reason": self.preset_reason,
                 "version": iql_torchrl.__version__,
                 **self.extra_state(),
             })
@@ -294,9 +300,9 @@ class Run:
             results.append({"seed": seed, **result})
         summary = summarize_seeds(results)
         self.curve.append({"step": self.step, **self.point_fields(),
-                           **{k: summary[k] for k in ("normalized_score", "return_mean", "per_seed")}})
-        log_values(self.logger, {k: summary[k] for k in ("return_mean", "normalized_score") if summary[k] is not None},
-                   self.step)
+                           **{k: summary[k] for k in ("normalized_score", "success_rate", "return_mean", "per_seed")}})
+        log_values(self.logger, {k: summary[k] for k in ("return_mean", "normalized_score", "success_rate")
+                                 if summary[k] is not None}, self.step)
         self.last_eval = summary
         return summary
 
@@ -371,6 +377,8 @@ class Run:
         postfix = {"upd/s": f"{rate:.0f}" if rate else "-", "loss_q": f"{self.last_values['loss_qvalue']:.3g}"}
         if self.curve and self.curve[-1].get("normalized_score") is not None:
             postfix["score"] = f"{self.curve[-1]['normalized_score']:.1f}"
+        if self.curve and self.curve[-1].get("success_rate") is not None:
+            postfix["success"] = f"{self.curve[-1]['success_rate']:.0%}"
         bar.set_postfix(postfix)
 
     def summary_fields(self) -> dict:
@@ -378,6 +386,7 @@ class Run:
         last = self.last_eval
         return {
             **{k: last[k] for k in ("normalized_score", "normalized_score_std", "return_mean", "return_std", "per_seed")},
+            "success_rate": last.get("success_rate"), "preset_reason": self.preset_reason,
             "eval_episodes": self.config.eval_episodes,
             "updates_per_second": self.timing.updates_per_second,
             "wall_seconds": self.timing.wall_seconds,

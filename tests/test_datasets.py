@@ -84,10 +84,13 @@ def test_expert_actions_stay_within_the_action_bounds():
 
 
 def test_builder_ids_are_valid_minari_ids_for_each_env_and_kind():
-    assert len(BUILDERS) == 20
+    from iql_torchrl.datasets.maze import MazeRecipe
+
+    assert len(BUILDERS) == 20 + 4  # 5 envs x 4 kinds, and the PointMaze umaze, medium, large, medium-stitch
     for dataset_id, recipe in BUILDERS.items():
         namespace, name, version = parse_dataset_id(dataset_id)
-        assert namespace.startswith("iql_torchrl/") and name == recipe.kind and version == 0
+        assert namespace.startswith("iql_torchrl/") and version == 0
+        assert name.startswith(recipe.maze) if isinstance(recipe, MazeRecipe) else name == recipe.kind
     assert {"iql_torchrl/pendulum/mixed-v0", "iql_torchrl/inverted-pendulum/expert-v0", "iql_torchrl/reacher/medium-v0"} <= set(BUILDERS)
 
 

@@ -8,6 +8,8 @@ One job a module, data flowing down the list:
   outside the env's bounds, each a :class:`DatasetError` naming the field, the episode and a fix;
 * :mod:`~iql_torchrl.data.buffer` -- :class:`BufferOptions` and building the buffer: write raw,
   check, compute statistics, transform in place;
+* :mod:`~iql_torchrl.data.goals` -- goal-reaching data: the goal in or out of the input, the fixed
+  evaluation goal, the maze check;
 * :mod:`~iql_torchrl.data.minari` -- :func:`load_minari_dataset`, :func:`read_minari_transitions`;
 * :mod:`~iql_torchrl.data.transitions` -- :func:`make_offline_buffer` for your own TensorDict;
 * :mod:`~iql_torchrl.data.sampling` -- device-side batches (:class:`DeviceSampler`).
@@ -35,7 +37,8 @@ Dict observations (e.g. Minari's maze datasets: ``achieved_goal``, ``desired_goa
 entries in the order of the observation space's keys (gymnasium sorts them
 alphabetically); the order is kept in ``metadata.observation_keys`` and
 :meth:`OfflineDataMetadata.observation_from_env` flattens environment observations the
-same way at evaluation.
+same way at evaluation. Goal-reaching data may leave ``desired_goal`` out of the policy's input, its
+rewards then relabelled to the evaluation's fixed goal (:mod:`~iql_torchrl.data.goals`).
 
 Checks, before training can start: NaN/inf in any float field, discrete action indices outside
 ``[0, n)``, and Box actions past the environment's bounds (by more than ``1e-6`` of the bound's

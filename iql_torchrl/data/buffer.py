@@ -69,6 +69,10 @@ class BufferOptions:
     """Clip Box actions outside the env's bounds into them (with a warning) instead of refusing the data."""
     one_hot_actions: bool = False
     """Store discrete actions as float32 one-hot ``[N, n]`` instead of int64 indices ``[N]``."""
+    goal_in_observation: bool | None = None
+    """Dict observations with ``desired_goal``: keep it in the policy's input (True), or drop it and relabel
+    the rewards to the evaluation env's fixed goal (False; see :mod:`iql_torchrl.data.goals`). ``None``: the
+    dataset's choice (a builder's recipe; else dropped when the evaluation env has a fixed goal)."""
 
     def __post_init__(self):
         if self.reward_transform not in REWARD_TRANSFORMS:
@@ -114,6 +118,8 @@ class DataSource:
     action_low: list[float]
     action_high: list[float]
     num_actions: int | None
+    reward_goal: list[float] | None = None
+    """The fixed goal the rewards were relabelled to (goal out of the input), else ``None``."""
 
     def describe(self) -> str:
         if self.env_id is not None:
@@ -198,6 +204,7 @@ def build_buffer(
         action_space=source.action_space,
         num_actions=source.num_actions,
         one_hot_actions=bool(discrete and options.one_hot_actions),
+        reward_goal=source.reward_goal,
     )
     _transform_in_place(data, metadata, clip_to_box=not options.raw)
 

@@ -30,11 +30,14 @@ import numpy as np
 import torch
 from torchrl.data import Bounded, Categorical, OneHot, Unbounded
 
+from iql_torchrl.data.checks import DatasetError
+
 __all__ = [
     "ACTION_CLIP_EPS",
     "ACTION_SPACES",
     "OBSERVATION_STD_EPS",
     "OfflineDataMetadata",
+    "check_observation_layout",
     "flatten_observation",
 ]
 
@@ -52,9 +55,7 @@ def flatten_observation(observation, keys: list[str] | None, key_shapes: list[li
     """
     parts = []
     for key, shape in zip(keys or [None], key_shapes):
-        value = observation
-        for part in key.split("/") if key is not None else ():
-            value = value[part]
+        value = _entry(observation, key)
         if isinstance(value, torch.Tensor):
             value = value.to(torch.float32)
         else:
@@ -64,6 +65,35 @@ def flatten_observation(observation, keys: list[str] | None, key_shapes: list[li
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts, dim=-1)
     return np.concatenate(parts, axis=-1)
+
+
+def _entry(observation, key: str | None):
+    """The entry ``key`` (nested keys joined by "/") of a dict observation; the observation itself for ``None``."""
+    value = observation
+    for part in key.split("/") if key is not None else ():
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            present = sorted(value.keys()) if hasattr(value, "keys") else type(value).__name__
+            raise DatasetError(
+                f"The observation has no entry {key!r} (it has {present}); the data was flattened from "
+                f"the entries {key!r} and the others of its observation space, so every observation needs them."
+            ) from None
+    return value
+
+
+def check_observation_layout(observation, keys: list[str] | None, key_shapes: list[list[int]], owner: str) -> None:
+    """Refuse an observation (one, unbatched) that lacks an entry the flattening expects, or whose entry has
+    another shape than the data's: the error names the key and both shapes."""
+    for key, shape in zip(keys or [None], key_shapes):
+        value = _entry(observation, key)
+        actual = list(np.shape(value))
+        if actual != list(shape):
+            name = repr(key) if key is not None else "the observation"
+            raise DatasetError(
+                f"{owner}: {name} has shape {actual} but the data's has {list(shape)}; the policy's input would not "
+                "line up with what it learnt from. Use the environment the data was collected in."
+            )
 
 
 @dataclass
@@ -97,6 +127,8 @@ class OfflineDataMetadata:
         num_actions: ``n`` for discrete actions, ``None`` for Box actions.
         one_hot_actions: discrete actions stored as float32 one-hot ``[N, n]`` rather than
             int64 indices ``[N]``.
+        reward_goal: goal-reaching data whose ``desired_goal`` was left out of the observation: the
+            evaluation's fixed goal the rewards were relabelled to (``None`` otherwise).
     """
 
     dataset_id: str | None
@@ -124,6 +156,8 @@ class OfflineDataMetadata:
     action_space: str = "box"
     num_actions: int | None = None
     one_hot_actions: bool = False
+    # added with goal-reaching data
+    reward_goal: list[float] | None = None
 
     def __post_init__(self):
         if self.action_space not in ACTION_SPACES:

@@ -21,6 +21,7 @@ from torchrl.data import ReplayBuffer
 
 from iql_torchrl.data.buffer import BufferOptions, DataSource, action_space_fields, build_buffer
 from iql_torchrl.data.checks import DatasetError, check_finite
+from iql_torchrl.data.goals import ACHIEVED_KEY, GOAL_KEY, check_same_maze, fixed_goal, relabelled_rewards
 from iql_torchrl.data.metadata import flatten_observation
 
 __all__ = ["load_minari_dataset", "read_minari_transitions"]
@@ -54,7 +55,8 @@ def _not_found_message(dataset_id: str, data_path: Path, reason: str) -> str:
     return (
         f"Minari dataset {dataset_id!r} is not available: looked in {data_path} ({root_note}); {reason}.\n"
         f"To get it: on a machine with network run `minari download {dataset_id}` "
-        "(Minari's remote needs `pip install 'minari[hf]'`), then copy its folder "
+        "(Minari's remote needs this package's [remote] extra: `pip install 'iql_torchrl[remote]'`, which "
+        "installs minari[hf]), then copy its folder "
         f"to {data_path.parent} or point MINARI_DATASETS_PATH at the datasets root that holds it. "
         "Datasets this package can build offline are listed by `python -m iql_torchrl.datasets list`."
     )
@@ -149,10 +151,15 @@ def _episode_actions(episode, num_steps: int, discrete: bool) -> torch.Tensor:
     return torch.from_numpy(actions.astype(np.int64).reshape(num_steps))
 
 
-def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[int]]], discrete: bool) -> TensorDict:
-    """One Minari episode -> TorchRL transitions (raw values; floats as float32)."""
+def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[int]]], discrete: bool,
+                            reward_goal: list[float] | None = None) -> TensorDict:
+    """One Minari episode -> TorchRL transitions (raw values; floats as float32); with ``reward_goal``, the
+    rewards relabelled to that fixed goal."""
     observations = flatten_observation(episode.observations, *layout)
     num_steps = len(episode.rewards)
+    rewards = episode.rewards
+    if reward_goal is not None:
+        rewards = relabelled_rewards(episode.observations[ACHIEVED_KEY][1:], reward_goal, f"Episode {episode.id}")
     if observations.shape[0] != num_steps + 1:
         raise DatasetError(
             f"Episode {episode.id}: {observations.shape[0]} observations for {num_steps} steps "
@@ -168,7 +175,7 @@ def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[i
             "episode": torch.full((num_steps,), int(episode.id), dtype=torch.int64),
             "next": {
                 "observation": observations[1:],
-                "reward": torch.as_tensor(np.asarray(episode.rewards, dtype=np.float32)).reshape(num_steps, 1),
+                "reward": torch.as_tensor(np.asarray(rewards, dtype=np.float32)).reshape(num_steps, 1),
                 "done": terminated | truncated,
                 "terminated": terminated,
                 "truncated": truncated,
@@ -178,14 +185,14 @@ def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[i
     )
 
 
-def _iterate_minari_transitions(dataset, layout, discrete: bool) -> Iterator[TensorDict]:
+def _iterate_minari_transitions(dataset, layout, discrete: bool, reward_goal=None) -> Iterator[TensorDict]:
     """Transitions of each episode, checked; errors name the episode and the field."""
     path = dataset.storage.data_path
     try:
         for episode in dataset.iterate_episodes():
             if len(episode.rewards) == 0:
                 continue
-            transitions = _episode_to_transitions(episode, layout, discrete)
+            transitions = _episode_to_transitions(episode, layout, discrete, reward_goal)
             check_finite(transitions, episode_label=f"episode {episode.id}")
             yield transitions
     except (OSError, KeyError, RuntimeError) as error:
@@ -251,6 +258,34 @@ def _env_action_space(env_spec) -> gym.spaces.Space | None:
         env.close()
 
 
+def _goal_input(dataset_id: str, layout, env_spec, wanted: bool | None):
+    """``(layout, reward_goal)``: the flattening without ``desired_goal`` and the fixed goal to relabel the
+    rewards to, when the goal stays out of the policy's input; the layout unchanged and ``None`` otherwise."""
+    from iql_torchrl.datasets import BUILDERS
+
+    keys, shapes = layout
+    if keys is None or GOAL_KEY not in keys:
+        return layout, None
+    goal = fixed_goal(env_spec)
+    if wanted is None:
+        wanted = getattr(BUILDERS.get(dataset_id), "goal_in_observation", goal is None)
+    if wanted:
+        return layout, None
+    if goal is None:
+        raise DatasetError(
+            f"Dataset {dataset_id!r}: leaving '{GOAL_KEY}' out of the observation relabels the rewards to the "
+            f"evaluation env's fixed goal, but its env ({getattr(env_spec, 'id', None)}) has no single goal cell "
+            "('g' in its maze_map). Keep the goal in the input (--goal-input yes)."
+        )
+    if ACHIEVED_KEY not in keys:
+        raise DatasetError(
+            f"Dataset {dataset_id!r}: leaving '{GOAL_KEY}' out relabels the rewards from '{ACHIEVED_KEY}', "
+            f"which its observations lack (they have {keys})."
+        )
+    kept = [(key, shape) for key, shape in zip(keys, shapes) if key != GOAL_KEY]
+    return ([key for key, _ in kept], [shape for _, shape in kept]), goal
+
+
 def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
@@ -291,12 +326,16 @@ def load_minari_dataset(
     ``[N]``, each checked to lie in ``[0, n)``, or float32 one-hot ``[N, n]`` with
     ``one_hot_actions=True``); other spaces are refused with the reason.
 
+    Goal-reaching data (``desired_goal`` among the Dict observation's entries): see
+    :mod:`iql_torchrl.data.goals` for ``goal_in_observation``; an evaluation env whose maze walls differ
+    from the data's is refused.
+
     Args:
         dataset_id: Minari id, e.g. ``"iql_torchrl/pendulum/mixed-v0"`` or ``"mujoco/hopper/medium-v0"``.
         options: a :class:`~iql_torchrl.data.BufferOptions`; keyword arguments named after its
             fields (``batch_size``, ``device``, ``storage``, ``scratch_dir``, ``reward_transform``,
             ``normalize_observations``, ``scale_actions``, ``action_clip_eps``, ``raw``,
-            ``clip_actions``, ``one_hot_actions``) replace single fields.
+            ``clip_actions``, ``one_hot_actions``, ``goal_in_observation``) replace single fields.
         download: allow downloading a missing non-builder dataset.
 
     Returns:
@@ -309,7 +348,9 @@ def load_minari_dataset(
     env_spec = _env_spec_of(dataset)
     action_space = _evaluation_action_space(dataset_id, dataset.action_space, env_spec)
     action_fields = action_space_fields(action_space, f"Dataset {dataset_id!r}")
-    layout = _observation_layout(dataset.observation_space)
+    check_same_maze(dataset_id, dataset.env_spec, env_spec)
+    layout, reward_goal = _goal_input(
+        dataset_id, _observation_layout(dataset.observation_space), env_spec, options.goal_in_observation)
     source = DataSource(
         dataset_id=dataset_id,
         env_id=env_spec.id if env_spec is not None else None,
@@ -318,9 +359,10 @@ def load_minari_dataset(
         ref_max_score=_optional_float(dataset.storage.metadata.get("ref_max_score")),
         observation_keys=layout[0],
         observation_key_shapes=layout[1],
+        reward_goal=reward_goal,
         **action_fields,
     )
-    episodes = _iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space))
+    episodes = _iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space), reward_goal)
     return build_buffer(
         _concatenate_in_chunks(episodes), num_transitions=dataset.total_steps, source=source, options=options
     )

@@ -1,7 +1,9 @@
 """Local Minari datasets built from scripted controllers, for machines without network and for tests.
 
-See :mod:`iql_torchrl.datasets.builders` for the dataset ids and recipes and
-:mod:`iql_torchrl.datasets.controllers` for the scripted experts. Command line::
+See :mod:`iql_torchrl.datasets.builders` for the dataset ids and recipes,
+:mod:`iql_torchrl.datasets.controllers` for the scripted experts and :mod:`iql_torchrl.datasets.maze`
+for the sparse-reward PointMaze sets (``iql_torchrl/pointmaze/{umaze,medium,large,medium-stitch}-v0``).
+Command line::
 
     python -m iql_torchrl.datasets list
     python -m iql_torchrl.datasets build iql_torchrl/pendulum/mixed-v0 [--episodes N] [--seed S] [--overwrite]
@@ -34,6 +36,7 @@ from iql_torchrl.datasets.controllers import (
     ReacherExpert,
     make_expert,
 )
+from iql_torchrl.datasets.maze import MAZE_BUILDERS, MAZES, MazeRecipe, WaypointController
 
 __all__ = [
     "BUILDERS",
@@ -45,6 +48,10 @@ __all__ = [
     "MirroredPolicy",
     "MountainCarExpert",
     "KINDS",
+    "MAZES",
+    "MAZE_BUILDERS",
+    "MazeRecipe",
+    "WaypointController",
     "PendulumExpert",
     "REFERENCE_EPISODES",
     "REFERENCE_SEED",

@@ -75,6 +75,7 @@ import gymnasium as gym
 import numpy as np
 
 from iql_torchrl.datasets.controllers import CartPoleExpert, DegradedPolicy, MirroredPolicy, RandomPolicy, make_expert
+from iql_torchrl.datasets.maze import MAZE_BUILDERS, MazeRecipe, collect_maze_episodes, collection_env_spec, eval_env_spec, maze_reference_returns
 
 __all__ = [
     "BUILDERS",
@@ -113,6 +114,7 @@ class DatasetRecipe:
         other_policy: ``mixed`` only, who plays the non-expert episodes: ``"random"``,
             ``"mirrored"`` (the expert's action mirrored, for discrete actions) or ``"drifting"``
             (CartPole's balancer shifted to run off the track, with random actions).
+        preset: the run preset these data ask for (``--preset auto``).
     """
 
     dataset_id: str
@@ -123,6 +125,7 @@ class DatasetRecipe:
     noise_std: float = 0.0
     random_action_prob: float = 0.0
     other_policy: str = "random"
+    preset: str = "mujoco"
 
     def expert_episodes(self, episodes: int) -> int:
         """How many of ``episodes`` episodes come from the expert."""
@@ -208,7 +211,7 @@ def _make_builders() -> dict[str, DatasetRecipe]:
     return builders
 
 
-BUILDERS: dict[str, DatasetRecipe] = _make_builders()
+BUILDERS: dict[str, DatasetRecipe | MazeRecipe] = {**_make_builders(), **MAZE_BUILDERS}
 DEFAULT_DATASET = "iql_torchrl/pendulum/mixed-v0"
 
 
@@ -372,9 +375,8 @@ def build_dataset(
         return _build_locked(recipe, episodes, seed, overwrite, reference_episodes, progress)
 
 
-def _build_locked(recipe: DatasetRecipe, episodes: int, seed: int, overwrite: bool, reference_episodes: int, progress: bool):
+def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_episodes: int, progress: bool):
     import minari
-    from tqdm.auto import tqdm
 
     dataset_id = recipe.dataset_id
     root = _datasets_root()
@@ -384,17 +386,14 @@ def _build_locked(recipe: DatasetRecipe, episodes: int, seed: int, overwrite: bo
             f"Dataset {dataset_id!r} already exists at {final_path}; pass overwrite=True (CLI: --overwrite) to replace it."
         )
 
-    env = gym.make(recipe.env_id)
-    episode_buffers, policies = [], []
-    for i in tqdm(range(episodes), desc=f"building {dataset_id}", unit="episode", disable=not progress):
-        policy_name = recipe.policy_name(i, episodes)
-        policy = make_policy(recipe.env_id, policy_name, env.action_space, seed + i, recipe)
-        episode = rollout_episode(env, policy, seed + i)
-        episode.pop("episode_return")
-        episode_buffers.append(minari.data_collector.EpisodeBuffer(id=i, seed=seed + i, **episode))
-        policies.append(policy_name)
-    env.close()
-    ref_min_score, ref_max_score = reference_returns(recipe.env_id, reference_episodes)
+    if isinstance(recipe, MazeRecipe):
+        episode_buffers, policies = _maze_episodes(recipe, episodes, seed, progress)
+        ref_min_score, ref_max_score = maze_reference_returns(recipe.maze, reference_episodes, REFERENCE_SEED)
+        env, eval_env = collection_env_spec(recipe.maze), eval_env_spec(recipe.maze)
+    else:
+        episode_buffers, policies = _scripted_episodes(recipe, episodes, seed, progress)
+        ref_min_score, ref_max_score = reference_returns(recipe.env_id, reference_episodes)
+        env = eval_env = recipe.env_id
 
     staging_root = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
@@ -403,8 +402,8 @@ def _build_locked(recipe: DatasetRecipe, episodes: int, seed: int, overwrite: bo
             dataset = minari.create_dataset_from_buffers(
                 dataset_id,
                 episode_buffers,
-                env=recipe.env_id,
-                eval_env=recipe.env_id,
+                env=env,
+                eval_env=eval_env,
                 algorithm_name=f"iql_torchrl scripted {recipe.kind} policy",
                 author="iql_torchrl",
                 ref_min_score=ref_min_score,
@@ -421,6 +420,40 @@ def _build_locked(recipe: DatasetRecipe, episodes: int, seed: int, overwrite: bo
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return minari.load_dataset(dataset_id)
+
+
+def _scripted_episodes(recipe: DatasetRecipe, episodes: int, seed: int, progress: bool):
+    """Episode ``i`` from ``env.reset(seed=seed + i)`` with its recipe's policy: Minari buffers and policy names."""
+    import minari
+    from tqdm.auto import tqdm
+
+    env = gym.make(recipe.env_id)
+    episode_buffers, policies = [], []
+    for i in tqdm(range(episodes), desc=f"building {recipe.dataset_id}", unit="episode", disable=not progress):
+        policy_name = recipe.policy_name(i, episodes)
+        policy = make_policy(recipe.env_id, policy_name, env.action_space, seed + i, recipe)
+        episode = rollout_episode(env, policy, seed + i)
+        episode.pop("episode_return")
+        episode_buffers.append(minari.data_collector.EpisodeBuffer(id=i, seed=seed + i, **episode))
+        policies.append(policy_name)
+    env.close()
+    return episode_buffers, policies
+
+
+def _maze_episodes(recipe: MazeRecipe, episodes: int, seed: int, progress: bool):
+    """The maze recipe's episodes as Minari buffers; a stitching episode records its seed, a long rollout's
+    first episode the rollout's."""
+    import minari
+    from tqdm.auto import tqdm
+
+    with tqdm(total=episodes, desc=f"building {recipe.dataset_id}", unit="episode", disable=not progress) as bar:
+        collected = collect_maze_episodes(recipe, episodes, seed, bar.update)
+    buffers = [
+        minari.data_collector.EpisodeBuffer(
+            id=i, seed=(seed + i) if recipe.kind == "stitch" else (seed if i == 0 else None), **episode)
+        for i, episode in enumerate(collected)
+    ]
+    return buffers, ["noisy waypoint controller"] * len(buffers)
 
 
 def check_recipe(dataset_id: str) -> None:

@@ -1,0 +1,330 @@
+"""Sparse-reward navigation: the local PointMaze datasets, goal-reaching data, the success rate and
+the preset that follows the dataset."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+pytest.importorskip("gymnasium_robotics")
+
+from iql_torchrl.config import PRESETS, RunConfig, auto_preset
+from iql_torchrl.data import DatasetError, OfflineDataMetadata, load_minari_dataset
+from iql_torchrl.datasets import build_dataset, check_recipe
+from iql_torchrl.datasets.maze import (
+    MAZE_BUILDERS,
+    MAZES,
+    WaypointController,
+    cell_center,
+    cell_distances,
+    cell_of,
+    check_no_start_to_goal_episode,
+    collect_maze_episodes,
+    collection_env_spec,
+    episode_visits,
+    eval_env_spec,
+    maze_reference_returns,
+)
+from iql_torchrl.evaluation import check_evaluation_env, evaluate_policy, summarize_seeds
+
+UMAZE, MEDIUM, STITCH = ("iql_torchrl/pointmaze/umaze-v0", "iql_torchrl/pointmaze/medium-v0",
+                         "iql_torchrl/pointmaze/medium-stitch-v0")
+MEDIUM_GOAL_XY = [2.5, -2.5]  # cell (6, 6) of the 8 x 8 medium maze: x = 6.5 - 4, y = 4 - 6.5
+
+
+@pytest.fixture(scope="module")
+def maze_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("maze_datasets")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(root))
+        for dataset_id, episodes in ((UMAZE, 12), (MEDIUM, 12), (STITCH, 40)):
+            build_dataset(dataset_id, episodes=episodes, seed=3, reference_episodes=2, progress=False)
+    return root
+
+
+@pytest.fixture
+def mazes(maze_root, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(maze_root))
+    return maze_root
+
+
+def minari_episodes(dataset_id):
+    import minari
+
+    return list(minari.load_dataset(dataset_id).iterate_episodes())
+
+
+# ------------------------------------------------------------------ the controller
+def test_value_iteration_counts_the_moves_around_the_umaze_wall():
+    # U maze: the goal (1, 1) at the top left; the path runs right, down the right arm, then left
+    distance = cell_distances(MAZES["umaze"].walls, (1, 1))
+    assert distance == {(1, 1): 0, (1, 2): 1, (1, 3): 2, (2, 3): 3, (3, 3): 4, (3, 2): 5, (3, 1): 6}
+
+
+def test_the_waypoint_goes_around_the_wall_not_through_it():
+    walls = MAZES["umaze"].walls
+    controller = WaypointController(walls)
+    start, goal = cell_center(walls, (3, 1)), cell_center(walls, (1, 1))
+    waypoint = controller.waypoint(start, goal)
+    assert cell_of(walls, waypoint) == (3, 2)  # along the corridor, away from the goal as the crow flies
+    assert cell_of(walls, start + (goal - start) / 2) == (2, 1) and walls[2][1] == 1  # straight ahead: a wall
+    assert np.allclose(controller.waypoint(goal + 0.1, goal), goal)  # in the goal's cell: the goal itself
+
+
+def test_noise_free_controller_scores_far_above_random_on_the_evaluation_goal():
+    random_return, expert_return = maze_reference_returns("umaze", 2, 7)
+    assert random_return < 5 and expert_return > 100  # 300 steps; the controller sits at the goal for most
+
+
+# ------------------------------------------------------------------ the datasets
+def test_navigation_episodes_end_truncated_at_their_first_success(mazes):
+    for episode in minari_episodes(UMAZE):
+        assert not episode.terminations.any() and episode.truncations[-1] and not episode.truncations[:-1].any()
+        goal = episode.observations["desired_goal"]
+        assert np.all(goal == goal[0])  # one goal per episode
+        reached = np.linalg.norm(episode.observations["achieved_goal"][1:] - goal[0], axis=-1) <= 0.45
+        assert np.array_equal(episode.rewards, reached.astype(float))
+        assert reached[-1] and not reached[:-1].any()  # the reward comes once, at the last step
+
+
+def test_each_new_goal_starts_where_the_last_episode_ended(mazes):
+    episodes = minari_episodes(MEDIUM)
+    for before, after in zip(episodes, episodes[1:]):
+        assert np.array_equal(before.observations["observation"][-1], after.observations["observation"][0])
+        assert not np.array_equal(before.observations["desired_goal"][-1], after.observations["desired_goal"][0])
+
+
+def test_maze_datasets_are_reproducible_from_their_seed():
+    recipe = MAZE_BUILDERS[STITCH]
+    first, again, other = (collect_maze_episodes(recipe, 5, seed) for seed in (11, 11, 12))
+    assert all(np.array_equal(a["actions"], b["actions"]) for a, b in zip(first, again))
+    assert not all(np.array_equal(a["actions"][:3], b["actions"][:3]) for a, b in zip(first, other))
+
+
+def test_no_stitching_episode_goes_from_the_evaluation_start_to_its_goal(mazes):
+    maze = MAZES["medium"]
+    distance_to_goal = cell_distances(maze.walls, maze.eval_goal)
+    for episode in minari_episodes(STITCH):
+        visits = episode_visits("medium", {"observations": episode.observations})
+        assert not (maze.eval_start in visits and maze.eval_goal in visits)
+        assert len(episode.rewards) <= 60
+        start, goal = (cell_of(maze.walls, xy) for xy in (episode.observations["achieved_goal"][0],
+                                                           episode.observations["desired_goal"][0]))
+        assert 1 <= cell_distances(maze.walls, start)[goal] <= 2
+    assert distance_to_goal[maze.eval_start] > 4  # so stitching is needed
+
+
+def test_the_stitching_check_refuses_an_episode_from_start_to_goal():
+    maze = MAZES["medium"]
+    path = np.stack([cell_center(maze.walls, maze.eval_start), cell_center(maze.walls, maze.eval_goal)])
+    with pytest.raises(RuntimeError, match=r"episode 0 goes from the evaluation's start cell \(1, 1\)"):
+        check_no_start_to_goal_episode("medium", [{"observations": {"achieved_goal": path}}])
+
+
+def test_maze_datasets_record_the_fixed_goal_evaluation_env(mazes):
+    import minari
+
+    dataset = minari.load_dataset(MEDIUM)
+    eval_map = dataset._eval_env_spec.kwargs["maze_map"]
+    assert eval_map[1][1] == "r" and eval_map[6][6] == "g"
+    assert dataset._eval_env_spec.kwargs["reset_target"] is False and dataset._eval_env_spec.max_episode_steps == 600
+    assert dataset.storage.metadata["ref_max_score"] > 100 > dataset.storage.metadata["ref_min_score"]
+    check_recipe(MEDIUM)  # the description matches this recipe
+
+
+# ------------------------------------------------------------------ goal in or out of the input
+def test_goal_out_drops_desired_goal_and_relabels_rewards_to_the_evaluation_goal(mazes):
+    buffer = load_minari_dataset(MEDIUM)  # the builder's choice: out
+    assert buffer.metadata.observation_keys == ["achieved_goal", "observation"]
+    assert buffer.metadata.reward_goal == MEDIUM_GOAL_XY
+    expected = np.concatenate([
+        (np.linalg.norm(e.observations["achieved_goal"][1:] - MEDIUM_GOAL_XY, axis=-1) <= 0.45) for e in minari_episodes(MEDIUM)
+    ]).astype(np.float32)
+    stored = np.concatenate([e.rewards for e in minari_episodes(MEDIUM)])
+    rewards = buffer[:]["next", "reward"].squeeze(-1).numpy()
+    np.testing.assert_array_equal(rewards, expected)
+    assert not np.array_equal(rewards, stored)  # the rewards for the moving goals would be another dataset
+
+
+def test_goal_in_keeps_desired_goal_and_the_stored_rewards(mazes):
+    buffer = load_minari_dataset(MEDIUM, goal_in_observation=True)
+    assert buffer.metadata.observation_keys == ["achieved_goal", "desired_goal", "observation"]
+    assert buffer.metadata.reward_goal is None
+    stored = np.concatenate([e.rewards for e in minari_episodes(MEDIUM)])
+    np.testing.assert_array_equal(buffer[:]["next", "reward"].squeeze(-1).numpy(), stored)
+
+
+def maze_data(rng, episodes, length, observation_dim, action_dim, near=None):
+    result = []
+    for _ in range(episodes):
+        achieved = rng.normal(size=(length + 1, 2))
+        if near is not None:
+            achieved[length // 2] = np.asarray(near) + 0.1
+        result.append(dict(
+            observations={"achieved_goal": achieved, "desired_goal": rng.normal(size=(length + 1, 2)),
+                          "observation": rng.normal(size=(length + 1, observation_dim))},
+            actions=rng.uniform(-1, 1, size=(length, action_dim)).astype(np.float32),
+            rewards=np.zeros(length), terminations=np.zeros(length, bool),
+            truncations=np.eye(1, length, length - 1, dtype=bool)[0]))
+    return result
+
+
+def maze_spaces(observation_dim, action_dim):
+    box = lambda n: gym.spaces.Box(-np.inf, np.inf, (n,), np.float64)  # noqa: E731
+    return (gym.spaces.Dict({"achieved_goal": box(2), "desired_goal": box(2), "observation": box(observation_dim)}),
+            gym.spaces.Box(-1, 1, (action_dim,), np.float32))
+
+
+D4RL_ANTMAZE_EVAL = gym.envs.registration.EnvSpec(
+    "AntMaze_UMaze-v4", entry_point="gymnasium_robotics.envs.maze.ant_maze_v4:AntMazeEnv", max_episode_steps=700,
+    kwargs=dict(maze_map=[[1, 1, 1, 1, 1], [1, "r", 0, 0, 1], [1, 1, 1, 0, 1], [1, "g", 0, 0, 1], [1, 1, 1, 1, 1]],
+                continuing_task=True, reset_target=False))
+
+
+@pytest.mark.parametrize("dataset_id", ["D4RL/pointmaze/medium-v2", "D4RL/antmaze/umaze-v1"])
+def test_d4rl_maze_ids_load_the_same_format(minari_root, write_minari_dataset, dataset_id):
+    rng = np.random.default_rng(0)
+    if "pointmaze" in dataset_id:
+        env, eval_env, dims, goal = collection_env_spec("medium"), eval_env_spec("medium"), (4, 2), MEDIUM_GOAL_XY
+    else:  # cells of 4: the 'g' cell (3, 1) of the 5 x 5 U maze is centred at x = 1.5 * 4 - 10, y = 10 - 3.5 * 4
+        eval_env, dims, goal = D4RL_ANTMAZE_EVAL, (27, 8), [-4.0, -4.0]
+        env = gym.envs.registration.EnvSpec(D4RL_ANTMAZE_EVAL.id, entry_point=D4RL_ANTMAZE_EVAL.entry_point,
+                                            kwargs=dict(D4RL_ANTMAZE_EVAL.kwargs, maze_map=[[1 if c == 1 else 0 for c in row]
+                                                                                       for row in D4RL_ANTMAZE_EVAL.kwargs["maze_map"]]))
+    episodes = maze_data(rng, 3, 6, *dims, near=goal)
+    write_minari_dataset(dataset_id, episodes, *maze_spaces(*dims), env=env, eval_env=eval_env)
+    buffer = load_minari_dataset(dataset_id, download=False)
+    assert buffer.metadata.observation_keys == ["achieved_goal", "observation"]  # D4RL's: no goal in the input
+    assert buffer.metadata.reward_goal == pytest.approx(goal)
+    assert float(buffer[:]["next", "reward"].sum()) == 3  # each episode passes the goal once (step 3 -> next obs)
+    assert auto_preset(dataset_id)[0] == ("maze" if "pointmaze" in dataset_id else "antmaze")
+    check_evaluation_env(buffer.metadata)
+
+
+def test_an_evaluation_maze_with_other_walls_is_refused(minari_root, write_minari_dataset):
+    rng = np.random.default_rng(0)
+    other = eval_env_spec("medium")
+    other.kwargs["maze_map"][2][1] = 1  # one more wall
+    write_minari_dataset("D4RL/pointmaze/medium-v2", maze_data(rng, 2, 5, 4, 2), *maze_spaces(4, 2),
+                         env=collection_env_spec("medium"), eval_env=other)
+    with pytest.raises(DatasetError, match="'maze_map'"):
+        load_minari_dataset("D4RL/pointmaze/medium-v2", download=False)
+
+
+def test_an_offline_d4rl_maze_id_names_the_remote_extra(minari_root, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"\[remote\]"):
+        load_minari_dataset("D4RL/antmaze/umaze-v1", download=False)
+
+
+def metadata_of(dataset_id, **changes) -> OfflineDataMetadata:
+    state = load_minari_dataset(dataset_id).metadata.state_dict()
+    return OfflineDataMetadata.from_state_dict({**state, **changes})
+
+
+def test_an_evaluation_env_without_an_entry_the_data_has_is_refused_naming_it(mazes):
+    metadata = metadata_of(MEDIUM, observation_keys=["achieved_goal", "goal_image", "observation"],
+                           observation_key_shapes=[[2], [2], [4]])
+    with pytest.raises(DatasetError, match="no entry 'goal_image'"):
+        check_evaluation_env(metadata)
+
+
+def test_goal_shapes_that_differ_between_data_and_evaluation_env_are_refused_naming_the_key(mazes):
+    metadata = metadata_of(MEDIUM, observation_keys=["achieved_goal", "desired_goal", "observation"],
+                           observation_key_shapes=[[2], [3], [4]], observation_dim=9)
+    with pytest.raises(DatasetError, match=r"'desired_goal' has shape \[2\] but the data's has \[3\]"):
+        check_evaluation_env(metadata)
+    check_evaluation_env(metadata_of(MEDIUM))  # the data's own layout passes
+
+
+# ------------------------------------------------------------------ success rate
+class ControllerActor:
+    """The noise-free controller as a policy on flattened goal-in observations (achieved, desired, observation)."""
+
+    def __init__(self, walls, moving=True):
+        self.controller, self.moving = WaypointController(walls), moving
+
+    def __call__(self, td):
+        obs = td["observation"].numpy()
+        actions = [self.controller({"observation": o[4:], "desired_goal": o[2:4]}) if self.moving else np.zeros(2, np.float32)
+                   for o in obs]
+        return td.set("action", torch.as_tensor(np.stack(actions)))
+
+
+def test_success_rate_counts_episodes_that_reach_the_goal(mazes):
+    metadata = load_minari_dataset(UMAZE, goal_in_observation=True).metadata
+    reaching = evaluate_policy(ControllerActor(MAZES["umaze"].walls), metadata, episodes=3)
+    standing = evaluate_policy(ControllerActor(MAZES["umaze"].walls, moving=False), metadata, episodes=3)
+    assert reaching["successes"] == [True] * 3 and reaching["success_rate"] == 1.0
+    assert standing["success_rate"] == 0.0 and standing["return_mean"] == 0.0
+    # the rate is about reaching the goal, not the return: one step at the goal counts as much as 200
+    summary = summarize_seeds([{"seed": 0, **reaching}, {"seed": 1, **standing}])
+    assert summary["success_rate"] == 0.5 and summary["per_seed"][1]["success_rate"] == 0.0
+
+
+def test_environments_without_success_report_no_rate(tiny_datasets):
+    metadata = load_minari_dataset(tiny_datasets.pendulum).metadata
+    actor = lambda td: td.set("action", torch.zeros(td.batch_size[0], 1))  # noqa: E731
+    result = evaluate_policy(actor, metadata, episodes=2)
+    assert "success_rate" not in result and summarize_seeds([{"seed": 0, **result}])["success_rate"] is None
+
+
+# ------------------------------------------------------------------ --preset auto
+@pytest.mark.parametrize("dataset_id, preset", [
+    ("D4RL/antmaze/umaze-v1", "antmaze"), ("D4RL/antmaze/large-diverse-v1", "antmaze"),
+    ("D4RL/pointmaze/medium-v2", "maze"), (STITCH, "maze"), (UMAZE, "maze"),
+    ("mujoco/hopper/medium-v0", "mujoco"), ("D4RL/hopper/medium-v2", "mujoco"), ("D4RL/walker2d/expert-v2", "mujoco"),
+    ("D4RL/halfcheetah/medium-replay-v2", "mujoco"), ("D4RL/kitchen/mixed-v2", "kitchen"),
+    ("D4RL/door/human-v2", "adroit"), ("D4RL/hammer/expert-v2", "adroit"), ("D4RL/pen/cloned-v2", "adroit"),
+    ("D4RL/relocate/human-v2", "adroit"), ("iql_torchrl/pendulum/mixed-v0", "mujoco"),
+])
+def test_auto_preset_follows_the_dataset_id(dataset_id, preset):
+    chosen, reason = auto_preset(dataset_id)
+    assert chosen == preset and reason.startswith("auto:")
+    resolved = RunConfig(dataset=dataset_id).resolved()
+    assert resolved.preset == preset
+    assert (resolved.expectile, resolved.temperature) == (PRESETS[preset].expectile, PRESETS[preset].temperature)
+
+
+def test_an_unknown_dataset_gets_mujoco_with_a_reason_saying_so():
+    preset, reason = auto_preset("someone/sparse-task/v0-v1")
+    assert preset == "mujoco" and "no preset is known for someone/sparse-task/v0-v1" in reason
+
+
+def test_an_explicit_preset_wins_over_the_dataset_id():
+    resolved = RunConfig(dataset="D4RL/antmaze/umaze-v1", preset="mujoco").resolved()
+    assert (resolved.preset, resolved.expectile, resolved.temperature, resolved.eval_episodes) == ("mujoco", 0.7, 3.0, 10)
+    assert RunConfig(dataset="D4RL/antmaze/umaze-v1", expectile=0.8).resolved().expectile == 0.8
+
+
+def test_maze_presets_evaluate_100_episodes_unless_told_otherwise():
+    assert RunConfig(dataset=STITCH).resolved().eval_episodes == 100
+    assert RunConfig(dataset=STITCH, eval_episodes=20).resolved().eval_episodes == 20
+    assert PRESETS["maze"].reward_transform == "none"  # never the locomotion scaling on goal-reaching data
+
+
+def test_resume_keeps_the_preset_the_run_started_with():
+    from iql_torchrl.config import config_to_dict
+    from iql_torchrl.resume import ResumeError, resumed_config
+    from iql_torchrl.trainer import Config
+
+    started = Config(dataset="iql_torchrl/pendulum/mixed-v0", preset="antmaze", output_dir="/tmp/x").resolved()
+    saved = config_to_dict(started)
+    again = Config(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x", resume=True)  # preset: auto
+    assert resumed_config(Config, saved, again, {"preset"}).preset == "antmaze"  # auto would pick mujoco
+    with pytest.raises(ResumeError, match="--preset: checkpoint antmaze, given mujoco"):
+        resumed_config(Config, saved, Config(preset="mujoco", output_dir="/tmp/x", resume=True), {"preset"})
+
+
+def test_a_run_names_its_preset_and_the_reason(tiny_datasets, tmp_path, capsys):
+    from iql_torchrl.trainer import Config, train
+
+    summary = train(Config(dataset=tiny_datasets.pendulum, steps=4, eval_every=4, eval_episodes=1, log_every=2,
+                           output_dir=tmp_path / "run", progress=False, logger="none", device="cpu", hidden_sizes=(8,)))
+    assert summary["preset"] == "mujoco" and "declares the mujoco preset" in summary["preset_reason"]
+    assert "preset mujoco (expectile 0.7, temperature 3.0" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["preset_reason"] == summary["preset_reason"]
