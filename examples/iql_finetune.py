@@ -13,7 +13,10 @@ step, online → evaluation before and after → summary.json and learning_curve
 """
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (iql_torchrl.threads)
+# before torch loads: idle OpenMP threads spin briefly, then sleep -- as fast alone as threads that
+# spin, and two runs side by side don't starve each other (iql_torchrl.threads); a user's own setting wins
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import sys  # noqa: E402
 

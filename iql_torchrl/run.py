@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -333,7 +334,9 @@ class Run:
         metrics = None
         if self.compile_pending:
             bar.set_description_str(f"{desc} (compiling the update step)")
+            start = time.perf_counter()
             metrics = update(draw())
+            self.timing.compile_seconds += time.perf_counter() - start
             restart_progress_clock(bar, desc)
             self.compile_pending, count = False, count - 1
         if count:
@@ -389,6 +392,7 @@ class Run:
             "success_rate": last.get("success_rate"), "preset_reason": self.preset_reason,
             "eval_episodes": self.config.eval_episodes,
             "updates_per_second": self.timing.updates_per_second,
+            "compile_seconds": self.timing.compile_seconds if self.config.compile or self.config.cudagraphs else None,
             "wall_seconds": self.timing.wall_seconds,
             "run_dir": str(self.output_dir),
             "curve": self.curve,

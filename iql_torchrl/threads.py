@@ -1,12 +1,18 @@
 """How many CPU threads torch uses, so that runs sharing a machine don't collapse.
 
-``--threads auto`` keeps ``OMP_NUM_THREADS`` when it is set (torchrun sets it to 1 for
-several processes); otherwise it takes this process's share of the CPUs it may run on: the CPU affinity
+``--threads auto`` keeps ``OMP_NUM_THREADS`` when it is set (torchrun sets it to 1 for several
+processes); otherwise it takes this process's share of the CPUs it may run on: the CPU affinity
 (what ``taskset``, cgroups-aware launchers and ``torchrun --cpus`` grant), divided by the
-processes ``torchrun`` starts on this node. Idle OpenMP threads should also sleep instead of
-spinning (``OMP_WAIT_POLICY=PASSIVE``): a spinning thread burns the core a neighbouring run
-needs. OpenMP reads that variable once, when torch loads, so the example scripts set it in their
-first lines, before anything imports torch.
+processes ``torchrun`` starts on this node.
+
+How idle OpenMP threads wait is the other half. An update is hundreds of short parallel regions: a
+thread that sleeps at once between them (``OMP_WAIT_POLICY=PASSIVE``) pays a wake-up in each (a solo
+run ~45% slower), and one that spins without end (``ACTIVE``, or libgomp's default 300,000 rounds)
+holds a core that a second run needs (two runs side by side collapse to a few updates/s). The example
+scripts set ``GOMP_SPINCOUNT=1000`` (libgomp's own throttled count) before torch loads, unless the user
+set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``: idle threads spin ~1,000 rounds, enough to catch the
+next region, then sleep. Measured in ``benchmarks/README.md`` ("Two runs on one machine"). OpenMP
+reads these variables once, when torch loads; this module changes none of them.
 """
 from __future__ import annotations
 

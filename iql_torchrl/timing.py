@@ -10,7 +10,8 @@ class RunTiming:
     """Update time and wall time of a run, summed over its sessions (a resumed run continues the sums).
 
     Only the updates count towards ``updates_per_second``: logging, evaluation and checkpoints
-    are paused out, and so is the compile warm-up of each session.
+    are paused out, and so is the compile warm-up of each session, whose time ``compile_seconds``
+    sums (the first call of a compiled step: compiled, or loaded from the compile cache).
     """
 
     def __init__(self, saved: dict | None = None):
@@ -18,6 +19,7 @@ class RunTiming:
         self.train_seconds = saved.get("train_seconds", 0.0)
         self.timed_updates = saved.get("timed_updates", 0)
         self.wall_seconds_before = saved.get("wall_seconds", 0.0)
+        self.compile_seconds = saved.get("compile_seconds", 0.0)
         self._session_start = time.perf_counter()
         self._since, self._count = None, 0
 
@@ -44,4 +46,5 @@ class RunTiming:
         return self.wall_seconds_before + time.perf_counter() - self._session_start
 
     def state_dict(self) -> dict:
-        return {"train_seconds": self.train_seconds, "timed_updates": self.timed_updates, "wall_seconds": self.wall_seconds}
+        return {"train_seconds": self.train_seconds, "timed_updates": self.timed_updates, "wall_seconds": self.wall_seconds,
+                "compile_seconds": self.compile_seconds}
