@@ -99,9 +99,9 @@ def _settings(config, job: str, given: set[str]):
     return config, state
 
 
-# --compile auto: compiling costs ~20-35 s on 2 CPU cores (a few s when an earlier run's compiled step is
-# cached) and saves ~6 ms an update at the default sizes, so it repays itself after ~5,000 updates
-# (measured: benchmarks/README.md, "Compile by default")
+# --compile auto: on 2 CPU cores compiling the default step costs ~13 s (~3 s with the compile cache warm)
+# and saves ~8 ms an update, repaid after ~1,600 updates; 5,000 leaves room for slower machines and
+# longer compiles (measured: README, "The main job compiles by default")
 COMPILE_BREAK_EVEN = 5_000
 
 
