@@ -526,3 +526,12 @@ def test_whole_dataset_lives_on_the_training_device(tiny_datasets):
     assert data["observation"].is_cuda
     sampler = DeviceSampler(data, 64, seed=0)
     assert sampler.indices().is_cuda and sampler.sample()["action"].is_cuda
+
+
+def test_loading_from_python_prints_no_library_info_line_and_leaves_the_logger_as_it_was(tiny_datasets, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="torchrl"):  # TorchRL's own level: its INFO lines go out
+        load_minari_dataset(tiny_datasets.pendulum, batch_size=8)
+        assert logging.getLogger("torchrl").level == logging.INFO  # restored after the write
+    assert not [r for r in caplog.records if "Initialized LazyTensorStorage" in r.getMessage()]

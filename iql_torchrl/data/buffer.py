@@ -9,7 +9,9 @@ scores); :func:`build_buffer` turns a stream of raw transition chunks into a rea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -167,7 +169,8 @@ def build_buffer(
         data_storage = LazyTensorStorage(num_transitions, device=device)
     else:
         data_storage = LazyMemmapStorage(num_transitions, scratch_dir=options.scratch_dir)
-    count = _write(chunks, data_storage, num_transitions, source, options.one_hot_actions, device)
+    with _storage_logs_muted():  # TorchRL logs "Initialized LazyTensorStorage ..." at INFO on the first write
+        count = _write(chunks, data_storage, num_transitions, source, options.one_hot_actions, device)
     data = data_storage.get(slice(None))
 
     episode_ids, episode_index = torch.unique(data.get("episode"), return_inverse=True)
@@ -216,6 +219,18 @@ def build_buffer(
     )
     buffer.metadata = metadata
     return buffer
+
+
+@contextlib.contextmanager
+def _storage_logs_muted():
+    """TorchRL's INFO lines off while the storage is written; the logger's level is restored after."""
+    logger = logging.getLogger("torchrl")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _write(chunks, data_storage, num_transitions: int, source: DataSource, one_hot: bool, device) -> int:
