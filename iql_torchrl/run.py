@@ -92,8 +92,8 @@ def _settings(config, job: str, given: set[str]):
     if config.compile == "auto":
         config.compile, reason = auto_compile(config)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"iql_torchrl: the update step runs {'compiled' if config.compile else 'eager'} ({reason}; "
-                  "--compile / --no-compile force it).", file=sys.stderr)
+            print(f"iql_torchrl: the update step runs {'compiled' if config.compile else 'eager'}: {reason}. "
+                  "--compile / --no-compile force it.", file=sys.stderr)
     if config.compile and (problem := missing_compiler(config.device)) is not None:
         raise ConfigError(f"--compile: {problem} (leave out --compile).")
     return config, state

@@ -48,5 +48,5 @@ def test_the_job_says_which_step_it_runs_and_keeps_the_choice(tiny_datasets, tmp
     out = tmp_path / "run"
     train(Config(dataset=tiny_datasets.pendulum, output_dir=out, steps=4, eval_every=4, eval_episodes=1,
                  hidden_sizes=(8,), batch_size=16, logger="none", progress=False, log_every=2))
-    assert "the update step runs eager (4 updates are fewer than" in capsys.readouterr().err
+    assert "the update step runs eager: 4 updates are fewer than" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["mode"] == "eager"
