@@ -306,20 +306,27 @@ def _navigate(recipe: MazeRecipe, episodes: int, seed: int, progress) -> list[di
             here = cell_of(maze.walls, observation["achieved_goal"])
             goal_cell = cells[rng.choice([k for k, cell in enumerate(cells) if cell != here])]
             observation = _set_goal(env, _noisy_center(maze.walls, goal_cell, rng), observation)
-            observations, actions, rewards = [observation], [], []
-            for _ in range(recipe.max_goal_steps):
-                action = controller(observation)
-                observation, reward, _, _, info = env.step(action)
-                observations.append(observation)
-                actions.append(action)
-                rewards.append(float(reward))
-                if info["success"]:
-                    break
-            result.append(_episode(observations, actions, rewards, truncated_last=True))
+            episode, observation = _drive_to_goal(env, controller, observation, recipe.max_goal_steps)
+            result.append(episode)
             progress(1)
     finally:
         env.close()
     return result
+
+
+def _drive_to_goal(env, controller, observation, max_steps: int) -> tuple[dict, dict]:
+    """The controller drives from ``observation`` until the goal is reached (or ``max_steps``): the
+    episode, cut there as truncated, and the last observation."""
+    observations, actions, rewards = [observation], [], []
+    for _ in range(max_steps):
+        action = controller(observation)
+        observation, reward, _, _, info = env.step(action)
+        observations.append(observation)
+        actions.append(action)
+        rewards.append(float(reward))
+        if info["success"]:
+            break
+    return _episode(observations, actions, rewards, truncated_last=True), observation
 
 
 def _stitch(recipe: MazeRecipe, episodes: int, seed: int, progress) -> list[dict]:
@@ -338,16 +345,7 @@ def _stitch(recipe: MazeRecipe, episodes: int, seed: int, progress) -> list[dict
             goal = goals[rng.integers(len(goals))]
             controller = WaypointController(maze.walls, noise_std=recipe.noise_std, rng=rng)
             observation, _ = env.reset(seed=seed + i, options={"reset_cell": np.array(start), "goal_cell": np.array(goal)})
-            observations, actions, rewards = [observation], [], []
-            for _ in range(recipe.max_goal_steps):
-                action = controller(observation)
-                observation, reward, _, _, info = env.step(action)
-                observations.append(observation)
-                actions.append(action)
-                rewards.append(float(reward))
-                if info["success"]:
-                    break
-            result.append(_episode(observations, actions, rewards, truncated_last=True))
+            result.append(_drive_to_goal(env, controller, observation, recipe.max_goal_steps)[0])
             progress(1)
     finally:
         env.close()
