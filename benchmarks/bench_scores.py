@@ -72,6 +72,8 @@ def main(argv=None):
     parser.add_argument("--goal-inputs", nargs="+", choices=("no", "yes"), default=["no", "yes"],
                         help="--suite maze: goal out of / in the policy's input")
     parser.add_argument("--no-maze-sweep", action="store_true", help="--suite maze: leave out the τ × β sweep")
+    parser.add_argument("--maze-methods", nargs="+", choices=list(MAZE_METHODS), default=list(MAZE_METHODS),
+                        help="--suite maze: which methods to run (default: all)")
     parser.add_argument("--datasets", nargs="+", default=None, help="default: the continuous mixed sets")
     parser.add_argument("--discrete", action="store_true", help="the discrete mixed sets, IQL (paper order) vs BC")
     parser.add_argument("--seeds", type=int, default=3)
@@ -79,7 +81,8 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=None, help="default 5000")
     parser.add_argument("--eval-episodes", type=int, default=None, help="default 10 (maze: the preset's 100)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
+                        help="force the compiled (--compile) or eager (--no-compile) step; default: the main job's auto")
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
                         help="hidden layer widths of every network (default: the trainer's, 256 256)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
@@ -356,7 +359,8 @@ def maze_suite(args):
     results, start = [], time.perf_counter()
     for dataset in datasets:
         for goal_input in args.goal_inputs:
-            for method, overrides in MAZE_METHODS.items():
+            for method in args.maze_methods:
+                overrides = MAZE_METHODS[method]
                 name = f"{dataset.split('/')[-1]}-goal-{goal_input}-{method.split()[0]}-{'-'.join(map(str, overrides.values())) or 'auto'}"
                 config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, num_seeds=args.seeds,
                                 device=args.device, compile=args.compile, output_dir=out / name, logger="none",

@@ -15,12 +15,12 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from torch import Tensor, nn
 
 from iql_torchrl.loss import IQLLoss
-from iql_torchrl.update import NETWORKS
+from iql_torchrl.update import OPTIMIZER_GROUPS
 
 __all__ = ["SeedEnsemble"]
 
-_PARAMETER_NAMES = (*NETWORKS.values(), "target_qvalue")  # the loss's "<name>_network_params"
-_TRAINABLE = tuple(f"{name}_network_params" for name in NETWORKS.values())
+_PARAMETER_NAMES = (*OPTIMIZER_GROUPS.values(), "target_qvalue")  # the loss's "<name>_network_params"
+_TRAINABLE = tuple(f"{name}_network_params" for name in OPTIMIZER_GROUPS.values())
 
 
 class SeedEnsemble(nn.Module):

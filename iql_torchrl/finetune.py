@@ -107,11 +107,13 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
     checkpoint and ends where an uninterrupted run would (the resume rules are
     :mod:`iql_torchrl.resume`'s).
     """
-    offline_run = None
+    offline_run = preset_reason = None
     if not config.resume and config.checkpoint is not None:
         offline_run = load_run_checkpoint(config.checkpoint, map_location="cpu")
         config = adopt_offline_run(config, offline_run)
-    with Run.begin(config, job="finetune", given=given, label="finetune") as run:
+        preset_reason = (f"the offline run {config.checkpoint} trained with it"
+                         + (f" ({offline_run['preset_reason']})" if offline_run.get("preset_reason") else ""))
+    with Run.begin(config, job="finetune", given=given, label="finetune", preset_reason=preset_reason) as run:
         if run.finished:
             return run.finished_summary()
         config = run.config

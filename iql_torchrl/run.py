@@ -94,7 +94,7 @@ def _settings(config, job: str, given: set[str]):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"iql_torchrl: the update step runs {'compiled' if config.compile else 'eager'}: {reason}. "
                   "--compile / --no-compile force it.", file=sys.stderr)
-    if config.compile and (problem := missing_compiler(config.device)) is not None:
+    elif config.compile and (problem := missing_compiler(config.device)) is not None:  # auto checked it already
         raise ConfigError(f"--compile: {problem} (leave out --compile).")
     return config, state
 
@@ -133,16 +133,18 @@ class Run:
 
     # ------------------------------------------------------------------ start
     @classmethod
-    def begin(cls, config, job: str, given: set[str] | None = None, label: str = "") -> Run:
+    def begin(cls, config, job: str, given: set[str] | None = None, label: str = "",
+              preset_reason: str | None = None) -> Run:
         """Checks the settings, locks the run folder and, with ``--resume``, reads its checkpoint.
 
         ``given`` names the fields set on purpose (see :func:`~iql_torchrl.config.parse_cli`);
-        by default, those that differ from the defaults. A finished run comes back with
-        ``run.finished`` set and nothing written.
+        by default, those that differ from the defaults. ``preset_reason`` says why the config's preset
+        was chosen where the config alone cannot (e.g. taken from an earlier run). A finished run
+        comes back with ``run.finished`` set and nothing written.
         """
         given = given_fields(config) | set(given or ())
         config.check()
-        preset_reason = preset_choice(config)[1]
+        preset_reason = preset_reason or preset_choice(config)[1]
         folder = None
         if config.resume and int(os.environ.get("RANK", "0")) == 0:  # the folder's owner: lock it before reading it
             folder = RunFolder.open(config.output_dir)

@@ -33,7 +33,7 @@ from iql_torchrl.loss_checks import nonfinite
 from iql_torchrl.runner import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
 __all__ = [
-    "IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "NETWORKS", "metrics_to_floats", "missing_compiler",
+    "IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "OPTIMIZER_GROUPS", "metrics_to_floats", "missing_compiler",
     "optimizer_settings_problem", "TrainableLoss",
 ]
 
@@ -41,7 +41,7 @@ ORDERS = ("paper", "summed")
 OPTIMIZERS = ("adam", "adamw")
 LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
 # each optimizer group and the loss's name of the network it trains ("<name>_network", "<name>_network_params")
-NETWORKS = {"value": "value", "actor": "actor", "critic": "qvalue"}
+OPTIMIZER_GROUPS = {"value": "value", "actor": "actor", "critic": "qvalue"}
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
 
@@ -50,7 +50,7 @@ class TrainableLoss(Protocol):
     """What :class:`IQLUpdate` reads from the loss it trains: :class:`~iql_torchrl.IQLLoss` has it, and so
     has :class:`~iql_torchrl.ensemble.SeedEnsemble` (K seeds stacked).
 
-    For each network name in :data:`NETWORKS` (``value``, ``actor``, ``qvalue``): ``<name>_network``,
+    For each network the optimizer groups of :data:`OPTIMIZER_GROUPS` train (``value``, ``actor``, ``qvalue``): ``<name>_network``,
     the module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable
     leaves get an optimizer); ``target_qvalue_network_params`` (the soft update's target); the phases, each
     evaluable at given parameters; and the claim on the target update (``claim_target_update()``: the step updates the targets itself).
@@ -194,11 +194,11 @@ class IQLUpdate:
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
 
         # per group: the loss's parameter TensorDict, its trainable leaves, and an Adam holding their state
-        self.param_tds = {group: getattr(loss, f"{name}_network_params") for group, name in NETWORKS.items()}
+        self.param_tds = {group: getattr(loss, f"{name}_network_params") for group, name in OPTIMIZER_GROUPS.items()}
         self.params = {group: _trainable(td) for group, td in self.param_tds.items()}
         self.optimizers = {
             group: _make_optimizer(self.params[group], learning_rates[group], optimizer, weight_decay, device)
-            for group in NETWORKS
+            for group in OPTIMIZER_GROUPS
         }
         self.value_optimizer = self.optimizers["value"]
         self.actor_optimizer = self.optimizers["actor"]
@@ -268,7 +268,7 @@ class IQLUpdate:
     def _summed_step(self, batch_or_indices):
         with torch.no_grad():
             batch = self._batch(batch_or_indices)
-            out = self._descend(tuple(NETWORKS), batch, self.loss.evaluate)
+            out = self._descend(tuple(OPTIMIZER_GROUPS), batch, self.loss.evaluate)
             return self._finish(out)
 
     def _batch(self, batch_or_indices):
@@ -324,7 +324,7 @@ class IQLUpdate:
         for g in groups:
             td = self.param_tds[g]
             leaves = iter(tensors[g])
-            params[NETWORKS[g]] = TensorDict(
+            params[OPTIMIZER_GROUPS[g]] = TensorDict(
                 {key: next(leaves) if _is_trainable(v) else v for key, v in td.items(True, True)},
                 batch_size=td.batch_size,
             )
@@ -434,7 +434,7 @@ def _summed_losses(result) -> Tensor:
 
 
 def _networks(loss: TrainableLoss):
-    for name in NETWORKS.values():
+    for name in OPTIMIZER_GROUPS.values():
         yield from getattr(loss, f"{name}_network").modules()
 
 

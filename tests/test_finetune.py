@@ -219,6 +219,9 @@ def test_fine_tuning_starts_from_an_offline_run(tiny_datasets, tmp_path):
     summary = finetune(config)
     assert summary["offline_steps"] == 30 and summary["updates"] == 30 + 96  # the offline run's steps and networks
     assert summary["started_from"] == str(offline_dir)
+    # the preset is the offline run's, and the reason says so (not "--preset mujoco given")
+    assert summary["preset"] == offline["preset"] == "mujoco"
+    assert summary["preset_reason"] == f"the offline run {offline_dir} trained with it ({offline['preset_reason']})"
     # the same policy, the same evaluation episodes: the offline run's final score, before any online step
     assert summary["offline_normalized_score"] == offline["normalized_score"]
     state = load_checkpoint(tmp_path / "finetuned" / CHECKPOINT_NAME)
