@@ -3,13 +3,11 @@ the preset that follows the dataset."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from tensordict import TensorDict
 
 pytest.importorskip("gymnasium_robotics")
 
@@ -18,11 +16,6 @@ from iql_torchrl.data import DatasetError, OfflineDataMetadata, load_minari_data
 from iql_torchrl.datasets import build_dataset, check_recipe
 from iql_torchrl.datasets.maze import (
     MAZE_BUILDERS,
-    MAZES,
-    WaypointController,
-    cell_center,
-    cell_distances,
-    cell_of,
     check_no_start_to_goal_episode,
     collect_maze_episodes,
     collection_env_spec,
@@ -30,6 +23,7 @@ from iql_torchrl.datasets.maze import (
     eval_env_spec,
     maze_reference_returns,
 )
+from iql_torchrl.datasets.maze_geometry import MAZES, WaypointController, cell_center, cell_distances, cell_of
 from iql_torchrl.evaluation import check_evaluation_env, evaluate_policy, summarize_seeds
 
 UMAZE, MEDIUM, STITCH = ("iql_torchrl/pointmaze/umaze-v0", "iql_torchrl/pointmaze/medium-v0",

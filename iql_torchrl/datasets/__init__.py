@@ -2,7 +2,8 @@
 
 See :mod:`iql_torchrl.datasets.builders` for the dataset ids and recipes,
 :mod:`iql_torchrl.datasets.controllers` for the scripted experts and :mod:`iql_torchrl.datasets.maze`
-for the sparse-reward PointMaze sets (``iql_torchrl/pointmaze/{umaze,medium,large,medium-stitch}-v0``).
+for the sparse-reward PointMaze sets (``iql_torchrl/pointmaze/{umaze,medium,large,medium-stitch}-v0``;
+:mod:`iql_torchrl.datasets.maze_geometry` for the maps and the waypoint controller).
 Command line::
 
     python -m iql_torchrl.datasets list
@@ -36,7 +37,8 @@ from iql_torchrl.datasets.controllers import (
     ReacherExpert,
     make_expert,
 )
-from iql_torchrl.datasets.maze import MAZE_BUILDERS, MAZES, MazeRecipe, WaypointController
+from iql_torchrl.datasets.maze import MAZE_BUILDERS, MazeRecipe
+from iql_torchrl.datasets.maze_geometry import MAZES, WaypointController
 
 __all__ = [
     "BUILDERS",
