@@ -294,14 +294,18 @@ def awr_diagnostics(run_dir: Path) -> dict:
     data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
                                                   normalize_observations=config.normalize_observations,
                                                   goal_in_observation=config.goal_in_observation()))
-    clamped, advantage = [], []
+    clamped, advantage, value = [], [], []
     warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
     with torch.no_grad():
         for i in range(num_seeds):
             out = ensemble.seed_loss(i)(data.clone())
             clamped.append(float(out["awr_weight_clamped_frac"]))
             advantage.append(float(out["advantage_mean"]))
-    return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage)}
+            value.append(float(out["value_mean"]))
+    # no return exceeds max |r| / (1 - γ): a mean V above it means the critics have diverged
+    bound = float(data["next", "reward"].abs().max()) / (1 - config.gamma) if config.gamma < 1 else float("inf")
+    return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage),
+            "value_mean": statistics.fmean(value), "value_bound": bound}
 
 
 def diagnostic_table(results, args, key: str, title: str, fmt) -> str:
@@ -375,6 +379,7 @@ def maze_suite(args):
                 r = results[-1]
                 print(f"{dataset:<40} goal {goal_input:<3} {method:<18} {r['mean']:6.1f} ± {r['std']:4.1f}  success "
                       f"{100 * r['success_rate']:5.1f}%  clamp {100 * r['awr_clamped_frac']:.1f}%  "
+                      f"mean V {r['value_mean']:.1f} (bound {r['value_bound']:.0f})  "
                       f"τ {r['expectile']} β {r['temperature']}  {r['seconds']:.0f} s", flush=True)
     print("\n" + maze_table(results, args))
     report = {"suite": "maze", "steps": args.steps, "seeds": args.seeds, "device": args.device,
