@@ -41,7 +41,7 @@ from iql_torchrl.checkpoint import (
     save_checkpoint,
 )
 from iql_torchrl.config import PRESETS, ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
-from iql_torchrl.data import load_minari_dataset
+from iql_torchrl.data import buffer_transitions, load_minari_dataset
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
 from iql_torchrl.distributed import setup_distributed
 from iql_torchrl.evaluation import (
@@ -130,6 +130,8 @@ class Run:
         self.metadata = self.fingerprint = None
         self.last_values = {"loss_qvalue": float("nan")}
         self.compile_pending = False
+        self.value_bound = None  # the largest |return| the offline data's rewards allow (offline job)
+        self.values_beyond_bound_at = None  # the first logged step whose mean V exceeded it
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -209,6 +211,8 @@ class Run:
         )
         self.metadata = buffer.metadata
         self.fingerprint = data_fingerprint(dataset, self.metadata)
+        if self.job == "offline":  # fine-tuning adds online rewards the bound does not know
+            self.value_bound = return_bound(buffer_transitions(buffer)["next", "reward"], config.gamma)
         if fingerprint is not None:
             check_same_data(fingerprint, self.fingerprint)
         if ctx.is_main:
@@ -236,13 +240,15 @@ class Run:
             update.load_state_dict(self.state["update"])
             restore_rng(self.state["rng"][self.ctx.rank], generators)
             self.step, self.curve = self.state["step"], self.state["curve"]
+            self.values_beyond_bound_at = self.state.get("values_beyond_bound_at")
             self.last_checkpoint_step = self.step
 
     def read_metrics(self, metrics, extra: dict | None = None) -> dict:
-        """The interval's one host sync: metrics to floats, the non-finite guard, the log."""
+        """The interval's one host sync: metrics to floats, the non-finite guard, the value-bound watch, the log."""
         values = metrics_to_floats(metrics)
         self.timing.pause()
         self.guard()
+        self.watch_value_bound(values)
         self.last_values = values
         log_values(self.logger, {**values, **(extra or {})}, self.step)
         return values
@@ -253,6 +259,22 @@ class Run:
         if report is not None:
             raise NonFiniteLossError(f"Training stopped: {report}. {self._kept()} "
                                      "Try a lower --lr or check the dataset for extreme values.")
+
+    def watch_value_bound(self, values: dict) -> None:
+        """Warns once when the mean V(s) of a logged batch exceeds the largest |return| the data's rewards
+        allow (max |r| / (1 − γ)): no policy earns it, so the value estimates are diverging."""
+        value = values.get("value_mean")
+        if self.value_bound is None or self.values_beyond_bound_at is not None or value is None:
+            return
+        if abs(value) > self.value_bound:
+            self.values_beyond_bound_at = self.step
+            warnings.warn(
+                f"Update {self.step}: the mean V(s) of the batch is {value:.4g}, beyond {self.value_bound:.4g}, the "
+                f"largest |return| the data's rewards allow (max |r| / (1 - gamma)): the value estimates are diverging "
+                "and the policy usually degrades from here. Seen with a high --expectile on long tasks without "
+                "terminal states (README, 'Sparse rewards and stitching'): try a lower --expectile or fewer --steps.",
+                stacklevel=2,
+            )
 
     def _kept(self) -> str:
         if self.last_checkpoint_step is None:
@@ -284,6 +306,7 @@ class Run:
                 "data": self.fingerprint,
                 "config": config_to_dict(self.config),
                 "preset_reason": self.preset_reason,
+                "values_beyond_bound_at": self.values_beyond_bound_at,
                 "version": iql_torchrl.__version__,
                 **self.extra_state(),
             })
@@ -392,6 +415,7 @@ class Run:
         return {
             **{k: last[k] for k in ("normalized_score", "normalized_score_std", "return_mean", "return_std", "per_seed")},
             "success_rate": last.get("success_rate"), "preset_reason": self.preset_reason,
+            "value_bound": self.value_bound, "values_beyond_bound_at": self.values_beyond_bound_at,
             "eval_episodes": self.config.eval_episodes,
             "updates_per_second": self.timing.updates_per_second,
             "compile_seconds": self.timing.compile_seconds if self.config.compile or self.config.cudagraphs else None,
@@ -410,6 +434,11 @@ class Run:
                 self.logger.experiment.finish()
         self.ctx.barrier()
         return summary if self.ctx.is_main else {}
+
+
+def return_bound(rewards: torch.Tensor, gamma: float) -> float | None:
+    """The largest |discounted return| rewards like these allow, max |r| / (1 − γ); None for γ = 1."""
+    return float(rewards.abs().max()) / (1 - gamma) if gamma < 1 else None
 
 
 def restart_progress_clock(bar, desc: str) -> None:

@@ -184,3 +184,43 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_final_parameters(tiny_dat
     assert a["step"] == b["step"] == 600
     for key in a["loss"]:
         assert torch.equal(a["loss"][key], b["loss"][key]), key
+
+
+def test_values_beyond_the_largest_return_the_data_allows_are_reported_once(tiny_datasets, tmp_path, monkeypatch):
+    # the trainer's copy of the data gets rewards 1000 times the loaded ones: the critics learn returns no
+    # policy on the loaded data earns, and the run says so (max |r| / (1 - γ) from the loaded data)
+    import warnings
+
+    import iql_torchrl.trainer as trainer
+    from iql_torchrl.data import buffer_transitions, load_minari_dataset
+
+    loaded = buffer_transitions(load_minari_dataset(tiny_datasets.pendulum, reward_transform="locomotion"))
+    gamma = 0.5
+    bound = float(loaded["next", "reward"].abs().max()) / (1 - gamma)
+    real_transitions = trainer.buffer_transitions
+
+    def inflated(buffer):
+        data = real_transitions(buffer)
+        data["next", "reward"] *= 1000
+        return data
+
+    settings = dict(TINY, steps=60, log_every=10, eval_every=60, gamma=gamma, tau=1.0, lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "plain", **settings))
+    assert plain["value_bound"] == pytest.approx(bound, rel=1e-6)
+    assert plain["values_beyond_bound_at"] is None
+    assert not [w for w in caught if "diverging" in str(w.message)]
+
+    monkeypatch.setattr(trainer, "buffer_transitions", inflated)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "inflated", **settings))
+    said = [str(w.message) for w in caught if "diverging" in str(w.message)]
+    assert len(said) == 1 and f"beyond {bound:.4g}" in said[0]  # once, with the data's bound
+    assert summary["values_beyond_bound_at"] in range(10, 61, 10)
+    logged = {int(step): float(v) for step, v in
+              (line.split(",") for line in (tmp_path / "inflated").glob("logs/*/scalars/value_mean.csv").__next__()
+               .read_text().split())}
+    first = min(step for step, v in logged.items() if abs(v) > bound)
+    assert summary["values_beyond_bound_at"] == first  # the first logged step beyond the bound, not a later one
