@@ -66,7 +66,8 @@ def make_update(config: RunConfig, loss, data, *, total_steps: int | None, distr
     return IQLUpdate(
         loss, total_steps=total_steps, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data,
         autocast_dtype=torch.bfloat16 if config.bf16 else None, grad_hook=all_reduce_gradients if distributed else None,
-        compile_cache=default_cache_folder(), **config.optimizer_settings(),
+        # a step of several seeds is vmapped, and torch cannot serialise a compiled vmapped graph: not cached
+        compile_cache=None if isinstance(loss, SeedEnsemble) else default_cache_folder(), **config.optimizer_settings(),
     )
 
 

@@ -1,0 +1,99 @@
+"""How the value estimates of IQL grow on a maze, beside its score: one run per expectile.
+
+Each run is the main job (one seed, the dataset's auto preset unless ``--expectiles`` overrides τ)
+with the logger on, so the mean V(s) of the logged batches is read back from the run's CSV logs
+and drawn against ``value_bound`` (max |r| / (1 − γ) of the data: no return exceeds it), with the
+normalized score and the success rate of each evaluation::
+
+    python benchmarks/bench_maze_values.py --dataset iql_torchrl/pointmaze/medium-stitch-v0 \\
+        --expectiles 0.9 0.7 --steps 50000 --json results_maze_values.json --png maze_values.png
+    python benchmarks/bench_maze_values.py --runs RUN_DIR [RUN_DIR ...] --png maze_values.png   # plot only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run_one(dataset: str, expectile: float | None, steps: int, seed: int, out: Path) -> Path:
+    from iql_torchrl.trainer import Config, train
+
+    overrides = {"expectile": expectile} if expectile is not None else {}
+    train(Config(dataset=dataset, steps=steps, seed=seed, eval_every=max(1, steps // 10), log_every=max(1, steps // 50),
+                 checkpoint_every=steps, output_dir=out, logger="csv", progress=False, **overrides))
+    return out
+
+
+def read_run(run_dir: Path) -> dict:
+    """A finished run's summary fields and its logged mean V per update."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    csv = next(run_dir.glob("logs/*/scalars/value_mean.csv"))
+    values = [(int(step), float(v)) for step, v in (line.split(",") for line in csv.read_text().split())]
+    return {"run_dir": str(run_dir), "dataset": summary["dataset"], "expectile": summary["expectile"],
+            "temperature": summary["temperature"], "value_bound": summary.get("value_bound"),
+            "values_beyond_bound_at": summary.get("values_beyond_bound_at"), "value_mean": values,
+            "curve": [{"step": p["step"], "normalized_score": p["normalized_score"], "success_rate": p.get("success_rate")}
+                      for p in summary["curve"]]}
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_v, ax_s) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    for r in results:
+        label = f"τ {r['expectile']:g}, β {r['temperature']:g}"
+        line, = ax_v.plot(*zip(*r["value_mean"]), label=label)
+        steps = [p["step"] for p in r["curve"]]
+        ax_s.plot(steps, [p["normalized_score"] for p in r["curve"]], marker="o", ms=3, color=line.get_color(),
+                  label=f"{label}: score")
+        ax_s.plot(steps, [100 * (p["success_rate"] or 0.0) for p in r["curve"]], ls="--", color=line.get_color(),
+                  label=f"{label}: success %")
+    bound = next((r["value_bound"] for r in results if r["value_bound"] is not None), None)
+    if bound is not None:
+        ax_v.axhline(bound, color="gray", ls="--", lw=1, label=f"max |r| / (1 − γ) = {bound:g}")
+    ax_v.set(xlabel="updates", ylabel="mean V(s) of the logged batch", title="value estimates")
+    ax_s.set(xlabel="updates", ylabel="normalized score / success %", title=results[0]["dataset"].split("/")[-1])
+    for ax in (ax_v, ax_s):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="iql_torchrl/pointmaze/medium-stitch-v0")
+    parser.add_argument("--expectiles", type=float, nargs="+", default=[None],
+                        help="one run per value (default: one run with the preset's τ)")
+    parser.add_argument("--steps", type=int, default=50_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", nargs="+", default=None, help="plot these finished run folders instead of training")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--json", default="results_maze_values.json")
+    parser.add_argument("--png", default="maze_values.png")
+    args = parser.parse_args(argv)
+    if args.runs:
+        run_dirs = [Path(r) for r in args.runs]
+    else:
+        out = Path(args.out or tempfile.mkdtemp(prefix="bench_maze_values_"))
+        run_dirs = [run_one(args.dataset, tau, args.steps, args.seed, out / f"tau-{tau}") for tau in args.expectiles]
+    results = [read_run(d) for d in run_dirs]
+    for r in results:
+        peak = max(r["curve"], key=lambda p: p["normalized_score"])
+        print(f"τ {r['expectile']:g} β {r['temperature']:g}: final mean V {r['value_mean'][-1][1]:.1f} (bound "
+              f"{r['value_bound']}, passed at {r['values_beyond_bound_at']}), score peak {peak['normalized_score']:.1f} "
+              f"at {peak['step']}, final {r['curve'][-1]['normalized_score']:.1f}")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    plot(results, args.png)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
