@@ -268,6 +268,8 @@ class Run:
             return
         if abs(value) > self.value_bound:
             self.values_beyond_bound_at = self.step
+            if not self.ctx.is_main:  # rank 0 speaks for the run
+                return
             warnings.warn(
                 f"Update {self.step}: the mean V(s) of the batch is {value:.4g}, beyond {self.value_bound:.4g}, the "
                 f"largest |return| the data's rewards allow (max |r| / (1 - gamma)): the value estimates are diverging "
