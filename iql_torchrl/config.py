@@ -83,11 +83,20 @@ def preset_choice(config) -> tuple[str, str]:
     return config.preset, f"--preset {config.preset} given"
 
 
-def describe_preset(name: str, reason: str) -> str:
-    """One console line: the preset, its values and why it was chosen."""
+def describe_preset(name: str, reason: str, config=None) -> str:
+    """One console line: the preset, its values and why it was chosen; with the run's (resolved) ``config``,
+    a value the run overrides reads ``expectile 0.5 (--expectile; the preset's 0.9)``."""
     preset = PRESETS[name]
-    return (f"preset {name} (expectile {preset.expectile}, temperature {preset.temperature}, reward transform "
+
+    def value(field: str) -> str:
+        own = getattr(config, field, None)
+        if own is None or own == getattr(preset, field):
+            return f"{field} {getattr(preset, field)}"
+        return f"{field} {own} (--{field}; the preset's {getattr(preset, field)})"
+
+    return (f"preset {name} ({value('expectile')}, {value('temperature')}, reward transform "
             f"{preset.reward_transform}): {reason}")
+
 
 # Settings that do not shape what a run learns: a resumed run may change them.
 RUN_NEUTRAL_SETTINGS = (

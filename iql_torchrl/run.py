@@ -172,7 +172,7 @@ class Run:
         run = cls(config, job, ctx, folder, Path(path[0]), state)
         run.preset_reason = state.get("preset_reason", "the run's checkpoint") if state else preset_reason
         if ctx.is_main and not run.finished:
-            print(describe_preset(config.preset, run.preset_reason), file=sys.stderr)
+            print(describe_preset(config.preset, run.preset_reason, config), file=sys.stderr)
         return run
 
     def __enter__(self) -> Run:

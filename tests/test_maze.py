@@ -322,3 +322,13 @@ def test_a_run_names_its_preset_and_the_reason(tiny_datasets, tmp_path, capsys):
     assert summary["preset"] == "mujoco" and "declares the mujoco preset" in summary["preset_reason"]
     assert "preset mujoco (expectile 0.7, temperature 3.0" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["preset_reason"] == summary["preset_reason"]
+
+
+def test_the_preset_line_shows_the_values_the_run_overrides(tiny_datasets, tmp_path, capsys):
+    from iql_torchrl.trainer import Config, train
+
+    train(Config(dataset=tiny_datasets.pendulum, steps=2, eval_every=2, eval_episodes=1, log_every=2, expectile=0.5,
+                 output_dir=tmp_path / "run", progress=False, logger="none", device="cpu", hidden_sizes=(8,)))
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("preset mujoco"))
+    # the run's τ and the preset's, not the preset's alone; β as the preset has it
+    assert line.startswith("preset mujoco (expectile 0.5 (--expectile; the preset's 0.7), temperature 3.0, ")
