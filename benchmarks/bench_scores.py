@@ -278,19 +278,18 @@ def awr_diagnostics(run_dir: Path) -> dict:
 
     import torch
 
-    from iql_torchrl.build import build_loss
+    from iql_torchrl.build import build_seed_losses
     from iql_torchrl.checkpoint import load_run_checkpoint
     from iql_torchrl.config import PRESETS, RunConfig, config_from_dict
     from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, load_minari_dataset
-    from iql_torchrl.ensemble import SeedEnsemble
 
     state = load_run_checkpoint(run_dir, map_location="cpu")
     config = config_from_dict(RunConfig, state["config"])
     config.device, config.output_dir = "cpu", None
     num_seeds = state["config"].get("num_seeds", 1)
     metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
-    ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(num_seeds)])
-    ensemble.load_state_dict(state["loss"])
+    loss = build_seed_losses(config, metadata, list(range(num_seeds)), "cpu")  # one seed: a plain IQLLoss, as trained
+    loss.load_state_dict(state["loss"])
     data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
                                                   normalize_observations=config.normalize_observations,
                                                   goal_in_observation=config.goal_in_observation()))
@@ -298,14 +297,12 @@ def awr_diagnostics(run_dir: Path) -> dict:
     warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
     with torch.no_grad():
         for i in range(num_seeds):
-            out = ensemble.seed_loss(i)(data.clone())
+            out = (loss if num_seeds == 1 else loss.seed_loss(i))(data.clone())
             clamped.append(float(out["awr_weight_clamped_frac"]))
             advantage.append(float(out["advantage_mean"]))
             value.append(float(out["value_mean"]))
-    # no return exceeds max |r| / (1 - γ): a mean V above it means the critics have diverged
-    bound = float(data["next", "reward"].abs().max()) / (1 - config.gamma) if config.gamma < 1 else float("inf")
     return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage),
-            "value_mean": statistics.fmean(value), "value_bound": bound}
+            "value_mean": statistics.fmean(value)}
 
 
 def diagnostic_table(results, args, key: str, title: str, fmt) -> str:
@@ -408,6 +405,7 @@ def maze_run(config: Config, run_dir: Path) -> dict:
             "success_rates": rates, "success_rate": statistics.fmean(rates),
             "expectile": summary["expectile"], "temperature": summary["temperature"], "preset": summary["preset"],
             "eval_episodes": summary["eval_episodes"], "updates_per_second": summary["updates_per_second"],
+            "value_bound": summary["value_bound"],  # max |r| / (1 - γ) of the run's data: no return exceeds it
             "curve": [{"step": p["step"], "normalized_score": p["normalized_score"], "success_rate": p.get("success_rate")}
                       for p in summary["curve"]],
             "seconds": time.perf_counter() - t0, **awr_diagnostics(run_dir)}

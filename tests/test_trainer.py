@@ -219,8 +219,7 @@ def test_values_beyond_the_largest_return_the_data_allows_are_reported_once(tiny
     said = [str(w.message) for w in caught if "diverging" in str(w.message)]
     assert len(said) == 1 and f"beyond {bound:.4g}" in said[0]  # once, with the data's bound
     assert summary["values_beyond_bound_at"] in range(10, 61, 10)
-    logged = {int(step): float(v) for step, v in
-              (line.split(",") for line in (tmp_path / "inflated").glob("logs/*/scalars/value_mean.csv").__next__()
-               .read_text().split())}
+    csv = next((tmp_path / "inflated").glob("logs/*/scalars/value_mean.csv"))
+    logged = {int(step): float(v) for step, v in (line.split(",") for line in csv.read_text().split())}
     first = min(step for step, v in logged.items() if abs(v) > bound)
     assert summary["values_beyond_bound_at"] == first  # the first logged step beyond the bound, not a later one
