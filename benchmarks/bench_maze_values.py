@@ -1,6 +1,7 @@
 """How the value estimates of IQL grow on a maze, beside its score: one run per expectile.
 
-Each run is the main job (one seed, the dataset's auto preset unless ``--expectiles`` overrides τ)
+Each run is the main job (one seed, the dataset's auto preset unless ``--expectiles`` / ``--temperature``
+override τ / β)
 with the logger on, so the mean V(s) of the logged batches is read back from the run's CSV logs
 and drawn against ``value_bound`` (max |r| / (1 − γ) of the data: no return exceeds it), with the
 normalized score and the success rate of each evaluation::
@@ -18,10 +19,12 @@ import tempfile
 from pathlib import Path
 
 
-def run_one(dataset: str, expectile: float | None, steps: int, seed: int, out: Path) -> Path:
+def run_one(dataset: str, expectile: float | None, temperature: float | None, steps: int, seed: int, out: Path) -> Path:
     from iql_torchrl.trainer import Config, train
 
     overrides = {"expectile": expectile} if expectile is not None else {}
+    if temperature is not None:
+        overrides["temperature"] = temperature
     train(Config(dataset=dataset, steps=steps, seed=seed, eval_every=max(1, steps // 10), log_every=max(1, steps // 50),
                  checkpoint_every=steps, output_dir=out, logger="csv", progress=False, **overrides))
     return out
@@ -72,6 +75,7 @@ def main(argv=None):
     parser.add_argument("--dataset", default="iql_torchrl/pointmaze/medium-stitch-v0")
     parser.add_argument("--expectiles", type=float, nargs="+", default=[None],
                         help="one run per value (default: one run with the preset's τ)")
+    parser.add_argument("--temperature", type=float, default=None, help="β of every run (default: the preset's)")
     parser.add_argument("--steps", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", nargs="+", default=None, help="plot these finished run folders instead of training")
@@ -83,7 +87,7 @@ def main(argv=None):
         run_dirs = [Path(r) for r in args.runs]
     else:
         out = Path(args.out or tempfile.mkdtemp(prefix="bench_maze_values_"))
-        run_dirs = [run_one(args.dataset, tau, args.steps, args.seed, out / f"tau-{tau}") for tau in args.expectiles]
+        run_dirs = [run_one(args.dataset, tau, args.temperature, args.steps, args.seed, out / f"tau-{tau}") for tau in args.expectiles]
     results = [read_run(d) for d in run_dirs]
     for r in results:
         peak = max(r["curve"], key=lambda p: p["normalized_score"])

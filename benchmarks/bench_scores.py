@@ -91,14 +91,23 @@ def main(argv=None):
     parser.add_argument("--compile-vs-eager", action="store_true",
                         help="IQL (paper order) eager and compiled instead of the methods")
     parser.add_argument("--sweep", action="store_true", help="τ × β grid on the first dataset instead of the methods")
-    parser.add_argument("--expectiles", type=float, nargs="+", default=list(SWEEP_EXPECTILES))
-    parser.add_argument("--temperatures", type=float, nargs="+", default=list(SWEEP_TEMPERATURES))
+    parser.add_argument("--expectiles", type=float, nargs="+", default=None,
+                        help=f"--sweep: default {SWEEP_EXPECTILES} (maze: {MAZE_SWEEP['expectiles']})")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=None,
+                        help=f"--sweep: default {SWEEP_TEMPERATURES} (maze: {MAZE_SWEEP['temperatures']})")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="with --sweep: train nothing, join the cells of sweeps run in parts (their JSON, "
                              "or their --out folders for parts stopped early) into one table")
     args = parser.parse_args(argv)
     args.steps = args.steps or (50_000 if args.suite == "maze" else 5000)
     args.eval_every = args.eval_every or 5000
+    grid = MAZE_SWEEP if args.suite == "maze" else dict(expectiles=SWEEP_EXPECTILES, temperatures=SWEEP_TEMPERATURES)
+    args.expectiles = args.expectiles or list(grid["expectiles"])
+    args.temperatures = args.temperatures or list(grid["temperatures"])
+    if args.suite == "maze" and args.sweep:  # the maze sweep alone, or its parts joined
+        args.datasets = [MAZE_SWEEP["dataset"]]
+        args.eval_episodes = args.eval_episodes or 100
+        return merge_sweeps(args) if args.merge else sweep(args)
     if args.suite == "maze":
         return maze_suite(args)
     args.eval_episodes = args.eval_episodes or 10
@@ -186,6 +195,7 @@ def plot(results, path, args):
 def sweep(args):
     """IQL (paper order) on ``args.datasets[0]`` for every (τ, β); table, JSON and heat map."""
     dataset = args.datasets[0]
+    maze = args.suite == "maze"
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
     results = []
     start = time.perf_counter()
@@ -197,12 +207,15 @@ def sweep(args):
                 # change the policy (same seeds, same batches, same scores); trained once
                 results.append({**cloned, "expectile": expectile, "seconds": 0.0, "same_run_as_expectile": cloned["expectile"]})
                 continue
+            run_dir = out / f"tau{expectile}-beta{temperature}"
+            # a maze cell keeps its CSV logs: the mean V(s) of the logged batches, beside the score
             config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                            num_seeds=args.seeds, device=args.device, compile=args.compile, logger="none",
-                            progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
-                            output_dir=out / f"tau{expectile}-beta{temperature}", order="paper",
+                            num_seeds=args.seeds, device=args.device, compile=args.compile,
+                            logger="csv" if maze else "none", progress=False, checkpoint_every=args.steps,
+                            log_every=max(1, args.steps // (50 if maze else 10)), output_dir=run_dir, order="paper",
                             expectile=expectile, temperature=temperature)
-            results.append({"expectile": expectile, "temperature": temperature, **seed_scores(config)})
+            cell = maze_run(config, run_dir) if maze else seed_scores(config)
+            results.append({"expectile": expectile, "temperature": temperature, **cell})
             print(f"τ={expectile:<4} β={temperature:<5} {results[-1]['mean']:7.1f} ± {results[-1]['std']:5.1f}  "
                   f"({', '.join(f'{s:.1f}' for s in results[-1]['scores'])})  {results[-1]['seconds']:.0f} s", flush=True)
     total = time.perf_counter() - start
@@ -261,8 +274,11 @@ def _sweep_part(path: Path) -> dict:
         raise SystemExit(f"{path}: neither a sweep JSON nor a folder of finished runs")
     results = []
     for summary in summaries:
-        scores = [s["normalized_score"] for s in summary["per_seed"]]
         run_dir = path / f"tau{summary['expectile']}-beta{summary['temperature']}"
+        if summary.get("success_rate") is not None:  # a goal task: what the maze sweep records
+            results.append(maze_result(summary, run_dir, seconds=summary["wall_seconds"]))
+            continue
+        scores = [s["normalized_score"] for s in summary["per_seed"]]
         results.append({"expectile": summary["expectile"], "temperature": summary["temperature"], "scores": scores,
                         "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
                         "seconds": summary["wall_seconds"], **awr_diagnostics(run_dir)})
@@ -328,14 +344,17 @@ def sweep_table(results, args) -> str:
 
 
 def plot_sweep(results, path, args):
+    """The heat map of final scores; for the maze sweep, beside it each cell's score and mean V(s) over updates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = any(r.get("curve") for r in results)
+    fig, axes = plt.subplots(1, 3 if curves else 1, figsize=(15 if curves else 6, 3.8), dpi=120, squeeze=False)
+    ax = axes[0][0]
     grid = _grid(results, args)
     means = [[r["mean"] for r in row] for row in grid]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     image = ax.imshow(means, cmap="viridis", vmin=0, vmax=max(100.0, max(map(max, means))), aspect="auto")
     for i, row in enumerate(grid):
         for j, r in enumerate(row):
@@ -345,6 +364,26 @@ def plot_sweep(results, path, args):
     ax.set_yticks(range(len(args.expectiles)), [f"τ = {e:g}" for e in args.expectiles])
     ax.set_title(f"normalized score, {args.datasets[0]}\n({args.steps} updates, {args.seeds} seeds, mean ± std)", fontsize=9)
     fig.colorbar(image, ax=ax)
+    if curves:
+        ax_s, ax_v = axes[0][1], axes[0][2]
+        for r in results:
+            ax_s.plot([p["step"] / 1000 for p in r["curve"]], [p["normalized_score"] for p in r["curve"]],
+                      marker="o", ms=3, label=f"τ {r['expectile']:g}, β {r['temperature']:g}")
+        # V and Q never read the actor: one value curve per τ, whatever β (same seeds, same batches)
+        for expectile in args.expectiles:
+            r = next((r for r in results if r["expectile"] == expectile and r.get("value_curve")), None)
+            if r is not None:
+                ax_v.plot([step / 1000 for step, _ in r["value_curve"]], [v for _, v in r["value_curve"]],
+                          label=f"τ {expectile:g} (every β)")
+        bound = next((r["value_bound"] for r in results if r.get("value_bound") is not None), None)
+        if bound is not None:
+            ax_v.axhline(bound, color="gray", ls="--", lw=1, label=f"max |r| / (1 − γ) = {bound:g}")
+        ax_s.set(xlabel="updates (thousands)", ylabel=f"normalized score (mean of {args.seeds} seeds)", title="evaluations")
+        ax_v.set(xlabel="updates (thousands)", ylabel="mean V(s), logged batches",
+                 title="value estimates", yscale="symlog", ylim=(0, None))
+        for a in (ax_s, ax_v):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -399,16 +438,27 @@ def maze_run(config: Config, run_dir: Path) -> dict:
     """One vmapped run: each seed's final score and success rate, the mean curve, the AWR clamp share."""
     t0 = time.perf_counter()
     summary = train(config)
+    return maze_result(summary, run_dir, seconds=time.perf_counter() - t0)
+
+
+def maze_result(summary: dict, run_dir: Path, seconds: float) -> dict:
+    """A finished maze run's scores, success rates, curve, value bound, logged mean V(s) (with the CSV
+    logger) and AWR diagnostics."""
     scores = [s["normalized_score"] for s in summary["per_seed"]]
     rates = [s.get("success_rate") or 0.0 for s in summary["per_seed"]]
+    csv = next(run_dir.glob("logs/*/scalars/value_mean.csv"), None)
+    value_curve = [] if csv is None else [[int(step), float(v)] for step, v in
+                                          (line.split(",") for line in csv.read_text().split())]
     return {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
             "success_rates": rates, "success_rate": statistics.fmean(rates),
             "expectile": summary["expectile"], "temperature": summary["temperature"], "preset": summary["preset"],
             "eval_episodes": summary["eval_episodes"], "updates_per_second": summary["updates_per_second"],
             "value_bound": summary["value_bound"],  # max |r| / (1 - γ) of the run's data: no return exceeds it
+            "values_beyond_bound_at": summary.get("values_beyond_bound_at"),
             "curve": [{"step": p["step"], "normalized_score": p["normalized_score"], "success_rate": p.get("success_rate")}
                       for p in summary["curve"]],
-            "seconds": time.perf_counter() - t0, **awr_diagnostics(run_dir)}
+            "value_curve": value_curve,  # [update, mean V(s) of the logged batch, over seeds]
+            "seconds": seconds, **awr_diagnostics(run_dir)}
 
 
 def maze_table(results, args) -> str:

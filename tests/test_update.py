@@ -365,3 +365,26 @@ def test_a_compiled_step_with_dropout_draws_eager_s_masks_and_leaves_inductor_s_
     after = torch._inductor.config.get_config_copy()
     assert after["fallback_random"] is False
     assert {k: v for k, v in after.items() if before.get(k) != v} == {}
+
+
+@pytest.mark.parametrize("order", ["paper", "summed"])
+def test_v_and_q_train_alike_whatever_the_temperature_since_they_never_read_the_actor(order):
+    # IQL's V and Q losses use dataset actions only, and the AWR weight exp(β·(Q̄ − V)) is a constant to
+    # the actor's loss: two runs that differ only in β, from the same initialisation on the same batches,
+    # must give the same V and Q to the bit, and different actors. A weight with gradient into V or Q
+    # (the advantage not detached) or a target drawn from the actor would make V and Q depend on β.
+    data = dataset()
+    trained = {}
+    for beta in (1.0, 10.0):
+        torch.manual_seed(1)
+        loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16)), temperature=beta)
+        update = IQLUpdate(loss, data=data, order=order, total_steps=20)
+        for idx in index_stream(20):
+            update(idx)
+        trained[beta] = params(loss)
+    low, high = trained[1.0], trained[10.0]
+    critic_keys = [k for k in low if k.startswith(("value_network", "qvalue_network", "target_qvalue_network"))]
+    actor_keys = [k for k in low if k.startswith("actor_network")]
+    assert critic_keys and actor_keys
+    assert all(torch.equal(low[k], high[k]) for k in critic_keys)
+    assert not all(torch.equal(low[k], high[k]) for k in actor_keys)
