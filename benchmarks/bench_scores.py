@@ -28,6 +28,10 @@ success rate and the share of AWR weights at the clamp; a PNG of the learning cu
     python benchmarks/bench_scores.py --suite maze                     # 50k updates a run
     python benchmarks/bench_scores.py --suite maze --datasets iql_torchrl/pointmaze/medium-stitch-v0 \
         --goal-inputs no --steps 5000 --eval-every 1000 --no-maze-sweep     # a small slice
+
+``--suite maze --sweep`` runs the maze sweep alone; ``--expectiles`` / ``--temperatures`` pick its cells, so
+parts can run side by side (one thread each) and ``--merge`` joins their JSON or ``--out`` folders. Each
+maze cell keeps its CSV log: the heat map comes with every cell's score curve and one value curve per τ.
 """
 from __future__ import annotations
 
