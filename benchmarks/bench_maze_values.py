@@ -30,11 +30,20 @@ def run_one(dataset: str, expectile: float | None, temperature: float | None, st
     return out
 
 
+def logged_values(run_dir: Path) -> list[list] | None:
+    """``[update, mean V(s) of the logged batch]`` from a run's CSV logs (over its seeds); None without them."""
+    csv = next(run_dir.glob("logs/*/scalars/value_mean.csv"), None)
+    if csv is None:
+        return None
+    return [[int(step), float(v)] for step, v in (line.split(",") for line in csv.read_text().split())]
+
+
 def read_run(run_dir: Path) -> dict:
     """A finished run's summary fields and its logged mean V per update."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    csv = next(run_dir.glob("logs/*/scalars/value_mean.csv"))
-    values = [(int(step), float(v)) for step, v in (line.split(",") for line in csv.read_text().split())]
+    values = logged_values(run_dir)
+    if values is None:
+        raise SystemExit(f"{run_dir}: no logs/*/scalars/value_mean.csv (the run needs --logger csv)")
     return {"run_dir": str(run_dir), "dataset": summary["dataset"], "expectile": summary["expectile"],
             "temperature": summary["temperature"], "value_bound": summary.get("value_bound"),
             "values_beyond_bound_at": summary.get("values_beyond_bound_at"), "value_mean": values,

@@ -45,6 +45,8 @@ from pathlib import Path
 
 from iql_torchrl.trainer import Config, train
 
+from bench_maze_values import logged_values
+
 DATASETS = ("iql_torchrl/pendulum/mixed-v0", "iql_torchrl/inverted-pendulum/mixed-v0", "iql_torchrl/reacher/mixed-v0")
 # Discrete actions (DiscreteIQLLoss, categorical actor, greedy evaluation): few expert episodes next to
 # many of a systematically wrong policy, which misleads cloning. ``--discrete`` runs these, IQL (paper order) and BC.
@@ -451,9 +453,7 @@ def maze_result(summary: dict, run_dir: Path, seconds: float) -> dict:
     logger) and AWR diagnostics."""
     scores = [s["normalized_score"] for s in summary["per_seed"]]
     rates = [s.get("success_rate") or 0.0 for s in summary["per_seed"]]
-    csv = next(run_dir.glob("logs/*/scalars/value_mean.csv"), None)
-    value_curve = [] if csv is None else [[int(step), float(v)] for step, v in
-                                          (line.split(",") for line in csv.read_text().split())]
+    value_curve = logged_values(run_dir) or []
     return {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
             "success_rates": rates, "success_rate": statistics.fmean(rates),
             "expectile": summary["expectile"], "temperature": summary["temperature"], "preset": summary["preset"],
