@@ -32,6 +32,12 @@ success rate and the share of AWR weights at the clamp; a PNG of the learning cu
 ``--suite maze --sweep`` runs the maze sweep alone; ``--expectiles`` / ``--temperatures`` pick its cells, so
 parts can run side by side (one thread each) and ``--merge`` joins their JSON or ``--out`` folders. Each
 maze cell keeps its CSV log: the heat map comes with every cell's score curve and one value curve per τ.
+
+``--suite maze --merge`` (no ``--sweep``) joins suite runs made in parts (say one dataset, goal input and
+method a process) and the maze sweep's JSON into one table and one figure; a run is named by its τ and β::
+
+    python benchmarks/bench_scores.py --suite maze --merge benchmarks/results_maze_sweep.json part1.json part2.json \
+        --json benchmarks/results_maze.json --png benchmarks/maze_curves.png
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from iql_torchrl.config import PRESETS
 from iql_torchrl.trainer import Config, train
 
 from bench_maze_values import logged_values
@@ -103,8 +110,10 @@ def main(argv=None):
     parser.add_argument("--temperatures", type=float, nargs="+", default=None,
                         help=f"--sweep: default {SWEEP_TEMPERATURES} (maze: {MAZE_SWEEP['temperatures']})")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="with --sweep: train nothing, join the cells of sweeps run in parts (their JSON, "
-                             "or their --out folders for parts stopped early) into one table")
+                        help="train nothing: with --sweep, join the cells of sweeps run in parts (their JSON, "
+                             "or their --out folders for parts stopped early) into one table; with --suite maze alone, "
+                             "join maze suite runs made in parts (their JSON; the maze sweep's JSON gives its goal-out "
+                             "medium-stitch cells) into one table and one figure")
     args = parser.parse_args(argv)
     args.steps = args.steps or (50_000 if args.suite == "maze" else 5000)
     args.eval_every = args.eval_every or 5000
@@ -116,7 +125,7 @@ def main(argv=None):
         args.eval_episodes = args.eval_episodes or 100
         return merge_sweeps(args) if args.merge else sweep(args)
     if args.suite == "maze":
-        return maze_suite(args)
+        return merge_maze(args) if args.merge else maze_suite(args)
     args.eval_episodes = args.eval_episodes or 10
     if args.datasets is None:
         args.datasets = list(DISCRETE_DATASETS if args.discrete else DATASETS)
@@ -417,7 +426,7 @@ def maze_suite(args):
                     config.eval_episodes = args.eval_episodes
                 if args.hidden_sizes:
                     config.hidden_sizes = tuple(args.hidden_sizes)
-                results.append({"dataset": dataset, "goal_input": goal_input, "method": method,
+                results.append({"dataset": dataset, "goal_input": goal_input, "method": method, "steps": args.steps,
                                 **maze_run(config, out / name)})
                 r = results[-1]
                 print(f"{dataset:<40} goal {goal_input:<3} {method:<18} {r['mean']:6.1f} ± {r['std']:4.1f}  success "
@@ -466,38 +475,91 @@ def maze_result(summary: dict, run_dir: Path, seconds: float) -> dict:
             "seconds": seconds, **awr_diagnostics(run_dir)}
 
 
+def maze_method(expectile: float, temperature: float) -> str | None:
+    """The suite's name for a run with these τ and β (cloning whatever τ: β = 0 never reads V), or None."""
+    if temperature == 0.0:
+        return "BC (β = 0)"
+    preset = PRESETS["maze"]
+    for method, overrides in MAZE_METHODS.items():
+        if (overrides.get("expectile", preset.expectile), overrides.get("temperature", preset.temperature)) == (expectile, temperature):
+            return method
+    return None
+
+
+def merge_maze(args):
+    """One table, JSON and figure from maze suite runs made in parts: each part's JSON (a suite's, or the
+    maze sweep's, whose cells are medium-stitch with the goal out). A run is named by its τ and β, not
+    by the label it was saved with (the preset has changed since some runs); runs of no suite method
+    are left out, and where two parts hold the same cell the first given wins."""
+    cells, seeds = {}, set()
+    for path in args.merge:
+        part = json.loads(Path(path).read_text())
+        for r in part["results"]:
+            r = {"dataset": part.get("dataset"), "goal_input": "no", "steps": part["steps"], **r}  # a sweep's cell
+            method = maze_method(r["expectile"], r["temperature"])
+            key = (r["dataset"], r["goal_input"], method)
+            if method is None or key in cells:
+                why = "no suite method" if method is None else f"{cells[key]['part']} gave it first"
+                print(f"left out: {path}: {r['dataset'].split('/')[-1]}, goal {r['goal_input']}, "
+                      f"τ {r['expectile']} β {r['temperature']} ({why})")
+                continue
+            cells[key] = {**r, "method": method, "part": path}
+            seeds.add(part["seeds"])
+    order = {d: i for i, d in enumerate(MAZE_DATASETS)}
+    methods = list(MAZE_METHODS)
+    results = [cells[key] for key in sorted(cells, key=lambda k: (k[1], order.get(k[0], len(order)), methods.index(k[2])))]
+    args.seeds = "/".join(map(str, sorted(seeds)))
+    print(maze_table(results, args))
+    with open(args.json, "w") as f:
+        json.dump({"suite": "maze", "parts": args.merge, "seeds": sorted(seeds), "results": results}, f, indent=2)
+    plot_maze_curves(results, args.png, args)
+    return results
+
+
 def maze_table(results, args) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    lines = [f"| dataset, goal in input ({args.steps} updates, {args.seeds} seeds) | "
-             + " | ".join(f"{m}: score / success" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    """Rows: dataset and goal input (with the run's updates); columns: the methods; "–" where a method was not run."""
+    methods = [m for m in MAZE_METHODS if any(r["method"] == m for r in results)]
+    lines = [f"| dataset, goal in input | updates ({args.seeds} seeds) | "
+             + " | ".join(f"{m}: score / success" for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
     for dataset, goal_input in dict.fromkeys((r["dataset"], r["goal_input"]) for r in results):
-        cells = []
-        for method in methods:
-            r = next(r for r in results if (r["dataset"], r["goal_input"], r["method"]) == (dataset, goal_input, method))
-            cells.append(f"{r['mean']:.1f} ± {r['std']:.1f} / {100 * r['success_rate']:.0f}%")
-        lines.append(f"| `{dataset.split('/')[-1]}`, goal {goal_input} | " + " | ".join(cells) + " |")
+        row = {r["method"]: r for r in results if (r["dataset"], r["goal_input"]) == (dataset, goal_input)}
+        cells = [f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f} / {100 * row[m]['success_rate']:.0f}%" if m in row else "–"
+                 for m in methods]
+        steps = "/".join(f"{s // 1000}k" for s in sorted({r.get("steps", args.steps) for r in row.values()}))
+        lines.append(f"| `{dataset.split('/')[-1]}`, goal {goal_input} | {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_maze_curves(results, path, args):
+    """One panel a dataset (columns) and goal input (rows): each method's mean score over seeds per evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["dataset"], r["goal_input"]) for r in results))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=120, squeeze=False)
-    for ax, (dataset, goal_input) in zip(axes[0], panels):
-        for r in results:
-            if (r["dataset"], r["goal_input"]) == (dataset, goal_input):
-                ax.plot([p["step"] for p in r["curve"]], [p["normalized_score"] for p in r["curve"]], marker="o",
-                        ms=3, label=f"{r['method']}")
-        ax.axhline(100, color="gray", ls="--", lw=1)
-        ax.set_title(f"{dataset.split('/')[-1]}, goal {goal_input}", fontsize=9)
-        ax.set_xlabel("updates")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"normalized score (mean of {args.seeds} seeds)")
-    axes[0][-1].legend(fontsize=7)
+    datasets = sorted(dict.fromkeys(r["dataset"] for r in results), key=lambda d: MAZE_DATASETS.index(d) if d in MAZE_DATASETS else 99)
+    goal_inputs = sorted(dict.fromkeys(r["goal_input"] for r in results))
+    fig, axes = plt.subplots(len(goal_inputs), len(datasets), figsize=(4 * len(datasets), 3.2 * len(goal_inputs)),
+                             dpi=120, squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(MAZE_METHODS)}
+    for row, goal_input in enumerate(goal_inputs):
+        for col, dataset in enumerate(datasets):
+            ax = axes[row][col]
+            for r in results:
+                if (r["dataset"], r["goal_input"]) == (dataset, goal_input):
+                    ax.plot([p["step"] for p in r["curve"]], [p["normalized_score"] for p in r["curve"]], marker="o",
+                            ms=3, color=colors.get(r["method"]),
+                            label=f"{r['method']}: {r['mean']:.1f} / {100 * r['success_rate']:.0f}%")
+            ax.set_title(f"{dataset.split('/')[-1]}, goal {'in' if goal_input == 'yes' else 'out of'} the input", fontsize=9)
+            ax.set_xlabel("updates")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.set_ylim(bottom=0)
+                ax.legend(fontsize=6, title="final score / success", title_fontsize=6)
+            else:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="gray")
+            if col == 0:
+                ax.set_ylabel(f"normalized score\n(mean of {args.seeds} seeds)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
