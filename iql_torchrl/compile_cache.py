@@ -1,8 +1,9 @@
 """Compiled update steps kept on disk: a second run of the same shapes starts without compiling.
 
 An entry is torch's serialised ahead-of-time compiled step (the bytes of
-``AOTCompiledFunction.save_compiled_function``: pickled code and kernels), so an entry is loaded
-only if this user's cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
+``AOTCompiledFunction.save_compiled_function``: pickled code and kernels), after a JSON header with the
+Python values its trace baked in (:mod:`iql_torchrl.baked`), so an entry is loaded only if this user's
+cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
 kept beside the entries (created on first use, readable by its owner only); its name is a hash of
 everything the compiled graph bakes in (the caller's description of the step and its call
 signature, plus torch's and this package's versions and sources, the Python version and the CPU's
@@ -34,6 +35,7 @@ __all__ = ["CompiledStepCache", "default_cache_folder", "entry_key", "describe_o
 _SUFFIX = ".step"
 _KEY_FILE = "secret.key"
 _MAC_BYTES = 32
+_HEADER_BYTES = 8  # the JSON header's length
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -120,8 +122,9 @@ class CompiledStepCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{_SUFFIX}"
 
-    def load(self, key: str, f_globals: dict) -> Callable | None:
-        """The compiled step stored under ``key``, or ``None`` (absent, or removed as untrustworthy)."""
+    def load(self, key: str, f_globals: dict) -> tuple[Callable, list, list] | None:
+        """The compiled step stored under ``key`` with the reads and values it baked in (as given to
+        :meth:`store`), or ``None`` (absent, or removed as untrustworthy)."""
         path = self.path(key)
         try:
             data = path.read_bytes()
@@ -132,14 +135,21 @@ class CompiledStepCache:
         if secret is None or len(data) <= _MAC_BYTES or not hmac.compare_digest(data[:_MAC_BYTES], _mac(secret, payload)):
             return self._discard(path, "its signature does not match this cache's key (corrupt or written elsewhere)")
         try:
-            return torch.compiler.load_compiled_function(io.BytesIO(payload), f_globals=f_globals)
+            header_size = int.from_bytes(payload[:_HEADER_BYTES], "big")
+            header = json.loads(payload[_HEADER_BYTES:_HEADER_BYTES + header_size])
+            step_bytes = payload[_HEADER_BYTES + header_size:]
+            return torch.compiler.load_compiled_function(io.BytesIO(step_bytes), f_globals=f_globals), \
+                header["reads"], header["values"]
         except Exception as error:  # an experimental torch API: any failure means compile anew
             return self._discard(path, f"torch could not load it ({type(error).__name__}: {error})")
 
-    def store(self, key: str, compiled) -> None:
-        """Writes ``compiled`` (an ``AOTCompiledFunction``) under ``key`` atomically; a failure only warns."""
+    def store(self, key: str, compiled, reads: list, values: list) -> None:
+        """Writes ``compiled`` (an ``AOTCompiledFunction``) under ``key`` atomically, with the ``reads`` and
+        ``values`` it baked in (JSON-able); a failure only warns."""
         try:
-            payload = type(compiled).serialize(compiled).serialized_data
+            header = json.dumps({"reads": reads, "values": values}).encode()
+            step_bytes = type(compiled).serialize(compiled).serialized_data
+            payload = len(header).to_bytes(_HEADER_BYTES, "big") + header + step_bytes
             secret = self._secret(create=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".entry.", suffix=".tmp")
             try:

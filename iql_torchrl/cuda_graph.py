@@ -28,9 +28,13 @@ class CudaGraphStep:
 
     The captured graph reads the tensors ``fn`` read when it was captured: state that ``fn``
     keeps must be updated in place (``copy_``), never replaced by new tensors.
+
+    ``baked`` (optional), called right after a capture, returns a function that reads the Python values
+    the capture baked in; before each replay they are read again, and when one changed the graph is
+    dropped and ``fn`` warmed up and captured anew (``captures`` counts the captures).
     """
 
-    def __init__(self, fn, *, warmup: int = 3):
+    def __init__(self, fn, *, warmup: int = 3, baked=None):
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 (a compiled fn compiles there), got {warmup}.")
         self.fn = fn
@@ -39,10 +43,16 @@ class CudaGraphStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_input = None
         self.static_output = None
+        self.baked = baked
+        self.captures = 0
+        self._read_baked = None
+        self._baked_values = None
 
     def __call__(self, x: Tensor | TensorDictBase):
         if not x.is_cuda:
             raise ValueError(f"a CUDA graph step needs its input on a CUDA device, got one on {x.device}.")
+        if self.graph is not None and self._read_baked is not None and self._read_baked() != self._baked_values:
+            self.graph, self.calls = None, 0  # a value the graph baked in changed: warm up (recompile) and capture anew
         if self.graph is None:
             self.calls += 1
             if self.calls <= self.warmup:
@@ -71,3 +81,7 @@ class CudaGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_output = self.fn(self.static_input)
+        self.captures += 1
+        if self.baked is not None:
+            self._read_baked = self.baked()
+            self._baked_values = self._read_baked()

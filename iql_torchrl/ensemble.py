@@ -20,6 +20,7 @@ from iql_torchrl.update import OPTIMIZER_GROUPS
 __all__ = ["SeedEnsemble"]
 
 _PARAMETER_NAMES = (*OPTIMIZER_GROUPS.values(), "target_qvalue")  # the loss's "<name>_network_params"
+_HYPERPARAMETERS = ("_temperature", "_expectile", "_expectile_complement")  # IQLLoss's 0-d buffers behind its properties
 _TRAINABLE = tuple(f"{name}_network_params" for name in OPTIMIZER_GROUPS.values())
 
 
@@ -37,13 +38,42 @@ class SeedEnsemble(nn.Module):
         if len(losses) < 1:
             raise ValueError("SeedEnsemble needs at least one loss.")
         self.__dict__["template"] = losses[0]  # its modules run every seed; its own tensors are swapped out
-        stacked = torch.stack([TensorDict.from_module(loss).data for loss in losses]).clone()
+        # the seeds' parameters and buffers; the hyperparameters (β, τ) stay the template's, shared by every seed
+        stacked = torch.stack([TensorDict.from_module(loss).data.exclude(*_HYPERPARAMETERS) for loss in losses]).clone()
         for key, value in stacked.items(True, True):
             trainable = key[0] in _TRAINABLE  # the target critics follow by the soft update, not by gradients
             stacked.set(key, nn.Parameter(value, requires_grad=trainable) if trainable else value)
         self.params = TensorDictParams(stacked, no_convert=True)
         self.num_seeds = len(losses)
         self._vmapped = {}
+
+    # ------------------------------------------------------------------ hyperparameters: every seed's
+    @property
+    def expectile(self) -> float:
+        return self.template.expectile
+
+    @expectile.setter
+    def expectile(self, value: float) -> None:
+        self.template.expectile = value
+
+    @property
+    def temperature(self) -> float:
+        return self.template.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.template.temperature = value
+
+    def train(self, mode: bool = True):
+        """Training mode for every seed (the template's networks run them all)."""
+        super().train(mode)
+        self.template.train(mode)
+        return self
+
+    def _apply(self, *args, **kwargs):
+        self.conversions = getattr(self, "conversions", 0) + 1  # IQLUpdate checks the layout again after one
+        self.template._apply(*args, **kwargs)  # its hyperparameter buffers follow the seeds
+        return super()._apply(*args, **kwargs)
 
     # ------------------------------------------------------------------ the surface IQLUpdate reads
     # (see IQLUpdate's docstring): the stacked seeds' parameters, the template's modules, the claim

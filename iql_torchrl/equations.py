@@ -24,13 +24,14 @@ __all__ = ["expectile_loss", "bellman_target", "awr_weight", "MAX_AWR_WEIGHT", "
 MAX_AWR_WEIGHT = 100.0
 
 
-def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
+def expectile_loss(diff: Tensor, expectile: float | Tensor, complement: float | Tensor | None = None) -> Tensor:
     """Eq. (5): asymmetric squared loss |τ − 1(diff < 0)|·diff², with ``diff = Q − V``.
 
     With τ > 0.5, V is pushed up more by Q above it than down by Q below it, so V approaches
-    the upper expectile of Q over the dataset's actions.
+    the upper expectile of Q over the dataset's actions. ``complement`` is 1 − τ when τ is a float32
+    tensor (1 − τ computed in float64 first, as for a Python τ); ``None``: computed here.
     """
-    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
+    weight = torch.where(diff > 0, expectile, 1.0 - expectile if complement is None else complement)
     return weight * diff.pow(2)
 
 
@@ -44,10 +45,11 @@ def awr_weight(advantage: Tensor, temperature: float) -> Tensor:
     return torch.exp(advantage * temperature).clamp(max=MAX_AWR_WEIGHT)
 
 
-def value_objective(target_min_q: Tensor, value: Tensor, expectile: float) -> Tensor:
+def value_objective(target_min_q: Tensor, value: Tensor, expectile: float | Tensor,
+                    complement: float | Tensor | None = None) -> Tensor:
     """V's loss per sample: the expectile loss (eq. 5) of min_i Q̄_i(s, a) − V(s), the min over the
     TARGET critics on the dataset's action (no gradient), V(s) with gradient."""
-    return expectile_loss(target_min_q - value, expectile)
+    return expectile_loss(target_min_q - value, expectile, complement)
 
 
 def critic_objective(q: Tensor, target: Tensor, loss_function: str = "l2") -> Tensor:

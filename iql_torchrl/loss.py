@@ -190,10 +190,8 @@ class IQLLoss(LossModule):
             raise TypeError(
                 "gamma is not a constructor argument: set it with loss.make_value_estimator(gamma=...)."
             )
-        if not 0.0 < expectile < 1.0:
-            raise ValueError(f"expectile must lie in (0, 1), got {expectile}.")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is behaviour cloning), got {temperature}.")
+        _check_expectile(expectile)
+        _check_temperature(temperature)
         if loss_function not in ("l2", "l1", "smooth_l1"):
             raise ValueError(f"loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
         reduction = "mean" if reduction is None else reduction
@@ -206,8 +204,12 @@ class IQLLoss(LossModule):
         super().__init__()
         self._dtypes = None  # the networks' parameter dtypes, for the input checks
         self._set_deprecated_ctor_keys(priority=priority_key)
-        self.temperature = temperature
-        self.expectile = expectile
+        # β and τ are 0-d buffers the losses read as tensors: setting them between calls reaches a
+        # compiled step or a captured CUDA graph without recompiling (non-persistent: not in state_dict)
+        self.register_buffer("_temperature", torch.tensor(float(temperature)), persistent=False)
+        self.register_buffer("_expectile", torch.tensor(float(expectile)), persistent=False)
+        self.register_buffer("_expectile_complement", torch.tensor(1.0 - expectile), persistent=False)  # as TorchRL rounds it
+        self._temperature_value, self._expectile_value = temperature, expectile  # as given, for reading back
         self.loss_function = loss_function
         self.reduction = reduction
         self.deactivate_vmap = deactivate_vmap
@@ -249,6 +251,39 @@ class IQLLoss(LossModule):
             )
             scalar_output_mode = "exclude"
         self.scalar_output_mode = scalar_output_mode
+        self._parameter_dtypes()
+
+    # ------------------------------------------------------------------ live hyperparameters
+    @property
+    def expectile(self) -> float:
+        """τ in (0, 1); may change between calls (``loss.expectile = 0.9``), compiled steps included."""
+        return self._expectile_value
+
+    @expectile.setter
+    def expectile(self, value: float) -> None:
+        _check_expectile(value)
+        self._expectile.fill_(value)
+        self._expectile_complement.fill_(1.0 - value)
+        self._expectile_value = value
+
+    @property
+    def temperature(self) -> float:
+        """β ≥ 0 (0 is behaviour cloning); may change between calls, compiled steps included."""
+        return self._temperature_value
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        _check_temperature(value)
+        self._temperature.fill_(value)
+        self._temperature_value = value
+
+    def train(self, mode: bool = True):
+        """Sets training mode on the loss and its networks (which TorchRL keeps outside the module's
+        children): ``loss.eval()`` switches the actor's dropout off, in every mode of the update step."""
+        super().train(mode)
+        for name in NETWORKS:
+            getattr(self, f"{name}_network").train(mode)
+        return self
 
     # ------------------------------------------------------------------ TorchRL plumbing
     def _set_in_keys(self):
@@ -400,7 +435,7 @@ class IQLLoss(LossModule):
         value = self._state_value(tensordict, params)
         self._check_batch_shape(tensordict, value.shape)
         min_q = self._target_min_q(tensordict, params)
-        loss = value_objective(min_q, value, self.expectile)
+        loss = value_objective(min_q, value, self._expectile, self._expectile_complement)
         return self._reduce(loss), {"target_min_q": min_q, "value": value.detach()}
 
     def _target_min_q(self, tensordict: TensorDictBase, params: dict | None) -> Tensor:
@@ -437,7 +472,7 @@ class IQLLoss(LossModule):
                 f"is {tuple(target_min_q.shape)}: check the shape of {self.tensor_keys.action!r} and the "
                 "actor's distribution (its log_prob must reduce over the action dim)."
             )
-        loss, weight, advantage = actor_objective(target_min_q, value, objective, self.temperature)
+        loss, weight, advantage = actor_objective(target_min_q, value, objective, self._temperature)
         metadata = {
             "advantage_mean": advantage.mean(),
             "awr_weight_mean": weight.mean(),
@@ -575,7 +610,11 @@ class IQLLoss(LossModule):
 
     def _apply(self, *args, **kwargs):
         self._dtypes = None
-        return super()._apply(*args, **kwargs)
+        self.conversions = getattr(self, "conversions", 0) + 1  # IQLUpdate checks the layout again after one
+        out = super()._apply(*args, **kwargs)
+        if "_expectile" in self._buffers:  # built: read now, not inside a traced step (a side effect there)
+            self._parameter_dtypes()
+        return out
 
     def _check_action(self, tensordict: TensorDictBase) -> None:
         check_action_size(tensordict, self.tensor_keys.action, self._expected_action_size,
@@ -593,6 +632,16 @@ class IQLLoss(LossModule):
 
 
 # --------------------------------------------------------------------------- helpers
+def _check_expectile(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"expectile must be a number in (0, 1), got {value!r}.")
+
+
+def _check_temperature(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 is behaviour cloning), got {value!r}.")
+
+
 def is_probabilistic(actor: nn.Module) -> bool:
     """Whether the actor is trained by log-likelihood (a distribution) or by squared error.
 

@@ -10,6 +10,10 @@ and runs it in one of :data:`MODES` behind one call:
 * ``"cudagraphs"`` -- the guarded compiled step captured once in a CUDA graph and replayed
   (:class:`~iql_torchrl.cuda_graph.CudaGraphStep`).
 
+A step compiled ahead of time or captured in a CUDA graph checks, before each call, the Python values
+its trace read (:class:`~iql_torchrl.baked.BakedValues`); when one changed, it is compiled (or
+captured) anew, so it always computes what the eager step would. ``compilations`` counts them.
+
 Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls,
 inductor options, tensordict's pytree registration, code-object cloning. None of them changes a
 process-wide torch setting: inductor options reach only this step's compilation (``torch.compile``'s
@@ -27,6 +31,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from iql_torchrl.baked import BakedValues
 from iql_torchrl.compile_cache import CompiledStepCache, entry_key
 from iql_torchrl.cuda_graph import CudaGraphStep
 
@@ -112,7 +117,10 @@ class StepRunner:
         # the plain step, before any compilation (e.g. for torch._dynamo.explain)
         self.step_function = types.MethodType(_own_code(step.__func__), step.__self__)
         self.specialisation = specialisation
-        # call signature -> its step compiled ahead of time (or None: run guarded); None when not ahead of time
+        self.compilations = 0  # steps compiled ahead of time or loaded from the cache; guarded ones: dynamo counts
+        self._guards = []  # the guards of the latest trace: what it read
+        # call signature -> its variants (values it baked in, those values, the step compiled ahead of time or
+        # None: run guarded); None when not ahead of time
         self.ahead_of_time = {} if mode == "compile" and ahead_of_time else None
         if mode == "eager":
             self.guarded = self.step_function
@@ -127,40 +135,67 @@ class StepRunner:
         inductor_options = {"size_asserts": False, "alignment_asserts": False}
         if eager_random:
             inductor_options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
-        self.guarded = _traced_quietly(torch.compile(self.step_function, **compile_options, options=inductor_options))
+        guarded_options = dict(inductor_options)
+        if mode == "cudagraphs":  # the captured graph replays without guards: keep what the trace read
+            guarded_options["guard_filter_fn"] = self._record_guards(keep=True)
+        self.guarded = _traced_quietly(torch.compile(self.step_function, **compile_options, options=guarded_options))
         if mode == "cudagraphs":  # the graph replays without calling the compiled step (nor its warning filter)
-            self.guarded = CudaGraphStep(self.guarded)
+            self.guarded = CudaGraphStep(self.guarded, baked=self._baked_since_capture)
         if self.ahead_of_time is not None:
-            # run without dynamo: no frame lookup, no guards on every parameter and optimizer state;
-            # the call signature holds everything those guards would check that can change between calls
+            # run without dynamo: no frame lookup, no guards on every parameter and optimizer state; the call
+            # signature holds the input's structure, and BakedValues the Python values the trace read
             self.unguarded = torch.compile(
                 self.step_function, **compile_options,
-                options={**inductor_options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
+                options={**inductor_options, "guard_filter_fn": self._record_guards(keep=False)},
             )
+
+    def _record_guards(self, keep: bool):
+        """A guard filter that records a trace's guards (what it read) and keeps all or none of them."""
+        def record(entries):
+            self._guards = list(entries)
+            return [keep] * len(entries)
+
+        return record
+
+    def _baked_since_capture(self):
+        """For a CUDA graph: reads the values the latest trace baked in (a new capture reads them anew)."""
+        baked = BakedValues.from_guards(self._guards, self.step_function.__self__)
+        return lambda: baked(self.step_function.__self__)
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor):
         if self.ahead_of_time is None or torch.compiler.is_compiling():
             return self.guarded(batch_or_indices)
+        owner = self.step_function.__self__
         signature = (call_structure(batch_or_indices), *self.specialisation())
-        if signature not in self.ahead_of_time:
-            self.ahead_of_time[signature] = self._compile_ahead_of_time(batch_or_indices, signature)
-        step = self.ahead_of_time[signature]
+        variants = self.ahead_of_time.setdefault(signature, [])
+        for baked, values, step in variants:
+            if baked is None or baked(owner) == values:
+                break
+        else:  # a new signature, or a value the compiled variants baked in has changed
+            baked, step = self._compile_ahead_of_time(batch_or_indices, signature)
+            values = None if baked is None else baked(owner)
+            variants.append((baked, values, step))
         if step is None:
             return self.guarded(batch_or_indices)
-        return step(self.step_function.__self__, batch_or_indices)
+        return step(owner, batch_or_indices)
 
-    def _compile_ahead_of_time(self, example, signature):
-        """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), or
-        None where torch refuses it (e.g. its caches disabled): the step then runs under dynamo's guards.
-        With a cache, a step compiled for the same description and signature by an earlier run is loaded
-        instead, and a step compiled here is stored."""
+    def _compile_ahead_of_time(self, example, signature) -> tuple[BakedValues | None, object]:
+        """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards) and the
+        values its trace baked in, or ``(None, None)`` where torch refuses it (e.g. its caches disabled): the
+        step then runs under dynamo's guards. With a cache, a step compiled for the same description,
+        signature and baked values by an earlier run is loaded instead, and a step compiled here is stored."""
+        owner = self.step_function.__self__
         key = None
         if self.cache is not None:
             key = entry_key({"description": self.description(), "signature": repr(signature)})
-            step = self.cache.load(key, self.step_function.__globals__)
-            if step is not None:
-                step.disable_guard_check()
-                return step
+            loaded = self.cache.load(key, self.step_function.__globals__)
+            if loaded is not None:
+                step, reads, values = loaded
+                baked = BakedValues(reads)
+                if _plain_values(baked(owner)) == _plain_values(values):
+                    self.compilations += 1
+                    step.disable_guard_check()
+                    return baked, step
         try:
             with _quiet_tracing():
                 step = self.unguarded.aot_compile(((example,), {}))
@@ -170,11 +205,18 @@ class StepRunner:
                 "it runs as a guarded torch.compile step instead (same results, slower a step: benchmarks/README.md).",
                 stacklevel=4,
             )
-            return None
+            return None, None
+        self.compilations += 1
+        baked = BakedValues.from_guards(self._guards, owner)
         if key is not None:
-            self.cache.store(key, step)
+            self.cache.store(key, step, baked.to_json(), list(baked(owner)))
         step.disable_guard_check()
-        return step
+        return baked, step
+
+
+def _plain_values(values) -> tuple:
+    """``values`` with lists as tuples (JSON writes tuples as lists)."""
+    return tuple(_plain_values(v) if isinstance(v, (list, tuple)) else v for v in values)
 
 
 def _own_code(function: types.FunctionType) -> types.FunctionType:

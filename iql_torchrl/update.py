@@ -94,9 +94,38 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def cosine_decay(step: Tensor, total_steps: int) -> Tensor:
+def _check_total_steps(total_steps) -> None:
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
+        raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}.")
+
+
+def _entries(params: TensorDictBase) -> list[tuple[dict, str, object]]:
+    """Every (mapping, key, value) of the nested TensorDict ``params``, sub-TensorDicts and leaves: a
+    replaced parameter, or sub-TensorDict, is one whose mapping no longer holds it (a cheap check)."""
+    td = getattr(params, "_param_td", params)  # TensorDictParams keeps its TensorDict here
+    mapping = getattr(td, "_tensordict", None)
+    if not isinstance(mapping, dict):  # another TensorDict type: not checked
+        return []
+    entries = []
+    for key, value in mapping.items():
+        entries.append((mapping, key, value))
+        if isinstance(value, TensorDictBase):
+            entries.extend(_entries(value))
+    return entries
+
+
+def _conversions(loss) -> int | None:
+    """How many times ``loss`` has been converted (``.to()``, ``.double()``: ``nn.Module._apply``)."""
+    return getattr(loss, "conversions", None)
+
+
+def _layout(tensors: list[Tensor]) -> list[tuple]:
+    return [(t.dtype, t.device) for t in tensors]
+
+
+def cosine_decay(step: Tensor, total_steps: int | Tensor) -> Tensor:
     """The paper's actor learning-rate factor: 0.5·(1 + cos(π·min(step, T)/T)), from 1 down to 0."""
-    progress = step.clamp(max=total_steps).to(torch.float32) / total_steps
+    progress = torch.minimum(step, torch.as_tensor(total_steps, device=step.device)).to(torch.float32) / total_steps
     return 0.5 * (1.0 + torch.cos(math.pi * progress))
 
 
@@ -171,8 +200,7 @@ class IQLUpdate:
         check_mode(mode, device.type, "IQLUpdate")  # before any work: how the step runs is the runner's
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if total_steps is not None and total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}.")
+        _check_total_steps(total_steps)
         learning_rates = {"value": value_lr, "actor": actor_lr, "critic": critic_lr}
         learning_rates = {name: lr if rate is None else rate for name, rate in learning_rates.items()}
         settings = {**{f"{g}_lr": r for g, r in learning_rates.items()}, "tau": tau, "weight_decay": weight_decay}
@@ -180,9 +208,6 @@ class IQLUpdate:
             name, requirement = problem
             raise ValueError(f"{name} must be {requirement}, got {settings[name]}.")
         self.loss = loss
-        self.total_steps = total_steps
-        self.learning_rates = learning_rates
-        self.tau = tau
         self.order = order
         self.mode = mode
         self.data = data
@@ -190,6 +215,12 @@ class IQLUpdate:
         self.autocast_dtype = autocast_dtype
         self.device_type = device.type
         self.step = torch.zeros((), dtype=torch.int64, device=device)
+        # settings the step reads as 0-d tensors, so changing them between calls needs no recompilation:
+        # the target update rate, the cosine's length (0: no decay) and the actor's learning rate before it
+        self._tau, self._tau_value = torch.tensor(float(tau), device=device), tau
+        self._total_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.total_steps = total_steps
+        self._actor_base_lr = torch.tensor(float(learning_rates["actor"]), device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
 
@@ -204,10 +235,14 @@ class IQLUpdate:
         self.actor_optimizer = self.optimizers["actor"]
         self.critic_optimizer = self.optimizers["critic"]
         self.actor_lr = self.actor_optimizer.param_groups[0]["lr"]
+        self._lr_tensors = {group: opt.param_groups[0]["lr"] for group, opt in self.optimizers.items()}
         # said before the target parameters are read, which is when TorchRL warns about a missing updater
         loss.claim_target_update()
         self.target_params = list(loss.target_qvalue_network_params.values(True, True))
         self.online_params = list(loss.qvalue_network_params.values(True, True))
+        self._layout = _layout(self._held_tensors())
+        self._conversions = _conversions(loss)
+        self._param_entries = {group: _entries(td) for group, td in self.param_tds.items()}
 
         self._dropouts = [m for m in _networks(loss) if isinstance(m, torch.nn.Dropout)]
         self.runner = StepRunner(
@@ -225,20 +260,109 @@ class IQLUpdate:
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
         """One update. Pass a batch TensorDict, or indices into ``data`` when it was given."""
+        self._check_held_tensors()
         return self.runner(batch_or_indices)
 
+    @property
+    def compilations(self) -> int:
+        """How many times the step has been compiled (ahead of time, or loaded from the compile cache) so far."""
+        return self.runner.compilations
+
+    # ------------------------------------------------------------------ settings that may change between calls
+    @property
+    def tau(self) -> float:
+        """The soft target update rate, in (0, 1]; may change between calls (``update.tau = 0.01``)."""
+        return self._tau_value
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._check_setting("tau", value)
+        self._tau.fill_(value)
+        self._tau_value = value
+
+    @property
+    def total_steps(self) -> int | None:
+        """The length of the actor's cosine learning-rate decay (``None``: no decay); may change between calls."""
+        total = int(self._total_steps)
+        return total if total > 0 else None
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        _check_total_steps(value)
+        self._total_steps.fill_(0 if value is None else value)
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """Each optimizer group's base learning rate (the actor's before its cosine decay)."""
+        return {"value": float(self._lr_tensors["value"]), "actor": float(self._actor_base_lr),
+                "critic": float(self._lr_tensors["critic"])}
+
+    def set_learning_rate(self, group: str, lr: float) -> None:
+        """Sets ``group``'s (``"value"``, ``"actor"``, ``"critic"``) learning rate, in place, so a compiled step
+        reads it. The actor's is the base of its cosine decay (its current rate follows at the next step;
+        at once with ``total_steps=None``). torch's LR schedulers, which change a tensor learning rate in
+        place, work on ``value_optimizer`` and ``critic_optimizer``; the actor's rate is the cosine's."""
+        if group not in OPTIMIZER_GROUPS:
+            raise ValueError(f"group must be one of {tuple(OPTIMIZER_GROUPS)}, got {group!r}.")
+        self._check_setting(f"{group}_lr", lr)
+        if group == "actor":
+            self._actor_base_lr.fill_(lr)
+            if self.total_steps is None:
+                self.actor_lr.fill_(lr)
+        else:
+            self._lr_tensors[group].fill_(lr)
+
     def set_actor_lr(self, lr: float | None = None) -> None:
-        """Sets the actor's current learning rate (``None``: the one the step was built with), in place, so a
-        compiled step or a captured CUDA graph reads it; with ``total_steps=None`` it stays there."""
-        self.actor_lr.fill_(self.learning_rates["actor"] if lr is None else lr)
+        """Sets the actor's current learning rate (``None``: its base rate), in place, so a compiled step or a
+        captured CUDA graph reads it; with ``total_steps=None`` it stays there."""
+        if lr is None:
+            self.actor_lr.copy_(self._actor_base_lr)
+        else:
+            self._check_setting("actor_lr", lr)
+            self.actor_lr.fill_(lr)
+
+    @staticmethod
+    def _check_setting(name: str, value) -> None:
+        if (problem := optimizer_settings_problem({name: value})) is not None:
+            raise ValueError(f"{name} must be {problem[1]}, got {value!r}.")
+
+    def _held_tensors(self) -> list[Tensor]:
+        """The parameters the step trains and the target critics it updates."""
+        return [*(p for group in OPTIMIZER_GROUPS for p in self.params[group]), *self.target_params]
+
+    def _check_held_tensors(self) -> None:
+        """Refuses a call after a change the step cannot follow: a learning rate replaced by a number (a
+        compiled step reads the tensor it was built with), parameters moved to another dtype or device
+        (their optimizer state was not), or a parameter tensor replaced in the loss (the optimizer holds
+        the one it was built with). The same in every mode."""
+        for group, opt in self.optimizers.items():
+            if opt.param_groups[0]["lr"] is not self._lr_tensors[group]:
+                raise RuntimeError(
+                    f"IQLUpdate: the {group} optimizer's learning rate was replaced ({opt.param_groups[0]['lr']!r}); "
+                    f"change it in place instead: update.set_learning_rate({group!r}, lr) (torch's LR schedulers "
+                    "change it in place too).")
+        if _conversions(self.loss) != self._conversions:  # .to() / .double() since the last check
+            self._check_layout()
+            self._conversions = _conversions(self.loss)
+        for group, name in OPTIMIZER_GROUPS.items():
+            if not all(held.get(key) is value for held, key, value in self._param_entries[group]):
+                raise RuntimeError(
+                    f"IQLUpdate: a parameter of the loss's {name} network was replaced by a new tensor after the "
+                    "update was built (its optimizer trains the old one): load new values in place "
+                    "(loss.load_state_dict(...), or param.data.copy_(...)), or build a new IQLUpdate.")
+
+    def _check_layout(self) -> None:
+        if _layout(self._held_tensors()) != self._layout:
+            raise RuntimeError(
+                "IQLUpdate: the loss's parameters moved to another dtype or device after the update was built "
+                "(their optimizer state did not): move the loss first, then build the IQLUpdate.")
 
     def _compiled_step_description(self) -> dict:
         """Everything the compiled step bakes in besides its call signature, for the compile cache: the
         update's settings, every plain attribute and class source of the loss and its networks, and the
         structure of the parameters and optimizer state it reads."""
         return {
-            "update": {"order": self.order, "tau": self.tau, "total_steps": self.total_steps,
-                       "learning_rates": self.learning_rates, "autocast": str(self.autocast_dtype),
+            "update": {"order": self.order, "autocast": str(self.autocast_dtype),
                        "optimizers": {g: {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")}
                                       for g, opt in self.optimizers.items()}},
             "loss": describe_objects(self.loss),
@@ -352,12 +476,13 @@ class IQLUpdate:
         adam(*tensors, [], steps, fused=True, amsgrad=False, beta1=beta1, beta2=beta2, maximize=False, **options)
 
     def _set_actor_lr(self):
-        if self.total_steps is not None:
-            self.actor_lr.copy_(self.learning_rates["actor"] * cosine_decay(self.step, self.total_steps))
+        # total_steps 0 (None) keeps the current rate: a branch on a tensor, so changing it never recompiles
+        decayed = self._actor_base_lr * cosine_decay(self.step, self._total_steps.clamp(min=1))
+        self.actor_lr.copy_(torch.where(self._total_steps > 0, decayed, self.actor_lr))
 
     def _finish(self, out: TensorDictBase) -> TensorDictBase:
         """Soft target update, step counter, non-finite bookkeeping; the detached metrics."""
-        torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        torch._foreach_lerp_(self.target_params, self.online_params, self._tau)
         bad = nonfinite([out[name] for name in LOSS_NAMES])
         first = bad.any() & (self.first_nonfinite_step < 0)
         self.first_nonfinite_step.copy_(torch.where(first, self.step, self.first_nonfinite_step))

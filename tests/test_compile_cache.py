@@ -29,8 +29,8 @@ def loaded_payloads(monkeypatch):
 def test_an_entry_it_signed_loads(tmp_path, monkeypatch):
     seen = loaded_payloads(monkeypatch)
     cache = CompiledStepCache(tmp_path)
-    cache.store("k", FakeCompiled(b"compiled bytes"))
-    assert cache.load("k", {}) == "step" and seen == [b"compiled bytes"]
+    cache.store("k", FakeCompiled(b"compiled bytes"), [["value", "self.tau"]], [0.5])
+    assert cache.load("k", {}) == ("step", [["value", "self.tau"]], [0.5]) and seen == [b"compiled bytes"]
     assert (tmp_path / "secret.key").stat().st_mode & 0o077 == 0  # the key is its owner's alone
 
 
@@ -38,7 +38,7 @@ def test_an_entry_it_signed_loads(tmp_path, monkeypatch):
 def test_a_damaged_or_foreign_entry_is_removed_not_loaded(tmp_path, monkeypatch, damage):
     seen = loaded_payloads(monkeypatch)
     cache = CompiledStepCache(tmp_path / "mine")
-    cache.store("k", FakeCompiled(b"compiled bytes" * 10))
+    cache.store("k", FakeCompiled(b"compiled bytes" * 10), [], [])
     entry = cache.path("k")
     if damage == "flip a payload byte":
         data = bytearray(entry.read_bytes())
@@ -48,7 +48,7 @@ def test_a_damaged_or_foreign_entry_is_removed_not_loaded(tmp_path, monkeypatch,
         entry.write_bytes(entry.read_bytes()[:20])
     else:  # an entry another cache (another user, another machine) wrote, copied in
         other = CompiledStepCache(tmp_path / "theirs")
-        other.store("k", FakeCompiled(b"their bytes"))
+        other.store("k", FakeCompiled(b"their bytes"), [], [])
         shutil.copy(other.path("k"), entry)
     with pytest.warns(UserWarning, match="compiled anew"):
         assert cache.load("k", {}) is None
@@ -60,7 +60,7 @@ def test_an_entry_torch_cannot_load_is_removed(tmp_path, monkeypatch):
         raise RuntimeError("incompatible")
     monkeypatch.setattr("torch.compiler.load_compiled_function", refuse)
     cache = CompiledStepCache(tmp_path)
-    cache.store("k", FakeCompiled(b"bytes"))
+    cache.store("k", FakeCompiled(b"bytes"), [], [])
     with pytest.warns(UserWarning, match="could not load it"):
         assert cache.load("k", {}) is None
     assert not cache.path("k").exists()
@@ -70,7 +70,7 @@ def test_a_failed_write_warns_and_leaves_nothing(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     with pytest.warns(UserWarning, match="could not be cached"):
-        CompiledStepCache(blocked / "cache").store("k", FakeCompiled(b"bytes"))
+        CompiledStepCache(blocked / "cache").store("k", FakeCompiled(b"bytes"), [], [])
 
 
 def test_the_key_follows_every_setting():
@@ -162,8 +162,11 @@ def test_a_tampered_entry_is_compiled_anew(filled_cache, tmp_path):
     assert entry.read_bytes() != bytes(data)  # rewritten by the new compilation
 
 
-@pytest.mark.parametrize("change", ["tau", "expectile", "hidden layer", "lr"])
+@pytest.mark.parametrize("change", ["tau", "expectile", "hidden layer", "lr", "loss_function"])
 def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
+    # τ and the learning rates are tensors the compiled step reads: one entry serves them all; what the
+    # graph bakes in (the networks, the critic loss) changes the entry; the expectile, a tensor too,
+    # changes it through the number the loss keeps beside it (a needless miss, never a wrong hit)
     from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
 
     def key(loss=None, **kwargs):
@@ -172,12 +175,16 @@ def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
 
     base = key()
     if change == "tau":
-        assert key(tau=0.01) != base
+        assert key(tau=0.01) == base
     elif change == "lr":
-        assert key(actor_lr=1e-4) != base
+        assert key(actor_lr=1e-4) == base
     elif change == "expectile":
         loss = _loss()
         loss.expectile = 0.9
+        assert key(loss) != base
+    elif change == "loss_function":
+        loss = _loss()
+        loss.loss_function = "l1"
         assert key(loss) != base
     else:
         actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(17,))

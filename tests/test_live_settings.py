@@ -1,0 +1,259 @@
+"""What a user changes between calls reaches the step in every mode: eager and compiled take the same step.
+
+Each change below is made after the step has run (and compiled); then eager and compiled twins take two
+more steps and must agree. Each change must also matter (the wrong variant: eager without the change ends
+elsewhere), so a compiled step that ignored it would fail. β, τ, γ, the learning rates, the target update
+rate and the cosine's length are tensors the compiled graph reads: changing them compiles nothing
+(``IQLUpdate.compilations`` stays 1). A Python value the graph baked in (the critic loss, the keys,
+an optimizer's weight decay) compiles the step anew, once.
+"""
+import warnings
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from synthetic import random_transitions
+
+from iql_torchrl import DiscreteIQLLoss, IQLLoss, IQLUpdate, make_iql_networks
+from iql_torchrl.ensemble import SeedEnsemble
+
+N, B, OBS, ACT, SEEDS = 256, 32, 3, 2, 2
+# float32 reassociation in inductor's kernels, grown over ~20 steps at learning rates up to 1e-2; every
+# change moves the parameters by far more (test_each_change_moves_the_eager_step: > 20 × atol)
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def dataset():
+    data = random_transitions(N, OBS, ACT)
+    data["next", "reward_scaled"] = data["next", "reward"] * 10  # a second reward column, for set_keys
+    return data
+
+
+def make_loss(seed=1, discrete=False, actor_dropout=0.0):
+    torch.manual_seed(seed)
+    if discrete:
+        networks = make_iql_networks(OBS, 4, actor_kind="categorical", hidden_sizes=(16, 16))
+        return DiscreteIQLLoss(*networks, action_space="categorical")
+    return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16), actor_dropout=actor_dropout))
+
+
+def discrete_data():
+    data = dataset()
+    data["action"] = torch.randint(0, 4, (N, 1), generator=torch.Generator().manual_seed(2))
+    return data
+
+
+# every change a user can make between calls that the step follows, as (name, change(loss, update))
+TENSOR_CHANGES = {
+    "expectile": lambda loss, update: setattr(loss, "expectile", 0.95),
+    "temperature": lambda loss, update: setattr(loss, "temperature", 0.0),
+    "gamma": lambda loss, update: _template(loss).make_value_estimator(gamma=0.5),
+    "tau": lambda loss, update: setattr(update, "tau", 0.5),
+    "critic_lr": lambda loss, update: update.set_learning_rate("critic", 1e-2),
+    "value_lr": lambda loss, update: update.set_learning_rate("value", 1e-2),
+    "actor_lr": lambda loss, update: update.set_learning_rate("actor", 1e-2),
+    "total_steps": lambda loss, update: setattr(update, "total_steps", 3),
+    "lr_scheduler": lambda loss, update: _schedule(update.critic_optimizer),
+}
+BAKED_CHANGES = {
+    "loss_function": lambda loss, update: setattr(_template(loss), "loss_function", "l1"),
+    "set_keys": lambda loss, update: _template(loss).set_keys(reward="reward_scaled"),
+    "weight_decay": lambda loss, update: update.value_optimizer.param_groups[0].update(weight_decay=0.5),
+}
+
+
+def _schedule(optimizer):
+    with warnings.catch_warnings():  # torch warns when a scheduler steps before the optimizer: here, on purpose
+        warnings.simplefilter("ignore")
+        torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.1).step()
+
+
+def _template(loss):
+    return loss.template if isinstance(loss, SeedEnsemble) else loss
+
+
+def build(mode, *, seeds=False, discrete=False, cache=None, actor_dropout=0.0, total_steps=10):
+    data = discrete_data() if discrete else dataset()
+    if seeds:
+        loss = SeedEnsemble([make_loss(seed, discrete, actor_dropout) for seed in range(1, SEEDS + 1)])
+    else:
+        loss = make_loss(1, discrete, actor_dropout)
+    return loss, IQLUpdate(loss, data=data, total_steps=total_steps, mode=mode, compile_cache=cache)
+
+
+def indices(step, seeds=False):
+    g = torch.Generator().manual_seed(step)
+    shape = (SEEDS, B) if seeds else (B,)
+    return torch.randint(0, N, shape, generator=g)
+
+
+def state(loss):
+    return {k: v.detach().clone() for k, v in TensorDict.from_module(loss).items(True, True)}
+
+
+def take_steps(update, first, count, seeds=False):
+    for step in range(first, first + count):
+        torch.manual_seed(step)
+        metrics = update(indices(step, seeds))
+    return metrics
+
+
+def assert_same(a, b, what):
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), **TOL), (what, key)
+
+
+def assert_twins_agree(eager, compiled, what, seeds=False, first=0):
+    """Two steps of each twin give the same losses and the same parameters."""
+    (loss_e, update_e), (loss_c, update_c) = eager, compiled
+    metrics_e = take_steps(update_e, first, 2, seeds)
+    metrics_c = take_steps(update_c, first, 2, seeds)
+    assert_same({k: metrics_e[k] for k in ("loss_value", "loss_actor", "loss_qvalue")}, metrics_c, what)
+    assert_same(state(loss_e), state(loss_c), what)
+
+
+# ------------------------------------------------------------------ each change matters (the wrong variant)
+@pytest.mark.parametrize("name", [*TENSOR_CHANGES, *BAKED_CHANGES])
+def test_each_change_moves_the_eager_step(name):
+    # a compiled step that ignored the change would end where eager ends without it: these differ
+    change = {**TENSOR_CHANGES, **BAKED_CHANGES}[name]
+    ends = []
+    for apply in (False, True):
+        loss, update = build("eager")
+        take_steps(update, 0, 1)
+        if apply:
+            change(loss, update)
+        take_steps(update, 1, 2)
+        ends.append(state(loss))
+    assert max(float((ends[0][k] - ends[1][k]).abs().max()) for k in ends[0]) > 20 * TOL["atol"], name
+
+
+# ------------------------------------------------------------------ compiled steps follow them
+@pytest.mark.parametrize("variant", ["compile", "seeds", "discrete", "compile cache"])
+def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(variant, tmp_path):
+    seeds, discrete = variant == "seeds", variant == "discrete"
+    cache = tmp_path / "cache" if variant == "compile cache" else None
+    if cache is not None:  # an earlier run's compilation, loaded by the twin below
+        take_steps(build("compile", cache=cache)[1], 0, 1)
+    eager = build("eager", seeds=seeds, discrete=discrete)
+    compiled = build("compile", seeds=seeds, discrete=discrete, cache=cache)
+    assert_twins_agree(eager, compiled, "before any change", seeds)
+    for step, (name, change) in enumerate(TENSOR_CHANGES.items()):
+        for loss, update in (eager, compiled):
+            change(loss, update)
+        assert_twins_agree(eager, compiled, name, seeds, first=2 * step + 2)
+    assert compiled[1].compilations == 1  # (loaded from the cache in "compile cache")
+
+
+@pytest.mark.parametrize("variant", ["compile", "seeds", "compile cache"])
+def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, tmp_path):
+    seeds = variant == "seeds"
+    cache = tmp_path / "cache" if variant == "compile cache" else None
+    eager = build("eager", seeds=seeds)
+    compiled = build("compile", seeds=seeds, cache=cache)
+    assert_twins_agree(eager, compiled, "before any change", seeds)
+    for step, (name, change) in enumerate(BAKED_CHANGES.items()):
+        for loss, update in (eager, compiled):
+            change(loss, update)
+        assert_twins_agree(eager, compiled, name, seeds, first=2 * step + 2)
+        assert compiled[1].compilations == step + 2, name  # one more compilation, not one a call
+
+
+def test_state_loaded_into_the_loss_or_the_update_reaches_the_compiled_step():
+    # another run's parameters and optimizer state, loaded in place after the step compiled
+    donor_loss, donor_update = build("eager")
+    take_steps(donor_update, 100, 3)
+    eager, compiled = build("eager"), build("compile")
+    assert_twins_agree(eager, compiled, "before loading")
+    for loss, update in (eager, compiled):
+        loss.load_state_dict(donor_loss.state_dict())
+        update.load_state_dict(donor_update.state_dict())
+    assert_twins_agree(eager, compiled, "loaded", first=2)
+    assert compiled[1].compilations == 1
+    # the wrong variant: without the load, the twins end elsewhere
+    unloaded = build("eager")
+    take_steps(unloaded[1], 0, 4)
+    assert not all(torch.allclose(a, b, **TOL) for a, b in zip(state(unloaded[0]).values(), state(eager[0]).values()))
+
+
+def test_eval_and_train_switch_the_actor_dropout_in_the_compiled_step():
+    eager, compiled = build("eager", actor_dropout=0.5), build("compile", actor_dropout=0.5)
+    assert_twins_agree(eager, compiled, "train")
+    for loss, _ in (eager, compiled):
+        loss.eval()
+    assert_twins_agree(eager, compiled, "eval", first=2)
+    for loss, _ in (eager, compiled):
+        loss.train()
+    assert_twins_agree(eager, compiled, "train again", first=4)
+    assert compiled[1].compilations == 2  # dropout on and off; back on reuses the first
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_changes_the_step_cannot_follow_are_refused_with_what_to_do(mode):
+    loss, update = build(mode)
+    take_steps(update, 0, 1)
+    weight = loss.value_network_params["module", "0", "weight"]
+    loss.value_network_params["module", "0", "weight"] = torch.nn.Parameter(weight.detach().clone())
+    with pytest.raises(RuntimeError, match="replaced by a new tensor.*in place"):
+        take_steps(update, 1, 1)
+
+    loss, update = build(mode)
+    take_steps(update, 0, 1)
+    loss.double()
+    with pytest.raises(RuntimeError, match="another dtype or device.*move the loss first"):
+        take_steps(update, 1, 1)
+
+    loss, update = build(mode)
+    take_steps(update, 0, 1)
+    update.critic_optimizer.param_groups[0]["lr"] = 1e-3
+    with pytest.raises(RuntimeError, match=r"critic optimizer's learning rate was replaced.*set_learning_rate"):
+        take_steps(update, 1, 1)
+
+
+def test_settings_out_of_range_are_refused_when_set():
+    loss, update = build("eager")
+    for obj, name, value, match in [
+        (loss, "expectile", 1.0, "expectile must be a number in \\(0, 1\\)"),
+        (loss, "temperature", -1.0, "temperature must be a number >= 0"),
+        (update, "tau", 0.0, "tau must be in \\(0, 1\\]"),
+        (update, "total_steps", 0, "total_steps must be a positive integer or None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            setattr(obj, name, value)
+    with pytest.raises(ValueError, match="critic_lr must be a finite number > 0"):
+        update.set_learning_rate("critic", -1.0)
+    assert (loss.expectile, loss.temperature, update.tau, update.total_steps) == (0.7, 3.0, 0.005, 10)
+
+
+def test_hyperparameters_read_back_as_numbers_and_stay_out_of_the_state_dict():
+    loss, update = build("eager")
+    loss.expectile, loss.temperature, update.tau = 0.9, 10.0, 0.01
+    update.set_learning_rate("actor", 1e-4)
+    assert isinstance(loss.expectile, float) and loss.expectile == pytest.approx(0.9)
+    assert loss.temperature == 10.0 and update.tau == pytest.approx(0.01)
+    assert update.learning_rates["actor"] == pytest.approx(1e-4)
+    assert not any("expectile" in k or "temperature" in k for k in loss.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_step_follows_tensor_and_baked_changes():
+    def on_cuda(mode):
+        torch.manual_seed(1)
+        loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16))).to("cuda")
+        return loss, IQLUpdate(loss, data=dataset().to("cuda"), total_steps=10, mode=mode)
+
+    eager, graphed = on_cuda("eager"), on_cuda("cudagraphs")
+
+    def steps(first):
+        for loss, update in (eager, graphed):
+            for step in range(first, first + 5):  # past the warm-up: the graph is captured and replayed
+                metrics = update(indices(step).to("cuda"))
+        return metrics
+
+    steps(0)
+    for step, change in enumerate([*TENSOR_CHANGES.values(), *BAKED_CHANGES.values()]):
+        for loss, update in (eager, graphed):
+            change(loss, update)
+        steps(5 * step + 5)
+        assert_same(state(eager[0]), state(graphed[0]), step)
