@@ -35,6 +35,7 @@ def faults_per_update(mode):
     return out[0], float(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_eager_updates_stop_page_faulting_once_freed_memory_is_kept():
     # each process starts with glibc's defaults; the tuned one sets the thresholds after importing torch,

@@ -23,7 +23,7 @@ def _batch(action):
     )
 
 
-@pytest.mark.parametrize("actor_kind", ["gaussian", "categorical"])
+@pytest.mark.parametrize("actor_kind", ["gaussian", pytest.param("categorical", marks=pytest.mark.slow)])
 def test_compiled_loss_matches_eager_in_one_graph(actor_kind):
     torch.manual_seed(0)
     discrete = actor_kind == "categorical"
@@ -61,8 +61,9 @@ def _tanh_normal_mlp_actor(obs_dim, act_dim):
     )
 
 
-@pytest.mark.parametrize("order", ["paper", "summed"])
-@pytest.mark.parametrize("actor", ["default", "tanh_normal_mlp", "seed_ensemble"])
+@pytest.mark.parametrize("order, actor", [("paper", "default")] + [
+    pytest.param(o, a, marks=pytest.mark.slow)
+    for o, a in [("summed", "default"), *((o, a) for o in ("paper", "summed") for a in ("tanh_normal_mlp", "seed_ensemble"))]])
 def test_the_whole_update_step_is_one_graph(order, actor):
     # losses, gradients, the three optimizers, the cosine actor LR and the target update: one graph
     from synthetic import random_transitions
@@ -88,6 +89,7 @@ def test_the_whole_update_step_is_one_graph(order, actor):
     assert int(update.step) == 1  # explain ran the step once
 
 
+@pytest.mark.slow
 def test_a_torchrl_tanh_normal_actor_and_mlp_critics_run_compiled_ahead_of_time_like_eager():
     # custom networks (TorchRL's MLP inside a ProbabilisticActor with TanhNormal; TorchRL MLP critics)
     # take the ahead-of-time compiled step too (a fallback would raise: see pyproject's filterwarnings)

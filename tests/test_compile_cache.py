@@ -149,6 +149,7 @@ def test_a_second_run_starts_from_the_cached_step_and_trains_as_eager(filled_cac
     _assert_matches_eager(from_cache)
 
 
+@pytest.mark.slow
 def test_a_tampered_entry_is_compiled_anew(filled_cache, tmp_path):
     from iql_torchrl import IQLUpdate
 

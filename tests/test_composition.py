@@ -260,10 +260,10 @@ CELLS = (
 COMPILED_CELLS = [("one_n1", "gaussian"), ("trunk_separate_n1", "tanh_normal"),
                   ("one_n1", "categorical")]
 MATRIX = [(c, a, d) for c, a in CELLS for d in ("script", "per_key", "update_eager")] + [
-    (c, a, "update_compile") for c, a in COMPILED_CELLS]
+    pytest.param(c, a, "update_compile", marks=pytest.mark.slow, id=f"{c}-{a}-update_compile") for c, a in COMPILED_CELLS]
 
 
-@pytest.mark.parametrize("critics,actor,driver", MATRIX, ids=["-".join(cell) for cell in MATRIX])
+@pytest.mark.parametrize("critics,actor,driver", MATRIX, ids=lambda value: value)
 def test_every_network_trains(critics, actor, driver):
     loss, modules = make_loss(critics, actor)
     num_critics = loss.num_qvalue_nets

@@ -52,7 +52,7 @@ def _rank_main(rank, world, port, out_dir, mode):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["eager", "compile"])
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compile", marks=pytest.mark.slow)])
 def test_two_gloo_processes_stay_identical_and_match_one_process_on_the_combined_batch(tmp_path, mode):
     # compiled, the all-reduce between the gradients and the optimizers is where the step may break
     port = _free_port()
@@ -105,6 +105,7 @@ def test_num_seeds_with_torchrun_is_refused(monkeypatch, tmp_path):
         train(Config(num_seeds=2, output_dir=tmp_path / "run", **TINY))
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_processes_writes_one_summary(tiny_datasets, tmp_path):
     out = tmp_path / "ddp"
     flags = ["--dataset", tiny_datasets.pendulum, "--steps", "12", "--batch-size", "16", "--eval-every", "12",
@@ -131,6 +132,7 @@ def _torchrun(*flags):
     )
 
 
+@pytest.mark.slow
 def test_torchrun_run_killed_mid_way_resumes_to_the_same_final_parameters(tiny_datasets, tmp_path):
     import signal
     import time

@@ -94,6 +94,7 @@ def test_vmapped_seeds_with_actor_dropout_draw_their_own_masks_reproducibly():
     assert any(not torch.allclose(alone[k], twins[0][k], atol=1e-6) for k in actor_keys)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_without_dropout_in_the_compiled_step_match_separate_runs():
     data, seeds = dataset(), [3, 4]
     singles = []

@@ -130,7 +130,7 @@ def test_each_change_moves_the_eager_step(name):
 
 
 # ------------------------------------------------------------------ compiled steps follow them
-@pytest.mark.parametrize("variant", ["compile", "seeds", "discrete", "compile cache"])
+@pytest.mark.parametrize("variant", ["compile", *(pytest.param(v, marks=pytest.mark.slow) for v in ("seeds", "discrete", "compile cache"))])
 def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(variant, tmp_path):
     seeds, discrete = variant == "seeds", variant == "discrete"
     cache = tmp_path / "cache" if variant == "compile cache" else None
@@ -146,14 +146,18 @@ def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(vari
     assert compiled[1].compilations == 1  # (loaded from the cache in "compile cache")
 
 
-@pytest.mark.parametrize("variant", ["compile", "seeds", "compile cache"])
-def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, tmp_path):
+@pytest.mark.parametrize("variant, changes", [
+    ("compile", ["loss_function"]),
+    *(pytest.param(v, list(BAKED_CHANGES), marks=pytest.mark.slow) for v in ("compile", "seeds", "compile cache")),
+])
+def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, changes, tmp_path):
     seeds = variant == "seeds"
     cache = tmp_path / "cache" if variant == "compile cache" else None
     eager = build("eager", seeds=seeds)
     compiled = build("compile", seeds=seeds, cache=cache)
     assert_twins_agree(eager, compiled, "before any change", seeds)
-    for step, (name, change) in enumerate(BAKED_CHANGES.items()):
+    for step, name in enumerate(changes):
+        change = BAKED_CHANGES[name]
         for loss, update in (eager, compiled):
             change(loss, update)
         assert_twins_agree(eager, compiled, name, seeds, first=2 * step + 2)
@@ -177,6 +181,7 @@ def test_state_loaded_into_the_loss_or_the_update_reaches_the_compiled_step():
     assert not all(torch.allclose(a, b, **TOL) for a, b in zip(state(unloaded[0]).values(), state(eager[0]).values()))
 
 
+@pytest.mark.slow
 def test_eval_and_train_switch_the_actor_dropout_in_the_compiled_step():
     eager, compiled = build("eager", actor_dropout=0.5), build("compile", actor_dropout=0.5)
     assert_twins_agree(eager, compiled, "train")
@@ -192,23 +197,25 @@ def test_eval_and_train_switch_the_actor_dropout_in_the_compiled_step():
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_changes_the_step_cannot_follow_are_refused_with_what_to_do(mode):
     loss, update = build(mode)
-    take_steps(update, 0, 1)
-    weight = loss.value_network_params["module", "0", "weight"]
-    loss.value_network_params["module", "0", "weight"] = torch.nn.Parameter(weight.detach().clone())
+    take_steps(update, 0, 1)  # compiled now: each change below is made to a step that has run
+    key = ("module", "0", "weight")
+    weight = loss.value_network_params[key]
+    loss.value_network_params[key] = torch.nn.Parameter(weight.detach().clone())
     with pytest.raises(RuntimeError, match="replaced by a new tensor.*in place"):
         take_steps(update, 1, 1)
+    loss.value_network_params[key] = weight
 
-    loss, update = build(mode)
-    take_steps(update, 0, 1)
     loss.double()
     with pytest.raises(RuntimeError, match="another dtype or device.*move the loss first"):
         take_steps(update, 1, 1)
+    loss.float()
 
-    loss, update = build(mode)
-    take_steps(update, 0, 1)
+    held = update.critic_optimizer.param_groups[0]["lr"]
     update.critic_optimizer.param_groups[0]["lr"] = 1e-3
     with pytest.raises(RuntimeError, match=r"critic optimizer's learning rate was replaced.*set_learning_rate"):
         take_steps(update, 1, 1)
+    update.critic_optimizer.param_groups[0]["lr"] = held
+    take_steps(update, 1, 1)  # each change undone: the step runs again
 
 
 def test_settings_out_of_range_are_refused_when_set():

@@ -59,7 +59,8 @@ def run_steps(order, variants, seed=0, steps=3, lr=1e-2, tau=0.1, total_steps=4,
 
 @pytest.mark.parametrize(
     "order, variants, mode",
-    [("paper", PAPER_VARIANTS, "eager"), ("summed", SUMMED_VARIANTS, "eager"), ("paper", PAPER_VARIANTS, "compile")],
+    [("paper", PAPER_VARIANTS, "eager"), ("summed", SUMMED_VARIANTS, "eager"),
+     pytest.param("paper", PAPER_VARIANTS, "compile", marks=pytest.mark.slow)],
 )
 def test_three_updates_match_the_float64_reference_and_no_wrong_variant(order, variants, mode):
     # lr 1e-2 and τ_soft 0.1 make one step move the networks far enough to tell the variants

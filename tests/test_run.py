@@ -53,6 +53,7 @@ def test_a_second_run_on_a_folder_in_use_stops_at_once_and_writes_nothing(tiny_d
         assert [p.name for p in out.iterdir()] == [LOCK_NAME]
 
 
+@pytest.mark.slow
 def test_the_command_line_exits_non_zero_on_a_folder_in_use(tmp_path):
     out = tmp_path / "run"
     with RunFolder.create(out):

@@ -38,6 +38,7 @@ def test_a_short_run_writes_a_finite_summary_a_plot_and_csv_logs(tiny_datasets, 
     assert list((out / "logs").rglob("loss_qvalue.csv"))
 
 
+@pytest.mark.slow
 def test_the_main_job_compiled_trains_like_eager_and_resumes_where_it_stopped(tiny_datasets, tmp_path, stop_after_checkpoint):
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
@@ -158,6 +159,7 @@ def _example(*args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_the_same_final_parameters(tiny_datasets, tmp_path):
     flags = ["--dataset", tiny_datasets.pendulum, "--steps", "600", "--batch-size", "32", "--eval-every", "600",
              "--eval-episodes", "1", "--checkpoint-every", "50", "--log-every", "50", "--hidden-sizes", "16", "16",

@@ -134,7 +134,7 @@ def test_cudagraphs_without_cuda_is_a_clear_error():
         make_update(mode="cudagraphs")
 
 
-@pytest.mark.parametrize("order, actor_dropout", [("paper", 0.1), ("summed", 0.0)])
+@pytest.mark.parametrize("order, actor_dropout", [("paper", 0.1), pytest.param("summed", 0.0, marks=pytest.mark.slow)])
 def test_compiled_step_matches_eager_after_several_steps(order, actor_dropout):
     # tolerance: float32 reassociation in inductor's kernels; 1e-5 relative after 5 steps.
     # With dropout, both runs must draw the same masks from the same torch seed.
@@ -157,6 +157,7 @@ def column_major(data):
     return data.apply(lambda t: t.t().contiguous().t() if t.dim() == 2 else t.clone())
 
 
+@pytest.mark.slow
 def test_compiled_step_follows_a_new_batch_shape_dropout_switched_off_and_new_data():
     # The compiled step runs without dynamo's guards, compiled ahead of time for the call's signature; a new
     # batch size, the actor's dropout put in eval mode, and a new dataset with other sizes and strides
@@ -193,6 +194,7 @@ def test_compiled_step_follows_a_new_batch_shape_dropout_switched_off_and_new_da
     assert not torch.allclose(params(loss)[actor_key], results[0][actor_key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_compiled_steps_in_one_process_each_train_their_own_networks():
     # two compiled steps of the same class: each must keep running its own graph on its own parameters
     data = dataset()
@@ -213,6 +215,7 @@ def test_two_compiled_steps_in_one_process_each_train_their_own_networks():
     assert not torch.allclose(losses["eager"][0][key], losses["compile"][1][key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_compiled_step_torch_cannot_compile_ahead_of_time_warns_and_runs_guarded():
     # aot_compile refuses when inductor's caches are disabled: the step says so and still trains like eager
     # (config.patch restores the setting; monkeypatch's undo would delete torch's hidden config entry)
@@ -345,6 +348,7 @@ def test_adamw_decays_weights_apart_from_the_gradient_and_each_network_gets_its_
     assert moves["qvalue_network_params"] == pytest.approx(2e-4, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_compiled_step_with_dropout_draws_eager_s_masks_and_leaves_inductor_s_settings_as_they_were(monkeypatch):
     """Compiled dropout draws its masks with eager's random ops (inductor's fallback_random) in this step's
     compilation only: inductor never swaps in its own random ops there (on CUDA they would draw other
