@@ -139,6 +139,9 @@ class RunConfig:
     goal_input: Literal["auto", "yes", "no"] = "auto"
     """Goal-reaching data: desired_goal in the policy's input (yes), or out with rewards relabelled to the
     evaluation's fixed goal (no); auto is the dataset's choice (out for the mazes)."""
+    success_terminal: bool = False
+    """Goal out of the input: the transitions that reach the fixed goal are terminal (D4RL AntMaze's convention; no
+    value bootstraps past the goal). Evaluation keeps the environment's own rules."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
     """Training device; auto picks cuda when available."""
     compile: bool | Literal["auto"] = "auto"

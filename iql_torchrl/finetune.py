@@ -97,6 +97,9 @@ class FinetuneConfig(RunConfig):
             raise ConfigError(f"--online-fraction {self.online_fraction}: must be in (0, 1).")
         if self.online_buffer_size is not None and self.online_buffer_size < 1:
             raise ConfigError(f"--online-buffer-size {self.online_buffer_size}: must be >= 1.")
+        if self.success_terminal:
+            raise ConfigError("--success-terminal: fine-tuning mixes the offline data with the environment's own "
+                              "transitions, whose goal is not terminal; fine-tune without it.")
 
 
 # ---------------------------------------------------------------------------------------- finetune

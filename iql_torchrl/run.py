@@ -208,6 +208,7 @@ class Run:
             dataset, batch_size=config.batch_size, device=self.device,
             reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
             clip_actions=config.clip_actions, goal_in_observation=config.goal_in_observation(),
+            success_terminal=config.success_terminal,
         )
         self.metadata = buffer.metadata
         self.fingerprint = data_fingerprint(dataset, self.metadata)

@@ -153,6 +153,75 @@ def test_goal_in_keeps_desired_goal_and_the_stored_rewards(mazes):
     np.testing.assert_array_equal(buffer[:]["next", "reward"].squeeze(-1).numpy(), stored)
 
 
+# ------------------------------------------------------------------ success as a terminal (D4RL AntMaze's convention)
+def test_success_terminal_marks_exactly_the_relabelled_successes_terminated(mazes):
+    buffer = load_minari_dataset(MEDIUM, success_terminal=True)
+    data = buffer[:]
+    success = data["next", "reward"].squeeze(-1) == 1
+    stored = torch.as_tensor(np.concatenate([e.terminations for e in minari_episodes(MEDIUM)]))
+    assert int(success.sum()) > 0
+    assert torch.equal(data["next", "terminated"].squeeze(-1), success | stored)
+    assert torch.equal(data["next", "done"], data["next", "terminated"] | data["next", "truncated"])
+    # the wrong variant: the continuing data (the default) has no terminal at the goal
+    assert not load_minari_dataset(MEDIUM)[:]["next", "terminated"].any()
+
+
+def test_success_terminal_is_refused_where_no_reward_was_relabelled(mazes, tiny_datasets):
+    with pytest.raises(DatasetError, match=r"success_terminal \(--success-terminal\).*--goal-input no"):
+        load_minari_dataset(MEDIUM, goal_in_observation=True, success_terminal=True)
+    with pytest.raises(DatasetError, match="success_terminal.*no 'desired_goal' in the observations"):
+        load_minari_dataset("iql_torchrl/pendulum/mixed-v0", success_terminal=True)
+
+
+def test_fine_tuning_refuses_success_terminal():
+    from iql_torchrl.config import ConfigError
+    from iql_torchrl.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="--success-terminal"):
+        FinetuneConfig(success_terminal=True).check()
+
+
+def test_bootstrapping_stops_at_the_goal_of_a_three_state_chain(minari_root, write_minari_dataset):
+    # s0 -> s1 -> s2 -> s3, s2 at the goal: the transition s1 -> s2 is the success (r = 1). With V ≡ 5, γ 0.99
+    # and both critics ≡ 0, each critic's squared error is (γ·5)² where the chain goes on, and 1 at the goal:
+    # loss_qvalue = 2 · mean(4.95², 1², 4.95²) = 33.336…; continuing data bootstraps there too: 2 · mean(4.95², 5.95², 4.95²)
+    from tensordict.nn import TensorDictModule
+
+    from iql_torchrl import IQLLoss, make_iql_networks
+
+    far = [-2.5, 2.5]
+    achieved = np.array([far, far, MEDIUM_GOAL_XY, far], dtype=np.float64)
+    episode = dict(observations={"achieved_goal": achieved, "desired_goal": np.zeros((4, 2)), "observation": np.zeros((4, 4))},
+                   actions=np.zeros((3, 2), np.float32), rewards=np.zeros(3), terminations=np.zeros(3, bool),
+                   truncations=np.array([False, False, True]))
+    write_minari_dataset("D4RL/pointmaze/medium-v2", [episode], *maze_spaces(4, 2), env=collection_env_spec("medium"),
+                         eval_env=eval_env_spec("medium"))
+
+    class Constant(torch.nn.Module):  # a network whose output is its bias, whatever its inputs
+        def __init__(self, value):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([value]))
+
+        def forward(self, *inputs):
+            return self.bias.expand(*inputs[0].shape[:-1], 1)
+
+    def constant(in_keys, out_key, value):
+        return TensorDictModule(Constant(value), in_keys=in_keys, out_keys=[out_key])
+
+    losses = {}
+    for success_terminal in (True, False):
+        data = load_minari_dataset("D4RL/pointmaze/medium-v2", download=False, success_terminal=success_terminal)[:]
+        obs_dim = data["observation"].shape[-1]
+        actor, _, _ = make_iql_networks(obs_dim, 2, hidden_sizes=(8,))
+        critics = [constant(["observation", "action"], "state_action_value", 0.0) for _ in range(2)]
+        loss = IQLLoss(actor, critics, constant(["observation"], "state_value", 5.0))
+        loss.make_value_estimator(gamma=0.99)
+        assert data["next", "reward"].squeeze(-1).tolist() == [0.0, 1.0, 0.0]
+        losses[success_terminal] = loss.qvalue_loss(data)[0].item()
+    assert losses[True] == pytest.approx(2 * (4.95**2 + 1.0 + 4.95**2) / 3, rel=1e-5)
+    assert losses[False] == pytest.approx(2 * (4.95**2 + 5.95**2 + 4.95**2) / 3, rel=1e-5)
+
+
 def maze_data(rng, episodes, length, observation_dim, action_dim, near=None):
     result = []
     for _ in range(episodes):

@@ -152,9 +152,9 @@ def _episode_actions(episode, num_steps: int, discrete: bool) -> torch.Tensor:
 
 
 def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[int]]], discrete: bool,
-                            reward_goal: list[float] | None = None) -> TensorDict:
+                            reward_goal: list[float] | None = None, success_terminal: bool = False) -> TensorDict:
     """One Minari episode -> TorchRL transitions (raw values; floats as float32); with ``reward_goal``, the
-    rewards relabelled to that fixed goal."""
+    rewards relabelled to that fixed goal, and with ``success_terminal`` the successes among them terminated."""
     observations = flatten_observation(episode.observations, *layout)
     num_steps = len(episode.rewards)
     rewards = episode.rewards
@@ -165,7 +165,10 @@ def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[i
             f"Episode {episode.id}: {observations.shape[0]} observations for {num_steps} steps "
             "(Minari stores one more observation than steps)."
         )
-    terminated = torch.as_tensor(np.asarray(episode.terminations, dtype=bool)).reshape(num_steps, 1)
+    terminations = np.asarray(episode.terminations, dtype=bool)
+    if success_terminal:
+        terminations = terminations | (np.asarray(rewards) > 0)
+    terminated = torch.as_tensor(terminations).reshape(num_steps, 1)
     truncated = torch.as_tensor(np.asarray(episode.truncations, dtype=bool)).reshape(num_steps, 1)
     observations = torch.from_numpy(observations)
     return TensorDict(
@@ -185,14 +188,15 @@ def _episode_to_transitions(episode, layout: tuple[list[str] | None, list[list[i
     )
 
 
-def _iterate_minari_transitions(dataset, layout, discrete: bool, reward_goal=None) -> Iterator[TensorDict]:
+def _iterate_minari_transitions(dataset, layout, discrete: bool, reward_goal=None,
+                                success_terminal: bool = False) -> Iterator[TensorDict]:
     """Transitions of each episode, checked; errors name the episode and the field."""
     path = dataset.storage.data_path
     try:
         for episode in dataset.iterate_episodes():
             if len(episode.rewards) == 0:
                 continue
-            transitions = _episode_to_transitions(episode, layout, discrete, reward_goal)
+            transitions = _episode_to_transitions(episode, layout, discrete, reward_goal, success_terminal)
             check_finite(transitions, episode_label=f"episode {episode.id}")
             yield transitions
     except (OSError, KeyError, RuntimeError) as error:
@@ -335,7 +339,7 @@ def load_minari_dataset(
         options: a :class:`~iql_torchrl.data.BufferOptions`; keyword arguments named after its
             fields (``batch_size``, ``device``, ``storage``, ``scratch_dir``, ``reward_transform``,
             ``normalize_observations``, ``scale_actions``, ``action_clip_eps``, ``raw``,
-            ``clip_actions``, ``one_hot_actions``, ``goal_in_observation``) replace single fields.
+            ``clip_actions``, ``one_hot_actions``, ``goal_in_observation``, ``success_terminal``) replace single fields.
         download: allow downloading a missing non-builder dataset.
 
     Returns:
@@ -351,6 +355,14 @@ def load_minari_dataset(
     check_same_maze(dataset_id, dataset.env_spec, env_spec)
     layout, reward_goal = _goal_input(
         dataset_id, _observation_layout(dataset.observation_space), env_spec, options.goal_in_observation)
+    if options.success_terminal and reward_goal is None:
+        raise DatasetError(
+            f"Dataset {dataset_id!r}: success_terminal (--success-terminal) marks the transitions that reach the "
+            "evaluation env's fixed goal terminated, which needs goal data with the goal out of the input and "
+            f"rewards relabelled to that goal; here the rewards are the dataset's own ("
+            + ("the goal stays in the input: use --goal-input no" if layout[0] and GOAL_KEY in layout[0]
+               else f"no '{GOAL_KEY}' in the observations, or no single fixed goal") + ")."
+        )
     source = DataSource(
         dataset_id=dataset_id,
         env_id=env_spec.id if env_spec is not None else None,
@@ -362,7 +374,8 @@ def load_minari_dataset(
         reward_goal=reward_goal,
         **action_fields,
     )
-    episodes = _iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space), reward_goal)
+    episodes = _iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space), reward_goal,
+                                           options.success_terminal)
     return build_buffer(
         _concatenate_in_chunks(episodes), num_transitions=dataset.total_steps, source=source, options=options
     )
