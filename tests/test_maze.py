@@ -166,9 +166,12 @@ def test_success_terminal_marks_exactly_the_relabelled_successes_terminated(maze
     assert not load_minari_dataset(MEDIUM)[:]["next", "terminated"].any()
 
 
-def test_success_terminal_is_refused_where_no_reward_was_relabelled(mazes, tiny_datasets):
+def test_success_terminal_is_refused_with_the_goal_in_the_input(mazes):
     with pytest.raises(DatasetError, match=r"success_terminal \(--success-terminal\).*--goal-input no"):
         load_minari_dataset(MEDIUM, goal_in_observation=True, success_terminal=True)
+
+
+def test_success_terminal_is_refused_on_data_without_goals(tiny_datasets):
     with pytest.raises(DatasetError, match="success_terminal.*no 'desired_goal' in the observations"):
         load_minari_dataset("iql_torchrl/pendulum/mixed-v0", success_terminal=True)
 
