@@ -9,6 +9,9 @@ normalized score and the success rate of each evaluation::
     python benchmarks/bench_maze_values.py --dataset iql_torchrl/pointmaze/medium-stitch-v0 \\
         --expectiles 0.9 0.7 --steps 50000 --json results_maze_values.json --png maze_values.png
     python benchmarks/bench_maze_values.py --runs RUN_DIR [RUN_DIR ...] --png maze_values.png   # plot only
+    python benchmarks/bench_maze_values.py --dataset iql_torchrl/pointmaze/medium-stitch-v0 --expectiles 0.9 \
+        --preset antmaze --success-terminal --eval-episodes 20 --steps 100000 \
+        --json results_maze_values_terminal.json --png maze_values_terminal.png --with results_maze_values.json
 
 ``--success-terminal --preset antmaze`` runs the absorbing-goal variant (D4RL AntMaze's convention, r − 1):
 its values lie in [−1/(1 − γ), 0], and the plot draws the ceiling 0 beside the bound.
@@ -67,7 +70,7 @@ def _config(run_dir: Path) -> dict:
 
 
 def _label(r: dict) -> str:
-    goal = ", goal terminal, r − 1" if r.get("success_terminal") else ""
+    goal = ", goal terminal, r − 1" if r.get("success_terminal") else ", continuing"
     return f"τ {r['expectile']:g}, β {r['temperature']:g}{goal}"
 
 
@@ -114,6 +117,8 @@ def main(argv=None):
     parser.add_argument("--eval-episodes", type=int, default=None)
     parser.add_argument("--runs", nargs="+", default=None, help="plot these finished run folders instead of training")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--with", dest="earlier", nargs="+", default=[], metavar="JSON",
+                        help="earlier results of this script drawn beside (e.g. the continuing runs)")
     parser.add_argument("--json", default="results_maze_values.json")
     parser.add_argument("--png", default="maze_values.png")
     args = parser.parse_args(argv)
@@ -136,7 +141,8 @@ def main(argv=None):
               f"at {peak['step']}, final {r['curve'][-1]['normalized_score']:.1f}")
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
-    plot(results, args.png)
+    earlier = [r for path in args.earlier for r in json.loads(Path(path).read_text())]
+    plot(results + earlier, args.png)
 
 
 if __name__ == "__main__":

@@ -73,13 +73,15 @@ def _template(loss):
     return loss.template if isinstance(loss, SeedEnsemble) else loss
 
 
-def build(mode, *, seeds=False, discrete=False, cache=None, actor_dropout=0.0, total_steps=10):
+def build(mode, *, seeds=False, discrete=False, cache=None, actor_dropout=0.0, total_steps=10, guarded=False):
     data = discrete_data() if discrete else dataset()
     if seeds:
         loss = SeedEnsemble([make_loss(seed, discrete, actor_dropout) for seed in range(1, SEEDS + 1)])
     else:
         loss = make_loss(1, discrete, actor_dropout)
-    return loss, IQLUpdate(loss, data=data, total_steps=total_steps, mode=mode, compile_cache=cache)
+    # a gradient hook (torchrun's all-reduce) makes the compiled step a guarded torch.compile step
+    hook = (lambda grads: grads) if guarded else None
+    return loss, IQLUpdate(loss, data=data, total_steps=total_steps, mode=mode, compile_cache=cache, grad_hook=hook)
 
 
 def indices(step, seeds=False):
@@ -130,38 +132,41 @@ def test_each_change_moves_the_eager_step(name):
 
 
 # ------------------------------------------------------------------ compiled steps follow them
-@pytest.mark.parametrize("variant", ["compile", *(pytest.param(v, marks=pytest.mark.slow) for v in ("seeds", "discrete", "compile cache"))])
+@pytest.mark.parametrize("variant", ["compile", *(pytest.param(v, marks=pytest.mark.slow)
+                                                 for v in ("seeds", "discrete", "compile cache", "guarded"))])
 def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(variant, tmp_path):
-    seeds, discrete = variant == "seeds", variant == "discrete"
+    seeds, discrete, guarded = variant == "seeds", variant == "discrete", variant == "guarded"
     cache = tmp_path / "cache" if variant == "compile cache" else None
     if cache is not None:  # an earlier run's compilation, loaded by the twin below
         take_steps(build("compile", cache=cache)[1], 0, 1)
     eager = build("eager", seeds=seeds, discrete=discrete)
-    compiled = build("compile", seeds=seeds, discrete=discrete, cache=cache)
+    compiled = build("compile", seeds=seeds, discrete=discrete, cache=cache, guarded=guarded)
     assert_twins_agree(eager, compiled, "before any change", seeds)
     for step, (name, change) in enumerate(TENSOR_CHANGES.items()):
         for loss, update in (eager, compiled):
             change(loss, update)
         assert_twins_agree(eager, compiled, name, seeds, first=2 * step + 2)
-    assert compiled[1].compilations == 1  # (loaded from the cache in "compile cache")
+    if not guarded:  # (dynamo's guards may recompile a guarded step: a new estimator object, a new dict key)
+        assert compiled[1].compilations == 1  # (loaded from the cache in "compile cache")
 
 
 @pytest.mark.parametrize("variant, changes", [
     ("compile", ["loss_function"]),
-    *(pytest.param(v, list(BAKED_CHANGES), marks=pytest.mark.slow) for v in ("compile", "seeds", "compile cache")),
+    *(pytest.param(v, list(BAKED_CHANGES), marks=pytest.mark.slow) for v in ("compile", "seeds", "compile cache", "guarded")),
 ])
 def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, changes, tmp_path):
-    seeds = variant == "seeds"
+    seeds, guarded = variant == "seeds", variant == "guarded"
     cache = tmp_path / "cache" if variant == "compile cache" else None
     eager = build("eager", seeds=seeds)
-    compiled = build("compile", seeds=seeds, cache=cache)
+    compiled = build("compile", seeds=seeds, cache=cache, guarded=guarded)
     assert_twins_agree(eager, compiled, "before any change", seeds)
     for step, name in enumerate(changes):
         change = BAKED_CHANGES[name]
         for loss, update in (eager, compiled):
             change(loss, update)
         assert_twins_agree(eager, compiled, name, seeds, first=2 * step + 2)
-        assert compiled[1].compilations == step + 2, name  # one more compilation, not one a call
+        if not guarded:  # (a guarded step recompiles by dynamo's guards)
+            assert compiled[1].compilations == step + 2, name  # one more compilation, not one a call
 
 
 def test_state_loaded_into_the_loss_or_the_update_reaches_the_compiled_step():
