@@ -172,16 +172,15 @@ class StepRunner:
             if baked is None or baked(owner) == values:
                 break
         else:  # a new signature, or a value the compiled variants baked in has changed
-            baked, step = self._compile_ahead_of_time(batch_or_indices, signature)
-            values = None if baked is None else baked(owner)
+            baked, values, step = self._compile_ahead_of_time(batch_or_indices, signature)
             variants.append((baked, values, step))
         if step is None:
             return self.guarded(batch_or_indices)
         return step(owner, batch_or_indices)
 
-    def _compile_ahead_of_time(self, example, signature) -> tuple[BakedValues | None, object]:
-        """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards) and the
-        values its trace baked in, or ``(None, None)`` where torch refuses it (e.g. its caches disabled): the
+    def _compile_ahead_of_time(self, example, signature) -> tuple[BakedValues | None, tuple | None, object]:
+        """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), what its
+        trace baked in and those values now, or ``(None, None, None)`` where torch refuses it (e.g. its caches disabled): the
         step then runs under dynamo's guards. With a cache, a step compiled for the same description,
         signature and baked values by an earlier run is loaded instead, and a step compiled here is stored."""
         owner = self.step_function.__self__
@@ -192,10 +191,11 @@ class StepRunner:
             if loaded is not None:
                 step, reads, values = loaded
                 baked = BakedValues(reads)
-                if _plain_values(baked(owner)) == _plain_values(values):
+                now = baked(owner)
+                if _plain_values(now) == _plain_values(values):
                     self.compilations += 1
                     step.disable_guard_check()
-                    return baked, step
+                    return baked, now, step
         try:
             with _quiet_tracing():
                 step = self.unguarded.aot_compile(((example,), {}))
@@ -205,13 +205,14 @@ class StepRunner:
                 "it runs as a guarded torch.compile step instead (same results, slower a step: benchmarks/README.md).",
                 stacklevel=4,
             )
-            return None, None
+            return None, None, None
         self.compilations += 1
         baked = BakedValues.from_guards(self._guards, owner)
+        values = baked(owner)
         if key is not None:
-            self.cache.store(key, step, baked.to_json(), list(baked(owner)))
+            self.cache.store(key, step, baked.to_json(), list(values))
         step.disable_guard_check()
-        return baked, step
+        return baked, values, step
 
 
 def _plain_values(values) -> tuple:
