@@ -24,17 +24,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the main job: iql_offline.train
+
 
 def run_one(dataset: str, expectile: float | None, temperature: float | None, steps: int, seed: int, out: Path,
             **settings) -> Path:
     """One main-job run; ``settings`` are further ``Config`` fields (preset, success_terminal, eval_episodes)."""
-    from iql_torchrl.trainer import Config, train
+    from iql_offline import train
+    from iql_torchrl.runs.config import OfflineConfig
 
     overrides = {"expectile": expectile} if expectile is not None else {}
     if temperature is not None:
         overrides["temperature"] = temperature
     overrides.update(settings)
-    train(Config(dataset=dataset, steps=steps, seed=seed, eval_every=max(1, steps // 10), log_every=max(1, steps // 50),
+    train(OfflineConfig(dataset=dataset, steps=steps, seed=seed, eval_every=max(1, steps // 10), log_every=max(1, steps // 50),
                  checkpoint_every=steps, output_dir=out, logger="csv", progress=False, **overrides))
     return out
 

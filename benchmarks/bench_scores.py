@@ -49,10 +49,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from iql_torchrl.config import PRESETS
-from iql_torchrl.trainer import Config, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the main job: iql_offline.train
 
-from bench_maze_values import logged_values
+from iql_offline import train  # noqa: E402
+from iql_torchrl.runs.config import PRESETS, OfflineConfig  # noqa: E402
+
+from bench_maze_values import logged_values  # noqa: E402
 
 DATASETS = ("iql_torchrl/pendulum/mixed-v0", "iql_torchrl/inverted-pendulum/mixed-v0", "iql_torchrl/reacher/mixed-v0")
 # Discrete actions (DiscreteIQLLoss, categorical actor, greedy evaluation): few expert episodes next to
@@ -142,7 +144,7 @@ def main(argv=None):
             if args.discrete and overrides.get("order") == "summed":
                 continue
             run_dir = out / f"{dataset.replace('/', '_')}-{method.replace(' ', '_')}-{overrides['order']}-{overrides.get('temperature', 'beta')}"
-            config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+            config = OfflineConfig(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                             num_seeds=args.seeds, device=args.device, compile=args.compile, output_dir=run_dir,
                             logger="none", progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10))
             if args.hidden_sizes:
@@ -225,7 +227,7 @@ def sweep(args):
                 continue
             run_dir = out / f"tau{expectile}-beta{temperature}"
             # a maze cell keeps its CSV logs: the mean V(s) of the logged batches, beside the score
-            config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+            config = OfflineConfig(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                             num_seeds=args.seeds, device=args.device, compile=args.compile,
                             logger="csv" if maze else "none", progress=False, checkpoint_every=args.steps,
                             log_every=max(1, args.steps // (50 if maze else 10)), output_dir=run_dir, order="paper",
@@ -244,7 +246,7 @@ def sweep(args):
     return results
 
 
-def seed_scores(config: Config) -> dict:
+def seed_scores(config: OfflineConfig) -> dict:
     """Trains ``config`` (its seeds vmapped); the final normalized score of each seed, mean, std, seconds."""
     t0 = time.perf_counter()
     scores = [s["normalized_score"] for s in train(config)["per_seed"]]
@@ -310,9 +312,9 @@ def awr_diagnostics(run_dir: Path) -> dict:
 
     import torch
 
-    from iql_torchrl.build import build_seed_losses
-    from iql_torchrl.checkpoint import load_run_checkpoint
-    from iql_torchrl.config import PRESETS, RunConfig, config_from_dict
+    from iql_torchrl.runs.builders import build_seed_losses
+    from iql_torchrl.runs.checkpoint import load_run_checkpoint
+    from iql_torchrl.runs.config import PRESETS, RunConfig, config_from_dict
     from iql_torchrl.data import OfflineDataMetadata, buffer_transitions, load_minari_dataset
 
     state = load_run_checkpoint(run_dir, map_location="cpu")
@@ -418,7 +420,7 @@ def maze_suite(args):
             for method in args.maze_methods:
                 overrides = MAZE_METHODS[method]
                 name = f"{dataset.split('/')[-1]}-goal-{goal_input}-{method.split()[0]}-{'-'.join(map(str, overrides.values())) or 'auto'}"
-                config = Config(dataset=dataset, steps=args.steps, eval_every=args.eval_every, num_seeds=args.seeds,
+                config = OfflineConfig(dataset=dataset, steps=args.steps, eval_every=args.eval_every, num_seeds=args.seeds,
                                 device=args.device, compile=args.compile, output_dir=out / name, logger="none",
                                 progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
                                 goal_input=goal_input, **overrides)
@@ -450,7 +452,7 @@ def maze_suite(args):
     return results
 
 
-def maze_run(config: Config, run_dir: Path) -> dict:
+def maze_run(config: OfflineConfig, run_dir: Path) -> dict:
     """One vmapped run: each seed's final score and success rate, the mean curve, the AWR clamp share."""
     t0 = time.perf_counter()
     summary = train(config)

@@ -19,7 +19,7 @@ import torch
 
 from update_steps import Setup, make_batch, sync
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
-from iql_torchrl.ensemble import SeedEnsemble
+from iql_torchrl.objectives.ensemble import SeedEnsemble
 
 warnings.filterwarnings("ignore")
 

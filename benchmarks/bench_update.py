@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import iql_torchrl
-from iql_torchrl.threads import available_cpus
+from iql_torchrl.runs.threads import available_cpus
 from update_steps import Setup, gemm_flops, gemm_steps, iql_steps, make_batch, recorded_gemms, sync, torchrl_steps
 
 HERE = Path(__file__).resolve().parent

@@ -6,7 +6,7 @@
     python examples/iql_finetune.py --resume --output-dir runs/<run>    # continue a stopped run
     python examples/iql_finetune.py --help
 
-Reads like the algorithm: configuration (iql_torchrl.finetune.FinetuneConfig) → Minari data in a
+Reads like the algorithm: configuration (iql_torchrl.jobs.finetune.FinetuneConfig) → Minari data in a
 TorchRL replay buffer → the paper's networks → IQLLoss → the fused update step, offline →
 a TorchRL Collector in the dataset's environment → offline + online replay → the same update
 step, online → evaluation before and after → summary.json and learning_curve.png.
@@ -14,14 +14,14 @@ step, online → evaluation before and after → summary.json and learning_curve
 import os
 
 # before torch loads: idle OpenMP threads spin briefly, then sleep -- as fast alone as threads that
-# spin, and two runs side by side don't starve each other (iql_torchrl.threads); a user's own setting wins
+# spin, and two runs side by side don't starve each other (iql_torchrl.runs.threads); a user's own setting wins
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import sys  # noqa: E402
 
-from iql_torchrl.cli import run_job  # noqa: E402
-from iql_torchrl.finetune import FinetuneConfig, finetune  # noqa: E402
+from iql_torchrl.jobs.cli import run_job  # noqa: E402
+from iql_torchrl.jobs.finetune import FinetuneConfig, finetune  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_job(FinetuneConfig, finetune))

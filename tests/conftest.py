@@ -15,11 +15,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
+
+# the main job is examples/iql_offline.py: tests import its train() as `from iql_offline import train`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 TINY_PENDULUM = "iql_torchrl/pendulum/mixed-v0"
 TINY_INVERTED_PENDULUM = "iql_torchrl/inverted-pendulum/mixed-v0"
@@ -56,7 +60,7 @@ def stop_after_checkpoint(monkeypatch):
     """``stop_after_checkpoint(when)``: from then on a run raises ``KeyboardInterrupt`` right after a
     checkpoint for which ``when(run)`` is true, as if killed there; ``stop_after_checkpoint(None)``
     lets runs finish again."""
-    from iql_torchrl.run import Run
+    from iql_torchrl.runs.run import Run
 
     real = Run.checkpoint
 

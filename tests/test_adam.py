@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from iql_torchrl.adam import adam_step
+from iql_torchrl.step.adam import adam_step
 
 BETAS, EPS, LR, STEPS = (0.9, 0.999), 1e-8, 1e-2, 4
 

@@ -8,7 +8,7 @@ PROBE = """
 import resource, sys
 import torch
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
-from iql_torchrl.allocator import keep_freed_memory
+from iql_torchrl.runs.allocator import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tuned" else None
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -69,7 +69,7 @@ def test_the_whole_update_step_is_one_graph(order, actor):
     from synthetic import random_transitions
 
     from iql_torchrl import IQLUpdate, make_qvalue_networks, make_value_network
-    from iql_torchrl.ensemble import SeedEnsemble
+    from iql_torchrl.objectives.ensemble import SeedEnsemble
 
     def make_loss(seed):
         torch.manual_seed(seed)
@@ -98,7 +98,7 @@ def test_a_torchrl_tanh_normal_actor_and_mlp_critics_run_compiled_ahead_of_time_
     from torchrl.modules import MLP
 
     from iql_torchrl import IQLUpdate
-    from iql_torchrl.models import ConcatInputs
+    from iql_torchrl.objectives.networks import ConcatInputs
 
     def make(mode):
         torch.manual_seed(0)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from iql_torchrl.compile_cache import CompiledStepCache, default_cache_folder, entry_key
+from iql_torchrl.step.compile_cache import CompiledStepCache, default_cache_folder, entry_key
 
 
 class FakeCompiled:

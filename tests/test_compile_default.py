@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from iql_torchrl.config import parse_cli
-from iql_torchrl.finetune import FinetuneConfig
-from iql_torchrl.run import COMPILE_BREAK_EVEN, auto_compile
-from iql_torchrl.trainer import Config, train
+from iql_torchrl.runs.config import parse_cli
+from iql_torchrl.jobs.finetune import FinetuneConfig
+from iql_torchrl.runs.run import COMPILE_BREAK_EVEN, auto_compile
+from iql_offline import train
+from iql_torchrl.runs.config import OfflineConfig
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -17,13 +18,13 @@ from iql_torchrl.trainer import Config, train
     (["--compile", "--steps", "5"], True), (["--compile=False"], False),
 ])
 def test_bare_flags_force_the_choice_and_auto_is_the_default(argv, expected):
-    config, given = parse_cli(Config, argv)
+    config, given = parse_cli(OfflineConfig, argv)
     assert config.compile == expected
     assert ("compile" in given) == bool(argv)
 
 
 def test_auto_compiles_long_runs_only():
-    short, long = Config(steps=COMPILE_BREAK_EVEN - 1), Config(steps=COMPILE_BREAK_EVEN)
+    short, long = OfflineConfig(steps=COMPILE_BREAK_EVEN - 1), OfflineConfig(steps=COMPILE_BREAK_EVEN)
     assert auto_compile(short)[0] is False and "fewer than" in auto_compile(short)[1]
     assert auto_compile(long)[0] is True
     # fine-tuning counts its offline and online updates (utd 1: one update an env step)
@@ -34,19 +35,19 @@ def test_auto_compiles_long_runs_only():
 
 def test_auto_stays_eager_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    compiled, why = auto_compile(Config(steps=10 * COMPILE_BREAK_EVEN))
+    compiled, why = auto_compile(OfflineConfig(steps=10 * COMPILE_BREAK_EVEN))
     assert compiled is False and "torchrun" in why
 
 
 def test_auto_stays_eager_without_a_cpp_compiler(tmp_path):
     with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
-        compiled, why = auto_compile(Config(steps=10 * COMPILE_BREAK_EVEN, device="cpu"))
+        compiled, why = auto_compile(OfflineConfig(steps=10 * COMPILE_BREAK_EVEN, device="cpu"))
     assert compiled is False and "C++ compiler" in why
 
 
 def test_the_job_says_which_step_it_runs_and_keeps_the_choice(tiny_datasets, tmp_path, capsys):
     out = tmp_path / "run"
-    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, steps=4, eval_every=4, eval_episodes=1,
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, steps=4, eval_every=4, eval_episodes=1,
                  hidden_sizes=(8,), batch_size=16, logger="none", progress=False, log_every=2))
     assert "the update step runs eager: 4 updates are fewer than" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["mode"] == "eager"

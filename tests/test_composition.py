@@ -40,7 +40,7 @@ from torchrl.modules import MLP, Actor, OneHotCategorical, ProbabilisticActor, T
 from torchrl.objectives import SoftUpdate
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, IQLUpdate
-from iql_torchrl.models import make_actor
+from iql_torchrl.objectives.networks import make_actor
 
 OBS, ACT, N_ACTIONS, HIDDEN, BATCH, STEPS, TAU, LR = 3, 2, 4, 16, 32, 3, 0.005, 1e-2
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from iql_torchrl.data import DatasetError, load_minari_dataset
-from iql_torchrl.evaluation import evaluate_policy
-from iql_torchrl.discrete import DiscreteIQLLoss
-from iql_torchrl.build import build_loss, load_actor
-from iql_torchrl.trainer import Config, train
+from iql_torchrl.runs.evaluation import evaluate_policy
+from iql_torchrl.objectives.discrete import DiscreteIQLLoss
+from iql_torchrl.runs.builders import build_loss, load_actor
+from iql_offline import train
+from iql_torchrl.runs.config import OfflineConfig
 
 CARTPOLE = "iql_torchrl/cartpole/mixed-v0"
 TINY = dict(
@@ -45,15 +46,15 @@ def cartpole(cartpole_root, monkeypatch):
 
 def test_the_loss_and_actor_follow_the_dataset_action_space(cartpole):
     metadata = load_minari_dataset(cartpole).metadata
-    loss = build_loss(Config(dataset=cartpole, hidden_sizes=(16,), device="cpu").resolved(), metadata)
+    loss = build_loss(OfflineConfig(dataset=cartpole, hidden_sizes=(16,), device="cpu").resolved(), metadata)
     assert isinstance(loss, DiscreteIQLLoss) and loss.action_space == "categorical"
     one_hot = load_minari_dataset(cartpole, one_hot_actions=True).metadata
-    assert build_loss(Config(dataset=cartpole, hidden_sizes=(16,), device="cpu").resolved(), one_hot).action_space == "one_hot"
+    assert build_loss(OfflineConfig(dataset=cartpole, hidden_sizes=(16,), device="cpu").resolved(), one_hot).action_space == "one_hot"
 
 
 def test_a_discrete_run_trains_evaluates_greedily_and_checkpoints(cartpole, tmp_path):
     out = tmp_path / "run"
-    summary = train(Config(dataset=cartpole, output_dir=out, **TINY))
+    summary = train(OfflineConfig(dataset=cartpole, output_dir=out, **TINY))
     assert summary["steps"] == 20 and math.isfinite(summary["normalized_score"])
     actor, metadata = load_actor(out)
     assert metadata.action_space == "discrete" and metadata.num_actions == 2
@@ -76,13 +77,13 @@ def test_a_discrete_run_trains_evaluates_greedily_and_checkpoints(cartpole, tmp_
 
 
 def test_discrete_seeds_train_together_and_resume_exactly(cartpole, tmp_path, stop_after_checkpoint):
-    whole = train(Config(dataset=cartpole, output_dir=tmp_path / "whole", num_seeds=2, **TINY))
+    whole = train(OfflineConfig(dataset=cartpole, output_dir=tmp_path / "whole", num_seeds=2, **TINY))
     assert len(whole["per_seed"]) == 2
     stop_after_checkpoint(lambda run: run.step == 10)
     with pytest.raises(KeyboardInterrupt):
-        train(Config(dataset=cartpole, output_dir=tmp_path / "split", num_seeds=2, **TINY))
+        train(OfflineConfig(dataset=cartpole, output_dir=tmp_path / "split", num_seeds=2, **TINY))
     stop_after_checkpoint(None)
-    resumed = train(Config(output_dir=tmp_path / "split", resume=True, progress=False))
+    resumed = train(OfflineConfig(output_dir=tmp_path / "split", resume=True, progress=False))
     assert resumed["normalized_score"] == whole["normalized_score"]
     a = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)["loss"]
     b = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)["loss"]
@@ -91,7 +92,7 @@ def test_discrete_seeds_train_together_and_resume_exactly(cartpole, tmp_path, st
 
 
 def test_fine_tuning_on_discrete_data_is_refused(cartpole, tmp_path):
-    from iql_torchrl.finetune import FinetuneConfig, finetune
+    from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
 
     with pytest.raises(Exception, match="discrete.*not supported"):
         finetune(FinetuneConfig(dataset=cartpole, output_dir=tmp_path / "ft", device="cpu", progress=False, logger="none"))
@@ -105,8 +106,8 @@ def test_clip_actions_lets_out_of_bounds_data_train(write_minari_dataset, synthe
         gym.spaces.Box(-2, 2, (1,), np.float32), env="Pendulum-v1", ref_min_score=-1200.0, ref_max_score=-150.0,
     )
     with pytest.raises(DatasetError, match="--clip-actions"):
-        train(Config(dataset="test/bad/scaled-v0", output_dir=tmp_path / "refused", **TINY))
+        train(OfflineConfig(dataset="test/bad/scaled-v0", output_dir=tmp_path / "refused", **TINY))
     with pytest.warns(UserWarning, match="clipped"):
-        summary = train(Config(dataset="test/bad/scaled-v0", output_dir=tmp_path / "clipped", clip_actions=True,
+        summary = train(OfflineConfig(dataset="test/bad/scaled-v0", output_dir=tmp_path / "clipped", clip_actions=True,
                                **{**TINY, "steps": 5, "eval_every": 5, "checkpoint_every": 5}))
     assert summary["steps"] == 5

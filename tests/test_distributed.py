@@ -11,7 +11,7 @@ from tensordict import TensorDict
 from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
-from iql_torchrl.distributed import all_reduce_gradients
+from iql_torchrl.runs.distributed import all_reduce_gradients
 
 N, B, OBS, ACT, STEPS = 256, 16, 3, 2, 6
 
@@ -77,8 +77,9 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from iql_torchrl.build import load_actor  # noqa: E402
-from iql_torchrl.trainer import Config, train  # noqa: E402
+from iql_torchrl.runs.builders import load_actor  # noqa: E402
+from iql_offline import train  # noqa: E402
+from iql_torchrl.runs.config import OfflineConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=12, batch_size=16, eval_every=12, eval_episodes=1, log_every=6, checkpoint_every=6,
@@ -86,13 +87,13 @@ TINY = dict(steps=12, batch_size=16, eval_every=12, eval_episodes=1, log_every=6
 
 
 def test_num_seeds_trains_each_seed_as_its_own_single_seed_run_would(tiny_datasets, tmp_path):
-    together = train(Config(dataset=tiny_datasets.pendulum, seed=5, num_seeds=2, output_dir=tmp_path / "k2", **TINY))
+    together = train(OfflineConfig(dataset=tiny_datasets.pendulum, seed=5, num_seeds=2, output_dir=tmp_path / "k2", **TINY))
     assert [entry["seed"] for entry in together["per_seed"]] == [5, 6]
     assert together["normalized_score"] == pytest.approx(
         sum(entry["normalized_score"] for entry in together["per_seed"]) / 2
     )
     for k, seed in enumerate((5, 6)):
-        train(Config(dataset=tiny_datasets.pendulum, seed=seed, output_dir=tmp_path / f"s{seed}", **TINY))
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, seed=seed, output_dir=tmp_path / f"s{seed}", **TINY))
         alone, _ = load_actor(tmp_path / f"s{seed}")
         in_ensemble, _ = load_actor(tmp_path / "k2", seed_index=k)
         for a, b in zip(alone.parameters(), in_ensemble.parameters()):
@@ -102,7 +103,7 @@ def test_num_seeds_trains_each_seed_as_its_own_single_seed_run_would(tiny_datase
 def test_num_seeds_with_torchrun_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--num-seeds cannot be combined with torchrun"):
-        train(Config(num_seeds=2, output_dir=tmp_path / "run", **TINY))
+        train(OfflineConfig(num_seeds=2, output_dir=tmp_path / "run", **TINY))
 
 
 @pytest.mark.slow
@@ -137,7 +138,7 @@ def test_torchrun_run_killed_mid_way_resumes_to_the_same_final_parameters(tiny_d
     import signal
     import time
 
-    from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     flags = ["--dataset", tiny_datasets.pendulum, "--steps", "300", "--batch-size", "16", "--eval-every", "300",
              "--eval-episodes", "1", "--checkpoint-every", "50", "--log-every", "50", "--hidden-sizes", "16", "16",

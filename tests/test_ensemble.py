@@ -6,7 +6,7 @@ from tensordict import TensorDict
 from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
-from iql_torchrl.ensemble import SeedEnsemble
+from iql_torchrl.objectives.ensemble import SeedEnsemble
 
 N, B, OBS, ACT, STEPS = 256, 16, 3, 2, 6
 

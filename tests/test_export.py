@@ -15,13 +15,14 @@ import pytest
 import torch
 from tensordict.nn import TensorDictModule
 
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME
-from iql_torchrl.evaluation import evaluate_policy
-from iql_torchrl.export import EnvironmentPolicy, NotAFinishedRunError, export_policy, main, write_policy
-from iql_torchrl.finetune import FinetuneConfig, finetune
-from iql_torchrl.models import make_actor
-from iql_torchrl.build import load_actor
-from iql_torchrl.trainer import Config, train
+from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME
+from iql_torchrl.runs.evaluation import evaluate_policy
+from iql_torchrl.jobs.export import EnvironmentPolicy, NotAFinishedRunError, export_policy, main, write_policy
+from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
+from iql_torchrl.objectives.networks import make_actor
+from iql_torchrl.runs.builders import load_actor
+from iql_offline import train
+from iql_torchrl.runs.config import OfflineConfig
 
 from conftest import TINY_PENDULUM
 
@@ -126,7 +127,7 @@ def run(tiny_datasets_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MINARI_DATASETS_PATH", str(tiny_datasets_root))
-        train(Config(dataset=TINY_PENDULUM, output_dir=out, normalize_observations=True, **TINY))
+        train(OfflineConfig(dataset=TINY_PENDULUM, output_dir=out, normalize_observations=True, **TINY))
     onnx_path = main([str(out), "--format", "onnx"])
     program_path = main([str(out), "--format", "exported-program"])
     observations, actions = evaluator_steps(out)
@@ -259,7 +260,7 @@ def test_the_evaluators_clip_to_the_bounds_is_inside_the_exported_graph(run, tmp
 # ------------------------------------------------------------------ several seeds, fine-tuning
 def test_seed_index_exports_one_seed_of_a_num_seeds_run(tiny_datasets, tmp_path):
     out = tmp_path / "k2"
-    summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=out, num_seeds=2, **TINY))
+    summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, num_seeds=2, **TINY))
     path = main([str(out), "--seed-index", "1", "--output", str(tmp_path / "seed1.pt2")])
     meta = json.loads(Path(f"{path}.json").read_text())
     assert meta["seed"] == 1 and meta["seed_index"] == 1
@@ -333,7 +334,7 @@ def test_a_discrete_run_exports_the_evaluators_greedy_actions(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
         build_dataset(CARTPOLE, episodes=5, reference_episodes=2, progress=False)
-        train(Config(dataset=CARTPOLE, output_dir=out, seed=2, **TINY))  # seed 2: a policy that uses both actions
+        train(OfflineConfig(dataset=CARTPOLE, output_dir=out, seed=2, **TINY))  # seed 2: a policy that uses both actions
     paths = [export_policy(out, "onnx"), export_policy(out, "exported-program")]
     observations, actions = evaluator_steps(out, episodes=30)  # CartPole episodes can be short
     assert actions.dtype == np.int64 and set(actions.tolist()) == {0, 1}  # the comparison can fail

@@ -15,19 +15,21 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector
 
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions, load_minari_dataset
-from iql_torchrl.finetune import FinetuneConfig, finetune
-from iql_torchrl.online import (
+from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
+from iql_torchrl.jobs.online import (
     OfflineDataTransform,
     episode_states,
     make_exploration_policy,
     make_offline_online_buffer,
     make_online_env,
 )
-from iql_torchrl.build import build_loss, load_actor, make_update
-from iql_torchrl.trainer import Config, NonFiniteLossError, train
-from iql_torchrl.update import IQLUpdate
+from iql_torchrl.runs.builders import build_loss, load_actor, make_update
+from iql_offline import train
+from iql_torchrl.runs.config import OfflineConfig
+from iql_torchrl.runs.run import NonFiniteLossError
+from iql_torchrl.step.update import IQLUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -104,7 +106,7 @@ def test_batches_mix_offline_and_online_transitions_in_the_configured_proportion
 
 def test_the_exploration_policy_acts_with_the_current_weights(tiny_datasets):
     buffer = load_minari_dataset(tiny_datasets.pendulum)
-    loss = build_loss(Config(hidden_sizes=(16, 16), device="cpu").resolved(), buffer.metadata)
+    loss = build_loss(OfflineConfig(hidden_sizes=(16, 16), device="cpu").resolved(), buffer.metadata)
     policy = make_exploration_policy(loss.get_stateful_net("actor_network", copy=True).eval(), buffer.metadata)
     obs = TensorDict({"observation": torch.randn(8, 3)}, [8])
     before = policy(obs.clone())["loc"].clone()
@@ -139,7 +141,7 @@ def test_updates_per_second_leaves_out_each_phase_s_compiling_first_update(tiny_
     # a compiled step compiles on its first offline call (indices) and again on its first online call
     # (sampled batches: a new call signature); neither belongs in updates/s. The step runs eager here,
     # only reporting the mode, so the test checks the bookkeeping without compiling.
-    import iql_torchrl.finetune as finetune_module
+    import iql_torchrl.jobs.finetune as finetune_module
 
     def reporting(*args, **kwargs):
         update = make_update(*args, **kwargs)
@@ -212,7 +214,7 @@ def test_a_run_resumed_mid_online_phase_ends_like_an_uninterrupted_one(tiny_data
 
 def test_fine_tuning_starts_from_an_offline_run(tiny_datasets, tmp_path):
     offline_dir = tmp_path / "offline"
-    offline = train(Config(dataset=tiny_datasets.pendulum, output_dir=offline_dir, steps=30, batch_size=32, eval_every=30,
+    offline = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=offline_dir, steps=30, batch_size=32, eval_every=30,
                            eval_episodes=2, hidden_sizes=(16, 16), device="cpu", progress=False, logger="none"))
     config = FinetuneConfig(checkpoint=offline_dir, output_dir=tmp_path / "finetuned", logger="none",
                             **{**TINY, "offline_steps": 999, "hidden_sizes": (8,)})
@@ -246,14 +248,14 @@ def test_a_non_finite_online_loss_stops_the_run_with_the_last_checkpoint_intact(
 
 
 def test_both_configs_extend_one_run_config_and_write_no_field_twice():
-    from iql_torchrl.config import RunConfig
+    from iql_torchrl.runs.config import RunConfig
 
     shared = {f.name for f in fields(RunConfig)}
-    offline_only = {f.name for f in fields(Config)} - shared
+    offline_only = {f.name for f in fields(OfflineConfig)} - shared
     finetune_only = {f.name for f in fields(FinetuneConfig)} - shared
     assert offline_only == {"steps", "num_seeds"}
     assert not offline_only & finetune_only
     # a subclass may override a default (the fine-tuning dataset, its evaluation interval), not restate a field
     restated = {name for name in FinetuneConfig.__annotations__ if name in shared}
     assert restated == {"dataset", "eval_every"}
-    assert FinetuneConfig().dataset != Config().dataset
+    assert FinetuneConfig().dataset != OfflineConfig().dataset

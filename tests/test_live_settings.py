@@ -16,7 +16,7 @@ from tensordict import TensorDict
 from synthetic import random_transitions
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, IQLUpdate, make_iql_networks
-from iql_torchrl.ensemble import SeedEnsemble
+from iql_torchrl.objectives.ensemble import SeedEnsemble
 
 N, B, OBS, ACT, SEEDS = 256, 32, 3, 2, 2
 # float32 reassociation in inductor's kernels, grown over ~20 steps at learning rates up to 1e-2; every

@@ -25,7 +25,7 @@ from torchrl.objectives import HardUpdate, SoftUpdate, ValueEstimators
 from torchrl.objectives import IQLLoss as TorchRLIQLLoss
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, awr_weight, bellman_target, expectile_loss, make_iql_networks
-from iql_torchrl.models import GaussianPolicyHead, make_actor, make_qvalue_networks
+from iql_torchrl.objectives.networks import GaussianPolicyHead, make_actor, make_qvalue_networks
 from reference import gaussian_log_prob, lambda_returns, read
 
 warnings.filterwarnings("ignore", message="No target network updater")
@@ -898,7 +898,7 @@ def test_rewards_c_times_larger_act_like_a_temperature_c_times_larger():
 
 def test_the_three_whole_objectives_on_hand_numbers():
     """equations.py's whole objectives, per sample, on numbers worked out by hand (and their wrong twins)."""
-    from iql_torchrl.equations import actor_objective, critic_objective, value_objective
+    from iql_torchrl.objectives.equations import actor_objective, critic_objective, value_objective
 
     # V: diffs min Q̄ − V = [1, −2] → [0.7·1², 0.3·2²]; τ swapped would give [0.3, 2.8]
     loss = value_objective(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]), 0.7)

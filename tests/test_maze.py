@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("gymnasium_robotics")
 
-from iql_torchrl.config import PRESETS, RunConfig, auto_preset
+from iql_torchrl.runs.config import PRESETS, RunConfig, auto_preset
 from iql_torchrl.data import DatasetError, OfflineDataMetadata, load_minari_dataset
 from iql_torchrl.datasets import build_dataset, check_recipe
 from iql_torchrl.datasets.maze import (
@@ -24,7 +24,7 @@ from iql_torchrl.datasets.maze import (
     maze_reference_returns,
 )
 from iql_torchrl.datasets.maze_geometry import MAZES, WaypointController, cell_center, cell_distances, cell_of
-from iql_torchrl.evaluation import check_evaluation_env, evaluate_policy, summarize_seeds
+from iql_torchrl.runs.evaluation import check_evaluation_env, evaluate_policy, summarize_seeds
 
 UMAZE, MEDIUM, STITCH = ("iql_torchrl/pointmaze/umaze-v0", "iql_torchrl/pointmaze/medium-v0",
                          "iql_torchrl/pointmaze/medium-stitch-v0")
@@ -177,8 +177,8 @@ def test_success_terminal_is_refused_on_data_without_goals(tiny_datasets):
 
 
 def test_fine_tuning_refuses_success_terminal():
-    from iql_torchrl.config import ConfigError
-    from iql_torchrl.finetune import FinetuneConfig
+    from iql_torchrl.runs.config import ConfigError
+    from iql_torchrl.jobs.finetune import FinetuneConfig
 
     with pytest.raises(ConfigError, match="--success-terminal"):
         FinetuneConfig(success_terminal=True).check()
@@ -374,22 +374,23 @@ def test_maze_presets_evaluate_100_episodes_unless_told_otherwise():
 
 
 def test_resume_keeps_the_preset_the_run_started_with():
-    from iql_torchrl.config import config_to_dict
-    from iql_torchrl.resume import ResumeError, resumed_config
-    from iql_torchrl.trainer import Config
+    from iql_torchrl.runs.config import config_to_dict
+    from iql_torchrl.runs.resume import ResumeError, resumed_config
+    from iql_torchrl.runs.config import OfflineConfig
 
-    started = Config(dataset="iql_torchrl/pendulum/mixed-v0", preset="antmaze", output_dir="/tmp/x").resolved()
+    started = OfflineConfig(dataset="iql_torchrl/pendulum/mixed-v0", preset="antmaze", output_dir="/tmp/x").resolved()
     saved = config_to_dict(started)
-    again = Config(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x", resume=True)  # preset: auto
-    assert resumed_config(Config, saved, again, {"preset"}).preset == "antmaze"  # auto would pick mujoco
+    again = OfflineConfig(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x", resume=True)  # preset: auto
+    assert resumed_config(OfflineConfig, saved, again, {"preset"}).preset == "antmaze"  # auto would pick mujoco
     with pytest.raises(ResumeError, match="--preset: checkpoint antmaze, given mujoco"):
-        resumed_config(Config, saved, Config(preset="mujoco", output_dir="/tmp/x", resume=True), {"preset"})
+        resumed_config(OfflineConfig, saved, OfflineConfig(preset="mujoco", output_dir="/tmp/x", resume=True), {"preset"})
 
 
 def test_a_run_names_its_preset_and_the_reason(tiny_datasets, tmp_path, capsys):
-    from iql_torchrl.trainer import Config, train
+    from iql_offline import train
+    from iql_torchrl.runs.config import OfflineConfig
 
-    summary = train(Config(dataset=tiny_datasets.pendulum, steps=4, eval_every=4, eval_episodes=1, log_every=2,
+    summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, steps=4, eval_every=4, eval_episodes=1, log_every=2,
                            output_dir=tmp_path / "run", progress=False, logger="none", device="cpu", hidden_sizes=(8,)))
     assert summary["preset"] == "mujoco" and "declares the mujoco preset" in summary["preset_reason"]
     assert "preset mujoco (expectile 0.7, temperature 3.0" in capsys.readouterr().err
@@ -397,9 +398,10 @@ def test_a_run_names_its_preset_and_the_reason(tiny_datasets, tmp_path, capsys):
 
 
 def test_the_preset_line_shows_the_values_the_run_overrides(tiny_datasets, tmp_path, capsys):
-    from iql_torchrl.trainer import Config, train
+    from iql_offline import train
+    from iql_torchrl.runs.config import OfflineConfig
 
-    train(Config(dataset=tiny_datasets.pendulum, steps=2, eval_every=2, eval_episodes=1, log_every=2, expectile=0.5,
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, steps=2, eval_every=2, eval_episodes=1, log_every=2, expectile=0.5,
                  output_dir=tmp_path / "run", progress=False, logger="none", device="cpu", hidden_sizes=(8,)))
     line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("preset mujoco"))
     # the run's τ and the preset's, not the preset's alone; β as the preset has it

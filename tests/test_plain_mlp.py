@@ -14,8 +14,8 @@ from torch import nn
 from torchrl.modules import MLP, ValueOperator
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, make_iql_networks
-from iql_torchrl.models import make_qvalue_networks, make_value_network, mlp
-from iql_torchrl.plain_mlp import PlainMLP
+from iql_torchrl.objectives.networks import make_qvalue_networks, make_value_network, mlp
+from iql_torchrl.objectives.plain_mlp import PlainMLP
 
 warnings.filterwarnings("ignore", message="No target network updater")
 

@@ -10,7 +10,7 @@ from reference import VARIANTS, ReferenceIQL, max_abs_diff
 from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, make_iql_networks
-from iql_torchrl.update import IQLUpdate
+from iql_torchrl.step.update import IQLUpdate
 
 OBS, ACT, B = 3, 2, 64
 # float32 against float64 after 3 Adam steps: the largest parameter difference seen is 1.3e-7

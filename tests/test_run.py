@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run_checkpoint
-from iql_torchrl.config import ConfigError, given_fields
-from iql_torchrl.finetune import FinetuneConfig, finetune
-from iql_torchrl.resume import ResumeError
-from iql_torchrl.run import Run
-from iql_torchrl.run_folder import LOCK_NAME, FolderInUseError, RunFolder, default_run_dir
-from iql_torchrl.build import load_actor
-from iql_torchrl.trainer import Config, train
+from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run_checkpoint
+from iql_torchrl.runs.config import ConfigError, given_fields
+from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
+from iql_torchrl.runs.resume import ResumeError
+from iql_torchrl.runs.run import Run
+from iql_torchrl.runs.folder import LOCK_NAME, FolderInUseError, RunFolder, default_run_dir
+from iql_torchrl.runs.builders import load_actor
+from iql_offline import train
+from iql_torchrl.runs.config import OfflineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=20, batch_size=32, eval_every=10, eval_episodes=1, log_every=5, checkpoint_every=10,
@@ -47,9 +48,9 @@ def test_a_second_run_on_a_folder_in_use_stops_at_once_and_writes_nothing(tiny_d
     out = tmp_path / "run"
     with RunFolder.create(out):
         with pytest.raises(FolderInUseError, match="in use by another run"):
-            train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+            train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
         with pytest.raises(FolderInUseError, match="in use by another run"):
-            train(Config(output_dir=out, resume=True, progress=False))
+            train(OfflineConfig(output_dir=out, resume=True, progress=False))
         assert [p.name for p in out.iterdir()] == [LOCK_NAME]
 
 
@@ -98,7 +99,7 @@ def test_default_run_folders_differ_for_runs_started_in_the_same_second():
 def test_an_invalid_setting_is_refused_by_its_flag_before_anything_is_written(tmp_path, field, value, flag):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=rf"^{flag} .*must be"):
-        train(Config(output_dir=out, **{**TINY, field: value}))
+        train(OfflineConfig(output_dir=out, **{**TINY, field: value}))
     assert not out.exists()
 
 
@@ -116,7 +117,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(PermissionError, match="choose a writable --output-dir"):
-        train(Config(output_dir=blocker / "run", **TINY))
+        train(OfflineConfig(output_dir=blocker / "run", **TINY))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -126,14 +127,14 @@ def test_a_read_only_output_folder_fails_before_training_even_without_a_logger(t
     out.chmod(0o500)
     try:
         with pytest.raises(PermissionError, match="Cannot write in the run folder"):
-            train(Config(output_dir=out, **TINY))
+            train(OfflineConfig(output_dir=out, **TINY))
     finally:
         out.chmod(0o700)
 
 
 def test_an_environment_that_cannot_be_created_is_refused_before_training(tiny_datasets, tmp_path, monkeypatch):
     from iql_torchrl.data import OfflineDataMetadata
-    from iql_torchrl.evaluation import EvaluationEnvError
+    from iql_torchrl.runs.evaluation import EvaluationEnvError
 
     def missing_module(self, **kwargs):
         raise ModuleNotFoundError("No module named 'mujoco'")
@@ -141,12 +142,12 @@ def test_an_environment_that_cannot_be_created_is_refused_before_training(tiny_d
     monkeypatch.setattr(OfflineDataMetadata, "make_env", missing_module)
     out = tmp_path / "run"
     with pytest.raises(EvaluationEnvError, match="cannot be created and reset: ModuleNotFoundError"):
-        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     assert not (out / CHECKPOINT_NAME).exists()
 
 
 def test_unusable_reference_scores_fall_back_to_returns_with_a_warning(tiny_datasets, tmp_path, monkeypatch):
-    import iql_torchrl.run as run_module
+    import iql_torchrl.runs.run as run_module
 
     real_load = run_module.load_minari_dataset
 
@@ -158,7 +159,7 @@ def test_unusable_reference_scores_fall_back_to_returns_with_a_warning(tiny_data
     monkeypatch.setattr(run_module, "load_minari_dataset", equal_references)
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="No normalized scores .* reference scores are equal"):
-        summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+        summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     assert summary["normalized_score"] is None and math.isfinite(summary["return_mean"])
     assert all(p["normalized_score"] is None for p in summary["curve"])
     assert (out / "learning_curve.png").stat().st_size > 1000
@@ -167,11 +168,11 @@ def test_unusable_reference_scores_fall_back_to_returns_with_a_warning(tiny_data
 # ------------------------------------------------------------------ resume checks
 def test_resume_refuses_every_changed_setting_and_lists_both_values(tiny_datasets, tmp_path):
     out = tmp_path / "run"
-    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     before = _files(out)
     changed = dict(batch_size=64, hidden_sizes=(8,), expectile=0.9, steps=40)
     with pytest.raises(ResumeError) as err:
-        train(Config(**{**TINY, **changed, "output_dir": out, "resume": True}))
+        train(OfflineConfig(**{**TINY, **changed, "output_dir": out, "resume": True}))
     message = str(err.value)
     for line in ("--batch-size: checkpoint 32, given 64", "--hidden-sizes: checkpoint 16 16, given 8",
                  "--expectile: checkpoint 0.7, given 0.9", "--steps: checkpoint 20, given 40"):
@@ -182,9 +183,9 @@ def test_resume_refuses_every_changed_setting_and_lists_both_values(tiny_dataset
 
 def test_a_flag_given_on_the_command_line_counts_even_at_its_default_value(tiny_datasets, tmp_path):
     out = tmp_path / "run"
-    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     argv = ["--resume", "--output-dir", str(out), "--batch-size", "256", "--no-progress", "--eval-episodes=3"]
-    config = Config(output_dir=out, resume=True, progress=False, eval_episodes=3)  # what tyro makes of argv
+    config = OfflineConfig(output_dir=out, resume=True, progress=False, eval_episodes=3)  # what tyro makes of argv
     assert given_fields(config, argv) == {"resume", "output_dir", "batch_size", "progress", "eval_episodes"}
     with pytest.raises(ResumeError, match="--batch-size: checkpoint 32, given 256"):
         train(config, given_fields(config, argv))
@@ -192,9 +193,9 @@ def test_a_flag_given_on_the_command_line_counts_even_at_its_default_value(tiny_
 
 def test_a_finished_run_says_so_and_leaves_every_file_untouched(tiny_datasets, tmp_path, capsys):
     out = tmp_path / "run"
-    summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     before = _files(out)
-    again = train(Config(output_dir=out, resume=True, progress=False, eval_episodes=5))  # a run-neutral change
+    again = train(OfflineConfig(output_dir=out, resume=True, progress=False, eval_episodes=5))  # a run-neutral change
     assert "this run is finished" in capsys.readouterr().err
     assert again == json.loads(json.dumps(summary))
     assert _files(out) == before
@@ -204,7 +205,7 @@ def _crashed_run(dataset, out, monkeypatch, **overrides):
     """A run whose evaluation failed at its last step: its checkpoint (step 20) is written, the summary is not."""
     real = _evaluation_fails_at(monkeypatch, 20)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        train(Config(dataset=dataset, output_dir=out, **{**TINY, **overrides}))
+        train(OfflineConfig(dataset=dataset, output_dir=out, **{**TINY, **overrides}))
     monkeypatch.setattr(Run, "evaluate", real)
 
 
@@ -218,19 +219,19 @@ def test_resume_refuses_data_rebuilt_since_and_never_rebuilds_a_missing_dataset(
 
     build_dataset(dataset, episodes=2, seed=1, reference_episodes=1, progress=False, overwrite=True)  # other data
     with pytest.raises(ResumeError, match="not the data this run trained on"):
-        train(Config(output_dir=out, resume=True, progress=False))
+        train(OfflineConfig(output_dir=out, resume=True, progress=False))
 
     import shutil
 
     shutil.rmtree(minari_root / dataset)
     with pytest.raises(ResumeError, match="dataset iql_torchrl/pendulum/mixed-v0 of this run is missing"):
-        train(Config(output_dir=out, resume=True, progress=False))
+        train(OfflineConfig(output_dir=out, resume=True, progress=False))
     assert not dataset_exists(dataset)  # not silently rebuilt
     assert not (out / "summary.json").exists()
 
 
 def test_a_failed_evaluation_loses_nothing_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_datasets, tmp_path, monkeypatch):
-    straight = train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", **TINY))
+    straight = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", **TINY))
     out = tmp_path / "crashed"
     _crashed_run(tiny_datasets.pendulum, out, monkeypatch)
     state = load_checkpoint(out / CHECKPOINT_NAME)
@@ -238,7 +239,7 @@ def test_a_failed_evaluation_loses_nothing_and_the_resumed_run_ends_like_an_unin
     assert not (out / "summary.json").exists()
     (out / ".checkpoint.pt.stale.tmp").write_bytes(b"left by kill -9")
 
-    resumed = train(Config(output_dir=out, resume=True, progress=False))
+    resumed = train(OfflineConfig(output_dir=out, resume=True, progress=False))
     assert not (out / ".checkpoint.pt.stale.tmp").exists()  # stale temporary files are cleaned up
     assert resumed["curve"] == straight["curve"] and [p["step"] for p in resumed["curve"]] == [10, 20]
     assert resumed["normalized_score"] == straight["normalized_score"]
@@ -255,12 +256,12 @@ def test_updates_per_second_counts_each_update_once_across_a_resume(tiny_dataset
     stop_after_checkpoint(lambda run: run.step == 10)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     stop_after_checkpoint(None)
     first = load_checkpoint(out / CHECKPOINT_NAME)["timing"]
     assert first["timed_updates"] == 10
 
-    summary = train(Config(output_dir=out, resume=True, progress=False))
+    summary = train(OfflineConfig(output_dir=out, resume=True, progress=False))
     timing = load_checkpoint(out / CHECKPOINT_NAME)["timing"]
     assert timing["timed_updates"] == 20  # 10 + 10, not 10 (this session's) over both sessions' seconds
     assert timing["train_seconds"] > first["train_seconds"]
@@ -287,14 +288,14 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME} holds objects .*refused, not executed"):
         load_actor(out)
     with pytest.raises(CheckpointError):
-        train(Config(output_dir=out, resume=True, progress=False))
+        train(OfflineConfig(output_dir=out, resume=True, progress=False))
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
 def test_an_unreadable_checkpoint_names_the_file_and_falls_back_to_the_previous_one(tiny_datasets, tmp_path, damage):
     out = tmp_path / "run"
-    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     path = out / CHECKPOINT_NAME
     previous_step = load_checkpoint(out / PREVIOUS_CHECKPOINT_NAME)["step"]
     data = path.read_bytes()
@@ -316,7 +317,7 @@ def test_an_unreadable_checkpoint_names_the_file_and_falls_back_to_the_previous_
 
 # ------------------------------------------------------------------ threads and optimiser flags
 def test_threads_auto_takes_omp_num_threads_else_this_process_share_of_its_cpus(monkeypatch):
-    from iql_torchrl.threads import auto_threads, set_threads
+    from iql_torchrl.runs.threads import auto_threads, set_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert auto_threads() == 3
@@ -335,11 +336,11 @@ def test_threads_auto_takes_omp_num_threads_else_this_process_share_of_its_cpus(
 
 
 def test_per_network_learning_rates_optimizer_and_weight_decay_reach_the_update_step(monkeypatch):
-    import iql_torchrl.build as build
+    import iql_torchrl.runs.builders as build
 
     received = {}
     monkeypatch.setattr(build, "IQLUpdate", lambda loss, **kwargs: received.update(kwargs))
-    config = Config(lr=1e-3, actor_lr=1e-4, value_lr=2e-4, optimizer="adamw", weight_decay=0.01, device="cpu")
+    config = OfflineConfig(lr=1e-3, actor_lr=1e-4, value_lr=2e-4, optimizer="adamw", weight_decay=0.01, device="cpu")
     build.make_update(config.resolved(), loss=None, data=None, total_steps=10)
     assert received["lr"] == 1e-3 and received["actor_lr"] == 1e-4 and received["value_lr"] == 2e-4
     assert received["optimizer"] == "adamw" and received["weight_decay"] == 0.01
@@ -353,7 +354,7 @@ def test_restarting_the_progress_clock_drops_the_time_before_it():
 
     from tqdm import tqdm
 
-    from iql_torchrl.run import restart_progress_clock
+    from iql_torchrl.runs.run import restart_progress_clock
 
     bars = {}
     for restart in (True, False):
@@ -372,9 +373,9 @@ def test_restarting_the_progress_clock_drops_the_time_before_it():
 def test_one_cadence_for_single_updates_and_for_collections_of_updates(tmp_path):
     # the offline loop asks after every update, the online phase after each collection's updates: an
     # interval is due when its multiple was reached on the way, and a loop's last updates do everything
-    from iql_torchrl.distributed import DistributedContext
+    from iql_torchrl.runs.distributed import DistributedContext
 
-    config = Config(log_every=5, checkpoint_every=10, eval_every=20, device="cpu")
+    config = OfflineConfig(log_every=5, checkpoint_every=10, eval_every=20, device="cpu")
     run = Run(config, "offline", DistributedContext(), None, tmp_path, None)
     due = {step: run.due(step - 1, step, last=False) for step in range(1, 41)}
     assert [s for s, (log, _, _) in due.items() if log] == [5, 10, 15, 20, 25, 30, 35, 40]

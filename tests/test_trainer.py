@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from iql_torchrl.build import load_actor
-from iql_torchrl.trainer import Config, NonFiniteLossError, train
+from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from iql_torchrl.runs.builders import load_actor
+from iql_offline import train
+from iql_torchrl.runs.config import OfflineConfig
+from iql_torchrl.runs.run import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -24,7 +26,7 @@ TINY = dict(
 
 def test_a_short_run_writes_a_finite_summary_a_plot_and_csv_logs(tiny_datasets, tmp_path):
     out = tmp_path / "run"
-    summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     for key in ("dataset", "steps", "seed", "temperature", "expectile", "normalized_score", "return_mean",
@@ -42,7 +44,7 @@ def test_a_short_run_writes_a_finite_summary_a_plot_and_csv_logs(tiny_datasets, 
 def test_the_main_job_compiled_trains_like_eager_and_resumes_where_it_stopped(tiny_datasets, tmp_path, stop_after_checkpoint):
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
-        train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / name, compile=compiled, **TINY))
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / name, compile=compiled, **TINY))
         runs[name] = load_checkpoint(tmp_path / name / CHECKPOINT_NAME)
     eager, compiled = runs["eager"]["loss"], runs["compiled"]["loss"]
     for key in eager:
@@ -55,10 +57,10 @@ def test_the_main_job_compiled_trains_like_eager_and_resumes_where_it_stopped(ti
     stop_after_checkpoint(lambda run: run.step == 10)
     out = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt):
-        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, compile=True, **TINY))
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, compile=True, **TINY))
     halfway = load_checkpoint(out / CHECKPOINT_NAME)["loss"]
     stop_after_checkpoint(None)
-    train(Config(output_dir=out, resume=True, progress=False))
+    train(OfflineConfig(output_dir=out, resume=True, progress=False))
     resumed = load_checkpoint(out / CHECKPOINT_NAME)
     assert resumed["step"] == 20 and resumed["config"]["compile"] is True
     assert resumed["timing"]["timed_updates"] == 9 + 9  # ten updates a session, each session's first compiling
@@ -73,16 +75,16 @@ def test_an_existing_output_dir_is_not_overwritten(tiny_datasets, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("results")
     with pytest.raises(FileExistsError, match="--resume"):
-        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     assert (out / "keep.txt").read_text() == "results"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors raised without CUDA")
 def test_cuda_only_flags_fail_clearly_without_cuda(tmp_path):
     with pytest.raises(ValueError, match="--cudagraphs needs CUDA"):
-        train(Config(output_dir=tmp_path / "a", cudagraphs=True, device="auto"))
+        train(OfflineConfig(output_dir=tmp_path / "a", cudagraphs=True, device="auto"))
     with pytest.raises(ValueError, match="no CUDA device"):
-        train(Config(output_dir=tmp_path / "b", device="cuda"))
+        train(OfflineConfig(output_dir=tmp_path / "b", device="cuda"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -92,7 +94,7 @@ def test_compile_without_a_cpp_compiler_fails_before_any_work(tiny_datasets, tmp
 
     with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
         with pytest.raises(ValueError, match="--compile: .*needs a C\\+\\+ compiler.*CXX"):
-            train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "run", compile=True, **TINY))
+            train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "run", compile=True, **TINY))
         loss = IQLLoss(*make_iql_networks(3, 1, hidden_sizes=(8,)))
         with pytest.raises(RuntimeError, match="mode='compile'.*needs a C\\+\\+ compiler"):
             IQLUpdate(loss, mode="compile")
@@ -104,8 +106,8 @@ def test_compile_without_a_cpp_compiler_fails_before_any_work(tiny_datasets, tmp
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_datasets, tmp_path, monkeypatch):
     # transition 0 gets a NaN reward and is the whole batch from update step 14 on
-    import iql_torchrl.build as build
-    import iql_torchrl.trainer as trainer
+    import iql_torchrl.runs.builders as build
+    import iql_offline as trainer
 
     real_transitions, real_indices, calls = trainer.buffer_transitions, build.sample_indices, []
 
@@ -123,7 +125,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
     monkeypatch.setattr(build, "sample_indices", indices)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"loss_qvalue at update step 14"):
-        train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     state = load_checkpoint(out / CHECKPOINT_NAME)
     assert state["step"] == 10
     assert all(torch.isfinite(v).all() for v in state["loss"].values())
@@ -134,11 +136,11 @@ def test_the_saved_policy_loads_as_a_plain_torchrl_module(tiny_datasets, tmp_pat
     from tensordict import TensorDict
 
     out = tmp_path / "run"
-    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
     actor, metadata = load_actor(out)
     action = actor(TensorDict({"observation": torch.zeros(4, metadata.observation_dim)}, [4]))["action"]
     assert action.shape == (4, metadata.action_dim)
-    result = subprocess.run([sys.executable, "-m", "iql_torchrl.evaluate", str(out), "--episodes", "2"],
+    result = subprocess.run([sys.executable, "-m", "iql_torchrl.jobs.evaluate", str(out), "--episodes", "2"],
                             capture_output=True, text=True, timeout=300, env={**os.environ})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "normalized_score" in result.stdout
@@ -149,7 +151,7 @@ def test_wandb_without_an_api_key_runs_offline_and_writes_its_files(tiny_dataset
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    train(Config(dataset=tiny_datasets.pendulum, output_dir=out, logger="wandb", **TINY))
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, logger="wandb", **TINY))
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
 
@@ -193,7 +195,7 @@ def test_values_beyond_the_largest_return_the_data_allows_are_reported_once(tiny
     # policy on the loaded data earns, and the run says so (max |r| / (1 - γ) from the loaded data)
     import warnings
 
-    import iql_torchrl.trainer as trainer
+    import iql_offline as trainer
     from iql_torchrl.data import buffer_transitions, load_minari_dataset
 
     loaded = buffer_transitions(load_minari_dataset(tiny_datasets.pendulum, reward_transform="locomotion"))
@@ -209,7 +211,7 @@ def test_values_beyond_the_largest_return_the_data_allows_are_reported_once(tiny
     settings = dict(TINY, steps=60, log_every=10, eval_every=60, gamma=gamma, tau=1.0, lr=0.05)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plain = train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "plain", **settings))
+        plain = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "plain", **settings))
     assert plain["value_bound"] == pytest.approx(bound, rel=1e-6)
     assert plain["values_beyond_bound_at"] is None
     assert not [w for w in caught if "diverging" in str(w.message)]
@@ -217,7 +219,7 @@ def test_values_beyond_the_largest_return_the_data_allows_are_reported_once(tiny
     monkeypatch.setattr(trainer, "buffer_transitions", inflated)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = train(Config(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "inflated", **settings))
+        summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "inflated", **settings))
     said = [str(w.message) for w in caught if "diverging" in str(w.message)]
     assert len(said) == 1 and f"beyond {bound:.4g}" in said[0]  # once, with the data's bound
     assert summary["values_beyond_bound_at"] in range(10, 61, 10)

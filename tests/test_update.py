@@ -7,7 +7,7 @@ import torch
 from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, make_iql_networks
-from iql_torchrl.update import IQLUpdate, cosine_decay
+from iql_torchrl.step.update import IQLUpdate, cosine_decay
 
 N, B, OBS, ACT = 512, 32, 3, 2
 

@@ -215,6 +215,14 @@ class OfflineDataMetadata:
         """Whether the environment's actions are ``Discrete(num_actions)`` indices."""
         return self.action_space == "discrete"
 
+    @property
+    def actor_kind(self) -> str:
+        """The actor these actions need (:func:`~iql_torchrl.make_actor`'s ``kind``): ``"gaussian"`` for Box
+        actions, ``"categorical"`` for discrete indices, ``"one_hot"`` for one-hot rows."""
+        if not self.discrete:
+            return "gaussian"
+        return "one_hot" if self.one_hot_actions else "categorical"
+
     def action_to_env(self, action):
         """Map an action in the buffer's space to the environment's.
 

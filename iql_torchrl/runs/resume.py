@@ -3,7 +3,7 @@
 * The run's settings come from its checkpoint. A setting given on purpose on the resume command
   line (or in the config passed to ``train``) that differs from the checkpoint's refuses to resume,
   listing every such flag with both values -- except the settings that do not shape the run
-  (:data:`~iql_torchrl.config.RUN_NEUTRAL_SETTINGS`: logger, progress bar, threads, evaluation
+  (:data:`~iql_torchrl.runs.config.RUN_NEUTRAL_SETTINGS`: logger, progress bar, threads, evaluation
   episodes, log and checkpoint intervals, device), which take the new value. ``--steps`` is
   never one of those: the actor's cosine schedule depends on it.
 * The data must be the data the run trained on: the checkpoint keeps a fingerprint (dataset id,
@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from iql_torchrl.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, flag
+from iql_torchrl.runs.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, flag
 
 __all__ = ["ResumeError", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
 

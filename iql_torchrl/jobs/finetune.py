@@ -1,12 +1,12 @@
 """Offline-to-online fine-tuning: an offline IQL policy keeps learning from its own interaction.
 
 :class:`FinetuneConfig` is the run configuration (``examples/iql_finetune.py`` turns it into the
-command line with tyro); :func:`finetune` runs it on the run harness (:class:`~iql_torchrl.run.Run`)
+command line with tyro); :func:`finetune` runs it on the run harness (:class:`~iql_torchrl.runs.run.Run`)
 and returns the summary it writes to ``output_dir/summary.json``. Two phases, one update step
 (the same :class:`~iql_torchrl.IQLUpdate` object throughout):
 
 1. offline -- ``offline_steps`` updates on the dataset with the offline job's own loop
-   (:func:`~iql_torchrl.run.offline_loop`), or, with ``checkpoint=DIR``, the offline run
+   (:func:`~iql_torchrl.runs.run.offline_loop`), or, with ``checkpoint=DIR``, the offline run
    saved in DIR: its networks, optimizer moments and step count;
 2. online -- TorchRL's ``Collector`` (0.14's name for ``SyncDataCollector``) steps ``num_envs``
    copies of the dataset's environment with the stochastic policy, ``frames_per_batch`` env steps
@@ -21,7 +21,7 @@ learning. A run started from an offline checkpoint therefore sets the actor's le
 
 A resumed run continues exactly -- including the collector's counters, the online buffer, every
 random state and the episodes that were running (rebuilt by replaying their reset and actions:
-:class:`~iql_torchrl.online.EpisodeReplay`).
+:class:`~iql_torchrl.jobs.online.EpisodeReplay`).
 """
 from __future__ import annotations
 
@@ -31,19 +31,19 @@ from pathlib import Path
 import torch
 from torchrl.collectors import Collector
 
-from iql_torchrl.checkpoint import load_run_checkpoint, restore_rng
-from iql_torchrl.config import ConfigError, RunConfig
+from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
+from iql_torchrl.runs.config import ConfigError, RunConfig
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
-from iql_torchrl.evaluation import reference_scores_problem
-from iql_torchrl.online import (
+from iql_torchrl.runs.evaluation import reference_scores_problem
+from iql_torchrl.jobs.online import (
     episode_states,
     make_exploration_policy,
     make_offline_online_buffer,
     make_online_env,
     restore_episodes,
 )
-from iql_torchrl.build import build_loss, index_sampler, make_update
-from iql_torchrl.run import Run, offline_loop
+from iql_torchrl.runs.builders import build_loss, index_sampler, make_update
+from iql_torchrl.runs.run import Run
 
 __all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
 
@@ -108,7 +108,7 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
 
     With ``resume=True`` the run in ``output_dir`` continues with the configuration saved in its
     checkpoint and ends where an uninterrupted run would (the resume rules are
-    :mod:`iql_torchrl.resume`'s).
+    :mod:`iql_torchrl.runs.resume`'s).
     """
     offline_run = preset_reason = None
     if not config.resume and config.checkpoint is not None:
@@ -142,7 +142,8 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
 
         if online.phase == "offline":
             draw = index_sampler([generator], data.batch_size[0], config.batch_size, run.device)
-            offline_loop(run, update, draw, config.offline_steps, desc="IQL offline")
+            for _ in run.updates(config.offline_steps, update, desc="IQL offline"):
+                run.after_update(update(draw()))
             if not run.curve or run.curve[-1]["step"] != run.step:  # no offline update ran in this session
                 run.checkpoint_and_evaluate()
             online.offline_result = run.last_eval  # the score before any online step

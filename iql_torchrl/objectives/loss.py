@@ -1,17 +1,17 @@
 """IQLLoss: the three objectives of Implicit Q-Learning (Kostrikov, Nair & Levine, ICLR 2022).
 
-The paper's equations each live in one function of :mod:`iql_torchrl.equations`:
+The paper's equations each live in one function of :mod:`iql_torchrl.objectives.equations`:
 :func:`expectile_loss` (eq. 5), :func:`bellman_target` (eq. 6), :func:`awr_weight` (eq. 7), and each
 whole objective the loss computes (:func:`value_objective`, :func:`critic_objective`,
-:func:`actor_objective`). Input checks live in :mod:`iql_torchrl.loss_checks`, the critic copies in
-:mod:`iql_torchrl.models`.
+:func:`actor_objective`). Input checks live in :mod:`iql_torchrl.objectives.checks`, the critic copies in
+:mod:`iql_torchrl.objectives.networks`.
 
 :class:`IQLLoss` wires them to TorchRL networks and TensorDicts.  It accepts the same
 constructor arguments, keys and attributes as :class:`torchrl.objectives.IQLLoss`, so an
 existing TorchRL script can swap the import; the defaults are the paper's.
 
 Network evaluations per batch (each one call; the critic ensemble is one vmapped call, or, for plain
-MLP critics, one batched matmul per layer: :mod:`iql_torchrl.plain_mlp`):
+MLP critics, one batched matmul per layer: :mod:`iql_torchrl.objectives.plain_mlp`):
 
 ========================== =========== ====== ======= ================ ======
 call                        target Q    V(s)   V(s')   online Q         actor
@@ -49,8 +49,8 @@ from torchrl.objectives.utils import (
 )
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
-from iql_torchrl.equations import MAX_AWR_WEIGHT, actor_objective, bellman_target, critic_objective, value_objective
-from iql_torchrl.loss_checks import (
+from iql_torchrl.objectives.equations import MAX_AWR_WEIGHT, actor_objective, bellman_target, critic_objective, value_objective
+from iql_torchrl.objectives.checks import (
     NETWORKS,
     batch_shaped,
     check_action_batch,
@@ -61,8 +61,8 @@ from iql_torchrl.loss_checks import (
     nonfinite,
     spec_last_dim,
 )
-from iql_torchrl.models import critic_copies, own_critic_parameters
-from iql_torchrl.plain_mlp import PlainMLP
+from iql_torchrl.objectives.networks import critic_copies, own_critic_parameters
+from iql_torchrl.objectives.plain_mlp import PlainMLP
 
 __all__ = ["IQLLoss", "is_probabilistic"]
 
@@ -596,7 +596,7 @@ class IQLLoss(LossModule):
             return loss.sum()
         return loss
 
-    # ------------------------------------------------------------------ input checks (iql_torchrl.loss_checks)
+    # ------------------------------------------------------------------ input checks (iql_torchrl.objectives.checks)
     def _check_keys(self, tensordict: TensorDictBase) -> None:
         """Keys, dtypes and the action, checked before any network runs."""
         check_input(self, tensordict, self._parameter_dtypes())

@@ -6,12 +6,12 @@ and runs it in one of :data:`MODES` behind one call:
 * ``"eager"`` -- the method itself;
 * ``"compile"`` -- ``torch.compile`` as one graph; without a gradient hook, compiled ahead of time
   (``aot_compile``) once per call signature and run without dynamo's guards (and, with a cache,
-  loaded from an earlier run's compilation: :mod:`iql_torchrl.compile_cache`), else guarded;
+  loaded from an earlier run's compilation: :mod:`iql_torchrl.step.compile_cache`), else guarded;
 * ``"cudagraphs"`` -- the guarded compiled step captured once in a CUDA graph and replayed
-  (:class:`~iql_torchrl.cuda_graph.CudaGraphStep`).
+  (:class:`~iql_torchrl.step.cuda_graph.CudaGraphStep`).
 
 A step compiled ahead of time or captured in a CUDA graph checks, before each call, the Python values
-its trace read (:class:`~iql_torchrl.baked.BakedValues`); when one changed, it is compiled (or
+its trace read (:class:`~iql_torchrl.step.baked.BakedValues`); when one changed, it is compiled (or
 captured) anew, so it always computes what the eager step would. ``compilations`` counts them.
 
 Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls,
@@ -31,9 +31,9 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from iql_torchrl.baked import BakedValues
-from iql_torchrl.compile_cache import CompiledStepCache, entry_key
-from iql_torchrl.cuda_graph import CudaGraphStep
+from iql_torchrl.step.baked import BakedValues
+from iql_torchrl.step.compile_cache import CompiledStepCache, entry_key
+from iql_torchrl.step.cuda_graph import CudaGraphStep
 
 __all__ = ["StepRunner", "MODES", "check_mode", "missing_compiler", "call_structure"]
 
@@ -101,7 +101,7 @@ class StepRunner:
             specialised on and may change between calls (e.g. the data's layout, train/eval flags,
             autocast); a change compiles anew. Used by the ahead-of-time step, which has no guards.
         cache (CompiledStepCache, optional): where ahead-of-time compiled steps are kept between runs
-            (:mod:`iql_torchrl.compile_cache`); an entry is found by ``description()`` and the call signature.
+            (:mod:`iql_torchrl.step.compile_cache`); an entry is found by ``description()`` and the call signature.
         description (callable): everything else the compiled graph bakes in (settings, network
             structure), JSON-able; required with ``cache``.
     """

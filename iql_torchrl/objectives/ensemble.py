@@ -14,8 +14,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from torch import Tensor, nn
 
-from iql_torchrl.loss import IQLLoss
-from iql_torchrl.update import OPTIMIZER_GROUPS
+from iql_torchrl.objectives.loss import IQLLoss
+from iql_torchrl.step.update import OPTIMIZER_GROUPS
 
 __all__ = ["SeedEnsemble"]
 

@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from iql_torchrl.config import parse_cli
-from iql_torchrl.report import console_summary
-from iql_torchrl.run import USER_ERRORS
+from iql_torchrl.runs.config import parse_cli
+from iql_torchrl.runs.report import console_summary
+from iql_torchrl.runs.run import USER_ERRORS
 
 __all__ = ["run_job", "quiet_library_logs"]
 

@@ -2,20 +2,22 @@
 
 One :class:`Run` owns a run folder from start to summary:
 
-1. settings -- checked before any work (:meth:`~iql_torchrl.config.RunConfig.check`); with
-   ``--resume`` they come from the checkpoint (:mod:`iql_torchrl.resume` refuses changed ones);
-2. the folder -- created and locked (:class:`~iql_torchrl.run_folder.RunFolder`), stale temporary
+1. settings -- checked before any work (:meth:`~iql_torchrl.runs.config.RunConfig.check`); with
+   ``--resume`` they come from the checkpoint (:mod:`iql_torchrl.runs.resume` refuses changed ones);
+2. the folder -- created and locked (:class:`~iql_torchrl.runs.folder.RunFolder`), stale temporary
    files removed; a finished run is reported and left untouched;
 3. the data -- loaded, fingerprinted (and on resume compared with the checkpoint's), the
    evaluation environment created and reset once, the reference scores checked;
 4. the loop's services -- logger, progress bar, timing summed over resumes, non-finite guard,
    checkpoints written before every evaluation, evaluation, and the summary.
 
-Jobs (:func:`iql_torchrl.trainer.train`, :func:`iql_torchrl.finetune.finetune`) build their
-networks and update step (:mod:`iql_torchrl.build`), :meth:`Run.attach` them, and run their loops
-on one cadence: :meth:`Run.run_updates` (timed updates, a compiled step's warm-up kept apart) then
-:meth:`Run.after_updates` (log, checkpoint, evaluate when due). :func:`offline_loop` is the offline
-loop both jobs run.
+A job (``examples/iql_offline.py``, :func:`iql_torchrl.jobs.finetune.finetune`) builds its networks,
+loss and update step, attaches them (:meth:`Run.attach`), and runs its loop on one cadence::
+
+    for _ in run.updates(last_step, update):   # progress bar, timing; a compiled step's warm-up kept apart
+        run.after_update(update(sample()))     # counted; log, checkpoint, evaluate when due
+
+(the online phase runs several updates per collection: :meth:`Run.run_updates`, then :meth:`Run.after_updates`).
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 import iql_torchrl
-from iql_torchrl.allocator import keep_freed_memory
-from iql_torchrl.checkpoint import (
+from iql_torchrl.runs.allocator import keep_freed_memory
+from iql_torchrl.runs.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     capture_rng,
@@ -40,27 +42,27 @@ from iql_torchrl.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from iql_torchrl.config import PRESETS, ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
+from iql_torchrl.runs.config import PRESETS, ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
 from iql_torchrl.data import buffer_transitions, load_minari_dataset
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
-from iql_torchrl.distributed import setup_distributed
-from iql_torchrl.evaluation import (
+from iql_torchrl.runs.distributed import setup_distributed
+from iql_torchrl.runs.evaluation import (
     EvaluationEnvError,
     check_evaluation_env,
     evaluate_policy,
     reference_scores_problem,
     summarize_seeds,
 )
-from iql_torchrl.loggers import log_values, make_logger
-from iql_torchrl.report import plot_curve
-from iql_torchrl.resume import ResumeError, check_same_data, data_fingerprint, resumed_config
-from iql_torchrl.run_folder import FolderInUseError, RunFolder, default_run_dir
-from iql_torchrl.threads import set_threads
-from iql_torchrl.timing import RunTiming
-from iql_torchrl.runner import missing_compiler
-from iql_torchrl.update import metrics_to_floats
+from iql_torchrl.runs.loggers import log_values, make_logger
+from iql_torchrl.runs.report import plot_curve
+from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint, resumed_config
+from iql_torchrl.runs.folder import FolderInUseError, RunFolder, default_run_dir
+from iql_torchrl.runs.threads import set_threads
+from iql_torchrl.runs.timing import RunTiming
+from iql_torchrl.step.modes import missing_compiler
+from iql_torchrl.step.update import metrics_to_floats
 
-__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME", "restart_progress_clock", "offline_loop"]
+__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME", "restart_progress_clock"]
 
 SUMMARY_NAME = "summary.json"
 
@@ -139,7 +141,7 @@ class Run:
               preset_reason: str | None = None) -> Run:
         """Checks the settings, locks the run folder and, with ``--resume``, reads its checkpoint.
 
-        ``given`` names the fields set on purpose (see :func:`~iql_torchrl.config.parse_cli`);
+        ``given`` names the fields set on purpose (see :func:`~iql_torchrl.runs.config.parse_cli`);
         by default, those that differ from the defaults. ``preset_reason`` says why the config's preset
         was chosen where the config alone cannot (e.g. taken from an earlier run). A finished run
         comes back with ``run.finished`` set and nothing written.
@@ -154,7 +156,7 @@ class Run:
             config, state = _settings(config, job, given)
             ctx = setup_distributed(config.device)
             set_threads(config.threads)
-            keep_freed_memory()  # glibc: activation buffers stay mapped between updates (iql_torchrl.allocator)
+            keep_freed_memory()  # glibc: activation buffers stay mapped between updates (iql_torchrl.runs.allocator)
             if state is not None and state.get("world_size", 1) != ctx.world_size:
                 raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
             if ctx.is_main:
@@ -398,6 +400,36 @@ class Run:
             self.checkpoint()
         self.show_progress(bar)
 
+    def updates(self, last_step: int, update, desc: str = "IQL"):
+        """The loop over update steps ``run.step + 1 … last_step``: yields each step number; the loop's body
+        calls ``update`` once and hands its metrics to :meth:`after_update`.
+
+        Draws the progress bar; the first call of a compiled step (which compiles it) is timed apart
+        from the updates' rate (:meth:`loop_bar`).
+        """
+        self._bar, self._desc, self._last_step = self.loop_bar(update, total=last_step, initial=self.step, desc=desc), desc, last_step
+        for step in range(self.step + 1, last_step + 1):
+            if self.compile_pending:
+                self._bar.set_description_str(f"{desc} (compiling the update step)")
+                self._compile_start = time.perf_counter()
+            else:
+                self.timing.start()
+            yield step
+        self._bar.close()
+
+    def after_update(self, metrics) -> None:
+        """One update of :meth:`updates` done: counted and timed; then the log, checkpoint and evaluation
+        that are due (:meth:`after_updates`)."""
+        if self.compile_pending:
+            self.timing.compile_seconds += time.perf_counter() - self._compile_start
+            restart_progress_clock(self._bar, self._desc)
+            self.compile_pending = False
+        else:
+            self.timing.count(1)
+        self.step += 1
+        self._bar.update(1)
+        self.after_updates(metrics, self.step - 1, self.step == self._last_step, self._bar)
+
     # ------------------------------------------------------------------ console and summary
     def progress_bar(self, total: int, initial: int, desc: str, unit: str = "upd"):
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True,
@@ -428,6 +460,21 @@ class Run:
             "version": iql_torchrl.__version__,
         }
 
+    def offline_summary(self, update) -> tuple[dict, str]:
+        """The offline job's summary (the settings that shaped it, then :meth:`summary_fields`) and the
+        title of its learning curve: :meth:`finish`'s arguments."""
+        config, ctx = self.config, self.ctx
+        summary = {
+            "dataset": config.dataset, "steps": config.steps, "seed": config.seed, "num_seeds": config.num_seeds,
+            "temperature": config.temperature, "expectile": config.expectile, "preset": config.preset,
+            "order": config.order, "mode": update.mode, "device": config.device, "batch_size": config.batch_size,
+            "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
+            **(self.summary_fields() if ctx.is_main else {}),
+        }
+        seeds = self.seeds
+        seeds_label = f"seed {config.seed}" if len(seeds) == 1 else f"seeds {seeds[0]}–{seeds[-1]}, mean"
+        return summary, f"IQL on {config.dataset} ({seeds_label})"
+
     def finish(self, summary: dict, title: str, phase_boundary: int | None = None) -> dict:
         """Writes ``summary.json`` and the learning curve (rank 0), closes the logger; returns the summary."""
         if self.ctx.is_main:
@@ -449,16 +496,3 @@ def restart_progress_clock(bar, desc: str) -> None:
     compiled the step) and sets its description to ``desc``."""
     bar.set_description_str(desc, refresh=False)
     bar.unpause()  # tqdm moves its start time past the time since the bar last printed
-
-
-def offline_loop(run: Run, update, draw_batch, last_step: int, desc: str = "IQL") -> None:
-    """Updates from ``run.step`` to ``last_step`` on batches from ``draw_batch()``: logs every ``log_every``,
-    evaluates every ``eval_every`` and at ``last_step``, and checkpoints every ``checkpoint_every`` and
-    before every evaluation."""
-    bar = run.loop_bar(update, total=last_step, initial=run.step, desc=desc)
-    for step in range(run.step + 1, last_step + 1):
-        metrics = run.run_updates(update, draw_batch, 1, bar, desc)
-        run.step = step
-        bar.update(1)
-        run.after_updates(metrics, step - 1, step == last_step, bar)
-    bar.close()

@@ -4,7 +4,7 @@
 step's gradient hook: every process samples its own batches, gradients are averaged across
 processes inside the step (one all-reduce per optimizer phase), so parameters stay identical on
 every rank. It answers "train on a bigger global batch, or the same batch in less time" when one
-process is compute-bound; many seeds in one process are :mod:`iql_torchrl.ensemble`'s.
+process is compute-bound; many seeds in one process are :mod:`iql_torchrl.objectives.ensemble`'s.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from iql_torchrl.ensemble import SeedEnsemble  # its former home: scripts import it from here
+from iql_torchrl.objectives.ensemble import SeedEnsemble  # its former home: scripts import it from here
 
 __all__ = ["SeedEnsemble", "DistributedContext", "setup_distributed", "all_reduce_gradients", "broadcast_parameters"]
 
@@ -47,7 +47,7 @@ def setup_distributed(device: str) -> DistributedContext:
     """Joins the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA).
 
     Outside torchrun it returns a single-process context and does nothing. (The run harness
-    splits the machine's cores between the local processes: ``iql_torchrl.threads``.)
+    splits the machine's cores between the local processes: ``iql_torchrl.runs.threads``.)
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:

@@ -5,7 +5,7 @@ function of tensors (no ``.item()``, no Python branching on tensor values, no ``
 no ``optimizer.step()``), so the same code runs eager (gradients from ``torch.autograd.grad``)
 or compiled as ONE graph (gradients from ``torch.func.grad``, which the compiler traces into the
 same graph as the losses, the optimizers and the target update), ahead of time or replayed as a
-CUDA graph: how it runs is :class:`~iql_torchrl.runner.StepRunner`'s job, not this module's.
+CUDA graph: how it runs is :class:`~iql_torchrl.step.modes.StepRunner`'s job, not this module's.
 
 Update order (``order``):
 
@@ -27,10 +27,10 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.optim.adam import adam
 
-from iql_torchrl.adam import adam_step
-from iql_torchrl.compile_cache import CompiledStepCache, describe_objects
-from iql_torchrl.loss_checks import nonfinite
-from iql_torchrl.runner import MODES, StepRunner, call_structure, check_mode, missing_compiler
+from iql_torchrl.step.adam import adam_step
+from iql_torchrl.step.compile_cache import CompiledStepCache, describe_objects
+from iql_torchrl.objectives.checks import nonfinite
+from iql_torchrl.step.modes import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
 __all__ = [
     "IQLUpdate", "cosine_decay", "MODES", "ORDERS", "OPTIMIZERS", "OPTIMIZER_GROUPS", "metrics_to_floats", "missing_compiler",
@@ -48,7 +48,7 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper'
 
 class TrainableLoss(Protocol):
     """What :class:`IQLUpdate` reads from the loss it trains: :class:`~iql_torchrl.IQLLoss` has it, and so
-    has :class:`~iql_torchrl.ensemble.SeedEnsemble` (K seeds stacked).
+    has :class:`~iql_torchrl.objectives.ensemble.SeedEnsemble` (K seeds stacked).
 
     For each network the optimizer groups of :data:`OPTIMIZER_GROUPS` train (``value``, ``actor``, ``qvalue``): ``<name>_network``,
     the module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable
@@ -134,7 +134,7 @@ class IQLUpdate:
 
     Args:
         loss: the :class:`~iql_torchrl.IQLLoss` whose networks are trained (or a
-            :class:`~iql_torchrl.ensemble.SeedEnsemble` of them): a :class:`TrainableLoss`.
+            :class:`~iql_torchrl.objectives.ensemble.SeedEnsemble` of them): a :class:`TrainableLoss`.
 
     Keyword Args:
         total_steps (int): length of the run, for the actor's cosine learning-rate decay to 0.
@@ -156,10 +156,10 @@ class IQLUpdate:
         grad_hook (callable, optional): called with each optimizer phase's list of gradients
             between the gradient and the optimizer step, returns the gradients to apply;
             data-parallel training averages them across processes here
-            (:func:`iql_torchrl.distributed.all_reduce_gradients`).
+            (:func:`iql_torchrl.runs.distributed.all_reduce_gradients`).
         compile_cache (path, optional): mode ``"compile"``: a folder where the step compiled ahead of
             time is kept, signed, for the next step built with the same settings and shapes (which then
-            starts without compiling; :mod:`iql_torchrl.compile_cache`). ``None``: compile every time.
+            starts without compiling; :mod:`iql_torchrl.step.compile_cache`). ``None``: compile every time.
 
     The optimizers are ``torch.optim.Adam`` objects (``value_optimizer``, ``actor_optimizer``,
     ``critic_optimizer``) holding the state and learning rates, stepped through torch's functional
@@ -456,7 +456,7 @@ class IQLUpdate:
 
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
         """An Adam step with the settings and state the group's optimizer holds: eager, torch's fused
-        kernel (one per group); compiled, :func:`~iql_torchrl.adam.adam_step`'s foreach ops, which
+        kernel (one per group); compiled, :func:`~iql_torchrl.step.adam.adam_step`'s foreach ops, which
         inductor fuses into the graph (step count and learning rate stay tensors: no sync, no recompile)."""
         optimizer = self.optimizers[group]
         settings = optimizer.param_groups[0]

@@ -7,7 +7,7 @@ from torch import Tensor
 from torchrl.data.tensor_specs import TensorSpec
 from torchrl.data.utils import _find_action_space
 
-from iql_torchrl.loss import IQLLoss
+from iql_torchrl.objectives.loss import IQLLoss
 
 __all__ = ["DiscreteIQLLoss"]
 

@@ -1,6 +1,6 @@
-"""Evaluate a saved run without training: ``python -m iql_torchrl.evaluate RUN_DIR``.
+"""Evaluate a saved run without training: ``python -m iql_torchrl.jobs.evaluate RUN_DIR``.
 
-Loads the checkpoint's policy (a plain TorchRL module, see :func:`iql_torchrl.build.load_actor`),
+Loads the checkpoint's policy (a plain TorchRL module, see :func:`iql_torchrl.runs.builders.load_actor`),
 runs deterministic episodes in the dataset's environment and prints the normalized score.
 """
 from __future__ import annotations
@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from iql_torchrl.checkpoint import CheckpointError
-from iql_torchrl.evaluation import evaluate_policy
-from iql_torchrl.build import load_actor
+from iql_torchrl.runs.checkpoint import CheckpointError
+from iql_torchrl.runs.evaluation import evaluate_policy
+from iql_torchrl.runs.builders import load_actor
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m iql_torchrl.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m iql_torchrl.jobs.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run folder holding checkpoint.pt")
     parser.add_argument("--episodes", type=int, default=10, help="episodes to run (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (default 0)")

@@ -1,7 +1,7 @@
 """Policies that run without the library: a run exported to torch.export or ONNX.
 
-    python -m iql_torchrl.export RUN_DIR --format exported-program   # RUN_DIR/policy.pt2
-    python -m iql_torchrl.export RUN_DIR --format onnx               # RUN_DIR/policy.onnx
+    python -m iql_torchrl.jobs.export RUN_DIR --format exported-program   # RUN_DIR/policy.pt2
+    python -m iql_torchrl.jobs.export RUN_DIR --format onnx               # RUN_DIR/policy.onnx
 
 The exported file is the run's deterministic evaluation policy as one function of a batch of raw
 environment observations, float32 ``[N, obs_dim]`` (N dynamic; Dict observations flattened in the
@@ -27,10 +27,10 @@ from torch import nn
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 import iql_torchrl
-from iql_torchrl.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from iql_torchrl.cli import quiet_library_logs
-from iql_torchrl.run import SUMMARY_NAME
-from iql_torchrl.build import load_actor
+from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from iql_torchrl.jobs.cli import quiet_library_logs
+from iql_torchrl.runs.run import SUMMARY_NAME
+from iql_torchrl.runs.builders import load_actor
 
 __all__ = [
     "EnvironmentPolicy",
@@ -61,7 +61,7 @@ class NotAFinishedRunError(ExportArgumentError):
 class EnvironmentPolicy(nn.Module):
     """A run's deterministic policy from raw (flattened) env observations to env actions.
 
-    It does what the evaluator (:func:`iql_torchrl.evaluation.evaluate_policy`) does around the
+    It does what the evaluator (:func:`iql_torchrl.runs.evaluation.evaluate_policy`) does around the
     actor, as tensor operations only: normalise the observation with the dataset's statistics,
     take the actor's deterministic action, map it to the environment's bounds and clip it to them
     (Box), or take the greedy action index (Discrete).
@@ -208,7 +208,7 @@ def _check_format(format: str) -> None:
 # ---------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> Path:
     quiet_library_logs()
-    parser = argparse.ArgumentParser(prog="python -m iql_torchrl.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m iql_torchrl.jobs.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a finished run folder (holding checkpoint.pt and summary.json)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="exported-program",
                         help="exported-program (torch.export, .pt2) or onnx (default exported-program)")

@@ -1,8 +1,8 @@
 """Run configuration: the paper's presets and the settings every run shares.
 
 :class:`RunConfig` holds the fields both jobs have (data, networks, loss, optimiser, evaluation,
-logging, the run folder); the offline trainer's :class:`~iql_torchrl.trainer.Config` and the
-fine-tuning :class:`~iql_torchrl.finetune.FinetuneConfig` extend it (a subclass may override a
+logging, the run folder); the offline job's :class:`OfflineConfig` (``examples/iql_offline.py``) and the
+fine-tuning :class:`~iql_torchrl.jobs.finetune.FinetuneConfig` extend it (a subclass may override a
 default, never restate a field). ``tyro`` turns a config class into the command line
 (:func:`parse_cli`), with one ``--flag-name`` per field.
 
@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
 from iql_torchrl.datasets import DEFAULT_DATASET
-from iql_torchrl.update import optimizer_settings_problem
+from iql_torchrl.step.update import optimizer_settings_problem
 
 __all__ = [
-    "Preset", "PRESETS", "auto_preset", "preset_choice", "describe_preset", "RunConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
+    "Preset", "PRESETS", "auto_preset", "preset_choice", "describe_preset", "RunConfig", "OfflineConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
     "config_to_dict", "config_from_dict",
 ]
 
@@ -214,6 +215,11 @@ class RunConfig:
         """Gradient updates the run makes (what --compile auto weighs against the compilation)."""
         raise NotImplementedError
 
+    @property
+    def actor_dropout(self) -> float:
+        """The actor's dropout: the (resolved) preset's (0.1 on kitchen and adroit, as in the paper)."""
+        return PRESETS[self.preset].actor_dropout
+
     def goal_in_observation(self) -> bool | None:
         """``--goal-input`` as the data loader's ``goal_in_observation`` (``None``: the dataset's choice)."""
         return {"auto": None, "yes": True, "no": False}[self.goal_input]
@@ -253,6 +259,25 @@ class RunConfig:
     def _need(self, ok: bool, name: str, valid: str) -> None:
         if not ok:
             raise ConfigError(f"{flag(name)} {_shown(getattr(self, name))}: must be {valid}.")
+
+
+@dataclass
+class OfflineConfig(RunConfig):
+    """Offline IQL on a Minari dataset."""
+
+    steps: int = 10_000
+    """Gradient steps (each updates V, the actor and both critics). The paper runs 1M on D4RL."""
+    num_seeds: int = 1
+    """Train seeds seed … seed+K−1 at once, vmapped in one process; results per seed and mean ± std."""
+
+    def total_updates(self) -> int:
+        return self.steps
+
+    def check(self) -> None:
+        super().check()
+        self.check_integers(1, "steps", "num_seeds")
+        if self.num_seeds > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--num-seeds cannot be combined with torchrun: run the seeds in one process, or one seed per run.")
 
 
 def _is_int(value) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from iql_torchrl.config import config_to_dict
+from iql_torchrl.runs.config import config_to_dict
 
 __all__ = ["make_logger", "log_values"]
 

@@ -26,7 +26,7 @@ from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.modules import MLP, ValueOperator
 
-from iql_torchrl.models import ConcatInputs
+from iql_torchrl.objectives.networks import ConcatInputs
 
 __all__ = ["PlainMLP", "ELEMENTWISE_ACTIVATIONS"]
 

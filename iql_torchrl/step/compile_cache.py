@@ -2,7 +2,7 @@
 
 An entry is torch's serialised ahead-of-time compiled step (the bytes of
 ``AOTCompiledFunction.save_compiled_function``: pickled code and kernels), after a JSON header with the
-Python values its trace baked in (:mod:`iql_torchrl.baked`), so an entry is loaded only if this user's
+Python values its trace baked in (:mod:`iql_torchrl.step.baked`), so an entry is loaded only if this user's
 cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
 kept beside the entries (created on first use, readable by its owner only); its name is a hash of
 everything the compiled graph bakes in (the caller's description of the step and its call

@@ -1,7 +1,9 @@
-"""What every job builds from a run's config: the loss, the update step, the batch draws, a saved policy.
+"""What a run's config builds besides the networks' own wiring: the update step's options, the batch
+draws, and a saved run's loss and policy rebuilt.
 
-The offline job (:mod:`iql_torchrl.trainer`), fine-tuning (:mod:`iql_torchrl.finetune`), the
-evaluation and export commands share these builders, so a run's networks are built one way.
+``examples/iql_offline.py`` builds its networks and IQLLoss in view (``make_loss``); :func:`build_loss`
+builds the same from a saved config for fine-tuning, evaluation and export (a difference fails
+loading the checkpoint, naming the parameters that do not match).
 """
 from __future__ import annotations
 
@@ -9,18 +11,18 @@ from pathlib import Path
 
 import torch
 
-from iql_torchrl.checkpoint import load_run_checkpoint
-from iql_torchrl.compile_cache import default_cache_folder
-from iql_torchrl.config import PRESETS, RunConfig, config_from_dict
+from iql_torchrl.runs.checkpoint import load_run_checkpoint
+from iql_torchrl.step.compile_cache import default_cache_folder
+from iql_torchrl.runs.config import RunConfig, config_from_dict
 from iql_torchrl.data import OfflineDataMetadata, sample_indices
-from iql_torchrl.discrete import DiscreteIQLLoss
-from iql_torchrl.distributed import all_reduce_gradients
-from iql_torchrl.ensemble import SeedEnsemble
-from iql_torchrl.loss import IQLLoss
-from iql_torchrl.models import make_iql_networks
-from iql_torchrl.update import IQLUpdate
+from iql_torchrl.objectives.discrete import DiscreteIQLLoss
+from iql_torchrl.runs.distributed import all_reduce_gradients
+from iql_torchrl.objectives.ensemble import SeedEnsemble
+from iql_torchrl.objectives.loss import IQLLoss
+from iql_torchrl.objectives.networks import make_iql_networks
+from iql_torchrl.step.update import IQLUpdate
 
-__all__ = ["build_loss", "build_seed_losses", "make_update", "batch_generators", "index_sampler", "load_actor",
+__all__ = ["build_loss", "build_seed_losses", "make_update", "update_options", "batch_generators", "index_sampler", "load_actor",
            "RANK_SEED_STRIDE"]
 
 RANK_SEED_STRIDE = 1_000_003  # keeps the ranks' batch streams apart
@@ -33,13 +35,13 @@ def build_loss(config: RunConfig, metadata: OfflineDataMetadata) -> IQLLoss:
     :class:`DiscreteIQLLoss` with a categorical actor over ``metadata.num_actions`` (one-hot when
     the data stores one-hot actions) and one Q value per action.
     """
-    actor_kind = ("one_hot" if metadata.one_hot_actions else "categorical") if metadata.discrete else "gaussian"
+    actor_kind = metadata.actor_kind
     actor, critics, value = make_iql_networks(
         metadata.observation_dim,
         metadata.action_dim,
         actor_kind=actor_kind,
         hidden_sizes=tuple(config.hidden_sizes),
-        actor_dropout=PRESETS[config.preset].actor_dropout,
+        actor_dropout=config.actor_dropout,
     )
     hyperparameters = dict(temperature=config.temperature, expectile=config.expectile)
     if metadata.discrete:
@@ -62,9 +64,16 @@ def build_seed_losses(config: RunConfig, metadata: OfflineDataMetadata, seeds: l
 
 def make_update(config: RunConfig, loss, data, *, total_steps: int | None, distributed: bool = False) -> IQLUpdate:
     """The fused update step a run's config asks for (``total_steps=None``: constant learning rates)."""
-    mode = "cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager"
-    return IQLUpdate(
-        loss, total_steps=total_steps, lr=config.lr, tau=config.tau, order=config.order, mode=mode, data=data,
+    return IQLUpdate(loss, lr=config.lr, tau=config.tau, total_steps=total_steps, order=config.order, data=data,
+                     **update_options(config, loss, distributed))
+
+
+def update_options(config: RunConfig, loss, distributed: bool = False) -> dict:
+    """:class:`IQLUpdate`'s keyword arguments for how a run's step runs: the mode (``--compile``,
+    ``--cudagraphs``), bf16 autocast, the torchrun gradient all-reduce, the compiled-step cache and
+    the optimiser settings that differ from IQLUpdate's defaults."""
+    return dict(
+        mode="cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager",
         autocast_dtype=torch.bfloat16 if config.bf16 else None, grad_hook=all_reduce_gradients if distributed else None,
         # a step of several seeds is vmapped, and torch cannot serialise a compiled vmapped graph: not cached
         compile_cache=None if isinstance(loss, SeedEnsemble) else default_cache_folder(), **config.optimizer_settings(),
