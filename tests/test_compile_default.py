@@ -8,7 +8,7 @@ import torch
 
 from iql_torchrl.runs.config import parse_cli
 from iql_torchrl.jobs.finetune import FinetuneConfig
-from iql_torchrl.runs.run import COMPILE_BREAK_EVEN, auto_compile
+from iql_torchrl.runs.settings import COMPILE_BREAK_EVEN, auto_compile
 from iql_offline import train
 from iql_torchrl.runs.config import OfflineConfig
 

@@ -17,14 +17,11 @@ from iql_torchrl.data import (
     ACTION_CLIP_EPS,
     OBSERVATION_STD_EPS,
     DatasetError,
-    DeviceSampler,
     OfflineDataMetadata,
     buffer_transitions,
-    gather_batch,
     load_minari_dataset,
     make_offline_buffer,
     read_minari_transitions,
-    sample_batch,
     sample_indices,
 )
 
@@ -489,29 +486,11 @@ def test_sample_indices_are_reproducible_from_the_generator():
     assert first.dtype == torch.int64 and 0 <= int(first.min()) and int(first.max()) < 1000
 
 
-def test_gather_batch_takes_the_transitions_at_the_indices(tiny_datasets):
-    data = buffer_transitions(load_minari_dataset(tiny_datasets.pendulum))
-    indices = torch.tensor([0, 5, 999, 5])
-    batch = gather_batch(data, indices)
-    assert torch.equal(batch["observation"], data["observation"][indices])
-    assert torch.equal(batch["next", "reward"], data["next", "reward"][indices])
-    assert sample_batch(data, 16, torch.Generator().manual_seed(0)).batch_size == torch.Size([16])
-
-
-def test_device_sampler_draws_the_same_batches_for_the_same_seed(tiny_datasets):
-    data = buffer_transitions(load_minari_dataset(tiny_datasets.pendulum))
-    first, second = DeviceSampler(data, 32, seed=3), DeviceSampler(data, 32, seed=3)
-    for _ in range(3):
-        assert torch.equal(first.indices(), second.indices())
-    assert first.sample()["action"].shape == (32, 1)
-    assert first.sample().device == data.device
-
-
 def test_compiled_step_sees_the_same_batch_as_eager(tiny_datasets):
     data = buffer_transitions(load_minari_dataset(tiny_datasets.pendulum))
 
     def step(data, indices):
-        batch = gather_batch(data, indices)
+        batch = data[indices]
         return (batch["next", "reward"] + batch["action"].sum(-1, keepdim=True)).mean()
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)
@@ -524,8 +503,8 @@ def test_whole_dataset_lives_on_the_training_device(tiny_datasets):
     buffer = load_minari_dataset(tiny_datasets.pendulum, device="cuda")
     data = buffer_transitions(buffer)
     assert data["observation"].is_cuda
-    sampler = DeviceSampler(data, 64, seed=0)
-    assert sampler.indices().is_cuda and sampler.sample()["action"].is_cuda
+    indices = sample_indices(len(data), 64, torch.Generator(device="cuda").manual_seed(0), data.device)
+    assert indices.is_cuda and data[indices]["action"].is_cuda
 
 
 def test_loading_from_python_prints_no_library_info_line_and_leaves_the_logger_as_it_was(tiny_datasets, caplog):

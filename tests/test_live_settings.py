@@ -50,11 +50,11 @@ TENSOR_CHANGES = {
     "temperature": lambda loss, update: setattr(loss, "temperature", 0.0),
     "gamma": lambda loss, update: _template(loss).make_value_estimator(gamma=0.5),
     "tau": lambda loss, update: setattr(update, "tau", 0.5),
-    "critic_lr": lambda loss, update: update.set_learning_rate("critic", 1e-2),
+    "qvalue_lr": lambda loss, update: update.set_learning_rate("qvalue", 1e-2),
     "value_lr": lambda loss, update: update.set_learning_rate("value", 1e-2),
     "actor_lr": lambda loss, update: update.set_learning_rate("actor", 1e-2),
     "total_steps": lambda loss, update: setattr(update, "total_steps", 3),
-    "lr_scheduler": lambda loss, update: _schedule(update.critic_optimizer),
+    "lr_scheduler": lambda loss, update: _schedule(update.qvalue_optimizer),
 }
 BAKED_CHANGES = {
     "loss_function": lambda loss, update: setattr(_template(loss), "loss_function", "l1"),
@@ -215,11 +215,11 @@ def test_changes_the_step_cannot_follow_are_refused_with_what_to_do(mode):
         take_steps(update, 1, 1)
     loss.float()
 
-    held = update.critic_optimizer.param_groups[0]["lr"]
-    update.critic_optimizer.param_groups[0]["lr"] = 1e-3
+    held = update.qvalue_optimizer.param_groups[0]["lr"]
+    update.qvalue_optimizer.param_groups[0]["lr"] = 1e-3
     with pytest.raises(RuntimeError, match=r"critic optimizer's learning rate was replaced.*set_learning_rate"):
         take_steps(update, 1, 1)
-    update.critic_optimizer.param_groups[0]["lr"] = held
+    update.qvalue_optimizer.param_groups[0]["lr"] = held
     take_steps(update, 1, 1)  # each change undone: the step runs again
 
 
@@ -233,8 +233,8 @@ def test_settings_out_of_range_are_refused_when_set():
     ]:
         with pytest.raises(ValueError, match=match):
             setattr(obj, name, value)
-    with pytest.raises(ValueError, match="critic_lr must be a finite number > 0"):
-        update.set_learning_rate("critic", -1.0)
+    with pytest.raises(ValueError, match="qvalue_lr must be a finite number > 0"):
+        update.set_learning_rate("qvalue", -1.0)
     assert (loss.expectile, loss.temperature, update.tau, update.total_steps) == (0.7, 3.0, 0.005, 10)
 
 

@@ -344,7 +344,7 @@ def test_per_network_learning_rates_optimizer_and_weight_decay_reach_the_update_
     build.make_update(config.resolved(), loss=None, data=None, total_steps=10)
     assert received["lr"] == 1e-3 and received["actor_lr"] == 1e-4 and received["value_lr"] == 2e-4
     assert received["optimizer"] == "adamw" and received["weight_decay"] == 0.01
-    assert received.get("critic_lr") is None  # unset: --lr
+    assert received.get("qvalue_lr") is None  # unset: --lr
 
 
 def test_restarting_the_progress_clock_drops_the_time_before_it():
@@ -354,7 +354,7 @@ def test_restarting_the_progress_clock_drops_the_time_before_it():
 
     from tqdm import tqdm
 
-    from iql_torchrl.runs.run import restart_progress_clock
+    from iql_torchrl.runs.progress import restart_progress_clock
 
     bars = {}
     for restart in (True, False):

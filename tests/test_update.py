@@ -36,14 +36,14 @@ def test_cosine_decay_goes_from_one_to_zero():
     assert torch.allclose(cosine_decay(steps, 100), torch.tensor([1.0, 0.5, 0.0, 0.0]), atol=1e-7)
 
 
-def test_actor_lr_follows_the_cosine_while_value_and_critic_lr_stay():
+def test_actor_lr_follows_the_cosine_while_value_and_qvalue_lr_stay():
     data = dataset()
     _, update = make_update(data, total_steps=8)
     lrs = [float(update(i)["actor_lr"]) for i in index_stream(8)]
     expected = [3e-4 * 0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)]
     assert lrs == pytest.approx(expected, rel=1e-5)
     assert float(update.value_optimizer.param_groups[0]["lr"]) == pytest.approx(3e-4)
-    assert float(update.critic_optimizer.param_groups[0]["lr"]) == pytest.approx(3e-4)
+    assert float(update.qvalue_optimizer.param_groups[0]["lr"]) == pytest.approx(3e-4)
 
 
 def test_target_critics_move_by_tau_towards_the_updated_critics():
@@ -294,10 +294,10 @@ def test_update_state_saved_by_the_previous_fused_adam_step_loads_and_continues(
              "nonfinite_losses": torch.zeros(3, dtype=torch.bool), "optimizers": previous}
     update.load_state_dict(state)
     assert float(update.actor_lr) == pytest.approx(2e-4)
-    first = update.params["critic"][0]
-    assert torch.allclose(update.critic_optimizer.state[first]["exp_avg"], torch.full_like(first, 0.05))
+    first = update.params["qvalue"][0]
+    assert torch.allclose(update.qvalue_optimizer.state[first]["exp_avg"], torch.full_like(first, 0.05))
     update(stream[0])
-    assert int(update.step) == 2 and float(update.critic_optimizer.state[first]["step"]) == 2.0
+    assert int(update.step) == 2 and float(update.qvalue_optimizer.state[first]["step"]) == 2.0
 
 
 def test_loading_a_state_keeps_the_tensors_the_step_holds():
@@ -317,7 +317,7 @@ def test_loading_a_state_keeps_the_tensors_the_step_holds():
         assert opt.param_groups[0]["lr"] is lrs[name]
         loaded = [t for p in source.params[name] for t in source.optimizers[name].state[p].values()]
         assert all(torch.equal(a, b) for a, b in zip(now, loaded)), name
-    assert float(update.optimizers["critic"].state[update.params["critic"][0]]["step"]) == 3.0
+    assert float(update.optimizers["qvalue"].state[update.params["qvalue"][0]]["step"]) == 3.0
 
 
 def test_adamw_decays_weights_apart_from_the_gradient_and_each_network_gets_its_own_rate():
@@ -325,7 +325,7 @@ def test_adamw_decays_weights_apart_from_the_gradient_and_each_network_gets_its_
     # weights by (1 − lr·wd) first, so against the same step without decay the difference is
     # exactly −lr·wd·p0. Adam's coupled L2 (wd added to the gradient) differs: still ≈ ±lr moves.
     data, idx = dataset(), index_stream(1)[0]
-    lrs = dict(lr=3e-4, value_lr=1e-3, critic_lr=2e-4)
+    lrs = dict(lr=3e-4, value_lr=1e-3, qvalue_lr=2e-4)
 
     def first_step(**kwargs):
         loss, update = make_update(data, **lrs, **kwargs)

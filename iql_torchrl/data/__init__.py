@@ -12,7 +12,7 @@ One job a module, data flowing down the list:
   evaluation goal, the maze check;
 * :mod:`~iql_torchrl.data.minari` -- :func:`load_minari_dataset`, :func:`read_minari_transitions`;
 * :mod:`~iql_torchrl.data.transitions` -- :func:`make_offline_buffer` for your own TensorDict;
-* :mod:`~iql_torchrl.data.sampling` -- device-side batches (:class:`DeviceSampler`).
+* :mod:`~iql_torchrl.data.sampling` -- device-side batches (:func:`sample_indices`).
 
 The buffer is a :class:`torchrl.data.ReplayBuffer` over a :class:`~torchrl.data.LazyTensorStorage`
 (in memory or on the training device) or a :class:`~torchrl.data.LazyMemmapStorage` (on disk, for
@@ -72,7 +72,7 @@ from iql_torchrl.data.buffer import REWARD_TRANSFORMS, BufferOptions
 from iql_torchrl.data.checks import ACTION_BOUND_TOLERANCE, DatasetError
 from iql_torchrl.data.metadata import ACTION_CLIP_EPS, OBSERVATION_STD_EPS, OfflineDataMetadata, flatten_observation
 from iql_torchrl.data.minari import load_minari_dataset, read_minari_transitions
-from iql_torchrl.data.sampling import DeviceSampler, buffer_transitions, gather_batch, sample_batch, sample_indices
+from iql_torchrl.data.sampling import buffer_transitions, sample_indices
 from iql_torchrl.data.transitions import TRANSITION_KEYS, make_offline_buffer
 
 __all__ = [
@@ -80,17 +80,14 @@ __all__ = [
     "ACTION_CLIP_EPS",
     "BufferOptions",
     "DatasetError",
-    "DeviceSampler",
     "OBSERVATION_STD_EPS",
     "OfflineDataMetadata",
     "REWARD_TRANSFORMS",
     "TRANSITION_KEYS",
     "buffer_transitions",
     "flatten_observation",
-    "gather_batch",
     "load_minari_dataset",
     "make_offline_buffer",
     "read_minari_transitions",
-    "sample_batch",
     "sample_indices",
 ]

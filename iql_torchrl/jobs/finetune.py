@@ -207,24 +207,25 @@ class OnlinePhase:
                 collector._carrier.update(self.saved_online["carrier"])  # the running episodes' current step
             replay.online_buffer.load_state_dict(self.saved_online["buffer"])
             restore_rng(run.state["rng"][0], [self.generator])  # again, last: building the collector drew
-        bar = run.loop_bar(self.update, total=config.online_steps, initial=self.env_steps, desc="IQL online",
-                           unit="env step")  # sampled batches are a new call signature: the first online update compiles
+        # sampled batches are a new call signature: the first online update compiles (timed apart)
+        run.progress = run.loop_progress(self.update, total=config.online_steps, initial=self.env_steps, desc="IQL online",
+                                         unit="env step")
         try:
             for rollout in collector:
                 transitions = rollout.reshape(-1).select(*TRANSITION_KEYS)
                 replay.extend(transitions)
                 self.env_steps += transitions.batch_size[0]
                 self._count_episodes(rollout)
-                bar.update(transitions.batch_size[0])
+                run.progress.advance(transitions.batch_size[0])
 
                 before = run.step
-                metrics = run.run_updates(self.update, replay.sample, config.updates_per_collection, bar, "IQL online")
+                metrics = run.run_updates(self.update, replay.sample, config.updates_per_collection)
                 run.step += config.updates_per_collection
                 run.timing.pause()  # the next collection is not update time
-                run.after_updates(metrics, before, self.env_steps >= config.online_steps, bar,
+                run.after_updates(metrics, before, self.env_steps >= config.online_steps,
                                   extra=lambda: {"env_steps": self.env_steps, **self._episode_stats()})
         finally:
-            bar.close()
+            run.progress.close()
             collector.shutdown()
 
     def summary_fields(self) -> dict:

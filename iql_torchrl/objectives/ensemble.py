@@ -19,9 +19,9 @@ from iql_torchrl.step.update import OPTIMIZER_GROUPS
 
 __all__ = ["SeedEnsemble"]
 
-_PARAMETER_NAMES = (*OPTIMIZER_GROUPS.values(), "target_qvalue")  # the loss's "<name>_network_params"
+_PARAMETER_NAMES = (*OPTIMIZER_GROUPS, "target_qvalue")  # the loss's "<name>_network_params"
 _HYPERPARAMETERS = ("_temperature", "_expectile", "_expectile_complement")  # IQLLoss's 0-d buffers behind its properties
-_TRAINABLE = tuple(f"{name}_network_params" for name in OPTIMIZER_GROUPS.values())
+_TRAINABLE = tuple(f"{name}_network_params" for name in OPTIMIZER_GROUPS)
 
 
 class SeedEnsemble(nn.Module):

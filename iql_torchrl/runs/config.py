@@ -170,8 +170,8 @@ class RunConfig:
     """Learning rate of every network, unless set per network below."""
     actor_lr: float | None = None
     """Learning rate of the actor. Default: --lr."""
-    critic_lr: float | None = None
-    """Learning rate of the two critics. Default: --lr."""
+    qvalue_lr: float | None = None
+    """Learning rate of the two critics Q(s, a) (the loss's qvalue network). Default: --lr."""
     value_lr: float | None = None
     """Learning rate of the value network. Default: --lr."""
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -226,9 +226,9 @@ class RunConfig:
 
     def optimizer_settings(self) -> dict:
         """The keyword arguments of :class:`~iql_torchrl.IQLUpdate` for the optimisers, where they differ from its defaults."""
-        settings = dict(actor_lr=self.actor_lr, critic_lr=self.critic_lr, value_lr=self.value_lr,
+        settings = dict(actor_lr=self.actor_lr, qvalue_lr=self.qvalue_lr, value_lr=self.value_lr,
                         optimizer=self.optimizer, weight_decay=self.weight_decay)
-        defaults = dict(actor_lr=None, critic_lr=None, value_lr=None, optimizer="adam", weight_decay=0.0)
+        defaults = dict(actor_lr=None, qvalue_lr=None, value_lr=None, optimizer="adam", weight_decay=0.0)
         return {name: value for name, value in settings.items() if value != defaults[name]}
 
     def check(self) -> None:
@@ -242,7 +242,7 @@ class RunConfig:
         if self.expectile is not None:
             need(_finite(self.expectile) and 0 < self.expectile < 1, "expectile", "in (0, 1), e.g. 0.7")
         problem = optimizer_settings_problem({name: getattr(self, name) for name in (
-            "lr", "actor_lr", "critic_lr", "value_lr", "weight_decay", "tau")})
+            "lr", "actor_lr", "qvalue_lr", "value_lr", "weight_decay", "tau")})
         if problem is not None:
             need(False, *problem)
         need(_finite(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")

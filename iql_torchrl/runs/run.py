@@ -24,12 +24,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import iql_torchrl
 from iql_torchrl.runs.allocator import keep_freed_memory
@@ -37,7 +35,6 @@ from iql_torchrl.runs.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     capture_rng,
-    load_run_checkpoint,
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
@@ -55,14 +52,16 @@ from iql_torchrl.runs.evaluation import (
 )
 from iql_torchrl.runs.loggers import log_values, make_logger
 from iql_torchrl.runs.report import plot_curve
-from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint, resumed_config
+from iql_torchrl.runs.progress import LoopProgress
+from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint
 from iql_torchrl.runs.folder import FolderInUseError, RunFolder, default_run_dir
+from iql_torchrl.runs.settings import resolve_settings
 from iql_torchrl.runs.threads import set_threads
 from iql_torchrl.runs.timing import RunTiming
-from iql_torchrl.step.modes import missing_compiler
+from iql_torchrl.runs.value_bound import ValueBoundWatch, return_bound
 from iql_torchrl.step.update import metrics_to_floats
 
-__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME", "restart_progress_clock"]
+__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME"]
 
 SUMMARY_NAME = "summary.json"
 
@@ -74,49 +73,6 @@ class NonFiniteLossError(RuntimeError):
 # What a command line reports as one line and a non-zero exit: bad settings or files, not bugs.
 USER_ERRORS = (ConfigError, ResumeError, FolderInUseError, CheckpointError, NonFiniteLossError, EvaluationEnvError,
                FileExistsError, FileNotFoundError, PermissionError, ValueError)
-
-
-def _settings(config, job: str, given: set[str]):
-    """The run's resolved settings (a resumed run's from its checkpoint), and the checkpoint to resume."""
-    state = None
-    if config.resume:
-        state = load_run_checkpoint(config.output_dir, map_location="cpu")
-        if state.get("job") != job:
-            raise ResumeError(f"{config.output_dir} holds a {state.get('job', 'different')} run, not a {job} run: "
-                              "continue it with the script that started it.")
-        config = resumed_config(type(config), state["config"], config, given)
-        config.check()
-    config = config.resolved()
-    if config.cudagraphs and config.device != "cuda":
-        raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
-    if config.compile == "auto":
-        config.compile, reason = auto_compile(config)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"iql_torchrl: the update step runs {'compiled' if config.compile else 'eager'}: {reason}. "
-                  "--compile / --no-compile force it.", file=sys.stderr)
-    elif config.compile and (problem := missing_compiler(config.device)) is not None:  # auto checked it already
-        raise ConfigError(f"--compile: {problem} (leave out --compile).")
-    return config, state
-
-
-# --compile auto: on 2 CPU cores compiling the default step costs ~13 s (~3 s with the compile cache warm)
-# and saves ~8 ms an update, repaid after ~1,600 updates; 5,000 leaves room for slower machines and
-# longer compiles (measured: README, "The main job compiles by default")
-COMPILE_BREAK_EVEN = 5_000
-
-
-def auto_compile(config) -> tuple[bool, str]:
-    """Whether ``--compile auto`` compiles this run's update step, and why, in words."""
-    if (problem := missing_compiler(config.device)) is not None:
-        return False, problem
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the gradient all-reduce breaks the graph: tested step-level only
-        return False, "under torchrun the compiled step runs guarded, tested at the IQLUpdate level only"
-    updates = config.total_updates()
-    if updates < COMPILE_BREAK_EVEN:
-        return False, f"{updates} updates are fewer than the {COMPILE_BREAK_EVEN} that repay compiling"
-    return True, f"{updates} updates repay compiling it (from {COMPILE_BREAK_EVEN} on)"
 
 
 class Run:
@@ -131,9 +87,8 @@ class Run:
         self.timing = RunTiming(state.get("timing") if state else None)
         self.metadata = self.fingerprint = None
         self.last_values = {"loss_qvalue": float("nan")}
-        self.compile_pending = False
-        self.value_bound = None  # the largest |return| the offline data's rewards allow (offline job)
-        self.values_beyond_bound_at = None  # the first logged step whose mean V exceeded it
+        self.progress = None  # the running loop's bar and clock
+        self.value_bound = ValueBoundWatch()  # the offline job's: set when its data loads
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -153,7 +108,7 @@ class Run:
         if config.resume and int(os.environ.get("RANK", "0")) == 0:  # the folder's owner: lock it before reading it
             folder = RunFolder.open(config.output_dir)
         try:
-            config, state = _settings(config, job, given)
+            config, state = resolve_settings(config, job, given)
             ctx = setup_distributed(config.device)
             set_threads(config.threads)
             keep_freed_memory()  # glibc: activation buffers stay mapped between updates (iql_torchrl.runs.allocator)
@@ -215,7 +170,7 @@ class Run:
         self.metadata = buffer.metadata
         self.fingerprint = data_fingerprint(dataset, self.metadata)
         if self.job == "offline":  # fine-tuning adds online rewards the bound does not know
-            self.value_bound = return_bound(buffer_transitions(buffer)["next", "reward"], config.gamma)
+            self.value_bound.bound = return_bound(buffer_transitions(buffer)["next", "reward"], config.gamma)
         if fingerprint is not None:
             check_same_data(fingerprint, self.fingerprint)
         if ctx.is_main:
@@ -243,7 +198,7 @@ class Run:
             update.load_state_dict(self.state["update"])
             restore_rng(self.state["rng"][self.ctx.rank], generators)
             self.step, self.curve = self.state["step"], self.state["curve"]
-            self.values_beyond_bound_at = self.state.get("values_beyond_bound_at")
+            self.value_bound.beyond_at = self.state.get("values_beyond_bound_at")
             self.last_checkpoint_step = self.step
 
     def read_metrics(self, metrics, extra: dict | None = None) -> dict:
@@ -251,7 +206,7 @@ class Run:
         values = metrics_to_floats(metrics)
         self.timing.pause()
         self.guard()
-        self.watch_value_bound(values)
+        self.value_bound.watch(values.get("value_mean"), self.step, speak=self.ctx.is_main)
         self.last_values = values
         log_values(self.logger, {**values, **(extra or {})}, self.step)
         return values
@@ -262,24 +217,6 @@ class Run:
         if report is not None:
             raise NonFiniteLossError(f"Training stopped: {report}. {self._kept()} "
                                      "Try a lower --lr or check the dataset for extreme values.")
-
-    def watch_value_bound(self, values: dict) -> None:
-        """Warns once when the mean V(s) of a logged batch exceeds the largest |return| the data's rewards
-        allow (max |r| / (1 − γ)): no policy earns it, so the value estimates are diverging."""
-        value = values.get("value_mean")
-        if self.value_bound is None or self.values_beyond_bound_at is not None or value is None:
-            return
-        if abs(value) > self.value_bound:
-            self.values_beyond_bound_at = self.step
-            if not self.ctx.is_main:  # rank 0 speaks for the run
-                return
-            warnings.warn(
-                f"Update {self.step}: the mean V(s) of the batch is {value:.4g}, beyond {self.value_bound:.4g}, the "
-                f"largest |return| the data's rewards allow (max |r| / (1 - gamma)): the value estimates are diverging "
-                "and the policy usually degrades from here. Seen with a high --expectile on long tasks without "
-                "terminal states (README, 'Sparse rewards and stitching'): try a lower --expectile or fewer --steps.",
-                stacklevel=2,
-            )
 
     def _kept(self) -> str:
         if self.last_checkpoint_step is None:
@@ -311,7 +248,7 @@ class Run:
                 "data": self.fingerprint,
                 "config": config_to_dict(self.config),
                 "preset_reason": self.preset_reason,
-                "values_beyond_bound_at": self.values_beyond_bound_at,
+                "values_beyond_bound_at": self.value_bound.beyond_at,
                 "version": iql_torchrl.__version__,
                 **self.extra_state(),
             })
@@ -349,31 +286,41 @@ class Run:
                 self.evaluate()
 
     # ------------------------------------------------------------------ the loops' cadence
-    def loop_bar(self, update, total: int, initial: int, desc: str, unit: str = "upd"):
-        """The progress bar of a training loop about to run ``update``; a compiled step's first call in the
-        loop compiles (the first call, or a new call signature), which :meth:`run_updates` keeps apart."""
-        self.compile_pending = update.mode != "eager"
-        return self.progress_bar(total=total, initial=initial, desc=desc, unit=unit)
+    def updates(self, last_step: int, update, desc: str = "IQL"):
+        """The loop over update steps ``run.step + 1 … last_step``: yields each step number; the loop's body
+        calls ``update`` once and hands its metrics to :meth:`after_update`."""
+        self.progress = self.loop_progress(update, total=last_step, initial=self.step, desc=desc)
+        self._last_step = last_step
+        for step in range(self.step + 1, last_step + 1):
+            self.progress.start_updates()
+            yield step
+        self.progress.close()
 
-    def run_updates(self, update, draw, count: int, bar, desc: str):
-        """``count`` updates on batches from ``draw()``, timed; returns the last one's metrics.
+    def after_update(self, metrics) -> None:
+        """One update of :meth:`updates` done: counted and timed; then what is due (:meth:`after_updates`)."""
+        self.progress.end_updates(1)
+        self.step += 1
+        self.progress.advance(1)
+        self.after_updates(metrics, self.step - 1, self.step == self._last_step)
 
-        While the loop's first compiled call compiles, the bar reads "<desc> (compiling the update step)";
-        that call is left out of updates/s and of the bar's rate and ETA.
-        """
+    def loop_progress(self, update, total: int, initial: int, desc: str, unit: str = "upd") -> LoopProgress:
+        """The progress bar and clock of a loop about to run ``update`` (shown on rank 0 with ``--progress``)."""
+        return LoopProgress(self.timing, update, total=total, initial=initial, desc=desc, unit=unit,
+                            enabled=self.config.progress and self.ctx.is_main)
+
+    def run_updates(self, update, draw, count: int):
+        """``count`` updates on batches from ``draw()`` in the current loop, timed; returns the last one's metrics."""
         metrics = None
-        if self.compile_pending:
-            bar.set_description_str(f"{desc} (compiling the update step)")
-            start = time.perf_counter()
+        if self.progress.compile_pending:  # the compiling call, timed apart
+            self.progress.start_updates()
             metrics = update(draw())
-            self.timing.compile_seconds += time.perf_counter() - start
-            restart_progress_clock(bar, desc)
-            self.compile_pending, count = False, count - 1
+            self.progress.end_updates(1)
+            count -= 1
         if count:
-            self.timing.start()
+            self.progress.start_updates()
             for _ in range(count):
                 metrics = update(draw())
-            self.timing.count(count)
+            self.progress.end_updates(count)
         return metrics
 
     def due(self, before: int, after: int, last: bool) -> tuple[bool, bool, bool]:
@@ -387,7 +334,7 @@ class Run:
         checkpoint = evaluate or reached(config.checkpoint_every)
         return checkpoint or reached(config.log_every), checkpoint, evaluate
 
-    def after_updates(self, metrics, before: int, last: bool, bar, extra=None) -> None:
+    def after_updates(self, metrics, before: int, last: bool, extra=None) -> None:
         """What is due after the updates from step ``before`` to ``self.step`` (:meth:`due`): the log
         (with ``extra()``'s entries), then the evaluation (checkpointed first) or the checkpoint."""
         log_now, checkpoint_now, evaluate_now = self.due(before, self.step, last)
@@ -398,59 +345,16 @@ class Run:
             self.checkpoint_and_evaluate()
         elif checkpoint_now:
             self.checkpoint()
-        self.show_progress(bar)
+        self.progress.show(self.last_values, self.curve)
 
-    def updates(self, last_step: int, update, desc: str = "IQL"):
-        """The loop over update steps ``run.step + 1 … last_step``: yields each step number; the loop's body
-        calls ``update`` once and hands its metrics to :meth:`after_update`.
-
-        Draws the progress bar; the first call of a compiled step (which compiles it) is timed apart
-        from the updates' rate (:meth:`loop_bar`).
-        """
-        self._bar, self._desc, self._last_step = self.loop_bar(update, total=last_step, initial=self.step, desc=desc), desc, last_step
-        for step in range(self.step + 1, last_step + 1):
-            if self.compile_pending:
-                self._bar.set_description_str(f"{desc} (compiling the update step)")
-                self._compile_start = time.perf_counter()
-            else:
-                self.timing.start()
-            yield step
-        self._bar.close()
-
-    def after_update(self, metrics) -> None:
-        """One update of :meth:`updates` done: counted and timed; then the log, checkpoint and evaluation
-        that are due (:meth:`after_updates`)."""
-        if self.compile_pending:
-            self.timing.compile_seconds += time.perf_counter() - self._compile_start
-            restart_progress_clock(self._bar, self._desc)
-            self.compile_pending = False
-        else:
-            self.timing.count(1)
-        self.step += 1
-        self._bar.update(1)
-        self.after_updates(metrics, self.step - 1, self.step == self._last_step, self._bar)
-
-    # ------------------------------------------------------------------ console and summary
-    def progress_bar(self, total: int, initial: int, desc: str, unit: str = "upd"):
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True,
-                    disable=not (self.config.progress and self.ctx.is_main))
-
-    def show_progress(self, bar) -> None:
-        rate = self.timing.updates_per_second
-        postfix = {"upd/s": f"{rate:.0f}" if rate else "-", "loss_q": f"{self.last_values['loss_qvalue']:.3g}"}
-        if self.curve and self.curve[-1].get("normalized_score") is not None:
-            postfix["score"] = f"{self.curve[-1]['normalized_score']:.1f}"
-        if self.curve and self.curve[-1].get("success_rate") is not None:
-            postfix["success"] = f"{self.curve[-1]['success_rate']:.0%}"
-        bar.set_postfix(postfix)
-
+    # ------------------------------------------------------------------ summary
     def summary_fields(self) -> dict:
         """The summary entries every job reports: the last evaluation, speed, wall time, curve."""
         last = self.last_eval
         return {
             **{k: last[k] for k in ("normalized_score", "normalized_score_std", "return_mean", "return_std", "per_seed")},
             "success_rate": last.get("success_rate"), "preset_reason": self.preset_reason,
-            "value_bound": self.value_bound, "values_beyond_bound_at": self.values_beyond_bound_at,
+            "value_bound": self.value_bound.bound, "values_beyond_bound_at": self.value_bound.beyond_at,
             "eval_episodes": self.config.eval_episodes,
             "updates_per_second": self.timing.updates_per_second,
             "compile_seconds": self.timing.compile_seconds if self.config.compile or self.config.cudagraphs else None,
@@ -484,15 +388,3 @@ class Run:
                 self.logger.experiment.finish()
         self.ctx.barrier()
         return summary if self.ctx.is_main else {}
-
-
-def return_bound(rewards: torch.Tensor, gamma: float) -> float | None:
-    """The largest |discounted return| rewards like these allow, max |r| / (1 − γ); None for γ = 1."""
-    return float(rewards.abs().max()) / (1 - gamma) if gamma < 1 else None
-
-
-def restart_progress_clock(bar, desc: str) -> None:
-    """Restarts a tqdm bar's clock (its rate and ETA count from here, e.g. after a first update that
-    compiled the step) and sets its description to ``desc``."""
-    bar.set_description_str(desc, refresh=False)
-    bar.unpause()  # tqdm moves its start time past the time since the bar last printed

@@ -40,8 +40,8 @@ __all__ = [
 ORDERS = ("paper", "summed")
 OPTIMIZERS = ("adam", "adamw")
 LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
-# each optimizer group and the loss's name of the network it trains ("<name>_network", "<name>_network_params")
-OPTIMIZER_GROUPS = {"value": "value", "actor": "actor", "critic": "qvalue"}
+# the networks, each with its own optimizer, named as the loss names them ("<name>_network", "<name>_network_params")
+OPTIMIZER_GROUPS = ("value", "actor", "qvalue")
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
 
@@ -140,7 +140,7 @@ class IQLUpdate:
         total_steps (int): length of the run, for the actor's cosine learning-rate decay to 0.
             ``None`` keeps the actor's learning rate constant.
         lr (float): learning rate of every network (paper: 3e-4).
-        actor_lr, critic_lr, value_lr (float, optional): per-network learning rates; ``None``
+        actor_lr, qvalue_lr, value_lr (float, optional): per-network learning rates; ``None``
             uses ``lr``. The actor's cosine decay starts from ``actor_lr``.
         optimizer (str): ``"adam"`` (paper) or ``"adamw"`` (decoupled weight decay).
         weight_decay (float): weight decay of every network's parameters (default 0): L2 added
@@ -162,7 +162,7 @@ class IQLUpdate:
             starts without compiling; :mod:`iql_torchrl.step.compile_cache`). ``None``: compile every time.
 
     The optimizers are ``torch.optim.Adam`` objects (``value_optimizer``, ``actor_optimizer``,
-    ``critic_optimizer``) holding the state and learning rates, stepped through torch's functional
+    ``qvalue_optimizer``) holding the state and learning rates, stepped through torch's functional
     ``adam`` so the step stays one graph. A :class:`SeedEnsemble`'s losses have one entry per
     seed, summed before differentiation (the seeds share no parameters, so each gets its own
     gradient), and Adam, being elementwise, steps every seed independently.
@@ -182,7 +182,7 @@ class IQLUpdate:
         total_steps: int | None = None,
         lr: float = 3e-4,
         actor_lr: float | None = None,
-        critic_lr: float | None = None,
+        qvalue_lr: float | None = None,
         value_lr: float | None = None,
         optimizer: str = "adam",
         weight_decay: float = 0.0,
@@ -201,7 +201,7 @@ class IQLUpdate:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
         _check_total_steps(total_steps)
-        learning_rates = {"value": value_lr, "actor": actor_lr, "critic": critic_lr}
+        learning_rates = {"value": value_lr, "actor": actor_lr, "qvalue": qvalue_lr}
         learning_rates = {name: lr if rate is None else rate for name, rate in learning_rates.items()}
         settings = {**{f"{g}_lr": r for g, r in learning_rates.items()}, "tau": tau, "weight_decay": weight_decay}
         if (problem := optimizer_settings_problem(settings)) is not None:
@@ -225,7 +225,7 @@ class IQLUpdate:
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
 
         # per group: the loss's parameter TensorDict, its trainable leaves, and an Adam holding their state
-        self.param_tds = {group: getattr(loss, f"{name}_network_params") for group, name in OPTIMIZER_GROUPS.items()}
+        self.param_tds = {group: getattr(loss, f"{group}_network_params") for group in OPTIMIZER_GROUPS}
         self.params = {group: _trainable(td) for group, td in self.param_tds.items()}
         self.optimizers = {
             group: _make_optimizer(self.params[group], learning_rates[group], optimizer, weight_decay, device)
@@ -233,7 +233,7 @@ class IQLUpdate:
         }
         self.value_optimizer = self.optimizers["value"]
         self.actor_optimizer = self.optimizers["actor"]
-        self.critic_optimizer = self.optimizers["critic"]
+        self.qvalue_optimizer = self.optimizers["qvalue"]
         self.actor_lr = self.actor_optimizer.param_groups[0]["lr"]
         self._lr_tensors = {group: opt.param_groups[0]["lr"] for group, opt in self.optimizers.items()}
         # said before the target parameters are read, which is when TorchRL warns about a missing updater
@@ -295,13 +295,13 @@ class IQLUpdate:
     def learning_rates(self) -> dict[str, float]:
         """Each optimizer group's base learning rate (the actor's before its cosine decay)."""
         return {"value": float(self._lr_tensors["value"]), "actor": float(self._actor_base_lr),
-                "critic": float(self._lr_tensors["critic"])}
+                "qvalue": float(self._lr_tensors["qvalue"])}
 
     def set_learning_rate(self, group: str, lr: float) -> None:
-        """Sets ``group``'s (``"value"``, ``"actor"``, ``"critic"``) learning rate, in place, so a compiled step
+        """Sets ``group``'s (``"value"``, ``"actor"``, ``"qvalue"``) learning rate, in place, so a compiled step
         reads it. The actor's is the base of its cosine decay (its current rate follows at the next step;
         at once with ``total_steps=None``). torch's LR schedulers, which change a tensor learning rate in
-        place, work on ``value_optimizer`` and ``critic_optimizer``; the actor's rate is the cosine's."""
+        place, work on ``value_optimizer`` and ``qvalue_optimizer``; the actor's rate is the cosine's."""
         if group not in OPTIMIZER_GROUPS:
             raise ValueError(f"group must be one of {tuple(OPTIMIZER_GROUPS)}, got {group!r}.")
         self._check_setting(f"{group}_lr", lr)
@@ -344,10 +344,10 @@ class IQLUpdate:
         if _conversions(self.loss) != self._conversions:  # .to() / .double() since the last check
             self._check_layout()
             self._conversions = _conversions(self.loss)
-        for group, name in OPTIMIZER_GROUPS.items():
+        for group in OPTIMIZER_GROUPS:
             if not all(held.get(key) is value for held, key, value in self._param_entries[group]):
                 raise RuntimeError(
-                    f"IQLUpdate: a parameter of the loss's {name} network was replaced by a new tensor after the "
+                    f"IQLUpdate: a parameter of the loss's {group} network was replaced by a new tensor after the "
                     "update was built (its optimizer trains the old one): load new values in place "
                     "(loss.load_state_dict(...), or param.data.copy_(...)), or build a new IQLUpdate.")
 
@@ -384,7 +384,7 @@ class IQLUpdate:
             batch = self._batch(batch_or_indices)
             value_out, target_min_q = self._descend(("value",), batch, self.loss.value_phase)
             out = self._descend(
-                ("actor", "critic"), batch, lambda td, params: self.loss.actor_critic_phase(td, target_min_q, params)
+                ("actor", "qvalue"), batch, lambda td, params: self.loss.actor_critic_phase(td, target_min_q, params)
             )
             out.set("loss_value", value_out["loss_value"])
             return self._finish(out)
@@ -559,7 +559,7 @@ def _summed_losses(result) -> Tensor:
 
 
 def _networks(loss: TrainableLoss):
-    for name in OPTIMIZER_GROUPS.values():
+    for name in OPTIMIZER_GROUPS:
         yield from getattr(loss, f"{name}_network").modules()
 
 
