@@ -147,7 +147,7 @@ def test_an_environment_that_cannot_be_created_is_refused_before_training(tiny_d
 
 
 def test_unusable_reference_scores_fall_back_to_returns_with_a_warning(tiny_datasets, tmp_path, monkeypatch):
-    import iql_torchrl.runs.run as run_module
+    import iql_torchrl.runs.loading as run_module
 
     real_load = run_module.load_minari_dataset
 

@@ -14,14 +14,13 @@ import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from torch import Tensor, nn
 
-from iql_torchrl.objectives.loss import IQLLoss
-from iql_torchrl.step.update import OPTIMIZER_GROUPS
+from iql_torchrl.objectives.loss import TRAINED_NETWORKS, IQLLoss
 
 __all__ = ["SeedEnsemble"]
 
-_PARAMETER_NAMES = (*OPTIMIZER_GROUPS, "target_qvalue")  # the loss's "<name>_network_params"
+_PARAMETER_NAMES = (*TRAINED_NETWORKS, "target_qvalue")  # the loss's "<name>_network_params"
 _HYPERPARAMETERS = ("_temperature", "_expectile", "_expectile_complement")  # IQLLoss's 0-d buffers behind its properties
-_TRAINABLE = tuple(f"{name}_network_params" for name in OPTIMIZER_GROUPS)
+_TRAINABLE = tuple(f"{name}_network_params" for name in TRAINED_NETWORKS)
 
 
 class SeedEnsemble(nn.Module):

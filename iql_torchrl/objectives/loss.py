@@ -64,7 +64,10 @@ from iql_torchrl.objectives.checks import (
 from iql_torchrl.objectives.networks import critic_copies, own_critic_parameters
 from iql_torchrl.objectives.plain_mlp import PlainMLP
 
-__all__ = ["IQLLoss", "is_probabilistic"]
+__all__ = ["IQLLoss", "is_probabilistic", "TRAINED_NETWORKS"]
+
+# the networks IQL trains, as the loss names them ("<name>_network", "<name>_network_params")
+TRAINED_NETWORKS = ("value", "actor", "qvalue")
 
 # --------------------------------------------------------------------------- the loss module
 class IQLLoss(LossModule):

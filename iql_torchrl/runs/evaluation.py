@@ -18,7 +18,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from iql_torchrl.data.metadata import check_observation_layout
 
-__all__ = ["evaluate_policy", "reference_scores_problem", "check_evaluation_env", "summarize_seeds", "EvaluationEnvError"]
+__all__ = ["evaluate_policy", "evaluate_seeds", "reference_scores_problem", "check_evaluation_env", "summarize_seeds", "EvaluationEnvError"]
 
 
 class EvaluationEnvError(RuntimeError):
@@ -142,3 +142,14 @@ def summarize_seeds(results: list[dict]) -> dict:
             for r in results
         ],
     }
+
+
+def evaluate_seeds(loss, seeds: list[int], metadata, episodes: int, device) -> dict:
+    """Deterministic episodes of each seed's policy (``loss``: one seed's IQLLoss, or a SeedEnsemble of
+    ``len(seeds)``), summarised by :func:`summarize_seeds`; seed ``s`` evaluates on env seeds from ``s + 10000``."""
+    results = []
+    for k, seed in enumerate(seeds):
+        seed_loss = loss if len(seeds) == 1 else loss.seed_loss(k)
+        actor = seed_loss.get_stateful_net("actor_network", copy=True).eval()
+        results.append({"seed": seed, **evaluate_policy(actor, metadata, episodes=episodes, seed=seed + 10_000, device=device)})
+    return summarize_seeds(results)

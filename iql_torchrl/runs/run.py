@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 import iql_torchrl
+from iql_torchrl.data import buffer_transitions
 from iql_torchrl.runs.allocator import keep_freed_memory
 from iql_torchrl.runs.checkpoint import (
     CHECKPOINT_NAME,
@@ -39,22 +39,15 @@ from iql_torchrl.runs.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from iql_torchrl.runs.config import PRESETS, ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
-from iql_torchrl.data import buffer_transitions, load_minari_dataset
-from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
+from iql_torchrl.runs.config import ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
 from iql_torchrl.runs.distributed import setup_distributed
-from iql_torchrl.runs.evaluation import (
-    EvaluationEnvError,
-    check_evaluation_env,
-    evaluate_policy,
-    reference_scores_problem,
-    summarize_seeds,
-)
-from iql_torchrl.runs.loggers import log_values, make_logger
-from iql_torchrl.runs.report import plot_curve
-from iql_torchrl.runs.progress import LoopProgress
-from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint
+from iql_torchrl.runs.evaluation import EvaluationEnvError, evaluate_seeds
 from iql_torchrl.runs.folder import FolderInUseError, RunFolder, default_run_dir
+from iql_torchrl.runs.loading import load_run_data
+from iql_torchrl.runs.loggers import log_values, make_logger
+from iql_torchrl.runs.progress import LoopProgress
+from iql_torchrl.runs.report import plot_curve
+from iql_torchrl.runs.resume import ResumeError
 from iql_torchrl.runs.settings import resolve_settings
 from iql_torchrl.runs.threads import set_threads
 from iql_torchrl.runs.timing import RunTiming
@@ -146,38 +139,15 @@ class Run:
 
     # ------------------------------------------------------------------ data
     def load_data(self, dataset: str | None = None, fingerprint: dict | None = None):
-        """The offline replay buffer, after the checks a run needs before training (see the module docstring).
+        """The offline replay buffer, after the checks a run needs before training (:func:`load_run_data`).
 
         ``fingerprint``: data the run must match (a resumed run's own, or the offline run it starts from).
         """
-        config, ctx = self.config, self.ctx
-        dataset = dataset or config.dataset
-        fingerprint = fingerprint or (self.state or {}).get("data")
-        if fingerprint is not None:
-            if not dataset_exists(dataset):
-                raise ResumeError(f"The dataset {dataset} of this run is missing; restore it to continue "
-                                  "(it is not rebuilt: rebuilt data would not be the data the run trained on).")
-        elif dataset in BUILDERS:
-            if ctx.is_main:
-                ensure_dataset(dataset, progress=config.progress)
-            ctx.barrier()  # the other ranks wait until rank 0 has built it
-        buffer = load_minari_dataset(
-            dataset, batch_size=config.batch_size, device=self.device,
-            reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
-            clip_actions=config.clip_actions, goal_in_observation=config.goal_in_observation(),
-            success_terminal=config.success_terminal,
-        )
+        buffer, self.fingerprint = load_run_data(self.config, self.ctx, self.device, dataset or self.config.dataset,
+                                                 fingerprint or (self.state or {}).get("data"))
         self.metadata = buffer.metadata
-        self.fingerprint = data_fingerprint(dataset, self.metadata)
         if self.job == "offline":  # fine-tuning adds online rewards the bound does not know
-            self.value_bound.bound = return_bound(buffer_transitions(buffer)["next", "reward"], config.gamma)
-        if fingerprint is not None:
-            check_same_data(fingerprint, self.fingerprint)
-        if ctx.is_main:
-            check_evaluation_env(self.metadata)
-            problem = reference_scores_problem(self.metadata)
-            if problem is not None:
-                warnings.warn(f"No normalized scores for {dataset}: {problem}. Evaluations report raw returns.", stacklevel=2)
+            self.value_bound.bound = return_bound(buffer_transitions(buffer)["next", "reward"], self.config.gamma)
         return buffer
 
     # ------------------------------------------------------------------ training state
@@ -259,14 +229,7 @@ class Run:
         """Deterministic episodes of every seed's policy (rank 0): a learning-curve point and the log."""
         if not self.ctx.is_main:
             return None
-        results = []
-        for k, seed in enumerate(self.seeds):
-            seed_loss = self.loss if len(self.seeds) == 1 else self.loss.seed_loss(k)
-            actor = seed_loss.get_stateful_net("actor_network", copy=True).eval()
-            result = evaluate_policy(actor, self.metadata, episodes=self.config.eval_episodes, seed=seed + 10_000,
-                                     device=self.device)
-            results.append({"seed": seed, **result})
-        summary = summarize_seeds(results)
+        summary = evaluate_seeds(self.loss, self.seeds, self.metadata, self.config.eval_episodes, self.device)
         self.curve.append({"step": self.step, **self.point_fields(),
                            **{k: summary[k] for k in ("normalized_score", "success_rate", "return_mean", "per_seed")}})
         log_values(self.logger, {k: summary[k] for k in ("return_mean", "normalized_score", "success_rate")

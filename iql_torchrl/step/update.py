@@ -30,6 +30,7 @@ from torch.optim.adam import adam
 from iql_torchrl.step.adam import adam_step
 from iql_torchrl.step.compile_cache import CompiledStepCache, describe_objects
 from iql_torchrl.objectives.checks import nonfinite
+from iql_torchrl.objectives.loss import TRAINED_NETWORKS
 from iql_torchrl.step.modes import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
 __all__ = [
@@ -40,8 +41,7 @@ __all__ = [
 ORDERS = ("paper", "summed")
 OPTIMIZERS = ("adam", "adamw")
 LOSS_NAMES = ("loss_value", "loss_actor", "loss_qvalue")
-# the networks, each with its own optimizer, named as the loss names them ("<name>_network", "<name>_network_params")
-OPTIMIZER_GROUPS = ("value", "actor", "qvalue")
+OPTIMIZER_GROUPS = TRAINED_NETWORKS  # one optimizer a network
 _STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # device state besides Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
 
