@@ -1,4 +1,4 @@
-"""The Python blocks of docs/ run as a user pastes them (at small sizes), so the docs cannot rot.
+"""The Python blocks and bash commands of docs/ run as a user pastes them (at small sizes), so the docs cannot rot.
 
 A block runs in a fresh folder (the datasets: the tests' tiny builds). Sizes a user would not wait for in a
 test are made small: ``10_000`` updates become 20. The export page's block reads the policy its commands
@@ -48,3 +48,78 @@ def run_commands(block: str, cwd: Path) -> None:
             command = [command[0], str(ROOT / command[1]), *command[2:], *SMALL_RUN]
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
         assert result.returncode == 0, (line, result.stderr[-2000:])
+
+
+# ------------------------------------------------------------------ the docs' commands
+# what each command gets appended (or which arguments change) so that it runs in seconds
+SMALL_FINETUNE = ["--online-steps", "40", "--frames-per-batch", "20", "--num-envs", "2", "--eval-every", "20",
+                  "--eval-episodes", "1", "--batch-size", "32", "--no-progress"]
+SMALL_FRESH_FINETUNE = ["--offline-steps", "10", "--hidden-sizes", "16", "16"]
+SMALL_BENCH = {
+    "bench_maze_values.py": ["--steps", "20", "--eval-episodes", "1"],
+    "bench_scores.py": ["--steps", "20", "--eval-every", "20", "--eval-episodes", "1", "--seeds", "1",
+                        "--hidden-sizes", "16", "16", "--expectiles", "0.7", "--temperatures", "3",
+                        "--datasets", "iql_torchrl/pendulum/mixed-v0"],
+}
+OFFLINE_RUN = "runs/<an offline run>"  # a placeholder the pages use: the test's own small offline run
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of a bash block: continuations joined, comments and ``[optional]`` arguments left out."""
+    joined = block.replace("\\\n", " ")
+    return [re.sub(r"\[[^\]]*\]", "", line.split("  #")[0].split(" # ")[0]).strip()
+            for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def small(command: str, tmp_path: Path) -> list[str]:
+    """``command`` as the test runs it: the interpreter under test, small sizes, outputs in ``tmp_path``."""
+    words = command.replace(OFFLINE_RUN, str(tmp_path / "offline-run")).split()
+    if words[0] == "torchrun":
+        words = ["python", "-m", "torch.distributed.run", *words[1:]]
+    assert words[0] == "python", command
+    args = [sys.executable, *words[1:]]
+    script = next((w for w in words if w.endswith(".py")), None)
+    if script is not None:
+        args[args.index(script)] = str(ROOT / script)
+        name = Path(script).name
+        if name == "iql_offline.py":
+            args += SMALL_RUN
+        elif name == "iql_finetune.py":
+            args += SMALL_FINETUNE + ([] if "--checkpoint" in words else SMALL_FRESH_FINETUNE)
+        elif name in SMALL_BENCH:
+            args += SMALL_BENCH[name]
+        for i, word in enumerate(args[:-1]):  # results go to the test's folder; earlier results are read from the repo
+            if word in ("--json", "--png"):
+                args[i + 1] = str(tmp_path / Path(args[i + 1]).name)
+            elif word == "--with":
+                args[i + 1] = str(ROOT / args[i + 1])
+    elif words[1:4] == ["-m", "iql_torchrl.datasets", "build"]:
+        args += ["--episodes", "4"]
+    return args
+
+
+BASH_BLOCKS = [(page.name, i, block) for page in PAGES for i, block in enumerate(blocks(page, "bash"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page, index, block", BASH_BLOCKS, ids=[f"{p}-{i}" for p, i, _ in BASH_BLOCKS])
+def test_bash_blocks_run(page, index, block, tmp_path):
+    # each command of the block in order, in a fresh folder (runs/ lands there) with an empty datasets
+    # folder (a command builds what it needs, as on a user's first run), at small sizes
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    if OFFLINE_RUN in block:
+        subprocess.run([sys.executable, str(ROOT / "examples" / "iql_offline.py"), "--output-dir",
+                        str(tmp_path / "offline-run"), *SMALL_RUN], cwd=tmp_path, check=True, capture_output=True,
+                       timeout=300, env=env)
+    for command in shell_commands(block):
+        args = small(command, tmp_path)
+        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, (command, args, result.stderr[-3000:])
+
+
+def test_the_commands_are_made_small_as_the_test_says():
+    # the substitutions the bash-block test relies on, checked on a made-up block
+    block = "python examples/iql_offline.py --steps 1000000  # long\npython -m iql_torchrl.datasets build X [--episodes N] \\\n  --seed 1\n"
+    first, second = (small(c, Path("/tmp/t")) for c in shell_commands(block))
+    assert first[-len(SMALL_RUN):] == SMALL_RUN and first[1] == str(ROOT / "examples/iql_offline.py")
+    assert second[1:] == ["-m", "iql_torchrl.datasets", "build", "X", "--seed", "1", "--episodes", "4"]
