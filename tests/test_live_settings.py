@@ -217,7 +217,7 @@ def test_changes_the_step_cannot_follow_are_refused_with_what_to_do(mode):
 
     held = update.qvalue_optimizer.param_groups[0]["lr"]
     update.qvalue_optimizer.param_groups[0]["lr"] = 1e-3
-    with pytest.raises(RuntimeError, match=r"critic optimizer's learning rate was replaced.*set_learning_rate"):
+    with pytest.raises(RuntimeError, match=r"qvalue optimizer's learning rate was replaced.*set_learning_rate"):
         take_steps(update, 1, 1)
     update.qvalue_optimizer.param_groups[0]["lr"] = held
     take_steps(update, 1, 1)  # each change undone: the step runs again

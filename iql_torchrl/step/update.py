@@ -448,7 +448,7 @@ class IQLUpdate:
         for g in groups:
             td = self.param_tds[g]
             leaves = iter(tensors[g])
-            params[OPTIMIZER_GROUPS[g]] = TensorDict(
+            params[g] = TensorDict(
                 {key: next(leaves) if _is_trainable(v) else v for key, v in td.items(True, True)},
                 batch_size=td.batch_size,
             )
