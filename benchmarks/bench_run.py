@@ -1,7 +1,7 @@
 """The main job end to end against its own update step: where a run's speed goes.
 
     python benchmarks/bench_run.py                              # default flags (cold, warm), eager, --compile
-    python benchmarks/bench_run.py --json benchmarks/results_run.json
+    python benchmarks/bench_run.py --json benchmarks/results/results_run.json
     python benchmarks/bench_run.py --steps 200 --modes eager --step-rounds 2   # a smoke test
 
 In one sitting, for each mode (the default flags with the compiled-step cache empty, then again with

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_scores.py                       # default budget (CPU, under 30 minutes)
     python benchmarks/bench_scores.py --steps 1000000 --device cuda --eval-every 50000   # paper budget
-    python benchmarks/bench_scores.py --sweep --json benchmarks/results_sweep.json --png benchmarks/sweep.png
-    python benchmarks/bench_scores.py --discrete --datasets iql_torchrl/cartpole/mixed-v0 --steps 30000 \
-        --eval-every 30000 --hidden-sizes 64 64 --json benchmarks/results_scores_discrete.json --png benchmarks/scores_discrete.png
+    python benchmarks/bench_scores.py --sweep --no-compile --json benchmarks/results/results_sweep.json --png benchmarks/figures/sweep.png
+    python benchmarks/bench_scores.py --discrete --datasets iql_torchrl/cartpole/mixed-v0 --steps 20000 \
+        --eval-every 20000 --hidden-sizes 64 64 --no-compile --json benchmarks/results/results_scores_discrete.json \
+        --png benchmarks/figures/scores_discrete.png
 
 Each configuration trains its seeds together (``--num-seeds``, vmapped) through the trainer, so
 every number comes from the same code path as ``examples/iql_offline.py``. Rows: IQL in the
@@ -36,8 +37,8 @@ maze cell keeps its CSV log: the heat map comes with every cell's score curve an
 ``--suite maze --merge`` (no ``--sweep``) joins suite runs made in parts (say one dataset, goal input and
 method a process) and the maze sweep's JSON into one table and one figure; a run is named by its τ and β::
 
-    python benchmarks/bench_scores.py --suite maze --merge benchmarks/results_maze_sweep.json part1.json part2.json \
-        --json benchmarks/results_maze.json --png benchmarks/maze_curves.png
+    python benchmarks/bench_scores.py --suite maze --merge benchmarks/results/results_maze_sweep.json part1.json part2.json \
+        --json benchmarks/results/results_maze.json --png benchmarks/figures/maze_curves.png
 """
 from __future__ import annotations
 

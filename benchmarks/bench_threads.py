@@ -1,7 +1,7 @@
 """Two default runs started side by side, against one alone: updates/s of each, per thread setting.
 
     python benchmarks/bench_threads.py                     # default runs (10,000 updates each)
-    python benchmarks/bench_threads.py --json benchmarks/results_threads.json
+    python benchmarks/bench_threads.py --json benchmarks/results/results_threads.json
     python benchmarks/bench_threads.py --steps 50 --run-flags "--hidden-sizes 16 16 --eval-episodes 1"   # a smoke test
 
 Each setting runs ``examples/iql_offline.py`` once alone, then twice at the same moment (two

@@ -17,9 +17,8 @@ after it compiled again) and the number of graphs ``torch._dynamo.explain`` find
 uncompiled step (ours: ``IQLUpdate.step_function``). ``--threads`` sets torch's threads for
 every row, the GEMM limit included.
 
-    python benchmarks/bench_update.py --threads 2        # writes benchmarks/results_update_2t.json
-    python benchmarks/bench_update.py --threads 1
-    python benchmarks/bench_update.py --threads 2 --profile ours-compile-paper
+    python benchmarks/bench_update.py --threads 2        # writes benchmarks/results/results_update_2t.json
+    python benchmarks/bench_update.py --threads 1 --profile ours-compile-paper   # + results/profile_ours-compile-paper_1t.txt
     python benchmarks/bench_update.py --quick            # a tiny smoke run (no JSON unless --json)
 
 A run with ``--variants`` writes JSON only where ``--json`` says: the default results files hold
@@ -237,9 +236,9 @@ def parse_args(argv=None):
                         help="torch.set_float32_matmul_precision for every row ('high': TF32 on NVIDIA GPUs)")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="write a torch.profiler table of this variant")
     parser.add_argument("--profile-out", type=Path, default=None,
-                        help="profile table path (default: benchmarks/profile_<variant>_<threads>t.txt)")
+                        help="profile table path (default: benchmarks/results/profile_<variant>_<threads>t.txt)")
     parser.add_argument("--json", type=Path, default=None,
-                        help="results path (default: benchmarks/results_update_<threads>t.json for the full default run; "
+                        help="results path (default: benchmarks/results/results_update_<threads>t.json for the full default run; "
                              "none with --quick or --variants unless given)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run: B 32, width 32, 2 rounds of 3 updates")
     args = parser.parse_args(argv)
@@ -291,7 +290,7 @@ def main(argv=None):
 
     if args.profile:
         variant = next(v for v in variants if v.name == args.profile)
-        path = args.profile_out or HERE / f"profile_{args.profile}_{threads}t.txt"
+        path = args.profile_out or HERE / "results" / f"profile_{args.profile}_{threads}t.txt"
         median = statistics.median(samples[variant.name])
         write_profile(variant, batches[variant.name], args.device, min(args.block, 20), path,
                       f"{variant.name}: {median:.2f} ms/update (median of the timed rounds); {title}")
@@ -334,7 +333,7 @@ def main(argv=None):
     }
     # the default results file holds the full table: a partial or tiny run writes only where --json says
     partial = args.quick or args.variants is not None
-    path = args.json or (None if partial else HERE / f"results_update_{threads}t.json")
+    path = args.json or (None if partial else HERE / "results" / f"results_update_{threads}t.json")
     if path is not None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwritten to {path}", file=sys.stderr)
