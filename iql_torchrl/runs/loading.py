@@ -1,0 +1,45 @@
+"""A run's data: built when it is a local builder's and missing, loaded into the replay buffer with the
+run's transforms, fingerprinted and, for a resumed run, compared with the data it trained on; then
+the evaluation environment checked once, before any training."""
+from __future__ import annotations
+
+import warnings
+
+from iql_torchrl.data import load_minari_dataset
+from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
+from iql_torchrl.runs.config import PRESETS
+from iql_torchrl.runs.evaluation import check_evaluation_env, reference_scores_problem
+from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint
+
+__all__ = ["load_run_data"]
+
+
+def load_run_data(config, ctx, device, dataset: str, fingerprint: dict | None = None):
+    """``(buffer, fingerprint)``: the dataset as the (resolved) ``config`` reads it, on ``device``.
+
+    ``fingerprint``: data the run must match (a resumed run's own, or the offline run it starts from);
+    such a dataset is never rebuilt. Under torchrun rank 0 builds and the other ranks wait.
+    """
+    if fingerprint is not None:
+        if not dataset_exists(dataset):
+            raise ResumeError(f"The dataset {dataset} of this run is missing; restore it to continue "
+                              "(it is not rebuilt: rebuilt data would not be the data the run trained on).")
+    elif dataset in BUILDERS:
+        if ctx.is_main:
+            ensure_dataset(dataset, progress=config.progress)
+        ctx.barrier()  # the other ranks wait until rank 0 has built it
+    buffer = load_minari_dataset(
+        dataset, batch_size=config.batch_size, device=device,
+        reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
+        clip_actions=config.clip_actions, goal_in_observation=config.goal_in_observation(),
+        success_terminal=config.success_terminal,
+    )
+    own = data_fingerprint(dataset, buffer.metadata)
+    if fingerprint is not None:
+        check_same_data(fingerprint, own)
+    if ctx.is_main:
+        check_evaluation_env(buffer.metadata)
+        problem = reference_scores_problem(buffer.metadata)
+        if problem is not None:
+            warnings.warn(f"No normalized scores for {dataset}: {problem}. Evaluations report raw returns.", stacklevel=3)
+    return buffer, own
