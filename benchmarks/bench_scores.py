@@ -31,8 +31,15 @@ success rate and the share of AWR weights at the clamp; a PNG of the learning cu
         --goal-inputs no --steps 5000 --eval-every 1000 --no-maze-sweep     # a small slice
 
 ``--suite maze --sweep`` runs the maze sweep alone; ``--expectiles`` / ``--temperatures`` pick its cells, so
-parts can run side by side (one thread each) and ``--merge`` joins their JSON or ``--out`` folders. Each
-maze cell keeps its CSV log: the heat map comes with every cell's score curve and one value curve per τ.
+parts can run side by side (one thread each) and ``--merge`` joins their JSON or ``--out`` folders (a cell
+no part holds reads "–"). Each maze cell keeps its CSV log: the heat map comes with every cell's score curve
+and one value curve per τ. The sweep's JSON is rewritten after every finished cell. ``--preset`` and
+``--success-terminal`` go into every cell's run (the reward transform is the preset's), e.g. the goal
+absorbing with AntMaze's r − 1, where every value lies in [−1/(1−γ), 0]::
+
+    python benchmarks/bench_scores.py --suite maze --sweep --preset antmaze --success-terminal \
+        --expectiles 0.9 --temperatures 10 --seeds 1 --eval-episodes 50 --out runs/terminal/tau0.9-beta10 \
+        --json terminal-tau0.9-beta10.json --png terminal-tau0.9-beta10.png
 
 ``--suite maze --merge`` (no ``--sweep``) joins suite runs made in parts (say one dataset, goal input and
 method a process) and the maze sweep's JSON into one table and one figure; a run is named by its τ and β::
@@ -112,6 +119,12 @@ def main(argv=None):
                         help=f"--sweep: default {SWEEP_EXPECTILES} (maze: {MAZE_SWEEP['expectiles']})")
     parser.add_argument("--temperatures", type=float, nargs="+", default=None,
                         help=f"--sweep: default {SWEEP_TEMPERATURES} (maze: {MAZE_SWEEP['temperatures']})")
+    parser.add_argument("--preset", choices=[*PRESETS, "auto"], default="auto",
+                        help="--sweep: the preset of every cell (its reward transform; τ and β are the sweep's); "
+                             "default auto, the dataset's")
+    parser.add_argument("--success-terminal", action="store_true",
+                        help="--sweep on goal data with the goal out of the input: the relabelled successes are "
+                             "terminal (D4RL AntMaze's convention)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="train nothing: with --sweep, join the cells of sweeps run in parts (their JSON, "
                              "or their --out folders for parts stopped early) into one table; with --suite maze alone, "
@@ -232,27 +245,42 @@ def sweep(args):
                             num_seeds=args.seeds, device=args.device, compile=args.compile,
                             logger="csv" if maze else "none", progress=False, checkpoint_every=args.steps,
                             log_every=max(1, args.steps // (50 if maze else 10)), output_dir=run_dir, order="paper",
-                            expectile=expectile, temperature=temperature)
+                            expectile=expectile, temperature=temperature, preset=args.preset,
+                            success_terminal=args.success_terminal)
             cell = maze_run(config, run_dir) if maze else seed_scores(config)
-            results.append({"expectile": expectile, "temperature": temperature, **cell})
-            print(f"τ={expectile:<4} β={temperature:<5} {results[-1]['mean']:7.1f} ± {results[-1]['std']:5.1f}  "
-                  f"({', '.join(f'{s:.1f}' for s in results[-1]['scores'])})  {results[-1]['seconds']:.0f} s", flush=True)
+            results.append({"expectile": expectile, "temperature": temperature,
+                            "success_terminal": args.success_terminal, **cell})
+            r = results[-1]
+            success = f"  success {100 * r['success_rate']:5.1f}%" if r.get("success_rate") is not None else ""
+            print(f"τ={expectile:<4} β={temperature:<5} {r['mean']:7.1f} ± {r['std']:5.1f}  "
+                  f"({', '.join(f'{s:.1f}' for s in r['scores'])}){success}  {r['seconds']:.0f} s", flush=True)
+            # after every cell: an interrupted sweep keeps the cells it finished
+            write_sweep_json(args, dataset, results, time.perf_counter() - start)
     total = time.perf_counter() - start
     print("\n" + sweep_table(results, args))
     print(f"\ntotal {total / 60:.1f} min")
-    with open(args.json, "w") as f:
-        json.dump({"dataset": dataset, "steps": args.steps, "seeds": args.seeds, "device": args.device,
-                   "total_seconds": total, "results": results}, f, indent=2)
+    write_sweep_json(args, dataset, results, total)
     plot_sweep(results, args.png, args)
     return results
+
+
+def write_sweep_json(args, dataset: str, results: list[dict], seconds: float) -> None:
+    """The sweep's JSON: its settings, the cells finished so far (``cells`` of ``cells_planned``)."""
+    with open(args.json, "w") as f:
+        json.dump({"dataset": dataset, "steps": args.steps, "seeds": args.seeds, "device": args.device,
+                   "preset": args.preset, "presets_run": sorted({r["preset"] for r in results if r.get("preset")}),
+                   "success_terminal": args.success_terminal, "eval_episodes": args.eval_episodes,
+                   "cells": len(results), "cells_planned": len(args.expectiles) * len(args.temperatures),
+                   "total_seconds": seconds, "results": results}, f, indent=2)
 
 
 def seed_scores(config: OfflineConfig) -> dict:
     """Trains ``config`` (its seeds vmapped); the final normalized score of each seed, mean, std, seconds."""
     t0 = time.perf_counter()
-    scores = [s["normalized_score"] for s in train(config)["per_seed"]]
+    summary = train(config)
+    scores = [s["normalized_score"] for s in summary["per_seed"]]
     return {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
-            "seconds": time.perf_counter() - t0}
+            "preset": summary["preset"], "seconds": time.perf_counter() - t0}
 
 
 def merge_sweeps(args):
@@ -263,6 +291,14 @@ def merge_sweeps(args):
     for part in parts:
         for r in part["results"]:
             cells.setdefault((r["expectile"], r["temperature"]), r)
+    # one setting a heat map: the cells' preset (a cell saved before presets were recorded: the part's) and goal rule
+    settings = {(r.get("preset", part.get("preset")), bool(r.get("success_terminal", part.get("success_terminal"))))
+                for part in parts for r in part["results"]}
+    if len(settings) > 1:
+        raise SystemExit(f"{args.merge}: the parts' cells differ in preset or success terminal ({sorted(settings, key=str)}); "
+                         "merge each setting on its own")
+    (preset, success_terminal), = settings
+    args.preset, args.success_terminal = preset or "auto", success_terminal
     behaviour_cloning = next((r for (_, t), r in cells.items() if t == 0.0), None)
     results = []
     for expectile in args.expectiles:
@@ -272,13 +308,21 @@ def merge_sweeps(args):
                 cell = {**behaviour_cloning, "expectile": expectile, "seconds": 0.0,
                         "same_run_as_expectile": behaviour_cloning["expectile"]}
             if cell is None:
-                raise SystemExit(f"no result for τ = {expectile}, β = {temperature} in {args.merge}")
+                print(f"not run: τ = {expectile}, β = {temperature} (in none of {args.merge})")
+                continue
             results.append(cell)
+    if not results:
+        raise SystemExit(f"no cell of τ {args.expectiles} × β {args.temperatures} in {args.merge}")
     print(sweep_table(results, args))
     print("\n" + diagnostic_table(results, args, "awr_clamped_frac", "AWR weights at the clamp", lambda x: f"{100 * x:.1f}%"))
     print("\n" + diagnostic_table(results, args, "advantage_mean", "mean advantage", lambda x: f"{x:.2f}"))
     with open(args.json, "w") as f:
         json.dump({**{k: parts[0][k] for k in ("dataset", "steps", "seeds", "device")}, "parts": args.merge,
+                   "preset": args.preset, "success_terminal": args.success_terminal,
+                   "eval_episodes": sorted({r["eval_episodes"] for r in results if r.get("eval_episodes")}),
+                   "cells": len(results), "cells_planned": len(args.expectiles) * len(args.temperatures),
+                   "not_run": [[e, t] for e in args.expectiles for t in args.temperatures
+                               if not any((r["expectile"], r["temperature"]) == (e, t) for r in results)],
                    "total_seconds": sum(r["seconds"] for r in results), "results": results}, f, indent=2)
     plot_sweep(results, args.png, args)
     return results
@@ -299,11 +343,11 @@ def _sweep_part(path: Path) -> dict:
             continue
         scores = [s["normalized_score"] for s in summary["per_seed"]]
         results.append({"expectile": summary["expectile"], "temperature": summary["temperature"], "scores": scores,
-                        "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                        "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "preset": summary["preset"],
                         "seconds": summary["wall_seconds"], **awr_diagnostics(run_dir)})
     first = summaries[0]
     return {"dataset": first["dataset"], "steps": first["steps"], "seeds": first["num_seeds"], "device": first["device"],
-            "results": results}
+            "preset": first["preset"], "success_terminal": results[0].get("success_terminal", False), "results": results}
 
 
 def awr_diagnostics(run_dir: Path) -> dict:
@@ -327,7 +371,8 @@ def awr_diagnostics(run_dir: Path) -> dict:
     loss.load_state_dict(state["loss"])
     data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
                                                   normalize_observations=config.normalize_observations,
-                                                  goal_in_observation=config.goal_in_observation()))
+                                                  goal_in_observation=config.goal_in_observation(),
+                                                  success_terminal=config.success_terminal))
     clamped, advantage, value = [], [], []
     warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
     with torch.no_grad():
@@ -337,7 +382,7 @@ def awr_diagnostics(run_dir: Path) -> dict:
             advantage.append(float(out["advantage_mean"]))
             value.append(float(out["value_mean"]))
     return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage),
-            "value_mean": statistics.fmean(value)}
+            "value_mean": statistics.fmean(value), "success_terminal": config.success_terminal}
 
 
 def diagnostic_table(results, args, key: str, title: str, fmt) -> str:
@@ -345,20 +390,32 @@ def diagnostic_table(results, args, key: str, title: str, fmt) -> str:
     lines = [f"| τ \\ β: {title} | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
              "|---|" + "---|" * len(args.temperatures)]
     for expectile, row in zip(args.expectiles, _grid(results, args)):
-        lines.append(f"| τ = {expectile:g} | " + " | ".join(fmt(r[key]) if key in r else "–" for r in row) + " |")
+        lines.append(f"| τ = {expectile:g} | " + " | ".join(fmt(r[key]) if r and key in r else "–" for r in row) + " |")
     return "\n".join(lines)
 
 
 def _grid(results, args):
-    return [[next(r for r in results if r["expectile"] == e and r["temperature"] == t) for t in args.temperatures]
+    """The cells by τ (rows) and β (columns); None where a cell was not run."""
+    return [[next((r for r in results if r["expectile"] == e and r["temperature"] == t), None) for t in args.temperatures]
             for e in args.expectiles]
 
 
+def sweep_setting(results, args) -> str:
+    """The runs' preset (its reward transform) and goal rule, e.g. "preset antmaze (r − 1), goal terminal"."""
+    presets = sorted({r["preset"] for r in results if r.get("preset")}) or [getattr(args, "preset", "auto")]
+    transforms = {"antmaze": "r − 1", "none": "r", "locomotion": "locomotion scaling"}
+    named = [f"{p} ({transforms.get(PRESETS[p].reward_transform, PRESETS[p].reward_transform)})" if p in PRESETS else p
+             for p in presets]
+    goal = "goal terminal" if getattr(args, "success_terminal", False) else "continuing"
+    return f"preset {' / '.join(named)}, {goal}"
+
+
 def sweep_table(results, args) -> str:
-    lines = [f"| τ \\ β ({args.steps} updates, {args.seeds} seeds) | " + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
+    lines = [f"| τ \\ β ({args.steps} updates, {args.seeds} seeds; {sweep_setting(results, args)}) | "
+             + " | ".join(f"β = {t:g}" for t in args.temperatures) + " |",
              "|---|" + "---|" * len(args.temperatures)]
     for expectile, row in zip(args.expectiles, _grid(results, args)):
-        lines.append(f"| τ = {expectile:g} | " + " | ".join(f"{r['mean']:.1f} ± {r['std']:.1f}" for r in row) + " |")
+        lines.append(f"| τ = {expectile:g} | " + " | ".join(f"{r['mean']:.1f} ± {r['std']:.1f}" if r else "–" for r in row) + " |")
     return "\n".join(lines)
 
 
@@ -373,15 +430,16 @@ def plot_sweep(results, path, args):
     fig, axes = plt.subplots(1, 3 if curves else 1, figsize=(15 if curves else 6, 3.8), dpi=120, squeeze=False)
     ax = axes[0][0]
     grid = _grid(results, args)
-    means = [[r["mean"] for r in row] for row in grid]
-    image = ax.imshow(means, cmap="viridis", vmin=0, vmax=max(100.0, max(map(max, means))), aspect="auto")
+    means = [[r["mean"] if r else float("nan") for r in row] for row in grid]
+    image = ax.imshow(means, cmap="viridis", vmin=0, vmax=max(100.0, max(r["mean"] for r in results)), aspect="auto")
     for i, row in enumerate(grid):
         for j, r in enumerate(row):
-            ax.text(j, i, f"{r['mean']:.0f}\n±{r['std']:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if r["mean"] < 60 else "black")
+            ax.text(j, i, f"{r['mean']:.0f}\n±{r['std']:.0f}" if r else "not run", ha="center", va="center", fontsize=8,
+                    color="gray" if r is None else "white" if r["mean"] < 60 else "black")
     ax.set_xticks(range(len(args.temperatures)), [f"β = {t:g}" for t in args.temperatures])
     ax.set_yticks(range(len(args.expectiles)), [f"τ = {e:g}" for e in args.expectiles])
-    ax.set_title(f"normalized score, {args.datasets[0]}\n({args.steps} updates, {args.seeds} seeds, mean ± std)", fontsize=9)
+    ax.set_title(f"normalized score, {args.datasets[0]}\n({args.steps} updates, {args.seeds} seeds, mean ± std; "
+                 f"{sweep_setting(results, args)})", fontsize=8)
     fig.colorbar(image, ax=ax)
     if curves:
         ax_s, ax_v = axes[0][1], axes[0][2]
@@ -395,11 +453,19 @@ def plot_sweep(results, path, args):
                 ax_v.plot([step / 1000 for step, _ in r["value_curve"]], [v for _, v in r["value_curve"]],
                           label=f"τ {expectile:g} (every β)")
         bound = next((r["value_bound"] for r in results if r.get("value_bound") is not None), None)
-        if bound is not None:
-            ax_v.axhline(bound, color="gray", ls="--", lw=1, label=f"max |r| / (1 − γ) = {bound:g}")
-        ax_s.set(xlabel="updates (thousands)", ylabel=f"normalized score (mean of {args.seeds} seeds)", title="evaluations")
-        ax_v.set(xlabel="updates (thousands)", ylabel="mean V(s), logged batches",
-                 title="value estimates", yscale="symlog", ylim=(0, None))
+        values = [v for r in results for _, v in r.get("value_curve") or []]
+        negative = any(v < 0 for v in values)
+        if bound is not None:  # on the side the values lie
+            ax_v.axhline(-bound if negative else bound, color="gray", ls="--", lw=1,
+                         label=f"{'−' if negative else ''}max |r| / (1 − γ) = {-bound if negative else bound:.4g}")
+        if getattr(args, "success_terminal", False) and all(PRESETS[r["preset"]].reward_transform == "antmaze"
+                                                            for r in results if r.get("preset") in PRESETS):
+            ax_v.axhline(0, color="black", ls=":", lw=1, label="goal terminal, r − 1: V ≤ 0")
+        ax_s.set(xlabel="updates (thousands)", ylabel=f"normalized score (mean of {args.seeds} seeds)",
+                 title=f"evaluations ({sweep_setting(results, args)})")
+        ax_v.set(xlabel="updates (thousands)", ylabel="mean V(s), logged batches", title="value estimates", yscale="symlog")
+        if not negative:
+            ax_v.set_ylim(bottom=0)
         for a in (ax_s, ax_v):
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
