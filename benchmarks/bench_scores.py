@@ -137,7 +137,7 @@ def main(argv=None):
     args.expectiles = args.expectiles or list(grid["expectiles"])
     args.temperatures = args.temperatures or list(grid["temperatures"])
     if args.suite == "maze" and args.sweep:  # the maze sweep alone, or its parts joined
-        args.datasets = [MAZE_SWEEP["dataset"]]
+        args.datasets = args.datasets or [MAZE_SWEEP["dataset"]]  # --datasets picks the maze
         args.eval_episodes = args.eval_episodes or 100
         return merge_sweeps(args) if args.merge else sweep(args)
     if args.suite == "maze":
