@@ -6,7 +6,7 @@ and returns the summary it writes to ``output_dir/summary.json``. Two phases, on
 (the same :class:`~iql_torchrl.IQLUpdate` object throughout):
 
 1. offline -- ``offline_steps`` updates on the dataset with the offline job's own loop
-   (:func:`~iql_torchrl.runs.run.offline_loop`), or, with ``checkpoint=DIR``, the offline run
+   (:meth:`~iql_torchrl.runs.run.Run.updates`), or, with ``checkpoint=DIR``, the offline run
    saved in DIR: its networks, optimizer moments and step count;
 2. online -- TorchRL's ``Collector`` (0.14's name for ``SyncDataCollector``) steps ``num_envs``
    copies of the dataset's environment with the stochastic policy, ``frames_per_batch`` env steps
@@ -17,7 +17,7 @@ and returns the summary it writes to ``output_dir/summary.json``. Two phases, on
 Learning rates stay constant in both phases, as in the official fine-tuning configuration
 (``antmaze_finetune_config.py``: ``opt_decay_schedule = None``): a fine-tuned actor must keep
 learning. A run started from an offline checkpoint therefore sets the actor's learning rate back
-(the offline trainer's cosine has decayed it to ~0) and keeps the optimizers' moments.
+(the offline job's cosine has decayed it to ~0) and keeps the optimizers' moments.
 
 A resumed run continues exactly -- including the collector's counters, the online buffer, every
 random state and the episodes that were running (rebuilt by replaying their reset and actions:

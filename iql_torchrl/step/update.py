@@ -172,7 +172,7 @@ class IQLUpdate:
     State kept on the device: ``step`` (int64), ``actor_lr`` (the current actor learning rate),
     and the first non-finite loss: ``first_nonfinite_step`` (−1 while all losses are finite) and
     ``nonfinite_losses`` (which of ``loss_value``, ``loss_actor``, ``loss_qvalue`` it was). The
-    trainer reads them when it logs, so the step itself never syncs with the host.
+    run reads them when it logs, so the step itself never syncs with the host.
     """
 
     def __init__(
