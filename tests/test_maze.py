@@ -361,6 +361,34 @@ def test_an_unknown_dataset_gets_mujoco_with_a_reason_saying_so():
     assert preset == "mujoco" and "no preset is known for someone/sparse-task/v0-v1" in reason
 
 
+def test_goal_data_with_one_fixed_goal_gets_the_maze_preset_whatever_its_id(minari_root, write_minari_dataset):
+    rng = np.random.default_rng(0)
+    observation_space, action_space = maze_spaces(4, 2)
+    write_minari_dataset("someone/maze2d-like/medium-v0", maze_data(rng, 2, 5, 4, 2), observation_space, action_space,
+                         env=collection_env_spec("medium"), eval_env=eval_env_spec("medium"))
+    preset, reason = auto_preset("someone/maze2d-like/medium-v0")
+    assert preset == "maze" and "goal data" in reason and "one fixed evaluation goal" in reason
+    assert RunConfig(dataset="someone/maze2d-like/medium-v0").resolved().temperature == PRESETS["maze"].temperature
+    # the same observations whose evaluation maze holds two goal cells: no fixed goal, no goal preset
+    two_goals = eval_env_spec("medium")
+    two_goals.kwargs["maze_map"][1][1] = "g"
+    write_minari_dataset("someone/maze2d-like/two-goals-v0", maze_data(rng, 2, 5, 4, 2), observation_space, action_space,
+                         env=collection_env_spec("medium"), eval_env=two_goals)
+    assert auto_preset("someone/maze2d-like/two-goals-v0")[0] == "mujoco"
+    # a fixed goal but no achieved_goal to relabel from: not goal data
+    episodes = [dict(episode, observations={key: value for key, value in episode["observations"].items()
+                                            if key != "achieved_goal"}) for episode in maze_data(rng, 2, 5, 4, 2)]
+    no_achieved = gym.spaces.Dict({key: space for key, space in observation_space.spaces.items() if key != "achieved_goal"})
+    write_minari_dataset("someone/maze2d-like/no-achieved-v0", episodes, no_achieved, action_space,
+                         env=collection_env_spec("medium"), eval_env=eval_env_spec("medium"))
+    assert auto_preset("someone/maze2d-like/no-achieved-v0")[0] == "mujoco"
+
+
+def test_an_unknown_dataset_not_on_disk_says_its_data_was_not_inspected(minari_root):
+    preset, reason = auto_preset("someone/maze2d-like/large-v0")
+    assert preset == "mujoco" and "not on disk yet" in reason
+
+
 def test_an_explicit_preset_wins_over_the_dataset_id():
     resolved = RunConfig(dataset="D4RL/antmaze/umaze-v1", preset="mujoco").resolved()
     assert (resolved.preset, resolved.expectile, resolved.temperature, resolved.eval_episodes) == ("mujoco", 0.7, 3.0, 10)

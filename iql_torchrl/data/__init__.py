@@ -71,7 +71,7 @@ dict and :meth:`OfflineDataMetadata.from_state_dict` restores it.
 from iql_torchrl.data.buffer import REWARD_TRANSFORMS, BufferOptions
 from iql_torchrl.data.checks import ACTION_BOUND_TOLERANCE, DatasetError
 from iql_torchrl.data.metadata import ACTION_CLIP_EPS, OBSERVATION_STD_EPS, OfflineDataMetadata, flatten_observation
-from iql_torchrl.data.minari import load_minari_dataset, read_minari_transitions
+from iql_torchrl.data.minari import is_fixed_goal_data, load_minari_dataset, read_minari_transitions
 from iql_torchrl.data.sampling import buffer_transitions, sample_indices
 from iql_torchrl.data.transitions import TRANSITION_KEYS, make_offline_buffer
 
@@ -86,6 +86,7 @@ __all__ = [
     "TRANSITION_KEYS",
     "buffer_transitions",
     "flatten_observation",
+    "is_fixed_goal_data",
     "load_minari_dataset",
     "make_offline_buffer",
     "read_minari_transitions",

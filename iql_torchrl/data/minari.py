@@ -24,7 +24,7 @@ from iql_torchrl.data.checks import DatasetError, check_finite
 from iql_torchrl.data.goals import ACHIEVED_KEY, GOAL_KEY, check_same_maze, fixed_goal, relabelled_rewards
 from iql_torchrl.data.metadata import flatten_observation
 
-__all__ = ["load_minari_dataset", "read_minari_transitions"]
+__all__ = ["load_minari_dataset", "read_minari_transitions", "is_fixed_goal_data"]
 
 
 # --------------------------------------------------------------------------------------
@@ -246,6 +246,23 @@ def read_minari_transitions(dataset_id: str, *, download: bool = True) -> Tensor
 def _env_spec_of(dataset):
     """The evaluation env spec recorded with the dataset, else the collection env spec."""
     return getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+
+
+def is_fixed_goal_data(dataset_id: str) -> bool | None:
+    """Whether a dataset on disk is goal-reaching data with one fixed evaluation goal: Dict observations
+    with ``achieved_goal`` and ``desired_goal``, and an evaluation env whose maze has a single goal cell
+    (the shape of D4RL's maze2d and AntMaze). Reads the dataset's spaces and specs only, never downloads:
+    ``None`` when the dataset is not on disk, ``False`` when it cannot be read."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    try:
+        if not (get_dataset_path(dataset_id) / "data").exists():
+            return None
+        dataset = _open_minari_dataset(dataset_id, download=False)
+    except (OSError, ValueError):  # a malformed id, an unreadable dataset (DatasetError is a ValueError)
+        return False
+    keys = _observation_layout(dataset.observation_space)[0] or []
+    return GOAL_KEY in keys and ACHIEVED_KEY in keys and fixed_goal(_env_spec_of(dataset)) is not None
 
 
 def _env_action_space(env_spec) -> gym.spaces.Space | None:

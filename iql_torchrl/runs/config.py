@@ -66,7 +66,9 @@ AUTO_PRESETS = (
 
 def auto_preset(dataset_id: str) -> tuple[str, str]:
     """``(preset, reason)`` for ``--preset auto``: a builder dataset's declared preset, else the id's prefix
-    (:data:`AUTO_PRESETS`), else ``mujoco`` with a reason saying so."""
+    (:data:`AUTO_PRESETS`), else ``maze`` for goal data on disk with one fixed evaluation goal
+    (:func:`~iql_torchrl.data.is_fixed_goal_data`), else ``mujoco``; the reason says which rule chose."""
+    from iql_torchrl.data import is_fixed_goal_data
     from iql_torchrl.datasets import BUILDERS
 
     if dataset_id in BUILDERS:
@@ -75,7 +77,12 @@ def auto_preset(dataset_id: str) -> tuple[str, str]:
     for prefix, preset in AUTO_PRESETS:
         if dataset_id.startswith(prefix):
             return preset, f"auto: {prefix}* datasets use the {preset} preset"
-    return "mujoco", (f"auto: no preset is known for {dataset_id}, so the mujoco preset is used "
+    goal_data = is_fixed_goal_data(dataset_id)
+    if goal_data:
+        return "maze", (f"auto: {dataset_id} is goal data (achieved_goal, desired_goal) with one fixed evaluation "
+                        "goal, so the maze preset is used (pass --preset to choose another)")
+    unread = " (not on disk yet, so its data was not inspected)" if goal_data is None else ""
+    return "mujoco", (f"auto: no preset is known for {dataset_id}{unread}, so the mujoco preset is used "
                       "(pass --preset to choose another)")
 
 
@@ -136,7 +143,8 @@ class RunConfig:
     """τ, the value expectile, in (0, 1). Default: the preset's."""
     preset: Literal["auto", "mujoco", "antmaze", "maze", "kitchen", "adroit"] = "auto"
     """The paper's per-domain τ, β, actor dropout and reward transform; auto follows the dataset id (D4RL/antmaze → antmaze,
-    D4RL/pointmaze and the local mazes → maze, mujoco and D4RL locomotion → mujoco, D4RL/kitchen → kitchen, Adroit → adroit)."""
+    D4RL/pointmaze and the local mazes → maze, mujoco and D4RL locomotion → mujoco, D4RL/kitchen → kitchen, Adroit → adroit;
+    other goal data with one fixed evaluation goal → maze, anything else → mujoco)."""
     goal_input: Literal["auto", "yes", "no"] = "auto"
     """Goal-reaching data: desired_goal in the policy's input (yes), or out with rewards relabelled to the
     evaluation's fixed goal (no); auto is the dataset's choice (out for the mazes)."""
