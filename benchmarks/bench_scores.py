@@ -454,7 +454,7 @@ def plot_sweep(results, path, args):
                           label=f"τ {expectile:g} (every β)")
         bound = next((r["value_bound"] for r in results if r.get("value_bound") is not None), None)
         values = [v for r in results for _, v in r.get("value_curve") or []]
-        negative = any(v < 0 for v in values)
+        negative = bool(values) and statistics.median(values) < 0  # a continuing run's first values can dip below 0
         if bound is not None:  # on the side the values lie
             ax_v.axhline(-bound if negative else bound, color="gray", ls="--", lw=1,
                          label=f"{'−' if negative else ''}max |r| / (1 − γ) = {-bound if negative else bound:.4g}")
