@@ -130,7 +130,12 @@ def main(argv=None):
                              "or their --out folders for parts stopped early) into one table; with --suite maze alone, "
                              "join maze suite runs made in parts (their JSON; the maze sweep's JSON gives its goal-out "
                              "medium-stitch cells) into one table and one figure")
+    parser.add_argument("--cells", nargs="+", default=None, metavar="JSON",
+                        help="train nothing: --suite maze, one table and one figure of maze sweep cells of any dataset, "
+                             "preset, goal rule and seed count (the goal preset's pass), each cell named by all four")
     args = parser.parse_args(argv)
+    if args.cells:
+        return table_of_cells(args)
     args.steps = args.steps or (50_000 if args.suite == "maze" else 5000)
     args.eval_every = args.eval_every or 5000
     grid = MAZE_SWEEP if args.suite == "maze" else dict(expectiles=SWEEP_EXPECTILES, temperatures=SWEEP_TEMPERATURES)
@@ -553,6 +558,74 @@ def maze_method(expectile: float, temperature: float) -> str | None:
         if (overrides.get("expectile", preset.expectile), overrides.get("temperature", preset.temperature)) == (expectile, temperature):
             return method
     return None
+
+
+def table_of_cells(args):
+    """Sweep cells of any maze, preset, goal rule and seed count in one table (rows sorted by dataset, then
+    setting), with each run's mean V at its end against the bound; a figure of the final scores per dataset."""
+    rows = []
+    for path in args.cells:  # a sweep's JSON (its dataset and steps for every cell) or a suite's (each run its own)
+        part = json.loads(Path(path).read_text())
+        for r in part["results"]:
+            if r.get("goal_input", "no") != "no":
+                continue
+            preset = r.get("preset", part.get("preset"))
+            terminal = bool(r.get("success_terminal", part.get("success_terminal")))
+            setting = "cloning" if r["temperature"] == 0 else f"{preset}, {'goal terminal' if terminal else 'continuing'}"
+            row = {**r, "dataset": r.get("dataset", part.get("dataset")), "steps": r.get("steps", part.get("steps")),
+                   "seeds": len(r["scores"]), "part": str(path), "setting": setting}
+            if not any((o["dataset"], o["setting"], o["steps"], o["scores"]) == (row["dataset"], setting, row["steps"], r["scores"])
+                       for o in rows):  # a cell two parts hold (the suite's JSON repeats the sweep's)
+                rows.append(row)
+    order = {d: i for i, d in enumerate(MAZE_DATASETS)}
+    rows.sort(key=lambda r: (order.get(r["dataset"], len(order)), r["setting"], r["expectile"], r["temperature"], r["seeds"]))
+    lines = ["| dataset | setting | τ | β | updates | seeds | final score ± std / success | peak (mean over seeds) | "
+             "mean V at the end (bound) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = max((p["normalized_score"] for p in r["curve"]), default=float("nan"))
+        value = "–" if r.get("value_mean") is None else f"{r['value_mean']:.1f} ({r['value_bound']:.0f})"
+        expectile = "–" if r["setting"] == "cloning" else f"{r['expectile']:g}"
+        lines.append(f"| `{r['dataset'].split('/')[-1]}` | {r['setting']} | {expectile} | {r['temperature']:g} | "
+                     f"{r['steps'] // 1000}k | {r['seeds']} | {r['mean']:.1f} ± {r['std']:.1f} / {100 * r['success_rate']:.0f}% | "
+                     f"{peak:.1f} | {value} |")
+    print("\n".join(lines))
+    with open(args.json, "w") as f:
+        json.dump({"suite": "maze", "cells": args.cells, "results": rows}, f, indent=2)
+    plot_cells(rows, args.png)
+    return rows
+
+
+def plot_cells(rows, path):
+    """One panel a dataset: a bar a cell (final score, mean ± std over seeds), its success rate written beside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    counts = [sum(r["dataset"] == d for r in rows) for d in datasets]
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 0.28 * sum(counts) + 1.0 * len(datasets)), dpi=120,
+                             squeeze=False, sharex=True, gridspec_kw=dict(height_ratios=counts))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    for ax, dataset in zip(axes[:, 0], datasets):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        for i, r in enumerate(mine):
+            ax.barh(i, r["mean"], xerr=r["std"], color=f"C{settings.index(r['setting'])}", alpha=0.8)
+            ax.text(r["mean"] + r["std"] + 0.5, i, f"{100 * r['success_rate']:.0f}%", va="center", fontsize=7)
+        ax.set_yticks(range(len(mine)), [cell_label(r) for r in mine], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{dataset.split('/')[-1]}, goal out", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    axes[-1, 0].set_xlabel("final normalized score, mean ± std over seeds (success rate beside)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cell_label(r) -> str:
+    """E.g. "antmaze, goal terminal, τ 0.9 β 10 (3 seeds, 50k)"."""
+    what = "cloning" if r["setting"] == "cloning" else f"{r['setting']}, τ {r['expectile']:g} β {r['temperature']:g}"
+    return f"{what} ({r['seeds']} seed{'s' * (r['seeds'] > 1)}, {r['steps'] // 1000}k)"
 
 
 def merge_maze(args):
