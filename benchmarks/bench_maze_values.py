@@ -60,7 +60,8 @@ def read_run(run_dir: Path) -> dict:
         raise SystemExit(f"{run_dir}: no logs/*/scalars/value_mean.csv (the run needs --logger csv)")
     return {"run_dir": str(run_dir), "dataset": summary["dataset"], "expectile": summary["expectile"],
             "temperature": summary["temperature"], "value_bound": summary.get("value_bound"),
-            "preset": summary.get("preset"), "success_terminal": _config(run_dir).get("success_terminal", False),
+            "preset": summary.get("preset"),
+            "success_terminal": summary.get("success_terminal", _config(run_dir).get("success_terminal") is True),
             "values_beyond_bound_at": summary.get("values_beyond_bound_at"), "value_mean": values,
             "curve": [{"step": p["step"], "normalized_score": p["normalized_score"], "success_rate": p.get("success_rate")}
                       for p in summary["curve"]]}
@@ -118,7 +119,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default=None, help="the runs' preset (default: the dataset's)")
-    parser.add_argument("--success-terminal", action="store_true", help="the relabelled successes are terminal")
+    parser.add_argument("--success-terminal", action=argparse.BooleanOptionalAction, default="auto",
+                        help="the relabelled successes are terminal (default: the preset's choice)")
     parser.add_argument("--eval-episodes", type=int, default=None)
     parser.add_argument("--runs", nargs="+", default=None, help="plot these finished run folders instead of training")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")

@@ -22,7 +22,8 @@ with a heat map.
 
 ``--suite maze``: sparse-reward navigation (the local PointMaze sets). On umaze, medium and
 medium-stitch, with the goal out of and in the policy's input (``--goal-input no / yes``), 3 seeds
-vmapped of IQL with the auto preset (τ 0.5, β 3), IQL with AntMaze's τ 0.9, β 10 and behaviour cloning (β = 0); every final score,
+vmapped of IQL with the auto preset (``maze``: τ 0.9, β 10, r − 1, the goal terminal where it is out of the input),
+the same at τ 0.5 (the data's own values: what the upper expectile adds) and behaviour cloning (β = 0); every final score,
 success rate and the share of AWR weights at the clamp; a PNG of the learning curves; then the
 τ ∈ {0.5, 0.7, 0.9} × β ∈ {3, 10} sweep on medium-stitch (``--no-maze-sweep`` leaves it out)::
 
@@ -79,9 +80,8 @@ COMPILE_METHODS = {
 }
 MAZE_DATASETS = ("iql_torchrl/pointmaze/umaze-v0", "iql_torchrl/pointmaze/medium-v0", "iql_torchrl/pointmaze/medium-stitch-v0")
 MAZE_METHODS = {
-    "IQL (auto preset)": dict(),
-    # the maze preset is τ 0.5, β 3 (chosen by the sweep below): the contrast is AntMaze's upper expectile
-    "IQL τ 0.9 β 10": dict(expectile=0.9, temperature=10.0),
+    "IQL (auto preset)": dict(),  # maze: τ 0.9, β 10, r − 1, the goal terminal where it is out of the input
+    "IQL τ 0.5": dict(expectile=0.5),  # the same with the data's own values: what the upper expectile adds
     "BC (β = 0)": dict(temperature=0.0),
 }
 MAZE_SWEEP = dict(dataset="iql_torchrl/pointmaze/medium-stitch-v0", expectiles=(0.5, 0.7, 0.9), temperatures=(3.0, 10.0))
@@ -122,9 +122,9 @@ def main(argv=None):
     parser.add_argument("--preset", choices=[*PRESETS, "auto"], default="auto",
                         help="--sweep: the preset of every cell (its reward transform; τ and β are the sweep's); "
                              "default auto, the dataset's")
-    parser.add_argument("--success-terminal", action="store_true",
+    parser.add_argument("--success-terminal", action=argparse.BooleanOptionalAction, default="auto",
                         help="--sweep on goal data with the goal out of the input: the relabelled successes are "
-                             "terminal (D4RL AntMaze's convention)")
+                             "terminal (D4RL AntMaze's convention); default: the preset's choice")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="train nothing: with --sweep, join the cells of sweeps run in parts (their JSON, "
                              "or their --out folders for parts stopped early) into one table; with --suite maze alone, "
@@ -253,8 +253,7 @@ def sweep(args):
                             expectile=expectile, temperature=temperature, preset=args.preset,
                             success_terminal=args.success_terminal)
             cell = maze_run(config, run_dir) if maze else seed_scores(config)
-            results.append({"expectile": expectile, "temperature": temperature,
-                            "success_terminal": args.success_terminal, **cell})
+            results.append({"expectile": expectile, "temperature": temperature, **cell})
             r = results[-1]
             success = f"  success {100 * r['success_rate']:5.1f}%" if r.get("success_rate") is not None else ""
             print(f"τ={expectile:<4} β={temperature:<5} {r['mean']:7.1f} ± {r['std']:5.1f}  "
@@ -274,9 +273,15 @@ def write_sweep_json(args, dataset: str, results: list[dict], seconds: float) ->
     with open(args.json, "w") as f:
         json.dump({"dataset": dataset, "steps": args.steps, "seeds": args.seeds, "device": args.device,
                    "preset": args.preset, "presets_run": sorted({r["preset"] for r in results if r.get("preset")}),
-                   "success_terminal": args.success_terminal, "eval_episodes": args.eval_episodes,
+                   "success_terminal": goal_terminal(results, args), "eval_episodes": args.eval_episodes,
                    "cells": len(results), "cells_planned": len(args.expectiles) * len(args.temperatures),
                    "total_seconds": seconds, "results": results}, f, indent=2)
+
+
+def goal_terminal(results, args) -> bool:
+    """Whether the cells' goal was terminal: as their runs recorded it, else as the command forced it."""
+    recorded = [r["success_terminal"] for r in results if "success_terminal" in r]
+    return all(recorded) if recorded else getattr(args, "success_terminal", False) is True
 
 
 def seed_scores(config: OfflineConfig) -> dict:
@@ -377,7 +382,7 @@ def awr_diagnostics(run_dir: Path) -> dict:
     data = buffer_transitions(load_minari_dataset(config.dataset, reward_transform=PRESETS[config.preset].reward_transform,
                                                   normalize_observations=config.normalize_observations,
                                                   goal_in_observation=config.goal_in_observation(),
-                                                  success_terminal=config.success_terminal))
+                                                  success_terminal=config.success_terminal_option()))
     clamped, advantage, value = [], [], []
     warnings.filterwarnings("ignore", message="No target network updater")  # nothing is updated here
     with torch.no_grad():
@@ -387,7 +392,7 @@ def awr_diagnostics(run_dir: Path) -> dict:
             advantage.append(float(out["advantage_mean"]))
             value.append(float(out["value_mean"]))
     return {"awr_clamped_frac": statistics.fmean(clamped), "advantage_mean": statistics.fmean(advantage),
-            "value_mean": statistics.fmean(value), "success_terminal": config.success_terminal}
+            "value_mean": statistics.fmean(value)}
 
 
 def diagnostic_table(results, args, key: str, title: str, fmt) -> str:
@@ -411,7 +416,7 @@ def sweep_setting(results, args) -> str:
     transforms = {"antmaze": "r − 1", "none": "r", "locomotion": "locomotion scaling"}
     named = [f"{p} ({transforms.get(PRESETS[p].reward_transform, PRESETS[p].reward_transform)})" if p in PRESETS else p
              for p in presets]
-    goal = "goal terminal" if getattr(args, "success_terminal", False) else "continuing"
+    goal = "goal terminal" if goal_terminal(results, args) else "continuing"
     return f"preset {' / '.join(named)}, {goal}"
 
 
@@ -463,7 +468,7 @@ def plot_sweep(results, path, args):
         if bound is not None:  # on the side the values lie
             ax_v.axhline(-bound if negative else bound, color="gray", ls="--", lw=1,
                          label=f"{'−' if negative else ''}max |r| / (1 − γ) = {-bound if negative else bound:.4g}")
-        if getattr(args, "success_terminal", False) and all(PRESETS[r["preset"]].reward_transform == "antmaze"
+        if goal_terminal(results, args) and all(PRESETS[r["preset"]].reward_transform == "antmaze"
                                                             for r in results if r.get("preset") in PRESETS):
             ax_v.axhline(0, color="black", ls=":", lw=1, label="goal terminal, r − 1: V ≤ 0")
         ax_s.set(xlabel="updates (thousands)", ylabel=f"normalized score (mean of {args.seeds} seeds)",
@@ -481,7 +486,7 @@ def plot_sweep(results, path, args):
 
 # --------------------------------------------------------------------------- sparse-reward navigation
 def maze_suite(args):
-    """IQL (auto preset), IQL τ 0.9 β 10 and BC on the maze sets, goal out of and in the input; then the sweep."""
+    """IQL (auto preset), IQL τ 0.5 and BC on the maze sets, goal out of and in the input; then the sweep."""
     datasets = args.datasets or list(MAZE_DATASETS)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_maze_"))
     json_path = args.json if args.json != "bench_scores.json" else "results_maze.json"
@@ -543,17 +548,21 @@ def maze_result(summary: dict, run_dir: Path, seconds: float) -> dict:
             "eval_episodes": summary["eval_episodes"], "updates_per_second": summary["updates_per_second"],
             "value_bound": summary["value_bound"],  # max |r| / (1 - γ) of the run's data: no return exceeds it
             "values_beyond_bound_at": summary.get("values_beyond_bound_at"),
+            "success_terminal": summary.get("success_terminal", False),  # the data's successes were terminal
             "curve": [{"step": p["step"], "normalized_score": p["normalized_score"], "success_rate": p.get("success_rate")}
                       for p in summary["curve"]],
             "value_curve": value_curve,  # [update, mean V(s) of the logged batch, over seeds]
             "seconds": seconds, **awr_diagnostics(run_dir)}
 
 
-def maze_method(expectile: float, temperature: float) -> str | None:
-    """The suite's name for a run with these τ and β (cloning whatever τ: β = 0 never reads V), or None."""
+def maze_method(expectile: float, temperature: float, goal_terminal: bool, goal_input: str) -> str | None:
+    """The suite's name for a run with these τ and β under the maze preset's goal rule (cloning whatever τ and
+    goal rule: β = 0 never reads V or Q), or None."""
     if temperature == 0.0:
         return "BC (β = 0)"
     preset = PRESETS["maze"]
+    if goal_terminal != (preset.success_terminal and goal_input == "no"):
+        return None
     for method, overrides in MAZE_METHODS.items():
         if (overrides.get("expectile", preset.expectile), overrides.get("temperature", preset.temperature)) == (expectile, temperature):
             return method
@@ -631,14 +640,15 @@ def cell_label(r) -> str:
 def merge_maze(args):
     """One table, JSON and figure from maze suite runs made in parts: each part's JSON (a suite's, or the
     maze sweep's, whose cells are medium-stitch with the goal out). A run is named by its τ and β, not
-    by the label it was saved with (the preset has changed since some runs); runs of no suite method
+    by the label it was saved with, and must follow the maze preset's goal rule; runs of no suite method
     are left out, and where two parts hold the same cell the first given wins."""
     cells, seeds = {}, set()
     for path in args.merge:
         part = json.loads(Path(path).read_text())
         for r in part["results"]:
             r = {"dataset": part.get("dataset"), "goal_input": "no", "steps": part["steps"], **r}  # a sweep's cell
-            method = maze_method(r["expectile"], r["temperature"])
+            terminal = bool(r.get("success_terminal", part.get("success_terminal")))
+            method = maze_method(r["expectile"], r["temperature"], terminal, r["goal_input"])
             key = (r["dataset"], r["goal_input"], method)
             if method is None or key in cells:
                 why = "no suite method" if method is None else f"{cells[key]['part']} gave it first"

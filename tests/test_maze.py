@@ -176,6 +176,45 @@ def test_success_terminal_is_refused_on_data_without_goals(tiny_datasets):
         load_minari_dataset("iql_torchrl/pendulum/mixed-v0", success_terminal=True)
 
 
+def test_the_maze_preset_makes_the_goal_terminal_where_the_goal_is_out_of_the_input(mazes):
+    # the loader's None (the maze preset's rule): terminal at the relabelled successes, goal-in data left as stored
+    out = load_minari_dataset(MEDIUM, success_terminal=None)[:]
+    assert torch.equal(out["next", "terminated"].squeeze(-1), out["next", "reward"].squeeze(-1) == 1)
+    kept = load_minari_dataset(MEDIUM, goal_in_observation=True, success_terminal=None)[:]
+    assert not kept["next", "terminated"].any()  # no fixed goal relabelled: nothing to make terminal, nothing refused
+    # the run's settings: the maze and antmaze presets ask for it, --success-terminal / --no-success-terminal decide
+    assert RunConfig(dataset=MEDIUM).success_terminal_option() is None
+    assert RunConfig(dataset="D4RL/antmaze/umaze-v1").success_terminal_option() is None
+    assert RunConfig(dataset=MEDIUM, success_terminal=False).success_terminal_option() is False
+    assert RunConfig(dataset=MEDIUM, preset="mujoco").success_terminal_option() is False
+    assert RunConfig(dataset="iql_torchrl/pendulum/mixed-v0").success_terminal_option() is False
+
+
+def test_the_preset_line_says_whether_the_goal_is_terminal():
+    from iql_torchrl.runs.config import describe_preset
+
+    assert "goal terminal where the goal is out of the input" in describe_preset("maze", "r", RunConfig(dataset=MEDIUM))
+    assert ", goal continuing" in describe_preset("maze", "r", RunConfig(dataset=MEDIUM, success_terminal=False))
+    assert "goal" not in describe_preset("mujoco", "r", RunConfig(dataset="iql_torchrl/pendulum/mixed-v0"))
+
+
+def test_the_goal_rule_is_auto_unless_a_flag_forces_it():
+    from iql_torchrl.runs.config import ConfigError, OfflineConfig, parse_cli
+
+    assert parse_cli(OfflineConfig, [])[0].success_terminal == "auto"
+    assert parse_cli(OfflineConfig, ["--success-terminal"])[0].success_terminal is True
+    config, given = parse_cli(OfflineConfig, ["--no-success-terminal"])
+    assert config.success_terminal is False and "success_terminal" in given
+    with pytest.raises(ConfigError, match="--success-terminal 1: must be True, False or auto"):
+        RunConfig(success_terminal=1).check()
+
+
+def test_fine_tuning_keeps_the_data_continuing_whatever_the_preset():
+    from iql_torchrl.jobs.finetune import FinetuneConfig
+
+    assert FinetuneConfig(dataset=MEDIUM).success_terminal_option() is False
+
+
 def test_fine_tuning_refuses_success_terminal():
     from iql_torchrl.runs.config import ConfigError
     from iql_torchrl.jobs.finetune import FinetuneConfig
@@ -398,7 +437,7 @@ def test_an_explicit_preset_wins_over_the_dataset_id():
 def test_maze_presets_evaluate_100_episodes_unless_told_otherwise():
     assert RunConfig(dataset=STITCH).resolved().eval_episodes == 100
     assert RunConfig(dataset=STITCH, eval_episodes=20).resolved().eval_episodes == 20
-    assert PRESETS["maze"].reward_transform == "none"  # never the locomotion scaling on goal-reaching data
+    assert PRESETS["maze"].reward_transform == "antmaze"  # r − 1, never the locomotion scaling on goal-reaching data
 
 
 def test_resume_keeps_the_preset_the_run_started_with():

@@ -75,11 +75,12 @@ class BufferOptions:
     """Dict observations with ``desired_goal``: keep it in the policy's input (True), or drop it and relabel
     the rewards to the evaluation env's fixed goal (False; see :mod:`iql_torchrl.data.goals`). ``None``: the
     dataset's choice (a builder's recipe; else dropped when the evaluation env has a fixed goal)."""
-    success_terminal: bool = False
+    success_terminal: bool | None = False
     """Goal data with the goal out of the input: mark the transitions whose relabelled reward is a success
     (the next ``achieved_goal`` within reach of the fixed goal) terminated, D4RL AntMaze's convention: the
     goal is absorbing and no value bootstraps past it (with the ``antmaze`` transform r − 1 every value lies in
-    [−1/(1−γ), 0]). Refused where no reward was relabelled (goal in the input, or no fixed goal)."""
+    [−1/(1−γ), 0]). ``True`` is refused where no reward was relabelled (goal in the input, or no fixed goal);
+    ``None`` marks them wherever the rewards were relabelled and leaves other data as it is."""
 
     def __post_init__(self):
         if self.reward_transform not in REWARD_TRANSFORMS:

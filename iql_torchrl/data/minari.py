@@ -372,7 +372,8 @@ def load_minari_dataset(
     check_same_maze(dataset_id, dataset.env_spec, env_spec)
     layout, reward_goal = _goal_input(
         dataset_id, _observation_layout(dataset.observation_space), env_spec, options.goal_in_observation)
-    if options.success_terminal and reward_goal is None:
+    success_terminal = reward_goal is not None if options.success_terminal is None else options.success_terminal
+    if success_terminal and reward_goal is None:
         raise DatasetError(
             f"Dataset {dataset_id!r}: success_terminal (--success-terminal) marks the transitions that reach the "
             "evaluation env's fixed goal terminated, which needs goal data with the goal out of the input and "
@@ -392,7 +393,7 @@ def load_minari_dataset(
         **action_fields,
     )
     episodes = _iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space), reward_goal,
-                                           options.success_terminal)
+                                           success_terminal)
     return build_buffer(
         _concatenate_in_chunks(episodes), num_transitions=dataset.total_steps, source=source, options=options
     )

@@ -97,9 +97,13 @@ class FinetuneConfig(RunConfig):
             raise ConfigError(f"--online-fraction {self.online_fraction}: must be in (0, 1).")
         if self.online_buffer_size is not None and self.online_buffer_size < 1:
             raise ConfigError(f"--online-buffer-size {self.online_buffer_size}: must be >= 1.")
-        if self.success_terminal:
+        if self.success_terminal is True:
             raise ConfigError("--success-terminal: fine-tuning mixes the offline data with the environment's own "
                               "transitions, whose goal is not terminal; fine-tune without it.")
+
+    def success_terminal_option(self) -> bool:
+        """The offline data stays continuing, as the environment's own transitions are (whatever the preset)."""
+        return False
 
 
 # ---------------------------------------------------------------------------------------- finetune

@@ -38,20 +38,25 @@ class Preset:
     reward_transform: str
     eval_episodes: int | None = None
     """Evaluation episodes when --eval-episodes keeps its default (the paper's 100 on the mazes)."""
+    success_terminal: bool = False
+    """Goal data with the goal out of the input: the relabelled successes are terminal when --success-terminal
+    is not given (D4RL AntMaze's convention: the goal absorbs, and with r − 1 every value lies in [−1/(1−γ), 0])."""
 
 
 PRESETS = {
     "mujoco": Preset(expectile=0.7, temperature=3.0, actor_dropout=0.0, reward_transform="locomotion"),
-    "antmaze": Preset(expectile=0.9, temperature=10.0, actor_dropout=0.0, reward_transform="antmaze"),
+    "antmaze": Preset(expectile=0.9, temperature=10.0, actor_dropout=0.0, reward_transform="antmaze",
+                      eval_episodes=100, success_terminal=True),
     "kitchen": Preset(expectile=0.7, temperature=0.5, actor_dropout=0.1, reward_transform="none"),
     "adroit": Preset(expectile=0.7, temperature=0.5, actor_dropout=0.1, reward_transform="none"),
-    # sparse goal-reaching rewards: no locomotion scaling (1000 / return range means nothing when every
-    # episode is cut at its success). τ and β from the sweep on the stitching maze (benchmarks/README.md):
-    # β 3 beats β 10 at every τ; an expectile above ½ lets V grow past max |r| / (1 − γ) on these
-    # continuing tasks (τ 0.9 by 42k updates, τ 0.7 by ~72k), and the policy degrades with it; τ 0.5 stays bounded
-    "maze": Preset(expectile=0.5, temperature=3.0, actor_dropout=0.0, reward_transform="none", eval_episodes=100),
+    # sparse goal-reaching rewards, AntMaze's regime: the goal absorbing (relabelled successes terminal) and
+    # r − 1, so no value can pass 0 and the upper expectile stitches without running away. Chosen by the
+    # sweep over umaze, medium and medium-stitch (benchmarks/README.md, "The goal preset"): on the sum of the
+    # three scores and on success against the continuing data's best (τ 0.5, β 3), whose values stay bounded
+    # only at τ 0.5 (an expectile above ½ drives V past max |r| / (1 − γ) on continuing data)
+    "maze": Preset(expectile=0.9, temperature=10.0, actor_dropout=0.0, reward_transform="antmaze",
+                   eval_episodes=100, success_terminal=True),
 }
-PRESETS["antmaze"] = replace(PRESETS["antmaze"], eval_episodes=100)
 
 # --preset auto: the dataset id's prefix decides (first match wins); builder datasets declare theirs.
 AUTO_PRESETS = (
@@ -104,8 +109,13 @@ def describe_preset(name: str, reason: str, config=None) -> str:
             return f"{field} {getattr(preset, field)}"
         return f"{field} {own} (--{field}; the preset's {getattr(preset, field)})"
 
+    given = getattr(config, "success_terminal", "auto")
+    goal = ""
+    if preset.success_terminal or given != "auto":
+        terminal = preset.success_terminal if given == "auto" else given
+        goal = ", goal terminal where the goal is out of the input" if terminal else ", goal continuing"
     return (f"preset {name} ({value('expectile')}, {value('temperature')}, reward transform "
-            f"{preset.reward_transform}): {reason}")
+            f"{preset.reward_transform}{goal}): {reason}")
 
 
 # Settings that do not shape what a run learns: a resumed run may change them.
@@ -148,9 +158,10 @@ class RunConfig:
     goal_input: Literal["auto", "yes", "no"] = "auto"
     """Goal-reaching data: desired_goal in the policy's input (yes), or out with rewards relabelled to the
     evaluation's fixed goal (no); auto is the dataset's choice (out for the mazes)."""
-    success_terminal: bool = False
+    success_terminal: bool | Literal["auto"] = "auto"
     """Goal out of the input: the transitions that reach the fixed goal are terminal (D4RL AntMaze's convention; no
-    value bootstraps past the goal). Evaluation keeps the environment's own rules."""
+    value bootstraps past the goal). auto is the preset's choice (maze and antmaze: on wherever the goal is out of
+    the input); --success-terminal / --no-success-terminal force it. Evaluation keeps the environment's own rules."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
     """Training device; auto picks cuda when available."""
     compile: bool | Literal["auto"] = "auto"
@@ -232,6 +243,13 @@ class RunConfig:
         """``--goal-input`` as the data loader's ``goal_in_observation`` (``None``: the dataset's choice)."""
         return {"auto": None, "yes": True, "no": False}[self.goal_input]
 
+    def success_terminal_option(self) -> bool | None:
+        """``--success-terminal`` as the data loader's ``success_terminal``: as given, else the preset's rule
+        (``None``: terminal wherever the rewards were relabelled to a fixed goal)."""
+        if self.success_terminal != "auto":
+            return self.success_terminal
+        return None if PRESETS[preset_choice(self)[0]].success_terminal else False
+
     def optimizer_settings(self) -> dict:
         """The keyword arguments of :class:`~iql_torchrl.IQLUpdate` for the optimisers, where they differ from its defaults."""
         settings = dict(actor_lr=self.actor_lr, qvalue_lr=self.qvalue_lr, value_lr=self.value_lr,
@@ -254,6 +272,8 @@ class RunConfig:
         if problem is not None:
             need(False, *problem)
         need(_finite(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")
+        need(self.success_terminal is True or self.success_terminal is False or self.success_terminal == "auto",
+             "success_terminal", "True, False or auto")
         need(self.threads == "auto" or (_is_int(self.threads) and self.threads >= 1), "threads", "auto or an integer >= 1")
         if self.resume and self.output_dir is None:
             raise ConfigError("--resume needs --output-dir: the run folder to continue.")
@@ -333,8 +353,8 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-# settings that are True, False or "auto", and whose bare flag forces them: --compile, --no-compile
-AUTO_FLAGS = ("compile",)
+# settings that are True, False or "auto", and whose bare flag forces them: --compile, --no-compile, --success-terminal …
+AUTO_FLAGS = ("compile", "success_terminal")
 
 
 def forced_flags(argv: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ def load_run_data(config, ctx, device, dataset: str, fingerprint: dict | None = 
         dataset, batch_size=config.batch_size, device=device,
         reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
         clip_actions=config.clip_actions, goal_in_observation=config.goal_in_observation(),
-        success_terminal=config.success_terminal,
+        success_terminal=config.success_terminal_option(),
     )
     own = data_fingerprint(dataset, buffer.metadata)
     if fingerprint is not None:
