@@ -187,6 +187,8 @@ def test_the_maze_preset_makes_the_goal_terminal_where_the_goal_is_out_of_the_in
     assert RunConfig(dataset="D4RL/antmaze/umaze-v1").success_terminal_option() is None
     assert RunConfig(dataset=MEDIUM, success_terminal=False).success_terminal_option() is False
     assert RunConfig(dataset=MEDIUM, preset="mujoco").success_terminal_option() is False
+    assert RunConfig(dataset=MEDIUM, preset="maze-continuing").success_terminal_option() is False
+    assert PRESETS["maze-continuing"].reward_transform == "none"  # the goal data as stored
     assert RunConfig(dataset="iql_torchrl/pendulum/mixed-v0").success_terminal_option() is False
 
 

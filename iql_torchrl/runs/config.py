@@ -56,6 +56,9 @@ PRESETS = {
     # only at τ 0.5 (an expectile above ½ drives V past max |r| / (1 − γ) on continuing data)
     "maze": Preset(expectile=0.9, temperature=10.0, actor_dropout=0.0, reward_transform="antmaze",
                    eval_episodes=100, success_terminal=True),
+    # goal data kept continuing, rewards as stored: the best continuing cell of the same sweep, and the only
+    # expectile whose values stay bounded there
+    "maze-continuing": Preset(expectile=0.5, temperature=3.0, actor_dropout=0.0, reward_transform="none", eval_episodes=100),
 }
 
 # --preset auto: the dataset id's prefix decides (first match wins); builder datasets declare theirs.
@@ -151,7 +154,7 @@ class RunConfig:
     """β, the AWR inverse temperature (0 is behaviour cloning). Default: the preset's."""
     expectile: float | None = None
     """τ, the value expectile, in (0, 1). Default: the preset's."""
-    preset: Literal["auto", "mujoco", "antmaze", "maze", "kitchen", "adroit"] = "auto"
+    preset: Literal["auto", "mujoco", "antmaze", "maze", "maze-continuing", "kitchen", "adroit"] = "auto"
     """The paper's per-domain τ, β, actor dropout and reward transform; auto follows the dataset id (D4RL/antmaze → antmaze,
     D4RL/pointmaze and the local mazes → maze, mujoco and D4RL locomotion → mujoco, D4RL/kitchen → kitchen, Adroit → adroit;
     other goal data with one fixed evaluation goal → maze, anything else → mujoco)."""
