@@ -6,8 +6,8 @@ with the logger on, so the mean V(s) of the logged batches is read back from the
 and drawn against ``value_bound`` (max |r| / (1 − γ) of the data: no return exceeds it), with the
 normalized score and the success rate of each evaluation::
 
-    python benchmarks/bench_maze_values.py --dataset iql_torchrl/pointmaze/medium-stitch-v0 --expectiles 0.9 0.7 0.5 \\
-        --temperature 10 --steps 50000 --json benchmarks/results/results_maze_values.json \\
+    python benchmarks/bench_maze_values.py --dataset iql_torchrl/pointmaze/medium-stitch-v0 --preset maze-continuing \\
+        --expectiles 0.9 0.7 0.5 --temperature 10 --steps 50000 --json benchmarks/results/results_maze_values.json \\
         --png benchmarks/figures/maze_values.png
     python benchmarks/bench_maze_values.py --runs RUN_DIR [RUN_DIR ...] --png maze_values.png   # plot only
     python benchmarks/bench_maze_values.py --dataset iql_torchrl/pointmaze/medium-stitch-v0 --expectiles 0.9 \
@@ -15,8 +15,9 @@ normalized score and the success rate of each evaluation::
         --json benchmarks/results/results_maze_values_terminal.json --png benchmarks/figures/maze_values_terminal.png \
         --with benchmarks/results/results_maze_values.json
 
-``--success-terminal --preset antmaze`` runs the absorbing-goal variant (D4RL AntMaze's convention, r − 1):
-its values lie in [−1/(1 − γ), 0], and the plot draws the ceiling 0 beside the bound.
+The maze presets (``maze``, ``antmaze``) run the absorbing-goal variant (D4RL AntMaze's convention, r − 1, the
+relabelled successes terminal): its values lie in [−1/(1 − γ), 0], and the plot draws the ceiling 0 beside the
+bound; ``--preset maze-continuing`` (or ``--no-success-terminal``) keeps the goal data continuing.
 """
 from __future__ import annotations
 

@@ -120,11 +120,11 @@ def main(argv=None):
     parser.add_argument("--temperatures", type=float, nargs="+", default=None,
                         help=f"--sweep: default {SWEEP_TEMPERATURES} (maze: {MAZE_SWEEP['temperatures']})")
     parser.add_argument("--preset", choices=[*PRESETS, "auto"], default="auto",
-                        help="--sweep: the preset of every cell (its reward transform; τ and β are the sweep's); "
-                             "default auto, the dataset's")
+                        help="--sweep and --suite maze: the preset of every run (its reward transform and goal rule; τ "
+                             "and β are the sweep's or the method's where they set them); default auto, the dataset's")
     parser.add_argument("--success-terminal", action=argparse.BooleanOptionalAction, default="auto",
-                        help="--sweep on goal data with the goal out of the input: the relabelled successes are "
-                             "terminal (D4RL AntMaze's convention); default: the preset's choice")
+                        help="--sweep and --suite maze, goal data with the goal out of the input: the relabelled "
+                             "successes are terminal (D4RL AntMaze's convention); default: the preset's choice")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="train nothing: with --sweep, join the cells of sweeps run in parts (their JSON, "
                              "or their --out folders for parts stopped early) into one table; with --suite maze alone, "
@@ -500,7 +500,7 @@ def maze_suite(args):
                 config = OfflineConfig(dataset=dataset, steps=args.steps, eval_every=args.eval_every, num_seeds=args.seeds,
                                 device=args.device, compile=args.compile, output_dir=out / name, logger="none",
                                 progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
-                                goal_input=goal_input, **overrides)
+                                goal_input=goal_input, preset=args.preset, success_terminal=args.success_terminal, **overrides)
                 if args.eval_episodes:
                     config.eval_episodes = args.eval_episodes
                 if args.hidden_sizes:
@@ -580,7 +580,7 @@ def table_of_cells(args):
                 continue
             preset = r.get("preset", part.get("preset"))
             terminal = bool(r.get("success_terminal", part.get("success_terminal")))
-            setting = "cloning" if r["temperature"] == 0 else f"{preset}, {'goal terminal' if terminal else 'continuing'}"
+            setting = "cloning" if r["temperature"] == 0 else cell_setting(preset, terminal)
             row = {**r, "dataset": r.get("dataset", part.get("dataset")), "steps": r.get("steps", part.get("steps")),
                    "seeds": len(r["scores"]), "part": str(path), "setting": setting}
             if not any((o["dataset"], o["setting"], o["steps"], o["scores"]) == (row["dataset"], setting, row["steps"], r["scores"])
@@ -631,8 +631,16 @@ def plot_cells(rows, path):
     plt.close(fig)
 
 
+def cell_setting(preset: str, terminal: bool) -> str:
+    """A cell's rewards and goal rule, named by what they are rather than by a preset's name (the goal data's
+    presets have been redefined: a continuing ``maze`` cell holds the rewards as stored)."""
+    if terminal or preset == "antmaze":
+        return f"r − 1, goal {'terminal' if terminal else 'continuing'}"
+    return f"{'locomotion scaling' if preset == 'mujoco' else 'r'}, continuing"
+
+
 def cell_label(r) -> str:
-    """E.g. "antmaze, goal terminal, τ 0.9 β 10 (3 seeds, 50k)"."""
+    """E.g. "r − 1, goal terminal, τ 0.9 β 10 (3 seeds, 50k)"."""
     what = "cloning" if r["setting"] == "cloning" else f"{r['setting']}, τ {r['expectile']:g} β {r['temperature']:g}"
     return f"{what} ({r['seeds']} seed{'s' * (r['seeds'] > 1)}, {r['steps'] // 1000}k)"
 
