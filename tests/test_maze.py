@@ -213,8 +213,10 @@ def test_the_goal_rule_is_auto_unless_a_flag_forces_it():
 
 def test_fine_tuning_keeps_the_data_continuing_whatever_the_preset():
     from iql_torchrl.jobs.finetune import FinetuneConfig
+    from iql_torchrl.runs.config import describe_preset
 
     assert FinetuneConfig(dataset=MEDIUM).success_terminal_option() is False
+    assert ", goal continuing" in describe_preset("maze", "r", FinetuneConfig(dataset=MEDIUM))  # as the line says
 
 
 def test_fine_tuning_refuses_success_terminal():

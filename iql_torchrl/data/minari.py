@@ -253,12 +253,10 @@ def is_fixed_goal_data(dataset_id: str) -> bool | None:
     with ``achieved_goal`` and ``desired_goal``, and an evaluation env whose maze has a single goal cell
     (the shape of D4RL's maze2d and AntMaze). Reads the dataset's spaces and specs only, never downloads:
     ``None`` when the dataset is not on disk, ``False`` when it cannot be read."""
-    from minari.storage.datasets_root_dir import get_dataset_path
-
     try:
-        if not (get_dataset_path(dataset_id) / "data").exists():
-            return None
         dataset = _open_minari_dataset(dataset_id, download=False)
+    except FileNotFoundError:  # not on disk (nothing is downloaded here)
+        return None
     except (OSError, ValueError):  # a malformed id, an unreadable dataset (DatasetError is a ValueError)
         return False
     keys = _observation_layout(dataset.observation_space)[0] or []

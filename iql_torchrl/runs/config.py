@@ -112,11 +112,12 @@ def describe_preset(name: str, reason: str, config=None) -> str:
             return f"{field} {getattr(preset, field)}"
         return f"{field} {own} (--{field}; the preset's {getattr(preset, field)})"
 
-    given = getattr(config, "success_terminal", "auto")
+    # the loader's rule, as the run applies it (fine-tuning keeps its data continuing whatever the preset)
+    terminal = config.success_terminal_option() if config is not None else (None if preset.success_terminal else False)
     goal = ""
-    if preset.success_terminal or given != "auto":
-        terminal = preset.success_terminal if given == "auto" else given
-        goal = ", goal terminal where the goal is out of the input" if terminal else ", goal continuing"
+    if preset.success_terminal or terminal is not False:
+        goal = {None: ", goal terminal where the goal is out of the input", True: ", goal terminal",
+                False: ", goal continuing"}[terminal]
     return (f"preset {name} ({value('expectile')}, {value('temperature')}, reward transform "
             f"{preset.reward_transform}{goal}): {reason}")
 
