@@ -211,20 +211,47 @@ def test_the_goal_rule_is_auto_unless_a_flag_forces_it():
         RunConfig(success_terminal=1).check()
 
 
-def test_fine_tuning_keeps_the_data_continuing_whatever_the_preset():
+def test_fine_tuning_keeps_the_goal_rule_of_its_preset():
     from iql_torchrl.jobs.finetune import FinetuneConfig
     from iql_torchrl.runs.config import describe_preset
 
-    assert FinetuneConfig(dataset=MEDIUM).success_terminal_option() is False
-    assert ", goal continuing" in describe_preset("maze", "r", FinetuneConfig(dataset=MEDIUM))  # as the line says
+    assert FinetuneConfig(dataset=MEDIUM).success_terminal_option() is None  # the maze preset's: terminal where relabelled
+    assert "goal terminal where the goal is out of the input" in describe_preset("maze", "r", FinetuneConfig(dataset=MEDIUM))
+    FinetuneConfig(dataset=MEDIUM, success_terminal=True).check()  # the environments end their episodes at the goal too
+    assert FinetuneConfig(dataset=MEDIUM, success_terminal=False).success_terminal_option() is False
 
 
-def test_fine_tuning_refuses_success_terminal():
-    from iql_torchrl.runs.config import ConfigError
-    from iql_torchrl.jobs.finetune import FinetuneConfig
+@pytest.mark.parametrize("terminal", [True, False])
+def test_online_maze_episodes_end_at_the_goal_exactly_where_the_data_does(mazes, terminal):
+    # the point driven to umaze's goal by the data's own controller: with the rule, the first step that reaches it
+    # (reward 1 − 1 = 0) is terminated and the episode ends there, as D4RL AntMaze's do; continuing, it goes on
+    from tensordict import TensorDict
 
-    with pytest.raises(ConfigError, match="--success-terminal"):
-        FinetuneConfig(success_terminal=True).check()
+    from iql_torchrl.jobs.online import make_online_env
+
+    metadata = load_minari_dataset(UMAZE, success_terminal=None if terminal else False, reward_transform="antmaze").metadata
+    assert metadata.success_terminal is terminal
+    env = make_online_env(metadata, num_envs=1, seed=0)
+    maze = env.base_env._envs[0]._env.unwrapped  # the PointMaze inside the SerialEnv's GymWrapper(EpisodeReplay(...))
+    controller = WaypointController(MAZES["umaze"].walls)
+    env.reset()
+    rewards, terminated = [], []
+    for _ in range(300):
+        point = maze.point_env.data
+        observation = {"observation": np.concatenate([point.qpos[:2], point.qvel[:2]]), "desired_goal": maze.goal}
+        action = torch.as_tensor(controller(observation), dtype=torch.float32).reshape(1, 2)
+        step = env.step(TensorDict({"action": action}, batch_size=[1]))["next"]
+        rewards.append(step["reward"].item())
+        terminated.append(step["terminated"].item())
+        if step["done"].item():
+            break
+    first_success = rewards.index(0.0)  # r − 1 at the goal
+    assert all(r == -1.0 for r in rewards[:first_success])
+    if terminal:
+        assert terminated == [False] * first_success + [True]
+    else:
+        assert not any(terminated) and len(rewards) > first_success + 1 and rewards[first_success + 1] == 0.0
+    env.close()
 
 
 def test_bootstrapping_stops_at_the_goal_of_a_three_state_chain(minari_root, write_minari_dataset):
@@ -455,6 +482,50 @@ def test_resume_keeps_the_preset_the_run_started_with():
     assert resumed_config(OfflineConfig, saved, again, {"preset"}).preset == "antmaze"  # auto would pick mujoco
     with pytest.raises(ResumeError, match="--preset: checkpoint antmaze, given mujoco"):
         resumed_config(OfflineConfig, saved, OfflineConfig(preset="mujoco", output_dir="/tmp/x", resume=True), {"preset"})
+
+
+def test_fine_tuning_a_maze_run_keeps_its_goal_rule_and_a_run_of_another_rule_is_refused(mazes, tmp_path,
+                                                                                        stop_after_checkpoint):
+    from iql_offline import train
+    from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
+    from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+    from iql_torchrl.runs.config import OfflineConfig
+    from iql_torchrl.runs.resume import ResumeError
+
+    small = dict(batch_size=32, eval_episodes=1, hidden_sizes=(8,), device="cpu", progress=False, logger="none")
+    offline = train(OfflineConfig(dataset=UMAZE, steps=4, eval_every=4, output_dir=tmp_path / "offline", **small))
+    assert offline["preset"] == "maze" and offline["success_terminal"] is True
+    tuned = finetune(FinetuneConfig(checkpoint=tmp_path / "offline", output_dir=tmp_path / "tuned", online_steps=16,
+                                    num_envs=1, frames_per_batch=16, eval_every=8, **small))
+    assert tuned["success_terminal"] is True  # the offline phase's data, not the environment's continuing goal
+    # a run whose data were read continuing (a checkpoint from before the rule was recorded) goes on under no other rule
+    stop_after_checkpoint(lambda run: run.step == 4)
+    with pytest.raises(KeyboardInterrupt):
+        train(OfflineConfig(dataset=UMAZE, steps=8, eval_every=8, checkpoint_every=4, output_dir=tmp_path / "stopped", **small))
+    stop_after_checkpoint(None)
+    for folder in ("offline", "stopped"):
+        state = load_checkpoint(tmp_path / folder / CHECKPOINT_NAME)
+        del state["data"]["success_terminal"]
+        save_checkpoint(tmp_path / folder / CHECKPOINT_NAME, state)
+    refused = r"with the goal continuing \(success_terminal\) and would now read it with the goal terminal"
+    with pytest.raises(ResumeError, match=refused):
+        train(OfflineConfig(dataset=UMAZE, steps=8, eval_every=8, checkpoint_every=4, output_dir=tmp_path / "stopped",
+                            resume=True, **small))
+    with pytest.raises(ResumeError, match=refused):
+        finetune(FinetuneConfig(checkpoint=tmp_path / "offline", output_dir=tmp_path / "again", online_steps=16,
+                                num_envs=1, frames_per_batch=16, **small))
+
+
+def test_data_read_with_another_reward_transform_is_refused_by_name():
+    from iql_torchrl.runs.resume import ResumeError, check_same_data
+
+    saved = dict(dataset=UMAZE, num_transitions=10, files_sha256="f", observation_mean=[0.0], observation_std=[1.0],
+                 reward_scale=1.0, reward_shift=0.0)  # no goal rule recorded: read continuing
+    check_same_data(saved, {**saved, "success_terminal": False})
+    with pytest.raises(ResumeError, match=r"rewards would now be transformed otherwise \(reward_shift differ"):
+        check_same_data(saved, {**saved, "reward_shift": -1.0, "success_terminal": False})
+    with pytest.raises(ResumeError, match=r"not the data this run trained on \(files_sha256 differ"):
+        check_same_data(saved, {**saved, "files_sha256": "g", "reward_shift": -1.0, "success_terminal": True})
 
 
 def test_a_run_names_its_preset_and_the_reason(tiny_datasets, tmp_path, capsys):

@@ -128,6 +128,8 @@ class DataSource:
     num_actions: int | None
     reward_goal: list[float] | None = None
     """The fixed goal the rewards were relabelled to (goal out of the input), else ``None``."""
+    success_terminal: bool = False
+    """Whether the transitions that reach ``reward_goal`` were marked terminated (the goal absorbing)."""
 
     def describe(self) -> str:
         if self.env_id is not None:
@@ -214,6 +216,7 @@ def build_buffer(
         num_actions=source.num_actions,
         one_hot_actions=bool(discrete and options.one_hot_actions),
         reward_goal=source.reward_goal,
+        success_terminal=source.success_terminal,
     )
     _transform_in_place(data, metadata, clip_to_box=not options.raw)
 

@@ -129,6 +129,8 @@ class OfflineDataMetadata:
             int64 indices ``[N]``.
         reward_goal: goal-reaching data whose ``desired_goal`` was left out of the observation: the
             evaluation's fixed goal the rewards were relabelled to (``None`` otherwise).
+        success_terminal: the transitions that reach ``reward_goal`` are terminated (the goal absorbing,
+            D4RL AntMaze's convention); online transitions follow the same rule.
     """
 
     dataset_id: str | None
@@ -158,6 +160,7 @@ class OfflineDataMetadata:
     one_hot_actions: bool = False
     # added with goal-reaching data
     reward_goal: list[float] | None = None
+    success_terminal: bool = False
 
     def __post_init__(self):
         if self.action_space not in ACTION_SPACES:

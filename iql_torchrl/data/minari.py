@@ -388,6 +388,7 @@ def load_minari_dataset(
         observation_keys=layout[0],
         observation_key_shapes=layout[1],
         reward_goal=reward_goal,
+        success_terminal=success_terminal,
         **action_fields,
     )
     episodes = _iterate_minari_transitions(dataset, layout, _is_discrete(dataset.action_space), reward_goal,

@@ -14,6 +14,10 @@ and returns the summary it writes to ``output_dir/summary.json``. Two phases, on
    is the offline data, and after each collection the step runs ``utd_ratio`` updates per env
    step on batches with ``online_fraction`` online transitions.
 
+On goal data whose successes are terminal (the maze and antmaze presets' rule), the online
+environments end an episode at its success, as D4RL AntMaze's do, so online transitions follow the
+offline data's rule; evaluation keeps the environment's own.
+
 Learning rates stay constant in both phases, as in the official fine-tuning configuration
 (``antmaze_finetune_config.py``: ``opt_decay_schedule = None``): a fine-tuned actor must keep
 learning. A run started from an offline checkpoint therefore sets the actor's learning rate back
@@ -49,7 +53,7 @@ __all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
 
 FINETUNE_DATASET = "iql_torchrl/pendulum/medium-v0"  # offline IQL stays clearly below expert on it
 ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "temperature", "expectile", "hidden_sizes", "gamma", "normalize_observations",
-                           "clip_actions", "goal_input")
+                           "clip_actions", "goal_input", "success_terminal")
 
 
 @dataclass
@@ -63,7 +67,7 @@ class FinetuneConfig(RunConfig):
     online_steps: int = 4_000
     """Environment steps of the online phase, summed over the environments."""
     checkpoint: Path | None = None
-    """Start from this offline run folder (iql_offline.py's --output-dir): its data, networks, preset, gamma and steps replace these flags."""
+    """Start from this offline run folder (iql_offline.py's --output-dir): its data, networks, preset, goal rule, gamma and steps replace these flags."""
     num_envs: int = 4
     """Environments stepped by the collector (a TorchRL SerialEnv). They run on the CPU."""
     frames_per_batch: int = 200
@@ -97,13 +101,6 @@ class FinetuneConfig(RunConfig):
             raise ConfigError(f"--online-fraction {self.online_fraction}: must be in (0, 1).")
         if self.online_buffer_size is not None and self.online_buffer_size < 1:
             raise ConfigError(f"--online-buffer-size {self.online_buffer_size}: must be >= 1.")
-        if self.success_terminal is True:
-            raise ConfigError("--success-terminal: fine-tuning mixes the offline data with the environment's own "
-                              "transitions, whose goal is not terminal; fine-tune without it.")
-
-    def success_terminal_option(self) -> bool:
-        """The offline data stays continuing, as the environment's own transitions are (whatever the preset)."""
-        return False
 
 
 # ---------------------------------------------------------------------------------------- finetune

@@ -11,7 +11,8 @@ Everything a policy trained on an offline buffer needs to keep learning from its
 * :func:`make_online_env` -- ``num_envs`` copies of the dataset's environment in a TorchRL
   ``SerialEnv`` behind that transform, each wrapped in :class:`EpisodeReplay` so a checkpoint can
   rebuild episodes that were running when it was written (:func:`episode_states` /
-  :func:`restore_episodes`).
+  :func:`restore_episodes`), and in :class:`SuccessTerminal` where the offline data's successes
+  are terminal.
 * :func:`make_exploration_policy` -- the actor, sampling (the collector's default exploration
   type), with its actions clipped to the box the offline actions were clipped to, so the action
   stored is the action executed.
@@ -42,6 +43,7 @@ from iql_torchrl.data import TRANSITION_KEYS, OfflineDataMetadata
 __all__ = [
     "EpisodeReplay",
     "OfflineDataTransform",
+    "SuccessTerminal",
     "episode_states",
     "make_exploration_policy",
     "make_offline_online_buffer",
@@ -155,14 +157,28 @@ class EpisodeReplay(gym.Wrapper):
             self.step(action)
 
 
+class SuccessTerminal(gym.Wrapper):
+    """Ends an episode, terminated, at the first step whose ``info["success"]`` is true: the goal
+    absorbing, as in D4RL AntMaze's environments and in offline data loaded with ``success_terminal``."""
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        if "success" not in info:
+            raise KeyError(f"{self.env.spec.id if self.env.spec else self.env}: the offline data's successes are terminal, "
+                           "but the environment's info has no 'success' to end its episodes at.")
+        return observation, reward, bool(terminated or info["success"]), truncated, info
+
+
 def make_online_env(metadata: OfflineDataMetadata, num_envs: int, seed: int) -> TransformedEnv:
     """``num_envs`` copies of the dataset's environment (seeds ``seed .. seed + num_envs - 1``), as a
-    TorchRL env whose transitions have the offline buffer's keys, dtypes and transforms."""
+    TorchRL env whose transitions have the offline buffer's keys, dtypes and transforms; where the
+    data's successes are terminal (``metadata.success_terminal``), so are the environments'."""
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
 
     def make_one():
-        return GymWrapper(EpisodeReplay(metadata.make_env()))
+        env = metadata.make_env()
+        return GymWrapper(EpisodeReplay(SuccessTerminal(env) if metadata.success_terminal else env))
 
     env = TransformedEnv(SerialEnv(num_envs, make_one), OfflineDataTransform(metadata))
     env.set_seed(seed)

@@ -7,8 +7,9 @@
   episodes, log and checkpoint intervals, device), which take the new value. ``--steps`` is
   never one of those: the actor's cosine schedule depends on it.
 * The data must be the data the run trained on: the checkpoint keeps a fingerprint (dataset id,
-  transition count, a SHA-256 of the dataset's files, the normalisation statistics), and a
-  changed or missing dataset refuses to resume -- a builder dataset is never silently rebuilt.
+  transition count, a SHA-256 of the dataset's files, the normalisation statistics, the reward
+  transform and the goal rule), and a changed or missing dataset, or one read with another goal
+  rule, refuses to resume -- a builder dataset is never silently rebuilt.
 """
 from __future__ import annotations
 
@@ -81,19 +82,35 @@ def data_fingerprint(dataset_id: str, metadata) -> dict:
         "observation_std": list(metadata.observation_std),
         "reward_scale": metadata.reward_scale,
         "reward_shift": metadata.reward_shift,
+        "success_terminal": metadata.success_terminal,
     }
 
 
 def check_same_data(saved: dict, current: dict, what: str = "this run") -> None:
-    """Refuses (:class:`ResumeError`) when the data differ from the fingerprint ``saved``."""
+    """Refuses (:class:`ResumeError`) when the data differ from the fingerprint ``saved``, or would be read
+    with another goal rule or reward transform (a fingerprint without a goal rule read its data continuing)."""
     differences = [
         name for name in ("dataset", "num_transitions", "files_sha256") if saved.get(name) != current.get(name)
-    ] + [name for name in ("observation_mean", "observation_std", "reward_scale", "reward_shift")
-         if not _close(saved.get(name), current.get(name))]
+    ] + [name for name in ("observation_mean", "observation_std") if not _close(saved.get(name), current.get(name))]
     if differences:
         raise ResumeError(
             f"The dataset {current['dataset']} is not the data {what} trained on ({', '.join(differences)} differ: "
             f"it was rebuilt or replaced since). Restore the original dataset, or start a new run."
+        )
+    was, now = bool(saved.get("success_terminal", False)), bool(current.get("success_terminal", False))
+    if was != now:
+        rule = {True: "the goal terminal", False: "the goal continuing"}
+        raise ResumeError(
+            f"{what[0].upper()}{what[1:]} trained on {current['dataset']} with {rule[was]} (success_terminal) and would now "
+            f"read it with {rule[now]}: its preset's goal rule differs from the one it started with. Start a new run "
+            f"(--success-terminal / --no-success-terminal choose the rule)."
+        )
+    rewards = [name for name in ("reward_scale", "reward_shift") if not _close(saved.get(name), current.get(name))]
+    if rewards:
+        raise ResumeError(
+            f"The dataset {current['dataset']} is the data {what} trained on, but its rewards would now be transformed "
+            f"otherwise ({', '.join(rewards)} differ: the preset's reward transform differs from the one it started "
+            f"with). Start a new run."
         )
 
 

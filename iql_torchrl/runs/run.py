@@ -317,7 +317,7 @@ class Run:
         return {
             **{k: last[k] for k in ("normalized_score", "normalized_score_std", "return_mean", "return_std", "per_seed")},
             "success_rate": last.get("success_rate"), "preset_reason": self.preset_reason,
-            "success_terminal": self.goal_terminal(),
+            "success_terminal": self.metadata.success_terminal,
             "value_bound": self.value_bound.bound, "values_beyond_bound_at": self.value_bound.beyond_at,
             "eval_episodes": self.config.eval_episodes,
             "updates_per_second": self.timing.updates_per_second,
@@ -327,11 +327,6 @@ class Run:
             "curve": self.curve,
             "version": iql_torchrl.__version__,
         }
-
-    def goal_terminal(self) -> bool:
-        """Whether the data's successes were terminal (``--success-terminal``, or the preset's rule on goal-out data)."""
-        option = self.config.success_terminal_option()
-        return option if option is not None else getattr(self.metadata, "reward_goal", None) is not None
 
     def offline_summary(self, update) -> tuple[dict, str]:
         """The offline job's summary (the settings that shaped it, then :meth:`summary_fields`) and the
