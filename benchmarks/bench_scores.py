@@ -133,6 +133,10 @@ def main(argv=None):
     parser.add_argument("--cells", nargs="+", default=None, metavar="JSON",
                         help="train nothing: --suite maze, one table and one figure of maze sweep cells of any dataset, "
                              "preset, goal rule and seed count (the goal preset's pass), each cell named by all four")
+    parser.add_argument("--curves-png", default=None, metavar="PNG",
+                        help="--cells: also the learning curves, one panel a dataset, of its cells with the most seeds")
+    parser.add_argument("--curves-of", nargs="+", default=None, metavar="JSON",
+                        help="--curves-png: only the cells of these of the --cells files (default: all)")
     args = parser.parse_args(argv)
     if args.cells:
         return table_of_cells(args)
@@ -601,6 +605,9 @@ def table_of_cells(args):
     with open(args.json, "w") as f:
         json.dump({"suite": "maze", "cells": args.cells, "results": rows}, f, indent=2)
     plot_cells(rows, args.png)
+    if args.curves_png:
+        chosen = {str(path) for path in args.curves_of or args.cells}
+        plot_cell_curves([r for r in rows if r["part"] in chosen], args.curves_png)
     return rows
 
 
@@ -626,6 +633,42 @@ def plot_cells(rows, path):
         ax.set_title(f"{dataset.split('/')[-1]}, goal out", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
     axes[-1, 0].set_xlabel("final normalized score, mean ± std over seeds (success rate beside)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_cell_curves(rows, path):
+    """One panel a dataset: the normalized score (mean over seeds) at each evaluation of the dataset's cells run
+    with the most seeds (the longest run of each setting), each line named by :func:`cell_label`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    def kind_of(r):  # one colour a setting, τ and β (cloning: any τ)
+        return r["setting"], None if r["setting"] == "cloning" else r["expectile"], r["temperature"]
+
+    kinds = list(dict.fromkeys(map(kind_of, rows)))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.2), dpi=120, squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        mine = [r for r in rows if r["dataset"] == dataset and len(r["curve"]) > 1]
+        most = max((r["seeds"] for r in mine), default=0)
+        longest = {}  # a setting run to 20k and to 50k: the longer run
+        for r in (r for r in mine if r["seeds"] == most):
+            kind = kinds.index(kind_of(r))
+            if kind not in longest or r["steps"] > longest[kind]["steps"]:
+                longest[kind] = r
+        for kind, r in longest.items():
+            ax.plot([p["step"] / 1000 for p in r["curve"]], [p["normalized_score"] for p in r["curve"]], marker="o",
+                    markersize=3, color=f"C{kind % 10}", linestyle=":" if r["temperature"] == 0 else "-",
+                    label=cell_label(r))
+        ax.set_title(f"{dataset.split('/')[-1]}, goal out", fontsize=9)
+        ax.set_xlabel("updates (thousands)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0, 0].set_ylabel("normalized score (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

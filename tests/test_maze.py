@@ -400,6 +400,19 @@ def test_success_rate_counts_episodes_that_reach_the_goal(mazes):
     # the rate is about reaching the goal, not the return: one step at the goal counts as much as 200
     summary = summarize_seeds([{"seed": 0, **reaching}, {"seed": 1, **standing}])
     assert summary["success_rate"] == 0.5 and summary["per_seed"][1]["success_rate"] == 0.0
+    # the step each episode first reached the goal, as one env stepped by hand counts it (from 1); none standing
+    controller, first = WaypointController(MAZES["umaze"].walls), []
+    for i in range(3):
+        env = metadata.make_env()
+        observation, _ = env.reset(seed=i)
+        for step in range(1, 1000):
+            observation, _, _, _, info = env.step(controller(observation))
+            if info["success"]:
+                break
+        first.append(step)
+        env.close()
+    assert reaching["steps_to_goal"] == first and standing["steps_to_goal"] == [None] * 3
+    assert all(1 < n < 300 for n in first)
 
 
 def test_environments_without_success_report_no_rate(tiny_datasets):

@@ -76,7 +76,9 @@ def evaluate_policy(
     (population), ``normalized_score`` (100 × ``minari.get_normalized_score`` of the mean
     return: 0 is the random policy, 100 the expert; unclamped) and ``normalized_scores`` per
     episode -- the two scores only when :func:`reference_scores_problem` finds the references
-    usable. Episode ``i`` resets with seed ``seed + i``, so a given seed is reproducible.
+    usable. Environments whose ``info`` carries ``"success"`` add ``successes``, ``success_rate`` and
+    ``steps_to_goal`` (per episode, the step that first reached the goal, counting from 1; ``None`` where
+    none did). Episode ``i`` resets with seed ``seed + i``, so a given seed is reproducible.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
@@ -86,8 +88,10 @@ def evaluate_policy(
         returns = np.zeros(episodes)
         running = np.ones(episodes, dtype=bool)
         succeeded, reports_success = np.zeros(episodes, dtype=bool), False
+        steps_to_goal, step = np.full(episodes, -1), 0
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             while running.any():
+                step += 1
                 obs = metadata.observation_from_env(observation, device=device)
                 td = TensorDict({observation_key: obs}, batch_size=[episodes], device=device)
                 env_action = metadata.action_to_env(actor(td).get(action_key)).cpu().numpy()
@@ -97,7 +101,9 @@ def evaluate_policy(
                 returns += np.where(running, reward, 0.0)
                 if "success" in info:
                     reports_success = True
-                    succeeded |= running & info.get("_success", True) & np.asarray(info["success"], dtype=bool)
+                    now = running & info.get("_success", True) & np.asarray(info["success"], dtype=bool)
+                    steps_to_goal[now & ~succeeded] = step
+                    succeeded |= now
                 # each env counts its first episode only (the vector env auto-resets after it)
                 running &= ~(terminated | truncated)
     finally:
@@ -111,6 +117,7 @@ def evaluate_policy(
     if reports_success:
         result["successes"] = succeeded.tolist()
         result["success_rate"] = float(succeeded.mean())
+        result["steps_to_goal"] = [int(n) if n > 0 else None for n in steps_to_goal]
     if reference_scores_problem(metadata) is None:
         result["normalized_score"] = float(metadata.normalized_score(return_mean))
         result["normalized_scores"] = [float(metadata.normalized_score(r)) for r in returns]
