@@ -23,6 +23,12 @@ import statistics
 from pathlib import Path
 
 
+def goal_rule(state: dict):
+    """Whether the run's goal was terminal: its data's record, or, in a checkpoint older than that record,
+    the ``--success-terminal`` option it was given (True, False or "auto")."""
+    return state["data"].get("success_terminal", state["config"].get("success_terminal"))
+
+
 def goal_profile(run_dir: str, episodes: int) -> dict:
     """The run's seeds evaluated again: score, success rate, steps to the goal and the share of the steps
     after it at the goal (means over the seeds; those two over the episodes that reach the goal)."""
@@ -49,7 +55,7 @@ def goal_profile(run_dir: str, episodes: int) -> dict:
 
     return {"run": str(run_dir), "dataset": state["config"]["dataset"], "seeds": len(seeds), "horizon": horizon,
             "expectile": state["config"]["expectile"], "temperature": state["config"]["temperature"],
-            "preset": state["config"]["preset"], "success_terminal": state["data"].get("success_terminal", False),
+            "preset": state["config"]["preset"], "success_terminal": goal_rule(state),
             **{key: mean(key) for key in ("normalized_score", "success_rate", "steps_to_goal", "share_at_goal_after")},
             "per_seed": seeds}
 
