@@ -5,6 +5,7 @@ from iql_torchrl.objectives.discrete import DiscreteIQLLoss
 from iql_torchrl.objectives.equations import awr_weight, bellman_target, expectile_loss
 from iql_torchrl.objectives.loss import IQLLoss
 from iql_torchrl.objectives.networks import make_actor, make_iql_networks, make_qvalue_networks, make_value_network
+from iql_torchrl.step.eager_check import StepMismatch
 from iql_torchrl.step.update import IQLUpdate
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "make_qvalue_networks",
     "make_value_network",
     "IQLUpdate",
+    "StepMismatch",
     "load_minari_dataset",
     "make_offline_buffer",
     "OfflineDataMetadata",

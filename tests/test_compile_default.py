@@ -8,9 +8,9 @@ import torch
 
 from iql_torchrl.runs.config import parse_cli
 from iql_torchrl.jobs.finetune import FinetuneConfig
-from iql_torchrl.runs.settings import COMPILE_BREAK_EVEN, auto_compile
+from iql_torchrl.runs.settings import COMPILE_BREAK_EVEN, auto_compile, resolve_settings
 from iql_offline import train
-from iql_torchrl.runs.config import OfflineConfig
+from iql_torchrl.runs.config import ConfigError, OfflineConfig
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -51,3 +51,31 @@ def test_the_job_says_which_step_it_runs_and_keeps_the_choice(tiny_datasets, tmp
                  hidden_sizes=(8,), batch_size=16, logger="none", progress=False, log_every=2))
     assert "the update step runs eager: 4 updates are fewer than" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["mode"] == "eager"
+
+
+@pytest.mark.parametrize("argv, cudagraphs, chosen", [
+    ([], True, True),  # the default on CUDA: compiled and replayed as a CUDA graph; a failed check continues eager
+    (["--no-cudagraphs"], False, True),
+    (["--compile"], True, False),  # forced: a failed check stops the run
+    (["--cudagraphs"], True, False),
+    (["--no-compile"], False, False),
+])
+def test_on_cuda_the_default_step_is_the_cuda_graph_step_and_a_forced_one_is_never_replaced(
+        argv, cudagraphs, chosen, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config, given = parse_cli(OfflineConfig, ["--device", "cuda", "--steps", str(2 * COMPILE_BREAK_EVEN), *argv])
+    resolved, _ = resolve_settings(config, "offline", given)
+    assert resolved.cudagraphs is cudagraphs
+    assert resolved.step_chosen is chosen
+    if not argv:
+        line = capsys.readouterr().err
+        assert "runs compiled" in line and "replayed as a CUDA graph" in line and "checked against the eager step" in line
+
+
+def test_on_the_cpu_auto_means_no_cuda_graphs_and_a_forced_one_is_refused(monkeypatch):
+    config, given = parse_cli(OfflineConfig, ["--device", "cpu", "--steps", str(2 * COMPILE_BREAK_EVEN)])
+    resolved, _ = resolve_settings(config, "offline", given)
+    assert resolved.cudagraphs is False and resolved.step_chosen is True
+    config, given = parse_cli(OfflineConfig, ["--device", "cpu", "--cudagraphs"])
+    with pytest.raises(ConfigError, match="--cudagraphs needs CUDA"):
+        resolve_settings(config, "offline", given)

@@ -25,7 +25,7 @@ from iql_torchrl.jobs.online import (
     make_offline_online_buffer,
     make_online_env,
 )
-from iql_torchrl.runs.builders import build_loss, load_actor, make_update
+from iql_torchrl.runs.builders import build_loss, load_actor
 from iql_offline import train
 from iql_torchrl.runs.config import OfflineConfig
 from iql_torchrl.runs.run import NonFiniteLossError
@@ -141,14 +141,9 @@ def test_updates_per_second_leaves_out_each_phase_s_compiling_first_update(tiny_
     # a compiled step compiles on its first offline call (indices) and again on its first online call
     # (sampled batches: a new call signature); neither belongs in updates/s. The step runs eager here,
     # only reporting the mode, so the test checks the bookkeeping without compiling.
-    import iql_torchrl.jobs.finetune as finetune_module
+    from iql_torchrl import IQLUpdate
 
-    def reporting(*args, **kwargs):
-        update = make_update(*args, **kwargs)
-        update.mode = mode
-        return update
-
-    monkeypatch.setattr(finetune_module, "make_update", reporting)
+    monkeypatch.setattr(IQLUpdate, "mode", property(lambda self: mode))
     out = tmp_path / "run"
     summary = finetune(FinetuneConfig(dataset=tiny_datasets.pendulum, output_dir=out, logger="none", **TINY))
     timing = load_checkpoint(out / CHECKPOINT_NAME)["timing"]

@@ -141,6 +141,10 @@ def flag(name: str) -> str:
 class RunConfig:
     """Settings shared by offline training and fine-tuning."""
 
+    # set when the settings are resolved (not a setting): the run chose how its step runs (--compile and
+    # --cudagraphs auto), so a compiled step that disagrees with the eager step continues eager instead of stopping
+    step_chosen = False
+
     dataset: str = DEFAULT_DATASET
     """Minari dataset id. Ids of the local builders (``python -m iql_torchrl.datasets list``) are built on first use."""
     batch_size: int = 256
@@ -171,8 +175,9 @@ class RunConfig:
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the whole update step: auto does when the step can be compiled here and the run is long
     enough to repay the compilation; --compile / --no-compile force it."""
-    cudagraphs: bool = False
-    """Capture the compiled step in a CUDA graph (needs CUDA)."""
+    cudagraphs: bool | Literal["auto"] = "auto"
+    """Replay the compiled step as a CUDA graph (needs CUDA): auto does wherever the step compiles on CUDA (the
+    fastest mode there); --cudagraphs / --no-cudagraphs force it."""
     bf16: bool = False
     """Compute the losses under bfloat16 autocast (parameters and optimizer stay float32)."""
     order: Literal["paper", "summed"] = "paper"
@@ -358,7 +363,7 @@ def _plain(value):
 
 
 # settings that are True, False or "auto", and whose bare flag forces them: --compile, --no-compile, --success-terminal …
-AUTO_FLAGS = ("compile", "success_terminal")
+AUTO_FLAGS = ("compile", "cudagraphs", "success_terminal")
 
 
 def forced_flags(argv: list[str]) -> list[str]:

@@ -26,17 +26,29 @@ def resolve_settings(config, job: str, given: set[str]):
         config = resumed_config(type(config), state["config"], config, given)
         config.check()
     config = config.resolved()
-    if config.cudagraphs and config.device != "cuda":
+    if config.cudagraphs is True and config.device != "cuda":
         raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
+    # the step's mode is the run's own choice unless a flag forced compiling or CUDA graphs (a resumed run: its command's)
+    chosen = "compile" not in given and not ("cudagraphs" in given and config.cudagraphs is True)
     if config.compile == "auto":
         config.compile, reason = auto_compile(config)
+        if config.cudagraphs == "auto":
+            config.cudagraphs = config.compile and config.device == "cuda"
+            if config.cudagraphs:
+                reason += ", replayed as a CUDA graph (--no-cudagraphs: compiled only)"
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"iql_torchrl: the update step runs {'compiled' if config.compile else 'eager'}: {reason}. "
-                  "--compile / --no-compile force it.", file=sys.stderr)
+            how = "compiled" if config.compile else "eager"
+            check = (": its first updates are checked against the eager step, which takes over if they disagree"
+                     if config.compile else "")
+            print(f"iql_torchrl: the update step runs {how}: {reason}{check}. --compile / --no-compile force it.",
+                  file=sys.stderr)
     elif config.compile and (problem := missing_compiler(config.device)) is not None:  # auto checked it already
         raise ConfigError(f"--compile: {problem} (leave out --compile).")
+    if config.cudagraphs == "auto":  # --compile or --no-compile forced: CUDA graphs wherever the step compiles on CUDA
+        config.cudagraphs = bool(config.compile) and config.device == "cuda"
+    config.step_chosen = chosen
     return config, state
 
 

@@ -47,12 +47,25 @@ class CudaGraphStep:
         self.captures = 0
         self._read_baked = None
         self._baked_values = None
+        self._current = False  # will_build() found the graph current: the next call need not read again
+
+    def will_build(self) -> bool:
+        """Whether the next call warms up or captures rather than replays (a graph whose baked values changed is
+        dropped here); the next call then skips reading them again."""
+        self._drop_if_stale()
+        self._current = self.graph is not None
+        return not self._current
+
+    def _drop_if_stale(self) -> None:
+        if self.graph is not None and self._read_baked is not None and self._read_baked() != self._baked_values:
+            self.graph, self.calls = None, 0  # a value the graph baked in changed: warm up (recompile) and capture anew
 
     def __call__(self, x: Tensor | TensorDictBase):
         if not x.is_cuda:
             raise ValueError(f"a CUDA graph step needs its input on a CUDA device, got one on {x.device}.")
-        if self.graph is not None and self._read_baked is not None and self._read_baked() != self._baked_values:
-            self.graph, self.calls = None, 0  # a value the graph baked in changed: warm up (recompile) and capture anew
+        if not self._current:
+            self._drop_if_stale()
+        self._current = False
         if self.graph is None:
             self.calls += 1
             if self.calls <= self.warmup:

@@ -14,6 +14,14 @@ A step compiled ahead of time or captured in a CUDA graph checks, before each ca
 its trace read (:class:`~iql_torchrl.step.baked.BakedValues`); when one changed, it is compiled (or
 captured) anew, so it always computes what the eager step would. ``compilations`` counts them.
 
+With a check (:class:`~iql_torchrl.step.eager_check.EagerCheck`), the calls that compile or capture a
+step and the first ``check_calls`` calls after them (for a CUDA graph: its warm-up calls, the capture
+and its first replays) are also taken eagerly and compared; a compiled step that disagrees raises, or
+with ``fall_back`` warns and leaves the runner eager.
+
+Where torch has no ``aot_compile`` (before 2.12) the step runs guarded; where inductor needs a
+setting for the step to compile at all on an older torch, it reaches this step's compilation only.
+
 Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls,
 inductor options, tensordict's pytree registration, code-object cloning. None of them changes a
 process-wide torch setting: inductor options reach only this step's compilation (``torch.compile``'s
@@ -34,8 +42,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from iql_torchrl.step.baked import BakedValues
 from iql_torchrl.step.compile_cache import CompiledStepCache, entry_key
 from iql_torchrl.step.cuda_graph import CudaGraphStep
+from iql_torchrl.step.eager_check import EagerCheck, StepMismatch
 
-__all__ = ["StepRunner", "MODES", "check_mode", "missing_compiler", "call_structure"]
+__all__ = ["StepRunner", "MODES", "check_mode", "missing_compiler", "call_structure", "inductor_options"]
 
 MODES = ("eager", "compile", "cudagraphs")
 # tensordict's to_module reads a torch config that torch deprecates, each time the step is traced:
@@ -74,6 +83,24 @@ def check_mode(mode: str, device_type: str, owner: str = "StepRunner") -> None:
         raise RuntimeError(f"{owner}(mode={mode!r}): {problem} (mode='eager').")
 
 
+def inductor_options(device_type: str, torch_version: str = torch.__version__) -> dict:
+    """Inductor settings of the step's own compilation (``torch.compile``'s ``options``: a scoped patch).
+
+    Inductor's per-call size and stride asserts repeat what dynamo's guards (or the call signature) check.
+    Before torch 2.13, inductor's loop reordering after fusion crashes compiling the step for CUDA
+    (pytorch/pytorch#176591, fixed in 2.13's scheduler).
+    """
+    options = {"size_asserts": False, "alignment_asserts": False}
+    if device_type == "cuda" and _release(torch_version) < (2, 13):
+        options["loop_ordering_after_fusion"] = False
+    return options
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def call_structure(tensors: Tensor | TensorDictBase | None) -> tuple | None:
     """What a compiled step is specialised on in ``tensors``: keys, shapes, strides, dtypes, devices."""
     if tensors is None:
@@ -104,16 +131,29 @@ class StepRunner:
             (:mod:`iql_torchrl.step.compile_cache`); an entry is found by ``description()`` and the call signature.
         description (callable): everything else the compiled graph bakes in (settings, network
             structure), JSON-able; required with ``cache``.
+        device_type (str): where the step runs (``"cpu"``, ``"cuda"``): the inductor settings it needs.
+        check (EagerCheck, optional): compares compiled calls with eager ones (see the module docstring).
+        check_calls (int): how many calls after each compilation or capture are checked besides it (0: none).
+        fall_back (bool): on a mismatch, warn and run eager from then on (the mismatched call's result is the
+            eager call's), instead of raising :class:`~iql_torchrl.step.eager_check.StepMismatch` with nothing applied.
     """
 
     def __init__(self, step, *, mode: str, fullgraph: bool = True, ahead_of_time: bool = False,
                  eager_random: bool = False, specialisation=tuple, cache: CompiledStepCache | None = None,
-                 description=None):
+                 description=None, device_type: str = "cpu", check: EagerCheck | None = None, check_calls: int = 2,
+                 fall_back: bool = False):
         if cache is not None and description is None:
             raise ValueError("StepRunner(cache=...) needs description: what the compiled step bakes in.")
+        if check_calls < 0:
+            raise ValueError(f"check_calls must be >= 0, got {check_calls}.")
         self.mode = mode
         self.cache = cache
         self.description = description
+        self.check = check if check_calls > 0 else None
+        self.check_calls = check_calls
+        self.fall_back = fall_back
+        self._checks_left = 0
+        self._calls = 0
         # the plain step, before any compilation (e.g. for torch._dynamo.explain)
         self.step_function = types.MethodType(_own_code(step.__func__), step.__self__)
         self.specialisation = specialisation
@@ -129,13 +169,12 @@ class StepRunner:
         # step's guards would see as a change and recompile once; use it before compiling
         tree_unflatten(*tree_flatten(TensorDict()))
         # static shapes: the batch size is fixed for a run, and a dynamic batch dim would make the
-        # step slower and is not supported by dropout under torch.func. Inductor's per-call size and
-        # stride asserts repeat what dynamo's guards (or the call signature) check.
+        # step slower and is not supported by dropout under torch.func
         compile_options = {"fullgraph": fullgraph, "dynamic": False}
-        inductor_options = {"size_asserts": False, "alignment_asserts": False}
+        own_options = inductor_options(device_type)
         if eager_random:
-            inductor_options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
-        guarded_options = dict(inductor_options)
+            own_options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
+        guarded_options = dict(own_options)
         if mode == "cudagraphs":  # the captured graph replays without guards: keep what the trace read
             guarded_options["guard_filter_fn"] = self._record_guards(keep=True)
         self.guarded = _traced_quietly(torch.compile(self.step_function, **compile_options, options=guarded_options))
@@ -146,8 +185,10 @@ class StepRunner:
             # signature holds the input's structure, and BakedValues the Python values the trace read
             self.unguarded = torch.compile(
                 self.step_function, **compile_options,
-                options={**inductor_options, "guard_filter_fn": self._record_guards(keep=False)},
+                options={**own_options, "guard_filter_fn": self._record_guards(keep=False)},
             )
+            if not hasattr(self.unguarded, "aot_compile"):  # torch before 2.12: the guarded step, the same results
+                self.ahead_of_time = None
 
     def _record_guards(self, keep: bool):
         """A guard filter that records a trace's guards (what it read) and keeps all or none of them."""
@@ -163,20 +204,53 @@ class StepRunner:
         return lambda: baked(self.step_function.__self__)
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor):
-        if self.ahead_of_time is None or torch.compiler.is_compiling():
+        if self.mode == "eager" or torch.compiler.is_compiling():
             return self.guarded(batch_or_indices)
+        compiled, builds = self._compiled(batch_or_indices)
+        self._calls += 1
+        if self.check is None:
+            return compiled(batch_or_indices)
+        if builds:
+            self._checks_left = self.check_calls
+        elif self._checks_left <= 0:
+            return compiled(batch_or_indices)
+        else:
+            self._checks_left -= 1
+        try:
+            return self.check(compiled, self.step_function, batch_or_indices, keep_eager=self.fall_back)
+        except StepMismatch as mismatch:
+            if not self.fall_back:
+                raise StepMismatch(f"IQLUpdate(mode={self.mode!r}): {mismatch}. Nothing of this update was applied; "
+                                   "run the step eager (mode='eager', or --no-compile).") from None
+            warnings.warn(f"IQLUpdate(mode={self.mode!r}): {mismatch}. This update is the eager step's, "
+                          "and the step runs eager from here.", stacklevel=3)
+            self._to_eager()
+            return mismatch.eager_output
+
+    def _compiled(self, batch_or_indices):
+        """The compiled callable for this call, and whether calling it compiles or captures a step (or
+        compiling it just did)."""
+        if self.mode == "cudagraphs":
+            return self.guarded, self.guarded.will_build()
+        if self.ahead_of_time is None:  # guarded: dynamo compiles on the first call (its recompiles are its own)
+            return self.guarded, self._calls == 0
         owner = self.step_function.__self__
         signature = (call_structure(batch_or_indices), *self.specialisation())
         variants = self.ahead_of_time.setdefault(signature, [])
+        builds = False
         for baked, values, step in variants:
             if baked is None or baked(owner) == values:
                 break
         else:  # a new signature, or a value the compiled variants baked in has changed
             baked, values, step = self._compile_ahead_of_time(batch_or_indices, signature)
             variants.append((baked, values, step))
+            builds = True
         if step is None:
-            return self.guarded(batch_or_indices)
-        return step(owner, batch_or_indices)
+            return self.guarded, builds
+        return (lambda x: step(owner, x)), builds
+
+    def _to_eager(self) -> None:
+        self.mode, self.guarded, self.ahead_of_time = "eager", self.step_function, None
 
     def _compile_ahead_of_time(self, example, signature) -> tuple[BakedValues | None, tuple | None, object]:
         """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), what its

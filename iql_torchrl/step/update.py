@@ -27,8 +27,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.optim.adam import adam
 
-from iql_torchrl.step.adam import adam_step
 from iql_torchrl.step.compile_cache import CompiledStepCache, describe_objects
+from iql_torchrl.step.eager_check import EagerCheck, tolerance
 from iql_torchrl.objectives.checks import nonfinite
 from iql_torchrl.objectives.loss import TRAINED_NETWORKS
 from iql_torchrl.step.modes import MODES, StepRunner, call_structure, check_mode, missing_compiler
@@ -160,10 +160,16 @@ class IQLUpdate:
         compile_cache (path, optional): mode ``"compile"``: a folder where the step compiled ahead of
             time is kept, signed, for the next step built with the same settings and shapes (which then
             starts without compiling; :mod:`iql_torchrl.step.compile_cache`). ``None``: compile every time.
+        eager_checks (int): modes ``"compile"`` and ``"cudagraphs"``: the call that compiles (or captures) a step
+            and this many calls after it are also taken eagerly from the same state, and each network's
+            parameters compared (:mod:`iql_torchrl.step.eager_check`); 0 turns the check off. A checked call
+            costs about one eager step more.
+        fall_back_to_eager (bool): when a checked call disagrees, warn and run eager from then on (that update
+            is the eager step's) instead of raising :class:`~iql_torchrl.step.eager_check.StepMismatch`.
 
     The optimizers are ``torch.optim.Adam`` objects (``value_optimizer``, ``actor_optimizer``,
     ``qvalue_optimizer``) holding the state and learning rates, stepped through torch's functional
-    ``adam`` so the step stays one graph. A :class:`SeedEnsemble`'s losses have one entry per
+    ``adam`` (eager: fused; compiled: foreach and capturable) so the step stays one graph. A :class:`SeedEnsemble`'s losses have one entry per
     seed, summed before differentiation (the seeds share no parameters, so each gets its own
     gradient), and Adam, being elementwise, steps every seed independently.
 
@@ -193,6 +199,8 @@ class IQLUpdate:
         autocast_dtype: torch.dtype | None = None,
         grad_hook=None,
         compile_cache: str | Path | None = None,
+        eager_checks: int = 2,
+        fall_back_to_eager: bool = False,
     ):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
@@ -209,7 +217,6 @@ class IQLUpdate:
             raise ValueError(f"{name} must be {requirement}, got {settings[name]}.")
         self.loss = loss
         self.order = order
-        self.mode = mode
         self.data = data
         self.grad_hook = grad_hook
         self.autocast_dtype = autocast_dtype
@@ -250,8 +257,17 @@ class IQLUpdate:
             fullgraph=grad_hook is None, ahead_of_time=grad_hook is None, eager_random=bool(self._dropouts),
             specialisation=self._specialisation,
             cache=None if compile_cache is None or mode != "compile" else CompiledStepCache(compile_cache),
-            description=self._compiled_step_description,
+            description=self._compiled_step_description, device_type=device.type,
+            check=EagerCheck(self._checked_networks, self._written_tensors, random=bool(self._dropouts),
+                             tolerance=tolerance(autocast_dtype)),
+            check_calls=eager_checks, fall_back=fall_back_to_eager,
         )
+
+    @property
+    def mode(self) -> str:
+        """How the step runs: ``"eager"``, ``"compile"`` or ``"cudagraphs"`` (``"eager"`` once a compiled step that
+        failed its eager check fell back to it)."""
+        return self.runner.mode
 
     @property
     def step_function(self):
@@ -350,6 +366,20 @@ class IQLUpdate:
                     f"IQLUpdate: a parameter of the loss's {group} network was replaced by a new tensor after the "
                     "update was built (its optimizer trains the old one): load new values in place "
                     "(loss.load_state_dict(...), or param.data.copy_(...)), or build a new IQLUpdate.")
+
+    def _checked_networks(self) -> dict[str, tuple[list[Tensor], Tensor]]:
+        """What the eager check compares: each trained network's parameters and the target critics, with the
+        learning rate that bounds their difference."""
+        return {**{g: (self.params[g], self.optimizers[g].param_groups[0]["lr"]) for g in OPTIMIZER_GROUPS},
+                "target_qvalue": (self.target_params, self._lr_tensors["qvalue"])}
+
+    def _written_tensors(self) -> list[Tensor]:
+        """Every tensor a call of the step may write: the networks' parameters and buffers, the target critics,
+        the optimizers' state and the update's own counters."""
+        tensors = [t for td in self.param_tds.values() for t in td.values(True, True)] + self.target_params
+        for group in OPTIMIZER_GROUPS:
+            tensors += [t for p in self.params[group] for t in self.optimizers[group].state[p].values()]
+        return tensors + [getattr(self, name) for name in _STATE_TENSORS]
 
     def _check_layout(self) -> None:
         if _layout(self._held_tensors()) != self._layout:
@@ -455,25 +485,20 @@ class IQLUpdate:
         return params
 
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
-        """An Adam step with the settings and state the group's optimizer holds: eager, torch's fused
-        kernel (one per group); compiled, :func:`~iql_torchrl.step.adam.adam_step`'s foreach ops, which
-        inductor fuses into the graph (step count and learning rate stay tensors: no sync, no recompile)."""
+        """An Adam step with the settings and state the group's optimizer holds, through torch's own functional
+        ``adam``: eager, its fused kernel (one per group); compiled, its capturable foreach form, which the
+        compiler traces into the graph (step count and learning rate stay tensors: no sync, no recompile)."""
         optimizer = self.optimizers[group]
         settings = optimizer.param_groups[0]
         states = [optimizer.state[p] for p in self.params[group]]
-        tensors = (
-            self.params[group], grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-        )
-        steps = [s["step"] for s in states]
-        options = {
-            "lr": settings["lr"], "eps": settings["eps"], "weight_decay": settings["weight_decay"],
-            "decoupled_weight_decay": settings["decoupled_weight_decay"],
-        }
-        if torch.compiler.is_compiling():
-            adam_step(*tensors, steps, betas=settings["betas"], **options)
-            return
         beta1, beta2 = settings["betas"]
-        adam(*tensors, [], steps, fused=True, amsgrad=False, beta1=beta1, beta2=beta2, maximize=False, **options)
+        adam(
+            self.params[group], grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], lr=settings["lr"], beta1=beta1, beta2=beta2, eps=settings["eps"],
+            weight_decay=settings["weight_decay"], decoupled_weight_decay=settings["decoupled_weight_decay"],
+            amsgrad=False, maximize=False,
+            **(dict(foreach=True, capturable=True) if torch.compiler.is_compiling() else dict(fused=True)),
+        )
 
     def _set_actor_lr(self):
         # total_steps 0 (None) keeps the current rate: a branch on a tensor, so changing it never recompiles
