@@ -392,3 +392,87 @@ def test_v_and_q_train_alike_whatever_the_temperature_since_they_never_read_the_
     assert critic_keys and actor_keys
     assert all(torch.equal(low[k], high[k]) for k in critic_keys)
     assert not all(torch.equal(low[k], high[k]) for k in actor_keys)
+
+
+def test_the_compiled_step_trains_every_network_as_torch_optim_adam_does_at_the_job_s_shapes():
+    # the reference, written out here: IQLLoss's two phases, backward(), one torch.optim.Adam per network,
+    # the soft target update by hand; the job's shapes (2×256 networks, batch 256), paper order
+    n, obs, act, batch, steps, lr, tau = 4_096, 17, 6, 256, 10, 3e-4, 0.005
+    data = random_transitions(n, obs, act)
+    g = torch.Generator().manual_seed(0)
+    stream = [torch.randint(0, n, (batch,), generator=g) for _ in range(steps)]
+
+    def fresh():
+        torch.manual_seed(1)
+        return IQLLoss(*make_iql_networks(obs, act, hidden_sizes=(256, 256)))
+
+    def reference(value_betas=(0.9, 0.999)):
+        loss = fresh()
+        trainable = {name: [p for p in getattr(loss, f"{name}_network_params").values(True, True) if p.requires_grad]
+                     for name in ("value", "actor", "qvalue")}
+        optimizers = {name: torch.optim.Adam(ps, lr=lr, betas=value_betas if name == "value" else (0.9, 0.999))
+                      for name, ps in trainable.items()}
+        for idx in stream:
+            td = data[idx]
+            out, target_min_q = loss.value_phase(td)
+            optimizers["value"].zero_grad()
+            out["loss_value"].backward()
+            optimizers["value"].step()
+            out = loss.actor_critic_phase(td, target_min_q)
+            for name in ("actor", "qvalue"):
+                optimizers[name].zero_grad()
+            (out["loss_actor"] + out["loss_qvalue"]).backward()
+            for name in ("actor", "qvalue"):
+                optimizers[name].step()
+            with torch.no_grad():
+                for target, online in zip(loss.target_qvalue_network_params.values(True, True),
+                                          loss.qvalue_network_params.values(True, True)):
+                    target.mul_(1 - tau).add_(online, alpha=tau)
+        return loss
+
+    loss = fresh()
+    update = IQLUpdate(loss, data=data, lr=lr, tau=tau, total_steps=None, mode="compile")
+    for idx in stream:
+        update(idx)
+
+    def gaps(a, b):
+        """Root mean square of each network's parameter difference, in learning rates."""
+        return {name: float(torch.cat([(x - y).detach().flatten() for x, y in zip(
+            getattr(a, f"{name}_network_params").values(True, True), getattr(b, f"{name}_network_params").values(True, True))
+        ]).square().mean().sqrt()) / lr for name in ("value", "actor", "qvalue", "target_qvalue")}
+
+    # float32 summation orders (inductor's, the fused kernel's, torch.optim's loop) leave < 0.01 lr after 10 updates
+    assert all(gap < 0.01 for gap in gaps(loss, reference()).values()), gaps(loss, reference())
+    # the wrong variant: the value network's first moment lost (Adam without momentum) ends far from it
+    assert gaps(loss, reference(value_betas=(0.0, 0.999)))["value"] > 0.1
+
+
+def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(monkeypatch):
+    # torch before 2.12 has no aot_compile: no warning (the suite turns that one into an error), eager's results
+    compile_with_aot = torch.compile
+
+    def compile_without_aot(*args, **kwargs):
+        compiled = compile_with_aot(*args, **kwargs)
+        return lambda *a, **k: compiled(*a, **k)  # the same compiled function, without .aot_compile
+
+    monkeypatch.setattr(torch, "compile", compile_without_aot)
+    data = dataset()
+    stream = index_stream(3)
+    loss_e, eager = make_update(data, total_steps=3)
+    loss_c, compiled = make_update(data, total_steps=3, mode="compile")
+    for idx in stream:
+        eager(idx)
+        compiled(idx)
+    assert compiled.compilations == 0  # nothing compiled ahead of time: dynamo's guarded step ran
+    for (key, a), b in zip(params(loss_e).items(), params(loss_c).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+
+
+def test_the_cuda_compile_workaround_reaches_older_torch_only():
+    from iql_torchrl.step.modes import inductor_options
+
+    assert inductor_options("cuda", "2.11.0+cu130")["loop_ordering_after_fusion"] is False  # pytorch#176591
+    assert inductor_options("cuda", "2.12.1")["loop_ordering_after_fusion"] is False
+    assert "loop_ordering_after_fusion" not in inductor_options("cuda", "2.13.0")
+    assert "loop_ordering_after_fusion" not in inductor_options("cuda", "2.14.0.dev20260101+cu130")
+    assert "loop_ordering_after_fusion" not in inductor_options("cpu", "2.11.0")
