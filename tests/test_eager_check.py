@@ -120,3 +120,15 @@ def test_the_bound_is_wider_under_bf16_autocast_whose_first_update_rounds_more()
 def test_eager_checks_must_be_a_count():
     with pytest.raises(ValueError, match="check_calls must be >= 0"):
         IQLUpdate(make_loss(), mode="compile", eager_checks=-1)
+
+
+def test_a_checked_step_called_with_a_batch_leaves_it_as_it_was_and_compiles_once():
+    # the eager loss writes into the batch it is given (log-probs): the check gives it a shallow copy, so the
+    # next call sees the batch it was compiled for
+    update = IQLUpdate(make_loss(), mode="compile")
+    batch = random_transitions(N, OBS, ACT)[:B]
+    keys = sorted(map(str, batch.keys(True, True)))
+    for _ in range(4):
+        update(batch)
+    assert sorted(map(str, batch.keys(True, True))) == keys
+    assert update.compilations == 1

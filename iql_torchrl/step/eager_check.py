@@ -13,6 +13,7 @@ either put back as before the call or left at the eager step's result.
 from __future__ import annotations
 
 import torch
+from tensordict import TensorDictBase
 from torch import Tensor
 
 __all__ = ["EagerCheck", "StepMismatch", "tolerance"]
@@ -73,7 +74,8 @@ class EagerCheck:
         compiled_params = {name: _copies(params) for name, (params, _) in self.networks().items()}
         generators_after = _generator_states() if self.random else None
         _restore(tensors, before, generators)
-        eager_out = eager(x)
+        # a shallow copy takes what the eager loss writes into a batch (log-probs), which the next call must not see
+        eager_out = eager(x.copy() if isinstance(x, TensorDictBase) else x)
         self.checked += 1
         gaps = {}
         for name, (params, lr) in self.networks().items():
