@@ -82,7 +82,8 @@ def make_networks(setup: Setup):
 
 # ------------------------------------------------------------------------------------- TorchRL
 def torchrl_steps(setup: Setup, mode: str) -> Steps:
-    """TorchRL's IQLLoss step as its offline IQL script writes it, eager or compiled."""
+    """TorchRL's IQLLoss step as its offline IQL script writes it: eager, compiled, or compiled and replayed by
+    tensordict's ``CudaGraphModule`` (``mode="cudagraphs"``: the script's ``compile.cudagraphs``, its fastest on a GPU)."""
     actor, critics, value = make_networks(setup)
     loss = TorchRLIQLLoss(
         actor, critics, value,
@@ -105,6 +106,10 @@ def torchrl_steps(setup: Setup, mode: str) -> Steps:
 
     if mode == "eager":
         return Steps(update)
+    if mode == "cudagraphs":  # the script's compile.cudagraphs path: compiled (default mode), then tensordict's graph
+        from tensordict.nn import CudaGraphModule
+
+        return Steps(CudaGraphModule(torch.compile(update), in_keys=[], out_keys=[], warmup=5))  # graphs: torchrl-compile's
     compiled = torch.compile(update, mode="reduce-overhead")
     on_cuda = str(setup.device).startswith("cuda")
 

@@ -1,7 +1,7 @@
 """Offline-to-online IQL: train offline on a Minari dataset, then keep training with interaction.
 
-    python examples/iql_finetune.py                                    # inverted-pendulum medium data
-    python examples/iql_finetune.py --dataset iql_torchrl/pendulum/medium-v0 --offline-steps 5000
+    python examples/iql_finetune.py                                    # the default: Pendulum medium data (iql_torchrl/pendulum/medium-v0)
+    python examples/iql_finetune.py --offline-steps 5000                # a shorter offline phase
     python examples/iql_finetune.py --checkpoint runs/my-offline-run    # fine-tune an iql_offline.py run
     python examples/iql_finetune.py --resume --output-dir runs/<run>    # continue a stopped run
     python examples/iql_finetune.py --help

@@ -6,12 +6,15 @@ range, a row that is truly one-hot -- belong where data enters the buffer (:mod:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import Tensor, nn
 
 __all__ = [
+    "is_finite_number",
     "NETWORKS",
     "check_input",
     "check_action_size",
@@ -145,3 +148,8 @@ def _network_name(loss, network: nn.Module) -> str:
         if loss.__dict__.get(f"{name}_network") is network:
             return f"{name} network"
     return "network"
+
+
+def is_finite_number(value) -> bool:
+    """A finite int or float (not a bool): what a numeric setting must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

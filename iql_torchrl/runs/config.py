@@ -12,7 +12,6 @@ flag and its valid range.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from iql_torchrl.datasets import DEFAULT_DATASET
+from iql_torchrl.objectives.checks import is_finite_number
 from iql_torchrl.step.update import optimizer_settings_problem
 
 __all__ = [
@@ -112,7 +112,7 @@ def describe_preset(name: str, reason: str, config=None) -> str:
             return f"{field} {getattr(preset, field)}"
         return f"{field} {own} (--{field}; the preset's {getattr(preset, field)})"
 
-    # the loader's rule, as the run applies it (fine-tuning keeps its data continuing whatever the preset)
+    # the loader's rule, as the run applies it (fine-tuning keeps it online too: jobs/online.SuccessTerminal)
     terminal = config.success_terminal_option() if config is not None else (None if preset.success_terminal else False)
     goal = ""
     if preset.success_terminal or terminal is not False:
@@ -273,14 +273,14 @@ class RunConfig:
         need(len(self.hidden_sizes) >= 1 and all(_is_int(h) and h >= 1 for h in self.hidden_sizes),
              "hidden_sizes", "one or more layer widths, each >= 1")
         if self.temperature is not None:
-            need(_finite(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0 (0 is behaviour cloning)")
+            need(is_finite_number(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0 (0 is behaviour cloning)")
         if self.expectile is not None:
-            need(_finite(self.expectile) and 0 < self.expectile < 1, "expectile", "in (0, 1), e.g. 0.7")
+            need(is_finite_number(self.expectile) and 0 < self.expectile < 1, "expectile", "in (0, 1), e.g. 0.7")
         problem = optimizer_settings_problem({name: getattr(self, name) for name in (
             "lr", "actor_lr", "qvalue_lr", "value_lr", "weight_decay", "tau")})
         if problem is not None:
             need(False, *problem)
-        need(_finite(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")
+        need(is_finite_number(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")
         need(self.success_terminal is True or self.success_terminal is False or self.success_terminal == "auto",
              "success_terminal", "True, False or auto")
         need(self.threads == "auto" or (_is_int(self.threads) and self.threads >= 1), "threads", "auto or an integer >= 1")
@@ -319,10 +319,6 @@ class OfflineConfig(RunConfig):
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _shown(value) -> str:

@@ -54,7 +54,7 @@ def resolve_settings(config, job: str, given: set[str]):
 
 # --compile auto: on 2 CPU cores compiling the default step costs ~13 s (~3 s with the compile cache warm)
 # and saves ~8 ms an update, repaid after ~1,600 updates; 5,000 leaves room for slower machines and
-# longer compiles (measured: README, "The main job compiles by default")
+# longer compiles (measured: docs/fused-step.md, "The main job compiles by default")
 COMPILE_BREAK_EVEN = 5_000
 
 

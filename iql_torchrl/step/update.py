@@ -29,7 +29,7 @@ from torch.optim.adam import adam
 
 from iql_torchrl.step.compile_cache import CompiledStepCache, describe_objects
 from iql_torchrl.step.eager_check import EagerCheck, tolerance
-from iql_torchrl.objectives.checks import nonfinite
+from iql_torchrl.objectives.checks import is_finite_number, nonfinite
 from iql_torchrl.objectives.loss import TRAINED_NETWORKS
 from iql_torchrl.step.modes import MODES, StepRunner, call_structure, check_mode, missing_compiler
 
@@ -85,13 +85,9 @@ def optimizer_settings_problem(settings: dict[str, float | None]) -> tuple[str, 
     }
     for name, value in settings.items():
         ok, requirement = valid.get(name, (lambda v: v > 0, "a finite number > 0, e.g. 3e-4"))
-        if value is not None and not (_finite(value) and ok(value)):
+        if value is not None and not (is_finite_number(value) and ok(value)):
             return name, requirement
     return None
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_total_steps(total_steps) -> None:
