@@ -448,7 +448,7 @@ def test_the_compiled_step_trains_every_network_as_torch_optim_adam_does_at_the_
 
 
 def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(monkeypatch):
-    # torch before 2.12 has no aot_compile: no warning (the suite turns that one into an error), eager's results
+    # torch 2.11 has no aot_compile: no warning (the suite turns that one into an error), eager's results
     compile_with_aot = torch.compile
 
     def compile_without_aot(*args, **kwargs):

@@ -32,22 +32,22 @@ def resolve_settings(config, job: str, given: set[str]):
         raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
     # the step's mode is the run's own choice unless a flag forced compiling or CUDA graphs (a resumed run: its command's)
     chosen = "compile" not in given and not ("cudagraphs" in given and config.cudagraphs is True)
+    reason = None
     if config.compile == "auto":
         config.compile, reason = auto_compile(config)
-        if config.cudagraphs == "auto":
-            config.cudagraphs = config.compile and config.device == "cuda"
-            if config.cudagraphs:
-                reason += ", replayed as a CUDA graph (--no-cudagraphs: compiled only)"
-        if int(os.environ.get("RANK", "0")) == 0:
-            how = "compiled" if config.compile else "eager"
-            check = (": its first updates are checked against the eager step, which takes over if they disagree"
-                     if config.compile else "")
-            print(f"iql_torchrl: the update step runs {how}: {reason}{check}. --compile / --no-compile force it.",
-                  file=sys.stderr)
     elif config.compile and (problem := missing_compiler(config.device)) is not None:  # auto checked it already
         raise ConfigError(f"--compile: {problem} (leave out --compile).")
-    if config.cudagraphs == "auto":  # --compile or --no-compile forced: CUDA graphs wherever the step compiles on CUDA
+    graphs_chosen = config.cudagraphs == "auto"
+    if graphs_chosen:  # CUDA graphs wherever the step compiles on CUDA
         config.cudagraphs = bool(config.compile) and config.device == "cuda"
+    if reason is not None and int(os.environ.get("RANK", "0")) == 0:
+        if config.cudagraphs and graphs_chosen:
+            reason += ", replayed as a CUDA graph (--no-cudagraphs: compiled only)"
+        how = "compiled" if config.compile else "eager"
+        check = (": its first updates are checked against the eager step, which takes over if they disagree"
+                 if config.compile else "")
+        print(f"iql_torchrl: the update step runs {how}: {reason}{check}. --compile / --no-compile force it.",
+              file=sys.stderr)
     config.step_chosen = chosen
     return config, state
 

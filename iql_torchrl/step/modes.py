@@ -19,7 +19,7 @@ step and the first ``check_calls`` calls after them (for a CUDA graph: its warm-
 and its first replays) are also taken eagerly and compared; a compiled step that disagrees raises, or
 with ``fall_back`` warns and leaves the runner eager.
 
-Where torch has no ``aot_compile`` (before 2.12) the step runs guarded; where inductor needs a
+Where torch has no ``aot_compile`` (torch 2.11) the step runs guarded; where inductor needs a
 setting for the step to compile at all on an older torch, it reaches this step's compilation only.
 
 Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls,
@@ -187,7 +187,7 @@ class StepRunner:
                 self.step_function, **compile_options,
                 options={**own_options, "guard_filter_fn": self._record_guards(keep=False)},
             )
-            if not hasattr(self.unguarded, "aot_compile"):  # torch before 2.12: the guarded step, the same results
+            if not hasattr(self.unguarded, "aot_compile"):  # e.g. torch 2.11: the guarded step, the same results
                 self.ahead_of_time = None
 
     def _record_guards(self, keep: bool):

@@ -366,7 +366,7 @@ class IQLUpdate:
     def _checked_networks(self) -> dict[str, tuple[list[Tensor], Tensor]]:
         """What the eager check compares: each trained network's parameters and the target critics, with the
         learning rate that bounds their difference."""
-        return {**{g: (self.params[g], self.optimizers[g].param_groups[0]["lr"]) for g in OPTIMIZER_GROUPS},
+        return {**{g: (self.params[g], self._lr_tensors[g]) for g in OPTIMIZER_GROUPS},
                 "target_qvalue": (self.target_params, self._lr_tensors["qvalue"])}
 
     def _written_tensors(self) -> list[Tensor]:
