@@ -9,6 +9,8 @@ updates each, the order rotating every round); the table shows each variant's me
   compiled as that script compiles it); on CUDA also ``torchrl-cudagraphs``, the script's
   ``compile.cudagraphs`` path (compiled, then replayed by tensordict's ``CudaGraphModule``);
 * ``ours-{eager,compile}-{paper,summed}``: ``IQLUpdate`` in each mode and update order;
+* with ``--bf16``, the paper-order step with bf16 GEMMs, per layer choice: ``-bf16`` the hidden layers
+  (``precision="bf16"``, eager and compiled), ``-bf16in`` also the input layers, ``-bf16all`` every layer;
 * ``gemm-limit``: the GEMMs of one paper-order ``IQLUpdate`` step alone (recorded from the step,
   forward and backward), back to back: "% of GEMM limit" is that time over the row's time.
 
@@ -49,7 +51,10 @@ HERE = Path(__file__).resolve().parent
 ORDERS = ("paper", "summed")
 BASE_VARIANTS = ("torchrl-eager", "torchrl-compile", *(f"ours-{m}-{o}" for m in ("eager", "compile") for o in ORDERS),
                  "gemm-limit")
-BF16_VARIANTS = ("ours-eager-paper-bf16", "ours-compile-paper-bf16")
+# bf16 GEMMs for the layers at least this wide in both dims: the hidden layers (--precision bf16), also the input
+# layers (obs + act features), every layer (bf16 autocast's choice)
+BF16_LAYERS = {"bf16": 64, "bf16in": 16, "bf16all": 1}
+BF16_VARIANTS = ("ours-eager-paper-bf16", *(f"ours-compile-paper-{layers}" for layers in BF16_LAYERS))
 # TorchRL's CUDA-graph row last: tensordict's CudaGraphModule takes TensorDict out of torch's pytree registry for the
 # whole process when it captures, so it is built and warmed up after every step of ours has compiled and captured
 CUDA_VARIANTS = (*(f"ours-cudagraphs-{o}" for o in ORDERS), "torchrl-cudagraphs")
@@ -72,8 +77,8 @@ def build(name: str, setup: Setup, gemms) -> Variant:
     elif name.startswith("torchrl-"):
         steps = torchrl_steps(setup, name.split("-")[1])
     else:
-        _, mode, order, *dtype = name.split("-")
-        steps = iql_steps(setup, mode, order, bf16=dtype == ["bf16"])
+        _, mode, order, *layers = name.split("-")
+        steps = iql_steps(setup, mode, order, BF16_LAYERS[layers[0]] if layers else None)
     return Variant(name, steps.step, steps.plain)
 
 
@@ -174,6 +179,7 @@ def targets(rows: dict, threads: int) -> list[dict]:
             (f"{order}: eager / TorchRL eager", eager, "torchrl-eager", 1.3),
             (f"{order}: compiled / GEMM limit", compiled, "gemm-limit", 0.60),
         ]
+    wanted.append(("bf16 compiled / fp32 compiled", "ours-compile-paper-bf16", "ours-compile-paper", 1.4))
     out = []
     for label, ours, base, target in wanted:
         if ours not in speed or base not in speed:
@@ -234,7 +240,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                         help=f"which rows (default: all that apply): {', '.join(ALL_VARIANTS)}")
-    parser.add_argument("--bf16", action="store_true", help="also our paper-order step under bfloat16 autocast")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also our paper-order step with bf16 GEMMs: hidden layers (eager and compiled), + input layers, every layer")
     parser.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
                         help="torch.set_float32_matmul_precision for every row ('high': TF32 on NVIDIA GPUs)")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="write a torch.profiler table of this variant")

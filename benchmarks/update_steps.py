@@ -122,17 +122,18 @@ def torchrl_steps(setup: Setup, mode: str) -> Steps:
 
 
 # ------------------------------------------------------------------------------------- ours
-def make_iql_update(setup: Setup, mode: str, order: str, autocast_dtype=None) -> IQLUpdate:
+def make_iql_update(setup: Setup, mode: str, order: str, precision: str = "fp32", min_features: int = 64) -> IQLUpdate:
     loss = IQLLoss(*make_networks(setup), temperature=PAPER["temperature"], expectile=PAPER["expectile"])
     loss.make_value_estimator(gamma=PAPER["gamma"])
     return IQLUpdate(
         loss.to(setup.device), total_steps=10**9, lr=PAPER["lr"], tau=PAPER["tau"], mode=mode, order=order,
-        autocast_dtype=autocast_dtype,
+        precision=precision, bf16_min_features=min_features,
     )
 
 
-def iql_steps(setup: Setup, mode: str, order: str, bf16: bool = False) -> Steps:
-    update = make_iql_update(setup, mode, order, torch.bfloat16 if bf16 else None)
+def iql_steps(setup: Setup, mode: str, order: str, bf16_min_features: int | None = None) -> Steps:
+    """``bf16_min_features``: bf16 GEMMs for the layers at least this wide in both dims (``None``: float32)."""
+    update = make_iql_update(setup, mode, order, "fp32" if bf16_min_features is None else "bf16", bf16_min_features or 64)
     return Steps(update, None if mode == "eager" else update.step_function)
 
 

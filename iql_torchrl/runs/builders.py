@@ -70,12 +70,12 @@ def make_update(config: RunConfig, loss, data, *, total_steps: int | None, distr
 
 def update_options(config: RunConfig, loss, distributed: bool = False) -> dict:
     """:class:`IQLUpdate`'s keyword arguments for how a run's step runs: the mode (``--compile``,
-    ``--cudagraphs``), bf16 autocast, the torchrun gradient all-reduce, the compiled-step cache, what a
+    ``--cudagraphs``), the precision, the torchrun gradient all-reduce, the compiled-step cache, what a
     compiled step that fails its eager check does (the run continues eager where the step was its own choice,
     and stops where it was forced) and the optimiser settings that differ from IQLUpdate's defaults."""
     return dict(
         mode="cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager",
-        autocast_dtype=torch.bfloat16 if config.bf16 else None, grad_hook=all_reduce_gradients if distributed else None,
+        precision=config.precision, grad_hook=all_reduce_gradients if distributed else None,
         # a step of several seeds is vmapped, and torch cannot serialise a compiled vmapped graph: not cached
         compile_cache=None if isinstance(loss, SeedEnsemble) else default_cache_folder(),
         fall_back_to_eager=config.step_chosen, **config.optimizer_settings(),

@@ -178,8 +178,10 @@ class RunConfig:
     cudagraphs: bool | Literal["auto"] = "auto"
     """Replay the compiled step as a CUDA graph (needs CUDA): auto does wherever the step compiles on CUDA (the
     fastest mode there); --cudagraphs / --no-cudagraphs force it."""
-    bf16: bool = False
-    """Compute the losses under bfloat16 autocast (parameters and optimizer stay float32)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Number format of the step's GEMMs: bf16 computes the wide (256×256) layers' in bfloat16 with float32
+    accumulation, everything else float32; auto takes bf16 where the CPU has native bf16 (AVX512_BF16 or AMX), the
+    step compiles and a measurement on this host says it pays, fp32 elsewhere (CUDA included). --bf16: --precision bf16."""
     order: Literal["paper", "summed"] = "paper"
     """Update order: step V first, then the actor and Q with the new V (paper); or one summed backward."""
     logger: Literal["csv", "wandb", "tensorboard", "none"] = "csv"
@@ -363,8 +365,9 @@ AUTO_FLAGS = ("compile", "cudagraphs", "success_terminal")
 
 
 def forced_flags(argv: list[str]) -> list[str]:
-    """``argv`` with each bare ``--X`` / ``--no-X`` of :data:`AUTO_FLAGS` spelled ``--X=True`` / ``--X=False``."""
-    out = list(argv)
+    """``argv`` with each bare ``--X`` / ``--no-X`` of :data:`AUTO_FLAGS` spelled ``--X=True`` / ``--X=False``, and
+    ``--bf16`` spelled ``--precision=bf16``."""
+    out = ["--precision=bf16" if arg == "--bf16" else arg for arg in argv]
     for i, arg in enumerate(argv):
         for name in AUTO_FLAGS:
             option = f"--{name.replace('_', '-')}"

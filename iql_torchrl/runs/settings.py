@@ -11,8 +11,9 @@ from iql_torchrl.runs.checkpoint import load_run_checkpoint
 from iql_torchrl.runs.config import ConfigError
 from iql_torchrl.runs.resume import ResumeError, resumed_config
 from iql_torchrl.step.modes import missing_compiler
+from iql_torchrl.step.precision import MIN_FEATURES, choose_precision
 
-__all__ = ["resolve_settings", "auto_compile", "COMPILE_BREAK_EVEN"]
+__all__ = ["resolve_settings", "resolve_precision", "auto_compile", "COMPILE_BREAK_EVEN"]
 
 
 def resolve_settings(config, job: str, given: set[str]):
@@ -68,3 +69,22 @@ def auto_compile(config) -> tuple[bool, str]:
     if updates < COMPILE_BREAK_EVEN:
         return False, f"{updates} updates are fewer than the {COMPILE_BREAK_EVEN} that repay compiling"
     return True, f"{updates} updates repay compiling it (from {COMPILE_BREAK_EVEN} on)"
+
+
+def resolve_precision(config, distributed: bool = False) -> None:
+    """``--precision auto``: bf16 or fp32 for this run, measured on its threads (set them first), said on one line.
+
+    Under torchrun rank 0 measures and every process takes its choice.
+    """
+    if config.precision != "auto":
+        return
+    choice = [None, None]
+    if int(os.environ.get("RANK", "0")) == 0:
+        wide = [(o, i) for i, o in zip(config.hidden_sizes, config.hidden_sizes[1:]) if min(o, i) >= MIN_FEATURES]
+        layer = max(wide, key=lambda s: s[0] * s[1], default=None)
+        choice = list(choose_precision(config.device, bool(config.compile), layer, config.batch_size))
+        print(f"iql_torchrl: the update step computes in {choice[0]}: {choice[1]}. --precision fp32 / bf16 force it.",
+              file=sys.stderr)
+    if distributed:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    config.precision = choice[0]

@@ -19,7 +19,7 @@ from torch import Tensor
 __all__ = ["EagerCheck", "StepMismatch", "tolerance"]
 
 
-def tolerance(autocast_dtype: torch.dtype | None) -> float:
+def tolerance(precision: str) -> float:
     """The largest root-mean-square difference a checked call may leave between a network's compiled and eager
     parameters, as a fraction of its learning rate.
 
@@ -27,10 +27,10 @@ def tolerance(autocast_dtype: torch.dtype | None) -> float:
     gradient by the learning rate); a correct float32 step by < 0.001 (CPU, the default shapes, 40 updates).
     The first update is the sensitive one: Adam divides each gradient by its own magnitude, so a gradient
     near 0 whose rounding differs moves its weight differently (up to twice the learning rate where its sign
-    flips). Under bfloat16 autocast (8 significant bits) that happens often: 0.16 at the first update, 0.05 at
-    the second, < 0.01 from the 8th on (CPU, the default shapes).
+    flips). With bfloat16 GEMMs (``precision="bf16"``, 8 significant bits) that happens often: 0.16 at the first
+    update, 0.05 at the second, < 0.01 from the 8th on (CPU, the default shapes).
     """
-    return 0.05 if autocast_dtype is None else 0.3
+    return 0.3 if precision == "bf16" else 0.05
 
 
 class StepMismatch(RuntimeError):

@@ -19,6 +19,7 @@ vmapped runs see the same batches and a resumed run continues the same random st
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +30,7 @@ from torch.optim.adam import adam
 
 from iql_torchrl.step.compile_cache import CompiledStepCache, describe_objects
 from iql_torchrl.step.eager_check import EagerCheck, tolerance
+from iql_torchrl.step.precision import MIN_FEATURES, PRECISIONS, BF16Layers, bf16_cost, choose_precision, widest_layer
 from iql_torchrl.objectives.checks import is_finite_number, nonfinite
 from iql_torchrl.objectives.loss import TRAINED_NETWORKS
 from iql_torchrl.step.modes import MODES, StepRunner, call_structure, check_mode, missing_compiler
@@ -146,9 +148,11 @@ class IQLUpdate:
         mode (str): ``"eager"``, ``"compile"`` or ``"cudagraphs"`` (needs CUDA).
         data (TensorDict, optional): the whole dataset on the training device. When given, the
             step takes a tensor of indices and gathers the batch itself (inside the graph).
-        autocast_dtype (torch.dtype, optional): run the losses under ``torch.autocast`` with this
-            dtype (e.g. ``torch.bfloat16``); parameters, optimizer state and the target update
-            stay float32.
+        precision (str): ``"fp32"``; ``"bf16"``: the wide layers' matrix products (weight at least
+            ``bf16_min_features`` in both dims) in bfloat16 with float32 accumulation, everything else
+            float32 (:mod:`iql_torchrl.step.precision`); ``"auto"``: bf16 where this host's bf16 is
+            measured to pay (``precision_reason`` says why). A forced bf16 that is slower here warns.
+        bf16_min_features (int): under bf16, the smallest weight dimension computed in bf16 (1: every layer).
         grad_hook (callable, optional): called with each optimizer phase's list of gradients
             between the gradient and the optimizer step, returns the gradients to apply;
             data-parallel training averages them across processes here
@@ -192,7 +196,8 @@ class IQLUpdate:
         order: str = "paper",
         mode: str = "eager",
         data: TensorDictBase | None = None,
-        autocast_dtype: torch.dtype | None = None,
+        precision: str = "fp32",
+        bf16_min_features: int = MIN_FEATURES,
         grad_hook=None,
         compile_cache: str | Path | None = None,
         eager_checks: int = 2,
@@ -204,6 +209,10 @@ class IQLUpdate:
         check_mode(mode, device.type, "IQLUpdate")  # before any work: how the step runs is the runner's
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+        if not (isinstance(bf16_min_features, int) and bf16_min_features >= 1):
+            raise ValueError(f"bf16_min_features must be an int of at least 1, got {bf16_min_features!r}.")
         _check_total_steps(total_steps)
         learning_rates = {"value": value_lr, "actor": actor_lr, "qvalue": qvalue_lr}
         learning_rates = {name: lr if rate is None else rate for name, rate in learning_rates.items()}
@@ -215,8 +224,9 @@ class IQLUpdate:
         self.order = order
         self.data = data
         self.grad_hook = grad_hook
-        self.autocast_dtype = autocast_dtype
         self.device_type = device.type
+        self.bf16_min_features = bf16_min_features
+        self.precision, self.precision_reason = self._resolve_precision(precision, mode)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         # settings the step reads as 0-d tensors, so changing them between calls needs no recompilation:
         # the target update rate, the cosine's length (0: no decay) and the actor's learning rate before it
@@ -255,9 +265,17 @@ class IQLUpdate:
             cache=None if compile_cache is None or mode != "compile" else CompiledStepCache(compile_cache),
             description=self._compiled_step_description, device_type=device.type,
             check=EagerCheck(self._checked_networks, self._written_tensors, random=bool(self._dropouts),
-                             tolerance=tolerance(autocast_dtype)),
+                             tolerance=tolerance(self.precision)),
             check_calls=eager_checks, fall_back=fall_back_to_eager,
         )
+
+    def _resolve_precision(self, precision: str, mode: str) -> tuple[str, str]:
+        layer = widest_layer(_network_modules(self.loss), self.bf16_min_features)
+        if precision == "auto":
+            return choose_precision(self.device_type, mode != "eager", layer)
+        if precision == "bf16" and (cost := bf16_cost(self.device_type, layer)) is not None:
+            warnings.warn(f"IQLUpdate(precision='bf16'): {cost}.", UserWarning, stacklevel=3)
+        return precision, "asked for"
 
     @property
     def mode(self) -> str:
@@ -388,7 +406,7 @@ class IQLUpdate:
         update's settings, every plain attribute and class source of the loss and its networks, and the
         structure of the parameters and optimizer state it reads."""
         return {
-            "update": {"order": self.order, "autocast": str(self.autocast_dtype),
+            "update": {"order": self.order, "precision": self.precision, "bf16_min_features": self.bf16_min_features,
                        "optimizers": {g: {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")}
                                       for g, opt in self.optimizers.items()}},
             "loss": describe_objects(self.loss),
@@ -439,14 +457,14 @@ class IQLUpdate:
 
             def objective(tensors):
                 # a shallow copy takes the loss's writes (log-prob, priority), which must not leave torch.func
-                result = self._autocast_call(phase, batch.copy(), self._loss_params(groups, tensors))
+                result = self._loss_call(phase, batch.copy(), self._loss_params(groups, tensors))
                 return _summed_losses(result), result
 
             grads, result = torch.func.grad(objective, has_aux=True)({g: self.params[g] for g in groups})
             grads = [grad for g in groups for grad in grads[g]]
         else:
             with torch.enable_grad():
-                result = self._autocast_call(phase, batch, None)
+                result = self._loss_call(phase, batch, None)
                 params = [p for g in groups for p in self.params[g]]
                 grads = torch.autograd.grad(_summed_losses(result), params, allow_unused=True, materialize_grads=True)
             # the fused CPU Adam kernel reads gradients as laid out like their (contiguous) parameters;
@@ -463,9 +481,10 @@ class IQLUpdate:
             offset += n
         return result
 
-    def _autocast_call(self, phase, batch, params):
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+    def _loss_call(self, phase, batch, params):
+        if self.precision != "bf16":
+            return phase(batch, params)
+        with BF16Layers(self.bf16_min_features):
             return phase(batch, params)
 
     def _loss_params(self, groups, tensors: dict[str, list[Tensor]]) -> dict[str, TensorDictBase]:
@@ -579,9 +598,13 @@ def _summed_losses(result) -> Tensor:
     return sum(out[name].sum() for name in LOSS_NAMES if name in out.keys())
 
 
+def _network_modules(loss: TrainableLoss) -> list[torch.nn.Module]:
+    return [getattr(loss, f"{name}_network") for name in OPTIMIZER_GROUPS]
+
+
 def _networks(loss: TrainableLoss):
-    for name in OPTIMIZER_GROUPS:
-        yield from getattr(loss, f"{name}_network").modules()
+    for network in _network_modules(loss):
+        yield from network.modules()
 
 
 def _is_trainable(value) -> bool:

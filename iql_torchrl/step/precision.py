@@ -1,0 +1,152 @@
+"""The update step's number format, layer by layer: bfloat16 GEMMs for the wide layers, float32 for the rest.
+
+Under ``precision="bf16"`` the step computes the matrix products of its wide layers -- a ``Linear``, or the
+plain-MLP path's batched product, whose weight has both dimensions at least ``min_features`` (64): the 2×256
+MLPs' 256×256 hidden layers, most of the step's FLOPs -- from bfloat16 copies of the weight and the input,
+accumulated in float32 by the GEMM and handed on as float32. Everything else stays float32: the thin input
+and output layers (where bf16 GEMMs are slower than float32 ones on every CPU measured), the parameters, the
+gradients Adam reads, its state, the targets, the losses, the expectile and the AWR weights. A bf16 product
+keeps 8 significant bits, so a wide layer's output carries a relative rounding of about 2⁻⁸ ≈ 0.4% per
+element (averaging out over its 256-term sums to far less in the losses).
+
+:class:`BF16Layers` does it for any network the loss evaluates -- the user's own modules too -- as a torch
+function mode around the loss, which the compiler traces like any other code. ``precision="auto"``
+(:func:`choose_precision`) takes bf16 only where it pays: a CPU with native bf16 (AVX512_BF16 or AMX), a
+compiled step, and a measurement on this process's threads (:func:`bf16_speedup`) showing the wide layer's
+GEMMs at least :data:`PAYS` times faster in bf16. A bf16 GEMM on a CPU without native bf16 is emulated, many
+times slower; a forced bf16 there says what it costs (:func:`bf16_cost`). On CUDA ``auto`` is float32: at
+the paper's batch of 256 bf16 gave nothing on an H100 (0.31 vs 0.30 ms an update).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["PRECISIONS", "MIN_FEATURES", "PAYS", "BF16Layers", "native_bf16", "bf16_speedup", "choose_precision",
+           "bf16_cost", "widest_layer"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+MIN_FEATURES = 64  # a layer whose weight has both dims at least this computes in bf16 under precision "bf16"
+PAYS = 1.3  # auto takes bf16 where the wide layer's GEMMs are at least this much faster in it
+
+
+class BF16Layers(TorchFunctionMode):
+    """Inside it, the float32 matrix products of layers whose weight is at least ``min_features`` in both
+    dimensions run in bfloat16 with float32 accumulation, their outputs (and gradients) float32.
+
+    Covers ``F.linear`` (every ``nn.Linear``), ``torch.bmm(weight, h)`` and ``torch.baddbmm(bias, weight, h)``
+    (the plain-MLP path's stacked critics), reading the weight's ``[..., out, in]`` dims; any other call
+    runs as it is.
+    """
+
+    def __init__(self, min_features: int = MIN_FEATURES):
+        super().__init__()
+        self.min_features = min_features
+
+    def _wide(self, weight: Tensor, other: Tensor) -> bool:
+        return (weight.dtype == other.dtype == torch.float32 and weight.ndim >= 2
+                and min(weight.shape[-2:]) >= self.min_features)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if self._wide(weight, x):
+                out = nn.functional.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).to(torch.float32)
+                return out if bias is None else out + bias
+        elif func is torch.bmm and not kwargs:
+            weight, h = args
+            if self._wide(weight, h):
+                return torch.bmm(weight.to(torch.bfloat16), h.to(torch.bfloat16)).to(torch.float32)
+        elif func is torch.baddbmm and len(args) == 3 and not kwargs:  # beta = alpha = 1
+            bias, weight, h = args
+            if self._wide(weight, h):
+                return bias + torch.bmm(weight.to(torch.bfloat16), h.to(torch.bfloat16)).to(torch.float32)
+        return func(*args, **kwargs)
+
+
+def native_bf16() -> str | None:
+    """The CPU's native bfloat16 instructions (``"AMX"``, ``"AVX512_BF16"``), or ``None``."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512_BF16"
+    return None
+
+
+def widest_layer(modules, min_features: int = MIN_FEATURES) -> tuple[int, int] | None:
+    """``(out, in)`` of the largest ``nn.Linear`` in ``modules`` wide enough for bf16, or ``None``."""
+    shapes = [tuple(m.weight.shape) for module in modules for m in module.modules()
+              if isinstance(m, nn.Linear) and min(m.weight.shape) >= min_features]
+    return max(shapes, key=lambda s: s[0] * s[1], default=None)
+
+
+def bf16_speedup(out_features: int, in_features: int, batch: int, rounds: int = 5, calls: int = 10) -> float:
+    """How many times faster a layer's three GEMMs (forward, input and weight gradients) run from bfloat16
+    copies than in float32, on this process's threads, each followed by a parallel elementwise op as in
+    the step (so a GEMM that leaves a thread idle long enough to fall asleep pays its wake-up)."""
+    g = torch.Generator().manual_seed(0)
+    w, h = torch.randn(out_features, in_features, generator=g), torch.randn(in_features, batch, generator=g)
+    grad = torch.randn(out_features, batch, generator=g)
+
+    operands = {dtype: (w.to(dtype), h.to(dtype), grad.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    epilogue = torch.empty(out_features, batch)  # what the step's fused kernel after each GEMM does, in float32
+
+    def layer(dtype):
+        weight, x, y = operands[dtype]
+        for a, b in ((weight, x), (y, x.T), (weight.T, y)):
+            torch.mm(a, b)
+            torch.relu_(epilogue)
+
+    def timed(dtype) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            layer(dtype)
+        return time.perf_counter() - start
+
+    for dtype in (torch.float32, torch.bfloat16):  # warm up: kernels chosen, weights packed
+        timed(dtype)
+    fp32, bf16 = [], []
+    for _ in range(rounds):
+        fp32.append(timed(torch.float32))
+        bf16.append(timed(torch.bfloat16))
+    return statistics.median(fp32) / statistics.median(bf16)
+
+
+def choose_precision(device_type: str, compiled: bool, layer: tuple[int, int] | None,
+                     batch: int = 256) -> tuple[str, str]:
+    """``precision="auto"``: ``("bf16" or "fp32", why in words)`` for a step on ``device_type`` whose widest
+    bf16-eligible layer is ``layer`` (``(out, in)``, ``None``: no layer is wide enough)."""
+    if device_type != "cpu":
+        return "fp32", f"on {device_type} bf16 gave nothing at the paper's batch size (--precision bf16 forces it)"
+    if layer is None:
+        return "fp32", f"no layer is {MIN_FEATURES} wide or more in both dimensions"
+    native = native_bf16()
+    if native is None:
+        return "fp32", "this CPU has no native bf16 (AVX512_BF16 or AMX): its bf16 GEMMs are emulated, slower"
+    if not compiled:
+        return "fp32", "the eager step spends its time outside the GEMMs: bf16 pays in the compiled step"
+    speedup = bf16_speedup(*layer, batch)
+    shape = f"{layer[0]}×{layer[1]}"
+    if speedup < PAYS:
+        return "fp32", (f"this CPU has {native}, but its {shape} layers' GEMMs measured {speedup:.2f}× in bf16 "
+                        f"here, under the {PAYS}× that pays")
+    return "bf16", (f"this CPU has {native} and the {shape} layers' GEMMs measured {speedup:.2f}× faster "
+                    f"in bf16 here; thinner layers stay fp32")
+
+
+def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256) -> str | None:
+    """For a forced ``precision="bf16"``: what it costs on this host, in words, or ``None`` where it pays."""
+    if device_type != "cpu" or layer is None:
+        return None
+    speedup = bf16_speedup(*layer, batch)
+    if speedup >= 1.0:
+        return None
+    native = native_bf16() or "no native bf16 (AVX512_BF16 or AMX)"
+    return (f"bf16 runs the {layer[0]}×{layer[1]} layers' GEMMs {1 / speedup:.1f}× slower than fp32 on this CPU "
+            f"({native}); --precision fp32 (or auto) is faster here")
