@@ -1,14 +1,15 @@
 """The main job end to end against its own update step: where a run's speed goes.
 
-    python benchmarks/bench_run.py                              # default flags (cold, warm), eager, --compile
+    python benchmarks/bench_run.py                              # default flags (cold, warm), eager, --compile fp32 / bf16
     python benchmarks/bench_run.py --json benchmarks/results/results_run.json
     python benchmarks/bench_run.py --steps 200 --modes eager --step-rounds 2   # a smoke test
 
 In one sitting, for each mode (the default flags with the compiled-step cache empty, then again with
-what the first run left in it; ``--no-compile`` / ``--compile`` forced) it runs
+what the first run left in it; ``--no-compile``, and ``--compile`` at each ``--precision``, forced) it runs
 
-* the step alone, as ``bench_update.py`` measures it (``ours-<eager|compile>-paper`` on the default
-  dataset's shapes, interleaved blocks, the median block), in its own process;
+* the step alone, as ``bench_update.py`` measures it (``ours-<eager|compile>-paper[-bf16]``, the step and
+  precision the job's console said it ran, on the default dataset's shapes, interleaved blocks, the median
+  block), in its own process;
 * the main job, ``examples/iql_offline.py`` with the default dataset, ``--steps N --eval-every
   1000000 --eval-episodes 2 --logger none``: its training updates/s (``summary.json``: update time
   only) and the process's wall time (dataset built beforehand, outside the timing);
@@ -30,12 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from host import cpu_name
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # mode -> flags; every run shares one fresh compiled-step cache, so "default, cache warm" finds the entry
 # "default, cache cold" stored (the user's own cache folder is never touched)
-MODES = {"default, cache cold": [], "default, cache warm": [], "eager": ["--no-compile"], "compile": ["--compile"]}
-STEP_VARIANT = {"eager": "ours-eager-paper", "compile": "ours-compile-paper"}
+MODES = {"default, cache cold": [], "default, cache warm": [], "eager": ["--no-compile"],
+         "compile fp32": ["--compile", "--precision", "fp32"], "compile bf16": ["--compile", "--precision", "bf16"]}
+STEP_VARIANT = {("eager", "fp32"): "ours-eager-paper", ("compile", "fp32"): "ours-compile-paper",
+                ("eager", "bf16"): "ours-eager-paper-bf16", ("compile", "bf16"): "ours-compile-paper-bf16"}
 DEFAULT_SHAPES = ["--obs-dim", "3", "--action-dim", "1"]  # iql_torchrl/pendulum/mixed-v0, the default dataset
 
 
@@ -50,7 +55,9 @@ def run_job(folder: Path, steps: int, flags: list[str], cache: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     return {"updates_per_second": summary["updates_per_second"], "process_seconds": wall,
             "first_update_seconds": summary.get("compile_seconds"),
-            "console": [line for line in done.stdout.splitlines() + done.stderr.splitlines() if "compil" in line.lower()]}
+            "precision": summary["precision"],
+            "console": [line for line in done.stdout.splitlines() + done.stderr.splitlines()
+                        if "compil" in line.lower() or "computes in" in line]}
 
 
 def step_rate(variant: str, rounds: int, block: int, scratch: Path) -> float:
@@ -89,27 +96,28 @@ def main() -> None:
         step_rates = {}
         for name in args.modes:
             job = run_job(scratch / name.replace(" ", "_").replace(",", ""), args.steps, MODES[name], cache)
-            mode = job_mode(MODES[name], job["console"])
+            mode = job_mode(MODES[name], job["console"]), job["precision"]
             if mode not in step_rates:
                 step_rates[mode] = step_rate(STEP_VARIANT[mode], args.step_rounds, args.step_block, scratch)
             rate = step_rates[mode]
-            rows.append({"mode": name, "step": mode, "step_updates_per_second": rate,
+            rows.append({"mode": name, "step": mode[0], "precision": mode[1], "step_updates_per_second": rate,
                          "job_updates_per_second": job["updates_per_second"], "job_process_seconds": job["process_seconds"],
                          "first_update_seconds": job["first_update_seconds"],
                          "overhead_outside_step": 1 - job["updates_per_second"] / rate})
             print(f"{name}: step {rate:.1f} upd/s, job {job['updates_per_second']:.1f} upd/s, "
                   f"{job['process_seconds']:.1f} s", file=sys.stderr)
 
-    print(f"\nThe main job vs its step ({os.cpu_count()} CPUs, {args.steps} updates a job)\n")
-    print("| flags | step run | step alone upd/s | job training upd/s | job / step | first update s | job wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nThe main job vs its step ({os.cpu_count()} CPUs, {cpu_name()}, {args.steps} updates a job)\n")
+    print("| flags | step run | precision | step alone upd/s | job training upd/s | job / step | first update s | job wall s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         first = "–" if r["first_update_seconds"] is None else f"{r['first_update_seconds']:.1f}"
-        print(f"| {r['mode']} | {r['step']} | {r['step_updates_per_second']:.1f} | {r['job_updates_per_second']:.1f} | "
+        print(f"| {r['mode']} | {r['step']} | {r['precision']} | {r['step_updates_per_second']:.1f} | {r['job_updates_per_second']:.1f} | "
               f"{1 - r['overhead_outside_step']:.0%} | {first} | {r['job_process_seconds']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "cpu": cpu_name()},
             "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
             "steps": args.steps, "rows": rows,
         }, indent=2))

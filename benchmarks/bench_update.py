@@ -45,6 +45,7 @@ import torch
 
 import iql_torchrl
 from iql_torchrl.runs.threads import available_cpus
+from host import cpu_name
 from update_steps import Setup, gemm_flops, gemm_steps, iql_steps, make_batch, recorded_gemms, sync, torchrl_steps
 
 HERE = Path(__file__).resolve().parent
@@ -281,7 +282,7 @@ def main(argv=None):
     torch.set_float32_matmul_precision(args.matmul_precision)
     threads = torch.get_num_threads()
     setup = Setup(args.batch_size, args.obs_dim, args.action_dim, args.hidden, args.layers, args.device)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({_cpu_name()})"
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({cpu_name()})"
     title = (f"IQL update step, B {setup.batch_size}, obs {setup.obs_dim}, act {setup.action_dim}, "
              f"{setup.layers}x{setup.hidden} MLPs, {device_name}, {threads} threads"
              + ("" if args.matmul_precision == "highest" else f", float32 matmul precision {args.matmul_precision}"))
@@ -327,7 +328,7 @@ def main(argv=None):
         "device": device_name,
         "threads": threads,
         "matmul_precision": args.matmul_precision,
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchrl": _version("torchrl"),
@@ -352,16 +353,6 @@ def main(argv=None):
 
 def _version(package: str) -> str:
     return __import__(package).__version__
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ __all__ = [
     "nonfinite",
 ]
 
-NETWORKS = ("actor", "qvalue", "value")  # the loss's networks: ``<name>_network`` and ``<name>_network_params``
+# the loss's trained networks, ``<name>_network`` and ``<name>_network_params``, in the paper's update order
+NETWORKS = ("value", "actor", "qvalue")
 
 
 def check_input(loss, tensordict: TensorDictBase, dtypes: dict) -> None:

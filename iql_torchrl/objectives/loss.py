@@ -67,7 +67,7 @@ from iql_torchrl.objectives.plain_mlp import PlainMLP
 __all__ = ["IQLLoss", "is_probabilistic", "TRAINED_NETWORKS"]
 
 # the networks IQL trains, as the loss names them ("<name>_network", "<name>_network_params")
-TRAINED_NETWORKS = ("value", "actor", "qvalue")
+TRAINED_NETWORKS = NETWORKS
 
 # --------------------------------------------------------------------------- the loss module
 class IQLLoss(LossModule):
