@@ -41,7 +41,7 @@ SETTINGS = {
     "default": ({}, []),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, []),
     "active": ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "infinite"}, []),
-    **{f"spin {n}": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": str(n)}, []) for n in (1000, 10000, 30000, 100000)},
+    **{f"spin {n}": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": str(n)}, []) for n in (1000, 2000, 3000, 5000, 10000, 30000, 100000)},
     "1 thread": ({}, ["--threads", "1"]),
 }
 

@@ -213,3 +213,15 @@ def test_the_run_resolves_auto_once_says_why_and_a_resume_keeps_it(
     assert json.loads((out / "summary.json").read_text())["precision"] == "bf16"
     with pytest.raises(ResumeError, match="--precision: checkpoint bf16, given fp32"):
         train(OfflineConfig(output_dir=out, resume=True, precision="fp32", progress=False))
+
+
+@pytest.mark.slow
+def test_the_compile_cache_keeps_a_step_per_precision(tmp_path):
+    batch = random_transitions(256, 17, 6)
+    out = {}
+    for name in ("fp32", "bf16", "bf16"):
+        torch.manual_seed(0)
+        loss = IQLLoss(*make_iql_networks(17, 6, hidden_sizes=(64, 64)))
+        out[name] = IQLUpdate(loss, precision=name, mode="compile", compile_cache=tmp_path)(batch.clone())
+    assert len(list(tmp_path.glob("*.step"))) == 2  # the second bf16 step loaded the first's
+    assert not torch.equal(out["fp32"]["loss_qvalue"], out["bf16"]["loss_qvalue"])
