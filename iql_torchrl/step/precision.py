@@ -140,10 +140,13 @@ def choose_precision(device_type: str, compiled: bool, layer: tuple[int, int] | 
                     f"in bf16 here; thinner layers stay fp32")
 
 
-def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256) -> str | None:
+def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256, compiled: bool = True) -> str | None:
     """For a forced ``precision="bf16"``: what it costs on this host, in words, or ``None`` where it pays."""
     if device_type != "cpu" or layer is None:
         return None
+    if not compiled:  # measured on an AMX host: 0.84× (GOMP_SPINCOUNT=1000) and 0.90× (10000) the fp32 eager step
+        return ("the eager step runs slower in bf16 than in fp32 (the mode's per-op dispatch costs more than its "
+                "GEMMs save); bf16 pays in the compiled step")
     speedup = bf16_speedup(*layer, batch)
     if speedup >= 1.0:
         return None

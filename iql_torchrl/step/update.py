@@ -273,7 +273,7 @@ class IQLUpdate:
         layer = widest_layer(_network_modules(self.loss), self.bf16_min_features)
         if precision == "auto":
             return choose_precision(self.device_type, mode != "eager", layer)
-        if precision == "bf16" and (cost := bf16_cost(self.device_type, layer)) is not None:
+        if precision == "bf16" and (cost := bf16_cost(self.device_type, layer, compiled=mode != "eager")) is not None:
             warnings.warn(f"IQLUpdate(precision='bf16'): {cost}.", UserWarning, stacklevel=3)
         return precision, "asked for"
 
