@@ -122,6 +122,8 @@ def test_torchrun_with_two_processes_writes_one_summary(tiny_datasets, tmp_path)
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 32
     assert len(summary["per_seed"]) == 1 and summary["steps"] == 12
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # one run folder, written by rank 0
+    # --precision auto: rank 0 chose (and said so, once), every process took its choice
+    assert summary["precision"] == "fp32" and result.stderr.count("the update step computes in fp32") == 1
 
 
 def _torchrun(*flags):
