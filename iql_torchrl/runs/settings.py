@@ -82,7 +82,8 @@ def resolve_precision(config, distributed: bool = False) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         wide = [(o, i) for i, o in zip(config.hidden_sizes, config.hidden_sizes[1:]) if min(o, i) >= MIN_FEATURES]
         layer = max(wide, key=lambda s: s[0] * s[1], default=None)
-        choice = list(choose_precision(config.device, bool(config.compile), layer, config.batch_size))
+        choice = list(choose_precision(config.device, bool(config.compile), layer, config.batch_size,
+                                       stacked=getattr(config, "num_seeds", 1)))
         print(f"iql_torchrl: the update step computes in {choice[0]}: {choice[1]}. --precision fp32 / bf16 force it.",
               file=sys.stderr)
     if distributed:

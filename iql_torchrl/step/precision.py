@@ -86,21 +86,24 @@ def widest_layer(modules, min_features: int = MIN_FEATURES) -> tuple[int, int] |
     return max(shapes, key=lambda s: s[0] * s[1], default=None)
 
 
-def bf16_speedup(out_features: int, in_features: int, batch: int, rounds: int = 5, calls: int = 10) -> float:
+def bf16_speedup(out_features: int, in_features: int, batch: int, stacked: int = 1, rounds: int = 5,
+                 calls: int = 10) -> float:
     """How many times faster a layer's three GEMMs (forward, input and weight gradients) run from bfloat16
     copies than in float32, on this process's threads, each followed by a parallel elementwise op as in
-    the step (so a GEMM that leaves a thread idle long enough to fall asleep pays its wake-up)."""
+    the step (so a GEMM that leaves a thread idle long enough to fall asleep pays its wake-up). ``stacked``:
+    how many copies of the layer one batched GEMM computes (the seeds of a vmapped ``SeedEnsemble``)."""
     g = torch.Generator().manual_seed(0)
-    w, h = torch.randn(out_features, in_features, generator=g), torch.randn(in_features, batch, generator=g)
-    grad = torch.randn(out_features, batch, generator=g)
+    w = torch.randn(stacked, out_features, in_features, generator=g)
+    h = torch.randn(stacked, in_features, batch, generator=g)
+    grad = torch.randn(stacked, out_features, batch, generator=g)
 
     operands = {dtype: (w.to(dtype), h.to(dtype), grad.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
-    epilogue = torch.empty(out_features, batch)  # what the step's fused kernel after each GEMM does, in float32
+    epilogue = torch.empty(stacked, out_features, batch)  # what the step's fused kernel after each GEMM does
 
     def layer(dtype):
         weight, x, y = operands[dtype]
-        for a, b in ((weight, x), (y, x.T), (weight.T, y)):
-            torch.mm(a, b)
+        for a, b in ((weight, x), (y, x.transpose(1, 2)), (weight.transpose(1, 2), y)):
+            torch.mm(a[0], b[0]) if stacked == 1 else torch.bmm(a, b)
             torch.relu_(epilogue)
 
     def timed(dtype) -> float:
@@ -119,9 +122,10 @@ def bf16_speedup(out_features: int, in_features: int, batch: int, rounds: int = 
 
 
 def choose_precision(device_type: str, compiled: bool, layer: tuple[int, int] | None,
-                     batch: int = 256) -> tuple[str, str]:
+                     batch: int = 256, stacked: int = 1) -> tuple[str, str]:
     """``precision="auto"``: ``("bf16" or "fp32", why in words)`` for a step on ``device_type`` whose widest
-    bf16-eligible layer is ``layer`` (``(out, in)``, ``None``: no layer is wide enough)."""
+    bf16-eligible layer is ``layer`` (``(out, in)``, ``None``: no layer is wide enough), computed ``stacked``
+    times in one batched GEMM (a step of that many vmapped seeds)."""
     if device_type != "cpu":
         return "fp32", f"on {device_type} bf16 gave nothing at the paper's batch size (--precision bf16 forces it)"
     if layer is None:
@@ -131,8 +135,8 @@ def choose_precision(device_type: str, compiled: bool, layer: tuple[int, int] | 
         return "fp32", "this CPU has no native bf16 (AVX512_BF16 or AMX): its bf16 GEMMs are emulated, slower"
     if not compiled:
         return "fp32", "the eager step spends its time outside the GEMMs: bf16 pays in the compiled step"
-    speedup = bf16_speedup(*layer, batch)
-    shape = f"{layer[0]}×{layer[1]}"
+    speedup = bf16_speedup(*layer, batch, stacked)
+    shape = f"{layer[0]}×{layer[1]}" + (f" (×{stacked} seeds)" if stacked > 1 else "")
     if speedup < PAYS:
         return "fp32", (f"this CPU has {native}, but its {shape} layers' GEMMs measured {speedup:.2f}× in bf16 "
                         f"here, under the {PAYS}× that pays")
@@ -140,14 +144,15 @@ def choose_precision(device_type: str, compiled: bool, layer: tuple[int, int] | 
                     f"in bf16 here; thinner layers stay fp32")
 
 
-def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256, compiled: bool = True) -> str | None:
+def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256, compiled: bool = True,
+              stacked: int = 1) -> str | None:
     """For a forced ``precision="bf16"``: what it costs on this host, in words, or ``None`` where it pays."""
     if device_type != "cpu" or layer is None:
         return None
     if not compiled:  # measured on an AMX host: 0.84× (GOMP_SPINCOUNT=1000) and 0.90× (10000) the fp32 eager step
         return ("the eager step runs slower in bf16 than in fp32 (the mode's per-op dispatch costs more than its "
                 "GEMMs save); bf16 pays in the compiled step")
-    speedup = bf16_speedup(*layer, batch)
+    speedup = bf16_speedup(*layer, batch, stacked)
     if speedup >= 1.0:
         return None
     native = native_bf16() or "no native bf16 (AVX512_BF16 or AMX)"

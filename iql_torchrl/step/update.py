@@ -271,9 +271,11 @@ class IQLUpdate:
 
     def _resolve_precision(self, precision: str, mode: str) -> tuple[str, str]:
         layer = widest_layer(_network_modules(self.loss), self.bf16_min_features)
+        seeds = getattr(self.loss, "num_seeds", 1)  # a SeedEnsemble's layers run as one batched GEMM of its seeds
         if precision == "auto":
-            return choose_precision(self.device_type, mode != "eager", layer)
-        if precision == "bf16" and (cost := bf16_cost(self.device_type, layer, compiled=mode != "eager")) is not None:
+            return choose_precision(self.device_type, mode != "eager", layer, stacked=seeds)
+        if precision == "bf16" and (cost := bf16_cost(self.device_type, layer, compiled=mode != "eager",
+                                                      stacked=seeds)) is not None:
             warnings.warn(f"IQLUpdate(precision='bf16'): {cost}.", UserWarning, stacklevel=3)
         return precision, "asked for"
 
