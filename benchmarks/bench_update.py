@@ -45,6 +45,7 @@ import torch
 
 import iql_torchrl
 from iql_torchrl.runs.threads import available_cpus
+from iql_torchrl.step.precision import MIN_FEATURES
 from host import cpu_name
 from update_steps import Setup, gemm_flops, gemm_steps, iql_steps, make_batch, recorded_gemms, sync, torchrl_steps
 
@@ -54,7 +55,7 @@ BASE_VARIANTS = ("torchrl-eager", "torchrl-compile", *(f"ours-{m}-{o}" for m in 
                  "gemm-limit")
 # bf16 GEMMs for the layers at least this wide in both dims: the hidden layers (--precision bf16), also the input
 # layers (obs + act features), every layer (bf16 autocast's choice)
-BF16_LAYERS = {"bf16": 64, "bf16in": 16, "bf16all": 1}
+BF16_LAYERS = {"bf16": MIN_FEATURES, "bf16in": 16, "bf16all": 1}
 BF16_VARIANTS = ("ours-eager-paper-bf16", *(f"ours-compile-paper-{layers}" for layers in BF16_LAYERS))
 # TorchRL's CUDA-graph row last: tensordict's CudaGraphModule takes TensorDict out of torch's pytree registry for the
 # whole process when it captures, so it is built and warmed up after every step of ours has compiled and captured

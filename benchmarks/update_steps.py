@@ -24,6 +24,7 @@ from torchrl.objectives import IQLLoss as TorchRLIQLLoss
 from torchrl.objectives import SoftUpdate, group_optimizers
 
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+from iql_torchrl.step.precision import MIN_FEATURES
 
 PAPER = {"expectile": 0.7, "temperature": 3.0, "gamma": 0.99, "tau": 0.005, "lr": 3e-4}
 GEMM_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -122,7 +123,8 @@ def torchrl_steps(setup: Setup, mode: str) -> Steps:
 
 
 # ------------------------------------------------------------------------------------- ours
-def make_iql_update(setup: Setup, mode: str, order: str, precision: str = "fp32", min_features: int = 64) -> IQLUpdate:
+def make_iql_update(setup: Setup, mode: str, order: str, precision: str = "fp32",
+                    min_features: int = MIN_FEATURES) -> IQLUpdate:
     loss = IQLLoss(*make_networks(setup), temperature=PAPER["temperature"], expectile=PAPER["expectile"])
     loss.make_value_estimator(gamma=PAPER["gamma"])
     return IQLUpdate(
@@ -133,7 +135,8 @@ def make_iql_update(setup: Setup, mode: str, order: str, precision: str = "fp32"
 
 def iql_steps(setup: Setup, mode: str, order: str, bf16_min_features: int | None = None) -> Steps:
     """``bf16_min_features``: bf16 GEMMs for the layers at least this wide in both dims (``None``: float32)."""
-    update = make_iql_update(setup, mode, order, "fp32" if bf16_min_features is None else "bf16", bf16_min_features or 64)
+    precision = "fp32" if bf16_min_features is None else "bf16"
+    update = make_iql_update(setup, mode, order, precision, bf16_min_features or MIN_FEATURES)
     return Steps(update, None if mode == "eager" else update.step_function)
 
 
