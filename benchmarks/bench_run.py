@@ -7,8 +7,8 @@
 In one sitting, for each mode (the default flags with the compiled-step cache empty, then again with
 what the first run left in it; ``--no-compile``, and ``--compile`` at each ``--precision``, forced) it runs
 
-* the step alone, as ``bench_update.py`` measures it (``ours-<eager|compile>-paper[-bf16]``, the step and
-  precision the job's console said it ran, on the default dataset's shapes, interleaved blocks, the median
+* the step alone, as ``bench_update.py`` measures it (``ours-<eager|compile>-paper[-bf16]``, the step,
+  precision and threads the job ran (its console and ``summary.json``), on the default dataset's shapes, interleaved blocks, the median
   block), in its own process;
 * the main job, ``examples/iql_offline.py`` with the default dataset, ``--steps N --eval-every
   1000000 --eval-episodes 2 --logger none``: its training updates/s (``summary.json``: update time
@@ -55,15 +55,15 @@ def run_job(folder: Path, steps: int, flags: list[str], cache: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     return {"updates_per_second": summary["updates_per_second"], "process_seconds": wall,
             "first_update_seconds": summary.get("compile_seconds"),
-            "precision": summary["precision"],
+            "precision": summary["precision"], "threads": summary["threads"],
             "console": [line for line in done.stdout.splitlines() + done.stderr.splitlines()
                         if "compil" in line.lower() or "computes in" in line]}
 
 
-def step_rate(variant: str, rounds: int, block: int, scratch: Path) -> float:
-    out = scratch / f"{variant}.json"
+def step_rate(variant: str, threads: int, rounds: int, block: int, scratch: Path) -> float:
+    out = scratch / f"{variant}_{threads}t.json"
     command = [sys.executable, str(HERE / "bench_update.py"), "--variants", variant, *DEFAULT_SHAPES,
-               "--rounds", str(rounds), "--block", str(block), "--json", str(out)]
+               "--threads", str(threads), "--rounds", str(rounds), "--block", str(block), "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -96,11 +96,12 @@ def main() -> None:
         step_rates = {}
         for name in args.modes:
             job = run_job(scratch / name.replace(" ", "_").replace(",", ""), args.steps, MODES[name], cache)
-            mode = job_mode(MODES[name], job["console"]), job["precision"]
+            mode = job_mode(MODES[name], job["console"]), job["precision"], job["threads"]
             if mode not in step_rates:
-                step_rates[mode] = step_rate(STEP_VARIANT[mode], args.step_rounds, args.step_block, scratch)
+                step_rates[mode] = step_rate(STEP_VARIANT[mode[:2]], mode[2], args.step_rounds, args.step_block, scratch)
             rate = step_rates[mode]
-            rows.append({"mode": name, "step": mode[0], "precision": mode[1], "step_updates_per_second": rate,
+            rows.append({"mode": name, "step": mode[0], "precision": mode[1], "threads": mode[2],
+                         "step_updates_per_second": rate,
                          "job_updates_per_second": job["updates_per_second"], "job_process_seconds": job["process_seconds"],
                          "first_update_seconds": job["first_update_seconds"],
                          "overhead_outside_step": 1 - job["updates_per_second"] / rate})
@@ -108,11 +109,12 @@ def main() -> None:
                   f"{job['process_seconds']:.1f} s", file=sys.stderr)
 
     print(f"\nThe main job vs its step ({os.cpu_count()} CPUs, {cpu_name()}, {args.steps} updates a job)\n")
-    print("| flags | step run | precision | step alone upd/s | job training upd/s | job / step | first update s | job wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| flags | step run | precision | threads | step alone upd/s | job training upd/s | job / step | first update s "
+          "| job wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         first = "–" if r["first_update_seconds"] is None else f"{r['first_update_seconds']:.1f}"
-        print(f"| {r['mode']} | {r['step']} | {r['precision']} | {r['step_updates_per_second']:.1f} | {r['job_updates_per_second']:.1f} | "
+        print(f"| {r['mode']} | {r['step']} | {r['precision']} | {r['threads']} | {r['step_updates_per_second']:.1f} | {r['job_updates_per_second']:.1f} | "
               f"{1 - r['overhead_outside_step']:.0%} | {first} | {r['job_process_seconds']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({

@@ -46,6 +46,22 @@ def no_compiled_step_cache(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def fp32_host_and_own_threads(monkeypatch):
+    """``--precision auto`` takes fp32 in every host's tests (a CPU with native bf16 would measure its way to
+    bf16, and maybe one thread, by host and by load): tests of auto pretend a host of their own
+    (``test_precision.py``). A test that changes torch's thread count leaves the next the one it found."""
+    import torch
+
+    import iql_torchrl.step.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: None)
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def fresh_compiler_caches():
     """Each test compiles from scratch: no test depends on what earlier tests left in dynamo's caches
     (e.g. compiled loss calls counting against torch._dynamo's recompile limit)."""

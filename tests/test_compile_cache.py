@@ -5,6 +5,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from iql_torchrl.step.compile_cache import CompiledStepCache, default_cache_folder, entry_key
 
@@ -78,6 +79,12 @@ def test_the_key_follows_every_setting():
     assert entry_key(base) == entry_key(dict(base))
     assert entry_key(base) != entry_key({**base, "tau": 0.01})
     assert entry_key(base) != entry_key({**base, "signature": "(128, 3)"})
+    threads, key = torch.get_num_threads(), entry_key(base)  # the compiled kernels' parallel regions are sized for them
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert entry_key(base) != key
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_folder_follows_the_environment(monkeypatch, tmp_path):

@@ -157,25 +157,87 @@ def test_vmapped_seeds_take_bf16_too():
 @pytest.fixture
 def host(monkeypatch):
     """Pretends a CPU: its native bf16 instructions and what the wide layer's probe measures."""
-    def pretend(native, speedup):
+    def pretend(native, speedup, alone=1.0):
+        """``speedup``: bf16 over fp32 on the process's threads; ``alone``: bf16 on one thread over bf16 on them."""
         monkeypatch.setattr(precision, "native_bf16", lambda: native)
-        monkeypatch.setattr(precision, "bf16_speedup", lambda *args, **kwargs: speedup)
+        monkeypatch.setattr(precision, "bf16_speedup",  # on one thread: what the step checks once a run took it
+                            lambda *args, **kwargs: speedup * alone if torch.get_num_threads() == 1 else speedup)
+        monkeypatch.setattr(precision, "one_thread_speedup", lambda *args, **kwargs: alone)
     return pretend
 
 
 def test_auto_takes_bf16_only_with_native_bf16_a_compiled_step_and_a_measured_gain(host):
     host("AMX", 1.8)
-    chosen, why = choose_precision("cpu", True, (256, 256))
-    assert chosen == "bf16" and "AMX" in why and "1.80×" in why
+    chosen, why, threads = choose_precision("cpu", True, (256, 256))
+    assert chosen == "bf16" and "AMX" in why and "1.80×" in why and threads is None
     assert choose_precision("cpu", False, (256, 256))[0] == "fp32"  # eager
     assert choose_precision("cuda", True, (256, 256))[0] == "fp32"
     assert choose_precision("cpu", True, None)[0] == "fp32"  # no wide layer
     host("AMX", 0.8)
-    chosen, why = choose_precision("cpu", True, (256, 256))
+    chosen, why, _ = choose_precision("cpu", True, (256, 256))
     assert chosen == "fp32" and "0.80×" in why
     host(None, 5.0)
-    chosen, why = choose_precision("cpu", True, (256, 256))
+    chosen, why, _ = choose_precision("cpu", True, (256, 256), may_take_one_thread=True)
     assert chosen == "fp32" and "no native bf16" in why
+
+
+def test_auto_takes_one_thread_where_the_bf16_gemms_run_faster_there(host):
+    # measured on an AMX host at GOMP_SPINCOUNT=1000: 0.8× in bf16 on 2 threads, 2.4× faster on one
+    host("AMX", 0.8, alone=2.5)
+    chosen, why, threads = choose_precision("cpu", True, (256, 256), may_take_one_thread=True)
+    assert (chosen, threads) == ("bf16", 1) and "2.00× faster in bf16 on one thread than in fp32" in why
+    assert choose_precision("cpu", True, (256, 256)) == ("fp32", choose_precision("cpu", True, (256, 256)).reason, None)
+    assert choose_precision("cpu", False, (256, 256), may_take_one_thread=True).threads is None  # eager
+    host("AMX", 2.0, alone=1.4)  # three vmapped seeds measured 1.25×, and their job ran 0.9× on one thread
+    assert choose_precision("cpu", True, (256, 256), may_take_one_thread=True)[::2] == ("bf16", None)
+    host("AMX", 0.5, alone=2.0)  # faster on one thread, but no faster than fp32 on all
+    assert choose_precision("cpu", True, (256, 256), may_take_one_thread=True)[::2] == ("fp32", None)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+
+
+def test_the_run_takes_one_thread_only_where_its_threads_are_its_own(host, two_threads, monkeypatch, capsys):
+    host("AMX", 0.8, alone=2.5)
+    config = OfflineConfig(device="cpu", compile=True)
+    resolve_precision(config, _job_loss())
+    assert config.precision == "bf16" and torch.get_num_threads() == 1
+    assert "computes in bf16 on one thread: this CPU has AMX" in capsys.readouterr().err
+
+    settings = [dict(threads=2), dict(compile=False), dict(precision="fp32")]
+    for setting in settings:  # a thread count asked for, an eager step, fp32 asked for: the threads stay
+        torch.set_num_threads(2)
+        resolve_precision(OfflineConfig(device="cpu", **{"compile": True, **setting}), _job_loss())
+        assert torch.get_num_threads() == 2, setting
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own count
+    config = OfflineConfig(device="cpu", compile=True)
+    resolve_precision(config, _job_loss())
+    assert (config.precision, torch.get_num_threads()) == ("fp32", 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+
+    config = OfflineConfig(device="cpu", compile=True, precision="bf16")  # a forced bf16 takes it too
+    resolve_precision(config, _job_loss())
+    assert torch.get_num_threads() == 1 and "the bf16 step runs on one thread" in capsys.readouterr().err
+    torch.set_num_threads(2)
+    host("AMX", 2.0, alone=1.4)
+    resolve_precision(OfflineConfig(device="cpu", compile=True, precision="bf16"), _job_loss())
+    assert torch.get_num_threads() == 2
+
+
+def test_a_run_on_one_thread_says_so_in_its_summary(host, two_threads, tiny_datasets, tmp_path):
+    host("AMX", 0.8, alone=2.5)
+    summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "run", steps=2,
+                                  eval_every=2, eval_episodes=1, hidden_sizes=(64, 64), batch_size=16,
+                                  logger="none", progress=False, compile=True, device="cpu"))
+    assert (summary["precision"], summary["threads"]) == ("bf16", 1)
+
+
+def test_the_probe_times_the_threads_it_is_asked_for_and_gives_torch_its_own_back(two_threads):
+    fp32, bf16 = precision._layer_times(64, 64, 32, 1, threads=1, rounds=1, calls=1)
+    assert fp32 > 0 and bf16 > 0 and torch.get_num_threads() == 2
 
 
 def test_a_forced_bf16_that_is_slower_here_says_what_it_costs(host):
@@ -201,12 +263,23 @@ def test_auto_probes_the_layer_as_the_step_batches_it_k_seeds_at_once(monkeypatc
     chosen = {}
     for seeds in (1, 3):
         config = OfflineConfig(device="cpu", compile=True, num_seeds=seeds)
-        resolve_precision(config)
+        resolve_precision(config, SeedEnsemble([_job_loss(k) for k in range(seeds)]) if seeds > 1 else _job_loss())
         chosen[seeds] = config.precision
     assert chosen == {1: "fp32", 3: "bf16"}
     assert "(×3 seeds)" in capsys.readouterr().err
     ensemble = SeedEnsemble([_job_loss(1), _job_loss(2), _job_loss(3)])
     assert IQLUpdate(ensemble, precision="auto", mode="compile").precision == "bf16"
+
+
+def test_auto_reads_the_layers_of_the_networks_built_not_the_hidden_sizes(host):
+    host("AMX", 2.0)  # one hidden layer of 256 on 300 observations: its input layer, 256×300, is the wide one
+    loss = IQLLoss(*make_iql_networks(300, 6, hidden_sizes=(256,)))
+    config = OfflineConfig(device="cpu", compile=True, hidden_sizes=(256,))
+    resolve_precision(config, loss)
+    assert config.precision == "bf16"
+    config = OfflineConfig(device="cpu", compile=True, hidden_sizes=(256,))
+    resolve_precision(config, IQLLoss(*make_iql_networks(3, 1, hidden_sizes=(256,))))  # 256×3, 1×256: none
+    assert config.precision == "fp32"
 
 
 @pytest.mark.parametrize("argv, expected", [([], "auto"), (["--bf16"], "bf16"), (["--precision", "fp32"], "fp32")])
@@ -219,7 +292,7 @@ def test_the_run_resolves_auto_once_says_why_and_a_resume_keeps_it(
         host, tiny_datasets, tmp_path, capsys, stop_after_checkpoint):
     host("AMX", 2.0)
     config = OfflineConfig(device="cpu", compile=True)
-    resolve_precision(config)
+    resolve_precision(config, _job_loss())
     assert config.precision == "bf16" and "computes in bf16: this CPU has AMX" in capsys.readouterr().err
     out = tmp_path / "run"
     stop_after_checkpoint(lambda run: run.step == 2)

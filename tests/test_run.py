@@ -340,7 +340,8 @@ def test_per_network_learning_rates_optimizer_and_weight_decay_reach_the_update_
 
     received = {}
     monkeypatch.setattr(build, "IQLUpdate", lambda loss, **kwargs: received.update(kwargs))
-    config = OfflineConfig(lr=1e-3, actor_lr=1e-4, value_lr=2e-4, optimizer="adamw", weight_decay=0.01, device="cpu")
+    config = OfflineConfig(lr=1e-3, actor_lr=1e-4, value_lr=2e-4, optimizer="adamw", weight_decay=0.01, device="cpu",
+                           precision="fp32")
     build.make_update(config.resolved(), loss=None, data=None, total_steps=10)
     assert received["lr"] == 1e-3 and received["actor_lr"] == 1e-4 and received["value_lr"] == 2e-4
     assert received["optimizer"] == "adamw" and received["weight_decay"] == 0.01

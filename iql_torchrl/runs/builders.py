@@ -17,6 +17,7 @@ from iql_torchrl.runs.config import RunConfig, config_from_dict
 from iql_torchrl.data import OfflineDataMetadata, sample_indices
 from iql_torchrl.objectives.discrete import DiscreteIQLLoss
 from iql_torchrl.runs.distributed import all_reduce_gradients
+from iql_torchrl.runs.settings import resolve_precision
 from iql_torchrl.objectives.ensemble import SeedEnsemble
 from iql_torchrl.objectives.loss import IQLLoss
 from iql_torchrl.objectives.networks import make_iql_networks
@@ -72,7 +73,11 @@ def update_options(config: RunConfig, loss, distributed: bool = False) -> dict:
     """:class:`IQLUpdate`'s keyword arguments for how a run's step runs: the mode (``--compile``,
     ``--cudagraphs``), the precision, the torchrun gradient all-reduce, the compiled-step cache, what a
     compiled step that fails its eager check does (the run continues eager where the step was its own choice,
-    and stops where it was forced) and the optimiser settings that differ from IQLUpdate's defaults."""
+    and stops where it was forced) and the optimiser settings that differ from IQLUpdate's defaults.
+
+    ``--precision auto`` is resolved here, measured for ``loss``'s own layers (and with ``--threads auto`` a
+    bf16 step may take one thread): :func:`~iql_torchrl.runs.settings.resolve_precision`."""
+    resolve_precision(config, loss, distributed)
     return dict(
         mode="cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager",
         precision=config.precision, grad_hook=all_reduce_gradients if distributed else None,

@@ -48,7 +48,7 @@ from iql_torchrl.runs.loggers import log_values, make_logger
 from iql_torchrl.runs.progress import LoopProgress
 from iql_torchrl.runs.report import plot_curve
 from iql_torchrl.runs.resume import ResumeError
-from iql_torchrl.runs.settings import resolve_precision, resolve_settings
+from iql_torchrl.runs.settings import resolve_settings
 from iql_torchrl.runs.threads import set_threads
 from iql_torchrl.runs.timing import RunTiming
 from iql_torchrl.runs.value_bound import ValueBoundWatch, return_bound
@@ -104,7 +104,6 @@ class Run:
             config, state = resolve_settings(config, job, given)
             ctx = setup_distributed(config.device)
             set_threads(config.threads)
-            resolve_precision(config, distributed=ctx.enabled)
             keep_freed_memory()  # glibc: activation buffers stay mapped between updates (iql_torchrl.runs.allocator)
             if state is not None and state.get("world_size", 1) != ctx.world_size:
                 raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
@@ -336,7 +335,8 @@ class Run:
         summary = {
             "dataset": config.dataset, "steps": config.steps, "seed": config.seed, "num_seeds": config.num_seeds,
             "temperature": config.temperature, "expectile": config.expectile, "preset": config.preset,
-            "order": config.order, "mode": update.mode, "precision": update.precision, "device": config.device, "batch_size": config.batch_size,
+            "order": config.order, "mode": update.mode, "precision": update.precision,
+            "threads": torch.get_num_threads(), "device": config.device, "batch_size": config.batch_size,
             "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
             **(self.summary_fields() if ctx.is_main else {}),
         }

@@ -7,11 +7,14 @@ import sys
 
 import torch
 
+from iql_torchrl.objectives.checks import NETWORKS
 from iql_torchrl.runs.checkpoint import load_run_checkpoint
 from iql_torchrl.runs.config import ConfigError
 from iql_torchrl.runs.resume import ResumeError, resumed_config
 from iql_torchrl.step.modes import missing_compiler
-from iql_torchrl.step.precision import MIN_FEATURES, choose_precision
+from iql_torchrl.runs.threads import set_threads, threads_are_auto
+from iql_torchrl.step import precision
+from iql_torchrl.step.precision import ONE_THREAD_PAYS, choose_precision, widest_layer
 
 __all__ = ["resolve_settings", "resolve_precision", "auto_compile", "COMPILE_BREAK_EVEN"]
 
@@ -71,21 +74,37 @@ def auto_compile(config) -> tuple[bool, str]:
     return True, f"{updates} updates repay compiling it (from {COMPILE_BREAK_EVEN} on)"
 
 
-def resolve_precision(config, distributed: bool = False) -> None:
-    """``--precision auto``: bf16 or fp32 for this run, measured on its threads (set them first), said on one line.
-
-    Under torchrun rank 0 measures and every process takes its choice.
+def resolve_precision(config, loss, distributed: bool = False) -> None:
+    """``--precision auto``: bf16 or fp32 for this run's ``loss``, measured on its threads, said on one line;
+    where the threads are the run's own choice (``--threads auto``, no ``OMP_NUM_THREADS``) a bf16 step takes
+    one thread where its GEMMs run faster there
+    (:func:`~iql_torchrl.step.precision.choose_precision`). Under torchrun rank 0 measures and every process
+    takes its choice. Sets ``config.precision`` (and torch's threads); a resolved precision stays as it is.
     """
-    if config.precision != "auto":
+    may_take_one_thread = threads_are_auto(config.threads) and config.device == "cpu" and bool(config.compile)
+    if config.precision == "fp32" or (config.precision == "bf16" and not may_take_one_thread):
         return
-    choice = [None, None]
+    choice = [None, None, None]
     if int(os.environ.get("RANK", "0")) == 0:
-        wide = [(o, i) for i, o in zip(config.hidden_sizes, config.hidden_sizes[1:]) if min(o, i) >= MIN_FEATURES]
-        layer = max(wide, key=lambda s: s[0] * s[1], default=None)
-        choice = list(choose_precision(config.device, bool(config.compile), layer, config.batch_size,
-                                       stacked=getattr(config, "num_seeds", 1)))
-        print(f"iql_torchrl: the update step computes in {choice[0]}: {choice[1]}. --precision fp32 / bf16 force it.",
-              file=sys.stderr)
+        layer = widest_layer(getattr(loss, f"{name}_network") for name in NETWORKS)
+        seeds = getattr(loss, "num_seeds", 1)  # a SeedEnsemble's layers run as one batched GEMM of its seeds
+        if config.precision == "auto":
+            choice = list(choose_precision(config.device, bool(config.compile), layer, config.batch_size,
+                                           stacked=seeds, may_take_one_thread=may_take_one_thread))
+            print(f"iql_torchrl: the update step computes in {choice[0]}"
+                  f"{' on one thread' if choice[2] == 1 else ''}: {choice[1]}. "
+                  "--precision fp32 / bf16 (and --threads) force it.", file=sys.stderr)
+        elif layer is not None and precision.native_bf16() is not None:
+            alone = precision.one_thread_speedup(*layer, config.batch_size, seeds)
+            choice = ["bf16", "asked for", 1 if alone >= ONE_THREAD_PAYS else None]
+            if choice[2] == 1:
+                print(f"iql_torchrl: the bf16 step runs on one thread: its {layer[0]}×{layer[1]} layers' GEMMs "
+                      f"measured {alone:.2f}× faster there than on {torch.get_num_threads()}. --threads forces a "
+                      "count.", file=sys.stderr)
+        else:
+            choice = ["bf16", "asked for", None]
     if distributed:
         torch.distributed.broadcast_object_list(choice, src=0)
     config.precision = choice[0]
+    if choice[2] is not None:
+        set_threads(choice[2])

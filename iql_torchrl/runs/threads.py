@@ -3,7 +3,8 @@
 ``--threads auto`` keeps ``OMP_NUM_THREADS`` when it is set (torchrun sets it to 1 for several
 processes); otherwise it takes this process's share of the CPUs it may run on: the CPU affinity
 (what ``taskset``, cgroups-aware launchers and ``torchrun --cpus`` grant), divided by the
-processes ``torchrun`` starts on this node.
+processes ``torchrun`` starts on this node. A compiled bf16 step may then take one thread, where its
+GEMMs run faster there (:func:`iql_torchrl.runs.settings.resolve_precision`).
 
 How idle OpenMP threads wait is the other half. An update is hundreds of short parallel regions: a
 thread that sleeps at once between them (``OMP_WAIT_POLICY=PASSIVE``) pays a wake-up in each (a solo
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available_cpus", "auto_threads", "set_threads"]
+__all__ = ["available_cpus", "auto_threads", "threads_are_auto", "set_threads"]
 
 
 def available_cpus() -> int:
@@ -34,6 +35,11 @@ def auto_threads() -> int:
         return int(os.environ["OMP_NUM_THREADS"])
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, available_cpus() // max(1, processes))
+
+
+def threads_are_auto(setting: int | str) -> bool:
+    """Whether the thread count is the run's own choice: ``--threads auto`` and no ``OMP_NUM_THREADS`` set."""
+    return setting == "auto" and not os.environ.get("OMP_NUM_THREADS")
 
 
 def set_threads(setting: int | str) -> int:

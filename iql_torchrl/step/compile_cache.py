@@ -6,8 +6,8 @@ Python values its trace baked in (:mod:`iql_torchrl.step.baked`), so an entry is
 cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
 kept beside the entries (created on first use, readable by its owner only); its name is a hash of
 everything the compiled graph bakes in (the caller's description of the step and its call
-signature, plus torch's and this package's versions and sources, the Python version and the CPU's
-instruction set). A truncated, corrupt, foreign or unloadable entry is removed, with a warning, and
+signature, plus torch's and this package's versions and sources, the Python version, the CPU's
+instruction set and torch's thread count). A truncated, corrupt, foreign or unloadable entry is removed, with a warning, and
 the step is compiled anew: the cache never decides a result, it only saves time.
 
 The folder is ``$IQL_TORCHRL_COMPILE_CACHE`` when set (empty: no cache), else
@@ -64,6 +64,7 @@ def entry_key(description: dict) -> str:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),  # the compiled kernels' parallel regions are sized for them
         "sources": _package_sources(),
     }
     text = json.dumps({"step": description, "environment": environment}, sort_keys=True, default=str)

@@ -13,7 +13,11 @@ element (averaging out over its 256-term sums to far less in the losses).
 function mode around the loss, which the compiler traces like any other code. ``precision="auto"``
 (:func:`choose_precision`) takes bf16 only where it pays: a CPU with native bf16 (AVX512_BF16 or AMX), a
 compiled step, and a measurement on this process's threads (:func:`bf16_speedup`) showing the wide layer's
-GEMMs at least :data:`PAYS` times faster in bf16. A bf16 GEMM on a CPU without native bf16 is emulated, many
+GEMMs at least :data:`PAYS` times faster in bf16. A run whose threads are its own choice (``--threads auto``)
+may also take one thread (:func:`one_thread_speedup`): a bf16 GEMM of the step's size keeps one thread busy
+while the others idle, and an idle thread that falls asleep is woken after each GEMM (AMX host, the 256×256
+layer's three GEMMs in bf16: 150 µs on one thread; on two, 146 where idle threads spin and 364 at the
+examples' ``GOMP_SPINCOUNT=1000``). A bf16 GEMM on a CPU without native bf16 is emulated, many
 times slower; a forced bf16 there says what it costs (:func:`bf16_cost`). On CUDA ``auto`` is float32: at
 the paper's batch of 256 bf16 gave nothing on an H100 (0.31 vs 0.30 ms an update).
 """
@@ -22,17 +26,19 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["PRECISIONS", "MIN_FEATURES", "PAYS", "BF16Layers", "native_bf16", "bf16_speedup", "choose_precision",
-           "bf16_cost", "widest_layer"]
+__all__ = ["PRECISIONS", "MIN_FEATURES", "PAYS", "ONE_THREAD_PAYS", "BF16Layers", "PrecisionChoice", "native_bf16",
+           "bf16_speedup", "one_thread_speedup", "choose_precision", "bf16_cost", "widest_layer"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_FEATURES = 64  # a layer whose weight has both dims at least this computes in bf16 under precision "bf16"
 PAYS = 1.3  # auto takes bf16 where the wide layer's GEMMs are at least this much faster in it
+ONE_THREAD_PAYS = 1.5  # and one thread where its bf16 GEMMs are at least this much faster there (see one_thread_speedup)
 
 
 class BF16Layers(TorchFunctionMode):
@@ -100,12 +106,31 @@ def bf16_speedup(out_features: int, in_features: int, batch: int, stacked: int =
 
     Measured once per process and thread count (~0.1 s): the run's choice and the step's own check of it
     read the same figure."""
-    return _measured_speedup(out_features, in_features, batch, stacked, torch.get_num_threads())
+    fp32, bf16 = _layer_times(out_features, in_features, batch, stacked, torch.get_num_threads())
+    return fp32 / bf16
+
+
+def one_thread_speedup(out_features: int, in_features: int, batch: int, stacked: int = 1) -> float:
+    """How many times faster the layer's bf16 GEMMs (as :func:`bf16_speedup` times them) run on one thread
+    than on this process's threads. Above 1 where the bf16 GEMM keeps one thread busy and leaves the others
+    idle long enough to fall asleep: each of the step's parallel ops after it then pays their wake-up.
+
+    The rest of the step loses the other threads, so the GEMMs' gain overstates the step's: on an AMX host
+    at ``GOMP_SPINCOUNT=1000`` (2 CPUs) one seed's layer measured 2.4-3.1× here and the job ran 1.4× faster
+    on one thread (378 vs 264 updates/s); three vmapped seeds' measured 1.25× and the job ran 0.9× (149 vs
+    166). Hence :data:`ONE_THREAD_PAYS`."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1.0
+    return _layer_times(out_features, in_features, batch, stacked, threads)[1] / \
+        _layer_times(out_features, in_features, batch, stacked, 1)[1]
 
 
 @functools.cache
-def _measured_speedup(out_features: int, in_features: int, batch: int, stacked: int, threads: int,
-                      rounds: int = 5, calls: int = 10) -> float:
+def _layer_times(out_features: int, in_features: int, batch: int, stacked: int, threads: int,
+                 rounds: int = 5, calls: int = 10) -> tuple[float, float]:
+    """Seconds for ``calls`` passes of the layer's three GEMMs in float32 and in bfloat16, on ``threads``
+    threads (torch's own count is restored after)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(stacked, out_features, in_features, generator=g)
     h = torch.randn(stacked, in_features, batch, generator=g)
@@ -126,36 +151,59 @@ def _measured_speedup(out_features: int, in_features: int, batch: int, stacked: 
             layer(dtype)
         return time.perf_counter() - start
 
-    for dtype in (torch.float32, torch.bfloat16):  # warm up: kernels chosen, weights packed
-        timed(dtype)
-    fp32, bf16 = [], []
-    for _ in range(rounds):
-        fp32.append(timed(torch.float32))
-        bf16.append(timed(torch.bfloat16))
-    return statistics.median(fp32) / statistics.median(bf16)
+    own = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):  # warm up: kernels chosen, weights packed
+            timed(dtype)
+        fp32, bf16 = [], []
+        for _ in range(rounds):
+            fp32.append(timed(torch.float32))
+            bf16.append(timed(torch.bfloat16))
+    finally:
+        torch.set_num_threads(own)
+    return statistics.median(fp32), statistics.median(bf16)
+
+
+class PrecisionChoice(NamedTuple):
+    """What ``precision="auto"`` chose, why in words, and the threads to run on (``None``: the caller's)."""
+    precision: str
+    reason: str
+    threads: int | None = None
 
 
 def choose_precision(device_type: str, compiled: bool, layer: tuple[int, int] | None,
-                     batch: int = 256, stacked: int = 1) -> tuple[str, str]:
-    """``precision="auto"``: ``("bf16" or "fp32", why in words)`` for a step on ``device_type`` whose widest
-    bf16-eligible layer is ``layer`` (``(out, in)``, ``None``: no layer is wide enough), computed ``stacked``
-    times in one batched GEMM (a step of that many vmapped seeds)."""
+                     batch: int = 256, stacked: int = 1, may_take_one_thread: bool = False) -> PrecisionChoice:
+    """``precision="auto"`` for a step on ``device_type`` whose widest bf16-eligible layer is ``layer``
+    (``(out, in)``, ``None``: no layer is wide enough), computed ``stacked`` times in one batched GEMM (a step
+    of that many vmapped seeds). ``may_take_one_thread``: the caller's thread count is its own choice
+    (``--threads auto``), and bf16 on one thread competes with both formats on the caller's threads."""
     if device_type != "cpu":
-        return "fp32", f"on {device_type} bf16 gave nothing at the paper's batch size (--precision bf16 forces it)"
+        return PrecisionChoice("fp32", f"on {device_type} bf16 gave nothing at the paper's batch size "
+                                       "(--precision bf16 forces it)")
     if layer is None:
-        return "fp32", f"no layer is {MIN_FEATURES} wide or more in both dimensions"
+        return PrecisionChoice("fp32", f"no layer is {MIN_FEATURES} wide or more in both dimensions")
     native = native_bf16()
     if native is None:
-        return "fp32", "this CPU has no native bf16 (AVX512_BF16 or AMX): its bf16 GEMMs are emulated, slower"
+        return PrecisionChoice("fp32", "this CPU has no native bf16 (AVX512_BF16 or AMX): its bf16 GEMMs are "
+                                       "emulated, slower")
     if not compiled:
-        return "fp32", "the eager step spends its time outside the GEMMs: bf16 pays in the compiled step"
+        return PrecisionChoice("fp32", "the eager step spends its time outside the GEMMs: bf16 pays in the "
+                                       "compiled step")
     speedup = bf16_speedup(*layer, batch, stacked)
     shape = f"{layer[0]}×{layer[1]}" + (f" (×{stacked} seeds)" if stacked > 1 else "")
+    threads = torch.get_num_threads()
+    alone = one_thread_speedup(*layer, batch, stacked) if may_take_one_thread else 1.0
+    if alone >= ONE_THREAD_PAYS and speedup * alone >= PAYS:
+        return PrecisionChoice("bf16", (
+            f"this CPU has {native} and the {shape} layers' GEMMs measured {speedup * alone:.2f}× faster in bf16 "
+            f"on one thread than in fp32 on {threads} ({speedup:.2f}× in bf16 on {threads}: each of their "
+            f"GEMMs keeps one thread busy and wakes the others after it); thinner layers stay fp32"), 1)
     if speedup < PAYS:
-        return "fp32", (f"this CPU has {native}, but its {shape} layers' GEMMs measured {speedup:.2f}× in bf16 "
-                        f"here, under the {PAYS}× that pays")
-    return "bf16", (f"this CPU has {native} and the {shape} layers' GEMMs measured {speedup:.2f}× faster "
-                    f"in bf16 here; thinner layers stay fp32")
+        return PrecisionChoice("fp32", (f"this CPU has {native}, but its {shape} layers' GEMMs measured "
+                                        f"{speedup:.2f}× in bf16 here, under the {PAYS}× that pays"))
+    return PrecisionChoice("bf16", (f"this CPU has {native} and the {shape} layers' GEMMs measured {speedup:.2f}× "
+                                    f"faster in bf16 here; thinner layers stay fp32"))
 
 
 def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256, compiled: bool = True,

@@ -273,7 +273,7 @@ class IQLUpdate:
         layer = widest_layer(_network_modules(self.loss), self.bf16_min_features)
         seeds = getattr(self.loss, "num_seeds", 1)  # a SeedEnsemble's layers run as one batched GEMM of its seeds
         if precision == "auto":
-            return choose_precision(self.device_type, mode != "eager", layer, stacked=seeds)
+            return choose_precision(self.device_type, mode != "eager", layer, stacked=seeds)[:2]
         if precision == "bf16" and (cost := bf16_cost(self.device_type, layer, compiled=mode != "eager",
                                                       stacked=seeds)) is not None:
             warnings.warn(f"IQLUpdate(precision='bf16'): {cost}.", UserWarning, stacklevel=3)
