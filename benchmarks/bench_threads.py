@@ -43,6 +43,7 @@ SETTINGS = {
     "active": ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "infinite"}, []),
     **{f"spin {n}": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": str(n)}, []) for n in (1000, 2000, 3000, 5000, 10000, 30000, 100000)},
     "1 thread": ({}, ["--threads", "1"]),
+    "2 threads": ({}, ["--threads", "2"]),
 }
 
 
