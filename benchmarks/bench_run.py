@@ -7,9 +7,9 @@
 In one sitting, for each mode (the default flags with the compiled-step cache empty, then again with
 what the first run left in it; ``--no-compile``, and ``--compile`` at each ``--precision``, forced) it runs
 
-* the step alone, as ``bench_update.py`` measures it (``ours-<eager|compile>-paper[-bf16]``, the step,
-  precision and threads the job ran (its console and ``summary.json``), on the default dataset's shapes, interleaved blocks, the median
-  block), in its own process;
+* the step alone, as ``bench_update.py`` measures it (``ours-<eager|compile>-paper[-bf16]``: the step,
+  precision and threads the job ran, from its console and ``summary.json``; the default dataset's shapes,
+  interleaved blocks, the median block), in its own process;
 * the main job, ``examples/iql_offline.py`` with the default dataset, ``--steps N --eval-every
   1000000 --eval-episodes 2 --logger none``: its training updates/s (``summary.json``: update time
   only) and the process's wall time (dataset built beforehand, outside the timing);

@@ -20,8 +20,14 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import sys  # noqa: E402
 
+import torch  # noqa: E402
+
 from iql_torchrl.jobs.cli import run_job  # noqa: E402
 from iql_torchrl.jobs.finetune import FinetuneConfig, finetune  # noqa: E402
 
 if __name__ == "__main__":
+    # Adam's moments of a unit whose gradient stays zero decay into subnormal floats and stay there (0.9 × the
+    # smallest rounds back to it), and CPU arithmetic on subnormals is many times slower: flushed to zero, a
+    # long run keeps its speed (docs/fused-step.md, "Long runs")
+    torch.set_flush_denormal(True)
     sys.exit(run_job(FinetuneConfig, finetune))

@@ -91,4 +91,8 @@ def train(config: OfflineConfig, given: set[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # Adam's moments of a unit whose gradient stays zero decay into subnormal floats and stay there (0.9 × the
+    # smallest rounds back to it), and CPU arithmetic on subnormals is many times slower: flushed to zero, a
+    # long run keeps its speed (docs/fused-step.md, "Long runs")
+    torch.set_flush_denormal(True)
     sys.exit(run_job(OfflineConfig, train))

@@ -7,8 +7,9 @@ cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
 kept beside the entries (created on first use, readable by its owner only); its name is a hash of
 everything the compiled graph bakes in (the caller's description of the step and its call
 signature, plus torch's and this package's versions and sources, the Python version, the CPU's
-instruction set and torch's thread count). A truncated, corrupt, foreign or unloadable entry is removed, with a warning, and
-the step is compiled anew: the cache never decides a result, it only saves time.
+instruction set and torch's thread count). A truncated, corrupt, foreign or unloadable entry is
+removed, with a warning, and the step is compiled anew: the cache never decides a result, it only
+saves time.
 
 The folder is ``$IQL_TORCHRL_COMPILE_CACHE`` when set (empty: no cache), else
 ``$XDG_CACHE_HOME/iql_torchrl/compiled-steps`` (``~/.cache/...``).
