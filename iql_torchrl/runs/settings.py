@@ -7,14 +7,13 @@ import sys
 
 import torch
 
-from iql_torchrl.objectives.checks import NETWORKS
 from iql_torchrl.runs.checkpoint import load_run_checkpoint
 from iql_torchrl.runs.config import ConfigError
 from iql_torchrl.runs.resume import ResumeError, resumed_config
 from iql_torchrl.step.modes import missing_compiler
 from iql_torchrl.runs.threads import set_threads, threads_are_auto
 from iql_torchrl.step import precision
-from iql_torchrl.step.precision import ONE_THREAD_PAYS, choose_precision, widest_layer
+from iql_torchrl.step.precision import ONE_THREAD_PAYS, PrecisionChoice, choose_precision, widest_layer
 
 __all__ = ["resolve_settings", "resolve_precision", "auto_compile", "COMPILE_BREAK_EVEN"]
 
@@ -84,27 +83,26 @@ def resolve_precision(config, loss, distributed: bool = False) -> None:
     may_take_one_thread = threads_are_auto(config.threads) and config.device == "cpu" and bool(config.compile)
     if config.precision == "fp32" or (config.precision == "bf16" and not may_take_one_thread):
         return
-    choice = [None, None, None]
+    choice = PrecisionChoice(config.precision, "asked for")
     if int(os.environ.get("RANK", "0")) == 0:
-        layer = widest_layer(getattr(loss, f"{name}_network") for name in NETWORKS)
-        seeds = getattr(loss, "num_seeds", 1)  # a SeedEnsemble's layers run as one batched GEMM of its seeds
+        layer, seeds = widest_layer(loss)
         if config.precision == "auto":
-            choice = list(choose_precision(config.device, bool(config.compile), layer, config.batch_size,
-                                           stacked=seeds, may_take_one_thread=may_take_one_thread))
-            print(f"iql_torchrl: the update step computes in {choice[0]}"
-                  f"{' on one thread' if choice[2] == 1 else ''}: {choice[1]}. "
+            choice = choose_precision(config.device, bool(config.compile), layer, config.batch_size, stacked=seeds,
+                                      may_take_one_thread=may_take_one_thread)
+            print(f"iql_torchrl: the update step computes in {choice.precision}"
+                  f"{' on one thread' if choice.threads == 1 else ''}: {choice.reason}. "
                   "--precision fp32 / bf16 (and --threads) force it.", file=sys.stderr)
         elif layer is not None and precision.native_bf16() is not None:
             alone = precision.one_thread_speedup(*layer, config.batch_size, seeds)
-            choice = ["bf16", "asked for", 1 if alone >= ONE_THREAD_PAYS else None]
-            if choice[2] == 1:
+            if alone >= ONE_THREAD_PAYS:
+                choice = PrecisionChoice("bf16", "asked for", threads=1)
                 print(f"iql_torchrl: the bf16 step runs on one thread: its {layer[0]}×{layer[1]} layers' GEMMs "
                       f"measured {alone:.2f}× faster there than on {torch.get_num_threads()}. --threads forces a "
                       "count.", file=sys.stderr)
-        else:
-            choice = ["bf16", "asked for", None]
     if distributed:
-        torch.distributed.broadcast_object_list(choice, src=0)
-    config.precision = choice[0]
-    if choice[2] is not None:
-        set_threads(choice[2])
+        chosen = [choice]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        choice = chosen[0]
+    config.precision = choice.precision
+    if choice.threads is not None:
+        set_threads(choice.threads)

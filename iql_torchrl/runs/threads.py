@@ -29,17 +29,23 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def _omp_num_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it names a count, else ``None``."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
 def auto_threads() -> int:
     """``OMP_NUM_THREADS`` when set, else this process's share of its CPUs (affinity ÷ torchrun's processes on this node)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
-        return int(os.environ["OMP_NUM_THREADS"])
+    if (count := _omp_num_threads()) is not None:
+        return count
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, available_cpus() // max(1, processes))
 
 
 def threads_are_auto(setting: int | str) -> bool:
     """Whether the thread count is the run's own choice: ``--threads auto`` and no ``OMP_NUM_THREADS`` set."""
-    return setting == "auto" and not os.environ.get("OMP_NUM_THREADS")
+    return setting == "auto" and _omp_num_threads() is None
 
 
 def set_threads(setting: int | str) -> int:

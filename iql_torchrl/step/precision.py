@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from iql_torchrl.objectives.checks import NETWORKS
+
 __all__ = ["PRECISIONS", "MIN_FEATURES", "PAYS", "ONE_THREAD_PAYS", "BF16Layers", "PrecisionChoice", "native_bf16",
            "bf16_speedup", "one_thread_speedup", "choose_precision", "bf16_cost", "widest_layer"]
 
@@ -91,11 +93,12 @@ def native_bf16() -> str | None:
     return None
 
 
-def widest_layer(modules, min_features: int = MIN_FEATURES) -> tuple[int, int] | None:
-    """``(out, in)`` of the largest ``nn.Linear`` in ``modules`` wide enough for bf16, or ``None``."""
-    shapes = [tuple(m.weight.shape) for module in modules for m in module.modules()
+def widest_layer(loss, min_features: int = MIN_FEATURES) -> tuple[tuple[int, int] | None, int]:
+    """``(out, in)`` of the largest ``nn.Linear`` in ``loss``'s trained networks wide enough for bf16 (``None``:
+    none is), and how many copies of it one batched GEMM computes (the seeds of a vmapped ``SeedEnsemble``)."""
+    shapes = [tuple(m.weight.shape) for name in NETWORKS for m in getattr(loss, f"{name}_network").modules()
               if isinstance(m, nn.Linear) and min(m.weight.shape) >= min_features]
-    return max(shapes, key=lambda s: s[0] * s[1], default=None)
+    return max(shapes, key=lambda s: s[0] * s[1], default=None), getattr(loss, "num_seeds", 1)
 
 
 def bf16_speedup(out_features: int, in_features: int, batch: int, stacked: int = 1) -> float:

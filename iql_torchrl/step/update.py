@@ -270,8 +270,7 @@ class IQLUpdate:
         )
 
     def _resolve_precision(self, precision: str, mode: str) -> tuple[str, str]:
-        layer = widest_layer(_network_modules(self.loss), self.bf16_min_features)
-        seeds = getattr(self.loss, "num_seeds", 1)  # a SeedEnsemble's layers run as one batched GEMM of its seeds
+        layer, seeds = widest_layer(self.loss, self.bf16_min_features)
         if precision == "auto":
             return choose_precision(self.device_type, mode != "eager", layer, stacked=seeds)[:2]
         if precision == "bf16" and (cost := bf16_cost(self.device_type, layer, compiled=mode != "eager",
@@ -600,13 +599,9 @@ def _summed_losses(result) -> Tensor:
     return sum(out[name].sum() for name in LOSS_NAMES if name in out.keys())
 
 
-def _network_modules(loss: TrainableLoss) -> list[torch.nn.Module]:
-    return [getattr(loss, f"{name}_network") for name in OPTIMIZER_GROUPS]
-
-
 def _networks(loss: TrainableLoss):
-    for network in _network_modules(loss):
-        yield from network.modules()
+    for name in OPTIMIZER_GROUPS:
+        yield from getattr(loss, f"{name}_network").modules()
 
 
 def _is_trainable(value) -> bool:
