@@ -137,6 +137,8 @@ def _assert_matches_eager(update_factory, steps: int = 3):
 @pytest.fixture(scope="module")
 def filled_cache(tmp_path_factory):
     """A cache holding the step of _loss() compiled once (by a run that then ends)."""
+    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
+        pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
     from iql_torchrl import IQLUpdate
 
     folder = tmp_path_factory.mktemp("compiled-steps")

@@ -181,7 +181,7 @@ def test_auto_takes_bf16_only_with_native_bf16_a_compiled_step_and_a_measured_ga
     assert chosen == "fp32" and "no native bf16" in why
 
 
-def test_auto_takes_one_thread_where_the_bf16_gemms_run_faster_there(host):
+def test_auto_takes_one_thread_where_the_bf16_gemms_run_faster_there(host, two_threads):
     # measured on an AMX host at GOMP_SPINCOUNT=1000: 0.8× in bf16 on 2 threads, 2.4× faster on one
     host("AMX", 0.8, alone=2.5)
     chosen, why, threads = choose_precision("cpu", True, (256, 256), may_take_one_thread=True)

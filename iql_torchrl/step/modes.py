@@ -157,7 +157,7 @@ class StepRunner:
         # the plain step, before any compilation (e.g. for torch._dynamo.explain)
         self.step_function = types.MethodType(_own_code(step.__func__), step.__self__)
         self.specialisation = specialisation
-        self.compilations = 0  # steps compiled ahead of time or loaded from the cache; guarded ones: dynamo counts
+        self.compilations = 0  # steps compiled (ahead of time or guarded), captured, or loaded from the cache
         self._guards = []  # the guards of the latest trace: what it read
         # call signature -> its variants (values it baked in, those values, the step compiled ahead of time or
         # None: run guarded); None when not ahead of time
@@ -174,9 +174,8 @@ class StepRunner:
         own_options = inductor_options(device_type)
         if eager_random:
             own_options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
-        guarded_options = dict(own_options)
-        if mode == "cudagraphs":  # the captured graph replays without guards: keep what the trace read
-            guarded_options["guard_filter_fn"] = self._record_guards(keep=True)
+        # every guarded trace is counted; a CUDA graph replays without guards and reads what its trace recorded
+        guarded_options = {**own_options, "guard_filter_fn": self._record_guards(keep=True)}
         self.guarded = _traced_quietly(torch.compile(self.step_function, **compile_options, options=guarded_options))
         if mode == "cudagraphs":  # the graph replays without calling the compiled step (nor its warning filter)
             self.guarded = CudaGraphStep(self.guarded, baked=self._baked_since_capture)
@@ -191,9 +190,12 @@ class StepRunner:
                 self.ahead_of_time = None
 
     def _record_guards(self, keep: bool):
-        """A guard filter that records a trace's guards (what it read) and keeps all or none of them."""
+        """A guard filter that records a trace's guards (what it read) and keeps all or none of them; a
+        trace that keeps them is a guarded compilation, counted here (ahead-of-time ones are counted where
+        they are made)."""
         def record(entries):
             self._guards = list(entries)
+            self.compilations += keep
             return [keep] * len(entries)
 
         return record
