@@ -211,7 +211,9 @@ def test_matches_torchrl_iqlloss_when_given_the_same_networks_and_hyperparameter
     ours = IQLLoss(actor, critics, value, **kwargs)
     theirs = TorchRLIQLLoss(actor, critics, value, **kwargs)
     batch = random_batch()
-    batch.set(("next", "done"), batch.get(("next", "terminated")).clone())  # TorchRL's TD0 reads done too
+    truncated = torch.rand(16, 1) < 0.3  # truncations bootstrap in both
+    batch.set(("next", "done"), batch.get(("next", "terminated")) | truncated)
+    assert (batch["next", "done"] != batch["next", "terminated"]).any()
     a, b = ours(batch.clone()), theirs(batch.clone())
     for key in ("loss_value", "loss_qvalue", "loss_actor", "entropy"):
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
@@ -829,7 +831,9 @@ def test_discrete_loss_matches_torchrl_number_for_number(action_space):
     ours, theirs = DiscreteIQLLoss(actor, critics, value, **kwargs), TorchRLDiscreteIQLLoss(actor, critics, value, **kwargs)
     index = torch.randint(0, 4, (16,))
     batch = random_batch(action=index if action_space == "categorical" else nn.functional.one_hot(index, 4))
-    batch.set(("next", "done"), batch.get(("next", "terminated")).clone())  # TorchRL's TD0 reads done too
+    truncated = torch.rand(16, 1) < 0.3  # truncations bootstrap in both
+    batch.set(("next", "done"), batch.get(("next", "terminated")) | truncated)
+    assert (batch["next", "done"] != batch["next", "terminated"]).any()
     a, b = ours(batch.clone()), theirs(batch.clone())
     for key in ("loss_value", "loss_qvalue", "loss_actor", "entropy"):
         assert torch.equal(a[key], b[key]), key
@@ -914,3 +918,157 @@ def test_the_three_whole_objectives_on_hand_numbers():
     torch.testing.assert_close(weight, torch.tensor([math.exp(1.5), 1.0, 100.0]))
     torch.testing.assert_close(loss, torch.tensor([2 * math.exp(1.5), 3.0, 100.0]))
     torch.testing.assert_close(advantage, torch.tensor([0.5, 0.0, 40.0]))
+
+
+# ---------------------------------------------------------------------------- more of TorchRL's API
+HAND_Q1, HAND_Q2 = torch.tensor([2.0, 1.0]), torch.tensor([1.5, 2.5])  # the hand critics on hand_batch()
+
+
+def _hand_qvalue_loss(target):
+    return (HAND_Q1 - target) ** 2 + (HAND_Q2 - target) ** 2
+
+
+def test_a_td0_estimator_that_standardises_rewards_is_applied():
+    loss = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")
+    loss.make_value_estimator(ValueEstimators.TD0, gamma=0.5, average_rewards=True)
+    # r = [1, 2] → (r − 1.5) / std = ∓1/√2 (std with Bessel's correction: 1/√2); V(s') = [2, −], 2nd terminated
+    r = torch.tensor([-1.0, 1.0]) / math.sqrt(2)
+    expected = _hand_qvalue_loss(torch.stack([r[0] + 0.5 * 2.0, r[1]]))
+    got = loss(hand_batch())["loss_qvalue"]
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert (got - _hand_qvalue_loss(torch.tensor([1.0 + 0.5 * 2.0, 2.0]))).abs().max() > 0.5  # rewards as given
+
+
+def test_a_users_own_td0_estimator_is_applied():
+    from torchrl.objectives.value import TD0Estimator
+
+    class TenfoldRewards(TD0Estimator):
+        def value_estimate(self, tensordict, target_params=None, next_value=None, **kwargs):
+            tensordict = tensordict.clone(False).set(("next", "reward"), 10 * tensordict["next", "reward"])
+            return super().value_estimate(tensordict, target_params=target_params, next_value=next_value, **kwargs)
+
+    loss = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")
+    loss.make_value_estimator(TenfoldRewards, gamma=0.5, value_network=loss.value_network)
+    got = loss(hand_batch())["loss_qvalue"]
+    assert torch.allclose(got, _hand_qvalue_loss(torch.tensor([10.0 + 0.5 * 2.0, 20.0])), rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["TD0", "TD0 through TorchRL's code"])
+def test_n_step_batches_discount_by_gamma_to_the_n(estimator):
+    from torchrl.objectives.value import TD0Estimator
+
+    class Own(TD0Estimator):  # any subclass takes TorchRL's own value_estimate
+        pass
+
+    loss = IQLLoss(*hand_networks(), reduction="none", scalar_output_mode="exclude")
+    if estimator == "TD0":
+        loss.make_value_estimator(ValueEstimators.TD0, gamma=0.5)
+    else:
+        loss.make_value_estimator(Own, gamma=0.5, value_network=loss.value_network)
+    batch = hand_batch(terminated=(False, False)).set("steps_to_next_obs", torch.tensor([[3], [1]]))
+    got = loss(batch)["loss_qvalue"]
+    # V(s') = [2, 1]: target = r + 0.5^n·V(s') = [1 + 0.125·2, 2 + 0.5·1]
+    assert torch.allclose(got, _hand_qvalue_loss(torch.tensor([1.25, 2.5])), rtol=1e-5)
+    assert (got - _hand_qvalue_loss(torch.tensor([2.0, 2.5]))).abs().max() > 0.3  # γ¹ for every step count
+
+
+def test_set_vmap_randomness_lets_critics_that_draw_noise_run():
+    class NoisyCritic(nn.Module):  # noise from a functional call: no module TorchRL recognises as random
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(5, 1)
+
+        def forward(self, observation, action):
+            return self.net(torch.cat([observation, action], -1)) + 0.1 * torch.randn(*observation.shape[:-1], 1)
+
+    torch.manual_seed(0)
+    actor, _, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    critic = TensorDictModule(NoisyCritic(), ["observation", "action"], ["state_action_value"])
+    loss = IQLLoss(actor, critic, value)
+    with pytest.raises(RuntimeError, match="randomness"):
+        loss(random_batch())
+    loss.set_vmap_randomness("different")
+    assert torch.isfinite(loss(random_batch())["loss_qvalue"])
+
+
+def _torchrl_and_ours_with_one_critic():
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    theirs = TorchRLIQLLoss(actor, critics[0], value, num_qvalue_nets=1, loss_function="l2",
+                            temperature=3.0, expectile=0.7)
+    torch.manual_seed(1)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    ours = IQLLoss(actor, critics[0], value, num_qvalue_nets=1)
+    return theirs, ours
+
+
+def test_a_torchrl_checkpoint_with_one_critic_loads():
+    theirs, ours = _torchrl_and_ours_with_one_critic()
+    with torch.no_grad():
+        theirs.target_qvalue_network_params.apply_(lambda p: p.mul_(0.5))
+    batch = random_batch()
+    assert not torch.allclose(theirs(batch.clone())["loss_value"], ours(batch.clone())["loss_value"])
+    ours.load_state_dict(theirs.state_dict())
+    a, b = theirs(batch.clone()), ours(batch.clone())
+    for key in ("loss_value", "loss_qvalue"):  # the actor losses differ by design: TorchRL's V(s) is another call
+        torch.testing.assert_close(a[key], b[key])
+    theirs.load_state_dict(ours.state_dict())  # and back
+
+
+def test_get_stateful_net_gives_the_one_critic_holding_the_losss_parameters_as_torchrl_does():
+    for loss in _torchrl_and_ours_with_one_critic():
+        critic = loss.get_stateful_net("qvalue_network")
+        last = [m for m in critic.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():  # initialising the stateful network initialises the loss's critic (TorchRL's use)
+            last.bias.fill_(5.0)
+        biases = [p for k, p in loss.qvalue_network_params.items(True, True) if k[-1] == "bias" and p.numel() == 1]
+        assert [b.item() for b in biases] == [5.0], type(loss)
+        assert critic(random_batch())["state_action_value"].shape == (16, 1)
+
+
+@pytest.mark.parametrize("kind", ["numpy float", "numpy int", "0-d tensor"])
+def test_numpy_and_tensor_hyperparameters_are_numbers(kind):
+    import numpy as np
+
+    make = {"numpy float": np.float32, "numpy int": np.int64, "0-d tensor": torch.tensor}[kind]
+    temperature = make(3)
+    loss = IQLLoss(*hand_networks(), expectile=0.7 if kind == "numpy int" else make(0.7), temperature=temperature)
+    out = loss(hand_batch())
+    assert out["loss_value"].item() == pytest.approx(0.2375, rel=1e-6)  # the hand numbers above
+    assert loss.temperature == 3.0 and isinstance(loss.temperature, float)
+    with pytest.raises(ValueError, match="temperature"):
+        IQLLoss(*hand_networks(), temperature=torch.tensor([3.0, 1.0]))
+    with pytest.raises(ValueError, match="temperature"):
+        IQLLoss(*hand_networks(), temperature=True)
+
+
+def test_networks_that_cast_their_inputs_take_float64_data():
+    class Float32Inputs(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, *inputs):
+            return self.net(*(x.float() for x in inputs))
+
+    actor, critics, value = hand_networks()
+    casting = IQLLoss(TensorDictModule(Float32Inputs(actor.module), ["observation"], ["action"]),
+                      [TensorDictModule(Float32Inputs(c.module), c.in_keys, c.out_keys) for c in critics],
+                      TensorDictModule(Float32Inputs(value.module), ["observation"], ["state_value"]))
+    batch = hand_batch().apply(lambda x: x.double() if x.is_floating_point() else x)
+    assert casting(batch)["loss_qvalue"].item() == pytest.approx(2.2004, rel=1e-6)
+    # the same networks without the cast: the dtype error names the key and both dtypes
+    with pytest.raises(TypeError, match=r"'observation' is torch.float64.*torch.float32"):
+        IQLLoss(*hand_networks())(batch)
+
+
+def test_a_sequence_ending_in_a_probabilistic_module_is_refused_not_trained_by_squared_error():
+    from tensordict.nn import ProbabilisticTensorDictModule, TensorDictSequential
+    from torch.distributions import Normal
+
+    torch.manual_seed(0)
+    _, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    head = TensorDictModule(GaussianPolicyHead(3, 2, hidden_sizes=(8,)), ["observation"], ["loc", "scale"])
+    sampler = ProbabilisticTensorDictModule(["loc", "scale"], ["action"], distribution_class=Normal)
+    with pytest.raises(TypeError, match="ProbabilisticTensorDictSequential"):
+        IQLLoss(TensorDictSequential(head, sampler), critics, value)

@@ -17,6 +17,7 @@ __all__ = [
     "is_finite_number",
     "NETWORKS",
     "check_input",
+    "named_dtype_error",
     "check_action_size",
     "check_action_batch",
     "batch_shaped",
@@ -30,11 +31,15 @@ __all__ = [
 NETWORKS = ("value", "actor", "qvalue")
 
 
-def check_input(loss, tensordict: TensorDictBase, dtypes: dict) -> None:
+def check_input(loss, tensordict: TensorDictBase, dtypes: dict, direct: frozenset = frozenset()) -> str | None:
     """The keys the loss reads and its networks' inputs: present, and floating inputs in ``dtypes[network]``.
 
-    A missing key fails here, named, with the call that fixes it.
+    A missing key fails here, named, with the call that fixes it; so does a floating input of another
+    dtype than a ``direct`` network's parameters (one the loss evaluates from its parameters, which
+    would fail on it). A network called as a module may cast its inputs itself: for it a dtype
+    difference is returned as the message to raise if the call then fails (:func:`named_dtype_error`).
     """
+    doubt = None
     keys = loss.tensor_keys
     for key, name in ((keys.action, "action"), (("next", keys.reward), "reward"),
                       (("next", keys.terminated), "terminated")):
@@ -64,11 +69,28 @@ def check_input(loss, tensordict: TensorDictBase, dtypes: dict) -> None:
                     "matching in_keys."
                 )
             if dtype is not None and value.is_floating_point() and value.dtype != dtype:
-                raise TypeError(
+                message = (
                     f"IQLLoss: {full_key!r} is {value.dtype} but the {_network_name(loss, network)}'s "
                     f"parameters are {dtype}: cast the data (or the loss, e.g. loss.to({value.dtype})) "
                     "so that both match."
                 )
+                if name in direct:
+                    raise TypeError(message)
+                doubt = doubt or message
+    return doubt
+
+
+def named_dtype_error(doubt: str | None, body, *args):
+    """``body(*args)``; where ``doubt`` (from :func:`check_input`) names an input of another dtype than
+    its network, a dtype error the call raises is raised again as a ``TypeError`` with that message."""
+    if doubt is None:
+        return body(*args)
+    try:
+        return body(*args)
+    except RuntimeError as error:
+        if "dtype" not in str(error) and "scalar type" not in str(error):
+            raise
+        raise TypeError(f"{doubt} ({error})") from error
 
 
 def check_action_size(tensordict: TensorDictBase, action_key: NestedKey, expected: int | None,
@@ -97,15 +119,17 @@ def check_action_batch(action: Tensor, action_key: NestedKey, batch_shape: torch
         )
 
 
-def batch_shaped(td: TensorDictBase, key: NestedKey, batch_shape: torch.Size, prefix: str = "next") -> Tensor:
-    """``td[key]`` as shape [*B], accepting TorchRL's [*B, 1]; anything else is a named error."""
+def batch_shaped(td: TensorDictBase, key: NestedKey, batch_shape: torch.Size, prefix: str | None = "next") -> Tensor:
+    """``td[key]`` as shape [*B], accepting TorchRL's [*B, 1]; anything else is a named error (the key
+    named under ``prefix``, the sub-TensorDict ``td`` is)."""
     value = td.get(key)
     if value.shape == (*batch_shape, 1):
         return value.squeeze(-1)
     if value.shape == batch_shape:
         return value
+    name = repr(key) if prefix is None else f"({prefix!r}, {key!r})"
     raise ValueError(
-        f"({prefix!r}, {key!r}) has shape {tuple(value.shape)} but the observations give a batch of "
+        f"{name} has shape {tuple(value.shape)} but the observations give a batch of "
         f"{tuple(batch_shape)}: expected [*batch, 1] (or [*batch])."
     )
 

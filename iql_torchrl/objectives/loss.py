@@ -28,7 +28,9 @@ TorchRL's own loss evaluates the target critics twice and V(s) twice per batch.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,7 @@ from tensordict.nn import (
     ProbabilisticTensorDictModule,
     ProbabilisticTensorDictSequential,
     TensorDictModule,
+    TensorDictSequential,
     dispatch,
 )
 from tensordict.utils import NestedKey
@@ -56,6 +59,7 @@ from iql_torchrl.objectives.checks import (
     check_action_batch,
     check_action_size,
     check_input,
+    named_dtype_error,
     flat_key,
     floating_dtype,
     nonfinite,
@@ -193,8 +197,7 @@ class IQLLoss(LossModule):
             raise TypeError(
                 "gamma is not a constructor argument: set it with loss.make_value_estimator(gamma=...)."
             )
-        _check_expectile(expectile)
-        _check_temperature(temperature)
+        expectile, temperature = _expectile(expectile), _temperature(temperature)
         if loss_function not in ("l2", "l1", "smooth_l1"):
             raise ValueError(f"loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
         reduction = "mean" if reduction is None else reduction
@@ -237,9 +240,9 @@ class IQLLoss(LossModule):
         )
         self._critic_in_features = getattr(critics[0], "in_features", None)
         self.make_value_estimator()  # built now, so state_dicts of fresh and used losses match
-        self._vmapped_qvalue = _vmap_func(
-            self.qvalue_network, (None, 0), randomness=self.vmap_randomness, pseudo_vmap=deactivate_vmap
-        )
+        self._make_vmap()
+        # a TorchRL IQLLoss with one critic stores it unstacked; this one holds it stacked [1, …]
+        self.register_load_state_dict_pre_hook(_stack_a_single_critic)
         # plain MLPs are evaluated from their parameters (the critics as batched matmuls); None: through the module
         self.plain_value = PlainMLP.from_module(self.value_network)
         self.plain_qvalue = None if deactivate_vmap else PlainMLP.from_module(self.qvalue_network)
@@ -264,7 +267,7 @@ class IQLLoss(LossModule):
 
     @expectile.setter
     def expectile(self, value: float) -> None:
-        _check_expectile(value)
+        value = _expectile(value)
         self._expectile.fill_(value)
         self._expectile_complement.fill_(1.0 - value)
         self._expectile_value = value
@@ -276,7 +279,7 @@ class IQLLoss(LossModule):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        _check_temperature(value)
+        value = _temperature(value)
         self._temperature.fill_(value)
         self._temperature_value = value
 
@@ -289,6 +292,25 @@ class IQLLoss(LossModule):
         return self
 
     # ------------------------------------------------------------------ TorchRL plumbing
+    def _make_vmap(self):
+        """The critic ensemble's vmapped call, made again by ``set_vmap_randomness`` (a critic that draws
+        random numbers through a functional call needs ``"different"`` or ``"same"``)."""
+        self._vmapped_qvalue = _vmap_func(
+            self.qvalue_network, (None, 0), randomness=self.vmap_randomness, pseudo_vmap=self.deactivate_vmap
+        )
+
+    def get_stateful_net(self, network_name: str, copy: bool | None = None):
+        """As TorchRL's: the network holding the loss's parameters (a deep copy by default). One critic
+        (``num_qvalue_nets=1``) is returned unstacked, as TorchRL holds it."""
+        params = getattr(self, f"{network_name}_params", None)
+        if network_name != "qvalue_network" or params is None or params.batch_size != (1,):
+            return super().get_stateful_net(network_name, copy)
+        net = getattr(self, network_name)
+        if copy is None or copy:
+            net = deepcopy(net)
+        params[0].to_module(net, preserve_module_state=False)
+        return net
+
     def _set_in_keys(self):
         keys = [
             self.tensor_keys.action,
@@ -431,8 +453,7 @@ class IQLLoss(LossModule):
         Evaluates the target critics once and V(s) once. Returns (loss, metadata) with the
         detached ``target_min_q`` and ``value`` for reuse by :meth:`actor_loss`.
         """
-        self._check_keys(tensordict)
-        return self._value_loss(tensordict, params)
+        return named_dtype_error(self._check_keys(tensordict), self._value_loss, tensordict, params)
 
     def _value_loss(self, tensordict: TensorDictBase, params: dict | None) -> tuple[Tensor, dict]:
         value = self._state_value(tensordict, params)
@@ -459,8 +480,7 @@ class IQLLoss(LossModule):
         ``target_min_q`` and ``value`` are computed here when not given (so the method also
         works alone, as TorchRL's does). Evaluates the actor once.
         """
-        self._check_keys(tensordict)
-        return self._actor_loss(tensordict, target_min_q, value, params)
+        return named_dtype_error(self._check_keys(tensordict), self._actor_loss, tensordict, target_min_q, value, params)
 
     def _actor_loss(self, tensordict, target_min_q, value, params) -> tuple[Tensor, dict]:
         if target_min_q is None:
@@ -496,8 +516,7 @@ class IQLLoss(LossModule):
         Evaluates V(s') once (unless ``next_value`` is given) and the online critics once (one
         call for the ensemble).
         """
-        self._check_keys(tensordict)
-        return self._qvalue_loss(tensordict, next_value, params)
+        return named_dtype_error(self._check_keys(tensordict), self._qvalue_loss, tensordict, next_value, params)
 
     def _qvalue_loss(self, tensordict, next_value, params) -> tuple[Tensor, dict]:
         with torch.no_grad():
@@ -517,12 +536,18 @@ class IQLLoss(LossModule):
         next_td = tensordict.get("next")
         if next_value is None:
             next_value = self._state_value(next_td, params)
+        estimator = self.value_estimator
+        if type(estimator) is not TD0Estimator or estimator.average_rewards:
+            # multi-step estimators (TD1, TDLambda), TD0 standardising rewards, a user's own estimator:
+            # TorchRL's code, which reads the batch's steps_to_next_obs itself
+            return estimator.value_estimate(tensordict, next_value=next_value.unsqueeze(-1)).squeeze(-1)
         reward = batch_shaped(next_td, self.tensor_keys.reward, next_value.shape)
         terminated = batch_shaped(next_td, self.tensor_keys.terminated, next_value.shape)
-        if isinstance(self.value_estimator, TD0Estimator):
-            return bellman_target(reward, terminated.bool(), next_value, self.value_estimator.gamma)
-        # multi-step estimators (TD1, TDLambda) need the time dim: TorchRL's own code does it
-        return self.value_estimator.value_estimate(tensordict, next_value=next_value.unsqueeze(-1)).squeeze(-1)
+        gamma = estimator.gamma
+        steps_key = estimator.tensor_keys.steps_to_next_obs
+        if tensordict.get(steps_key, None) is not None:  # n-step batches: γ^n
+            gamma = gamma ** batch_shaped(tensordict, steps_key, next_value.shape, prefix=None)
+        return bellman_target(reward, terminated.bool(), next_value, gamma)
 
     # ------------------------------------------------------------------ forward and phases
     @dispatch
@@ -538,7 +563,10 @@ class IQLLoss(LossModule):
         the loss's own. :meth:`value_phase` and :meth:`actor_critic_phase` take it too. The fused
         update step differentiates the loss this way with ``torch.func`` (one compiled graph).
         """
-        self._check_keys(tensordict)  # once; the three losses below are the unchecked bodies
+        # checked once; the three losses are the unchecked bodies
+        return named_dtype_error(self._check_keys(tensordict), self._evaluate, tensordict, params)
+
+    def _evaluate(self, tensordict: TensorDictBase, params: dict | None) -> TensorDictBase:
         loss_value, value_md = self._value_loss(tensordict, params)
         loss_actor, actor_md = self._actor_loss(tensordict, value_md["target_min_q"], value_md["value"], params)
         loss_qvalue, q_md = self._qvalue_loss(tensordict, None, params)
@@ -561,7 +589,9 @@ class IQLLoss(LossModule):
         Calls: V 1 (no grad, on s and s' stacked into one batch), online critics 1, actor 1;
         target critics 0.
         """
-        self._check_keys(tensordict)
+        return named_dtype_error(self._check_keys(tensordict), self._actor_critic_phase, tensordict, target_min_q, params)
+
+    def _actor_critic_phase(self, tensordict: TensorDictBase, target_min_q: Tensor, params: dict | None) -> TensorDictBase:
         with torch.no_grad():
             in_keys = self.value_network.in_keys
             both = torch.cat([tensordict.select(*in_keys), tensordict.get("next").select(*in_keys)])
@@ -600,10 +630,16 @@ class IQLLoss(LossModule):
         return loss
 
     # ------------------------------------------------------------------ input checks (iql_torchrl.objectives.checks)
-    def _check_keys(self, tensordict: TensorDictBase) -> None:
-        """Keys, dtypes and the action, checked before any network runs."""
-        check_input(self, tensordict, self._parameter_dtypes())
+    def _check_keys(self, tensordict: TensorDictBase) -> str | None:
+        """Keys, dtypes and the action, checked before any network runs; returns a dtype difference that
+        only a network called as a module sees (it may cast), to name if that call fails."""
+        keys = self.tensor_keys
+        direct = frozenset(name for name, plain, key in (("value", self.plain_value, keys.value),
+                                                         ("qvalue", self.plain_qvalue, keys.state_action_value))
+                           if self._plain(plain, key))
+        doubt = check_input(self, tensordict, self._parameter_dtypes(), direct)
         self._check_action(tensordict)
+        return doubt
 
     def _parameter_dtypes(self) -> dict:
         """Each network's floating dtype, read once and again after ``.to()``/``.double()`` (``_apply``)."""
@@ -635,14 +671,46 @@ class IQLLoss(LossModule):
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_expectile(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+def _real(value) -> float | None:
+    """A Python, NumPy or 0-d tensor real number as a float; None for anything else (bools included)."""
+    if isinstance(value, Tensor):
+        if value.ndim or not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
+            return None
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _expectile(value) -> float:
+    number = _real(value)
+    if number is None or not 0.0 < number < 1.0:
         raise ValueError(f"expectile must be a number in (0, 1), got {value!r}.")
+    return number
 
 
-def _check_temperature(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+def _temperature(value) -> float:
+    number = _real(value)
+    if number is None or not number >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 is behaviour cloning), got {value!r}.")
+    return number
+
+
+def _stack_a_single_critic(loss: IQLLoss, state_dict: dict, prefix: str, *args) -> None:
+    """Loads a state_dict holding one critic unstacked (TorchRL's IQLLoss with ``num_qvalue_nets=1``)
+    into this loss's stacked ``[1, …]`` critic parameters."""
+    for name in ("qvalue_network_params", "target_qvalue_network_params"):
+        params = getattr(loss, name, None)
+        if params is None or params.batch_size != (1,):
+            continue
+        for key, held in params.items(include_nested=True, leaves_only=True):
+            entry = ".".join((prefix + name, *(key if isinstance(key, tuple) else (key,))))
+            given = state_dict.get(entry)
+            if isinstance(given, Tensor) and given.shape == held.shape[1:]:
+                state_dict[entry] = given.unsqueeze(0)
 
 
 def is_probabilistic(actor: nn.Module) -> bool:
@@ -654,6 +722,14 @@ def is_probabilistic(actor: nn.Module) -> bool:
     """
     if isinstance(actor, (ProbabilisticTensorDictSequential, ProbabilisticTensorDictModule)):
         return True
+    if isinstance(actor, TensorDictSequential) and any(
+        isinstance(module, ProbabilisticTensorDictModule) for module in actor.modules()
+    ):
+        raise TypeError(
+            "The actor is a TensorDictSequential holding a ProbabilisticTensorDictModule, which gives the loss "
+            "no distribution (get_dist): build it as ProbabilisticTensorDictSequential(...) or TorchRL's "
+            "ProbabilisticActor so it is trained by -log π(a|s)."
+        )
     if isinstance(actor, TensorDictModule):
         return False
     return hasattr(actor, "get_dist")
