@@ -321,8 +321,10 @@ def _reward_transform(name: str, episode_returns: torch.Tensor) -> tuple[float, 
         spread = float(episode_returns.max() - episode_returns.min())
         if spread <= 0:
             raise DatasetError(
-                f"reward_transform='locomotion' needs episodes with different returns; all "
-                f"{episode_returns.numel()} episodes return {float(episode_returns[0]):.6g}."
+                f"reward_transform='locomotion' scales rewards by 1000 / (max − min episode return), which needs "
+                f"episodes with different returns; all {episode_returns.numel()} episodes return "
+                f"{float(episode_returns[0]):.6g}. Pass reward_transform='none' (command line: --reward-transform none) "
+                "to train on the rewards as stored."
             )
         return 1000.0 / spread, 0.0
     if name == "antmaze":

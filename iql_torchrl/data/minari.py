@@ -65,12 +65,13 @@ def _not_found_message(dataset_id: str, data_path: Path, reason: str) -> str:
 def _open_minari_dataset(dataset_id: str, download: bool):
     """Open a local Minari dataset, downloading it when allowed and possible."""
     import minari
-    from minari.dataset.minari_dataset import parse_dataset_id
     from minari.storage.datasets_root_dir import get_dataset_path
 
-    from iql_torchrl.datasets import BUILDERS
+    from iql_torchrl.datasets import BUILDERS, dataset_id_problem
 
-    parse_dataset_id(dataset_id)  # raises a clear ValueError for malformed ids
+    problem = dataset_id_problem(dataset_id)
+    if problem is not None:
+        raise ValueError(f"Dataset {dataset_id!r}: {problem}.")
     data_path = get_dataset_path(dataset_id) / "data"
     if not data_path.exists():
         if dataset_id in BUILDERS:
@@ -284,6 +285,12 @@ def _goal_input(dataset_id: str, layout, env_spec, wanted: bool | None):
 
     keys, shapes = layout
     if keys is None or GOAL_KEY not in keys:
+        if wanted is not None:
+            raise DatasetError(
+                f"Dataset {dataset_id!r}: goal_in_observation={wanted} (--goal-input {'yes' if wanted else 'no'}) "
+                f"chooses where goal data's '{GOAL_KEY}' goes, but its observations have no such entry "
+                f"(they are {'one array' if keys is None else keys}). Leave the option at its default (auto)."
+            )
         return layout, None
     goal = fixed_goal(env_spec)
     if wanted is None:

@@ -61,6 +61,7 @@ they refuse to replace an existing dataset unless ``overwrite=True``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import os
 import shutil
@@ -79,6 +80,7 @@ from iql_torchrl.datasets.maze import MAZE_BUILDERS, MazeRecipe, collect_maze_ep
 
 __all__ = [
     "BUILDERS",
+    "dataset_id_problem",
     "DEFAULT_DATASET",
     "DatasetRecipe",
     "KINDS",
@@ -474,6 +476,24 @@ def check_recipe(dataset_id: str) -> None:
             f"({description!r}); this version builds {expected!r}. Rebuild it: "
             f"`python -m iql_torchrl.datasets build {dataset_id} --overwrite`."
         )
+
+
+def dataset_id_problem(dataset_id: str) -> str | None:
+    """Why ``dataset_id`` names no dataset, or ``None``: Minari's id syntax (``namespace/name-vN``), and
+    this package's namespace, which only its local builders use (a close builder id is suggested)."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        parse_dataset_id(dataset_id)
+    except Exception:  # Minari raises ValueError or TypeError for malformed ids
+        return f"not a Minari dataset id: ids read namespace/name-vN, e.g. {DEFAULT_DATASET}"
+    namespace = DEFAULT_DATASET.split("/")[0]
+    if dataset_id.startswith(namespace + "/") and dataset_id not in BUILDERS:
+        close = difflib.get_close_matches(dataset_id, BUILDERS, n=1, cutoff=0.8)
+        guess = f"did you mean {close[0]}? " if close else ""
+        return (f"no local builder has this id ({guess}`python -m iql_torchrl.datasets list` lists them; "
+                f"the {namespace}/ namespace is built here, never downloaded)")
+    return None
 
 
 def ensure_dataset(dataset_id: str = DEFAULT_DATASET, **build_kwargs) -> str:

@@ -11,6 +11,7 @@ flag and its valid range.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-from iql_torchrl.datasets import DEFAULT_DATASET
+from iql_torchrl.datasets import DEFAULT_DATASET, dataset_id_problem
 from iql_torchrl.objectives.checks import is_finite_number
 from iql_torchrl.step.update import optimizer_settings_problem
 
@@ -108,9 +109,10 @@ def describe_preset(name: str, reason: str, config=None) -> str:
 
     def value(field: str) -> str:
         own = getattr(config, field, None)
-        if own is None or own == getattr(preset, field):
-            return f"{field} {getattr(preset, field)}"
-        return f"{field} {own} (--{field}; the preset's {getattr(preset, field)})"
+        shown = field.replace("_", " ")
+        if own is None or own in ("auto", getattr(preset, field)):
+            return f"{shown} {getattr(preset, field)}"
+        return f"{shown} {own} ({flag(field)}; the preset's {getattr(preset, field)})"
 
     # the loader's rule, as the run applies it (fine-tuning keeps it online too: jobs/online.SuccessTerminal)
     terminal = config.success_terminal_option() if config is not None else (None if preset.success_terminal else False)
@@ -118,8 +120,7 @@ def describe_preset(name: str, reason: str, config=None) -> str:
     if preset.success_terminal or terminal is not False:
         goal = {None: ", goal terminal where the goal is out of the input", True: ", goal terminal",
                 False: ", goal continuing"}[terminal]
-    return (f"preset {name} ({value('expectile')}, {value('temperature')}, reward transform "
-            f"{preset.reward_transform}{goal}): {reason}")
+    return f"preset {name} ({value('expectile')}, {value('temperature')}, {value('reward_transform')}{goal}): {reason}"
 
 
 # Settings that do not shape what a run learns: a resumed run may change them.
@@ -163,6 +164,9 @@ class RunConfig:
     """The paper's per-domain τ, β, actor dropout and reward transform; auto follows the dataset id (D4RL/antmaze → antmaze,
     D4RL/pointmaze and the local mazes → maze, mujoco and D4RL locomotion → mujoco, D4RL/kitchen → kitchen, Adroit → adroit;
     other goal data with one fixed evaluation goal → maze, anything else → mujoco)."""
+    reward_transform: Literal["auto", "locomotion", "antmaze", "none"] = "auto"
+    """Rewards as training sees them: locomotion scales them by 1000 / (the spread of the episodes' returns), antmaze
+    subtracts 1, none keeps them as stored; auto is the preset's."""
     goal_input: Literal["auto", "yes", "no"] = "auto"
     """Goal-reaching data: desired_goal in the policy's input (yes), or out with rewards relabelled to the
     evaluation's fixed goal (no); auto is the dataset's choice (out for the mazes)."""
@@ -235,6 +239,7 @@ class RunConfig:
             self,
             temperature=preset.temperature if self.temperature is None else self.temperature,
             expectile=preset.expectile if self.expectile is None else self.expectile,
+            reward_transform=preset.reward_transform if self.reward_transform == "auto" else self.reward_transform,
             preset=name,
             eval_episodes=preset.eval_episodes if preset.eval_episodes and self.eval_episodes == type(self).eval_episodes
             else self.eval_episodes,
@@ -272,6 +277,12 @@ class RunConfig:
     def check(self) -> None:
         """Raises :class:`ConfigError` naming the first setting out of its range."""
         need = self._need
+        problem = dataset_id_problem(self.dataset)
+        if problem is not None:
+            raise ConfigError(f"{flag('dataset')} {self.dataset}: {problem}.")
+        problem = logger_problem(self.logger)
+        if problem is not None:
+            raise ConfigError(f"{flag('logger')} {self.logger}: {problem}.")
         self.check_integers(1, "batch_size", "eval_every", "eval_episodes", "checkpoint_every", "log_every")
         need(len(self.hidden_sizes) >= 1 and all(_is_int(h) and h >= 1 for h in self.hidden_sizes),
              "hidden_sizes", "one or more layer widths, each >= 1")
@@ -318,6 +329,13 @@ class OfflineConfig(RunConfig):
         self.check_integers(1, "steps", "num_seeds")
         if self.num_seeds > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--num-seeds cannot be combined with torchrun: run the seeds in one process, or one seed per run.")
+
+
+def logger_problem(logger: str) -> str | None:
+    """Why ``--logger`` cannot log here (a package it needs is missing), or ``None``."""
+    if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return "needs the tensorboard package: pip install 'iql_torchrl[tensorboard]'"
+    return None
 
 
 def _is_int(value) -> bool:

@@ -7,7 +7,6 @@ import warnings
 
 from iql_torchrl.data import load_minari_dataset
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
-from iql_torchrl.runs.config import PRESETS
 from iql_torchrl.runs.evaluation import check_evaluation_env, reference_scores_problem
 from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint
 
@@ -30,7 +29,7 @@ def load_run_data(config, ctx, device, dataset: str, fingerprint: dict | None = 
         ctx.barrier()  # the other ranks wait until rank 0 has built it
     buffer = load_minari_dataset(
         dataset, batch_size=config.batch_size, device=device,
-        reward_transform=PRESETS[config.preset].reward_transform, normalize_observations=config.normalize_observations,
+        reward_transform=config.reward_transform, normalize_observations=config.normalize_observations,
         clip_actions=config.clip_actions, goal_in_observation=config.goal_in_observation(),
         success_terminal=config.success_terminal_option(),
     )

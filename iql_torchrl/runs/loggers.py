@@ -19,12 +19,6 @@ def make_logger(config, output_dir: Path):
     if config.logger == "csv":
         return CSVLogger(exp_name=name, log_dir=str(output_dir / "logs"))
     if config.logger == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                "--logger tensorboard needs the tensorboard package: pip install 'iql_torchrl[tensorboard]'."
-            ) from err
         return TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
     offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
     return WandbLogger(exp_name=name, save_dir=str(output_dir), project="iql_torchrl", offline=offline,

@@ -37,7 +37,9 @@ def plot_curve(curve: list[dict], path: Path, title: str, phase_boundary: int | 
         rates = ax.twinx()
         rates.plot([p["step"] for p in curve], [100 * p["success_rate"] for p in curve], color="tab:purple",
                    ls="--", marker=".", label="success rate (%)")
-        rates.set_ylim(0, 100)
+        # on the score's scale where there is one: 100% success level with the expert's 100, 0% with random's 0
+        rates.set_ylim(ax.get_ylim() if scored else (-5, 105))
+        rates.set_yticks(range(0, 101, 20))
         rates.set_ylabel("success rate (%)")
         rates.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
@@ -57,11 +59,10 @@ def console_summary(summary: dict, run_dir: Path) -> str:
         spread = f" ± {std:.1f} over seeds" if std and summary.get("num_seeds", 1) > 1 else ""
         lines.append(f"  normalized score: {score:.1f}{spread} (0 random, 100 expert)")
     if summary.get("success_rate") is not None:
-        lines.append(f"  success rate: {summary['success_rate']:.0%} of {summary['eval_episodes']} evaluation episodes")
+        lines.append(f"  success rate: {summary['success_rate']:.0%} of {_episodes(summary)}")
     if summary.get("preset_reason"):
         lines.append(f"  preset {summary.get('preset')}: {summary['preset_reason']}")
-    lines.append(f"  return: {summary['return_mean']:.1f} ± {summary['return_std']:.1f} over "
-                 f"{summary['eval_episodes']} evaluation episodes")
+    lines.append(f"  return: {summary['return_mean']:.1f} ± {summary['return_std']:.1f} over {_episodes(summary)}")
     rate = summary.get("updates_per_second")
     speed = f"{rate:.1f} updates/s" if rate else "updates/s not measured"
     lines.append(f"  {speed}, wall time {_duration(summary['wall_seconds'])}")
@@ -72,6 +73,13 @@ def console_summary(summary: dict, run_dir: Path) -> str:
 def _seeds(summary: dict) -> str:
     k = summary.get("num_seeds", 1)
     return f"seed {summary['seed']}" if k == 1 else f"seeds {summary['seed']}–{summary['seed'] + k - 1}"
+
+
+def _episodes(summary: dict) -> str:
+    """The final evaluation's episodes: ``10 evaluation episodes``, ``3 seeds × 10 evaluation episodes``."""
+    n, k = summary["eval_episodes"], summary.get("num_seeds", 1)
+    episodes = f"{n} evaluation episode{'s' if n != 1 else ''}"
+    return episodes if k == 1 else f"{k} seeds × {episodes}"
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,83 @@
+"""What the main job tells a user about its inputs: dataset ids, optional packages, options that do not apply
+to the data, the reward transform, and the final summary's wording."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iql_offline import train
+from iql_torchrl.data import DatasetError, load_minari_dataset
+from iql_torchrl.runs.config import ConfigError, OfflineConfig, describe_preset
+from iql_torchrl.runs.report import console_summary
+
+TINY = dict(steps=20, batch_size=32, eval_every=10, eval_episodes=1, log_every=5, checkpoint_every=10,
+            hidden_sizes=(16, 16), device="cpu", progress=False, logger="none")
+
+
+@pytest.mark.parametrize("dataset, says", [
+    ("foo", "not a Minari dataset id: ids read namespace/name-vN"),
+    ("iql_torchrl/pendulum/mixed", "not a Minari dataset id"),  # no version
+    ("iql_torchrl/pendulum/mixd-v0", r"no local builder has this id \(did you mean iql_torchrl/pendulum/mixed-v0\?"),
+    ("iql_torchrl/walker/mixed-v0", "no local builder has this id .*never downloaded"),
+])
+def test_a_dataset_id_that_names_no_dataset_is_refused_before_anything_is_written(tmp_path, dataset, says):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"^--dataset {dataset}: {says}"):
+        train(OfflineConfig(dataset=dataset, output_dir=out, **TINY))
+    assert not out.exists()
+    with pytest.raises(ValueError, match=says):  # from Python too, never Minari's TypeError
+        load_minari_dataset(dataset)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_a_logger_whose_package_is_missing_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^--logger tensorboard: needs the tensorboard package: pip install"):
+        train(OfflineConfig(output_dir=out, **{**TINY, "logger": "tensorboard"}))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+def test_goal_input_on_data_without_a_goal_is_refused(tiny_datasets, wanted):
+    flag = "yes" if wanted else "no"
+    with pytest.raises(DatasetError, match=rf"--goal-input {flag}\) chooses where goal data's 'desired_goal' goes"):
+        load_minari_dataset(tiny_datasets.pendulum, goal_in_observation=wanted)
+    assert load_minari_dataset(tiny_datasets.pendulum)[:4]["observation"].shape == (4, 3)  # auto: as it was
+
+
+def _equal_returns_dataset(write_minari_dataset):
+    """Two Pendulum episodes that both return 3.0 (rewards 1, 2 and 0.5, 2.5)."""
+    import gymnasium as gym
+
+    rng = np.random.default_rng(0)
+    episodes = [dict(observations=rng.uniform(-1, 1, (3, 3)).astype(np.float32),
+                     actions=rng.uniform(-2, 2, (2, 1)).astype(np.float32), rewards=rewards,
+                     terminations=[False, False], truncations=[False, True]) for rewards in ([1.0, 2.0], [0.5, 2.5])]
+    env = gym.make("Pendulum-v1")
+    write_minari_dataset("test/equal-returns-v0", episodes, env.observation_space, env.action_space, env=env)
+    return "test/equal-returns-v0"
+
+
+def test_the_reward_transform_is_a_flag_and_the_locomotion_scale_on_equal_returns_names_it(write_minari_dataset):
+    dataset = _equal_returns_dataset(write_minari_dataset)
+    with pytest.raises(DatasetError, match=r"all 2 episodes return 3\..*--reward-transform none"):
+        load_minari_dataset(dataset, reward_transform="locomotion")
+    stored = load_minari_dataset(dataset, reward_transform="none")
+    assert stored.metadata.reward_scale == 1.0
+    config = OfflineConfig(dataset=dataset, preset="mujoco", reward_transform="none").resolved()
+    assert config.reward_transform == "none"
+    assert OfflineConfig(dataset=dataset, preset="mujoco").resolved().reward_transform == "locomotion"
+    assert OfflineConfig(dataset=dataset, preset="maze").resolved().reward_transform == "antmaze"
+    line = describe_preset("mujoco", "--preset mujoco given", config)
+    assert "reward transform none (--reward-transform; the preset's locomotion)" in line
+
+
+def test_the_summary_counts_every_seeds_evaluation_episodes():
+    summary = dict(dataset="d", steps=10, seed=0, num_seeds=3, normalized_score=90.0, normalized_score_std=2.0,
+                   return_mean=-150.0, return_std=40.0, eval_episodes=10, updates_per_second=100.0,
+                   wall_seconds=12.0, success_rate=0.5)
+    text = console_summary(summary, Path("run"))
+    assert "over 3 seeds × 10 evaluation episodes" in text and "50% of 3 seeds × 10 evaluation episodes" in text
+    one = console_summary({**summary, "num_seeds": 1, "eval_episodes": 1}, Path("run"))
+    assert "over 1 evaluation episode\n" in one and "seeds ×" not in one
