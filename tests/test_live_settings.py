@@ -31,6 +31,8 @@ CUDA_TOL = {"rtol": 1e-3, "atol": 1e-4}
 # measured up to 1.3 × TOL over the tensor changes, against 0.04 × TOL in float32
 BF16_MIN_FEATURES = 16
 BF16_TOL = {"rtol": 5e-4, "atol": 5e-5}
+# a torch without aot_compile (2.11) runs every compiled step guarded, and dynamo's guards may recompile it
+AHEAD_OF_TIME = hasattr(torch.compile(lambda x: x), "aot_compile")
 # a change must move the eager step by more than this many times the twins' tolerance (measured: 5× for the
 # cosine's length under bf16, 26× in float32, hundreds to thousands for most)
 MARGIN = 4
@@ -166,7 +168,7 @@ def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(vari
         for loss, update in (eager, compiled):
             change(loss, update)
         assert_twins_agree(eager, compiled, name, seeds, first=2 * step + 2, tol=tol)
-    if not guarded:  # (dynamo's guards may recompile a guarded step: a new estimator object, a new dict key)
+    if not guarded and AHEAD_OF_TIME:  # (dynamo's guards may recompile a guarded step: a new estimator object, a new dict key)
         assert compiled[1].compilations == 1  # (loaded from the cache in "compile cache")
 
 
@@ -188,7 +190,7 @@ def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, changes, t
         for loss, update in (eager, compiled):
             change(loss, update)
         assert_twins_agree(eager, compiled, name, seeds, first=2 * step + 2, tol=tol)
-        if not guarded:  # (a guarded step recompiles by dynamo's guards)
+        if not guarded and AHEAD_OF_TIME:  # (a guarded step recompiles by dynamo's guards)
             assert compiled[1].compilations == step + 2, name  # one more compilation, not one a call
 
 

@@ -312,6 +312,8 @@ def test_the_run_resolves_auto_once_says_why_and_a_resume_keeps_it(
 
 @pytest.mark.slow
 def test_the_compile_cache_keeps_a_step_per_precision(tmp_path):
+    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
+        pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
     batch = random_transitions(256, 17, 6)
     out = {}
     for name in ("fp32", "bf16", "bf16"):
