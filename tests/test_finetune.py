@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from torchrl.collectors import Collector
 
 from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions, load_minari_dataset
+from iql_torchrl.jobs.cli import run_job
 from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
 from iql_torchrl.jobs.online import (
     OfflineDataTransform,
@@ -26,8 +28,9 @@ from iql_torchrl.jobs.online import (
     make_online_env,
 )
 from iql_torchrl.runs.builders import build_loss, load_actor
+from conftest import TINY_PENDULUM
 from iql_offline import train
-from iql_torchrl.runs.config import OfflineConfig
+from iql_torchrl.runs.config import OfflineConfig, flag
 from iql_torchrl.runs.run import NonFiniteLossError
 from iql_torchrl.step.update import IQLUpdate
 
@@ -207,15 +210,28 @@ def test_a_run_resumed_mid_online_phase_ends_like_an_uninterrupted_one(tiny_data
     assert resumed["normalized_score"] == straight["normalized_score"]
 
 
-def test_fine_tuning_starts_from_an_offline_run(tiny_datasets, tmp_path):
-    offline_dir = tmp_path / "offline"
-    offline = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=offline_dir, steps=30, batch_size=32, eval_every=30,
-                           eval_episodes=2, hidden_sizes=(16, 16), device="cpu", progress=False, logger="none"))
-    config = FinetuneConfig(checkpoint=offline_dir, output_dir=tmp_path / "finetuned", logger="none",
-                            **{**TINY, "offline_steps": 999, "hidden_sizes": (8,)})
+FROM_CHECKPOINT = {name: value for name, value in TINY.items() if name != "offline_steps"}  # the offline run's
+
+
+@pytest.fixture(scope="module")
+def offline_run(tiny_datasets_root, tmp_path_factory):
+    """A finished offline run (30 updates, τ 0.6 where its preset says 0.7) and its summary."""
+    folder = tmp_path_factory.mktemp("offline") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(tiny_datasets_root))
+        summary = train(OfflineConfig(dataset=TINY_PENDULUM, output_dir=folder, steps=30, batch_size=32, eval_every=30,
+                                      eval_episodes=2, expectile=0.6, hidden_sizes=(16, 16), device="cpu",
+                                      progress=False, logger="none"))
+    return SimpleNamespace(dir=folder, summary=summary)
+
+
+def test_fine_tuning_starts_from_an_offline_run(offline_run, tiny_datasets, tmp_path):
+    offline, offline_dir = offline_run.summary, offline_run.dir
+    config = FinetuneConfig(checkpoint=offline_dir, output_dir=tmp_path / "finetuned", logger="none", **FROM_CHECKPOINT)
     summary = finetune(config)
-    assert summary["offline_steps"] == 30 and summary["updates"] == 30 + 96  # the offline run's steps and networks
+    assert summary["offline_steps"] == 30 and summary["updates"] == 30 + 96  # the offline run's steps
     assert summary["started_from"] == str(offline_dir)
+    assert summary["expectile"] == 0.6  # the offline run's τ, not the preset's 0.7
     # the preset is the offline run's, and the reason says so (not "--preset mujoco given")
     assert summary["preset"] == offline["preset"] == "mujoco"
     assert summary["preset_reason"] == f"the offline run {offline_dir} trained with it ({offline['preset_reason']})"
@@ -223,6 +239,79 @@ def test_fine_tuning_starts_from_an_offline_run(tiny_datasets, tmp_path):
     assert summary["offline_normalized_score"] == offline["normalized_score"]
     state = load_checkpoint(tmp_path / "finetuned" / CHECKPOINT_NAME)
     assert float(state["update"]["actor_lr"]) == pytest.approx(3e-4)  # the offline cosine decay is undone
+
+
+def test_flags_that_conflict_with_the_offline_run_are_refused_before_any_work(offline_run, tiny_datasets, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "finetuned"
+    argv = ["--checkpoint", str(offline_run.dir), "--output-dir", str(out), "--dataset", tiny_datasets.inverted_pendulum,
+            "--hidden-sizes", "8", "--gamma", "0.9", "--optimizer", "adamw",
+            "--offline-steps", "30", "--preset", "auto", "--expectile", "0.9"]  # the same, auto and an override: not refused
+    assert run_job(FinetuneConfig, finetune, argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: --checkpoint {offline_run.dir} fine-tunes the offline run with the settings it trained with; "
+        "these flags differ from them:",
+        f"  --dataset: the offline run's {tiny_datasets.pendulum}, given {tiny_datasets.inverted_pendulum}",
+        "  --gamma: the offline run's 0.99, given 0.9",
+        "  --hidden-sizes: the offline run's 16 16, given 8",
+        "  --optimizer: the offline run's adam, given adamw",
+        "Drop them to fine-tune that run, or train a new offline run with them (examples/iql_offline.py).",
+    ]
+    assert not out.exists()
+    assert run_job(FinetuneConfig, finetune, ["--checkpoint", str(offline_run.dir), "--offline-steps", "999",
+                                              "--output-dir", str(out)]) == 2
+    assert "  --offline-steps: the offline run's 30, given 999" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_the_offline_run_is_read(offline_run, tiny_datasets, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args))
+    argv = ["--checkpoint", str(offline_run.dir), "--device", "cuda", "--output-dir", str(tmp_path / "finetuned")]
+    assert run_job(FinetuneConfig, finetune, argv) == 2
+    assert capsys.readouterr().err == "error: --device cuda: no CUDA device is available here; use --device cpu (or auto).\n"
+    assert loads == []
+
+
+def test_the_given_temperature_expectile_and_learning_rates_apply_from_an_offline_run(offline_run, tiny_datasets, tmp_path):
+    config = FinetuneConfig(checkpoint=offline_run.dir, output_dir=tmp_path / "finetuned", logger="none",
+                            expectile=0.9, temperature=1.0, lr=1e-4, value_lr=2e-4, **FROM_CHECKPOINT)
+    summary = finetune(config)
+    assert summary["expectile"] == 0.9 and summary["temperature"] == 1.0
+    state = load_checkpoint(tmp_path / "finetuned" / CHECKPOINT_NAME)
+    rates = {name: [float(group["lr"]) for group in optimizer["param_groups"]]
+             for name, optimizer in state["update"]["optimizers"].items()}
+    assert rates == {"actor": [pytest.approx(1e-4)], "qvalue": [pytest.approx(1e-4)], "value": [pytest.approx(2e-4)]}
+
+
+def test_an_unfinished_offline_run_is_fine_tuned_from_its_latest_checkpoint_and_the_console_says_so(
+        tiny_datasets, tmp_path, stop_after_checkpoint, capsys):
+    offline_dir = tmp_path / "offline"
+    stop_after_checkpoint(lambda run: run.step == 20)
+    with pytest.raises(KeyboardInterrupt):
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=offline_dir, steps=30, batch_size=32,
+                            eval_every=30, checkpoint_every=10, hidden_sizes=(16, 16), device="cpu", progress=False,
+                            logger="none"))
+    stop_after_checkpoint(None)
+    capsys.readouterr()
+    summary = finetune(FinetuneConfig(checkpoint=offline_dir, output_dir=tmp_path / "finetuned", logger="none",
+                                      **FROM_CHECKPOINT))
+    assert (f"iql_torchrl: the offline run {offline_dir} stopped at update 20 of 30 (no summary.json): "
+            "fine-tuning starts from that checkpoint.") in capsys.readouterr().err.splitlines()
+    assert summary["offline_steps"] == 20 and summary["updates"] == 20 + 96
+
+
+def test_the_fine_tuning_page_lists_every_flag_that_differs_from_the_offline_example():
+    page = (ROOT / "docs" / "finetuning.md").read_text()
+    offline = {f.name: f.default for f in fields(OfflineConfig)}
+    for field in fields(FinetuneConfig):
+        if field.name not in offline or field.default != offline[field.name]:
+            assert f"`{flag(field.name)}" in page, flag(field.name)
+    for name in set(offline) - {f.name for f in fields(FinetuneConfig)}:  # --steps and --num-seeds: said so
+        assert f"`{flag(name)}`" in page, flag(name)
 
 
 def test_a_non_finite_online_loss_stops_the_run_with_the_last_checkpoint_intact(tiny_datasets, tmp_path, monkeypatch):

@@ -86,6 +86,47 @@ def test_default_run_folders_differ_for_runs_started_in_the_same_second():
     assert len(names) == 20
 
 
+def _start_fails_at(monkeypatch, where: str, error: BaseException) -> None:
+    import iql_torchrl.runs.run as run_module
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(run_module, where, fail)
+
+
+@pytest.mark.parametrize("where, error", [
+    ("load_run_data", FileNotFoundError("the dataset is missing")),  # or a reward transform refusing the data …
+    ("make_logger", ImportError("the logger's package is missing")),
+    ("load_run_data", KeyboardInterrupt()),  # Ctrl-C before training
+])
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder_behind(tiny_datasets, tmp_path, monkeypatch, where,
+                                                                          error):
+    _start_fails_at(monkeypatch, where, error)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(type(error)):
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, **TINY))  # runs/<name>, and runs/ itself, made here
+    with pytest.raises(type(error)):
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "new" / "run", **TINY))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_start_keeps_a_folder_that_was_there_before_or_that_holds_anything_else(tiny_datasets, tmp_path,
+                                                                                         monkeypatch):
+    _start_fails_at(monkeypatch, "load_run_data", FileNotFoundError("the dataset is missing"))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(FileNotFoundError):
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=existing, **TINY))
+    assert existing.is_dir()
+
+    out = tmp_path / "made" / "run"
+    folder = RunFolder.create(out)
+    (out / "notes.txt").write_text("mine")  # written in the meantime
+    folder.release(failed=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 # ------------------------------------------------------------------ settings checked before any work
 @pytest.mark.parametrize("field, value, flag", [
     ("tau", 2.0, "--tau"), ("gamma", 5.0, "--gamma"), ("hidden_sizes", (0,), "--hidden-sizes"),
@@ -369,6 +410,28 @@ def test_restarting_the_progress_clock_drops_the_time_before_it():
     n, elapsed, desc = bars[True]
     assert (n, desc) == (11, "IQL") and elapsed < 0.2
     assert bars[False][1] >= 0.3  # the wrong variant: no restart, the compilation in the rate
+
+
+def test_the_bar_s_rate_and_eta_leave_out_evaluations(tmp_path, monkeypatch):
+    # after an evaluation the bar counts on from where training stopped, as updates/s does
+    import time
+    from types import SimpleNamespace
+
+    from iql_torchrl.runs.distributed import DistributedContext
+    from iql_torchrl.runs.progress import LoopProgress
+    from iql_torchrl.runs.timing import RunTiming
+
+    config = OfflineConfig(log_every=10, checkpoint_every=10, eval_every=10, device="cpu")
+    run = Run(config, "offline", DistributedContext(), None, tmp_path, None)
+    monkeypatch.setattr(run, "read_metrics", lambda metrics, extra=None: None)
+    monkeypatch.setattr(run, "checkpoint_and_evaluate", lambda: time.sleep(0.5))  # a half-second evaluation
+    run.progress = LoopProgress(RunTiming(), SimpleNamespace(mode="eager"), total=100, initial=0, desc="IQL")
+    run.progress.advance(10)
+    run.step = 10
+    run.after_updates(None, 9, last=False)
+    elapsed = run.progress.bar.format_dict["elapsed"]
+    run.progress.close()
+    assert elapsed < 0.25
 
 
 def test_one_cadence_for_single_updates_and_for_collections_of_updates(tmp_path):

@@ -20,8 +20,9 @@ offline data's rule; evaluation keeps the environment's own.
 
 Learning rates stay constant in both phases, as in the official fine-tuning configuration
 (``antmaze_finetune_config.py``: ``opt_decay_schedule = None``): a fine-tuned actor must keep
-learning. A run started from an offline checkpoint therefore sets the actor's learning rate back
-(the offline job's cosine has decayed it to ~0) and keeps the optimizers' moments.
+learning. A run started from an offline checkpoint therefore sets every learning rate to its own
+(the offline job's cosine has decayed the actor's to ~0) and keeps the optimizers' moments; the
+settings it adopts from the offline run are :data:`ADOPTED_FROM_OFFLINE_RUN`.
 
 A resumed run continues exactly -- including the collector's counters, the online buffer, every
 random state and the episodes that were running (rebuilt by replaying their reset and actions:
@@ -29,6 +30,7 @@ random state and the episodes that were running (rebuilt by replaying their rese
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ import torch
 from torchrl.collectors import Collector
 
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
-from iql_torchrl.runs.config import ConfigError, RunConfig
+from iql_torchrl.runs.config import ConfigError, RunConfig, config_to_dict, flag, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
 from iql_torchrl.runs.evaluation import reference_scores_problem
 from iql_torchrl.jobs.online import (
@@ -47,13 +49,19 @@ from iql_torchrl.jobs.online import (
     restore_episodes,
 )
 from iql_torchrl.runs.builders import build_loss, index_sampler, make_update
-from iql_torchrl.runs.run import Run
+from iql_torchrl.runs.settings import check_device
+from iql_torchrl.runs.run import SUMMARY_NAME, Run
+from iql_torchrl.step.update import OPTIMIZER_GROUPS
 
 __all__ = ["FinetuneConfig", "finetune", "FINETUNE_DATASET"]
 
 FINETUNE_DATASET = "iql_torchrl/pendulum/medium-v0"  # offline IQL stays clearly below expert on it
-ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "temperature", "expectile", "hidden_sizes", "gamma", "normalize_observations",
-                           "clip_actions", "goal_input", "success_terminal")
+# what an offline run fixes (--checkpoint): the data as its networks read it, the networks' shapes, the
+# discount its values were learned with and the optimizer its moments belong to; a flag given with another value is refused
+ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "reward_transform", "normalize_observations", "clip_actions", "goal_input",
+                            "success_terminal", "hidden_sizes", "gamma", "optimizer", "weight_decay")
+# the loss's β and τ: the offline run's unless given (the update step takes new values as they are)
+DEFAULTS_FROM_OFFLINE_RUN = ("temperature", "expectile")
 
 
 @dataclass
@@ -63,11 +71,11 @@ class FinetuneConfig(RunConfig):
     dataset: str = FINETUNE_DATASET
     eval_every: int = 1_000
     offline_steps: int = 2_000
-    """Offline gradient steps before any interaction (>= 0). Ignored with --checkpoint (the run's own steps)."""
+    """Offline gradient steps before any interaction (>= 0). With --checkpoint: the offline run's own."""
     online_steps: int = 4_000
     """Environment steps of the online phase, summed over the environments."""
     checkpoint: Path | None = None
-    """Start from this offline run folder (iql_offline.py's --output-dir): its data, networks, preset, goal rule, gamma and steps replace these flags."""
+    """Start from this offline run folder (iql_offline.py's --output-dir) at its latest checkpoint: its networks, optimizer state and update count, and its --dataset, --preset, --reward-transform, --normalize-observations, --clip-actions, --goal-input, --success-terminal, --hidden-sizes, --gamma, --optimizer, --weight-decay and --offline-steps (one of these given with another value is refused); its --temperature and --expectile unless given. The learning rates are this run's."""
     num_envs: int = 4
     """Environments stepped by the collector (a TorchRL SerialEnv). They run on the CPU."""
     frames_per_batch: int = 200
@@ -113,10 +121,15 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
     """
     offline_run = preset_reason = None
     if not config.resume and config.checkpoint is not None:
+        check_device(config.device)  # before the offline run is read
         offline_run = load_run_checkpoint(config.checkpoint, map_location="cpu")
-        config = adopt_offline_run(config, offline_run)
+        config = adopt_offline_run(config, offline_run, given_fields(config) | set(given or ()))
         preset_reason = (f"the offline run {config.checkpoint} trained with it"
                          + (f" ({offline_run['preset_reason']})" if offline_run.get("preset_reason") else ""))
+        if not (Path(config.checkpoint) / SUMMARY_NAME).is_file():  # stopped early, or still training
+            print(f"iql_torchrl: the offline run {config.checkpoint} stopped at update {offline_run['step']} of "
+                  f"{offline_run['config']['steps']} (no {SUMMARY_NAME}): fine-tuning starts from that checkpoint.",
+                  file=sys.stderr)
     with Run.begin(config, job="finetune", given=given, label="finetune", preset_reason=preset_reason) as run:
         if run.finished:
             return run.finished_summary()
@@ -136,7 +149,8 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         elif offline_run is not None:
             loss.load_state_dict(offline_run["loss"])
             update.load_state_dict(offline_run["update"])
-            update.set_actor_lr()  # constant learning rates: undo the offline cosine decay
+            for group in OPTIMIZER_GROUPS:  # this run's constant rates, not the offline run's (its actor's decayed)
+                update.set_learning_rate(group, getattr(config, f"{group}_lr") or config.lr)
             run.step = offline_run["step"]
             run.curve = [dict(p, phase="offline", env_steps=0) for p in offline_run["curve"] if p["step"] < run.step]
         run.evaluate_if_pending()
@@ -157,17 +171,34 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
                           phase_boundary=config.offline_steps)
 
 
-def adopt_offline_run(config: FinetuneConfig, offline_run: dict) -> FinetuneConfig:
-    """The fine-tuning config with the offline run's data, networks and step count."""
+def adopt_offline_run(config: FinetuneConfig, offline_run: dict, given: set[str]) -> FinetuneConfig:
+    """The fine-tuning config with what the offline run fixes (:data:`ADOPTED_FROM_OFFLINE_RUN` and its update
+    count) and its β and τ where ``given`` (the fields set on purpose) lacks them; a given field that differs
+    from what the run fixes is refused (:class:`ConfigError`, listing each with both values)."""
     if offline_run.get("job") != "offline":
         raise ConfigError(f"--checkpoint {config.checkpoint} is not an offline run (iql_offline.py's run folder).")
     offline = offline_run["config"]
     if offline.get("num_seeds", 1) > 1:
         raise ConfigError(f"--checkpoint {config.checkpoint} trained {offline['num_seeds']} seeds at once; "
                           "fine-tuning takes a one-seed run.")
-    adopted = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN if name in offline}  # older runs: no goal_input
-    adopted["hidden_sizes"] = tuple(adopted["hidden_sizes"])
-    return FinetuneConfig(**{**asdict(config), **adopted, "offline_steps": offline_run["step"]})
+    fixed = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN if name in offline}  # older runs: no goal_input
+    fixed["offline_steps"] = offline_run["step"]
+    wanted = config_to_dict(config)
+    conflicts = [f"  {flag(name)}: the offline run's {_shown(fixed[name])}, given {_shown(wanted[name])}"
+                 for name in sorted(given & set(fixed)) if wanted[name] not in (fixed[name], "auto")]
+    if conflicts:
+        raise ConfigError(
+            f"--checkpoint {config.checkpoint} fine-tunes the offline run with the settings it trained with; "
+            "these flags differ from them:\n" + "\n".join(conflicts)
+            + "\nDrop them to fine-tune that run, or train a new offline run with them (examples/iql_offline.py)."
+        )
+    fixed["hidden_sizes"] = tuple(fixed["hidden_sizes"])
+    defaults = {name: offline[name] for name in DEFAULTS_FROM_OFFLINE_RUN if name not in given}
+    return FinetuneConfig(**{**asdict(config), **fixed, **defaults})
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 class OnlinePhase:

@@ -17,14 +17,14 @@ from iql_torchrl.runs.config import RunConfig, config_from_dict
 from iql_torchrl.data import OfflineDataMetadata, sample_indices
 from iql_torchrl.objectives.discrete import DiscreteIQLLoss
 from iql_torchrl.runs.distributed import all_reduce_gradients
-from iql_torchrl.runs.settings import resolve_precision
+from iql_torchrl.runs.settings import resolve_precision, resolved_device
 from iql_torchrl.objectives.ensemble import SeedEnsemble
 from iql_torchrl.objectives.loss import IQLLoss
 from iql_torchrl.objectives.networks import make_iql_networks
 from iql_torchrl.step.update import IQLUpdate
 
 __all__ = ["build_loss", "build_seed_losses", "make_update", "update_options", "batch_generators", "index_sampler", "load_actor",
-           "RANK_SEED_STRIDE"]
+           "actor_from_checkpoint", "RANK_SEED_STRIDE"]
 
 RANK_SEED_STRIDE = 1_000_003  # keeps the ranks' batch streams apart
 
@@ -106,10 +106,16 @@ def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
 
     ``actor(TensorDict({"observation": obs}, batch))`` writes ``"action"`` in the buffer's action
     space; ``metadata.action_to_env`` maps it to the environment's bounds. For a run of several
-    seeds, ``seed_index`` picks one (0 is ``--seed``). The checkpoint loads with
-    ``weights_only=True`` (no code runs), falling back to ``checkpoint.prev.pt`` when the last is unreadable.
+    seeds, ``seed_index`` picks one (0 is ``--seed``). ``device`` (cpu, cuda or auto) is checked
+    before anything loads (:func:`~iql_torchrl.runs.settings.resolved_device`). The checkpoint loads with ``weights_only=True``
+    (no code runs), falling back to ``checkpoint.prev.pt`` when the last is unreadable.
     """
-    state = load_run_checkpoint(run_dir, map_location=device)
+    device = resolved_device(device)
+    return actor_from_checkpoint(load_run_checkpoint(run_dir, map_location="cpu"), device, seed_index)
+
+
+def actor_from_checkpoint(state: dict, device: str = "cpu", seed_index: int = 0):
+    """:func:`load_actor` on a checkpoint already read: ``(actor, metadata)`` on ``device``."""
     config = config_from_dict(RunConfig, state["config"])
     config.device, config.output_dir = device, None
     num_seeds = state["config"].get("num_seeds", 1)
@@ -117,10 +123,13 @@ def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
     if not 0 <= seed_index < num_seeds:
         raise ValueError(f"seed_index must be in [0, {num_seeds}) for this run, got {seed_index}.")
     if num_seeds > 1:
-        ensemble = SeedEnsemble([build_loss(config, metadata) for _ in range(num_seeds)])
-        ensemble.load_state_dict(state["loss"])
-        loss = ensemble.seed_loss(seed_index)
+        loss = SeedEnsemble([build_loss(config, metadata) for _ in range(num_seeds)])
     else:
         loss = build_loss(config, metadata)
-        loss.load_state_dict(state["loss"])
+    loss.claim_target_update()  # nothing updates the targets of a loss built to load an actor
+    loss.load_state_dict(state["loss"])  # tensors saved on any device land on this one
+    if num_seeds > 1:
+        loss = loss.seed_loss(seed_index)
     return loss.get_stateful_net("actor_network", copy=True).eval(), metadata
+
+

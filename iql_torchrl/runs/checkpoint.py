@@ -136,6 +136,9 @@ def load_checkpoint(path: str | Path, map_location=None) -> dict:
             f"{_unsafe_global(err)}). Use only checkpoints written by iql_torchrl."
         ) from err
     except Exception as err:  # damaged bytes fail anywhere in torch's reader (KeyError, struct.error, EOFError, ...)
+        if "on a CUDA device" in str(err):  # a sound file whose tensors were saved on a GPU this machine lacks
+            raise RuntimeError(f"{path} was saved on a CUDA device and this machine has none: read it with "
+                               "map_location='cpu'.") from err
         raise CheckpointError(_unreadable(path, err)) from err
     if not isinstance(state, dict) or "loss" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not an iql_torchrl checkpoint (no loss and config in it).")

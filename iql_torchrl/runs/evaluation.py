@@ -18,7 +18,8 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from iql_torchrl.data.metadata import check_observation_layout
 
-__all__ = ["evaluate_policy", "evaluate_seeds", "reference_scores_problem", "check_evaluation_env", "summarize_seeds", "EvaluationEnvError"]
+__all__ = ["evaluate_policy", "evaluate_seeds", "evaluation_seed", "reference_scores_problem", "check_evaluation_env",
+           "summarize_seeds", "EvaluationEnvError"]
 
 
 class EvaluationEnvError(RuntimeError):
@@ -151,12 +152,20 @@ def summarize_seeds(results: list[dict]) -> dict:
     }
 
 
+def evaluation_seed(seed: int) -> int:
+    """The environment seed of the first evaluation episode of a run trained with ``seed`` (kept apart
+    from the seeds that drew its networks and batches)."""
+    return seed + 10_000
+
+
 def evaluate_seeds(loss, seeds: list[int], metadata, episodes: int, device) -> dict:
     """Deterministic episodes of each seed's policy (``loss``: one seed's IQLLoss, or a SeedEnsemble of
-    ``len(seeds)``), summarised by :func:`summarize_seeds`; seed ``s`` evaluates on env seeds from ``s + 10000``."""
+    ``len(seeds)``), summarised by :func:`summarize_seeds`; seed ``s`` evaluates on env seeds from
+    :func:`evaluation_seed` ``(s)``."""
     results = []
     for k, seed in enumerate(seeds):
         seed_loss = loss if len(seeds) == 1 else loss.seed_loss(k)
         actor = seed_loss.get_stateful_net("actor_network", copy=True).eval()
-        results.append({"seed": seed, **evaluate_policy(actor, metadata, episodes=episodes, seed=seed + 10_000, device=device)})
+        results.append({"seed": seed, **evaluate_policy(actor, metadata, episodes=episodes, seed=evaluation_seed(seed),
+                                                        device=device)})
     return summarize_seeds(results)

@@ -4,6 +4,10 @@ The owner holds an OS-level lock on ``DIR/.lock`` (``filelock``: ``flock`` on PO
 before anything else is written and released by the kernel when the process ends, so a run
 killed with ``kill -9`` leaves no stale lock. A second run, or a resume, on a folder in use exits
 at once with :class:`FolderInUseError`. The lock file itself does not make a folder "not empty".
+
+A run that fails before it writes anything leaves no folder behind: ``release(failed=True)`` removes
+the folders :meth:`RunFolder.create` made when nothing but the lock is in them (never a folder that
+was there before, never one holding anything else).
 """
 from __future__ import annotations
 
@@ -32,18 +36,20 @@ def default_run_dir(dataset: str, seed: int, label: str = "") -> Path:
 class RunFolder:
     """The locked run folder: ``RunFolder.create(path)`` for a new run, ``RunFolder.open(path)`` to resume one."""
 
-    def __init__(self, path: Path, lock: FileLock):
+    def __init__(self, path: Path, lock: FileLock, created: list[Path] | None = None):
         self.path, self._lock = path, lock
+        self._created = created or []  # the folders this run made, deepest first
 
     @classmethod
     def create(cls, path: str | Path) -> RunFolder:
         """Creates (or takes an empty) folder and locks it; an existing run's folder is refused."""
         path = Path(path)
+        created = _missing_folders(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise PermissionError(f"Cannot create the run folder {path} ({err.strerror}): choose a writable --output-dir.") from err
-        folder = cls._locked(path)
+        folder = cls._locked(path, created)
         if any(p.name != LOCK_NAME for p in path.iterdir()):
             folder.release()
             raise FileExistsError(
@@ -60,7 +66,7 @@ class RunFolder:
         return cls._locked(path)
 
     @classmethod
-    def _locked(cls, path: Path) -> RunFolder:
+    def _locked(cls, path: Path, created: list[Path] | None = None) -> RunFolder:
         lock_path = path / LOCK_NAME
         try:
             with open(lock_path, "a"):  # also proves the folder is writable, before any work starts
@@ -74,10 +80,23 @@ class RunFolder:
             raise FolderInUseError(
                 f"{path} is in use by another run (process holding {lock_path}); wait for it to end or choose another --output-dir."
             ) from None
-        return cls(path, lock)
+        return cls(path, lock, created)
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """Unlocks the folder; after a ``failed`` start, first removes the folders this run created if they hold nothing."""
+        if failed:
+            self._remove_if_unused()
         self._lock.release(force=True)
+
+    def _remove_if_unused(self) -> None:
+        if not self._created or any(p.name != LOCK_NAME for p in self.path.iterdir()):
+            return
+        (self.path / LOCK_NAME).unlink(missing_ok=True)  # still locked: no other run is using it
+        for folder in self._created:
+            try:
+                folder.rmdir()  # refuses a folder that is not empty
+            except OSError:
+                return
 
     def __enter__(self) -> RunFolder:
         return self
@@ -92,3 +111,13 @@ class RunFolder:
         staged.write_text(text)
         os.replace(staged, target)
         return target
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing

@@ -9,7 +9,11 @@ One :class:`Run` owns a run folder from start to summary:
 3. the data -- loaded, fingerprinted (and on resume compared with the checkpoint's), the
    evaluation environment created and reset once, the reference scores checked;
 4. the loop's services -- logger, progress bar, timing summed over resumes, non-finite guard,
-   checkpoints written before every evaluation, evaluation, and the summary.
+   checkpoints written before every evaluation, evaluation, and the summary;
+5. Ctrl-C -- the first stops the loop after the update in progress, checkpointed, with one line
+   saying how to continue (:mod:`iql_torchrl.runs.interrupt`; single-process runs: under torchrun the
+   launcher signals its processes again at once, so there Ctrl-C stops at once, as Python does);
+6. a failed start -- a folder this run created and that holds nothing but its lock is removed.
 
 A job (``examples/iql_offline.py``, :func:`iql_torchrl.jobs.finetune.finetune`) builds its networks,
 loss and update step, attaches them (:meth:`Run.attach`), and runs its loop on one cadence::
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +48,7 @@ from iql_torchrl.runs.config import ConfigError, config_to_dict, describe_preset
 from iql_torchrl.runs.distributed import setup_distributed
 from iql_torchrl.runs.evaluation import EvaluationEnvError, evaluate_seeds
 from iql_torchrl.runs.folder import FolderInUseError, RunFolder, default_run_dir
+from iql_torchrl.runs.interrupt import RunInterrupted, StopRequest
 from iql_torchrl.runs.loading import load_run_data
 from iql_torchrl.runs.loggers import log_values, make_logger
 from iql_torchrl.runs.progress import LoopProgress
@@ -54,7 +60,7 @@ from iql_torchrl.runs.timing import RunTiming
 from iql_torchrl.runs.value_bound import ValueBoundWatch, return_bound
 from iql_torchrl.step.update import metrics_to_floats
 
-__all__ = ["Run", "NonFiniteLossError", "USER_ERRORS", "SUMMARY_NAME"]
+__all__ = ["Run", "NonFiniteLossError", "RunInterrupted", "USER_ERRORS", "SUMMARY_NAME"]
 
 SUMMARY_NAME = "summary.json"
 
@@ -81,6 +87,7 @@ class Run:
         self.metadata = self.fingerprint = None
         self.last_values = {"loss_qvalue": float("nan")}
         self.progress = None  # the running loop's bar and clock
+        self.stop_request = StopRequest()  # Ctrl-C during a loop
         self.value_bound = ValueBoundWatch()  # the offline job's: set when its data loads
 
     # ------------------------------------------------------------------ start
@@ -113,7 +120,7 @@ class Run:
                 remove_stale_temporaries(folder.path)
         except BaseException:
             if folder is not None:
-                folder.release()
+                folder.release(failed=True)
             raise
         path = [str(folder.path) if folder else None]
         if ctx.enabled:
@@ -123,14 +130,17 @@ class Run:
         run.preset_reason = state.get("preset_reason", "the run's checkpoint") if state else preset_reason
         if ctx.is_main and not run.finished:
             print(describe_preset(config.preset, run.preset_reason, config), file=sys.stderr)
+            if state is not None:
+                print(f"{run.output_dir}: resuming from update {state['step']}.", file=sys.stderr)
         return run
 
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.stop_request.stop_listening()
         if self.folder is not None:
-            self.folder.release()
+            self.folder.release(failed=exc_type is not None)
 
     def finished_summary(self) -> dict:
         """The summary of a finished run, read back (nothing is written)."""
@@ -254,10 +264,12 @@ class Run:
         calls ``update`` once and hands its metrics to :meth:`after_update`."""
         self.progress = self.loop_progress(update, total=last_step, initial=self.step, desc=desc)
         self._last_step = last_step
-        for step in range(self.step + 1, last_step + 1):
-            self.progress.start_updates()
-            yield step
-        self.progress.close()
+        try:
+            for step in range(self.step + 1, last_step + 1):
+                self.progress.start_updates()
+                yield step
+        finally:
+            self.progress.close()
 
     def after_update(self, metrics) -> None:
         """One update of :meth:`updates` done: counted and timed; then what is due (:meth:`after_updates`)."""
@@ -267,9 +279,11 @@ class Run:
         self.after_updates(metrics, self.step - 1, self.step == self._last_step)
 
     def loop_progress(self, update, total: int, initial: int, desc: str, unit: str = "upd") -> LoopProgress:
-        """The progress bar and clock of a loop about to run ``update`` (shown on rank 0 with ``--progress``)."""
+        """The progress bar and clock of a loop about to run ``update`` (shown on rank 0 with ``--progress``);
+        until it closes, a single-process run takes Ctrl-C after the update in progress."""
         return LoopProgress(self.timing, update, total=total, initial=initial, desc=desc, unit=unit,
-                            enabled=self.config.progress and self.ctx.is_main)
+                            enabled=self.config.progress and self.ctx.is_main,
+                            stop_request=None if self.ctx.enabled else self.stop_request)
 
     def run_updates(self, update, draw, count: int):
         """``count`` updates on batches from ``draw()`` in the current loop, timed; returns the last one's metrics."""
@@ -299,16 +313,32 @@ class Run:
 
     def after_updates(self, metrics, before: int, last: bool, extra=None) -> None:
         """What is due after the updates from step ``before`` to ``self.step`` (:meth:`due`): the log
-        (with ``extra()``'s entries), then the evaluation (checkpointed first) or the checkpoint."""
+        (with ``extra()``'s entries), then the evaluation (checkpointed first) or the checkpoint; then,
+        after a Ctrl-C, the stop (:meth:`stop_if_requested`)."""
         log_now, checkpoint_now, evaluate_now = self.due(before, self.step, last)
-        if not log_now:
+        if log_now:
+            self.read_metrics(metrics, extra() if extra else None)  # waits for the updates: their time, not left out
+            started = time.perf_counter()
+            if evaluate_now:
+                self.checkpoint_and_evaluate()
+            elif checkpoint_now:
+                self.checkpoint()
+            self.progress.show(self.last_values, self.curve)
+            self.progress.leave_out(time.perf_counter() - started)
+        if not last:  # a loop ends checkpointed: the run finishes, or its next loop stops at its first updates
+            self.stop_if_requested()
+
+    def stop_if_requested(self) -> None:
+        """After a Ctrl-C: checkpoints the updates done, says how to continue and ends the run (:class:`RunInterrupted`)."""
+        if not self.stop_request.requested:
             return
-        self.read_metrics(metrics, extra() if extra else None)
-        if evaluate_now:
-            self.checkpoint_and_evaluate()
-        elif checkpoint_now:
-            self.checkpoint()
-        self.progress.show(self.last_values, self.curve)
+        self.timing.pause()
+        self.checkpoint()
+        self.progress.close()
+        stop = RunInterrupted(self.step, self.output_dir, self.job)
+        if self.ctx.is_main:
+            print(stop.message, file=sys.stderr)
+        raise stop
 
     # ------------------------------------------------------------------ summary
     def summary_fields(self) -> dict:

@@ -15,7 +15,21 @@ from iql_torchrl.runs.threads import set_threads, threads_are_auto
 from iql_torchrl.step import precision
 from iql_torchrl.step.precision import ONE_THREAD_PAYS, PrecisionChoice, choose_precision, widest_layer
 
-__all__ = ["resolve_settings", "resolve_precision", "auto_compile", "COMPILE_BREAK_EVEN"]
+__all__ = ["resolve_settings", "resolved_device", "check_device", "resolve_precision", "auto_compile", "COMPILE_BREAK_EVEN"]
+
+
+def resolved_device(device: str) -> str:
+    """``--device`` (cpu, cuda or auto) as a run takes it: auto picks cuda where there is one; checked (:func:`check_device`)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
+    return device
+
+
+def check_device(device: str) -> None:
+    """Refuses ``--device cuda`` on a machine without CUDA (:class:`ConfigError`, saying what to pass)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
 
 
 def resolve_settings(config, job: str, given: set[str]):
@@ -31,8 +45,7 @@ def resolve_settings(config, job: str, given: set[str]):
     config = config.resolved()
     if config.cudagraphs is True and config.device != "cuda":
         raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto).")
+    check_device(config.device)
     # the step's mode is the run's own choice unless a flag forced compiling or CUDA graphs (a resumed run: its command's)
     chosen = "compile" not in given and not ("cudagraphs" in given and config.cudagraphs is True)
     reason = None
