@@ -38,7 +38,7 @@ import torch
 from torchrl.collectors import Collector
 
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
-from iql_torchrl.runs.config import ConfigError, RunConfig, config_to_dict, flag, given_fields
+from iql_torchrl.runs.config import ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
 from iql_torchrl.runs.evaluation import reference_scores_problem
 from iql_torchrl.jobs.online import (
@@ -183,9 +183,8 @@ def adopt_offline_run(config: FinetuneConfig, offline_run: dict, given: set[str]
                           "fine-tuning takes a one-seed run.")
     fixed = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN if name in offline}  # older runs: no goal_input
     fixed["offline_steps"] = offline_run["step"]
-    wanted = config_to_dict(config)
-    conflicts = [f"  {flag(name)}: the offline run's {_shown(fixed[name])}, given {_shown(wanted[name])}"
-                 for name in sorted(given & set(fixed)) if wanted[name] not in (fixed[name], "auto")]
+    conflicts = conflicting_flags(given, config_to_dict(config), fixed, "the offline run's",
+                                  agrees=lambda name, value: value == "auto")
     if conflicts:
         raise ConfigError(
             f"--checkpoint {config.checkpoint} fine-tunes the offline run with the settings it trained with; "
@@ -195,10 +194,6 @@ def adopt_offline_run(config: FinetuneConfig, offline_run: dict, given: set[str]
     fixed["hidden_sizes"] = tuple(fixed["hidden_sizes"])
     defaults = {name: offline[name] for name in DEFAULTS_FROM_OFFLINE_RUN if name not in given}
     return FinetuneConfig(**{**asdict(config), **fixed, **defaults})
-
-
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 class OnlinePhase:

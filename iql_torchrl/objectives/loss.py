@@ -674,15 +674,12 @@ class IQLLoss(LossModule):
 def _real(value) -> float | None:
     """A Python, NumPy or 0-d tensor real number as a float; None for anything else (bools included)."""
     if isinstance(value, Tensor):
-        if value.ndim or not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
+        if value.ndim or value.dtype == torch.bool or value.is_complex():
             return None
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return float(value)
-
-
-_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _expectile(value) -> float:

@@ -25,7 +25,7 @@ from iql_torchrl.step.update import optimizer_settings_problem
 
 __all__ = [
     "Preset", "PRESETS", "auto_preset", "preset_choice", "describe_preset", "RunConfig", "OfflineConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
-    "config_to_dict", "config_from_dict",
+    "config_to_dict", "config_from_dict", "conflicting_flags", "logger_problem",
 ]
 
 
@@ -344,6 +344,15 @@ def _is_int(value) -> bool:
 
 def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def conflicting_flags(given: set[str], wanted: dict, fixed: dict, source: str, agrees=None) -> list[str]:
+    """``  --flag: <source> A, given B`` for each field set on purpose (``given``) whose value in ``wanted``
+    differs from the one ``fixed`` holds (both as :func:`config_to_dict` writes them); ``agrees(name, value)``
+    names given values that match whatever is fixed (e.g. auto)."""
+    return [f"  {flag(name)}: {source} {_shown(fixed[name])}, given {_shown(wanted[name])}"
+            for name in sorted(given & set(fixed) & set(wanted))
+            if wanted[name] != fixed[name] and not (agrees and agrees(name, wanted[name]))]
 
 
 # ---------------------------------------------------------------------------------------- saving and the CLI

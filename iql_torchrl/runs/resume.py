@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from iql_torchrl.runs.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, flag
+from iql_torchrl.runs.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, conflicting_flags
 
 __all__ = ["ResumeError", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
 
@@ -31,12 +31,9 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
     """The checkpoint's config, with the given run-neutral settings; refuses any other changed setting."""
     config = config_from_dict(config_cls, saved)
     wanted, stored = config_to_dict(given_config), config_to_dict(config)
-    changed = []
-    for name in sorted(given & set(wanted)):
-        if name in RUN_NEUTRAL_SETTINGS:
-            setattr(config, name, getattr(given_config, name))
-        elif name in stored and wanted[name] != stored[name] and not _preset_default(name, wanted[name]):
-            changed.append(f"  {flag(name)}: checkpoint {_shown(stored[name])}, given {_shown(wanted[name])}")
+    for name in given & set(RUN_NEUTRAL_SETTINGS):
+        setattr(config, name, getattr(given_config, name))
+    changed = conflicting_flags(given - set(RUN_NEUTRAL_SETTINGS), wanted, stored, "checkpoint", _preset_default)
     if changed:
         raise ResumeError(
             "--resume continues a run with the settings in its checkpoint; these differ from it:\n"
@@ -51,10 +48,6 @@ def _preset_default(name: str, value) -> bool:
     # "use the preset's value" (None) matches whatever value the checkpoint resolved it to; so do --preset auto and
     # --precision auto (a resumed run keeps the precision it chose)
     return (name in ("temperature", "expectile") and value is None) or (name in ("preset", "precision") and value == "auto")
-
-
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 # ---------------------------------------------------------------------------------------- data fingerprint
