@@ -225,10 +225,12 @@ def offline_run(tiny_datasets_root, tmp_path_factory):
     return SimpleNamespace(dir=folder, summary=summary)
 
 
-def test_fine_tuning_starts_from_an_offline_run(offline_run, tiny_datasets, tmp_path):
+def test_fine_tuning_starts_from_an_offline_run(offline_run, tiny_datasets, tmp_path, capsys):
     offline, offline_dir = offline_run.summary, offline_run.dir
     config = FinetuneConfig(checkpoint=offline_dir, output_dir=tmp_path / "finetuned", logger="none", **FROM_CHECKPOINT)
     summary = finetune(config)
+    # the console's preset line names where τ came from: no --expectile was given here
+    assert "expectile 0.6 (the offline run's; the preset's 0.7)" in capsys.readouterr().err
     assert summary["offline_steps"] == 30 and summary["updates"] == 30 + 96  # the offline run's steps
     assert summary["started_from"] == str(offline_dir)
     assert summary["expectile"] == 0.6  # the offline run's τ, not the preset's 0.7
@@ -276,11 +278,14 @@ def test_device_cuda_without_a_gpu_is_refused_before_the_offline_run_is_read(off
     assert loads == []
 
 
-def test_the_given_temperature_expectile_and_learning_rates_apply_from_an_offline_run(offline_run, tiny_datasets, tmp_path):
+def test_the_given_temperature_expectile_and_learning_rates_apply_from_an_offline_run(offline_run, tiny_datasets, tmp_path,
+                                                                                    capsys):
     config = FinetuneConfig(checkpoint=offline_run.dir, output_dir=tmp_path / "finetuned", logger="none",
                             expectile=0.9, temperature=1.0, lr=1e-4, value_lr=2e-4, **FROM_CHECKPOINT)
     summary = finetune(config)
     assert summary["expectile"] == 0.9 and summary["temperature"] == 1.0
+    assert "expectile 0.9 (--expectile; the preset's 0.7), temperature 1.0 (--temperature; the preset's 3.0)" \
+        in capsys.readouterr().err
     state = load_checkpoint(tmp_path / "finetuned" / CHECKPOINT_NAME)
     rates = {name: [float(group["lr"]) for group in optimizer["param_groups"]]
              for name, optimizer in state["update"]["optimizers"].items()}

@@ -107,10 +107,10 @@ def test_the_request_puts_python_s_handler_back_and_changes_nothing_it_does_not_
 # ------------------------------------------------------------------ the jobs
 def test_ctrl_c_mid_update_stops_after_that_update_and_the_resumed_run_ends_like_an_uninterrupted_one(
         tiny_datasets, tmp_path, ctrl_c_during_update, capsys):
-    straight = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", **TINY))
+    straight = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", expectile=0.6, **TINY))
     out = tmp_path / "interrupted"
     ctrl_c_during_update(7)
-    stopped = _stopped(train, OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    stopped = _stopped(train, OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, expectile=0.6, **TINY))
     assert isinstance(stopped, RunInterrupted) and isinstance(stopped, KeyboardInterrupt), repr(stopped)
     assert stopped.step == 7
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
@@ -121,7 +121,9 @@ def test_ctrl_c_mid_update_stops_after_that_update_and_the_resumed_run_ends_like
 
     ctrl_c_during_update(None)
     resumed = train(OfflineConfig(output_dir=out, resume=True, progress=False))
-    assert f"{out}: resuming from update 7." in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{out}: resuming from update 7." in err
+    assert "expectile 0.6 (the checkpoint's; the preset's 0.7)" in err  # no --expectile on the resume command
     assert resumed["curve"] == straight["curve"]
     _same_parameters(tmp_path / "straight", out)
 

@@ -8,7 +8,7 @@ import pytest
 
 from iql_offline import train
 from iql_torchrl.data import DatasetError, load_minari_dataset
-from iql_torchrl.runs.config import ConfigError, OfflineConfig, describe_preset
+from iql_torchrl.runs.config import ConfigError, OfflineConfig, describe_preset, parse_cli
 from iql_torchrl.runs.report import console_summary
 
 TINY = dict(steps=20, batch_size=32, eval_every=10, eval_episodes=1, log_every=5, checkpoint_every=10,
@@ -81,3 +81,52 @@ def test_the_summary_counts_every_seeds_evaluation_episodes():
     assert "over 3 seeds × 10 evaluation episodes" in text and "50% of 3 seeds × 10 evaluation episodes" in text
     one = console_summary({**summary, "num_seeds": 1, "eval_episodes": 1}, Path("run"))
     assert "over 1 evaluation episode\n" in one and "seeds ×" not in one
+
+
+@pytest.mark.parametrize("argv, episodes", [
+    ([], 10),
+    (["--preset", "maze"], 100),  # the paper's 100 on the mazes when the flag is not given
+    (["--preset", "maze", "--eval-episodes", "10"], 10),  # a value given is kept, the default's value included
+    (["--preset", "antmaze", "--eval-episodes", "3"], 3),
+])
+def test_eval_episodes_are_the_presets_unless_given(argv, episodes):
+    config, given = parse_cli(OfflineConfig, argv)
+    assert config.resolved().eval_episodes == episodes
+    assert ("eval_episodes" in given) == ("--eval-episodes" in argv)
+
+
+def test_a_batch_larger_than_the_dataset_and_more_threads_than_cpus_are_said(tiny_datasets, tmp_path, capsys):
+    from iql_torchrl.runs.threads import available_cpus
+
+    size = load_minari_dataset(tiny_datasets.pendulum).metadata.num_transitions
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "big",
+                        **{**TINY, "steps": 2, "eval_every": 2, "batch_size": size + 1, "threads": available_cpus() + 1}))
+    err = capsys.readouterr().err
+    assert f"--batch-size {size + 1} is more than the {size:,} transitions of {tiny_datasets.pendulum}" in err
+    assert f"--threads {available_cpus() + 1} is more than the {available_cpus()} CPUs" in err
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "fits",
+                        **{**TINY, "steps": 2, "eval_every": 2, "batch_size": size, "threads": 1}))
+    err = capsys.readouterr().err
+    assert "is more than the" not in err
+
+
+@pytest.mark.parametrize("config_cls", ["OfflineConfig", "FinetuneConfig"])
+def test_help_shows_each_flags_docstring_whole_on_a_wide_terminal(config_cls, monkeypatch, capsys):
+    import inspect
+
+    import docstring_parser
+
+    from iql_torchrl.jobs.finetune import FinetuneConfig
+
+    cls = {"OfflineConfig": OfflineConfig, "FinetuneConfig": FinetuneConfig}[config_cls]
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        parse_cli(cls, ["--help"])
+    shown = [" ".join(line.strip("│ ").split()) for line in capsys.readouterr().out.splitlines()]
+    docs = {}
+    for base in reversed(cls.__mro__[:-1]):  # a subclass's docstring wins
+        docs.update({p.arg_name: p.description for p in docstring_parser.parse_from_object(base).params})
+    assert len(docs) >= 30
+    for name, doc in docs.items():
+        text = " ".join(inspect.cleandoc(doc).replace("``", "").split())
+        assert any(text in line for line in shown), f"--{name.replace('_', '-')}: {text!r} is not one line of --help"

@@ -38,7 +38,7 @@ import torch
 from torchrl.collectors import Collector
 
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
-from iql_torchrl.runs.config import ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
+from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
 from iql_torchrl.runs.evaluation import reference_scores_problem
 from iql_torchrl.jobs.online import (
@@ -119,18 +119,21 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
     checkpoint and ends where an uninterrupted run would (the resume rules are
     :mod:`iql_torchrl.runs.resume`'s).
     """
-    offline_run = preset_reason = None
+    offline_run = preset_reason = sources = None
     if not config.resume and config.checkpoint is not None:
         check_device(config.device)  # before the offline run is read
         offline_run = load_run_checkpoint(config.checkpoint, map_location="cpu")
-        config = adopt_offline_run(config, offline_run, given_fields(config) | set(given or ()))
+        given = given_fields(config) | set(given or ())
+        config = adopt_offline_run(config, offline_run, given)
+        sources = {name: "the offline run's" for name in PRESET_FIELDS if name not in given}
         preset_reason = (f"the offline run {config.checkpoint} trained with it"
                          + (f" ({offline_run['preset_reason']})" if offline_run.get("preset_reason") else ""))
         if not (Path(config.checkpoint) / SUMMARY_NAME).is_file():  # stopped early, or still training
             print(f"iql_torchrl: the offline run {config.checkpoint} stopped at update {offline_run['step']} of "
                   f"{offline_run['config']['steps']} (no {SUMMARY_NAME}): fine-tuning starts from that checkpoint.",
                   file=sys.stderr)
-    with Run.begin(config, job="finetune", given=given, label="finetune", preset_reason=preset_reason) as run:
+    with Run.begin(config, job="finetune", given=given, label="finetune", preset_reason=preset_reason,
+                   sources=sources) as run:
         if run.finished:
             return run.finished_summary()
         config = run.config

@@ -12,19 +12,21 @@ flag and its valid range.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from iql_torchrl.datasets import DEFAULT_DATASET, dataset_id_problem
 from iql_torchrl.objectives.checks import is_finite_number
 from iql_torchrl.step.update import optimizer_settings_problem
 
 __all__ = [
-    "Preset", "PRESETS", "auto_preset", "preset_choice", "describe_preset", "RunConfig", "OfflineConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
+    "Preset", "PRESETS", "PRESET_FIELDS", "auto_preset", "preset_choice", "describe_preset", "RunConfig", "OfflineConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
     "config_to_dict", "config_from_dict", "conflicting_flags", "logger_problem",
 ]
 
@@ -37,8 +39,8 @@ class Preset:
     temperature: float
     actor_dropout: float
     reward_transform: str
-    eval_episodes: int | None = None
-    """Evaluation episodes when --eval-episodes keeps its default (the paper's 100 on the mazes)."""
+    eval_episodes: int = 10
+    """Evaluation episodes when --eval-episodes is not given (the paper's 100 on the mazes)."""
     success_terminal: bool = False
     """Goal data with the goal out of the input: the relabelled successes are terminal when --success-terminal
     is not given (D4RL AntMaze's convention: the goal absorbs, and with r − 1 every value lies in [−1/(1−γ), 0])."""
@@ -102,9 +104,14 @@ def preset_choice(config) -> tuple[str, str]:
     return config.preset, f"--preset {config.preset} given"
 
 
-def describe_preset(name: str, reason: str, config=None) -> str:
+# the run's settings a preset supplies (the console's preset line shows them)
+PRESET_FIELDS = ("expectile", "temperature", "reward_transform")
+
+
+def describe_preset(name: str, reason: str, config=None, sources: dict[str, str] | None = None) -> str:
     """One console line: the preset, its values and why it was chosen; with the run's (resolved) ``config``,
-    a value the run overrides reads ``expectile 0.5 (--expectile; the preset's 0.9)``."""
+    a value the run overrides reads ``expectile 0.5 (--expectile; the preset's 0.9)``, or names what set it
+    where ``sources`` maps the field to it (``expectile 0.5 (the offline run's; the preset's 0.9)``)."""
     preset = PRESETS[name]
 
     def value(field: str) -> str:
@@ -112,7 +119,7 @@ def describe_preset(name: str, reason: str, config=None) -> str:
         shown = field.replace("_", " ")
         if own is None or own in ("auto", getattr(preset, field)):
             return f"{shown} {getattr(preset, field)}"
-        return f"{shown} {own} ({flag(field)}; the preset's {getattr(preset, field)})"
+        return f"{shown} {own} ({(sources or {}).get(field, flag(field))}; the preset's {getattr(preset, field)})"
 
     # the loader's rule, as the run applies it (fine-tuning keeps it online too: jobs/online.SuccessTerminal)
     terminal = config.success_terminal_option() if config is not None else (None if preset.success_terminal else False)
@@ -120,7 +127,7 @@ def describe_preset(name: str, reason: str, config=None) -> str:
     if preset.success_terminal or terminal is not False:
         goal = {None: ", goal terminal where the goal is out of the input", True: ", goal terminal",
                 False: ", goal continuing"}[terminal]
-    return f"preset {name} ({value('expectile')}, {value('temperature')}, {value('reward_transform')}{goal}): {reason}"
+    return f"preset {name} ({', '.join(value(field) for field in PRESET_FIELDS)}{goal}): {reason}"
 
 
 # Settings that do not shape what a run learns: a resumed run may change them.
@@ -154,8 +161,8 @@ class RunConfig:
     """Seed of the network initialisation, the batch draws and the evaluation episodes."""
     eval_every: int = 2_000
     """Evaluate every this many updates (and always at the end)."""
-    eval_episodes: int = 10
-    """Episodes per evaluation, stepped in parallel (left at 10, the maze and antmaze presets evaluate 100)."""
+    eval_episodes: int | None = None
+    """Episodes per evaluation, stepped in parallel. Default: the preset's (10; 100 on maze and antmaze)."""
     temperature: float | None = None
     """β, the AWR inverse temperature (0 is behaviour cloning). Default: the preset's."""
     expectile: float | None = None
@@ -241,8 +248,7 @@ class RunConfig:
             expectile=preset.expectile if self.expectile is None else self.expectile,
             reward_transform=preset.reward_transform if self.reward_transform == "auto" else self.reward_transform,
             preset=name,
-            eval_episodes=preset.eval_episodes if preset.eval_episodes and self.eval_episodes == type(self).eval_episodes
-            else self.eval_episodes,
+            eval_episodes=preset.eval_episodes if self.eval_episodes is None else self.eval_episodes,
             device=device,
             hidden_sizes=tuple(self.hidden_sizes),
         )
@@ -283,7 +289,9 @@ class RunConfig:
         problem = logger_problem(self.logger)
         if problem is not None:
             raise ConfigError(f"{flag('logger')} {self.logger}: {problem}.")
-        self.check_integers(1, "batch_size", "eval_every", "eval_episodes", "checkpoint_every", "log_every")
+        self.check_integers(1, "batch_size", "eval_every", "checkpoint_every", "log_every")
+        if self.eval_episodes is not None:
+            self.check_integers(1, "eval_episodes")
         need(len(self.hidden_sizes) >= 1 and all(_is_int(h) and h >= 1 for h in self.hidden_sizes),
              "hidden_sizes", "one or more layer widths, each >= 1")
         if self.temperature is not None:
@@ -412,5 +420,32 @@ def parse_cli(config_cls, argv: list[str] | None = None):
     import tyro
 
     argv = forced_flags(sys.argv[1:] if argv is None else argv)
-    config = tyro.cli(config_cls, args=argv)
+    parsed = tyro.cli(_with_field_help(config_cls), args=argv)
+    config = config_cls(**{f.name: getattr(parsed, f.name) for f in fields(config_cls)})
     return config, given_fields(config, argv)
+
+
+def field_help(config_cls) -> dict[str, str]:
+    """Each field's docstring as ``--help`` shows it: a paragraph a line, without reST's double backquotes (a
+    subclass's docstring wins)."""
+    import docstring_parser
+
+    docs = {}
+    for cls in reversed(config_cls.__mro__[:-1]):
+        for param in docstring_parser.parse_from_object(cls).params:
+            if param.description:
+                paragraphs = inspect.cleandoc(param.description).split("\n\n")
+                docs[param.arg_name] = "\n\n".join(" ".join(p.replace("``", "").split()) for p in paragraphs)
+    return docs
+
+
+def _with_field_help(config_cls):
+    # tyro keeps every line break of a field docstring that docstring_parser returns indented (tyro 1.0.17):
+    # the same fields with their help given explicitly, in a subclass that only tyro sees
+    import tyro
+
+    hints, docs = typing.get_type_hints(config_cls), field_help(config_cls)
+    annotated = [(f.name, Annotated[hints[f.name], tyro.conf.arg(help=docs[f.name])] if f.name in docs else hints[f.name],
+                  field(default=f.default) if f.default is not MISSING else field(default_factory=f.default_factory))
+                 for f in fields(config_cls)]
+    return make_dataclass(config_cls.__name__, annotated, bases=(config_cls,), namespace={"__doc__": config_cls.__doc__})

@@ -3,6 +3,7 @@ run's transforms, fingerprinted and, for a resumed run, compared with the data i
 the evaluation environment checked once, before any training."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 from iql_torchrl.data import load_minari_dataset
@@ -41,4 +42,8 @@ def load_run_data(config, ctx, device, dataset: str, fingerprint: dict | None = 
         problem = reference_scores_problem(buffer.metadata)
         if problem is not None:
             warnings.warn(f"No normalized scores for {dataset}: {problem}. Evaluations report raw returns.", stacklevel=3)
+        size = buffer.metadata.num_transitions
+        if config.batch_size > size:
+            print(f"iql_torchrl: --batch-size {config.batch_size} is more than the {size:,} transitions of {dataset}: "
+                  "batches draw with replacement, so each repeats transitions.", file=sys.stderr)
     return buffer, own

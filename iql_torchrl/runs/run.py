@@ -44,7 +44,7 @@ from iql_torchrl.runs.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from iql_torchrl.runs.config import ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
+from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
 from iql_torchrl.runs.distributed import setup_distributed
 from iql_torchrl.runs.evaluation import EvaluationEnvError, evaluate_seeds
 from iql_torchrl.runs.folder import FolderInUseError, RunFolder, default_run_dir
@@ -55,7 +55,7 @@ from iql_torchrl.runs.progress import LoopProgress
 from iql_torchrl.runs.report import plot_curve
 from iql_torchrl.runs.resume import ResumeError
 from iql_torchrl.runs.settings import resolve_settings
-from iql_torchrl.runs.threads import set_threads
+from iql_torchrl.runs.threads import auto_threads, available_cpus, set_threads
 from iql_torchrl.runs.timing import RunTiming
 from iql_torchrl.runs.value_bound import ValueBoundWatch, return_bound
 from iql_torchrl.step.update import metrics_to_floats
@@ -93,13 +93,14 @@ class Run:
     # ------------------------------------------------------------------ start
     @classmethod
     def begin(cls, config, job: str, given: set[str] | None = None, label: str = "",
-              preset_reason: str | None = None) -> Run:
+              preset_reason: str | None = None, sources: dict[str, str] | None = None) -> Run:
         """Checks the settings, locks the run folder and, with ``--resume``, reads its checkpoint.
 
         ``given`` names the fields set on purpose (see :func:`~iql_torchrl.runs.config.parse_cli`);
         by default, those that differ from the defaults. ``preset_reason`` says why the config's preset
-        was chosen where the config alone cannot (e.g. taken from an earlier run). A finished run
-        comes back with ``run.finished`` set and nothing written.
+        was chosen where the config alone cannot (e.g. taken from an earlier run), and ``sources`` what set
+        a field that no flag set (``{"expectile": "the offline run's"}``; a resumed run's are the checkpoint's).
+        A finished run comes back with ``run.finished`` set and nothing written.
         """
         given = given_fields(config) | set(given or ())
         config.check()
@@ -129,7 +130,13 @@ class Run:
         run = cls(config, job, ctx, folder, Path(path[0]), state)
         run.preset_reason = state.get("preset_reason", "the run's checkpoint") if state else preset_reason
         if ctx.is_main and not run.finished:
-            print(describe_preset(config.preset, run.preset_reason, config), file=sys.stderr)
+            if state is not None:
+                sources = {name: "the checkpoint's" for name in PRESET_FIELDS if name not in given}
+            print(describe_preset(config.preset, run.preset_reason, config, sources), file=sys.stderr)
+            if config.device == "cpu" and config.threads != "auto" and config.threads > available_cpus():
+                print(f"iql_torchrl: --threads {config.threads} is more than the {available_cpus()} CPUs this process may "
+                      "run on: the extra threads share cores and slow every update (--threads auto takes "
+                      f"{auto_threads()}).", file=sys.stderr)
             if state is not None:
                 print(f"{run.output_dir}: resuming from update {state['step']}.", file=sys.stderr)
         return run
