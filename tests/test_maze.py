@@ -561,3 +561,29 @@ def test_the_preset_line_shows_the_values_the_run_overrides(tiny_datasets, tmp_p
     line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("preset mujoco"))
     # the run's τ and the preset's, not the preset's alone; β as the preset has it
     assert line.startswith("preset mujoco (expectile 0.5 (--expectile; the preset's 0.7), temperature 3.0, ")
+
+
+def _stderr_of(code: str, path: str = "") -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH", "")) if p)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stderr
+
+
+def test_a_maze_environment_leaves_out_gymnasium_robotics_adroit_notice_and_nothing_else(tmp_path):
+    from iql_torchrl.data.environments import ADROIT_NOTICE
+
+    maze = ("from iql_torchrl.datasets.maze import eval_env_spec\n"
+            "from iql_torchrl.data.environments import make_env\n"
+            "make_env(eval_env_spec('umaze')).reset(seed=0)\n")
+    assert ADROIT_NOTICE not in _stderr_of(maze)
+    # a stand-in gymnasium_robotics that prints the notice and one more line: only the notice goes
+    fake = tmp_path / "gymnasium_robotics"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(f"import sys\nprint({ADROIT_NOTICE + ' functions …'!r}, file=sys.stderr)\n"
+                                      "print('another line', file=sys.stderr)\n")
+    quiet = "from iql_torchrl.data.environments import import_gymnasium_robotics_for_mazes as f\nf()\n"
+    assert _stderr_of(quiet, str(tmp_path)) == "another line\n"
+    assert ADROIT_NOTICE in _stderr_of("import gymnasium_robotics\n", str(tmp_path))  # imported plainly, it says it

@@ -31,6 +31,7 @@ import torch
 from torchrl.data import Bounded, Categorical, OneHot, Unbounded
 
 from iql_torchrl.data.checks import DatasetError
+from iql_torchrl.data.environments import make_env
 
 __all__ = [
     "ACTION_CLIP_EPS",
@@ -191,12 +192,12 @@ class OfflineDataMetadata:
     def make_env(self, **kwargs) -> gym.Env:
         """Create the evaluation environment (``gym.make`` on the recorded spec or id)."""
         if self.env_spec_json is not None:
-            return gym.make(gym.envs.registration.EnvSpec.from_json(self.env_spec_json), **kwargs)
+            return make_env(gym.envs.registration.EnvSpec.from_json(self.env_spec_json), **kwargs)
         if self.env_id is None:
             raise ValueError(
                 "This dataset records no environment; create the evaluation environment yourself."
             )
-        return gym.make(self.env_id, **kwargs)
+        return make_env(self.env_id, **kwargs)
 
     def normalized_score(self, episode_return):
         """``100 * (return - ref_min_score) / (ref_max_score - ref_min_score)``.

@@ -21,6 +21,7 @@ from torchrl.data import ReplayBuffer
 
 from iql_torchrl.data.buffer import BufferOptions, DataSource, action_space_fields, build_buffer
 from iql_torchrl.data.checks import DatasetError, check_finite
+from iql_torchrl.data.environments import make_env
 from iql_torchrl.data.goals import ACHIEVED_KEY, GOAL_KEY, check_same_maze, fixed_goal, relabelled_rewards
 from iql_torchrl.data.metadata import flatten_observation
 
@@ -269,7 +270,7 @@ def _env_action_space(env_spec) -> gym.spaces.Space | None:
     if env_spec is None:
         return None
     try:
-        env = gym.make(env_spec)
+        env = make_env(env_spec)
     except Exception:  # environment not installed (e.g. gymnasium-robotics): trust the dataset
         return None
     try:

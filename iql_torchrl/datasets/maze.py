@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
+from iql_torchrl.data.environments import make_env
 from iql_torchrl.datasets.maze_geometry import (
     MAZES,
     Maze,
@@ -152,12 +153,6 @@ MAZE_BUILDERS: dict[str, MazeRecipe] = {
 }
 
 
-def _make_env(spec):
-    import gymnasium_robotics  # noqa: F401  (the PointMaze entry point lives there)
-
-    return gym.make(spec)
-
-
 def _set_goal(env, goal: np.ndarray, observation: dict) -> dict:
     maze_env = env.unwrapped
     maze_env.goal = goal.copy()
@@ -188,7 +183,7 @@ def _navigate(recipe: MazeRecipe, episodes: int, seed: int, progress) -> list[di
     rng = np.random.default_rng(seed)
     cells = open_cells(maze.walls)
     controller = WaypointController(maze.walls, noise_std=recipe.noise_std, rng=rng)
-    env = _make_env(collection_env_spec(recipe.maze))
+    env = make_env(collection_env_spec(recipe.maze))
     observation, _ = env.reset(seed=seed)
     result = []
     try:
@@ -224,7 +219,7 @@ def _stitch(recipe: MazeRecipe, episodes: int, seed: int, progress) -> list[dict
     maze = MAZES[recipe.maze]
     cells = open_cells(maze.walls)
     far = {maze.eval_start, maze.eval_goal}
-    env = _make_env(collection_env_spec(recipe.maze))
+    env = make_env(collection_env_spec(recipe.maze))
     result = []
     try:
         for i in range(episodes):
@@ -280,7 +275,7 @@ def _evaluation_return(env, policy, seed: int) -> float:
 def maze_reference_returns(maze_name: str, episodes: int, seed: int) -> tuple[float, float]:
     """Mean evaluation returns ``(uniform random actions, noise-free controller)`` over ``episodes``
     episodes with seeds ``seed + j``."""
-    env = _make_env(eval_env_spec(maze_name))
+    env = make_env(eval_env_spec(maze_name))
     walls = MAZES[maze_name].walls
     try:
         random_returns = []
