@@ -94,6 +94,15 @@ def test_memmap_storage_holds_the_same_values_as_memory(tiny_datasets, tmp_path)
     assert on_disk.is_memmap()
     assert (on_disk == in_memory).all()
     assert memmap_buffer.sample().batch_size == torch.Size([8])
+    # a second buffer in the same scratch_dir (a second run, a reload) has files of its own
+    again = load_minari_dataset(tiny_datasets.pendulum, storage="memmap", scratch_dir=tmp_path / "memmap")
+    assert (buffer_transitions(again) == in_memory).all()
+    assert len(list((tmp_path / "memmap").iterdir())) == 2
+    del memmap_buffer, on_disk, again
+    import gc
+
+    gc.collect()
+    assert list((tmp_path / "memmap").iterdir()) == []  # freed with the buffers: nothing left on disk
 
 
 # --------------------------------------------------------------------------------------
@@ -132,6 +141,18 @@ def test_pendulum_episodes_are_truncated_never_terminated(tiny_datasets):
 # --------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------
+
+
+def test_an_action_dimension_with_equal_bounds_is_stored_as_its_one_value_not_nan():
+    transitions = _hand_transitions([[0.0, 1.0, 2.0]])
+    transitions["action"] = torch.tensor([[-1.0, 3.0], [0.0, 3.0], [0.5, 3.0]])  # dimension 1: always its bound 3
+    buffer = make_offline_buffer(transitions, action_low=[-2.0, 3.0], action_high=[2.0, 3.0])
+    stored = buffer_transitions(buffer)["action"]
+    # by hand: 2 (a - low) / (high - low) - 1 on dimension 0 (clipped to ±(1 - eps)); dimension 1 is 0, never 0/0
+    assert torch.equal(stored, torch.tensor([[-0.5, 0.0], [0.0, 0.0], [0.25, 0.0]]))
+    back = buffer.metadata.action_to_env(stored)
+    assert torch.equal(back, torch.tensor([[-1.0, 3.0], [0.0, 3.0], [0.5, 3.0]]))
+    assert np.array_equal(buffer.metadata.action_from_env(np.array([[2.0, 3.0]])), [[1.0, 0.0]])
 
 
 def _hand_transitions(rewards_per_episode, observations=None):

@@ -337,13 +337,42 @@ def test_cli_lists_every_builder_id(minari_root, capsys):
     assert "(default)" in output
 
 
-def test_cli_builds_a_dataset_and_refuses_to_rebuild_it(minari_root, capsys):
-    arguments = ["build", "iql_torchrl/pendulum/expert-v0", "--episodes", "2", "--reference-episodes", "2"]
-    assert cli_main(arguments) == 0
+def test_cli_builds_what_is_missing_keeps_what_is_built_and_rebuilds_it_when_asked(minari_root, capsys):
+    expert, medium = "iql_torchrl/pendulum/expert-v0", "iql_torchrl/pendulum/medium-v0"
+    options = ["--episodes", "2", "--reference-episodes", "2"]
+    assert cli_main(["build", expert, *options]) == 0
     assert "2 episodes, 400 steps" in capsys.readouterr().out
-    assert cli_main(arguments) == 1
-    assert "--overwrite" in capsys.readouterr().err
-    assert cli_main(arguments + ["--overwrite", "--seed", "5"]) == 0
+    data_file = minari_root / expert / "data" / "main_data.hdf5"
+    before = data_file.read_bytes()
+    assert cli_main(["build", expert, medium, *options]) == 0  # the built one kept, the missing one built after it
+    out, err = capsys.readouterr()
+    assert f"{expert}: already built, kept (--overwrite rebuilds it)" in err
+    assert f"{medium}: 2 episodes" in out and data_file.read_bytes() == before
+    assert cli_main(["build", expert, *options, "--overwrite", "--seed", "5"]) == 0
+    assert data_file.read_bytes() != before
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--episodes", "0", "0: must be at least 1"), ("--reference-episodes", "0", "0: must be at least 1"),
+    ("--seed", "-1", "-1: must be at least 0"),
+    ("--episodes", "ten", "'ten' is not an integer"),
+])
+def test_cli_refuses_counts_out_of_range_before_building(minari_root, capsys, option, value, says):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["build", "iql_torchrl/pendulum/expert-v0", option, value])
+    assert exit_.value.code == 2 and f"argument {option}: {says}" in capsys.readouterr().err
+    assert not (minari_root / "iql_torchrl").exists()
+    with pytest.raises(ValueError, match=option[2:].replace("-", "_")):  # and from Python
+        build_dataset("iql_torchrl/pendulum/expert-v0", **{option[2:].replace("-", "_"): int(value) if value != "ten" else -5})
+
+
+def test_a_build_killed_before_its_cleanup_leaves_nothing_after_the_next_build(minari_root):
+    stale = minari_root / ".building-iql_torchrl--reacher--random-v0-k1ll3d"  # as a SIGKILLed build leaves it
+    (stale / "iql_torchrl").mkdir(parents=True)
+    other = minari_root / ".building-iql_torchrl--reacher--expert-v0-running"  # another id's build: not this one's
+    other.mkdir()
+    build_dataset("iql_torchrl/reacher/random-v0", episodes=2, reference_episodes=2, progress=False)
+    assert not stale.exists() and other.exists()
 
 
 def test_cli_rejects_unknown_ids(minari_root, capsys):

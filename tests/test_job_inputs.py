@@ -9,6 +9,7 @@ import pytest
 from iql_offline import train
 from iql_torchrl.data import DatasetError, load_minari_dataset
 from iql_torchrl.runs.config import ConfigError, OfflineConfig, describe_preset, parse_cli
+from iql_torchrl.runs.evaluation import EvaluationEnvError
 from iql_torchrl.runs.report import console_summary
 
 TINY = dict(steps=20, batch_size=32, eval_every=10, eval_episodes=1, log_every=5, checkpoint_every=10,
@@ -44,6 +45,28 @@ def test_goal_input_on_data_without_a_goal_is_refused(tiny_datasets, wanted):
     with pytest.raises(DatasetError, match=rf"--goal-input {flag}\) chooses where goal data's 'desired_goal' goes"):
         load_minari_dataset(tiny_datasets.pendulum, goal_in_observation=wanted)
     assert load_minari_dataset(tiny_datasets.pendulum)[:4]["observation"].shape == (4, 3)  # auto: as it was
+
+
+def test_a_dict_of_goals_stays_in_the_input_and_goal_input_no_names_its_entries(write_minari_dataset):
+    import gymnasium as gym
+
+    rng = np.random.default_rng(0)
+    space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (2,)), "desired_goal": gym.spaces.Dict(
+        {"kettle": gym.spaces.Box(-1, 1, (2,)), "microwave": gym.spaces.Box(-1, 1, (1,))})})
+
+    def observations(steps):
+        return {"observation": rng.uniform(-1, 1, (steps, 2)), "desired_goal": {
+            "kettle": rng.uniform(-1, 1, (steps, 2)), "microwave": rng.uniform(-1, 1, (steps, 1))}}
+
+    episodes = [dict(observations=observations(4), actions=rng.uniform(-1, 1, (3, 1)).astype(np.float32),
+                     rewards=[0.0, 1.0, 0.0], terminations=[False] * 3, truncations=[False, False, True])
+                for _ in range(2)]
+    write_minari_dataset("test/goals-v0", episodes, space, gym.spaces.Box(-1, 1, (1,)))
+    with pytest.raises(DatasetError, match=r"its 'desired_goal' is a dict of entries \(desired_goal/kettle, "
+                                           r"desired_goal/microwave\)\. Keep the goal in the input"):
+        load_minari_dataset("test/goals-v0", goal_in_observation=False)
+    for wanted in (None, True):
+        assert load_minari_dataset("test/goals-v0", goal_in_observation=wanted)[:2]["observation"].shape == (2, 5)
 
 
 def _equal_returns_dataset(write_minari_dataset):
@@ -130,3 +153,28 @@ def test_help_shows_each_flags_docstring_whole_on_a_wide_terminal(config_cls, mo
     for name, doc in docs.items():
         text = " ".join(inspect.cleandoc(doc).replace("``", "").split())
         assert any(text in line for line in shown), f"--{name.replace('_', '-')}: {text!r} is not one line of --help"
+
+
+def _pendulum_episodes(rng, count=2, steps=3):
+    return [dict(observations=rng.uniform(-1, 1, (steps + 1, 3)).astype(np.float32),
+                 actions=rng.uniform(-2, 2, (steps, 1)).astype(np.float32), rewards=rng.uniform(-2, 0, steps),
+                 terminations=[False] * steps, truncations=[False] * (steps - 1) + [True]) for _ in range(count)]
+
+
+def test_data_whose_environment_has_no_time_limit_or_none_is_refused_before_training(write_minari_dataset, tmp_path):
+    import gymnasium as gym
+    from gymnasium.envs.registration import EnvSpec
+
+    rng = np.random.default_rng(0)
+    endless = EnvSpec(id="EndlessPendulum-v0", entry_point="gymnasium.envs.classic_control.pendulum:PendulumEnv",
+                      max_episode_steps=None)
+    write_minari_dataset("test/endless-v0", _pendulum_episodes(rng), env=endless, ref_min_score=-1200.0,
+                         ref_max_score=-150.0)
+    space = gym.make("Pendulum-v1")
+    write_minari_dataset("test/no-env-v0", _pendulum_episodes(rng), space.observation_space, space.action_space)
+    for dataset, says in (("test/endless-v0", r"EndlessPendulum-v0 of dataset test/endless-v0 has no time limit"),
+                          ("test/no-env-v0", r"Dataset test/no-env-v0 records no environment")):
+        out = tmp_path / dataset.replace("/", "-")
+        with pytest.raises(EvaluationEnvError, match=says):
+            train(OfflineConfig(dataset=dataset, output_dir=out, preset="mujoco", **TINY))
+        assert not out.exists()

@@ -13,8 +13,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import gymnasium as gym
@@ -56,7 +60,8 @@ class BufferOptions:
     """``"memory"`` (a ``LazyTensorStorage`` on ``device``) or ``"memmap"`` (a ``LazyMemmapStorage``
     under ``scratch_dir``, for datasets larger than memory)."""
     scratch_dir: str | os.PathLike | None = None
-    """Directory for the memory-mapped files (a temporary one if ``None``)."""
+    """Directory for the memory-mapped files (a temporary one if ``None``): each buffer writes into a new folder
+    of its own there, removed when the buffer's storage is freed."""
     reward_transform: str = "none"
     """``"none"``, ``"locomotion"`` (× 1000 / return range) or ``"antmaze"`` (− 1)."""
     normalize_observations: bool = False
@@ -165,6 +170,18 @@ def action_space_fields(space: gym.Space, owner: str) -> dict:
     )
 
 
+def _memmap_storage(num_transitions: int, scratch_dir) -> LazyMemmapStorage:
+    """A ``LazyMemmapStorage`` in a new folder under ``scratch_dir`` (tensordict refuses to write over an
+    earlier buffer's files), removed with the storage."""
+    if scratch_dir is None:
+        return LazyMemmapStorage(num_transitions)
+    Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="buffer-", dir=scratch_dir)
+    storage = LazyMemmapStorage(num_transitions, scratch_dir=folder)
+    weakref.finalize(storage, shutil.rmtree, folder, ignore_errors=True)
+    return storage
+
+
 def build_buffer(
     chunks: Iterable[TensorDict], *, num_transitions: int, source: DataSource, options: BufferOptions
 ) -> ReplayBuffer:
@@ -176,7 +193,7 @@ def build_buffer(
     if options.storage == "memory":
         data_storage = LazyTensorStorage(num_transitions, device=device)
     else:
-        data_storage = LazyMemmapStorage(num_transitions, scratch_dir=options.scratch_dir)
+        data_storage = _memmap_storage(num_transitions, options.scratch_dir)
     with _storage_logs_muted():  # TorchRL logs "Initialized LazyTensorStorage ..." at INFO on the first write
         count = _write(chunks, data_storage, num_transitions, source, options.one_hot_actions, device)
     data = data_storage.get(slice(None))

@@ -242,7 +242,8 @@ class OfflineDataMetadata:
         return low + (action + 1.0) * (high - low) / 2.0
 
     def action_from_env(self, action):
-        """Inverse of :meth:`action_to_env`: an env action in the buffer's space."""
+        """Inverse of :meth:`action_to_env`: an env action in the buffer's space (0 on a dimension whose
+        bounds are equal, the one value it has)."""
         if self.discrete:
             if not self.one_hot_actions:
                 return action
@@ -252,7 +253,9 @@ class OfflineDataMetadata:
         if not self.actions_scaled:
             return action
         low, high = self._bounds_like(action)
-        return 2.0 * (action - low) / (high - low) - 1.0
+        width = high - low
+        where = torch.where if isinstance(width, torch.Tensor) else np.where
+        return where(width > 0, 2.0 * (action - low) / where(width > 0, width, 1.0) - 1.0, 0.0)
 
     def stored_action_box(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The box stored Box actions were clipped to, in the buffer's space (float32 ``low, high``).

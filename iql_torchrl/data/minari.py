@@ -285,6 +285,15 @@ def _goal_input(dataset_id: str, layout, env_spec, wanted: bool | None):
     from iql_torchrl.datasets import BUILDERS
 
     keys, shapes = layout
+    goal_entries = [key for key in keys or () if key.startswith(f"{GOAL_KEY}/")]
+    if goal_entries:  # a dict of goals (D4RL/kitchen's tasks): in the input, flattened like the rest
+        if wanted is False:
+            raise DatasetError(
+                f"Dataset {dataset_id!r}: goal_in_observation=False (--goal-input no) relabels the rewards to one "
+                f"fixed '{GOAL_KEY}' array, but its '{GOAL_KEY}' is a dict of entries ({', '.join(goal_entries)}). "
+                "Keep the goal in the input (--goal-input yes, or auto)."
+            )
+        return layout, None
     if keys is None or GOAL_KEY not in keys:
         if wanted is not None:
             raise DatasetError(

@@ -51,9 +51,9 @@ def _build(args: argparse.Namespace) -> int:
                 reference_episodes=args.reference_episodes,
                 progress=True,
             )
-        except FileExistsError as error:
-            print(f"build: {error}", file=sys.stderr)
-            return 1
+        except FileExistsError:
+            print(f"{dataset_id}: already built, kept (--overwrite rebuilds it)", file=sys.stderr)
+            continue
         metadata = dataset.storage.metadata
         print(
             f"{dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, "
@@ -63,6 +63,19 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iql_torchrl.datasets", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build", help="build datasets into MINARI_DATASETS_PATH")
     build.add_argument("dataset_ids", nargs="*", metavar="ID", help="builder dataset ids")
     build.add_argument("--all", action="store_true", help="build every builder dataset")
-    build.add_argument("--episodes", type=int, default=None, help="number of episodes (default: the recipe's)")
-    build.add_argument("--seed", type=int, default=0, help="episode i resets with seed SEED + i (default 0)")
+    build.add_argument("--episodes", type=_at_least(1), default=None, help="number of episodes (default: the recipe's)")
+    build.add_argument("--seed", type=_at_least(0), default=0, help="episode i resets with seed SEED + i (default 0)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
     build.add_argument(
-        "--reference-episodes", type=int, default=REFERENCE_EPISODES,
+        "--reference-episodes", type=_at_least(1), default=REFERENCE_EPISODES,
         help=f"episodes per policy for ref_min_score/ref_max_score (default {REFERENCE_EPISODES})",
     )
     args = parser.parse_args(argv)

@@ -373,6 +373,10 @@ def build_dataset(
     episodes = recipe.episodes if episodes is None else int(episodes)
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
+    if reference_episodes < 1:
+        raise ValueError(f"reference_episodes must be at least 1 (the reference scores average them), got {reference_episodes}.")
+    if seed < 0:
+        raise ValueError(f"seed must be at least 0, got {seed}.")
     with build_lock(dataset_id):
         return _build_locked(recipe, episodes, seed, overwrite, reference_episodes, progress)
 
@@ -397,7 +401,11 @@ def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_e
         ref_min_score, ref_max_score = reference_returns(recipe.env_id, reference_episodes)
         env = eval_env = recipe.env_id
 
-    staging_root = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    # this id's staging folders: any left here (a build killed before its cleanup) is stale, the lock being ours
+    prefix = f".building-{dataset_id.replace('/', '--')}-"
+    for stale in root.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging_root = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     try:
         with _minari_root(staging_root), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # minari's reminders about unset author fields

@@ -45,17 +45,32 @@ def check_evaluation_env(metadata) -> None:
     """Creates and resets the evaluation environment once; :class:`EvaluationEnvError` says why it cannot run,
     a :class:`~iql_torchrl.data.DatasetError` names an observation entry it lacks or shapes differently from the data."""
     name = metadata.env_id or "(unknown)"
+    if metadata.env_id is None and metadata.env_spec_json is None:
+        raise EvaluationEnvError(
+            f"Dataset {metadata.dataset_id} records no environment, so its policies cannot be evaluated: record one "
+            "with the data (minari.create_dataset_from_buffers(..., env=..., eval_env=...)), or train on it from Python "
+            "with IQLLoss and IQLUpdate (docs/data.md)."
+        )
     try:
         env = metadata.make_env()
         try:
             observation, _ = env.reset(seed=0)
+            time_limit = env.spec.max_episode_steps if env.spec is not None else None
         finally:
             env.close()
     except Exception as err:
         raise EvaluationEnvError(
             f"The evaluation environment {name} of dataset {metadata.dataset_id} cannot be created and reset: "
-            f"{type(err).__name__}: {err}. Install what it needs (e.g. gymnasium[mujoco]) or use another --dataset."
+            f"{type(err).__name__}: {str(err).rstrip('.')}. Install what it needs (e.g. gymnasium[mujoco]) or use "
+            "another --dataset."
         ) from err
+    if time_limit is None:
+        raise EvaluationEnvError(
+            f"The evaluation environment {name} of dataset {metadata.dataset_id} has no time limit "
+            "(max_episode_steps): an evaluation episode that the policy never ends would never return. Record the "
+            "dataset with an eval_env that has one (minari.create_dataset_from_buffers(..., "
+            "eval_env=gym.make(id, max_episode_steps=N)))."
+        )
     check_observation_layout(observation, metadata.observation_keys, metadata.observation_key_shapes,
                              f"The evaluation environment {name} of dataset {metadata.dataset_id}")
 
