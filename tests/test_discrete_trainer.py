@@ -91,11 +91,27 @@ def test_discrete_seeds_train_together_and_resume_exactly(cartpole, tmp_path, st
         assert torch.equal(a[key], b[key]), key
 
 
-def test_fine_tuning_on_discrete_data_is_refused(cartpole, tmp_path):
+def test_fine_tuning_on_discrete_data_is_refused_before_the_data_is_built_or_read(cartpole, tmp_path, monkeypatch):
     from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
+    from iql_torchrl.runs.config import ConfigError
 
-    with pytest.raises(Exception, match="discrete.*not supported"):
+    with pytest.raises(ConfigError, match="discrete.*not supported"):  # on disk: its action space
         finetune(FinetuneConfig(dataset=cartpole, output_dir=tmp_path / "ft", device="cpu", progress=False, logger="none"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="mountain-car/medium-v0 has discrete actions"):  # a builder's: its env's
+        finetune(FinetuneConfig(dataset="iql_torchrl/mountain-car/medium-v0", output_dir=tmp_path / "ft", device="cpu",
+                                progress=False, logger="none"))
+    assert not (tmp_path / "empty" / "iql_torchrl").exists() and not (tmp_path / "ft").exists()
+
+
+def test_fine_tuning_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):
+    from iql_torchrl.jobs.finetune import FinetuneConfig, finetune
+    from iql_torchrl.runs.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="Fine-tuning runs in one process: start it without torchrun"):
+        finetune(FinetuneConfig(output_dir=tmp_path / "ft", device="cpu", progress=False, logger="none"))
+    assert not (tmp_path / "ft").exists()
 
 
 def test_clip_actions_lets_out_of_bounds_data_train(write_minari_dataset, synthetic_episode, tmp_path):

@@ -125,6 +125,21 @@ def test_torchrun_with_two_processes_writes_one_summary(tiny_datasets, tmp_path)
     # --precision auto: rank 0 chose (and said so, once), every process took its choice
     assert summary["precision"] == "fp32" and result.stderr.count("the update step computes in fp32") == 1
 
+    def again(*more):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+             str(ROOT / "examples" / "iql_offline.py"), *flags, *more],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    # the folder is there: process 0 says why, process 1 stops with it (no lost connection in between)
+    refused = again()
+    assert refused.returncode != 0 and f"error: {out} already exists: pass --resume" in refused.stderr
+    assert "error: process 0 could not start the run (its error says why)." in refused.stderr
+    assert "Connection reset" not in refused.stderr and "gloo" not in refused.stderr.lower()
+    finished = again("--resume")
+    assert finished.returncode == 0 and finished.stderr.count("this run is finished") == 1
+
 
 def _torchrun(*flags):
     return subprocess.Popen(

@@ -272,6 +272,10 @@ def test_seed_index_exports_one_seed_of_a_num_seeds_run(tiny_datasets, tmp_path)
         assert (np.abs(exported - actions).max() <= 1e-5) == matches, k
     with pytest.raises(SystemExit):
         main([str(out), "--seed-index", "2"])
+    # by default each seed has a file of its own: exporting one never overwrites another's
+    defaults = [main([str(out), "--seed-index", str(k)]) for k in (0, 1)]
+    assert defaults == [out / "policy-seed0.pt2", out / "policy-seed1.pt2"]
+    assert [json.loads(Path(f"{p}.json").read_text())["seed_index"] for p in defaults] == [0, 1]
 
 
 def test_a_fine_tuned_run_exports_and_acts_like_its_evaluator(tiny_datasets, tmp_path):

@@ -127,11 +127,15 @@ def environment_policy(run_dir: str | Path, seed_index: int = 0) -> tuple[Enviro
 def export_policy(
     run_dir: str | Path, format: str = "exported-program", output: str | Path | None = None, seed_index: int = 0
 ) -> Path:
-    """Writes the run's policy in ``format`` to ``output`` (default ``RUN_DIR/policy.pt2|.onnx``)
-    and its sidecar ``<output>.json``; returns the policy file's path."""
+    """Writes the run's policy in ``format`` to ``output`` (default ``RUN_DIR/policy.pt2|.onnx``, and
+    ``policy-seedK.pt2|.onnx`` for seed K of a ``--num-seeds`` run) and its sidecar ``<output>.json``;
+    returns the policy file's path."""
     _check_format(format)
-    output = Path(run_dir) / f"policy{FORMATS[format]}" if output is None else Path(output)
     policy, summary = environment_policy(run_dir, seed_index)
+    if output is None:
+        seed = f"-seed{seed_index}" if summary.get("num_seeds", 1) > 1 else ""
+        output = Path(run_dir) / f"policy{seed}{FORMATS[format]}"
+    output = Path(output)
     extra = write_policy(policy, format, output)
     sidecar = policy_sidecar(policy, summary, format=format, file=output.name, seed_index=seed_index)
     Path(f"{output}.json").write_text(json.dumps({**sidecar, **extra}, indent=2))
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("run_dir", help="a finished run folder (holding checkpoint.pt and summary.json)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="exported-program",
                         help="exported-program (torch.export, .pt2) or onnx (default exported-program)")
-    parser.add_argument("--output", type=Path, default=None, help="policy file (default RUN_DIR/policy.pt2 or .onnx)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="policy file (default RUN_DIR/policy.pt2 or .onnx; policy-seedK.* for a --num-seeds run)")
     parser.add_argument("--seed-index", type=int, default=0, help="which seed of a --num-seeds run (default 0)")
     args = parser.parse_args(argv)
     try:

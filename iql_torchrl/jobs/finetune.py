@@ -30,6 +30,7 @@ random state and the episodes that were running (rebuilt by replaying their rese
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from torchrl.collectors import Collector
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
 from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
+from iql_torchrl.datasets import BUILDERS, dataset_exists
 from iql_torchrl.runs.evaluation import reference_scores_problem
 from iql_torchrl.jobs.online import (
     episode_states,
@@ -109,9 +111,35 @@ class FinetuneConfig(RunConfig):
             raise ConfigError(f"--online-fraction {self.online_fraction}: must be in (0, 1).")
         if self.online_buffer_size is not None and self.online_buffer_size < 1:
             raise ConfigError(f"--online-buffer-size {self.online_buffer_size}: must be >= 1.")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("Fine-tuning runs in one process: start it without torchrun "
+                              "(data-parallel training is examples/iql_offline.py's).")
 
 
 # ---------------------------------------------------------------------------------------- finetune
+DISCRETE_REFUSAL = ("--dataset {dataset} has discrete actions: fine-tuning on discrete actions is not supported yet; "
+                    "train offline with examples/iql_offline.py.")
+
+
+def discrete_actions(dataset_id: str) -> bool | None:
+    """Whether a dataset's actions are discrete, read without building or downloading it: from the local
+    dataset's action space, or a builder's environment (``None``: known only once the data is there)."""
+    import gymnasium as gym
+
+    if dataset_exists(dataset_id):
+        import minari
+
+        return isinstance(minari.load_dataset(dataset_id).action_space, gym.spaces.Discrete)
+    env_id = getattr(BUILDERS.get(dataset_id), "env_id", None)
+    if env_id is None:
+        return None
+    env = gym.make(env_id)
+    try:
+        return isinstance(env.action_space, gym.spaces.Discrete)
+    finally:
+        env.close()
+
+
 def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
     """Runs the configured offline phase (or loads it) and the online phase; returns the summary.
 
@@ -132,6 +160,8 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
             print(f"iql_torchrl: the offline run {config.checkpoint} stopped at update {offline_run['step']} of "
                   f"{offline_run['config']['steps']} (no {SUMMARY_NAME}): fine-tuning starts from that checkpoint.",
                   file=sys.stderr)
+    if not config.resume and discrete_actions(config.dataset):
+        raise ConfigError(DISCRETE_REFUSAL.format(dataset=config.dataset))
     with Run.begin(config, job="finetune", given=given, label="finetune", preset_reason=preset_reason,
                    sources=sources) as run:
         if run.finished:
@@ -139,9 +169,8 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         config = run.config
         torch.manual_seed(config.seed)
         data = buffer_transitions(run.load_data(fingerprint=offline_run["data"] if offline_run else None))
-        if run.metadata.discrete:
-            raise ConfigError(f"--dataset {config.dataset} has discrete actions: fine-tuning on discrete actions is not "
-                              "supported yet; train offline with examples/iql_offline.py.")
+        if run.metadata.discrete:  # data that could not be read before it was downloaded
+            raise ConfigError(DISCRETE_REFUSAL.format(dataset=config.dataset))
         loss = build_loss(config, run.metadata)
         update = make_update(config, loss, data, total_steps=None)
         generator = torch.Generator(device=run.device).manual_seed(config.seed)

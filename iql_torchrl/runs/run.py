@@ -115,17 +115,25 @@ class Run:
             keep_freed_memory()  # glibc: activation buffers stay mapped between updates (iql_torchrl.runs.allocator)
             if state is not None and state.get("world_size", 1) != ctx.world_size:
                 raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
+            failure = None
             if ctx.is_main:
-                if folder is None:
-                    folder = RunFolder.create(config.output_dir or default_run_dir(config.dataset, config.seed, label))
-                remove_stale_temporaries(folder.path)
+                try:
+                    if folder is None:
+                        folder = RunFolder.create(config.output_dir or default_run_dir(config.dataset, config.seed, label))
+                    remove_stale_temporaries(folder.path)
+                except USER_ERRORS as err:  # the other processes learn of it from the broadcast below
+                    failure = err
+            path = [None if failure else str(folder.path) if folder else None]
+            if ctx.enabled:
+                torch.distributed.broadcast_object_list(path, src=0)
+            if failure is not None:
+                raise failure
+            if path[0] is None:
+                raise ConfigError("process 0 could not start the run (its error says why).")
         except BaseException:
             if folder is not None:
                 folder.release(failed=True)
             raise
-        path = [str(folder.path) if folder else None]
-        if ctx.enabled:
-            torch.distributed.broadcast_object_list(path, src=0)
         config.output_dir = Path(path[0])
         run = cls(config, job, ctx, folder, Path(path[0]), state)
         run.preset_reason = state.get("preset_reason", "the run's checkpoint") if state else preset_reason
@@ -151,8 +159,10 @@ class Run:
 
     def finished_summary(self) -> dict:
         """The summary of a finished run, read back (nothing is written)."""
+        if not self.ctx.is_main:
+            return {}
         print(f"{self.output_dir}: this run is finished ({SUMMARY_NAME} is there); nothing to do.", file=sys.stderr)
-        return json.loads((self.output_dir / SUMMARY_NAME).read_text()) if self.ctx.is_main else {}
+        return json.loads((self.output_dir / SUMMARY_NAME).read_text())
 
     # ------------------------------------------------------------------ data
     def load_data(self, dataset: str | None = None, fingerprint: dict | None = None):
