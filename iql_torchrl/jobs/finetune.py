@@ -131,9 +131,10 @@ def discrete_actions(dataset_id: str) -> bool | None:
 
         return isinstance(minari.load_dataset(dataset_id).action_space, gym.spaces.Discrete)
     env_id = getattr(BUILDERS.get(dataset_id), "env_id", None)
-    if env_id is None:
+    try:
+        env = gym.make(env_id)
+    except Exception:  # no builder, or its environment's package not imported here (the mazes)
         return None
-    env = gym.make(env_id)
     try:
         return isinstance(env.action_space, gym.spaces.Discrete)
     finally:
