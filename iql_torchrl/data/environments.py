@@ -13,7 +13,7 @@ import sys
 
 import gymnasium as gym
 
-__all__ = ["make_env", "import_gymnasium_robotics_for_mazes"]
+__all__ = ["make_env", "env_action_space", "import_gymnasium_robotics_for_mazes"]
 
 MAZE_ENTRY_POINTS = "gymnasium_robotics.envs.maze"
 ADROIT_NOTICE = "AdroitHandRelocateDense-v1, AdroitHandHammerDense-v1, AdroitHandDoorDense-v1 environment's reward"
@@ -26,6 +26,21 @@ def make_env(spec: gym.envs.registration.EnvSpec | str, **kwargs) -> gym.Env:
     if isinstance(entry_point, str) and entry_point.startswith(MAZE_ENTRY_POINTS):
         import_gymnasium_robotics_for_mazes()
     return gym.make(spec, **kwargs)
+
+
+def env_action_space(spec: gym.envs.registration.EnvSpec | str | None) -> gym.spaces.Space | None:
+    """The environment's action space, or ``None`` when it cannot be created here (no spec, or its package
+    not installed or not imported, e.g. gymnasium-robotics for a maze id)."""
+    if spec is None:
+        return None
+    try:
+        env = make_env(spec)
+    except Exception:
+        return None
+    try:
+        return env.action_space
+    finally:
+        env.close()
 
 
 def import_gymnasium_robotics_for_mazes() -> None:

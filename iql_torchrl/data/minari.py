@@ -21,7 +21,7 @@ from torchrl.data import ReplayBuffer
 
 from iql_torchrl.data.buffer import BufferOptions, DataSource, action_space_fields, build_buffer
 from iql_torchrl.data.checks import DatasetError, check_finite
-from iql_torchrl.data.environments import make_env
+from iql_torchrl.data.environments import env_action_space
 from iql_torchrl.data.goals import ACHIEVED_KEY, GOAL_KEY, check_same_maze, fixed_goal, relabelled_rewards
 from iql_torchrl.data.metadata import flatten_observation
 
@@ -265,20 +265,6 @@ def is_fixed_goal_data(dataset_id: str) -> bool | None:
     return GOAL_KEY in keys and ACHIEVED_KEY in keys and fixed_goal(_env_spec_of(dataset)) is not None
 
 
-def _env_action_space(env_spec) -> gym.spaces.Space | None:
-    """The environment's action space, or ``None`` when it cannot be created here."""
-    if env_spec is None:
-        return None
-    try:
-        env = make_env(env_spec)
-    except Exception:  # environment not installed (e.g. gymnasium-robotics): trust the dataset
-        return None
-    try:
-        return env.action_space
-    finally:
-        env.close()
-
-
 def _goal_input(dataset_id: str, layout, env_spec, wanted: bool | None):
     """``(layout, reward_goal)``: the flattening without ``desired_goal`` and the fixed goal to relabel the
     rewards to, when the goal stays out of the policy's input; the layout unchanged and ``None`` otherwise."""
@@ -329,22 +315,22 @@ def _optional_float(value) -> float | None:
 def _evaluation_action_space(dataset_id: str, action_space: gym.Space, env_spec) -> gym.Space:
     """The environment's action space (its bounds are what evaluation acts in), checked against the
     dataset's; the dataset's own when the environment cannot be created here."""
-    env_action_space = _env_action_space(env_spec)
-    if env_action_space is None:
+    env_space = env_action_space(env_spec)
+    if env_space is None:
         return action_space
-    if type(env_action_space) is not type(action_space) or (
-        _is_discrete(action_space) and env_action_space.n != action_space.n
+    if type(env_space) is not type(action_space) or (
+        _is_discrete(action_space) and env_space.n != action_space.n
     ):
         raise DatasetError(
             f"Dataset {dataset_id!r}: 'action' lives in {action_space} but environment {env_spec.id!r} "
-            f"takes {env_action_space}. The dataset does not belong to this environment."
+            f"takes {env_space}. The dataset does not belong to this environment."
         )
-    if env_action_space.shape != action_space.shape:
+    if env_space.shape != action_space.shape:
         raise DatasetError(
             f"Dataset {dataset_id!r}: 'action' has shape {action_space.shape} but environment "
-            f"{env_spec.id!r} expects {env_action_space.shape}. The dataset does not belong to this environment."
+            f"{env_spec.id!r} expects {env_space.shape}. The dataset does not belong to this environment."
         )
-    return env_action_space
+    return env_space
 
 
 def load_minari_dataset(

@@ -41,6 +41,7 @@ from torchrl.collectors import Collector
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
 from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
+from iql_torchrl.data.environments import env_action_space
 from iql_torchrl.datasets import BUILDERS, dataset_exists
 from iql_torchrl.runs.evaluation import reference_scores_problem
 from iql_torchrl.jobs.online import (
@@ -130,15 +131,8 @@ def discrete_actions(dataset_id: str) -> bool | None:
         import minari
 
         return isinstance(minari.load_dataset(dataset_id).action_space, gym.spaces.Discrete)
-    env_id = getattr(BUILDERS.get(dataset_id), "env_id", None)
-    try:
-        env = gym.make(env_id)
-    except Exception:  # no builder, or its environment's package not imported here (the mazes)
-        return None
-    try:
-        return isinstance(env.action_space, gym.spaces.Discrete)
-    finally:
-        env.close()
+    space = env_action_space(getattr(BUILDERS.get(dataset_id), "env_id", None))
+    return None if space is None else isinstance(space, gym.spaces.Discrete)
 
 
 def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
