@@ -573,10 +573,10 @@ def _stderr_of(code: str, path: str = "") -> str:
 
 
 def test_a_maze_environment_leaves_out_gymnasium_robotics_adroit_notice_and_nothing_else(tmp_path):
-    from iql_torchrl.data.environments import ADROIT_NOTICE
+    from iql_torchrl.datasets.environments import ADROIT_NOTICE
 
     maze = ("from iql_torchrl.datasets.maze import eval_env_spec\n"
-            "from iql_torchrl.data.environments import make_env\n"
+            "from iql_torchrl.datasets.environments import make_env\n"
             "make_env(eval_env_spec('umaze')).reset(seed=0)\n")
     assert ADROIT_NOTICE not in _stderr_of(maze)
     # a stand-in gymnasium_robotics that prints the notice and one more line: only the notice goes
@@ -584,6 +584,6 @@ def test_a_maze_environment_leaves_out_gymnasium_robotics_adroit_notice_and_noth
     fake.mkdir()
     (fake / "__init__.py").write_text(f"import sys\nprint({ADROIT_NOTICE + ' functions …'!r}, file=sys.stderr)\n"
                                       "print('another line', file=sys.stderr)\n")
-    quiet = "from iql_torchrl.data.environments import import_gymnasium_robotics_for_mazes as f\nf()\n"
+    quiet = "from iql_torchrl.datasets.environments import import_gymnasium_robotics_for_mazes as f\nf()\n"
     assert _stderr_of(quiet, str(tmp_path)) == "another line\n"
     assert ADROIT_NOTICE in _stderr_of("import gymnasium_robotics\n", str(tmp_path))  # imported plainly, it says it

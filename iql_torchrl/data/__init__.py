@@ -4,7 +4,6 @@ One job a module, data flowing down the list:
 
 * :mod:`~iql_torchrl.data.metadata` -- :class:`OfflineDataMetadata` (what evaluation, checkpoints
   and exported policies need: env, spaces, transforms) and the one observation flattening;
-* :mod:`~iql_torchrl.data.environments` -- the datasets' environments (:func:`make_env`);
 * :mod:`~iql_torchrl.data.checks` -- non-finite values, discrete indices out of range, Box actions
   outside the env's bounds, each a :class:`DatasetError` naming the field, the episode and a fix;
 * :mod:`~iql_torchrl.data.buffer` -- :class:`BufferOptions` and building the buffer: write raw,

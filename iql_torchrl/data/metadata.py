@@ -31,7 +31,7 @@ import torch
 from torchrl.data import Bounded, Categorical, OneHot, Unbounded
 
 from iql_torchrl.data.checks import DatasetError
-from iql_torchrl.data.environments import make_env
+from iql_torchrl.datasets.environments import make_env
 
 __all__ = [
     "ACTION_CLIP_EPS",

@@ -21,7 +21,7 @@ from torchrl.data import ReplayBuffer
 
 from iql_torchrl.data.buffer import BufferOptions, DataSource, action_space_fields, build_buffer
 from iql_torchrl.data.checks import DatasetError, check_finite
-from iql_torchrl.data.environments import env_action_space
+from iql_torchrl.datasets.environments import env_action_space
 from iql_torchrl.data.goals import ACHIEVED_KEY, GOAL_KEY, check_same_maze, fixed_goal, relabelled_rewards
 from iql_torchrl.data.metadata import flatten_observation
 

@@ -3,7 +3,8 @@
 See :mod:`iql_torchrl.datasets.builders` for the dataset ids and recipes,
 :mod:`iql_torchrl.datasets.controllers` for the scripted experts and :mod:`iql_torchrl.datasets.maze`
 for the sparse-reward PointMaze sets (``iql_torchrl/pointmaze/{umaze,medium,large,medium-stitch}-v0``;
-:mod:`iql_torchrl.datasets.maze_geometry` for the maps and the waypoint controller).
+:mod:`iql_torchrl.datasets.maze_geometry` for the maps and the waypoint controller);
+:mod:`iql_torchrl.datasets.environments` makes every dataset's environments (the loader's and evaluation's too).
 Command line::
 
     python -m iql_torchrl.datasets list

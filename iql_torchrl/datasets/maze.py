@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from iql_torchrl.data.environments import make_env
+from iql_torchrl.datasets.environments import make_env
 from iql_torchrl.datasets.maze_geometry import (
     MAZES,
     Maze,

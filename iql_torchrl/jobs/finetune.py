@@ -41,7 +41,7 @@ from torchrl.collectors import Collector
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
 from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
-from iql_torchrl.data.environments import env_action_space
+from iql_torchrl.datasets.environments import env_action_space
 from iql_torchrl.datasets import BUILDERS, dataset_exists
 from iql_torchrl.runs.evaluation import reference_scores_problem
 from iql_torchrl.jobs.online import (
