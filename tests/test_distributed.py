@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock
 from tensordict import TensorDict
 
 from synthetic import random_transitions
@@ -129,7 +130,7 @@ def test_torchrun_with_two_processes_writes_one_summary(tiny_datasets, tmp_path)
         return subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
              str(ROOT / "examples" / "iql_offline.py"), *flags, *more],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
 
     # the folder is there: process 0 says why, process 1 stops with it (no lost connection in between)
@@ -139,6 +140,12 @@ def test_torchrun_with_two_processes_writes_one_summary(tiny_datasets, tmp_path)
     assert "Connection reset" not in refused.stderr and "gloo" not in refused.stderr.lower()
     finished = again("--resume")
     assert finished.returncode == 0 and finished.stderr.count("this run is finished") == 1
+    # another run holds the folder: --resume stops every process with process 0's error (none waits for it)
+    with FileLock(out / ".lock", timeout=0):
+        in_use = again("--resume")
+    assert in_use.returncode != 0 and f"error: {out} is in use by another run" in in_use.stderr
+    assert "error: process 0 could not start the run (its error says why)." in in_use.stderr
+    assert "Connection reset" not in in_use.stderr and "gloo" not in in_use.stderr.lower()
 
 
 def _torchrun(*flags):

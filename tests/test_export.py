@@ -2,6 +2,7 @@
 loaded in a process that never imports iql_torchrl."""
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -206,6 +207,17 @@ def test_the_sidecar_names_the_environment_spaces_format_versions_and_score(run)
         assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["iql_torchrl"] == summary["version"]
         assert meta["normalized_score"] == summary["normalized_score"] and meta["seed"] == 0
     assert json.loads(Path(f"{run.onnx}.json").read_text())["onnx_opset"] >= 18
+
+
+def test_the_export_command_prints_what_it_wrote_and_nothing_about_torch_itself(run, tmp_path):
+    # torch.onnx logs the torchvision ops it skips and warns of its own LeafSpec deprecation: not the user's concern
+    out = tmp_path / "quiet.onnx"
+    done = subprocess.run([sys.executable, "-m", "iql_torchrl.jobs.export", str(run.dir), "--format", "onnx",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout + done.stderr).strip() == f"wrote {out} and {out}.json"
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    assert not logger.filters  # the exporter's log is left as it was found
 
 
 # ------------------------------------------------------------------ what cannot be exported

@@ -17,8 +17,11 @@ Load it with plain torch (``torch.export.load(path).module()``) or with onnxrunt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -154,12 +157,35 @@ def write_policy(policy: EnvironmentPolicy, format: str, path: str | Path) -> di
         program = torch.export.export(policy, (example,), dynamic_shapes=dynamic_shapes, strict=False)
         torch.export.save(program, path)
         return {}
-    onnx_program = torch.onnx.export(
-        policy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-    )
+    with _without_exporter_notices():
+        onnx_program = torch.onnx.export(
+            policy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+        )
     onnx_program.save(path, external_data=False)  # one self-contained file
     return {"onnx_opset": next(o.version for o in onnx_program.model_proto.opset_import if o.domain == "")}
+
+
+class _NotTorchvision(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _without_exporter_notices():
+    """Leaves out, while exporting only, two notices torch.onnx prints about torch itself and not the policy:
+    that it skips torchvision's ops where torchvision is not installed (a policy has none), and torch's
+    own deprecation of ``LeafSpec``. Every other log line and warning of the exporter comes through."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    not_torchvision = _NotTorchvision()
+    registration.addFilter(not_torchvision)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(not_torchvision)
 
 
 def policy_sidecar(policy: EnvironmentPolicy, summary: dict, *, format: str, file: str, seed_index: int) -> dict:

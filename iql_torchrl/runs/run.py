@@ -105,9 +105,14 @@ class Run:
         given = given_fields(config) | set(given or ())
         config.check()
         preset_reason = preset_reason or preset_choice(config)[1]
-        folder = None
+        folder = failure = None
         if config.resume and int(os.environ.get("RANK", "0")) == 0:  # the folder's owner: lock it before reading it
-            folder = RunFolder.open(config.output_dir)
+            try:
+                folder = RunFolder.open(config.output_dir)
+            except USER_ERRORS as err:
+                if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                    raise
+                failure = err  # under torchrun the other processes wait for process 0: they learn of it below
         try:
             config, state = resolve_settings(config, job, given)
             ctx = setup_distributed(config.device)
@@ -115,8 +120,7 @@ class Run:
             keep_freed_memory()  # glibc: activation buffers stay mapped between updates (iql_torchrl.runs.allocator)
             if state is not None and state.get("world_size", 1) != ctx.world_size:
                 raise ResumeError(f"This run was checkpointed with {state.get('world_size', 1)} processes; resume it with as many.")
-            failure = None
-            if ctx.is_main:
+            if ctx.is_main and failure is None:
                 try:
                     if folder is None:
                         folder = RunFolder.create(config.output_dir or default_run_dir(config.dataset, config.seed, label))
