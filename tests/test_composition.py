@@ -355,3 +355,31 @@ def test_one_critic_module_lives_in_the_state_dict(critics):
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(batch.clone())["loss_qvalue"], loss(batch.clone())["loss_qvalue"])
     assert not torch.equal(before, fresh(batch.clone())["loss_qvalue"])
+
+
+class HeadOnSharedTrunk(nn.Module):
+    """Q(s, a) = head(trunk(s, a)), the trunk one module that every critic of the list holds."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, observation, action):
+        return self.head(self.trunk(torch.cat([observation, action], -1)))
+
+
+def test_critics_sharing_a_trunk_each_train_a_trunk_of_their_own():
+    """Two critics in a list holding one trunk: each critic trains a copy of its own, started from the
+    shared weights (TorchRL stacks the shared trunk as an expanded view, which its loop never trains)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(OBS + ACT, HIDDEN), nn.ReLU())
+    critics = [TensorDictModule(HeadOnSharedTrunk(trunk), ["observation", "action"], ["state_action_value"])
+               for _ in range(2)]
+    loss = IQLLoss(make_actor(OBS, ACT, hidden_sizes=(HIDDEN,)), critics, value_net())
+    start = trunk[0].weight.detach().clone()
+    for finish_step in script_loop(loss, batch_for("gaussian")):
+        finish_step()
+    trained = loss.qvalue_network_params.get(("module", "trunk", "0", "weight")).detach()
+    assert not torch.equal(trained[0], start) and not torch.equal(trained[1], start)
+    assert not torch.equal(trained[0], trained[1])  # two trunks, each moved by its own critic's head

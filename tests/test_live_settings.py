@@ -5,7 +5,7 @@ more steps and must agree. Each change must also matter (the wrong variant: eage
 elsewhere), so a compiled step that ignored it would fail. β, τ, γ, the learning rates, the target update
 rate and the cosine's length are tensors the compiled graph reads: changing them compiles nothing
 (``IQLUpdate.compilations`` stays 1). A Python value the graph baked in (the critic loss, the keys,
-an optimizer's weight decay) compiles the step anew, once.
+an optimizer's weight decay, the entry that masks the losses) compiles the step anew, once.
 """
 import warnings
 
@@ -41,6 +41,7 @@ MARGIN = 4
 def dataset():
     data = random_transitions(N, OBS, ACT)
     data["next", "reward_scaled"] = data["next", "reward"] * 10  # a second reward column, for set_keys
+    data["valid"] = torch.rand(N, generator=torch.Generator().manual_seed(3)) < 0.7  # a mask, for loss_mask_key
     return data
 
 
@@ -74,6 +75,7 @@ BAKED_CHANGES = {
     "loss_function": lambda loss, update: setattr(_template(loss), "loss_function", "l1"),
     "set_keys": lambda loss, update: _template(loss).set_keys(reward="reward_scaled"),
     "weight_decay": lambda loss, update: update.value_optimizer.param_groups[0].update(weight_decay=0.5),
+    "loss_mask_key": lambda loss, update: setattr(_template(loss), "loss_mask_key", "valid"),
 }
 
 
@@ -173,7 +175,7 @@ def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(vari
 
 
 @pytest.mark.parametrize("variant, changes", [
-    ("compile", ["loss_function"]),
+    ("compile", ["loss_function", "loss_mask_key"]),
     *(pytest.param(v, list(BAKED_CHANGES), marks=pytest.mark.slow)
       for v in ("compile", "bf16", "seeds", "compile cache", "guarded")),
 ])

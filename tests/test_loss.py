@@ -21,6 +21,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torch import nn
+from torchrl.modules import MLP
 from torchrl.objectives import HardUpdate, SoftUpdate, ValueEstimators
 from torchrl.objectives import IQLLoss as TorchRLIQLLoss
 
@@ -338,6 +339,67 @@ def test_reduction_none_keeps_the_batch_shape_and_sum_is_batch_times_mean():
     assert "entropy" not in per_sample.keys()
     kept = small_loss(reduction="none", scalar_output_mode="non_tensor")(batch.clone())
     assert "awr_weight_max" in kept.keys()
+
+
+def masked_batch():
+    """Three transitions for hand_networks: Q1 = s + 2a, Q2 = s + 0.5, V(s) = s, π(s) = s / 4."""
+    return TensorDict(
+        {
+            "observation": torch.tensor([[1.0], [2.0], [3.0]]),
+            "action": torch.tensor([[0.5], [-0.5], [1.0]]),
+            ("next", "observation"): torch.tensor([[2.0], [1.0], [0.0]]),
+            ("next", "reward"): torch.tensor([[1.0], [2.0], [3.0]]),
+            ("next", "terminated"): torch.tensor([[False], [True], [False]]),
+            ("next", "done"): torch.tensor([[False], [True], [False]]),
+        },
+        batch_size=[3],
+    )
+
+
+def hand_losses_per_transition():
+    """Eqs. (5)-(7) on masked_batch, worked out in float64 without the library: (value, actor, Q) each [3]."""
+    s, a, s2, r, term = [1.0, 2.0, 3.0], [0.5, -0.5, 1.0], [2.0, 1.0, 0.0], [1.0, 2.0, 3.0], [0, 1, 0]
+    value, actor, critic = [], [], []
+    for i in range(3):
+        min_q, v = min(s[i] + 2 * a[i], s[i] + 0.5), s[i]
+        u = min_q - v
+        value.append((0.7 if u > 0 else 0.3) * u * u)
+        actor.append(min(math.exp(3.0 * u), 100.0) * (s[i] / 4 - a[i]) ** 2)
+        target = r[i] + 0.99 * (1 - term[i]) * s2[i]
+        critic.append((s[i] + 2 * a[i] - target) ** 2 + (s[i] + 0.5 - target) ** 2)
+    return {"loss_value": value, "loss_actor": actor, "loss_qvalue": critic}
+
+
+@pytest.mark.parametrize("mask_key, mask", [(("collector", "mask"), [True, True, False]),
+                                            ("shifted_valid", [[True], [True], [False]]),
+                                            ("valid", [True, True, False])])
+def test_positions_a_validity_mask_drops_count_in_no_loss(mask_key, mask):
+    """TorchRL's masks (a padding SliceSampler's ("collector", "mask"), the estimators' "shifted_valid",
+    or the entry loss.loss_mask_key names): the mean is over the kept transitions, in all three losses."""
+    per_transition = hand_losses_per_transition()
+    loss = IQLLoss(*hand_networks())
+    if mask_key == "valid":
+        loss.loss_mask_key = "valid"
+    out = loss(masked_batch().set(mask_key, torch.tensor(mask)))
+    for key, values in per_transition.items():
+        kept = (values[0] + values[1]) / 2
+        assert out[key].item() == pytest.approx(kept, rel=1e-6), key
+        assert kept != pytest.approx(sum(values) / 3, rel=1e-3), key  # the mask ignored
+        assert kept != pytest.approx((values[0] + values[1]) / 3, rel=1e-3), key  # zeroed, not dropped
+    loss.reduction = "none"
+    out = loss(masked_batch().set(mask_key, torch.tensor(mask)))
+    for key, values in per_transition.items():
+        assert out[key].tolist() == pytest.approx([values[0], values[1], 0.0], rel=1e-6), key
+    loss.reduction, loss.loss_mask_key = "mean", None  # no masking: every transition counts
+    out = loss(masked_batch().set(mask_key, torch.tensor(mask)))
+    for key, values in per_transition.items():
+        assert out[key].item() == pytest.approx(sum(values) / 3, rel=1e-6), key
+
+
+def test_a_mask_that_is_not_bool_names_the_entry():
+    batch = masked_batch().set(("collector", "mask"), torch.tensor([1.0, 1.0, 0.0]))
+    with pytest.raises(TypeError, match=r"validity mask \('collector', 'mask'\) is torch.float32.*bool"):
+        IQLLoss(*hand_networks())(batch)
 
 
 def test_priority_and_log_prob_are_written_into_the_input():
@@ -862,6 +924,52 @@ def test_the_action_size_check_stays_out_of_the_way_when_nothing_declares_a_size
     value = TensorDictModule(nn.Linear(3, 1), ["observation"], ["state_value"])
     out = IQLLoss(actor, critics, value)(random_batch(action=torch.rand(16, 5)))
     assert torch.isfinite(out["loss_actor"])
+
+
+class CriticWithAnInFeaturesOfItsOwn(nn.Module):
+    """A user's critic whose ``in_features`` is the observation's width, not its input layer's."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_features = 3
+        self.layer = nn.Linear(3 + 2, 1)
+
+    def forward(self, observation, action):
+        return self.layer(torch.cat([observation, action], -1))
+
+
+def test_a_critic_attribute_named_in_features_is_not_taken_for_its_input_layer():
+    torch.manual_seed(0)
+    actor = TensorDictModule(nn.Linear(3, 2), ["observation"], ["action"])  # no spec: nothing declares a size
+    critics = [TensorDictModule(CriticWithAnInFeaturesOfItsOwn(), ["observation", "action"], ["state_action_value"])
+               for _ in range(2)]
+    value = TensorDictModule(nn.Linear(3, 1), ["observation"], ["state_value"])
+    batch = random_batch()
+    out = IQLLoss(actor, critics, value)(batch.clone())
+    for critic in critics:
+        del critic.module.in_features
+    assert out["loss_qvalue"] == IQLLoss(actor, critics, value)(batch.clone())["loss_qvalue"]
+
+
+def test_torchrls_mlp_as_critic_still_tells_the_action_size():
+    actor = TensorDictModule(nn.Linear(3, 2), ["observation"], ["action"])
+    critics = [TensorDictModule(MLP(in_features=5, out_features=1, num_cells=[8]), ["observation", "action"],
+                                ["state_action_value"]) for _ in range(2)]
+    value = TensorDictModule(nn.Linear(3, 1), ["observation"], ["state_value"])
+    with pytest.raises(ValueError, match=r"'action'.*critic's input layer \(5 features.*action_dim = 2"):
+        IQLLoss(actor, critics, value)(random_batch(action=torch.rand(16, 3)))
+
+
+@pytest.mark.parametrize("actor_kind, action_space", [("one_hot", "categorical"), ("categorical", "one_hot")])
+def test_a_discrete_actor_of_the_other_kind_than_action_space_is_named(actor_kind, action_space):
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 4, actor_kind=actor_kind, hidden_sizes=(16, 16))
+    loss = DiscreteIQLLoss(actor, critics, value, action_space=action_space)
+    index = torch.randint(0, 4, (16,))
+    batch = random_batch(action=index if action_space == "categorical" else nn.functional.one_hot(index, 4))
+    other = "OneHotCategorical" if actor_kind == "categorical" else "Categorical"
+    with pytest.raises(TypeError, match=rf"actor's distribution .*action_space='{action_space.replace('_', '-')}'.*{other}"):
+        loss(batch)
 
 
 def test_float64_data_with_float32_networks_names_both_dtypes():

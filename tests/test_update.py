@@ -152,6 +152,26 @@ def test_compiled_step_matches_eager_after_several_steps(order, actor_dropout):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
 
 
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compile", marks=pytest.mark.slow)])
+def test_padding_that_a_mask_drops_does_not_move_the_step(mode):
+    """A batch padded with masked-out transitions (a SliceSampler's ("collector", "mask")) trains every
+    network as the unpadded batch does; the padding, garbage on purpose, must not count."""
+    data = dataset()
+    loss_plain, plain = make_update()
+    loss_padded, padded = make_update(mode=mode)
+    garbage = dataset(seed=7)[:8].apply(lambda t: t * 50 if t.is_floating_point() else t)
+    for idx in index_stream(3):
+        plain(data[idx])
+        both = torch.cat([data[idx], garbage])
+        padded(both.set(("collector", "mask"), torch.arange(len(both)) < len(idx)))
+    for (key, a), b in zip(params(loss_plain).items(), params(loss_padded).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+    _, unmasked = make_update()
+    for idx in index_stream(3):
+        unmasked(torch.cat([data[idx], garbage]))
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(params(loss_plain).values(), params(_).values()))
+
+
 def column_major(data):
     """The same transitions, every matrix laid out column by column (same shapes, other strides)."""
     return data.apply(lambda t: t.t().contiguous().t() if t.dim() == 2 else t.clone())

@@ -49,6 +49,14 @@ def check_input(loss, tensordict: TensorDictBase, dtypes: dict, direct: frozense
                 f"call loss.set_keys({name}=<your key>)"
                 + (" (the loss reads it under 'next')." if name != "action" else ".")
             )
+    for key in loss._loss_mask_keys():
+        mask = tensordict.get(key, None)
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(
+                f"IQLLoss: the validity mask {key!r} is {mask.dtype}, but a mask is bool (True: the position "
+                "counts in the losses). Cast it to bool, name another entry with loss.loss_mask_key = <key>, "
+                "or set loss.loss_mask_key = None to train on every position."
+            )
     for network, key, name in ((loss.value_network, keys.value, "value"),
                                (loss.qvalue_network, keys.state_action_value, "state_action_value")):
         if key not in network.out_keys:

@@ -5,11 +5,16 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 from torchrl.data.tensor_specs import TensorSpec
+from torch.distributions import Categorical
 from torchrl.data.utils import _find_action_space
+from torchrl.modules.distributions import MaskedOneHotCategorical, OneHotCategorical
 
 from iql_torchrl.objectives.loss import IQLLoss
 
 __all__ = ["DiscreteIQLLoss"]
+
+# distributions over one-hot rows (TorchRL's subclass torch's Categorical, which scores indices)
+ONE_HOT_DISTRIBUTIONS = (torch.distributions.OneHotCategorical, OneHotCategorical, MaskedOneHotCategorical)
 
 
 class DiscreteIQLLoss(IQLLoss):
@@ -66,6 +71,17 @@ class DiscreteIQLLoss(IQLLoss):
         return q_all.gather(-1, index.unsqueeze(-1).expand(*q_all.shape[:-1], 1)).squeeze(-1)
 
     def _log_prob(self, dist, action: Tensor) -> Tensor:
+        # a Categorical scores indices, a OneHotCategorical one-hot rows: given the other kind, log_prob
+        # broadcasts or reads the wrong entries (TorchRL's one-hot distributions subclass Categorical)
+        one_hot_actor = isinstance(dist, ONE_HOT_DISTRIBUTIONS)
+        if (one_hot_actor or isinstance(dist, Categorical)) and one_hot_actor != (self.action_space == "one_hot"):
+            actor = "one-hot" if one_hot_actor else "categorical"
+            other = "Categorical" if one_hot_actor else "OneHotCategorical"
+            raise TypeError(
+                f"DiscreteIQLLoss: the actor's distribution {type(dist).__name__} is {actor} but "
+                f"action_space={self.action_space.replace('_', '-')!r}: build the actor with {other} "
+                f"or pass action_space={'one-hot' if one_hot_actor else 'categorical'!r}."
+            )
         if self.action_space == "categorical":
             # (B, 1)-shaped indices would broadcast in Categorical.log_prob
             batch_ndim = len(dist.batch_shape)

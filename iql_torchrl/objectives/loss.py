@@ -65,7 +65,7 @@ from iql_torchrl.objectives.checks import (
     nonfinite,
     spec_last_dim,
 )
-from iql_torchrl.objectives.networks import critic_copies, own_critic_parameters
+from iql_torchrl.objectives.networks import concatenated_input_width, critic_copies, own_critic_parameters
 from iql_torchrl.objectives.plain_mlp import PlainMLP
 
 __all__ = ["IQLLoss", "is_probabilistic", "TRAINED_NETWORKS"]
@@ -238,7 +238,7 @@ class IQLLoss(LossModule):
             self.qvalue_network_params, critics, detached=shared_with_actor or (),
             elsewhere=[*actor_network.parameters(), *value_network.parameters()],
         )
-        self._critic_in_features = getattr(critics[0], "in_features", None)
+        self._critic_in_features = concatenated_input_width(critics[0])
         self.make_value_estimator()  # built now, so state_dicts of fresh and used losses match
         self._make_vmap()
         # a TorchRL IQLLoss with one critic stores it unstacked; this one holds it stacked [1, …]
@@ -460,7 +460,7 @@ class IQLLoss(LossModule):
         self._check_batch_shape(tensordict, value.shape)
         min_q = self._target_min_q(tensordict, params)
         loss = value_objective(min_q, value, self._expectile, self._expectile_complement)
-        return self._reduce(loss), {"target_min_q": min_q, "value": value.detach()}
+        return self._reduce(loss, tensordict), {"target_min_q": min_q, "value": value.detach()}
 
     def _target_min_q(self, tensordict: TensorDictBase, params: dict | None) -> Tensor:
         """min_i Q̄_i(s, a_dataset) over the TARGET critics, without gradient: shape [*B]."""
@@ -506,7 +506,7 @@ class IQLLoss(LossModule):
             log_prob = log_prob.detach()
             tensordict.set(self.tensor_keys.log_prob, log_prob)
             metadata["entropy"] = -log_prob.mean()
-        return self._reduce(loss), metadata
+        return self._reduce(loss, tensordict), metadata
 
     def qvalue_loss(
         self, tensordict: TensorDictBase, next_value: Tensor | None = None, *, params: dict | None = None
@@ -530,7 +530,7 @@ class IQLLoss(LossModule):
             )
         loss = critic_objective(q, target, self.loss_function)
         td_error = (q.detach() - target).pow(2)
-        return self._reduce(loss), {"td_error": td_error, "q_mean": q.detach().mean()}
+        return self._reduce(loss, tensordict), {"td_error": td_error, "q_mean": q.detach().mean()}
 
     def _bellman_target(self, tensordict: TensorDictBase, next_value: Tensor | None = None, params=None) -> Tensor:
         next_td = tensordict.get("next")
@@ -622,12 +622,12 @@ class IQLLoss(LossModule):
                 out.set_non_tensor(name, scalar)
         return out
 
-    def _reduce(self, loss: Tensor) -> Tensor:
-        if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
+    def _reduce(self, loss: Tensor, tensordict: TensorDictBase) -> Tensor:
+        """``reduction`` over the positions the batch's validity masks keep: TorchRL's ``_reduce_loss``,
+        which reads ``loss_mask_key`` (``"auto"``: ``("collector", "mask")`` of a padding
+        ``SliceSampler``, ``"shifted_valid"``); a mean divides by the kept positions, ``"none"`` zeroes
+        the others. All three losses are masked (TorchRL's Q loss drops the masks with its ``select``)."""
+        return self._reduce_loss(loss, tensordict=tensordict)
 
     # ------------------------------------------------------------------ input checks (iql_torchrl.objectives.checks)
     def _check_keys(self, tensordict: TensorDictBase) -> str | None:

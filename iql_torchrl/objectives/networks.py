@@ -15,7 +15,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torch.distributions import Categorical
 from torchrl.data import Bounded, TensorSpec
-from torchrl.modules import ProbabilisticActor, ValueOperator
+from torchrl.modules import MLP, ProbabilisticActor, ValueOperator
 from torchrl.modules.distributions import IndependentNormal, NormalParamExtractor, OneHotCategorical, TanhNormal
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "make_iql_networks",
     "ACTOR_KINDS",
     "ConcatInputs",
+    "concatenated_input_width",
     "critic_copies",
     "own_critic_parameters",
 ]
@@ -195,13 +196,24 @@ class ConcatInputs(nn.Module):
         super().__init__()
         self.net = net
 
-    @property
-    def in_features(self) -> int:
-        """Width of the concatenated input (IQLLoss reads it to check the action size, as for TorchRL's MLP)."""
-        return next(m for m in self.net.modules() if isinstance(m, nn.Linear)).in_features
-
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat(inputs, -1))
+
+
+def concatenated_input_width(network: nn.Module) -> int | None:
+    """The width of a network's input layer where its input is known to be its ``in_keys`` concatenated:
+    a TensorDictModule around TorchRL's ``MLP`` or around :class:`ConcatInputs` of an ``nn.Sequential``
+    starting with ``Linear``. ``None`` for any other network: an ``in_features`` attribute of a module of
+    the user's may mean something else."""
+    module = network.module if isinstance(network, TensorDictModule) else None
+    if type(module) is MLP:
+        width = module.in_features
+    elif type(module) is ConcatInputs and isinstance(module.net, nn.Sequential) and len(module.net) \
+            and type(module.net[0]) is nn.Linear:
+        width = module.net[0].in_features
+    else:
+        return None
+    return width if isinstance(width, int) and width > 0 else None
 
 
 # --------------------------------------------------------------------------- the critics a loss trains

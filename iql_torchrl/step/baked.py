@@ -14,6 +14,7 @@ graph reads, not values it bakes: changing them compiles nothing.
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 
 import torch
@@ -44,10 +45,10 @@ class BakedValues:
         from ``owner`` (the step's ``self``) as plain values."""
         reads = []
         for entry in entries:
-            name = entry.name
+            kind = "type" if entry.guard_type == "TYPE_MATCH" else "value"
+            name = entry.name if kind == "type" else _as_attribute(entry.name)
             if entry.guard_type not in VALUE_GUARDS or not name.startswith("self.") and not name.startswith("self["):
                 continue
-            kind = "type" if entry.guard_type == "TYPE_MATCH" else "value"
             read = (kind, name)
             if read in reads or not _readable(read, owner):
                 continue
@@ -94,6 +95,18 @@ def _reader(reads: list[tuple[str, str]]):
     scope = {"_type_name": _type_name, "_CHANGED": _CHANGED}
     exec(compile(source, "<baked values>", "exec"), scope)  # noqa: S102 -- code built from dynamo's guard sources
     return scope["read"]
+
+
+# a class attribute dynamo read for an object that has none of its own: dict(type(X)[.__mro__[k]].__dict__)['name']
+_CLASS_ATTRIBUTE = re.compile(r"dict\(type\((?P<owner>self\b.*)\)(?:\.__mro__\[\d+\])?\.__dict__\)\['(?P<name>[A-Za-z_]\w*)'\]")
+
+
+def _as_attribute(expression: str) -> str:
+    """A class attribute's read as the object's attribute, ``X.name``: an attribute the object is given
+    later (``loss.loss_mask_key = ...`` over the class's default) changes what ``X.name`` reads, not the
+    class's entry. Any other expression as it is."""
+    match = _CLASS_ATTRIBUTE.fullmatch(expression)
+    return f"{match['owner']}.{match['name']}" if match else expression
 
 
 def _type_name(obj) -> str:
