@@ -14,7 +14,9 @@ paper's update order, IQL with one summed backward (TorchRL's order), and behavi
 writes JSON and a bar chart.
 
 ``--compile-vs-eager`` trains IQL (paper order) eager and compiled instead, same seeds: compiled training
-must learn as eager does, not only agree over a few steps (the main job compiles by default).
+must learn as eager does, not only agree over a few steps (the main job compiles by default). Both rows
+run in float32 unless ``--precision`` says otherwise (the main job's ``auto`` may pick bf16 for a compiled
+step, which would mix the two).
 
 ``--sweep`` trains IQL (paper order) on the first dataset for every expectile τ in
 ``--expectiles`` and temperature β in ``--temperatures`` instead, and prints a τ × β table
@@ -107,6 +109,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
                         help="force the compiled (--compile) or eager (--no-compile) step; default: the main job's auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="the step's precision; default: the main job's auto, but fp32 with --compile-vs-eager "
+                             "(so that its two rows differ in compilation alone)")
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
                         help="hidden layer widths of every network (default: the trainer's, 256 256)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
@@ -140,6 +145,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cells:
         return table_of_cells(args)
+    args.precision = args.precision or ("fp32" if args.compile_vs_eager else "auto")
     args.steps = args.steps or (50_000 if args.suite == "maze" else 5000)
     args.eval_every = args.eval_every or 5000
     grid = MAZE_SWEEP if args.suite == "maze" else dict(expectiles=SWEEP_EXPECTILES, temperatures=SWEEP_TEMPERATURES)
@@ -169,7 +175,7 @@ def main(argv=None):
             run_dir = out / f"{dataset.replace('/', '_')}-{method.replace(' ', '_')}-{overrides['order']}-{overrides.get('temperature', 'beta')}"
             config = OfflineConfig(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                             num_seeds=args.seeds, device=args.device, compile=args.compile, output_dir=run_dir,
-                            logger="none", progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10))
+                            precision=args.precision, logger="none", progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10))
             if args.hidden_sizes:
                 config.hidden_sizes = tuple(args.hidden_sizes)
             for key, value in overrides.items():
@@ -187,7 +193,8 @@ def main(argv=None):
     print("\n" + table)
     print(f"\ntotal {total / 60:.1f} min")
     with open(args.json, "w") as f:
-        json.dump({"steps": args.steps, "seeds": args.seeds, "device": args.device, "total_seconds": total,
+        json.dump({"steps": args.steps, "seeds": args.seeds, "device": args.device, "precision": args.precision,
+                   "total_seconds": total,
                    "hidden_sizes": args.hidden_sizes,
                    "results": results}, f, indent=2)
     plot(results, args.png, args)
@@ -251,7 +258,7 @@ def sweep(args):
             run_dir = out / f"tau{expectile}-beta{temperature}"
             # a maze cell keeps its CSV logs: the mean V(s) of the logged batches, beside the score
             config = OfflineConfig(dataset=dataset, steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                            num_seeds=args.seeds, device=args.device, compile=args.compile,
+                            num_seeds=args.seeds, device=args.device, compile=args.compile, precision=args.precision,
                             logger="csv" if maze else "none", progress=False, checkpoint_every=args.steps,
                             log_every=max(1, args.steps // (50 if maze else 10)), output_dir=run_dir, order="paper",
                             expectile=expectile, temperature=temperature, preset=args.preset,
@@ -502,7 +509,8 @@ def maze_suite(args):
                 overrides = MAZE_METHODS[method]
                 name = f"{dataset.split('/')[-1]}-goal-{goal_input}-{method.split()[0]}-{'-'.join(map(str, overrides.values())) or 'auto'}"
                 config = OfflineConfig(dataset=dataset, steps=args.steps, eval_every=args.eval_every, num_seeds=args.seeds,
-                                device=args.device, compile=args.compile, output_dir=out / name, logger="none",
+                                device=args.device, compile=args.compile, precision=args.precision,
+                                output_dir=out / name, logger="none",
                                 progress=False, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
                                 goal_input=goal_input, preset=args.preset, success_terminal=args.success_terminal, **overrides)
                 if args.eval_episodes:

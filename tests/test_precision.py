@@ -181,6 +181,17 @@ def test_auto_takes_bf16_only_with_native_bf16_a_compiled_step_and_a_measured_ga
     assert chosen == "fp32" and "no native bf16" in why
 
 
+def test_auto_keeps_fp32_for_layers_narrower_than_those_bf16_was_measured_to_learn_with(host):
+    host("AMX", 5.0, alone=2.5)  # however much faster bf16 would be
+    for layer in ((64, 64), (256, 64), (128, 128)):
+        chosen, why, _ = choose_precision("cpu", True, layer, may_take_one_thread=True)
+        assert chosen == "fp32" and f"{layer[0]}×{layer[1]}" in why and "256×256" in why, layer
+    assert choose_precision("cpu", True, (256, 300))[0] == "bf16"
+    config = OfflineConfig(device="cpu", compile=True, hidden_sizes=(64, 64))
+    resolve_precision(config, IQLLoss(*make_iql_networks(17, 6, hidden_sizes=(64, 64))))
+    assert config.precision == "fp32"
+
+
 def test_auto_takes_one_thread_where_the_bf16_gemms_run_faster_there(host, two_threads):
     # measured on an AMX host at GOMP_SPINCOUNT=1000: 0.8× in bf16 on 2 threads, 2.4× faster on one
     host("AMX", 0.8, alone=2.5)
@@ -230,7 +241,7 @@ def test_the_run_takes_one_thread_only_where_its_threads_are_its_own(host, two_t
 def test_a_run_on_one_thread_says_so_in_its_summary(host, two_threads, tiny_datasets, tmp_path):
     host("AMX", 0.8, alone=2.5)
     summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "run", steps=2,
-                                  eval_every=2, eval_episodes=1, hidden_sizes=(64, 64), batch_size=16,
+                                  eval_every=2, eval_episodes=1, hidden_sizes=(256, 256), batch_size=16,
                                   logger="none", progress=False, compile=True, device="cpu"))
     assert (summary["precision"], summary["threads"]) == ("bf16", 1)
 
@@ -298,7 +309,7 @@ def test_the_run_resolves_auto_once_says_why_and_a_resume_keeps_it(
     stop_after_checkpoint(lambda run: run.step == 2)
     with pytest.raises(KeyboardInterrupt):
         train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, steps=4, eval_every=4, eval_episodes=1,
-                            checkpoint_every=2, hidden_sizes=(64, 64), batch_size=16, logger="none", progress=False,
+                            checkpoint_every=2, hidden_sizes=(256, 256), batch_size=16, logger="none", progress=False,
                             log_every=2, compile=True, device="cpu"))
     stop_after_checkpoint(None)
     host(None, 0.5)  # resumed on a host without native bf16: the checkpoint's precision stands, auto included

@@ -191,8 +191,8 @@ class RunConfig:
     fastest mode there); --cudagraphs / --no-cudagraphs force it."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Number format of the step's GEMMs: bf16 computes the wide (256×256) layers' in bfloat16 with float32
-    accumulation, everything else float32; auto takes bf16 where the CPU has native bf16 (AVX512_BF16 or AMX), the
-    step compiles and a measurement on this host says it pays, fp32 elsewhere (CUDA included). --bf16: --precision bf16."""
+    accumulation, everything else float32; auto takes bf16 where the layers are 256 wide or more, the CPU has native bf16
+    (AVX512_BF16 or AMX), the step compiles and a measurement on this host says it pays, fp32 elsewhere (CUDA included). --bf16: --precision bf16."""
     order: Literal["paper", "summed"] = "paper"
     """Update order: step V first, then the actor and Q with the new V (paper); or one summed backward."""
     logger: Literal["csv", "wandb", "tensorboard", "none"] = "csv"

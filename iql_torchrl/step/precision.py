@@ -11,8 +11,9 @@ element (averaging out over its 256-term sums to far less in the losses).
 
 :class:`BF16Layers` does it for any network the loss evaluates -- the user's own modules too -- as a torch
 function mode around the loss, which the compiler traces like any other code. ``precision="auto"``
-(:func:`choose_precision`) takes bf16 only where it pays: a CPU with native bf16 (AVX512_BF16 or AMX), a
-compiled step, and a measurement on this process's threads (:func:`bf16_speedup`) showing the wide layer's
+(:func:`choose_precision`) takes bf16 only where it pays and was measured not to change learning: layers
+at least :data:`AUTO_MIN_FEATURES` (256) wide, a CPU with native bf16 (AVX512_BF16 or AMX), a compiled
+step, and a measurement on this process's threads (:func:`bf16_speedup`) showing the wide layer's
 GEMMs at least :data:`PAYS` times faster in bf16. A run whose threads are its own choice (``--threads auto``)
 may also take one thread (:func:`one_thread_speedup`): a bf16 GEMM of the step's size keeps one thread busy
 while the others idle, and an idle thread that falls asleep is woken after each GEMM (AMX host, the 256×256
@@ -34,11 +35,14 @@ from torch.overrides import TorchFunctionMode
 
 from iql_torchrl.objectives.checks import NETWORKS
 
-__all__ = ["PRECISIONS", "MIN_FEATURES", "PAYS", "ONE_THREAD_PAYS", "BF16Layers", "PrecisionChoice", "native_bf16",
+__all__ = ["PRECISIONS", "MIN_FEATURES", "AUTO_MIN_FEATURES", "PAYS", "ONE_THREAD_PAYS", "BF16Layers", "PrecisionChoice", "native_bf16",
            "bf16_speedup", "one_thread_speedup", "choose_precision", "bf16_cost", "widest_layer"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_FEATURES = 64  # a layer whose weight has both dims at least this computes in bf16 under precision "bf16"
+# auto takes bf16 only for layers at least this wide in both dims: where it was measured to learn as fp32 does.
+# At 64 wide it did not (discrete CartPole, 2×64 networks, 12 seeds: 2 ended with policies 20–30 points worse)
+AUTO_MIN_FEATURES = 256
 PAYS = 1.3  # auto takes bf16 where the wide layer's GEMMs are at least this much faster in it
 ONE_THREAD_PAYS = 1.5  # and one thread where its bf16 GEMMs are at least this much faster there (see one_thread_speedup)
 
@@ -186,6 +190,10 @@ def choose_precision(device_type: str, compiled: bool, layer: tuple[int, int] | 
                                        "(--precision bf16 forces it)")
     if layer is None:
         return PrecisionChoice("fp32", f"no layer is {MIN_FEATURES} wide or more in both dimensions")
+    if min(layer) < AUTO_MIN_FEATURES:
+        return PrecisionChoice("fp32", (f"its widest layer, {layer[0]}×{layer[1]}, is narrower than the "
+                                        f"{AUTO_MIN_FEATURES}×{AUTO_MIN_FEATURES} at which bf16 was measured to "
+                                        "learn as fp32 does (docs/performance.md)"))
     native = native_bf16()
     if native is None:
         return PrecisionChoice("fp32", "this CPU has no native bf16 (AVX512_BF16 or AMX): its bf16 GEMMs are "
