@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor
-from torchrl.data.tensor_specs import TensorSpec
 from torch.distributions import Categorical
+from torchrl.data.tensor_specs import TensorSpec
 from torchrl.data.utils import _find_action_space
 from torchrl.modules.distributions import MaskedOneHotCategorical, OneHotCategorical
 
