@@ -396,6 +396,44 @@ def test_positions_a_validity_mask_drops_count_in_no_loss(mask_key, mask):
         assert out[key].item() == pytest.approx(sum(values) / 3, rel=1e-6), key
 
 
+def test_the_diagnostics_average_over_the_positions_a_mask_keeps_too():
+    """value_mean, min_q_mean, q_mean and the advantage and AWR-weight summaries, by hand in float64 over the two
+    kept transitions of masked_batch (β = 10, the first action 0.1); the dropped third one has the largest
+    advantage, a clamped weight, so a mask ignored shows in every summary."""
+    beta, s, a = 10.0, [1.0, 2.0, 3.0], [0.1, -0.5, 1.0]
+    q1, q2 = [s[i] + 2 * a[i] for i in range(3)], [s[i] + 0.5 for i in range(3)]
+    min_q = [min(x, y) for x, y in zip(q1, q2)]
+    advantage = [min_q[i] - s[i] for i in range(3)]  # 0.2, -1, 0.5
+    weight = [min(math.exp(beta * u), 100.0) for u in advantage]  # e^2, e^-10, 100 (e^5 clamped)
+    expected = {"value_mean": (s[0] + s[1]) / 2, "min_q_mean": (min_q[0] + min_q[1]) / 2,
+                "q_mean": (q1[0] + q1[1] + q2[0] + q2[1]) / 4, "advantage_mean": (advantage[0] + advantage[1]) / 2,
+                "awr_weight_mean": (weight[0] + weight[1]) / 2, "awr_weight_max": max(weight[:2]),
+                "awr_weight_clamped_frac": 0.0}
+    everywhere = {"value_mean": sum(s) / 3, "min_q_mean": sum(min_q) / 3, "q_mean": (sum(q1) + sum(q2)) / 6,
+                  "advantage_mean": sum(advantage) / 3, "awr_weight_mean": sum(weight) / 3,
+                  "awr_weight_max": max(weight), "awr_weight_clamped_frac": 1 / 3}
+    batch = masked_batch().set("action", torch.tensor([[a[0]], [a[1]], [a[2]]]))
+    out = IQLLoss(*hand_networks(), temperature=beta)(batch.set(("collector", "mask"), torch.tensor([True, True, False])))
+    for key, value in expected.items():
+        assert out[key].item() == pytest.approx(value, rel=1e-6, abs=1e-7), key
+        assert value != pytest.approx(everywhere[key], rel=1e-3), key  # the mask ignored
+
+
+def test_a_masked_padding_moves_no_diagnostic_of_a_stochastic_actor():
+    """The entropy and every other summary of a Gaussian actor's batch padded with garbage that a mask drops
+    equal the unpadded batch's."""
+    loss = small_loss()
+    batch = random_batch(batch=12)
+    padding = random_batch(batch=4).apply(lambda x: x * 50 if x.is_floating_point() else x)
+    padded = torch.cat([batch, padding]).set(("collector", "mask"), torch.arange(16) < 12)
+    plain, masked, unmasked = loss(batch.clone()), loss(padded.clone()), loss(padded.exclude(("collector", "mask")))
+    for key in ("entropy", "value_mean", "min_q_mean", "q_mean", "advantage_mean", "awr_weight_mean",
+                "awr_weight_max", "awr_weight_clamped_frac", "loss_actor", "loss_value", "loss_qvalue"):
+        assert masked[key].item() == pytest.approx(plain[key].item(), rel=1e-5, abs=1e-6), key
+        if key not in ("awr_weight_max", "awr_weight_clamped_frac"):  # the garbage's advantages happen to be low
+            assert unmasked[key].item() != pytest.approx(plain[key].item(), rel=1e-3), key  # the mask ignored
+
+
 def test_a_mask_that_is_not_bool_names_the_entry():
     batch = masked_batch().set(("collector", "mask"), torch.tensor([1.0, 1.0, 0.0]))
     with pytest.raises(TypeError, match=r"validity mask \('collector', 'mask'\) is torch.float32.*bool"):

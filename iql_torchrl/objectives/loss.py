@@ -496,16 +496,17 @@ class IQLLoss(LossModule):
                 "actor's distribution (its log_prob must reduce over the action dim)."
             )
         loss, weight, advantage = actor_objective(target_min_q, value, objective, self._temperature)
+        kept = self._kept(tensordict, weight)
         metadata = {
-            "advantage_mean": advantage.mean(),
-            "awr_weight_mean": weight.mean(),
-            "awr_weight_max": weight.max(),
-            "awr_weight_clamped_frac": (weight >= MAX_AWR_WEIGHT).float().mean(),
+            "advantage_mean": _mean(advantage, kept),
+            "awr_weight_mean": _mean(weight, kept),
+            "awr_weight_max": (weight if kept is None else torch.where(kept, weight, 0.0)).max(),  # weights are > 0
+            "awr_weight_clamped_frac": _mean((weight >= MAX_AWR_WEIGHT).float(), kept),
         }
         if log_prob is not None:
             log_prob = log_prob.detach()
             tensordict.set(self.tensor_keys.log_prob, log_prob)
-            metadata["entropy"] = -log_prob.mean()
+            metadata["entropy"] = -_mean(log_prob, kept)
         return self._reduce(loss, tensordict), metadata
 
     def qvalue_loss(
@@ -530,7 +531,8 @@ class IQLLoss(LossModule):
             )
         loss = critic_objective(q, target, self.loss_function)
         td_error = (q.detach() - target).pow(2)
-        return self._reduce(loss, tensordict), {"td_error": td_error, "q_mean": q.detach().mean()}
+        q_mean = _mean(q.detach().mean(0), self._kept(tensordict, target))
+        return self._reduce(loss, tensordict), {"td_error": td_error, "q_mean": q_mean}
 
     def _bellman_target(self, tensordict: TensorDictBase, next_value: Tensor | None = None, params=None) -> Tensor:
         next_td = tensordict.get("next")
@@ -607,7 +609,8 @@ class IQLLoss(LossModule):
             for name, loss in (("loss_actor", loss_actor), ("loss_qvalue", loss_qvalue), ("loss_value", loss_value))
             if loss is not None
         }
-        scalars = {"value_mean": value_md["value"].mean(), "min_q_mean": value_md["target_min_q"].mean()}
+        kept = self._kept(tensordict, value_md["value"])
+        scalars = {"value_mean": _mean(value_md["value"], kept), "min_q_mean": _mean(value_md["target_min_q"], kept)}
         if actor_md is not None:
             scalars.update(actor_md)
         if q_md is not None:
@@ -628,6 +631,17 @@ class IQLLoss(LossModule):
         ``SliceSampler``, ``"shifted_valid"``); a mean divides by the kept positions, ``"none"`` zeroes
         the others. All three losses are masked (TorchRL's Q loss drops the masks with its ``select``)."""
         return self._reduce_loss(loss, tensordict=tensordict)
+
+    def _kept(self, tensordict: TensorDictBase, like: Tensor) -> Tensor | None:
+        """The positions the batch's validity masks keep (those :meth:`_reduce` reads), shaped like ``like``;
+        None when the batch has none. The diagnostics (value_mean, entropy, ...) average over them too."""
+        kept = None
+        for key in self._loss_mask_keys():
+            mask = tensordict.get(key, None)
+            if mask is not None:
+                mask = self._expand_loss_mask(mask, like)
+                kept = mask if kept is None else kept & mask
+        return kept
 
     # ------------------------------------------------------------------ input checks (iql_torchrl.objectives.checks)
     def _check_keys(self, tensordict: TensorDictBase) -> str | None:
@@ -671,6 +685,13 @@ class IQLLoss(LossModule):
 
 
 # --------------------------------------------------------------------------- helpers
+def _mean(x: Tensor, kept: Tensor | None) -> Tensor:
+    """The mean of ``x`` over the positions ``kept`` keeps (every position when None)."""
+    if kept is None:
+        return x.mean()
+    return torch.where(kept, x, 0.0).sum() / kept.sum().clamp_min(1)
+
+
 def _real(value) -> float | None:
     """A Python, NumPy or 0-d tensor real number as a float; None for anything else (bools included)."""
     if isinstance(value, Tensor):
