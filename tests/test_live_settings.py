@@ -196,6 +196,26 @@ def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, changes, t
             assert compiled[1].compilations == step + 2, name  # one more compilation, not one a call
 
 
+@pytest.mark.parametrize("seeds", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_what_a_guarded_trace_read_tells_each_baked_change(seeds):
+    """A CUDA graph replays without dynamo's guards: before each replay it reads again what its guarded trace
+    read (BakedValues of the trace's guards) and captures anew when one changed. Checked here on the CPU, on
+    every torch (one without aot_compile, such as the 2.11 of many GPU images, included): each baked change
+    shows in those reads (the dropout actor switched to eval too), and a tensor setting, which the graph reads
+    anew on every replay, does not."""
+    loss, update = build("compile", seeds=seeds, guarded=True, actor_dropout=0.5)
+    take_steps(update, 0, 1, seeds)
+    read = update.runner._baked_since_capture()
+    for name, change in TENSOR_CHANGES.items():
+        before = read()
+        change(loss, update)
+        assert read() == before, name
+    for name, change in {**BAKED_CHANGES, "eval": lambda loss, update: loss.eval()}.items():
+        before = read()
+        change(loss, update)
+        assert read() != before, name
+
+
 def test_state_loaded_into_the_loss_or_the_update_reaches_the_compiled_step():
     # another run's parameters and optimizer state, loaded in place after the step compiled
     donor_loss, donor_update = build("eager")

@@ -192,10 +192,16 @@ class StepRunner:
     def _record_guards(self, keep: bool):
         """A guard filter that records a trace's guards (what it read) and keeps all or none of them; a
         trace that keeps them is a guarded compilation, counted here (ahead-of-time ones are counted where
-        they are made)."""
+        they are made). Only the step's own trace (its guards on ``self`` are guards on the step's owner)
+        is recorded: dynamo also compiles frames that run after the step's graph (on torch 2.11, tensordict's
+        batch-size check of the vmapped seeds' outputs), and their guards are not what the step read."""
+        owner = self.step_function.__self__
+
         def record(entries):
-            self._guards = list(entries)
-            self.compilations += keep
+            entries = list(entries)
+            if any(entry.name == "self" and entry.has_value and entry.value is owner for entry in entries):
+                self._guards = entries
+                self.compilations += keep
             return [keep] * len(entries)
 
         return record
