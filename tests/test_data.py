@@ -519,6 +519,7 @@ def test_compiled_step_sees_the_same_batch_as_eager(tiny_datasets):
     torch.testing.assert_close(compiled(data, indices), step(data, indices))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_whole_dataset_lives_on_the_training_device(tiny_datasets):
     buffer = load_minari_dataset(tiny_datasets.pendulum, device="cuda")

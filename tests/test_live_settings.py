@@ -295,6 +295,7 @@ def test_hyperparameters_read_back_as_numbers_and_stay_out_of_the_state_dict():
     assert not any("expectile" in k or "temperature" in k for k in loss.state_dict())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_step_follows_tensor_and_baked_changes():
     def on_cuda(mode):
