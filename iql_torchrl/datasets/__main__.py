@@ -3,6 +3,7 @@
     python -m iql_torchrl.datasets list
     python -m iql_torchrl.datasets build ID [ID ...] [--episodes N] [--seed S] [--overwrite]
     python -m iql_torchrl.datasets build --all
+    python -m iql_torchrl.datasets train-behaviour {hopper,walker2d,halfcheetah} FOLDER [--frames N]
 
 Datasets are written under ``MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iql_torchrl.datasets.behaviour import ENVIRONMENTS, SACSettings, train_behaviour
 from iql_torchrl.datasets.builders import (
     BUILDERS,
     DEFAULT_DATASET,
@@ -90,9 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         "--reference-episodes", type=_at_least(1), default=REFERENCE_EPISODES,
         help=f"episodes per policy for ref_min_score/ref_max_score (default {REFERENCE_EPISODES})",
     )
+    train = commands.add_parser("train-behaviour", help="train (or go on training) a SAC behaviour policy, with snapshots")
+    train.add_argument("environment", choices=sorted(ENVIRONMENTS), help="the locomotion task")
+    train.add_argument("folder", help="the training folder: snapshots, log, checkpoint and replay buffer")
+    train.add_argument("--frames", type=_at_least(1), default=SACSettings.frames,
+                       help=f"environment steps in all, those already trained included (default {SACSettings.frames})")
+    train.add_argument("--seed", type=_at_least(0), default=0, help="the training's seed (default 0)")
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list()
+    if args.command == "train-behaviour":
+        train_behaviour(args.environment, args.folder, SACSettings(frames=args.frames, seed=args.seed))
+        return 0
     return _build(args)
 
 
