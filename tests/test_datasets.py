@@ -86,7 +86,8 @@ def test_expert_actions_stay_within_the_action_bounds():
 def test_builder_ids_are_valid_minari_ids_for_each_env_and_kind():
     from iql_torchrl.datasets.maze import MazeRecipe
 
-    assert len(BUILDERS) == 20 + 4  # 5 envs x 4 kinds, and the PointMaze umaze, medium, large, medium-stitch
+    # 5 envs x 4 kinds, the PointMaze umaze, medium, large, medium-stitch, 3 locomotion tasks x 4 kinds
+    assert len(BUILDERS) == 20 + 4 + 12
     for dataset_id, recipe in BUILDERS.items():
         namespace, name, version = parse_dataset_id(dataset_id)
         assert namespace.startswith("iql_torchrl/") and version == 0

@@ -95,6 +95,8 @@ def small(command: str, tmp_path: Path) -> list[str]:
                 args[i + 1] = str(ROOT / args[i + 1])
     elif words[1:4] == ["-m", "iql_torchrl.datasets", "build"]:
         args += ["--episodes", "4"]
+    elif words[1:4] == ["-m", "iql_torchrl.datasets", "train-behaviour"]:
+        args += ["--frames", "300", "--warmup-frames", "100", "--snapshot-every", "100"]
     return args
 
 

@@ -4,6 +4,7 @@
     python -m iql_torchrl.datasets build ID [ID ...] [--episodes N] [--seed S] [--overwrite]
     python -m iql_torchrl.datasets build --all
     python -m iql_torchrl.datasets train-behaviour {hopper,walker2d,halfcheetah} FOLDER [--frames N]
+    python -m iql_torchrl.datasets keep-policies {hopper,walker2d,halfcheetah} FOLDER [--medium-frames N] [--expert-frames N]
 
 Datasets are written under ``MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``).
 """
@@ -14,6 +15,7 @@ import argparse
 import sys
 
 from iql_torchrl.datasets.behaviour import ENVIRONMENTS, SACSettings, train_behaviour
+from iql_torchrl.datasets.locomotion import keep_policies
 from iql_torchrl.datasets.builders import (
     BUILDERS,
     DEFAULT_DATASET,
@@ -21,6 +23,7 @@ from iql_torchrl.datasets.builders import (
     _datasets_root,
     build_dataset,
     dataset_exists,
+    dataset_id_problem,
 )
 
 
@@ -43,7 +46,15 @@ def _build(args: argparse.Namespace) -> int:
     if unknown:
         print(f"build: unknown dataset ids {unknown}; see `python -m iql_torchrl.datasets list`", file=sys.stderr)
         return 2
+    unbuildable = {dataset_id: problem for dataset_id in dataset_ids if not dataset_exists(dataset_id)
+                   and (problem := dataset_id_problem(dataset_id)) is not None}
+    for dataset_id, problem in unbuildable.items():
+        print(f"{dataset_id}: not built: {problem}", file=sys.stderr)
+    if unbuildable and not args.all:
+        return 2
     for dataset_id in dataset_ids:
+        if dataset_id in unbuildable:
+            continue
         try:
             dataset = build_dataset(
                 dataset_id,
@@ -98,11 +109,35 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--frames", type=_at_least(1), default=SACSettings.frames,
                        help=f"environment steps in all, those already trained included (default {SACSettings.frames})")
     train.add_argument("--seed", type=_at_least(0), default=0, help="the training's seed (default 0)")
+    train.add_argument("--warmup-frames", type=_at_least(1), default=SACSettings.warmup_frames,
+                       help=f"uniform-random frames before the first update (default {SACSettings.warmup_frames})")
+    train.add_argument("--snapshot-every", type=_at_least(1), default=SACSettings.snapshot_every,
+                       help=f"frames between two snapshots (default {SACSettings.snapshot_every})")
+    keep = commands.add_parser("keep-policies", help="keep a training folder's medium, expert and medium-replay "
+                               "snapshots in the package, for the locomotion datasets")
+    keep.add_argument("environment", choices=sorted(ENVIRONMENTS), help="the locomotion task")
+    keep.add_argument("folder", help="the training folder")
+    keep.add_argument("--medium-frames", type=_at_least(1), default=None,
+                      help="the medium snapshot (default: the first reaching a third of the expert's return)")
+    keep.add_argument("--expert-frames", type=_at_least(1), default=None,
+                      help="the expert snapshot (default: the highest return)")
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list()
     if args.command == "train-behaviour":
-        train_behaviour(args.environment, args.folder, SACSettings(frames=args.frames, seed=args.seed))
+        train_behaviour(args.environment, args.folder, SACSettings(
+            frames=args.frames, seed=args.seed, warmup_frames=args.warmup_frames, snapshot_every=args.snapshot_every))
+        return 0
+    if args.command == "keep-policies":
+        try:
+            kept = keep_policies(args.environment, args.folder, medium_frames=args.medium_frames,
+                                 expert_frames=args.expert_frames)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"keep-policies: {error}", file=sys.stderr)
+            return 2
+        for name in ("medium", "expert"):
+            print(f"{name}: frame {kept[name]['frames']}, return {kept[name]['mean_return']}")
+        print(f"medium-replay: {len(kept['replay'])} snapshots before the medium one")
         return 0
     return _build(args)
 

@@ -76,6 +76,9 @@ import gymnasium as gym
 import numpy as np
 
 from iql_torchrl.datasets.controllers import CartPoleExpert, DegradedPolicy, MirroredPolicy, RandomPolicy, make_expert
+from iql_torchrl.datasets.locomotion import (
+    D4RL_REFERENCE, FRAMES, LOCOMOTION_BUILDERS, LocomotionRecipe, kept_policies, locomotion_episodes,
+)
 from iql_torchrl.datasets.maze import MAZE_BUILDERS, MazeRecipe, collect_maze_episodes, collection_env_spec, eval_env_spec, maze_reference_returns
 
 __all__ = [
@@ -213,7 +216,7 @@ def _make_builders() -> dict[str, DatasetRecipe]:
     return builders
 
 
-BUILDERS: dict[str, DatasetRecipe | MazeRecipe] = {**_make_builders(), **MAZE_BUILDERS}
+BUILDERS: dict[str, DatasetRecipe | MazeRecipe | LocomotionRecipe] = {**_make_builders(), **MAZE_BUILDERS, **LOCOMOTION_BUILDERS}
 DEFAULT_DATASET = "iql_torchrl/pendulum/mixed-v0"
 
 
@@ -357,7 +360,7 @@ def build_dataset(
 
     Args:
         dataset_id: a key of :data:`BUILDERS`, e.g. ``"iql_torchrl/pendulum/mixed-v0"``.
-        episodes: number of episodes (default: the recipe's).
+        episodes: number of episodes (default: the recipe's; a locomotion set's, about 1M transitions a policy).
         seed: episode ``i`` uses seed ``seed + i``.
         overwrite: replace an existing dataset with this id (otherwise ``FileExistsError``, also
             when another process finished building it while this one waited for the lock).
@@ -371,7 +374,7 @@ def build_dataset(
         raise KeyError(f"No builder for {dataset_id!r}; available: {sorted(BUILDERS)}.")
     recipe = BUILDERS[dataset_id]
     episodes = recipe.episodes if episodes is None else int(episodes)
-    if episodes < 1:
+    if episodes is not None and episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}.")
     if reference_episodes < 1:
         raise ValueError(f"reference_episodes must be at least 1 (the reference scores average them), got {reference_episodes}.")
@@ -392,10 +395,16 @@ def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_e
             f"Dataset {dataset_id!r} already exists at {final_path}; pass overwrite=True (CLI: --overwrite) to replace it."
         )
 
+    algorithm = f"iql_torchrl scripted {recipe.kind} policy"
     if isinstance(recipe, MazeRecipe):
         episode_buffers, policies = _maze_episodes(recipe, episodes, seed, progress)
         ref_min_score, ref_max_score = maze_reference_returns(recipe.maze, reference_episodes, REFERENCE_SEED)
         env, eval_env = collection_env_spec(recipe.maze), eval_env_spec(recipe.maze)
+    elif isinstance(recipe, LocomotionRecipe):
+        episode_buffers, policies = _locomotion_buffers(recipe, episodes, seed, progress)
+        ref_min_score, ref_max_score = D4RL_REFERENCE[recipe.task]
+        env = eval_env = recipe.env_id
+        algorithm = f"iql_torchrl SAC behaviour policies ({recipe.kind})"
     else:
         episode_buffers, policies = _scripted_episodes(recipe, episodes, seed, progress)
         ref_min_score, ref_max_score = reference_returns(recipe.env_id, reference_episodes)
@@ -414,7 +423,7 @@ def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_e
                 episode_buffers,
                 env=env,
                 eval_env=eval_env,
-                algorithm_name=f"iql_torchrl scripted {recipe.kind} policy",
+                algorithm_name=algorithm,
                 author="iql_torchrl",
                 ref_min_score=ref_min_score,
                 ref_max_score=ref_max_score,
@@ -466,6 +475,19 @@ def _maze_episodes(recipe: MazeRecipe, episodes: int, seed: int, progress: bool)
     return buffers, ["noisy waypoint controller"] * len(buffers)
 
 
+def _locomotion_buffers(recipe: LocomotionRecipe, episodes: int | None, seed: int, progress: bool):
+    """The locomotion recipe's episodes as Minari buffers, episode ``i`` from seed ``seed + i``, and their policies."""
+    import minari
+    from tqdm.auto import tqdm
+
+    frames = {"medium-expert": 2 * FRAMES, "medium-replay": kept_policies(recipe.task)["medium"]["frames"]}
+    total = episodes * 1000 if episodes else frames.get(recipe.kind, FRAMES)
+    with tqdm(total=total, desc=f"building {recipe.dataset_id}", unit="frame", disable=not progress) as bar:
+        collected, policies = locomotion_episodes(recipe, episodes, seed, bar.update)
+    buffers = [minari.data_collector.EpisodeBuffer(id=i, **episode) for i, episode in enumerate(collected)]
+    return buffers, policies
+
+
 def check_recipe(dataset_id: str) -> None:
     """Refuse a builder dataset on disk that another version of its recipe built.
 
@@ -496,6 +518,12 @@ def dataset_id_problem(dataset_id: str) -> str | None:
     except Exception:  # Minari raises ValueError or TypeError for malformed ids
         return f"not a Minari dataset id: ids read namespace/name-vN, e.g. {DEFAULT_DATASET}"
     namespace = DEFAULT_DATASET.split("/")[0]
+    recipe = BUILDERS.get(dataset_id)
+    if isinstance(recipe, LocomotionRecipe) and not dataset_exists(dataset_id):
+        try:
+            kept_policies(recipe.task)
+        except FileNotFoundError as missing:
+            return f"it is built from behaviour policies this copy of the package does not keep. {missing}"
     if dataset_id.startswith(namespace + "/") and dataset_id not in BUILDERS:
         close = difflib.get_close_matches(dataset_id, BUILDERS, n=1, cutoff=0.8)
         guess = f"did you mean {close[0]}? " if close else ""

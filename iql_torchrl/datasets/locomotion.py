@@ -1,0 +1,251 @@
+"""D4RL-style locomotion datasets from the SAC behaviour policies kept in the package.
+
+Ids ``iql_torchrl/<task>/<kind>-v0`` for the tasks of :data:`~iql_torchrl.datasets.behaviour.ENVIRONMENTS`
+(``hopper``, ``walker2d``, ``halfcheetah``) and the kinds of D4RL:
+
+* ``medium``: about 1M transitions of the policy stopped at about a third of the expert's return;
+* ``expert``: about 1M transitions of the fully trained policy;
+* ``medium-expert``: both sets, medium episodes first;
+* ``medium-replay``: what the agent's replay buffer held when it reached medium, in the order it came:
+  the first ``warmup_frames`` frames of uniform random actions, then each training snapshot's policy
+  for the frames that came after it, up to the medium snapshot.
+
+Every action is sampled from the policy (the stochastic SAC policy, as D4RL recorded its data); episode
+``i`` resets with seed ``seed + i``. A set is written only when its task's policies are kept in
+``policies/<task>/`` (``policies.json`` says which snapshot is medium and which expert, and what each
+returned: :func:`keep_policies` writes them from a training folder). Scores read on D4RL's scale:
+``ref_min_score`` and ``ref_max_score`` are D4RL's random and expert returns (:data:`D4RL_REFERENCE`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from iql_torchrl.datasets.behaviour import ENVIRONMENTS, Snapshot, load_snapshot, snapshot_policy
+
+__all__ = ["D4RL_REFERENCE", "LOCOMOTION_BUILDERS", "LOCOMOTION_KINDS", "LocomotionRecipe", "POLICIES",
+           "collect_locomotion_episodes", "keep_policies", "kept_policies"]
+
+LOCOMOTION_KINDS = ("medium", "medium-replay", "expert", "medium-expert")
+POLICIES = Path(__file__).parent / "policies"
+# D4RL's reference returns (its infos.py): the random policy's and the expert's, per task
+D4RL_REFERENCE = {"hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0)}
+FRAMES = 1_000_000  # transitions in a medium or expert set (each half of medium-expert)
+NUM_ENVS = 32  # environments stepped side by side, their observations batched through the policy
+
+
+@dataclass(frozen=True)
+class LocomotionRecipe:
+    """A locomotion dataset: the task, the kind, and the transitions it holds (``None``: as the kind gives)."""
+
+    dataset_id: str
+    task: str
+    kind: str
+    episodes: int | None = None  # a set made of whole episodes is cut by frames, not episodes
+    preset: str = "mujoco"
+
+    @property
+    def env_id(self) -> str:
+        return ENVIRONMENTS[self.task]
+
+    def describe(self, episodes: int | None = None) -> str:
+        kept = kept_policies(self.task) if policies_kept(self.task) else None
+        if kept is None:
+            policies = "SAC behaviour policies not kept in this copy of the package"
+        elif self.kind == "medium-replay":
+            policies = (f"SAC's first {kept['medium']['frames']} training frames, up to the medium policy: "
+                        f"{kept['warmup_frames']} uniform-random frames, then {len(kept['replay'])} training snapshots, "
+                        "each for the frames that followed it")
+        else:
+            named = [name for name in ("medium", "expert") if name in self.kind]
+            policies = " then ".join(f"the {name} SAC policy (frame {kept[name]['frames']}, return "
+                                     f"{kept[name]['mean_return']:.1f})" for name in named)
+        return f"{self.env_id}, {self.kind}: actions sampled from {policies}."
+
+
+def _make_builders() -> dict[str, LocomotionRecipe]:
+    return {f"iql_torchrl/{task}/{kind}-v0": LocomotionRecipe(f"iql_torchrl/{task}/{kind}-v0", task, kind)
+            for task in ENVIRONMENTS for kind in LOCOMOTION_KINDS}
+
+
+LOCOMOTION_BUILDERS = _make_builders()
+
+
+def policies_kept(task: str) -> bool:
+    return (POLICIES / task / "policies.json").exists()
+
+
+def kept_policies(task: str, root: Path | None = None) -> dict:
+    """The task's ``policies.json``: ``medium`` and ``expert`` ({file, frames, mean_return}), ``replay`` (a list
+    of them, the medium-replay stages before medium) and ``warmup_frames`` (the training's random frames); ``FileNotFoundError`` names the command that writes them."""
+    path = (POLICIES if root is None else root) / task / "policies.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No behaviour policies are kept for {task!r} ({path} is missing): train them with "
+            f"`python -m iql_torchrl.datasets train-behaviour {task} FOLDER`, then keep them with "
+            f"`python -m iql_torchrl.datasets keep-policies {task} FOLDER`.")
+    return json.loads(path.read_text())
+
+
+def _stages(recipe: LocomotionRecipe, episodes: int | None) -> list[tuple[str, Snapshot | None, int | None, int | None]]:
+    """``(policy name, snapshot or None for uniform random, frames, episodes)`` per stage, in the data's order."""
+    kept = kept_policies(recipe.task)
+    load = lambda entry: load_snapshot(POLICIES / recipe.task / entry["file"])  # noqa: E731
+    if recipe.kind in ("medium", "expert"):
+        return [(recipe.kind, load(kept[recipe.kind]), None if episodes else FRAMES, episodes)]
+    if recipe.kind == "medium-expert":
+        half = None if episodes is None else (episodes + 1) // 2
+        return [("medium", load(kept["medium"]), None if half else FRAMES, half),
+                ("expert", load(kept["expert"]), None if half else FRAMES, None if half is None else episodes - half)]
+    # each frame of the training came from the latest snapshot at or before it (uniform random before warm-up ended)
+    warmup = kept["warmup_frames"]
+    starts = {0: ("random", None)}
+    for entry in kept["replay"]:
+        starts[max(entry["frames"], warmup)] = (f"frame {entry['frames']}", entry)
+    bounds = sorted(starts) + [kept["medium"]["frames"]]
+    stages = [(starts[a][0], None if starts[a][1] is None else load(starts[a][1]), b - a, None)
+              for a, b in zip(bounds, bounds[1:])]
+    stages = [stage for stage in stages if stage[2] > 0]
+    if episodes is not None:  # the first ``episodes`` episodes: one stage after another, one episode each at most
+        stages = [(name, snap, None, 1) for name, snap, _, _ in stages][:episodes]
+        stages += [stages[-1]] * (episodes - len(stages))
+    return stages
+
+
+def _sampler(snapshot: Snapshot | None, env_id: str, action_space: gym.spaces.Box):
+    """Batched observations → actions: the snapshot's stochastic policy (TorchRL's actor, sampling), or uniform
+    random actions; both draw from torch's global generator."""
+    from tensordict import TensorDict
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    low = torch.as_tensor(action_space.low, dtype=torch.float32)
+    high = torch.as_tensor(action_space.high, dtype=torch.float32)
+    if snapshot is None:
+        return lambda obs: (low + (high - low) * torch.rand(len(obs), len(low))).numpy()
+    actor = snapshot_policy(snapshot, env_id)
+
+    def sample(obs: np.ndarray) -> np.ndarray:
+        batch = TensorDict(observation=torch.as_tensor(obs, dtype=torch.float32), batch_size=[len(obs)])
+        with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+            return actor(batch)["action"].numpy()
+
+    return sample
+
+
+def collect_locomotion_episodes(
+    env_id: str, sampler: Callable[[np.ndarray], np.ndarray], first_seed: int, *, frames: int | None = None,
+    episodes: int | None = None, progress: Callable[[int], None] = lambda n: None,
+) -> list[dict]:
+    """Whole episodes from ``env.reset(seed=first_seed + i)``, :data:`NUM_ENVS` stepped side by side, until they
+    hold ``frames`` transitions (no episode starts once that many are reached or under way) or number ``episodes``.
+
+    Returns Minari's episode fields in episode order, each with its ``seed``."""
+    if (frames is None) == (episodes is None):
+        raise ValueError("give frames or episodes")
+    envs = [gym.make(env_id) for _ in range(NUM_ENVS if episodes is None else min(NUM_ENVS, episodes))]
+    running: dict[int, dict] = {}  # env slot → the episode it plays
+    done: list[dict] = []
+    started, under_way = 0, 0
+
+    def start(slot: int) -> None:
+        nonlocal started
+        seed = first_seed + started
+        observation, _ = envs[slot].reset(seed=seed)
+        running[slot] = dict(seed=seed, observations=[observation], actions=[], rewards=[], terminations=[], truncations=[])
+        started += 1
+
+    def may_start() -> bool:
+        return started < episodes if frames is None else under_way < frames
+
+    for slot in range(len(envs)):
+        if may_start():
+            start(slot)
+    while running:
+        slots = sorted(running)
+        actions = sampler(np.stack([running[s]["observations"][-1] for s in slots]))
+        for slot, action in zip(slots, actions):
+            episode = running[slot]
+            observation, reward, terminated, truncated, _ = envs[slot].step(action)
+            for key, value in (("observations", observation), ("actions", action), ("rewards", float(reward)),
+                               ("terminations", bool(terminated)), ("truncations", bool(truncated))):
+                episode[key].append(value)
+            under_way += 1
+            if terminated or truncated:
+                progress(len(episode["actions"]))
+                done.append(running.pop(slot))
+                if may_start():
+                    start(slot)
+    for env in envs:
+        env.close()
+    done.sort(key=lambda e: e["seed"])
+    return [dict(seed=e["seed"], observations=np.stack(e["observations"]), actions=np.stack(e["actions"]).astype(np.float32),
+                 rewards=np.asarray(e["rewards"]), terminations=np.asarray(e["terminations"]),
+                 truncations=np.asarray(e["truncations"])) for e in done]
+
+
+def locomotion_episodes(recipe: LocomotionRecipe, episodes: int | None, seed: int, progress: Callable[[int], None]):
+    """The recipe's episodes (Minari's fields, each with its seed) and, per episode, the policy that played it."""
+    env = gym.make(recipe.env_id)
+    action_space = env.action_space
+    env.close()
+    collected, names = [], []
+    with torch.random.fork_rng(devices=[]):  # the actions' draws: one stream from the build's seed
+        torch.manual_seed(seed)
+        for name, snapshot, frames, count in _stages(recipe, episodes):
+            if count == 0:
+                continue
+            part = collect_locomotion_episodes(recipe.env_id, _sampler(snapshot, recipe.env_id, action_space),
+                                               seed + len(collected), frames=frames, episodes=count, progress=progress)
+            collected += part
+            names += [name] * len(part)
+    return collected, names
+
+
+def keep_policies(task: str, folder: str | Path, *, medium_frames: int | None = None,
+                  expert_frames: int | None = None, root: Path | None = None) -> dict:
+    """Copy a training folder's snapshots into the package: the expert (``expert_frames``, default the snapshot of
+    the highest return), the medium (``medium_frames``, default the first snapshot reaching a third of the expert's
+    return), and every snapshot before the medium one (medium-replay's stages). Returns what it wrote to
+    ``policies.json``."""
+    folder = Path(folder)
+    files = sorted((folder / "snapshots").glob("frames-*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder / 'snapshots'} holds no snapshots: train first with "
+                                f"`python -m iql_torchrl.datasets train-behaviour {task} {folder}`.")
+    entries = {path: load_snapshot(path) for path in files}
+    by_frames = {snap.frames: path for path, snap in entries.items()}
+
+    def pick(frames: int | None, default: Path, what: str) -> Path:
+        if frames is None:
+            return default
+        if frames not in by_frames:
+            raise ValueError(f"--{what}-frames {frames}: no snapshot at that frame; there are {sorted(by_frames)}.")
+        return by_frames[frames]
+
+    expert = pick(expert_frames, max(entries, key=lambda p: entries[p].mean_return), "expert")
+    third = entries[expert].mean_return / 3
+    default_medium = next((p for p in files if entries[p].mean_return >= third), files[0])
+    medium = pick(medium_frames, default_medium, "medium")
+    target = (POLICIES if root is None else root) / task
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "replay").mkdir(parents=True)
+    describe = lambda path, name: dict(file=name, frames=entries[path].frames,  # noqa: E731
+                                       mean_return=round(entries[path].mean_return, 2))
+    warmup = json.loads((folder / "settings.json").read_text())["warmup_frames"]
+    kept = {"medium": describe(medium, "medium.pt"), "expert": describe(expert, "expert.pt"), "replay": [],
+            "warmup_frames": warmup}
+    shutil.copyfile(medium, target / "medium.pt")
+    shutil.copyfile(expert, target / "expert.pt")
+    for path in files:
+        if entries[path].frames < entries[medium].frames:
+            shutil.copyfile(path, target / "replay" / path.name)
+            kept["replay"].append(describe(path, f"replay/{path.name}"))
+    (target / "policies.json").write_text(json.dumps(kept, indent=1) + "\n")
+    return kept

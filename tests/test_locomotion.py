@@ -1,0 +1,137 @@
+"""Locomotion data without network: SAC behaviour policies (TorchRL's SACLoss) and the D4RL-style sets built from them."""
+import json
+import shutil
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+
+from iql_torchrl.datasets import behaviour, locomotion
+from iql_torchrl.datasets.behaviour import SACSettings, load_snapshot, make_sac_actor, train_behaviour
+from iql_torchrl.datasets.builders import build_dataset
+
+TINY = SACSettings(frames=300, warmup_frames=100, frames_per_batch=50, batch_size=32, snapshot_every=100,
+                   checkpoint_every=200, eval_episodes=1)
+
+
+def _write_snapshots(folder, returns, step=10_000, warmup=10_000):
+    """A training folder whose snapshots are random actors with the given returns."""
+    (folder / "snapshots").mkdir(parents=True)
+    env = gym.make("Hopper-v5")
+    low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (env.action_space.low, env.action_space.high))
+    for i, mean_return in enumerate(returns):
+        torch.manual_seed(i)
+        weights = make_sac_actor(11, 3, low, high).module[0].module.state_dict()
+        torch.save({"frames": (i + 1) * step, "mean_return": mean_return, "weights": weights},
+                   folder / "snapshots" / f"frames-{(i + 1) * step:07d}.pt")
+    (folder / "settings.json").write_text(json.dumps({"warmup_frames": warmup}))
+
+
+@pytest.fixture
+def kept(tmp_path, monkeypatch):
+    """Hopper policies kept from snapshots returning 10, 130, 140, 400, 300 at frames 10k … 50k."""
+    monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "policies")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    _write_snapshots(tmp_path / "training", [10.0, 130.0, 140.0, 400.0, 300.0])
+    return locomotion.keep_policies("hopper", tmp_path / "training")
+
+
+def test_the_expert_is_the_best_snapshot_and_medium_the_first_at_a_third_of_it(kept):
+    assert kept["expert"]["frames"] == 40_000  # the highest return (400), not the last snapshot (300)
+    # a third of 400 is 133.3: the first snapshot reaching it returns 140 (frame 30k); the closest to it is 130
+    assert kept["medium"]["frames"] == 30_000
+    assert [entry["frames"] for entry in kept["replay"]] == [10_000, 20_000]  # medium-replay's stages before medium
+    assert kept["warmup_frames"] == 10_000
+
+
+def test_keeping_an_absent_snapshot_names_the_frames_there_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "policies")
+    _write_snapshots(tmp_path / "training", [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"--medium-frames 15000: no snapshot.*\[10000, 20000\]"):
+        locomotion.keep_policies("hopper", tmp_path / "training", medium_frames=15_000)
+
+
+def test_a_task_without_kept_policies_names_the_commands_that_make_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="train-behaviour walker2d.*keep-policies walker2d"):
+        locomotion.kept_policies("walker2d")
+
+
+def test_medium_expert_replays_from_its_seeds_and_reads_on_d4rl_scale(kept):
+    dataset = build_dataset("iql_torchrl/hopper/medium-expert-v0", episodes=4, seed=7, progress=False)
+    assert dataset.total_episodes == 4
+    assert [m["policy"] for m in dataset.storage.get_episode_metadata(range(4))] == ["medium"] * 2 + ["expert"] * 2
+    # D4RL's hopper references: (x + 20.272305) / (3234.3 + 20.272305); 1607.0136 is half way
+    assert minari.get_normalized_score(dataset, np.array([1607.0138475])) == pytest.approx(0.5, abs=1e-7)
+    assert minari.get_normalized_score(dataset, np.array([0.0])) == pytest.approx(20.272305 / 3254.572305)
+    env = gym.make("Hopper-v5")
+    medium = locomotion._sampler(load_snapshot(locomotion.POLICIES / "hopper" / "medium.pt"), "Hopper-v5", env.action_space)
+    for i, episode in enumerate(dataset.iterate_episodes()):
+        # the recorded actions, replayed from the episode's seed, give the recorded transitions
+        observation, _ = env.reset(seed=7 + i)
+        np.testing.assert_allclose(observation, episode.observations[0], rtol=0, atol=1e-12)
+        for t, action in enumerate(episode.actions):
+            observation, reward, terminated, _, _ = env.step(action)
+            np.testing.assert_allclose(observation, episode.observations[t + 1], rtol=1e-6, atol=1e-6)
+            assert reward == pytest.approx(episode.rewards[t], rel=1e-6)
+        assert np.all(np.abs(episode.actions) <= 1)
+    # the actions are the policy's samples, not its mean: sampling at the same observation gives other actions
+    first = next(dataset.iterate_episodes())
+    assert not np.allclose(medium(first.observations[:-1]), first.actions)
+
+
+def test_medium_replay_starts_random_then_follows_the_training_stages(kept):
+    dataset = build_dataset("iql_torchrl/hopper/medium-replay-v0", episodes=5, progress=False)
+    names = [m["policy"] for m in dataset.storage.get_episode_metadata(range(5))]
+    # random actions until warm-up ends (10k), then the snapshot at 10k for frames 10k-20k, the one at 20k up to
+    # medium (30k); the medium snapshot's own data is not medium-replay's (the agent had just reached it)
+    assert names == ["random", "frame 10000", "frame 20000", "frame 20000", "frame 20000"]
+    stages = locomotion._stages(locomotion.LOCOMOTION_BUILDERS["iql_torchrl/hopper/medium-replay-v0"], None)
+    assert [(name, frames) for name, _, frames, _ in stages] == [
+        ("random", 10_000), ("frame 10000", 10_000), ("frame 20000", 10_000)]
+    assert ("first 30000 training frames, up to the medium policy: 10000 uniform-random frames, then 2 training "
+            "snapshots") in dataset.storage.metadata["description"]
+
+
+def test_frames_stop_new_episodes_once_reached():
+    env = gym.make("Hopper-v5")
+    random = locomotion._sampler(None, "Hopper-v5", env.action_space)
+    episodes = locomotion.collect_locomotion_episodes("Hopper-v5", random, 3, frames=300)
+    lengths = [len(e["actions"]) for e in episodes]
+    assert sum(lengths) >= 300  # whole episodes, as many as were under way when 300 frames were reached
+    assert [e["seed"] for e in episodes] == list(range(3, 3 + len(episodes)))
+    assert all(e["terminations"][-1] or e["truncations"][-1] for e in episodes)
+
+
+def test_sac_trains_with_snapshots_and_resumes_from_its_checkpoint(tmp_path):
+    folder = tmp_path / "hopper"
+    train_behaviour("hopper", folder, TINY, progress=False)
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert [entry["frames"] for entry in log] == [100, 200, 300]
+    assert all(np.isfinite(entry["loss_qvalue"]) for entry in log)
+    assert sorted(p.name for p in (folder / "snapshots").iterdir()) == [
+        "frames-0000100.pt", "frames-0000200.pt", "frames-0000300.pt"]
+    before = load_snapshot(folder / "snapshots" / "frames-0000300.pt")
+    # a checkout without the buffer: the run refills it with the current policy and goes on from frame 300
+    shutil.rmtree(folder / "buffer")
+    train_behaviour("hopper", folder, SACSettings(**{**TINY.__dict__, "frames": 400}), progress=False)
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert [entry["frames"] for entry in log] == [100, 200, 300, 400]
+    after = load_snapshot(folder / "snapshots" / "frames-0000400.pt")
+    assert any(not torch.equal(before.weights[k], after.weights[k]) for k in before.weights)  # it trained on
+    with pytest.raises(ValueError, match="other settings.*batch_size=32"):
+        train_behaviour("hopper", folder, SACSettings(**{**TINY.__dict__, "batch_size": 64}), progress=False)
+
+
+def test_a_set_without_kept_policies_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from iql_torchrl.datasets.__main__ import main as cli_main
+    from iql_torchrl.runs.config import OfflineConfig
+
+    monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "none")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    assert cli_main(["build", "iql_torchrl/walker2d/medium-v0"]) == 2
+    assert "does not keep" in capsys.readouterr().err and not (tmp_path / "datasets" / "iql_torchrl").exists()
+    with pytest.raises(ValueError, match="--dataset iql_torchrl/walker2d/medium-v0.*train-behaviour walker2d"):
+        OfflineConfig(dataset="iql_torchrl/walker2d/medium-v0").check()
