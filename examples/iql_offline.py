@@ -56,7 +56,7 @@ def train(config: OfflineConfig, given: set[str] | None = None) -> dict:
             return run.finished_summary()
         config = run.config
 
-        # replay buffer: the Minari dataset (with the preset's reward transform) in a TorchRL buffer
+        # replay buffer: the Minari dataset (the preset's reward transform, --normalize-observations) in a TorchRL buffer
         replay_buffer = run.load_data()
         data = buffer_transitions(replay_buffer)  # its storage, on the training device
 

@@ -57,10 +57,12 @@ Defaults (fields of :class:`BufferOptions`):
   ``1000 / (max episode return - min episode return)`` (the IQL paper's MuJoCo setting) and
   ``"antmaze"`` subtracts 1 (the paper's AntMaze setting);
 * observations not normalised (``normalize_observations=False``); the statistics
-  (mean, and standard deviation + 1e-3) are always computed and stored in the metadata,
-  and with ``normalize_observations=True`` they are applied to ``observation`` and
-  ``("next", "observation")`` here and to environment observations by
-  :meth:`OfflineDataMetadata.observation_from_env`.
+  (per-feature mean, and standard deviation + 1e-3, as CORL's IQL) are always computed and stored in the
+  metadata, and with ``normalize_observations=True`` they are applied to ``observation`` and
+  ``("next", "observation")`` here, by TorchRL's ``ObservationNorm``
+  (:meth:`OfflineDataMetadata.observation_norm`, the transform evaluation and online environments
+  apply to environment observations); :func:`normalize_stored_observations` applies given statistics
+  instead (those a saved run normalised the same data with).
 
 ``raw=True`` turns every transform and the bounds check off (observations are still flattened and
 cast to ``float32``). The buffer's ``metadata`` attribute (an :class:`OfflineDataMetadata`) holds
@@ -68,7 +70,7 @@ what evaluation and checkpoints need; ``metadata.state_dict()`` is a plain, JSON
 dict and :meth:`OfflineDataMetadata.from_state_dict` restores it.
 """
 
-from iql_torchrl.data.buffer import REWARD_TRANSFORMS, BufferOptions
+from iql_torchrl.data.buffer import REWARD_TRANSFORMS, BufferOptions, normalize_stored_observations
 from iql_torchrl.data.checks import ACTION_BOUND_TOLERANCE, DatasetError
 from iql_torchrl.data.metadata import ACTION_CLIP_EPS, OBSERVATION_STD_EPS, OfflineDataMetadata, flatten_observation
 from iql_torchrl.data.minari import is_fixed_goal_data, load_minari_dataset, read_minari_transitions
@@ -89,6 +91,7 @@ __all__ = [
     "is_fixed_goal_data",
     "load_minari_dataset",
     "make_offline_buffer",
+    "normalize_stored_observations",
     "read_minari_transitions",
     "sample_indices",
 ]

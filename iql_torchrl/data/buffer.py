@@ -38,6 +38,7 @@ __all__ = [
     "REWARD_TRANSFORMS",
     "action_space_fields",
     "build_buffer",
+    "normalize_stored_observations",
 ]
 
 REWARD_TRANSFORMS = ("none", "locomotion", "antmaze")
@@ -65,7 +66,8 @@ class BufferOptions:
     reward_transform: str = "none"
     """``"none"``, ``"locomotion"`` (× 1000 / return range) or ``"antmaze"`` (− 1)."""
     normalize_observations: bool = False
-    """Store ``(obs - mean) / std`` (statistics kept in the metadata either way)."""
+    """Store ``(obs - mean) / std``, the data's own per-feature statistics with ``std + 1e-3`` (kept in the metadata
+    either way; :func:`normalize_stored_observations`)."""
     scale_actions: bool = True
     """Map Box actions from the env's bounds to ``[-1, 1]``."""
     action_clip_eps: float = ACTION_CLIP_EPS
@@ -226,7 +228,7 @@ def build_buffer(
         reward_shift=float(reward_shift),
         observation_mean=mean.cpu().tolist(),
         observation_std=std.cpu().tolist(),
-        observations_normalized=bool(options.normalize_observations),
+        observations_normalized=False,
         num_transitions=int(count),
         num_episodes=int(episode_ids.numel()),
         action_space=source.action_space,
@@ -244,7 +246,55 @@ def build_buffer(
         batch_size=options.batch_size,
     )
     buffer.metadata = metadata
+    if options.normalize_observations:
+        normalize_stored_observations(buffer)
     return buffer
+
+
+def normalize_stored_observations(buffer: ReplayBuffer, mean=None, std=None) -> None:
+    """Standardises the buffer's ``observation`` and ``("next", "observation")`` in place with
+    :meth:`~iql_torchrl.data.OfflineDataMetadata.observation_norm` (TorchRL's ``ObservationNorm``):
+    ``(obs - mean) / std``, by default the data's own statistics (the std with its ``+1e-3``), else the
+    ``mean`` and ``std`` given (per feature: those another run normalised these data with); the metadata records them.
+
+    Raises :class:`~iql_torchrl.data.DatasetError` for observations normalised already, and for given
+    statistics of another size than the observation, non-finite, or with a std that is not positive.
+    """
+    metadata = buffer.metadata
+    if metadata.observations_normalized:
+        raise DatasetError(f"The observations of {metadata.dataset_id!r} are normalised already: normalising them "
+                           "again would standardise standardised values.")
+    if (mean is None) != (std is None):
+        raise ValueError("normalize_stored_observations takes both mean and std, or neither (the data's own).")
+    if mean is not None:
+        _check_statistics(mean, std, metadata)
+        metadata = dataclasses.replace(metadata, observation_mean=[float(x) for x in mean],
+                                       observation_std=[float(x) for x in std])
+    metadata = dataclasses.replace(metadata, observations_normalized=True)
+    keys = ["observation", ("next", "observation")]
+    data = buffer.storage.get(slice(None))
+    norm = metadata.observation_norm(in_keys=keys).to(data.device if data.device is not None else "cpu")
+    for start in range(0, metadata.num_transitions, CHUNK_SIZE):
+        block = slice(start, start + CHUNK_SIZE)
+        normalized = norm(data[block].select(*keys))
+        for key in keys:
+            data.get(key)[block] = normalized.get(key)
+    buffer.metadata = metadata
+
+
+def _check_statistics(mean, std, metadata: OfflineDataMetadata) -> None:
+    for name, values in (("observation_mean", mean), ("observation_std", std)):
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (metadata.observation_dim,):
+            raise DatasetError(f"The given {name} has shape {list(values.shape)}, but the observations of "
+                               f"{metadata.dataset_id!r} have {metadata.observation_dim} features: these statistics "
+                               "belong to other data.")
+        if not np.isfinite(values).all():
+            raise DatasetError(f"The given {name} holds NaN or inf at feature {int(np.argmin(np.isfinite(values)))}: "
+                               "observations cannot be normalised with it.")
+    if not (np.asarray(std, dtype=np.float64) > 0).all():
+        raise DatasetError(f"The given observation_std is not positive at feature "
+                           f"{int(np.argmin(np.asarray(std, dtype=np.float64) > 0))}: observations cannot be divided by it.")
 
 
 @contextlib.contextmanager
@@ -297,7 +347,6 @@ def _statistics(data: TensorDictBase, episode_index, num_episodes: int, source: 
     device = data.device if data.device is not None else torch.device("cpu")
     observation_dim = data.get("observation").shape[-1]
     obs_sum = torch.zeros(observation_dim, dtype=torch.float64, device=device)
-    obs_sq_sum = torch.zeros(observation_dim, dtype=torch.float64, device=device)
     episode_returns = torch.zeros(num_episodes, dtype=torch.float64, device=device)
     out_of_bounds = None
     low, high = np.asarray(source.action_low), np.asarray(source.action_high)
@@ -308,13 +357,17 @@ def _statistics(data: TensorDictBase, episode_index, num_episodes: int, source: 
         block = slice(start, start + CHUNK_SIZE)
         observation = data.get("observation")[block].to(torch.float64)
         obs_sum += observation.sum(0)
-        obs_sq_sum += observation.square().sum(0)
         reward = data.get(("next", "reward"))[block].reshape(-1).to(torch.float64)
         episode_returns.index_add_(0, episode_index[block], reward)
         if out_of_bounds is not None:
             out_of_bounds.add(data.get("action")[block], episode_index[block])
     mean = obs_sum / count
-    std = (obs_sq_sum / count - mean.square()).clamp_min(0.0).sqrt() + OBSERVATION_STD_EPS
+    # a second pass over the deviations (numpy's std, as CORL's compute_mean_std): exactly 0 for a constant feature,
+    # where E[x²] − mean² leaves rounding error
+    squares = torch.zeros(observation_dim, dtype=torch.float64, device=device)
+    for start in range(0, count, CHUNK_SIZE):
+        squares += (data.get("observation")[start:start + CHUNK_SIZE].to(torch.float64) - mean).square().sum(0)
+    std = (squares / count).sqrt() + OBSERVATION_STD_EPS
     return mean, std, episode_returns, out_of_bounds
 
 
@@ -350,11 +403,11 @@ def _reward_transform(name: str, episode_returns: torch.Tensor) -> tuple[float, 
 
 
 def _transform_in_place(data: TensorDictBase, metadata: OfflineDataMetadata, clip_to_box: bool) -> None:
-    """Apply the metadata's transforms to the stored data, chunk by chunk."""
+    """Apply the metadata's action and reward transforms to the stored data, chunk by chunk."""
     box = metadata.stored_action_box() if clip_to_box else None
     transforms_actions = metadata.actions_scaled or box is not None
     transforms_rewards = metadata.reward_scale != 1.0 or metadata.reward_shift != 0.0
-    if not (transforms_actions or transforms_rewards or metadata.observations_normalized):
+    if not (transforms_actions or transforms_rewards):
         return
     for start in range(0, metadata.num_transitions, CHUNK_SIZE):
         block = slice(start, start + CHUNK_SIZE)
@@ -366,6 +419,3 @@ def _transform_in_place(data: TensorDictBase, metadata: OfflineDataMetadata, cli
         if transforms_rewards:
             reward = data.get(("next", "reward"))[block]
             data.get(("next", "reward"))[block] = reward * metadata.reward_scale + metadata.reward_shift
-        if metadata.observations_normalized:
-            for key in ("observation", ("next", "observation")):
-                data.get(key)[block] = metadata.normalize_observation(data.get(key)[block])

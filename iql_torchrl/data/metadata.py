@@ -28,7 +28,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from tensordict import TensorDict
 from torchrl.data import Bounded, Categorical, OneHot, Unbounded
+from torchrl.envs.transforms import ObservationNorm
 
 from iql_torchrl.data.checks import DatasetError
 from iql_torchrl.datasets.environments import make_env
@@ -120,8 +122,9 @@ class OfflineDataMetadata:
             (scaled) half-range; ``0.0`` means no clipping.
         reward_transform: ``"none"``, ``"locomotion"`` or ``"antmaze"``.
         reward_scale / reward_shift: stored reward = raw reward * scale + shift.
-        observation_mean / observation_std: statistics of the raw flattened observations
-            (``std`` includes the ``+1e-3`` guard).
+        observation_mean / observation_std: per-feature statistics of the raw flattened observations, the
+            data's own (``std`` includes the ``+1e-3`` guard) unless others were given to normalise with
+            (:func:`~iql_torchrl.data.buffer.normalize_stored_observations`).
         observations_normalized: whether stored observations are ``(raw - mean) / std``.
         num_transitions / num_episodes: dataset size.
         action_space: ``"box"`` (continuous) or ``"discrete"`` (gymnasium ``Discrete(n)``).
@@ -291,13 +294,24 @@ class OfflineDataMetadata:
         """
         return flatten_observation(observation, self.observation_keys, self.observation_key_shapes)
 
-    def normalize_observation(self, observation: torch.Tensor) -> torch.Tensor:
-        """Apply the stored normalisation (identity when observations are not normalised)."""
+    def observation_norm(self, in_keys=("observation",)) -> ObservationNorm | None:
+        """TorchRL's ``ObservationNorm`` that standardises the entries ``in_keys`` as the stored observations were:
+        ``(obs - observation_mean) / observation_std`` in float32 (``None`` when observations are not normalised).
+        The one normalisation of the library: the data, the evaluation, the online environments and the
+        exported policy all apply it."""
         if not self.observations_normalized:
+            return None
+        return ObservationNorm(loc=torch.tensor(self.observation_mean, dtype=torch.float32),
+                               scale=torch.tensor(self.observation_std, dtype=torch.float32),
+                               in_keys=list(in_keys), standard_normal=True)
+
+    def normalize_observation(self, observation: torch.Tensor) -> torch.Tensor:
+        """Apply the stored normalisation (:meth:`observation_norm`; identity when observations are not normalised)."""
+        norm = self.observation_norm()
+        if norm is None:
             return observation
-        mean = torch.tensor(self.observation_mean, dtype=observation.dtype, device=observation.device)
-        std = torch.tensor(self.observation_std, dtype=observation.dtype, device=observation.device)
-        return (observation - mean) / std
+        batch = TensorDict({"observation": observation}, batch_size=observation.shape[:-1], device=observation.device)
+        return norm.to(observation.device)(batch).get("observation")
 
     def unnormalize_observation(self, observation: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize_observation`."""

@@ -65,7 +65,8 @@ class EnvironmentPolicy(nn.Module):
     """A run's deterministic policy from raw (flattened) env observations to env actions.
 
     It does what the evaluator (:func:`iql_torchrl.runs.evaluation.evaluate_policy`) does around the
-    actor, as tensor operations only: normalise the observation with the dataset's statistics,
+    actor, as tensor operations only: standardise the observation with the dataset's statistics (the
+    evaluator's ``ObservationNorm``: its loc and scale, kept in the graph as buffers),
     take the actor's deterministic action, map it to the environment's bounds and clip it to them
     (Box), or take the greedy action index (Discrete).
     """
@@ -76,12 +77,18 @@ class EnvironmentPolicy(nn.Module):
         self.metadata = metadata
         self.observation_key, self.action_key = observation_key, action_key
         self.discrete = metadata.discrete
+        norm = metadata.observation_norm(in_keys=[observation_key])
+        self.normalized = norm is not None
+        if self.normalized:  # ObservationNorm's statistics; its forward branches on a tensor flag, which torch.export cannot trace
+            self.register_buffer("observation_loc", norm.loc)
+            self.register_buffer("observation_scale", norm.scale)
         if not self.discrete:
             self.register_buffer("action_low", torch.tensor(metadata.action_low, dtype=torch.float32))
             self.register_buffer("action_high", torch.tensor(metadata.action_high, dtype=torch.float32))
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        observation = self.metadata.normalize_observation(observation)
+        if self.normalized:  # ObservationNorm(standard_normal=True), as the evaluator applies it
+            observation = (observation - self.observation_loc) / self.observation_scale
         td = TensorDict({self.observation_key: observation}, batch_size=observation.shape[:1])
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             action = self.actor(td).get(self.action_key)

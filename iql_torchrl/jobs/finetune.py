@@ -149,6 +149,8 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         given = given_fields(config) | set(given or ())
         config = adopt_offline_run(config, offline_run, given)
         sources = {name: "the offline run's" for name in PRESET_FIELDS if name not in given}
+        reason = offline_run.get("normalization_reason")
+        sources["normalize_observations"] = "the offline run's" + (f": {reason}" if reason else "")
         preset_reason = (f"the offline run {config.checkpoint} trained with it"
                          + (f" ({offline_run['preset_reason']})" if offline_run.get("preset_reason") else ""))
         if not (Path(config.checkpoint) / SUMMARY_NAME).is_file():  # stopped early, or still training
@@ -163,7 +165,7 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
             return run.finished_summary()
         config = run.config
         torch.manual_seed(config.seed)
-        data = buffer_transitions(run.load_data(fingerprint=offline_run["data"] if offline_run else None))
+        data = buffer_transitions(run.load_data(source=offline_run))
         if run.metadata.discrete:  # data that could not be read before it was downloaded
             raise ConfigError(DISCRETE_REFUSAL.format(dataset=config.dataset))
         loss = build_loss(config, run.metadata)

@@ -3,13 +3,14 @@
 Everything a policy trained on an offline buffer needs to keep learning from its own experience:
 
 * :class:`OfflineDataTransform` -- a TorchRL ``Transform`` that makes the dataset's environment
-  speak the buffer's language: observations flattened, cast to float32 and normalised exactly as
-  the dataset's were, rewards scaled and shifted by the same ``reward_scale`` / ``reward_shift``,
+  speak the buffer's language: observations flattened and cast to float32 (then standardised by the
+  offline data's ``ObservationNorm``, its statistics, where the data were), rewards scaled and shifted by
+  the same ``reward_scale`` / ``reward_shift``,
   and actions taken in the buffer's space (``[-1, 1]`` when the loader scaled them) mapped to the
   env's bounds with ``metadata.action_to_env``. Every mapping is the metadata's own method, the
   code that transformed the offline data.
 * :func:`make_online_env` -- ``num_envs`` copies of the dataset's environment in a TorchRL
-  ``SerialEnv`` behind that transform, each wrapped in :class:`EpisodeReplay` so a checkpoint can
+  ``SerialEnv`` behind that transform and the data's ``ObservationNorm``, each wrapped in :class:`EpisodeReplay` so a checkpoint can
   rebuild episodes that were running when it was written (:func:`episode_states` /
   :func:`restore_episodes`), and in :class:`SuccessTerminal` where the offline data's successes
   are terminal.
@@ -35,7 +36,7 @@ from tensordict.nn import TensorDictModule, TensorDictSequential
 from torchrl.data import Bounded, LazyTensorStorage, RandomSampler, ReplayBuffer, TensorStorage, Unbounded
 from torchrl.data.replay_buffers.offline_to_online import OfflineToOnlineReplayBuffer
 from torchrl.data.replay_buffers.writers import ImmutableDatasetWriter
-from torchrl.envs import GymWrapper, SerialEnv, TransformedEnv
+from torchrl.envs import Compose, GymWrapper, SerialEnv, TransformedEnv
 from torchrl.envs.transforms import Transform
 
 from iql_torchrl.data import TRANSITION_KEYS, OfflineDataMetadata
@@ -57,8 +58,8 @@ class OfflineDataTransform(Transform):
     """Makes the dataset's environment produce transitions shaped and scaled like the offline buffer.
 
     Observation entries of the env (``"observation"``, or a Dict space's keys in
-    ``metadata.observation_keys`` order) become one float32 ``"observation"``, normalised if the
-    data was; ``"reward"`` becomes ``reward * reward_scale + reward_shift`` in float32; the
+    ``metadata.observation_keys`` order) become one float32 ``"observation"`` (standardising it, where the
+    data were, is the next transform's: :meth:`~iql_torchrl.data.OfflineDataMetadata.observation_norm`); ``"reward"`` becomes ``reward * reward_scale + reward_shift`` in float32; the
     incoming ``"action"`` (the buffer's space) is mapped to the env's bounds. The rollout keeps the
     buffer-space action, so stored online actions live where the offline ones do.
     """
@@ -76,7 +77,7 @@ class OfflineDataTransform(Transform):
     # -- data
     def _observation(self, tensordict: TensorDictBase) -> torch.Tensor:
         source = tensordict if self.metadata.observation_keys else tensordict.get("observation")
-        return self.metadata.normalize_observation(self.metadata.flatten_observation(source))
+        return self.metadata.flatten_observation(source)
 
     def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
         next_tensordict.set("observation", self._observation(next_tensordict))
@@ -171,8 +172,9 @@ class SuccessTerminal(gym.Wrapper):
 
 def make_online_env(metadata: OfflineDataMetadata, num_envs: int, seed: int) -> TransformedEnv:
     """``num_envs`` copies of the dataset's environment (seeds ``seed .. seed + num_envs - 1``), as a
-    TorchRL env whose transitions have the offline buffer's keys, dtypes and transforms; where the
-    data's successes are terminal (``metadata.success_terminal``), so are the environments'."""
+    TorchRL env whose transitions have the offline buffer's keys, dtypes and transforms (observations
+    standardised with the offline data's statistics, where they were); where the data's successes are
+    terminal (``metadata.success_terminal``), so are the environments'."""
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
 
@@ -180,7 +182,9 @@ def make_online_env(metadata: OfflineDataMetadata, num_envs: int, seed: int) -> 
         env = metadata.make_env()
         return GymWrapper(EpisodeReplay(SuccessTerminal(env) if metadata.success_terminal else env))
 
-    env = TransformedEnv(SerialEnv(num_envs, make_one), OfflineDataTransform(metadata))
+    norm = metadata.observation_norm()
+    transform = OfflineDataTransform(metadata) if norm is None else Compose(OfflineDataTransform(metadata), norm)
+    env = TransformedEnv(SerialEnv(num_envs, make_one), transform)
     env.set_seed(seed)
     return env
 

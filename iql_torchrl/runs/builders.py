@@ -105,7 +105,10 @@ def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
     """The trained policy of a run (offline or fine-tuned) as a plain TorchRL module, and the data metadata it needs.
 
     ``actor(TensorDict({"observation": obs}, batch))`` writes ``"action"`` in the buffer's action
-    space; ``metadata.action_to_env`` maps it to the environment's bounds. For a run of several
+    space; ``metadata.action_to_env`` maps it to the environment's bounds. ``obs`` is as the buffer stores it:
+    ``metadata.observation_from_env(env_obs)``; where the run standardised observations
+    (``--normalize-observations``), ``TensorDictSequential(metadata.observation_norm(), actor)`` is the policy
+    on the environment's flattened observations (TorchRL's ``ObservationNorm`` with the checkpoint's statistics). For a run of several
     seeds, ``seed_index`` picks one (0 is ``--seed``). ``device`` (cpu, cuda or auto) is checked
     before anything loads (:func:`~iql_torchrl.runs.settings.resolved_device`). The checkpoint loads with ``weights_only=True``
     (no code runs), falling back to ``checkpoint.prev.pt`` when the last is unreadable.

@@ -26,7 +26,8 @@ from iql_torchrl.objectives.checks import is_finite_number
 from iql_torchrl.step.update import optimizer_settings_problem
 
 __all__ = [
-    "Preset", "PRESETS", "PRESET_FIELDS", "auto_preset", "preset_choice", "describe_preset", "RunConfig", "OfflineConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
+    "Preset", "PRESETS", "PRESET_FIELDS", "auto_preset", "preset_choice", "describe_preset", "normalization_choice",
+    "describe_normalization", "locomotion_family", "LOCOMOTION_FAMILIES", "RunConfig", "OfflineConfig", "ConfigError", "RUN_NEUTRAL_SETTINGS", "flag", "parse_cli", "given_fields",
     "config_to_dict", "config_from_dict", "conflicting_flags", "logger_problem",
 ]
 
@@ -104,14 +105,50 @@ def preset_choice(config) -> tuple[str, str]:
     return config.preset, f"--preset {config.preset} given"
 
 
+# --normalize-observations auto: the MuJoCo locomotion families, whose data CORL's IQL standardises
+LOCOMOTION_FAMILIES = ("hopper", "walker2d", "halfcheetah", "ant", "humanoid", "swimmer")
+
+
+def locomotion_family(dataset_id: str) -> str | None:
+    """The MuJoCo locomotion family of a dataset (``"hopper"`` …), or ``None``: a builder dataset's environment,
+    else the id's environment segment (``mujoco/hopper/medium-v0``, ``D4RL/hopper-medium-v2``)."""
+    from iql_torchrl.datasets import BUILDERS
+
+    env_id = getattr(BUILDERS.get(dataset_id), "env_id", None)
+    if env_id is not None:
+        name = env_id.split("/")[-1].split("-v")[0].lower()
+    else:
+        parts = dataset_id.split("/")
+        name = parts[1].split("-")[0].lower() if len(parts) > 1 else ""
+    return name if name in LOCOMOTION_FAMILIES else None
+
+
+def normalization_choice(config) -> tuple[bool, str]:
+    """``(normalize, reason)`` for a config's ``--normalize-observations``: auto resolved from the dataset."""
+    if config.normalize_observations != "auto":
+        return config.normalize_observations == "yes", f"--normalize-observations {config.normalize_observations} given"
+    family = locomotion_family(config.dataset)
+    if family is not None:
+        return True, f"auto: {config.dataset} is MuJoCo locomotion data ({family}), which CORL's IQL standardises"
+    return False, f"auto: {config.dataset} is not MuJoCo locomotion data, the only data auto standardises"
+
+
+def describe_normalization(normalize: bool, reason: str) -> str:
+    """The preset line's clause on the observations: standardised or as stored, and why."""
+    what = "standardised by the dataset's mean and std + 1e-3" if normalize else "as stored"
+    return f"observations {what} ({reason})"
+
+
 # the run's settings a preset supplies (the console's preset line shows them)
 PRESET_FIELDS = ("expectile", "temperature", "reward_transform")
 
 
-def describe_preset(name: str, reason: str, config=None, sources: dict[str, str] | None = None) -> str:
+def describe_preset(name: str, reason: str, config=None, sources: dict[str, str] | None = None,
+                    normalization: tuple[bool, str] | None = None) -> str:
     """One console line: the preset, its values and why it was chosen; with the run's (resolved) ``config``,
     a value the run overrides reads ``expectile 0.5 (--expectile; the preset's 0.9)``, or names what set it
-    where ``sources`` maps the field to it (``expectile 0.5 (the offline run's; the preset's 0.9)``)."""
+    where ``sources`` maps the field to it (``expectile 0.5 (the offline run's; the preset's 0.9)``);
+    ``normalization`` (``(normalize, reason)``) adds whether observations are standardised, and why."""
     preset = PRESETS[name]
 
     def value(field: str) -> str:
@@ -127,7 +164,8 @@ def describe_preset(name: str, reason: str, config=None, sources: dict[str, str]
     if preset.success_terminal or terminal is not False:
         goal = {None: ", goal terminal where the goal is out of the input", True: ", goal terminal",
                 False: ", goal continuing"}[terminal]
-    return f"preset {name} ({', '.join(value(field) for field in PRESET_FIELDS)}{goal}): {reason}"
+    line = f"preset {name} ({', '.join(value(field) for field in PRESET_FIELDS)}{goal}): {reason}"
+    return line if normalization is None else f"{line}; {describe_normalization(*normalization)}"
 
 
 # Settings that do not shape what a run learns: a resumed run may change them.
@@ -223,8 +261,11 @@ class RunConfig:
     """Soft target update rate of the critics, in (0, 1]."""
     gamma: float = 0.99
     """Discount, in [0, 1]."""
-    normalize_observations: bool = False
-    """Standardise observations with the dataset's statistics (saved in the checkpoint)."""
+    normalize_observations: Literal["auto", "yes", "no"] = "auto"
+    """Standardise observations, (obs − mean) / (std + 1e-3) with the dataset's per-feature statistics, in the data,
+    the evaluation and online environments and the saved and exported policy (the statistics kept in the checkpoint).
+    auto: yes on MuJoCo locomotion data (Hopper, Walker2d, HalfCheetah, Ant, Humanoid, Swimmer), as CORL's IQL; no
+    elsewhere."""
     clip_actions: bool = False
     """Clip dataset actions outside the environment's bounds into them (with a warning) instead of refusing the data."""
     progress: bool = True
@@ -232,6 +273,11 @@ class RunConfig:
     threads: int | Literal["auto"] = "auto"
     """CPU threads of torch: a number, or auto (this process's share of the CPUs it may run on; one for a
     compiled bf16 step where its GEMMs measure faster on one)."""
+
+    def __post_init__(self):
+        # True and False read as yes and no (a Python caller's, a checkpoint's)
+        if isinstance(self.normalize_observations, bool):
+            self.normalize_observations = "yes" if self.normalize_observations else "no"
 
     def resolved(self):
         """A copy with the preset's values filled in and the device chosen."""
@@ -248,6 +294,7 @@ class RunConfig:
             expectile=preset.expectile if self.expectile is None else self.expectile,
             reward_transform=preset.reward_transform if self.reward_transform == "auto" else self.reward_transform,
             preset=name,
+            normalize_observations="yes" if normalization_choice(self)[0] else "no",
             eval_episodes=preset.eval_episodes if self.eval_episodes is None else self.eval_episodes,
             device=device,
             hidden_sizes=tuple(self.hidden_sizes),
@@ -303,6 +350,7 @@ class RunConfig:
         if problem is not None:
             need(False, *problem)
         need(is_finite_number(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")
+        need(self.normalize_observations in ("auto", "yes", "no"), "normalize_observations", "auto, yes or no")
         need(self.success_terminal is True or self.success_terminal is False or self.success_terminal == "auto",
              "success_terminal", "True, False or auto")
         need(self.threads == "auto" or (_is_int(self.threads) and self.threads >= 1), "threads", "auto or an integer >= 1")
@@ -398,20 +446,23 @@ def _plain(value):
 
 # settings that are True, False or "auto", and whose bare flag forces them: --compile, --no-compile, --success-terminal …
 AUTO_FLAGS = ("compile", "cudagraphs", "success_terminal")
+# settings that are auto, yes or no, whose bare flag forces them too: --normalize-observations, --no-normalize-observations
+YES_NO_FLAGS = ("normalize_observations",)
 
 
 def forced_flags(argv: list[str]) -> list[str]:
-    """``argv`` with each bare ``--X`` / ``--no-X`` of :data:`AUTO_FLAGS` spelled ``--X=True`` / ``--X=False``, and
-    ``--bf16`` spelled ``--precision=bf16``."""
+    """``argv`` with each bare ``--X`` / ``--no-X`` of :data:`AUTO_FLAGS` spelled ``--X=True`` / ``--X=False`` (of
+    :data:`YES_NO_FLAGS`: ``--X=yes`` / ``--X=no``), and ``--bf16`` spelled ``--precision=bf16``."""
     out = ["--precision=bf16" if arg == "--bf16" else arg for arg in argv]
     for i, arg in enumerate(argv):
-        for name in AUTO_FLAGS:
+        for name in AUTO_FLAGS + YES_NO_FLAGS:
             option = f"--{name.replace('_', '-')}"
-            value_follows = i + 1 < len(argv) and argv[i + 1] in ("True", "False", "auto")
+            on, off = ("yes", "no") if name in YES_NO_FLAGS else ("True", "False")
+            value_follows = i + 1 < len(argv) and argv[i + 1] in (on, off, "auto")
             if arg == option and not value_follows:
-                out[i] = f"{option}=True"
+                out[i] = f"{option}={on}"
             elif arg == f"--no-{option[2:]}":
-                out[i] = f"{option}=False"
+                out[i] = f"{option}={off}"
     return out
 
 

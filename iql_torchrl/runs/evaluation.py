@@ -1,7 +1,8 @@
 """Deterministic rollouts of a policy in the dataset's environment, and normalized scores.
 
 The policy acts in the buffer's action space ([−1, 1] when the loader scaled actions) on
-observations prepared the way the dataset was (flattened, normalised if it was);
+observations prepared the way the dataset was: flattened, and standardised by the data's TorchRL
+``ObservationNorm`` (:meth:`~iql_torchrl.data.OfflineDataMetadata.observation_norm`) if it was;
 ``metadata.action_to_env`` maps its actions back to the environment's bounds. Episodes run in
 parallel in a gymnasium ``SyncVectorEnv``: one batched policy call per step for all of them.
 
@@ -98,6 +99,8 @@ def evaluate_policy(
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
+    norm = metadata.observation_norm(in_keys=[observation_key])  # the data's standardisation, if it had one
+    norm = norm.to(device) if norm is not None else (lambda td: td)
     envs = gym.vector.SyncVectorEnv([metadata.make_env for _ in range(episodes)])
     try:
         observation, _ = envs.reset(seed=[seed + i for i in range(episodes)])
@@ -108,8 +111,8 @@ def evaluate_policy(
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             while running.any():
                 step += 1
-                obs = metadata.observation_from_env(observation, device=device)
-                td = TensorDict({observation_key: obs}, batch_size=[episodes], device=device)
+                obs = torch.as_tensor(metadata.flatten_observation(observation), device=device)
+                td = norm(TensorDict({observation_key: obs}, batch_size=[episodes], device=device))
                 env_action = metadata.action_to_env(actor(td).get(action_key)).cpu().numpy()
                 if np.issubdtype(env_action.dtype, np.floating):  # a Gaussian policy's mean may leave the box
                     env_action = np.clip(env_action, metadata.action_low, metadata.action_high)

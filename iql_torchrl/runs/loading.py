@@ -1,12 +1,13 @@
 """A run's data: built when it is a local builder's and missing, loaded into the replay buffer with the
-run's transforms, fingerprinted and, for a resumed run, compared with the data it trained on; then
-the evaluation environment checked once, before any training."""
+run's transforms, fingerprinted and, for a resumed run, compared with the data it trained on; its
+observations standardised (with the statistics a resumed run saved); then the evaluation environment
+checked once, before any training."""
 from __future__ import annotations
 
 import sys
 import warnings
 
-from iql_torchrl.data import load_minari_dataset
+from iql_torchrl.data import load_minari_dataset, normalize_stored_observations
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
 from iql_torchrl.runs.evaluation import check_evaluation_env, reference_scores_problem
 from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint
@@ -14,12 +15,15 @@ from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerpri
 __all__ = ["load_run_data"]
 
 
-def load_run_data(config, ctx, device, dataset: str, fingerprint: dict | None = None):
+def load_run_data(config, ctx, device, dataset: str, source: dict | None = None):
     """``(buffer, fingerprint)``: the dataset as the (resolved) ``config`` reads it, on ``device``.
 
-    ``fingerprint``: data the run must match (a resumed run's own, or the offline run it starts from);
-    such a dataset is never rebuilt. Under torchrun rank 0 builds and the other ranks wait.
+    ``source``: the checkpoint of the run whose data this must be (a resumed run's own, or the offline run a
+    fine-tuning starts from): its data's fingerprint must match, such a dataset is never rebuilt, and where it
+    normalised observations its statistics are applied again, never recomputed. Under torchrun rank 0 builds and
+    the other ranks wait.
     """
+    fingerprint = (source or {}).get("data")
     if fingerprint is not None:
         if not dataset_exists(dataset):
             raise ResumeError(f"The dataset {dataset} of this run is missing; restore it to continue "
@@ -30,13 +34,14 @@ def load_run_data(config, ctx, device, dataset: str, fingerprint: dict | None = 
         ctx.barrier()  # the other ranks wait until rank 0 has built it
     buffer = load_minari_dataset(
         dataset, batch_size=config.batch_size, device=device,
-        reward_transform=config.reward_transform, normalize_observations=config.normalize_observations,
-        clip_actions=config.clip_actions, goal_in_observation=config.goal_in_observation(),
-        success_terminal=config.success_terminal_option(),
+        reward_transform=config.reward_transform, clip_actions=config.clip_actions,
+        goal_in_observation=config.goal_in_observation(), success_terminal=config.success_terminal_option(),
     )
     own = data_fingerprint(dataset, buffer.metadata)
     if fingerprint is not None:
         check_same_data(fingerprint, own)
+    if config.normalize_observations == "yes":  # after the fingerprint: it holds the data's own statistics
+        normalize_stored_observations(buffer, *saved_statistics(source))
     if ctx.is_main:
         check_evaluation_env(buffer.metadata)
         problem = reference_scores_problem(buffer.metadata)
@@ -47,3 +52,11 @@ def load_run_data(config, ctx, device, dataset: str, fingerprint: dict | None = 
             print(f"iql_torchrl: --batch-size {config.batch_size} is more than the {size:,} transitions of {dataset}: "
                   "batches draw with replacement, so each repeats transitions.", file=sys.stderr)
     return buffer, own
+
+
+def saved_statistics(source: dict | None) -> tuple[list[float] | None, list[float] | None]:
+    """``(mean, std)`` a checkpoint's run normalised its observations with; ``(None, None)`` where it did not."""
+    metadata = (source or {}).get("metadata") or {}
+    if not metadata.get("observations_normalized"):
+        return None, None
+    return metadata["observation_mean"], metadata["observation_std"]

@@ -44,7 +44,15 @@ from iql_torchrl.runs.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, config_to_dict, describe_preset, given_fields, preset_choice
+from iql_torchrl.runs.config import (
+    PRESET_FIELDS,
+    ConfigError,
+    config_to_dict,
+    describe_preset,
+    given_fields,
+    normalization_choice,
+    preset_choice,
+)
 from iql_torchrl.runs.distributed import setup_distributed
 from iql_torchrl.runs.evaluation import EvaluationEnvError, evaluate_seeds
 from iql_torchrl.runs.folder import FolderInUseError, RunFolder, default_run_dir
@@ -105,6 +113,7 @@ class Run:
         given = given_fields(config) | set(given or ())
         config.check()
         preset_reason = preset_reason or preset_choice(config)[1]
+        normalization_reason = (sources or {}).get("normalize_observations") or normalization_choice(config)[1]
         folder = failure = None
         if config.resume and int(os.environ.get("RANK", "0")) == 0:  # the folder's owner: lock it before reading it
             try:
@@ -141,10 +150,12 @@ class Run:
         config.output_dir = Path(path[0])
         run = cls(config, job, ctx, folder, Path(path[0]), state)
         run.preset_reason = state.get("preset_reason", "the run's checkpoint") if state else preset_reason
+        run.normalization_reason = state.get("normalization_reason", "the run's checkpoint") if state else normalization_reason
         if ctx.is_main and not run.finished:
             if state is not None:
                 sources = {name: "the checkpoint's" for name in PRESET_FIELDS if name not in given}
-            print(describe_preset(config.preset, run.preset_reason, config, sources), file=sys.stderr)
+            normalization = (config.normalize_observations == "yes", run.normalization_reason)
+            print(describe_preset(config.preset, run.preset_reason, config, sources, normalization), file=sys.stderr)
             if config.device == "cpu" and config.threads != "auto" and config.threads > available_cpus():
                 print(f"iql_torchrl: --threads {config.threads} is more than the {available_cpus()} CPUs this process may "
                       "run on: the extra threads share cores and slow every update (--threads auto takes "
@@ -169,13 +180,14 @@ class Run:
         return json.loads((self.output_dir / SUMMARY_NAME).read_text())
 
     # ------------------------------------------------------------------ data
-    def load_data(self, dataset: str | None = None, fingerprint: dict | None = None):
+    def load_data(self, dataset: str | None = None, source: dict | None = None):
         """The offline replay buffer, after the checks a run needs before training (:func:`load_run_data`).
 
-        ``fingerprint``: data the run must match (a resumed run's own, or the offline run it starts from).
+        ``source``: the checkpoint whose data the run must match and whose observation statistics it keeps (by
+        default a resumed run's own; fine-tuning passes the offline run it starts from).
         """
         buffer, self.fingerprint = load_run_data(self.config, self.ctx, self.device, dataset or self.config.dataset,
-                                                 fingerprint or (self.state or {}).get("data"))
+                                                 source or self.state)
         self.metadata = buffer.metadata
         if self.job == "offline":  # fine-tuning adds online rewards the bound does not know
             self.value_bound.bound = return_bound(buffer_transitions(buffer)["next", "reward"], self.config.gamma)
@@ -249,6 +261,7 @@ class Run:
                 "data": self.fingerprint,
                 "config": config_to_dict(self.config),
                 "preset_reason": self.preset_reason,
+                "normalization_reason": self.normalization_reason,
                 "values_beyond_bound_at": self.value_bound.beyond_at,
                 "version": iql_torchrl.__version__,
                 **self.extra_state(),
@@ -368,6 +381,7 @@ class Run:
         return {
             **{k: last[k] for k in ("normalized_score", "normalized_score_std", "return_mean", "return_std", "per_seed")},
             "success_rate": last.get("success_rate"), "preset_reason": self.preset_reason,
+            "normalize_observations": self.config.normalize_observations, "normalization_reason": self.normalization_reason,
             "success_terminal": self.metadata.success_terminal,
             "value_bound": self.value_bound.bound, "values_beyond_bound_at": self.value_bound.beyond_at,
             "eval_episodes": self.config.eval_episodes,
