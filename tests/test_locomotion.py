@@ -135,3 +135,21 @@ def test_a_set_without_kept_policies_is_refused_before_any_work(tmp_path, monkey
     assert "does not keep" in capsys.readouterr().err and not (tmp_path / "datasets" / "iql_torchrl").exists()
     with pytest.raises(ValueError, match="--dataset iql_torchrl/walker2d/medium-v0.*train-behaviour walker2d"):
         OfflineConfig(dataset="iql_torchrl/walker2d/medium-v0").check()
+
+
+def test_a_stopped_training_keeps_a_checkpoint_to_go_on_from(tmp_path, monkeypatch):
+    calls = []
+    real_updates = behaviour._updates
+
+    def stop_at_the_second_round(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_updates(*args)
+
+    monkeypatch.setattr(behaviour, "_updates", stop_at_the_second_round)
+    with pytest.raises(KeyboardInterrupt):
+        train_behaviour("hopper", tmp_path, TINY, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["frames"] == 150  # warm-up (100), a round of updates at 100, stopped in the round at 150
+    assert (tmp_path / "buffer-frames").read_text().strip() == "150"

@@ -12,6 +12,7 @@ Datasets are written under ``MINARI_DATASETS_PATH`` (default ``~/.minari/dataset
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from iql_torchrl.datasets.behaviour import ENVIRONMENTS, SACSettings, train_behaviour
@@ -125,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         return _list()
     if args.command == "train-behaviour":
-        train_behaviour(args.environment, args.folder, SACSettings(
-            frames=args.frames, seed=args.seed, warmup_frames=args.warmup_frames, snapshot_every=args.snapshot_every))
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop asked of this command keeps its training
+        try:
+            train_behaviour(args.environment, args.folder, SACSettings(
+                frames=args.frames, seed=args.seed, warmup_frames=args.warmup_frames, snapshot_every=args.snapshot_every))
+        except KeyboardInterrupt:
+            print(f"stopped; {args.folder} keeps a checkpoint: run the same command to go on", file=sys.stderr)
+            return 130
         return 0
     if args.command == "keep-policies":
         try:

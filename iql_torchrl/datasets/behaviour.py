@@ -7,7 +7,7 @@ from the fully trained one. :func:`train_behaviour` trains such an agent with To
 ``snapshot_every`` frames, the actor's weights and its return (:class:`Snapshot`) into a folder;
 :mod:`iql_torchrl.datasets.locomotion` builds the datasets from the snapshots kept in the package.
 
-A training folder holds ``checkpoint.pt`` (networks, optimizers, the entropy coefficient, the
+Ctrl-C writes a checkpoint before it stops. A training folder holds ``checkpoint.pt`` (networks, optimizers, the entropy coefficient, the
 frame count, the random state; weights only) and ``buffer/`` (the replay buffer). A run resumes
 from both; from a checkpoint alone (a fresh checkout, where only the checkpoint is kept) it first
 refills the buffer with ``warmup_frames`` frames of the current policy, then trains on.
@@ -166,31 +166,36 @@ def train_behaviour(name: str, folder: str | Path, settings: SACSettings = SACSe
     log = (folder / "log.jsonl").open("a")
     bar = tqdm(total=settings.frames, initial=frames, desc=f"SAC on {ENVIRONMENTS[name]}", unit="frame", disable=not progress)
     started, metrics = time.perf_counter(), {}
-    for batch in collector:
-        buffer.extend(batch.reshape(-1))
-        if refill > 0:  # a bare resume: the buffer first holds the current policy's frames, which count no frames
-            refill -= batch.numel()
-            continue
-        frames += batch.numel()
-        bar.update(batch.numel())
-        if len(buffer) >= settings.warmup_frames:
-            metrics = _updates(loss, optimizers, target_update, buffer, batch.numel())
-        if frames % settings.snapshot_every == 0:
-            mean_return = _evaluate(actor, eval_env, settings.eval_episodes)
-            weights = {k: v.detach().clone() for k, v in actor.module[0].module.state_dict().items()}
-            _save_atomic({"frames": frames, "mean_return": mean_return, "weights": weights},
-                         folder / "snapshots" / f"frames-{frames:07d}.pt")
-            log.write(json.dumps({"frames": frames, "mean_return": mean_return, "wall_s": time.perf_counter() - started,
-                                  **metrics}) + "\n")
-            log.flush()
-            bar.set_postfix(ret=f"{mean_return:.0f}")
-        if frames % settings.checkpoint_every == 0 or frames >= settings.frames:
-            _checkpoint(folder, frames, loss, optimizers, buffer)
-        if frames >= settings.frames:
-            break
-    collector.shutdown()
-    bar.close()
-    log.close()
+    try:
+        for batch in collector:
+            buffer.extend(batch.reshape(-1))
+            if refill > 0:  # a bare resume: the buffer first holds the current policy's frames, which count no frames
+                refill -= batch.numel()
+                continue
+            frames += batch.numel()
+            bar.update(batch.numel())
+            if len(buffer) >= settings.warmup_frames:
+                metrics = _updates(loss, optimizers, target_update, buffer, batch.numel())
+            if frames % settings.snapshot_every == 0:
+                mean_return = _evaluate(actor, eval_env, settings.eval_episodes)
+                weights = {k: v.detach().clone() for k, v in actor.module[0].module.state_dict().items()}
+                _save_atomic({"frames": frames, "mean_return": mean_return, "weights": weights},
+                             folder / "snapshots" / f"frames-{frames:07d}.pt")
+                log.write(json.dumps({"frames": frames, "mean_return": mean_return, "wall_s": time.perf_counter() - started,
+                                      **metrics}) + "\n")
+                log.flush()
+                bar.set_postfix(ret=f"{mean_return:.0f}")
+            if frames % settings.checkpoint_every == 0 or frames >= settings.frames:
+                _checkpoint(folder, frames, loss, optimizers, buffer)
+            if frames >= settings.frames:
+                break
+    except KeyboardInterrupt:  # stopped: keep what was trained, then stop as asked
+        _checkpoint(folder, frames, loss, optimizers, buffer)
+        raise
+    finally:
+        collector.shutdown()
+        bar.close()
+        log.close()
     return folder
 
 
