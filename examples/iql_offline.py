@@ -5,6 +5,7 @@ replay buffer → model → loss → update → a loop of sample, update, log, e
     python examples/iql_offline.py --temperature 0      # behaviour cloning on the same data
     python examples/iql_offline.py --dataset mujoco/hopper/medium-v0 --steps 1000000
     python examples/iql_offline.py --num-seeds 4       # 4 seeds at once, vmapped in one process
+    python examples/iql_offline.py --sweep temperature=0,3 --num-seeds 2   # a grid of settings × seeds
     python examples/iql_offline.py --resume --output-dir runs/<run>   # continue a stopped run
     torchrun --nproc_per_node 2 examples/iql_offline.py  # data-parallel: 2 processes, batch 256 each
     python examples/iql_offline.py --help               # every setting (iql_torchrl.runs.config.OfflineConfig)
@@ -30,6 +31,7 @@ from iql_torchrl.runs.builders import batch_generators, index_sampler, update_op
 from iql_torchrl.runs.config import OfflineConfig  # noqa: E402
 from iql_torchrl.runs.distributed import broadcast_parameters  # noqa: E402
 from iql_torchrl.runs.run import Run  # noqa: E402
+from iql_torchrl.runs.sweep import run_members  # noqa: E402
 
 
 def make_loss(config: OfflineConfig, metadata: OfflineDataMetadata) -> IQLLoss:
@@ -60,12 +62,13 @@ def train(config: OfflineConfig, given: set[str] | None = None) -> dict:
         replay_buffer = run.load_data()
         data = buffer_transitions(replay_buffer)  # its storage, on the training device
 
-        # model and loss: one per seed; several seeds train at once, vmapped
-        seeds = [config.seed + k for k in range(config.num_seeds)]
+        # model and loss: one per member (each seed, for each setting of --sweep); several train at once, vmapped
+        members = run_members(config)  # (the member's config, its seed)
+        seeds = [seed for _, seed in members]
         losses = []
-        for seed in seeds:
+        for member_config, seed in members:
             torch.manual_seed(seed)
-            losses.append(make_loss(config, run.metadata).to(run.device))
+            losses.append(make_loss(member_config, run.metadata).to(run.device))
         loss = losses[0] if len(losses) == 1 else SeedEnsemble(losses)
         if run.ctx.enabled:  # torchrun: every process starts from rank 0's networks
             broadcast_parameters(loss)
@@ -75,7 +78,7 @@ def train(config: OfflineConfig, given: set[str] | None = None) -> dict:
         update = IQLUpdate(loss, lr=config.lr, tau=config.tau, total_steps=config.steps, order=config.order,
                            data=data, **update_options(config, loss, distributed=run.ctx.enabled))
 
-        # batches: uniform indices into the buffer, one stream per seed (and per torchrun rank)
+        # batches: uniform indices into the buffer, one stream per member (its seed's, and per torchrun rank)
         generators = batch_generators(seeds, run.ctx.rank, run.device)
         sample = index_sampler(generators, len(data), config.batch_size, run.device)
         run.attach(loss, update, generators, seeds)  # what checkpoints hold; a resumed run gets its state back

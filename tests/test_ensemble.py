@@ -1,4 +1,4 @@
-"""K seeds in one process: SeedEnsemble, vmapped, trained by one IQLUpdate like K separate runs."""
+"""K seeds (and settings) in one process: SeedEnsemble, vmapped, trained by one IQLUpdate like K separate runs."""
 import pytest
 import torch
 from tensordict import TensorDict
@@ -15,9 +15,9 @@ def dataset():
     return random_transitions(N, OBS, ACT)
 
 
-def make_loss(seed):
+def make_loss(seed, temperature=3.0, expectile=0.7):
     torch.manual_seed(seed)
-    return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16)))
+    return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16)), temperature=temperature, expectile=expectile)
 
 
 def index_stream(seed, batch=B):
@@ -113,3 +113,98 @@ def test_vmapped_seeds_without_dropout_in_the_compiled_step_match_separate_runs(
         got = flat_params(ensemble.seed_loss(k))
         for key in expected:
             assert torch.allclose(expected[key], got[key], rtol=1e-5, atol=1e-6), (k, key)
+
+
+# ------------------------------------------------------------------ each member's own β and τ
+SETTINGS = [(0.0, 0.5), (6.0, 0.9)]  # (β, τ): behaviour cloning at the median; a sharp AWR at a high expectile
+MEMBERS = [(setting, seed) for setting in SETTINGS for seed in (3, 4)]  # setting-major, as a --sweep run
+
+
+def train_alone(seed, temperature, expectile, order="paper"):
+    """The separate eager run of one setting and seed: what its member must compute."""
+    loss = make_loss(seed, temperature, expectile)
+    update = IQLUpdate(loss, data=dataset(), total_steps=STEPS, order=order)
+    for idx in index_stream(seed):
+        update(idx)
+    return flat_params(loss)
+
+
+def train_members(members, mode="eager", change=None):
+    """The members trained together, each on its seed's batches; ``change(ensemble)`` runs before update 3."""
+    ensemble = SeedEnsemble([make_loss(seed, *setting) for setting, seed in members])
+    update = IQLUpdate(ensemble, data=dataset(), total_steps=STEPS, mode=mode)
+    streams = [index_stream(seed) for _, seed in members]
+    for step in range(STEPS):
+        if step == 3 and change is not None:
+            change(ensemble)
+        update(torch.stack([stream[step] for stream in streams]))
+    return ensemble, update
+
+
+def networks(flat):
+    """The networks' tensors of :func:`flat_params` (nested keys; the loss's own β and τ buffers are top-level)."""
+    return {key: value for key, value in flat.items() if isinstance(key, tuple)}
+
+
+def assert_same(expected, got, what):
+    for key in expected:
+        assert torch.allclose(expected[key], got[key], rtol=1e-5, atol=1e-6), (what, key)
+
+
+@pytest.mark.parametrize("order", ["paper", "summed"])
+def test_each_member_trains_with_its_own_temperature_and_expectile_as_its_own_run_would(order):
+    ensemble = SeedEnsemble([make_loss(seed, *setting) for setting, seed in MEMBERS])
+    update = IQLUpdate(ensemble, data=dataset(), total_steps=STEPS, order=order)
+    streams = [index_stream(seed) for _, seed in MEMBERS]  # the members of one seed draw the same batches
+    for step in range(STEPS):
+        update(torch.stack([stream[step] for stream in streams]))
+    for k, (setting, seed) in enumerate(MEMBERS):
+        expected, got = train_alone(seed, *setting, order), flat_params(ensemble.seed_loss(k))
+        assert_same(networks(expected), got, (setting, seed))
+        assert_same(expected, got, (setting, seed))  # its β and τ too
+    # the plausible wrong variant, every member with the first member's β and τ, trains the others otherwise
+    shared = train_alone(3, *SETTINGS[0], order)
+    got = flat_params(ensemble.seed_loss(2))  # β 6, τ 0.9, seed 3
+    for network in ("actor_network_params", "value_network_params"):
+        keys = [key for key in got if key[0] == network]
+        assert not all(torch.allclose(shared[key], got[key], rtol=1e-5, atol=1e-6) for key in keys), network
+    assert ensemble.temperatures == (0.0, 0.0, 6.0, 6.0) and ensemble.expectiles == (0.5, 0.5, 0.9, 0.9)
+
+
+def test_setting_the_ensembles_temperature_or_expectile_sets_every_members_and_reading_differing_ones_is_refused():
+    ensemble, _ = train_members(MEMBERS[:3:2])  # seed 3 at both settings
+    with pytest.raises(ValueError, match=r"temperatures differ \(0.0, 6.0\).*ensemble\.temperatures"):
+        ensemble.temperature
+    with pytest.raises(ValueError, match=r"expectiles differ \(0.5, 0.9\).*ensemble\.expectiles"):
+        ensemble.expectile
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        ensemble.temperature = -1.0
+    assert ensemble.temperatures == (0.0, 6.0)  # a refused value changes nothing
+
+    def to_one_setting(ensemble):
+        ensemble.temperature, ensemble.expectile = 1.0, 0.7
+
+    ensemble, _ = train_members(MEMBERS, change=to_one_setting)
+    assert (ensemble.temperature, ensemble.expectile) == (1.0, 0.7)
+    # from update 3 on every member trains with β 1 and τ 0.7: as its own run changed alike
+    for k, (setting, seed) in enumerate(MEMBERS):
+        alone = make_loss(seed, *setting)
+        update = IQLUpdate(alone, data=dataset(), total_steps=STEPS)
+        for step, idx in enumerate(index_stream(seed)):
+            if step == 3:
+                alone.temperature, alone.expectile = 1.0, 0.7
+            update(idx)
+        assert_same(flat_params(alone), flat_params(ensemble.seed_loss(k)), (setting, seed))
+
+
+@pytest.mark.slow
+def test_the_compiled_step_with_each_members_settings_matches_the_eager_step_and_follows_a_live_change():
+    # mode="compile" checks its first calls against the eager step (eager_checks): a mismatch raises
+    def to_a_higher_expectile(ensemble):
+        ensemble.expectile = 0.8
+
+    eager, _ = train_members(MEMBERS, change=to_a_higher_expectile)
+    compiled, update = train_members(MEMBERS, mode="compile", change=to_a_higher_expectile)
+    assert update.mode == "compile" and update.compilations == 1  # the live change compiled nothing
+    for k, member in enumerate(MEMBERS):
+        assert_same(flat_params(eager.seed_loss(k)), flat_params(compiled.seed_loss(k)), member)

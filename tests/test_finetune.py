@@ -315,7 +315,7 @@ def test_the_fine_tuning_page_lists_every_flag_that_differs_from_the_offline_exa
     for field in fields(FinetuneConfig):
         if field.name not in offline or field.default != offline[field.name]:
             assert f"`{flag(field.name)}" in page, flag(field.name)
-    for name in set(offline) - {f.name for f in fields(FinetuneConfig)}:  # --steps and --num-seeds: said so
+    for name in set(offline) - {f.name for f in fields(FinetuneConfig)}:  # --steps, --num-seeds and --sweep: said so
         assert f"`{flag(name)}`" in page, flag(name)
 
 
@@ -342,7 +342,7 @@ def test_both_configs_extend_one_run_config_and_write_no_field_twice():
     shared = {f.name for f in fields(RunConfig)}
     offline_only = {f.name for f in fields(OfflineConfig)} - shared
     finetune_only = {f.name for f in fields(FinetuneConfig)} - shared
-    assert offline_only == {"steps", "num_seeds"}
+    assert offline_only == {"steps", "num_seeds", "sweep"}
     assert not offline_only & finetune_only
     # a subclass may override a default (the fine-tuning dataset, its evaluation interval), not restate a field
     restated = {name for name in FinetuneConfig.__annotations__ if name in shared}

@@ -210,6 +210,9 @@ def adopt_offline_run(config: FinetuneConfig, offline_run: dict, given: set[str]
     if offline.get("num_seeds", 1) > 1:
         raise ConfigError(f"--checkpoint {config.checkpoint} trained {offline['num_seeds']} seeds at once; "
                           "fine-tuning takes a one-seed run.")
+    if offline.get("sweep") is not None:
+        raise ConfigError(f"--checkpoint {config.checkpoint} trained a --sweep of settings at once; "
+                          "fine-tuning takes a run of one setting and one seed.")
     fixed = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN if name in offline}  # older runs: no goal_input
     fixed["offline_steps"] = offline_run["step"]
     conflicts = conflicting_flags(given, config_to_dict(config), fixed, "the offline run's",

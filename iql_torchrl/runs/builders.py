@@ -7,6 +7,7 @@ loading the checkpoint, naming the parameters that do not match).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from iql_torchrl.data import OfflineDataMetadata, sample_indices
 from iql_torchrl.objectives.discrete import DiscreteIQLLoss
 from iql_torchrl.runs.distributed import all_reduce_gradients
 from iql_torchrl.runs.settings import resolve_precision, resolved_device
+from iql_torchrl.runs.sweep import sweep_grid
 from iql_torchrl.objectives.ensemble import SeedEnsemble
 from iql_torchrl.objectives.loss import IQLLoss
 from iql_torchrl.objectives.networks import make_iql_networks
@@ -118,21 +120,21 @@ def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
 
 
 def actor_from_checkpoint(state: dict, device: str = "cpu", seed_index: int = 0):
-    """:func:`load_actor` on a checkpoint already read: ``(actor, metadata)`` on ``device``."""
-    config = config_from_dict(RunConfig, state["config"])
+    """:func:`load_actor` on a checkpoint already read: ``(actor, metadata)`` on ``device``. ``seed_index`` counts
+    the members of a run of several (seeds, or ``--sweep`` settings × seeds, setting-major)."""
+    saved = state["config"]
+    config = config_from_dict(RunConfig, saved)
     config.device, config.output_dir = device, None
-    num_seeds = state["config"].get("num_seeds", 1)
+    settings = [setting for setting in sweep_grid(saved.get("sweep")) for _ in range(saved.get("num_seeds", 1))]  # each member's
     metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
-    if not 0 <= seed_index < num_seeds:
-        raise ValueError(f"seed_index must be in [0, {num_seeds}) for this run, got {seed_index}.")
-    if num_seeds > 1:
-        loss = SeedEnsemble([build_loss(config, metadata) for _ in range(num_seeds)])
+    if not 0 <= seed_index < len(settings):
+        raise ValueError(f"seed_index must be in [0, {len(settings)}) for this run, got {seed_index}.")
+    if len(settings) > 1:
+        loss = SeedEnsemble([build_loss(replace(config, **setting), metadata) for setting in settings])
     else:
-        loss = build_loss(config, metadata)
+        loss = build_loss(replace(config, **settings[0]), metadata)
     loss.claim_target_update()  # nothing updates the targets of a loss built to load an actor
     loss.load_state_dict(state["loss"])  # tensors saved on any device land on this one
-    if num_seeds > 1:
+    if len(settings) > 1:
         loss = loss.seed_loss(seed_index)
     return loss.get_stateful_net("actor_network", copy=True).eval(), metadata
-
-

@@ -23,6 +23,7 @@ from typing import Annotated, Literal
 
 from iql_torchrl.datasets import DEFAULT_DATASET, dataset_id_problem
 from iql_torchrl.objectives.checks import is_finite_number
+from iql_torchrl.runs.sweep import sweep_problem, sweep_values, swept_names
 from iql_torchrl.step.update import optimizer_settings_problem
 
 __all__ = [
@@ -151,9 +152,13 @@ def describe_preset(name: str, reason: str, config=None, sources: dict[str, str]
     ``normalization`` (``(normalize, reason)``) adds whether observations are standardised, and why."""
     preset = PRESETS[name]
 
+    swept = sweep_values(getattr(config, "sweep", None))
+
     def value(field: str) -> str:
         own = getattr(config, field, None)
         shown = field.replace("_", " ")
+        if field in swept:
+            return f"{shown} {', '.join(f'{v:g}' for v in swept[field])} (--sweep; the preset's {getattr(preset, field)})"
         if own is None or own in ("auto", getattr(preset, field)):
             return f"{shown} {getattr(preset, field)}"
         return f"{shown} {own} ({(sources or {}).get(field, flag(field))}; the preset's {getattr(preset, field)})"
@@ -376,15 +381,34 @@ class OfflineConfig(RunConfig):
     """Gradient steps (each updates V, the actor and both critics). The paper runs 1M on D4RL."""
     num_seeds: int = 1
     """Train seeds seed … seed+K−1 at once, vmapped in one process; results per seed and mean ± std."""
+    sweep: tuple[str, ...] | None = None
+    """Train a grid of settings at once, each with every seed of --num-seeds, on the same batches: NAME=V1,V2,...
+    entries (temperature, expectile), e.g. --sweep temperature=0,3,6 expectile=0.5,0.7; results per setting (mean ± std
+    over seeds of the final and the best evaluation) and per member in summary.json (docs/scaling.md)."""
 
     def total_updates(self) -> int:
         return self.steps
 
+    def resolved(self):
+        """:meth:`RunConfig.resolved`; a swept setting has no one value (``None``): its members' are the sweep's."""
+        return replace(super().resolved(), **{name: None for name in swept_names(self.sweep)})
+
     def check(self) -> None:
         super().check()
         self.check_integers(1, "steps", "num_seeds")
-        if self.num_seeds > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.num_seeds > 1 and torchrun:
             raise ConfigError("--num-seeds cannot be combined with torchrun: run the seeds in one process, or one seed per run.")
+        problem = sweep_problem(self.sweep)
+        if problem is not None:
+            raise ConfigError(f"{problem}.")
+        if self.sweep is not None and torchrun:
+            raise ConfigError("--sweep cannot be combined with torchrun: run the sweep in one process, or one setting per run.")
+        for name in swept_names(self.sweep):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)} and --sweep {name}=... both set {name}: "
+                                  f"drop {flag(name)} (the sweep gives each member its {name}), or drop {name} "
+                                  "from --sweep.")
 
 
 def logger_problem(logger: str) -> str | None:

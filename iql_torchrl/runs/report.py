@@ -1,4 +1,5 @@
-"""What a finished run shows: the learning-curve PNG and a short summary for the console.
+"""What a finished run shows: the learning-curve PNG and a short summary for the console (a sweep's: one
+curve and one table row per setting).
 
 The full record stays in the run folder's ``summary.json``; the console gets what a reader acts
 on: the score, the return, the speed, the wall time and where the files are.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_curve", "console_summary"]
+__all__ = ["plot_curve", "plot_sweep_curves", "console_summary", "sweep_table"]
 
 
 def plot_curve(curve: list[dict], path: Path, title: str, phase_boundary: int | None = None) -> None:
@@ -48,6 +49,51 @@ def plot_curve(curve: list[dict], path: Path, title: str, phase_boundary: int | 
     plt.close(fig)
 
 
+def plot_sweep_curves(curve: list[dict], sweep: dict, path: Path, title: str) -> None:
+    """A sweep's scores against updates: one line per setting, the mean over its seeds, shaded ± std
+    (``sweep``: :func:`~iql_torchrl.runs.sweep.sweep_results`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    key = sweep["score"]
+    steps = [p["step"] for p in curve]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for setting in sweep["settings"]:
+        members = [m["member"] for m in sweep["members"] if all(m[n] == setting[n] for n in sweep["grid"])]
+        scores = np.array([[p["per_seed"][m][key] for m in members] for p in curve])
+        mean, std = scores.mean(axis=1), scores.std(axis=1)
+        line, = ax.plot(steps, mean, marker="o", ms=3, label=setting["label"])
+        if len(members) > 1:
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    if key == "normalized_score":
+        ax.axhline(100, color="gray", ls="--", lw=1)
+        ax.axhline(0, color="gray", ls=":", lw=1)
+    ax.set_xlabel("updates")
+    ax.set_ylabel("normalized score" if key == "normalized_score" else "return")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sweep_table(sweep: dict) -> list[str]:
+    """One line per setting: the mean ± std over its seeds of the final and the best evaluation."""
+    width = max(len(s["label"]) for s in sweep["settings"])
+    seeds = len(sweep["settings"][0]["seeds"])
+    what = "normalized score" if sweep["score"] == "normalized_score" else "return"
+    over = f", mean ± std over {seeds} seeds" if seeds > 1 else ""
+    lines = [f"  {'setting':<{width}}  {'final':>15}  {'best':>15}   ({what}{over})"]
+    for s in sweep["settings"]:
+        final, best = f"{s['final_mean']:.1f} ± {s['final_std']:.1f}", f"{s['best_mean']:.1f} ± {s['best_std']:.1f}"
+        lines.append(f"  {s['label']:<{width}}  {final:>15}  {best:>15}")
+    return lines
+
+
 def console_summary(summary: dict, run_dir: Path) -> str:
     """A few lines for the end of a run: score, return, updates/s, wall time, the run folder and plot."""
     lines = [f"IQL on {summary['dataset']}, {_seeds(summary)}, {summary.get('updates', summary.get('steps'))} updates"]
@@ -55,16 +101,22 @@ def console_summary(summary: dict, run_dir: Path) -> str:
         lines.append(f"  normalized score after the offline phase: {summary['offline_normalized_score']:.1f}")
     score = summary.get("normalized_score")
     std = summary.get("normalized_score_std")
-    if score is not None:
+    sweep = bool(summary.get("sweep"))  # one row per setting; its members' returns and successes pooled would mix them
+    if sweep:
+        lines += sweep_table(summary["sweep"])
+    elif score is not None:
         spread = f" ± {std:.1f} over seeds" if std and summary.get("num_seeds", 1) > 1 else ""
         lines.append(f"  normalized score: {score:.1f}{spread} (0 random, 100 expert)")
-    if summary.get("success_rate") is not None:
+    if summary.get("success_rate") is not None and not sweep:
         lines.append(f"  success rate: {summary['success_rate']:.0%} of {_episodes(summary)}")
     if summary.get("preset_reason"):
         lines.append(f"  preset {summary.get('preset')}: {summary['preset_reason']}")
-    lines.append(f"  return: {summary['return_mean']:.1f} ± {summary['return_std']:.1f} over {_episodes(summary)}")
+    if not sweep:
+        lines.append(f"  return: {summary['return_mean']:.1f} ± {summary['return_std']:.1f} over {_episodes(summary)}")
     rate = summary.get("updates_per_second")
     speed = f"{rate:.1f} updates/s" if rate else "updates/s not measured"
+    if rate and sweep:
+        speed += f" (each updates all {len(summary['sweep']['members'])} members)"
     lines.append(f"  {speed}, wall time {_duration(summary['wall_seconds'])}")
     lines.append(f"  run folder: {run_dir} (summary.json, learning_curve.png, checkpoint.pt)")
     return "\n".join(lines)
@@ -72,7 +124,10 @@ def console_summary(summary: dict, run_dir: Path) -> str:
 
 def _seeds(summary: dict) -> str:
     k = summary.get("num_seeds", 1)
-    return f"seed {summary['seed']}" if k == 1 else f"seeds {summary['seed']}–{summary['seed'] + k - 1}"
+    seeds = f"seed {summary['seed']}" if k == 1 else f"seeds {summary['seed']}–{summary['seed'] + k - 1}"
+    if summary.get("sweep"):
+        return f"{len(summary['sweep']['settings'])} settings × {seeds}"
+    return seeds
 
 
 def _episodes(summary: dict) -> str:

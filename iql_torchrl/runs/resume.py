@@ -2,7 +2,8 @@
 
 * The run's settings come from its checkpoint. A setting given on purpose on the resume command
   line (or in the config passed to ``train``) that differs from the checkpoint's refuses to resume,
-  listing every such flag with both values -- except the settings that do not shape the run
+  listing every such flag with both values (a sweep keeps its grid: ``--sweep`` with another one is
+  refused) -- except the settings that do not shape the run
   (:data:`~iql_torchrl.runs.config.RUN_NEUTRAL_SETTINGS`: logger, progress bar, threads, evaluation
   episodes, log and checkpoint intervals, device), which take the new value. ``--steps`` is
   never one of those: the actor's cosine schedule depends on it.
@@ -19,6 +20,7 @@ import math
 from pathlib import Path
 
 from iql_torchrl.runs.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, conflicting_flags
+from iql_torchrl.runs.sweep import same_grid
 
 __all__ = ["ResumeError", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
 
@@ -33,6 +35,8 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
     wanted, stored = config_to_dict(given_config), config_to_dict(config)
     for name in given & set(RUN_NEUTRAL_SETTINGS):
         setattr(config, name, getattr(given_config, name))
+    if "sweep" in given and same_grid(getattr(given_config, "sweep", None), saved.get("sweep")):
+        given = given - {"sweep"}  # the same grid, written otherwise (0,3 and 0.0,3.0)
     changed = conflicting_flags(given - set(RUN_NEUTRAL_SETTINGS), wanted, stored, "checkpoint", _preset_default)
     if changed:
         raise ResumeError(

@@ -60,9 +60,10 @@ from iql_torchrl.runs.interrupt import RunInterrupted, StopRequest
 from iql_torchrl.runs.loading import load_run_data
 from iql_torchrl.runs.loggers import log_values, make_logger
 from iql_torchrl.runs.progress import LoopProgress
-from iql_torchrl.runs.report import plot_curve
+from iql_torchrl.runs.report import plot_curve, plot_sweep_curves
 from iql_torchrl.runs.resume import ResumeError
 from iql_torchrl.runs.settings import resolve_settings
+from iql_torchrl.runs.sweep import member_settings, sweep_results
 from iql_torchrl.runs.threads import auto_threads, available_cpus, set_threads
 from iql_torchrl.runs.timing import RunTiming
 from iql_torchrl.runs.value_bound import ValueBoundWatch, return_bound
@@ -274,6 +275,9 @@ class Run:
         if not self.ctx.is_main:
             return None
         summary = evaluate_seeds(self.loss, self.seeds, self.metadata, self.config.eval_episodes, self.device)
+        if getattr(self.config, "sweep", None) is not None:  # each member's entry names its setting
+            for entry, setting in zip(summary["per_seed"], member_settings(self.config)):
+                entry.update(setting)
         self.curve.append({"step": self.step, **self.point_fields(),
                            **{k: summary[k] for k in ("normalized_score", "success_rate", "return_mean", "per_seed")}})
         log_values(self.logger, {k: summary[k] for k in ("return_mean", "normalized_score", "success_rate")
@@ -399,21 +403,27 @@ class Run:
         config, ctx = self.config, self.ctx
         summary = {
             "dataset": config.dataset, "steps": config.steps, "seed": config.seed, "num_seeds": config.num_seeds,
+            "sweep": None if config.sweep is None else sweep_results(self.curve, config),  # per setting, per member
             "temperature": config.temperature, "expectile": config.expectile, "preset": config.preset,
             "order": config.order, "mode": update.mode, "precision": update.precision,
             "threads": torch.get_num_threads(), "device": config.device, "batch_size": config.batch_size,
             "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
             **(self.summary_fields() if ctx.is_main else {}),
         }
-        seeds = self.seeds
+        seeds = sorted(set(self.seeds))
         seeds_label = f"seed {config.seed}" if len(seeds) == 1 else f"seeds {seeds[0]}–{seeds[-1]}, mean"
+        if config.sweep is not None:
+            seeds_label = f"{len(summary['sweep']['settings'])} settings × {seeds_label}"
         return summary, f"IQL on {config.dataset} ({seeds_label})"
 
     def finish(self, summary: dict, title: str, phase_boundary: int | None = None) -> dict:
         """Writes ``summary.json`` and the learning curve (rank 0), closes the logger; returns the summary."""
         if self.ctx.is_main:
             self.folder.write_text_atomic(SUMMARY_NAME, json.dumps(summary, indent=2))
-            plot_curve(self.curve, self.output_dir / "learning_curve.png", title, phase_boundary=phase_boundary)
+            if summary.get("sweep"):  # one line per setting
+                plot_sweep_curves(self.curve, summary["sweep"], self.output_dir / "learning_curve.png", title)
+            else:
+                plot_curve(self.curve, self.output_dir / "learning_curve.png", title, phase_boundary=phase_boundary)
             if self.logger is not None and self.config.logger == "wandb":
                 self.logger.experiment.finish()
         self.ctx.barrier()
