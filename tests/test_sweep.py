@@ -139,3 +139,16 @@ def test_a_sweep_that_overlaps_a_flag_or_runs_under_torchrun_is_refused(tmp_path
         train(OfflineConfig(sweep=("temperature=0,3",), output_dir=tmp_path / "run", **TINY))
     assert not (tmp_path / "run").exists()
 
+
+
+def test_evaluate_and_export_read_every_member_on_its_own_seeds(sweep_run, tiny_datasets, tmp_path):
+    from iql_torchrl.jobs.evaluate import main as evaluate_main
+    from iql_torchrl.jobs.export import policy_sidecar, environment_policy
+
+    summary, out = sweep_run
+    member = 5  # β 6, τ 0.6, seed 1: evaluated by the run on seed 1's episodes (10_001), not 10_005
+    report = evaluate_main([str(out), "--seed-index", str(member)])
+    assert report["seed"] == 10_001
+    assert report["return_mean"] == pytest.approx(summary["per_seed"][member]["return_mean"], rel=1e-6)
+    policy, _ = environment_policy(out, member)  # members past --num-seeds are exported too
+    assert policy_sidecar(policy, summary, format="onnx", file="x", seed_index=member)["seed"] == 1

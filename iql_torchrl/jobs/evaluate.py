@@ -15,6 +15,7 @@ from iql_torchrl.runs.builders import actor_from_checkpoint
 from iql_torchrl.runs.settings import resolved_device
 from iql_torchrl.runs.checkpoint import CheckpointError, load_run_checkpoint
 from iql_torchrl.runs.evaluation import evaluate_policy, evaluation_seed
+from iql_torchrl.runs.sweep import saved_member_seeds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="environment seed of the first episode, the next one seed+1 and so on "
                              "(default: the run's own evaluation seeds, --seed of the run + 10000)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="device for the policy (default cpu)")
-    parser.add_argument("--seed-index", type=int, default=0, help="which seed of a --num-seeds run (default 0)")
+    parser.add_argument("--seed-index", type=int, default=0,
+                        help="which member of a --num-seeds or --sweep run (default 0; setting-major, as its summary lists them)")
     args = parser.parse_args(argv)
     if args.episodes is not None and args.episodes < 1:
         parser.error(f"--episodes {args.episodes}: must be an integer >= 1.")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(2, f"error: {err}\n")
     run = state["config"]
     episodes = args.episodes or run["eval_episodes"]
-    seed = evaluation_seed(run["seed"] + args.seed_index) if args.seed is None else args.seed
+    seed = evaluation_seed(saved_member_seeds(run)[args.seed_index]) if args.seed is None else args.seed
     result = evaluate_policy(actor, metadata, episodes=episodes, seed=seed, device=device)
     report = {"run_dir": args.run_dir, "dataset": metadata.dataset_id, "episodes": episodes, "seed": seed, **result}
     print(json.dumps(report, indent=2))

@@ -34,6 +34,7 @@ from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAM
 from iql_torchrl.jobs.cli import quiet_library_logs
 from iql_torchrl.runs.run import SUMMARY_NAME
 from iql_torchrl.runs.builders import load_actor
+from iql_torchrl.runs.sweep import saved_member_seeds
 
 __all__ = [
     "EnvironmentPolicy",
@@ -124,10 +125,10 @@ def check_finished_run(run_dir: str | Path) -> dict:
 def environment_policy(run_dir: str | Path, seed_index: int = 0) -> tuple[EnvironmentPolicy, dict]:
     """The exportable policy of a finished run (seed ``seed_index`` of a ``--num-seeds`` run) and its summary."""
     summary = check_finished_run(run_dir)
-    num_seeds = summary.get("num_seeds", 1)
-    if not 0 <= seed_index < num_seeds:
+    members = len(saved_member_seeds(summary))
+    if not 0 <= seed_index < members:
         raise ExportArgumentError(
-            f"--seed-index must be in [0, {num_seeds}) for this run of {num_seeds} seed(s), got {seed_index}."
+            f"--seed-index must be in [0, {members}) for this run of {members} member(s), got {seed_index}."
         )
     actor, metadata = load_actor(run_dir, device="cpu", seed_index=seed_index)
     return EnvironmentPolicy(actor, metadata).eval(), summary
@@ -143,7 +144,8 @@ def export_policy(
     _check_format(format)
     policy, summary = environment_policy(run_dir, seed_index)
     if output is None:
-        seed = f"-seed{seed_index}" if summary.get("num_seeds", 1) > 1 else ""
+        seed = (f"-member{seed_index}" if summary.get("sweep") else
+                f"-seed{seed_index}" if summary.get("num_seeds", 1) > 1 else "")
         output = Path(run_dir) / f"policy{seed}{FORMATS[format]}"
     output = Path(output)
     extra = write_policy(policy, format, output)
@@ -220,7 +222,7 @@ def policy_sidecar(policy: EnvironmentPolicy, summary: dict, *, format: str, fil
         "action_space": action_space,
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", metadata.observation_dim]},
         "output": {"name": OUTPUT_NAME, "dtype": "int64" if policy.discrete else "float32", "shape": action_shape},
-        "seed": summary.get("seed", 0) + seed_index,
+        "seed": saved_member_seeds(summary)[seed_index],
         "seed_index": seed_index,
         "normalized_score": score_of.get("normalized_score"),
         "return_mean": score_of.get("return_mean"),
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="exported-program (torch.export, .pt2) or onnx (default exported-program)")
     parser.add_argument("--output", type=Path, default=None,
                         help="policy file (default RUN_DIR/policy.pt2 or .onnx; policy-seedK.* for a --num-seeds run)")
-    parser.add_argument("--seed-index", type=int, default=0, help="which seed of a --num-seeds run (default 0)")
+    parser.add_argument("--seed-index", type=int, default=0,
+                        help="which member of a --num-seeds or --sweep run (default 0; setting-major, as its summary lists them)")
     args = parser.parse_args(argv)
     try:
         path = export_policy(args.run_dir, args.format, args.output, args.seed_index)

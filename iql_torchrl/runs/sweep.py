@@ -19,7 +19,7 @@ from dataclasses import replace
 from iql_torchrl.objectives.checks import is_finite_number
 
 __all__ = ["SWEEPABLE", "sweep_problem", "sweep_grid", "swept_names", "sweep_values", "run_members", "member_settings",
-           "same_grid", "sweep_results", "setting_label"]
+           "same_grid", "saved_member_seeds", "sweep_results", "setting_label"]
 
 # the settings a sweep may vary: each one's valid range (as its own flag states it) and its symbol
 SWEEPABLE = {
@@ -96,6 +96,15 @@ def run_members(config) -> list[tuple[object, int]]:
     seeds = [config.seed + k for k in range(getattr(config, "num_seeds", 1))]
     return [(replace(config, **setting), seed) for setting in sweep_grid(getattr(config, "sweep", None))
             for seed in seeds]
+
+
+def saved_member_seeds(saved: dict) -> list[int]:
+    """Each member's seed, from a saved run: a checkpoint's ``config`` (``sweep`` the flag's entries) or its
+    ``summary.json`` (``sweep`` the results, which list the members)."""
+    if isinstance(saved.get("sweep"), dict):
+        return [member["seed"] for member in saved["sweep"]["members"]]
+    seeds = [saved.get("seed", 0) + k for k in range(saved.get("num_seeds", 1))]
+    return [seed for _ in sweep_grid(saved.get("sweep")) for seed in seeds]
 
 
 def member_settings(config) -> list[dict[str, float]]:
