@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from iql_torchrl.step.compile_cache import CompiledStepCache, default_cache_folder, entry_key
+from iql_torchrl.step.wiring import compiled_step_description
 
 
 class FakeCompiled:
@@ -181,7 +182,7 @@ def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
 
     def key(loss=None, **kwargs):
         update = IQLUpdate(loss or _loss(), mode="eager", **kwargs)
-        return entry_key(update._compiled_step_description())
+        return entry_key(compiled_step_description(update))
 
     base = key()
     if change == "tau":

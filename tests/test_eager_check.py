@@ -1,10 +1,12 @@
 """A compiled step proves itself: its first calls are also taken eagerly and a wrong one never trains.
 
-The wrong compiled step here is planted: the actor's Adam step taken twice, only when compiled. Adam's
-first step moves every weight with a gradient by the learning rate, so it leaves the actor about one
-learning rate (root mean square) from the eager step, twenty times the check's bound; a correct compiled
-step stays below 1/1000 of it.
+The wrong compiled steps here are planted, only when compiled: the actor's Adam step taken twice (every actor
+tensor about one learning rate from the eager step, twenty times the check's bound), and the actor's two
+6-element tensors stepped the wrong way at the job's shapes (those tensors two learning rates off, the actor as
+a whole 0.026: a fault only a comparison per tensor sees). A correct compiled step stays below a tenth of the
+bound.
 """
+import math
 import re
 
 import pytest
@@ -27,6 +29,21 @@ class DoubledActorStep(IQLUpdate):
         super()._optimizer_step(group, grads)
         if group == "actor" and torch.compiler.is_compiling():
             super()._optimizer_step(group, grads)
+
+
+class WrongWaySmallActorTensors(IQLUpdate):
+    """A miscompiled step, planted: compiled, the actor's action-sized tensors (its log-std and the mean head's
+    bias) step the wrong way (eager, the right way): each ends about two learning rates from eager's."""
+
+    action_size = 6
+
+    def _optimizer_step(self, group, grads):
+        compiled = torch.compiler.is_compiling() and group == "actor"
+        small = [p for p in self.params[group] if compiled and p.ndim == 1 and p.numel() == self.action_size]
+        before = [p.clone() for p in small]
+        super()._optimizer_step(group, grads)
+        for p, b in zip(small, before):
+            p.copy_(2 * b - p)
 
 
 def make_loss(seed=1):
@@ -56,11 +73,32 @@ def test_a_compiled_step_that_moves_the_actor_twice_is_caught_before_it_trains()
         update(indices(1)[0])
     message = str(caught.value)
     assert named(message) == {"actor"}, message  # the critics and V were stepped right
-    rms = float(re.search(r"actor parameters differ by \S+ \(root mean square: (\S+)×", message).group(1))
+    rms = float(re.search(r"actor parameters differ by \S+ in \S+ \(root mean square: (\S+)×", message).group(1))
     assert 0.5 < rms < 2, message  # about one learning rate: the second Adam step
     assert "Nothing of this update was applied" in message and "mode='eager'" in message
     assert all(torch.equal(a, b) for a, b in zip(before.values(), params(loss).values()))
     assert int(update.step) == 0
+
+
+def test_a_compiled_step_that_steps_two_six_element_actor_tensors_the_wrong_way_is_caught_at_the_job_s_shapes():
+    # obs 17, action 6, 2×256 networks, batch 256: the fault moves 12 of the actor's 71,948 parameters
+    obs, act, n = 17, 6, 4_096
+    torch.manual_seed(1)
+    loss = IQLLoss(*make_iql_networks(obs, act, hidden_sizes=(256, 256)))
+    update = WrongWaySmallActorTensors(loss, data=random_transitions(n, obs, act), mode="compile")
+    before = params(loss)
+    with pytest.raises(StepMismatch) as caught:
+        update(torch.randint(0, n, (256,), generator=torch.Generator().manual_seed(0)))
+    message = str(caught.value)
+    assert named(message) == {"actor"}, message
+    tensor, rms = re.search(r"actor parameters differ by \S+ in (\S+) \(root mean square: (\S+)×", message).groups()
+    assert tensor in ("module.0.module.log_std", "module.0.module.net.4.bias"), message
+    assert 1.5 < float(rms) < 2.5, message  # a step the wrong way: two learning rates
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), params(loss).values()))
+    # the wrong variant: the actor's root mean square over the whole network stays under the bound
+    gaps = update.runner.check.last["actor"]
+    whole = math.sqrt(sum(g.rms**2 * g.numel for g in gaps) / sum(g.numel for g in gaps)) / gaps[0].lr
+    assert whole < tolerance("fp32") < float(rms), whole
 
 
 def test_with_fall_back_the_mismatched_update_is_the_eager_step_s_and_the_step_runs_eager_from_then_on():
@@ -120,15 +158,3 @@ def test_the_bound_is_wider_under_bf16_whose_first_update_rounds_more():
 def test_eager_checks_must_be_a_count():
     with pytest.raises(ValueError, match="check_calls must be >= 0"):
         IQLUpdate(make_loss(), mode="compile", eager_checks=-1)
-
-
-def test_a_checked_step_called_with_a_batch_leaves_it_as_it_was_and_compiles_once():
-    # the eager loss writes into the batch it is given (log-probs): the check gives it a shallow copy, so the
-    # next call sees the batch it was compiled for
-    update = IQLUpdate(make_loss(), mode="compile")
-    batch = random_transitions(N, OBS, ACT)[:B]
-    keys = sorted(map(str, batch.keys(True, True)))
-    for _ in range(4):
-        update(batch)
-    assert sorted(map(str, batch.keys(True, True))) == keys
-    assert update.compilations == 1

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from reference import ReferenceIQL, as_float64, critic, gaussian_log_prob, num_critics, value
 from synthetic import random_transitions
 from test_live_settings import CUDA_TOL  # the 16-wide CUDA comparisons' tolerance, from an H100 reading
 
@@ -30,6 +31,44 @@ def index_stream(steps, seed=0):
 
 def params(loss):
     return {k: v.detach().clone() for k, v in loss.state_dict().items()}
+
+
+def td_errors(critics, value_params, batch, gamma=0.99):
+    """Each transition's TD error, float64, by hand: max over critics of (Q_i(s, a) − r − γ·(1 − d)·V(s'))²."""
+    target = batch["reward"] + gamma * (1 - batch["terminated"]) * value(value_params, batch["next_observation"])
+    return torch.stack([(critic(critics, i, batch["observation"], batch["action"]) - target) ** 2
+                        for i in range(num_critics(critics))]).max(0).values
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_every_mode_writes_the_td_error_and_log_prob_into_the_caller_s_batch(mode):
+    """As TorchRL's losses do, the step leaves in the batch it is given each transition's TD error under the
+    priority key (a prioritized replay buffer's update_tensordict_priority reads it) and log π(a|s): the
+    values of the networks the step evaluated (paper order: the critics before their step, V after its own,
+    the actor before its step). The same batch passed again gets the new values, and a compiled step
+    compiles once for it."""
+    loss, update = make_update(mode=mode)
+    reference = ReferenceIQL.from_loss(loss)  # float64, the same initial parameters and Adam
+    batch = dataset()[:B].clone()
+    tol = {"rtol": 1e-5, "atol": 1e-6}  # float32 against float64: measured < 1e-6 relative
+    for call in range(2):
+        plain = as_float64(batch)
+        critics, actor, old_value = reference.critics, reference.actor, reference.value
+        reference.step(plain)
+        expected_td = td_errors(critics, reference.value, plain)
+        expected_log_prob = gaussian_log_prob(actor, plain["observation"], plain["action"])
+        stale = {key: batch.get(key, None) for key in ("td_error", "_log_prob")}
+        update(batch)
+        assert torch.allclose(batch["td_error"].double(), expected_td, **tol), call
+        assert torch.allclose(batch["_log_prob"].double(), expected_log_prob, **tol), call
+        # the wrong variants: V before its step, the critics or the actor after theirs, the previous call's values
+        for wrong in (td_errors(critics, old_value, plain), td_errors(reference.critics, reference.value, plain)):
+            assert not torch.allclose(wrong, expected_td, rtol=100 * tol["rtol"], atol=100 * tol["atol"])
+        after_step = gaussian_log_prob(reference.actor, plain["observation"], plain["action"])
+        assert not torch.allclose(after_step, expected_log_prob, rtol=100 * tol["rtol"], atol=100 * tol["atol"])
+        if call:
+            assert not torch.allclose(stale["td_error"].double(), expected_td, rtol=100 * tol["rtol"])
+    assert update.compilations == (mode == "compile")
 
 
 def test_cosine_decay_goes_from_one_to_zero():

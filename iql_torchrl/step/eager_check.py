@@ -3,33 +3,37 @@
 A compiler can be wrong without saying so (inductor has miscompiled in-place foreach ops on CUDA,
 pytorch/pytorch#198033). :class:`EagerCheck` runs one call of a compiled step, keeps what it wrote,
 puts the state back as it was, runs the plain (eager) step on the same input, and compares what each
-network's parameters became. One Adam step moves a weight by about its learning rate, so the two
-results of a correct compiled step differ by a rounding error far below it (after one update on an
-H100 at the default shapes: 1e-6 for a learning rate of 3e-4), while a miscompiled step is off by
-more (1.2e-2). When they agree, the compiled call's result stands, bitwise as if it had not
-been checked; when they do not, :class:`StepMismatch` says which network and how far, with the state
-either put back as before the call or left at the eager step's result.
+parameter tensor became. One Adam step moves a weight by about its learning rate, so a correct compiled
+step leaves each tensor a rounding error from the eager one, far below it, while a wrong step of any one
+tensor, however small (a 6-element log-std), leaves that tensor about a learning rate or more away: the
+bound is per tensor, so a fault in a few elements is not averaged away over a whole network. When they
+agree, the compiled call's result stands, bitwise as if it had not been checked; when they do not,
+:class:`StepMismatch` names the network, its furthest tensor and how far, with the state either put back
+as before the call or left at the eager step's result. The false-alarm rate over seeds and precisions:
+``benchmarks/bench_eager_check.py`` (benchmarks/README.md).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-from tensordict import TensorDictBase
 from torch import Tensor
 
-__all__ = ["EagerCheck", "StepMismatch", "tolerance"]
+__all__ = ["EagerCheck", "StepMismatch", "TensorGap", "tolerance"]
+
+_ROUNDING = 8 * torch.finfo(torch.float32).eps  # float32 rounding of a tensor's values, relative to their size
 
 
 def tolerance(precision: str) -> float:
-    """The largest root-mean-square difference a checked call may leave between a network's compiled and eager
-    parameters, as a fraction of its learning rate.
+    """The largest root-mean-square difference a checked call may leave between a tensor's compiled and eager
+    values, as a fraction of its network's learning rate.
 
-    A step that doubles one network's update is off by about 1 (Adam's first step moves every weight with a
-    gradient by the learning rate); a correct float32 step by < 0.001 (CPU, the default shapes, 40 updates).
-    The first update is the sensitive one: Adam divides each gradient by its own magnitude, so a gradient
-    near 0 whose rounding differs moves its weight differently (up to twice the learning rate where its sign
-    flips). bf16 GEMMs (``precision="bf16"``, 8 significant bits) widen that where eager and compiled round
-    differently: the wide-layer bf16 step measured < 0.01 (CPU, the default shapes, 1 and 2 threads), and bf16
-    autocast of every layer 0.16 at the first update, 0.05 at the second; 0.3 covers both.
+    A tensor stepped wrongly is off by about 1 or more (Adam's first step moves every weight with a gradient by
+    the learning rate; a step the wrong way, by 2). The first update is the sensitive one for a correct step:
+    Adam divides each gradient by its own magnitude, so a gradient near 0 whose rounding differs moves its
+    weight differently (up to twice the learning rate where its sign flips). bf16 GEMMs (8 significant bits)
+    widen that where eager and compiled round differently, hence a wider bound under ``precision="bf16"``,
+    still well under the 1 of a wrong step.
     """
     return 0.3 if precision == "bf16" else 0.05
 
@@ -46,14 +50,14 @@ class EagerCheck:
     """Runs one call of a compiled step and the same call eagerly, from the same state, and compares them.
 
     Args:
-        networks: returns ``name -> (parameters, learning rate)``: the tensors compared, and the learning rate
-            (a number or a 0-d tensor, read at the check) their bound is a fraction of.
+        networks: returns ``name -> (tensors, learning rate)``: the tensors compared, by name, and the learning
+            rate (a number or a 0-d tensor, read at the check) their bound is a fraction of.
         state: returns every tensor a call of the step writes (parameters, optimizer state, counters);
             they are copied before the compiled call and put back before the eager one.
         random: the step draws random numbers (dropout): the generators' states are put back too, so
             both calls draw the same.
-        tolerance: the bound on the root-mean-square difference, as a fraction of the learning rate
-            (:func:`tolerance`).
+        tolerance: the bound on each tensor's root-mean-square difference, as a fraction of the learning
+            rate (:func:`tolerance`).
     """
 
     def __init__(self, networks, state, *, random: bool = False, tolerance: float = 0.05):
@@ -62,7 +66,8 @@ class EagerCheck:
         self.random = random
         self.tolerance = tolerance
         self.checked = 0  # calls checked so far
-        self.largest = {}  # name -> the largest difference seen, as a fraction of the learning rate
+        self.largest = {}  # network name -> the largest difference of one of its tensors, in learning rates
+        self.last = {}  # network name -> each tensor's difference at the latest checked call (TensorGap)
 
     def __call__(self, compiled, eager, x, *, keep_eager: bool = False):
         """``compiled(x)``'s output, after checking it against ``eager(x)``. On a mismatch raises
@@ -72,48 +77,66 @@ class EagerCheck:
         generators = _generator_states() if self.random else None
         out = compiled(x)
         after = _copies(tensors)
-        compiled_params = {name: _copies(params) for name, (params, _) in self.networks().items()}
+        compiled_values = {name: _copies(named.values()) for name, (named, _) in self.networks().items()}
         generators_after = _generator_states() if self.random else None
         _restore(tensors, before, generators)
-        # a shallow copy takes what the eager loss writes into a batch (log-probs), which the next call must not see
-        eager_out = eager(x.copy() if isinstance(x, TensorDictBase) else x)
+        eager_out = eager(x)
         self.checked += 1
-        gaps = {}
-        for name, (params, lr) in self.networks().items():
-            lr = float(lr)
-            gap, largest = _differences(compiled_params[name], params)
-            # a learning rate near 0 (the end of a cosine) still leaves the rounding of the parameters themselves
-            bound = self.tolerance * lr + 8 * torch.finfo(torch.float32).eps * _rms(params)
-            gaps[name] = (gap, largest, lr, bound)
-            self.largest[name] = max(self.largest.get(name, 0.0), gap / lr if lr > 0 else 0.0)
-        wrong = {name: g for name, g in gaps.items() if g[0] > g[3]}
+        wrong = {}
+        for name, (named, lr) in self.networks().items():
+            gaps = self.last[name] = self._gaps(named, compiled_values[name], float(lr))
+            self.largest[name] = max([self.largest.get(name, 0.0), *(gap.ratio for gap in gaps)])
+            worst = max(gaps, key=lambda gap: gap.excess, default=None)
+            if worst is not None and worst.excess > 0:
+                wrong[name] = worst
         if not wrong:
             _restore(tensors, after, generators_after)
             return out
         if not keep_eager:
             _restore(tensors, before, generators)
         described = "; ".join(
-            f"{name} parameters differ by {gap:.2e} (root mean square: {gap / lr if lr > 0 else float('inf'):.3g}× its "
-            f"learning rate {lr:.2e}, allowed {self.tolerance}×; at most {largest:.2e})"
-            for name, (gap, largest, lr, _) in wrong.items())
+            f"{name} parameters differ by {w.rms:.2e} in {w.tensor} (root mean square: {w.ratio:.3g}× its learning "
+            f"rate {w.lr:.2e}, allowed {self.tolerance}×; at most {w.largest:.2e})" for name, w in wrong.items())
         raise StepMismatch(f"the compiled step disagrees with the eager step on the same state and batch: {described}",
                            eager_out)
 
-
-def _differences(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
-    """The root mean square and the largest absolute value of ``a − b`` over every element of the lists."""
-    if not a:
-        return 0.0, 0.0
-    diffs = [(x.detach().double() - y.detach().double()).flatten() for x, y in zip(a, b)]
-    every = torch.cat(diffs)
-    return float(every.square().mean().sqrt()), float(every.abs().max())
-
-
-def _rms(tensors: list[Tensor]) -> float:
-    return float(torch.cat([t.detach().double().flatten() for t in tensors]).square().mean().sqrt()) if tensors else 0.0
+    def _gaps(self, named: dict, compiled: list[Tensor], lr: float) -> list[TensorGap]:
+        """Each tensor's difference between its ``compiled`` value and its eager one (``named``), and its bound."""
+        gaps = []
+        for (key, eager), other in zip(named.items(), compiled):
+            eager = eager.detach().double()
+            diff = other.double() - eager
+            # a learning rate near 0 (the end of a cosine) still leaves the rounding of the values themselves
+            bound = self.tolerance * lr + _ROUNDING * _rms(eager)
+            gaps.append(TensorGap(key, _rms(diff), bound, lr, float(diff.abs().max()), diff.numel()))
+        return gaps
 
 
-def _copies(tensors: list[Tensor]) -> list[Tensor]:
+class TensorGap(NamedTuple):
+    """One tensor's difference between the compiled and eager steps: its root mean square, its bound, the
+    learning rate, its largest element and how many elements it has."""
+    tensor: str
+    rms: float
+    bound: float
+    lr: float
+    largest: float
+    numel: int
+
+    @property
+    def excess(self) -> float:
+        return self.rms - self.bound
+
+    @property
+    def ratio(self) -> float:
+        """The difference in learning rates (infinite for any difference at a learning rate of 0)."""
+        return self.rms / self.lr if self.lr > 0 else (0.0 if self.rms == 0 else float("inf"))
+
+
+def _rms(tensor: Tensor) -> float:
+    return float(tensor.square().mean().sqrt()) if tensor.numel() else 0.0
+
+
+def _copies(tensors) -> list[Tensor]:
     return [t.detach().clone() for t in tensors]
 
 

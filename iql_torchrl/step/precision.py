@@ -16,17 +16,17 @@ at least :data:`AUTO_MIN_FEATURES` (256) wide, a CPU with native bf16 (AVX512_BF
 step, and a measurement on this process's threads (:func:`bf16_speedup`) showing the wide layer's
 GEMMs at least :data:`PAYS` times faster in bf16. A run whose threads are its own choice (``--threads auto``)
 may also take one thread (:func:`one_thread_speedup`): a bf16 GEMM of the step's size keeps one thread busy
-while the others idle, and an idle thread that falls asleep is woken after each GEMM (AMX host, the 256×256
-layer's three GEMMs in bf16: 150 µs on one thread; on two, 146 where idle threads spin and 364 at the
-examples' ``GOMP_SPINCOUNT=1000``). A bf16 GEMM on a CPU without native bf16 is emulated, many
-times slower; a forced bf16 there says what it costs (:func:`bf16_cost`). On CUDA ``auto`` is float32: at
-the paper's batch of 256 bf16 gave nothing on an H100 (0.31 vs 0.30 ms an update).
+while the others idle, and an idle thread that falls asleep is woken after each GEMM. A bf16 GEMM on a CPU
+without native bf16 is emulated, many times slower; a forced bf16 there says what it costs
+(:func:`bf16_cost`). On CUDA ``auto`` is float32: at the paper's batch of 256 bf16 gave nothing on an H100.
+The measurements behind each choice: docs/fused-step.md and docs/performance.md.
 """
 from __future__ import annotations
 
 import functools
 import statistics
 import time
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -36,12 +36,12 @@ from torch.overrides import TorchFunctionMode
 from iql_torchrl.objectives.checks import NETWORKS
 
 __all__ = ["PRECISIONS", "MIN_FEATURES", "AUTO_MIN_FEATURES", "PAYS", "ONE_THREAD_PAYS", "BF16Layers", "PrecisionChoice", "native_bf16",
-           "bf16_speedup", "one_thread_speedup", "choose_precision", "bf16_cost", "widest_layer"]
+           "bf16_speedup", "one_thread_speedup", "choose_precision", "bf16_cost", "widest_layer", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_FEATURES = 64  # a layer whose weight has both dims at least this computes in bf16 under precision "bf16"
-# auto takes bf16 only for layers at least this wide in both dims: where it was measured to learn as fp32 does.
-# At 64 wide it did not (discrete CartPole, 2×64 networks, 12 seeds: 2 ended with policies 20–30 points worse)
+# auto takes bf16 only for layers at least this wide in both dims: where it was measured to learn as fp32 does
+# (at 2×64 it did not on every seed: docs/performance.md)
 AUTO_MIN_FEATURES = 256
 PAYS = 1.3  # auto takes bf16 where the wide layer's GEMMs are at least this much faster in it
 ONE_THREAD_PAYS = 1.5  # and one thread where its bf16 GEMMs are at least this much faster there (see one_thread_speedup)
@@ -111,8 +111,8 @@ def bf16_speedup(out_features: int, in_features: int, batch: int, stacked: int =
     the step (so a GEMM that leaves a thread idle long enough to fall asleep pays its wake-up). ``stacked``:
     how many copies of the layer one batched GEMM computes (the seeds of a vmapped ``SeedEnsemble``).
 
-    Measured once per process and thread count (~0.1 s): the run's choice and the step's own check of it
-    read the same figure."""
+    Measured once per process and thread count: the run's choice and the step's own check of it read the
+    same figure."""
     fp32, bf16 = _layer_times(out_features, in_features, batch, stacked, torch.get_num_threads())
     return fp32 / bf16
 
@@ -122,10 +122,9 @@ def one_thread_speedup(out_features: int, in_features: int, batch: int, stacked:
     than on this process's threads. Above 1 where the bf16 GEMM keeps one thread busy and leaves the others
     idle long enough to fall asleep: each of the step's parallel ops after it then pays their wake-up.
 
-    The rest of the step loses the other threads, so the GEMMs' gain overstates the step's: on an AMX host
-    at ``GOMP_SPINCOUNT=1000`` (2 CPUs) one seed's layer measured 2.4-3.1× here and the job ran 1.4× faster
-    on one thread (378 vs 264 updates/s); three vmapped seeds' measured 1.25× and the job ran 0.9× (149 vs
-    166). Hence :data:`ONE_THREAD_PAYS`."""
+    The rest of the step loses the other threads, so the GEMMs' gain overstates the step's: hence
+    :data:`ONE_THREAD_PAYS`, above :data:`PAYS` (the measurements: docs/fused-step.md, "One thread for a bf16
+    run")."""
     threads = torch.get_num_threads()
     if threads == 1:
         return 1.0
@@ -222,7 +221,7 @@ def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256,
     """For a forced ``precision="bf16"``: what it costs on this host, in words, or ``None`` where it pays."""
     if device_type != "cpu" or layer is None:
         return None
-    if not compiled:  # measured on an AMX host: 0.84× (GOMP_SPINCOUNT=1000) and 0.90× (10000) the fp32 eager step
+    if not compiled:  # measured slower even with native bf16: docs/fused-step.md
         return ("the eager step runs slower in bf16 than in fp32 (the mode's per-op dispatch costs more than its "
                 "GEMMs save); bf16 pays in the compiled step")
     speedup = bf16_speedup(*layer, batch, stacked)
@@ -231,3 +230,15 @@ def bf16_cost(device_type: str, layer: tuple[int, int] | None, batch: int = 256,
     native = native_bf16() or "no native bf16 (AVX512_BF16 or AMX)"
     return (f"bf16 runs the {layer[0]}×{layer[1]} layers' GEMMs {1 / speedup:.1f}× slower than fp32 on this CPU "
             f"({native}); --precision fp32 (or auto) is faster here")
+
+
+def resolve_precision(precision: str, loss, device_type: str, compiled: bool,
+                      min_features: int = MIN_FEATURES) -> tuple[str, str]:
+    """The precision a step of ``loss`` runs in and why, in words: ``"auto"`` chosen by :func:`choose_precision`; a
+    forced ``"bf16"`` that costs time on this host warns, saying how much (:func:`bf16_cost`)."""
+    layer, seeds = widest_layer(loss, min_features)
+    if precision == "auto":
+        return choose_precision(device_type, compiled, layer, stacked=seeds)[:2]
+    if precision == "bf16" and (cost := bf16_cost(device_type, layer, compiled=compiled, stacked=seeds)) is not None:
+        warnings.warn(f"IQLUpdate(precision='bf16'): {cost}.", UserWarning, stacklevel=3)
+    return precision, "asked for"

@@ -1,0 +1,151 @@
+"""How often the eager check stops a correct compiled step (its false alarms), and how far a planted fault is over it.
+
+    python benchmarks/bench_eager_check.py                         # 50 seeds, fp32 and bf16
+    python benchmarks/bench_eager_check.py --seeds 100 --json benchmarks/results/results_eager_check.json
+
+At the job's shapes (obs 17, action 6, 2×256 networks, batch 256, paper order), the step is compiled once per
+precision; each seed then loads its own initial networks and a fresh optimizer state into it, in place, and
+takes the calls a run checks (the one that compiles and the ``eager_checks`` after it: 3) on its own batches.
+Every call is compared with the eager step as a run compares it, and the largest difference of any tensor of
+each network is recorded, in learning rates (the check's bound is ``tolerance(precision)`` of it). A false alarm
+is a seed where any checked call of a correct step goes over the bound.
+
+The planted fault steps the actor's two 6-element tensors (log-std and the mean head's bias) the wrong way at
+every compiled update (eager steps them right): each is then about two learning rates off.
+
+On a CPU without native bf16 (AVX2 only) every bf16 GEMM is emulated: the rounding is bf16's all the same,
+only slower. The host line of the output says which CPU ran it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from host import cpu_name  # noqa: E402
+
+from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks  # noqa: E402
+from iql_torchrl.step.eager_check import tolerance  # noqa: E402
+
+OBS, ACT, HIDDEN, BATCH, DATA = 17, 6, (256, 256), 256, 20_000
+NETWORKS = ("value", "actor", "qvalue", "target_qvalue")
+
+
+class WrongWaySmallActorTensors(IQLUpdate):
+    """Planted: compiled, the actor's ACT-element tensors (log-std, the mean head's bias) step the wrong way."""
+
+    def _optimizer_step(self, group, grads):
+        small = [p for p in self.params[group] if p.numel() == ACT] if group == "actor" else []
+        if not torch.compiler.is_compiling():
+            small = []
+        before = [p.clone() for p in small]
+        super()._optimizer_step(group, grads)
+        for p, b in zip(small, before):
+            p.copy_(2 * b - p)
+
+
+def transitions(n: int, seed: int = 0) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict({
+        "observation": torch.randn(n, OBS, generator=g),
+        "action": torch.rand(n, ACT, generator=g) * 2 - 1,
+        ("next", "observation"): torch.randn(n, OBS, generator=g),
+        ("next", "reward"): torch.randn(n, 1, generator=g),
+        ("next", "terminated"): torch.rand(n, 1, generator=g) < 0.05,
+        ("next", "done"): torch.rand(n, 1, generator=g) < 0.05,
+    }, [n])
+
+
+def make_loss(seed: int) -> IQLLoss:
+    torch.manual_seed(seed)
+    return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=HIDDEN))
+
+
+def whole_network(gaps) -> float:
+    """A network's root-mean-square difference over all its elements, in learning rates: the bound a check per
+    network would apply."""
+    return math.sqrt(sum(g.rms**2 * g.numel for g in gaps) / sum(g.numel for g in gaps)) / gaps[0].lr
+
+
+def checked_runs(precision: str, seeds: int, calls: int, planted: bool) -> list[list[dict[str, float]]]:
+    """For each seed, each checked call's largest tensor difference per network, and the actor's difference over
+    the whole network (``"actor as a whole"``), in learning rates."""
+    data = transitions(DATA)
+    loss = make_loss(0)
+    kind = WrongWaySmallActorTensors if planted else IQLUpdate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a forced bf16 on a CPU that emulates it says so
+        update = kind(loss, data=data, mode="compile", precision=precision, total_steps=10_000, eager_checks=10**9)
+    check = update.runner.check
+    check.tolerance = float("inf")  # record every difference; the bound is applied below
+    fresh_state = update.state_dict()
+    runs = []
+    for seed in range(seeds):
+        loss.load_state_dict(make_loss(seed).state_dict())
+        update.load_state_dict(fresh_state)
+        g = torch.Generator().manual_seed(1_000 + seed)
+        run = []
+        for _ in range(calls):
+            check.largest = {}
+            update(torch.randint(0, DATA, (BATCH,), generator=g))
+            run.append({**check.largest, "actor as a whole": whole_network(check.last["actor"])})
+        runs.append(run)
+    return runs
+
+
+def summary(runs: list[list[dict[str, float]]], bound: float) -> dict:
+    seed_worst = [max(call[name] for call in run for name in NETWORKS) for run in runs]
+    return {
+        "seeds": len(runs),
+        "over_bound": sum(worst > bound for worst in seed_worst),
+        "largest": {name: max(call[name] for run in runs for call in run) for name in (*NETWORKS, "actor as a whole")},
+        "median_of_seed_worst": statistics.median(seed_worst),
+        "smallest_of_seed_worst": min(seed_worst),
+        "seed_worst": seed_worst,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--planted-seeds", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=3, help="checked calls a run takes (1 + eager_checks)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"host": cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
+               "threads": args.threads, "shapes": {"obs": OBS, "action": ACT, "hidden": HIDDEN, "batch": BATCH},
+               "calls": args.calls, "rows": []}
+    for precision in args.precisions:
+        bound = tolerance(precision)
+        for planted, seeds in ((False, args.seeds), (True, args.planted_seeds)):
+            row = {"precision": precision, "step": "planted fault" if planted else "correct", "bound": bound,
+                   **summary(checked_runs(precision, seeds, args.calls, planted), bound)}
+            results["rows"].append(row)
+            print(f"{precision} {row['step']}: done", flush=True)
+    print(f"\nhost: {results['host']}; torch {results['torch']}; {args.threads} thread(s); {args.calls} checked calls a seed")
+    print("| precision | step | seeds | bound (× lr) | seeds over it | largest tensor: value | actor | qvalue | target | "
+          "the actor as a whole | median seed's worst tensor | smallest seed's worst tensor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        largest = " | ".join(f"{r['largest'][n]:.3g}" for n in (*NETWORKS, "actor as a whole"))
+        print(f"| {r['precision']} | {r['step']} | {r['seeds']} | {r['bound']} | {r['over_bound']} | {largest} | "
+              f"{r['median_of_seed_worst']:.3g} | {r['smallest_of_seed_worst']:.3g} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
