@@ -137,19 +137,33 @@ def test_a_set_without_kept_policies_is_refused_before_any_work(tmp_path, monkey
         OfflineConfig(dataset="iql_torchrl/walker2d/medium-v0").check()
 
 
-def test_a_stopped_training_keeps_a_checkpoint_to_go_on_from(tmp_path, monkeypatch):
-    calls = []
-    real_updates = behaviour._updates
+def test_a_stopped_training_keeps_a_checkpoint_to_go_on_from(tmp_path):
+    rounds = []
 
-    def stop_at_the_second_round(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_updates(*args)
+    def stop_after_the_third_batch():
+        rounds.append(1)
+        return len(rounds) == 3
 
-    monkeypatch.setattr(behaviour, "_updates", stop_at_the_second_round)
-    with pytest.raises(KeyboardInterrupt):
-        train_behaviour("hopper", tmp_path, TINY, progress=False)
+    train_behaviour("hopper", tmp_path, TINY, progress=False, stop=stop_after_the_third_batch)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["frames"] == 150  # warm-up (100), a round of updates at 100, stopped in the round at 150
-    assert (tmp_path / "buffer-frames").read_text().strip() == "150"
+    assert state["frames"] == 150  # batches of 50 frames: warm-up to 100, its first updates, a round at 150, stop
+    assert (tmp_path / "buffer-frames").read_text().strip() == "150"  # the checkpoint every 200 frames is not due
+
+
+@pytest.mark.slow
+def test_the_command_stops_on_sigterm_with_a_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "iql_torchrl.datasets", "train-behaviour", "hopper", str(tmp_path), "--frames",
+               "100000", "--warmup-frames", "100", "--snapshot-every", "100"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
+        time.sleep(0.5)  # the first snapshot: training is under way
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "keeps a checkpoint: run the same command to go on" in err
+    frames = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["frames"]
+    assert frames >= 100 and (tmp_path / "buffer-frames").read_text().strip() == str(frames)

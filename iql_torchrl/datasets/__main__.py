@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 
 from iql_torchrl.datasets.behaviour import ENVIRONMENTS, SACSettings, train_behaviour
 from iql_torchrl.datasets.locomotion import keep_policies
@@ -90,6 +91,20 @@ def _at_least(minimum: int):
     return parse
 
 
+def _stop_requests() -> threading.Event:
+    """Ctrl-C or SIGTERM sets the event (the training checkpoints after its round of updates and stops); a second
+    one stops at once."""
+    stop = threading.Event()
+
+    def request(signum, frame):
+        stop.set()
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request)
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iql_torchrl.datasets", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         return _list()
     if args.command == "train-behaviour":
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop asked of this command keeps its training
-        try:
-            train_behaviour(args.environment, args.folder, SACSettings(
-                frames=args.frames, seed=args.seed, warmup_frames=args.warmup_frames, snapshot_every=args.snapshot_every))
-        except KeyboardInterrupt:
+        stop = _stop_requests()
+        train_behaviour(args.environment, args.folder, SACSettings(
+            frames=args.frames, seed=args.seed, warmup_frames=args.warmup_frames, snapshot_every=args.snapshot_every),
+            stop=stop.is_set)
+        if stop.is_set():
             print(f"stopped; {args.folder} keeps a checkpoint: run the same command to go on", file=sys.stderr)
             return 130
         return 0

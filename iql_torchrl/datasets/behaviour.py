@@ -7,7 +7,7 @@ from the fully trained one. :func:`train_behaviour` trains such an agent with To
 ``snapshot_every`` frames, the actor's weights and its return (:class:`Snapshot`) into a folder;
 :mod:`iql_torchrl.datasets.locomotion` builds the datasets from the snapshots kept in the package.
 
-Ctrl-C writes a checkpoint before it stops. A training folder holds ``checkpoint.pt`` (networks, optimizers, the entropy coefficient, the
+A stop asked between two batches writes a checkpoint first. A training folder holds ``checkpoint.pt`` (networks, optimizers, the entropy coefficient, the
 frame count, the random state; weights only) and ``buffer/`` (the replay buffer). A run resumes
 from both; from a checkpoint alone (a fresh checkout, where only the checkpoint is kept) it first
 refills the buffer with ``warmup_frames`` frames of the current policy, then trains on.
@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tensordict.nn import TensorDictModule
@@ -124,12 +125,14 @@ def _evaluate(actor, env, episodes: int) -> float:
     return sum(returns) / len(returns)
 
 
-def train_behaviour(name: str, folder: str | Path, settings: SACSettings = SACSettings(), progress: bool = True) -> Path:
+def train_behaviour(name: str, folder: str | Path, settings: SACSettings = SACSettings(), progress: bool = True,
+                    stop: Callable[[], bool] | None = None) -> Path:
     """Train (or go on training) SAC on ``ENVIRONMENTS[name]`` in ``folder``; returns the folder.
 
     ``folder/snapshots/frames-XXXXXXX.pt`` every ``settings.snapshot_every`` frames, ``folder/log.jsonl`` a line a
     snapshot (frames, return, losses, entropy coefficient, wall time), ``folder/settings.json`` the settings;
-    a folder that holds other settings is refused.
+    a folder that holds other settings is refused. ``stop`` (e.g. a signal's flag) is asked after each collected
+    batch and its updates: when it says so, the training checkpoints there and returns.
     """
     from tqdm.auto import tqdm
     from torchrl.collectors import Collector
@@ -189,9 +192,9 @@ def train_behaviour(name: str, folder: str | Path, settings: SACSettings = SACSe
                 _checkpoint(folder, frames, loss, optimizers, buffer)
             if frames >= settings.frames:
                 break
-    except KeyboardInterrupt:  # stopped: keep what was trained, then stop as asked
-        _checkpoint(folder, frames, loss, optimizers, buffer)
-        raise
+            if stop is not None and stop():
+                _checkpoint(folder, frames, loss, optimizers, buffer)
+                break
     finally:
         collector.shutdown()
         bar.close()
