@@ -101,9 +101,10 @@ def _stages(recipe: LocomotionRecipe, episodes: int | None) -> list[tuple[str, S
     if recipe.kind in ("medium", "expert"):
         return [(recipe.kind, load(kept[recipe.kind]), None if episodes else FRAMES, episodes)]
     if recipe.kind == "medium-expert":
-        half = None if episodes is None else (episodes + 1) // 2
-        return [("medium", load(kept["medium"]), None if half else FRAMES, half),
-                ("expert", load(kept["expert"]), None if half else FRAMES, None if half is None else episodes - half)]
+        if episodes is None:
+            return [("medium", load(kept["medium"]), FRAMES, None), ("expert", load(kept["expert"]), FRAMES, None)]
+        half = (episodes + 1) // 2
+        return [("medium", load(kept["medium"]), None, half), ("expert", load(kept["expert"]), None, episodes - half)]
     # each frame of the training came from the latest snapshot at or before it (uniform random before warm-up ended)
     warmup = kept["warmup_frames"]
     starts = {0: ("random", None)}
