@@ -1,5 +1,9 @@
 """The fused update step: order, optimizers, cosine actor LR, soft target update, modes, state."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -530,3 +534,43 @@ def test_the_cuda_compile_workaround_reaches_older_torch_only():
     assert "loop_ordering_after_fusion" not in inductor_options("cuda", "2.13.0")
     assert "loop_ordering_after_fusion" not in inductor_options("cuda", "2.14.0.dev20260101+cu130")
     assert "loop_ordering_after_fusion" not in inductor_options("cpu", "2.11.0")
+
+
+@pytest.mark.slow
+def test_the_compiled_step_runs_after_a_tensordict_cuda_graph_module_was_built(tmp_path):
+    """Building tensordict's CudaGraphModule (TorchRL's scripts do, for CUDA graphs) takes TensorDict out of torch's
+    pytree registry for the whole process, for good; the compiled step takes the same step as eager after it (in a
+    subprocess: the change cannot be undone)."""
+    script = tmp_path / "after_exclusion.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch
+from tensordict.nn.functional_modules import _exclude_td_from_pytree  # what CudaGraphModule's constructor calls
+from torch.utils._pytree import SUPPORTED_NODES
+from tensordict import TensorDict
+from synthetic import random_transitions
+from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+
+_exclude_td_from_pytree().set()
+assert TensorDict not in SUPPORTED_NODES
+data = random_transitions(256, 3, 2)
+twins = []
+for mode in ("eager", "compile"):
+    torch.manual_seed(1)
+    loss = IQLLoss(*make_iql_networks(3, 2, hidden_sizes=(16, 16)))
+    twins.append((loss, IQLUpdate(loss, data=data, total_steps=10, mode=mode)))
+for step in range(3):
+    batches = [data[torch.arange(32) + 32 * step].clone() for _ in twins]
+    for (loss, update), batch in zip(twins, batches):
+        update(batch)
+    assert torch.allclose(batches[0]["td_error"], batches[1]["td_error"], rtol=1e-5, atol=1e-6)
+(loss_e, _), (loss_c, update_c) = twins
+assert update_c.mode == "compile"
+for a, b in zip(loss_e.parameters(), loss_c.parameters()):
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+print("same")
+""")
+    env = {**os.environ, "IQL_TORCHRL_COMPILE_CACHE": ""}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]

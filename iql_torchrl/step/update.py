@@ -209,7 +209,14 @@ class IQLUpdate(LiveSettings):
             return _summed_losses(result), (result, scratch.select(*_batch_outputs(self.loss), strict=False))
 
         if torch.compiler.is_compiling():  # torch.func.grad traces into the one graph
-            grads, (result, written) = torch.func.grad(objective, has_aux=True)({g: self.params[g] for g in groups})
+            layouts = []
+
+            def tensor_objective(tensors):
+                total, aux = objective(tensors)
+                return total, _as_dicts(aux, layouts)
+
+            grads, aux = torch.func.grad(tensor_objective, has_aux=True)({g: self.params[g] for g in groups})
+            result, written = _as_tensordicts(aux, iter(layouts))
             grads = [grad for g in groups for grad in grads[g]]
         else:  # eager, autograd has no functional wrappers to pay for
             with torch.enable_grad():
@@ -304,3 +311,27 @@ def _trainable(params: TensorDictBase) -> list[Tensor]:
 def metrics_to_floats(metrics: TensorDict) -> dict[str, float]:
     """Host copies of a metrics TensorDict (one sync), for logging; per-seed entries are averaged."""
     return {key: float(value.float().mean()) for key, value in metrics.items()}
+
+
+def _as_dicts(tree, layouts: list):
+    """``tree`` with each TensorDict as a flat dict of its tensors, its batch size and device appended to ``layouts``.
+
+    ``torch.func.grad``'s auxiliary output may hold tensors in tuples and dicts only: a TensorDict is one of those
+    only while it is registered in torch's pytree, and tensordict's ``CudaGraphModule`` unregisters it for the whole
+    process when a user builds one."""
+    if isinstance(tree, TensorDictBase):
+        layouts.append((tree.batch_size, tree.device))
+        return dict(tree.items(include_nested=True, leaves_only=True))
+    if isinstance(tree, tuple):
+        return tuple(_as_dicts(item, layouts) for item in tree)
+    return tree
+
+
+def _as_tensordicts(tree, layouts):
+    """The inverse of :func:`_as_dicts`, reading ``layouts`` in the same order."""
+    if isinstance(tree, dict):
+        batch_size, device = next(layouts)
+        return TensorDict(tree, batch_size=batch_size, device=device)
+    if isinstance(tree, tuple):
+        return tuple(_as_tensordicts(item, layouts) for item in tree)
+    return tree
