@@ -110,7 +110,16 @@ def torchrl_steps(setup: Setup, mode: str) -> Steps:
     if mode == "cudagraphs":  # the script's compile.cudagraphs path: compiled (default mode), then tensordict's graph
         from tensordict.nn import CudaGraphModule
 
-        return Steps(CudaGraphModule(torch.compile(update), in_keys=[], out_keys=[], warmup=5))  # graphs: torchrl-compile's
+        graphed = CudaGraphModule(torch.compile(update), in_keys=[], out_keys=[], warmup=5)  # graphs: torchrl-compile's
+        batch_keys = []
+
+        def replay(data):
+            # the script samples a fresh batch each update; the bench reuses one, into which TorchRL's actor writes
+            # entries that require grad, which CudaGraphModule refuses as inputs: the batch's own entries only
+            batch_keys[:] = batch_keys or list(data.keys(True, True))
+            return graphed(data.select(*batch_keys))
+
+        return Steps(replay)
     compiled = torch.compile(update, mode="reduce-overhead")
     on_cuda = str(setup.device).startswith("cuda")
 
