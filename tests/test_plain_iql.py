@@ -1,0 +1,92 @@
+"""benchmarks/plain_iql.py, the plain reference the locomotion study holds the package to, takes the update of
+tests/reference.py's float64 IQL in CORL's order: V(s') and the advantage from V before its step (the reference's
+``order="summed"``), the critics on the mean of their two squared errors, the actor's learning rate on the cosine,
+the target critics soft-updated."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from reference import ReferenceIQL, max_abs_diff
+
+OBS, ACT, B, STEPS, TOTAL = 3, 2, 64, 6, 20
+# plain_iql run in float64 (its expectile weights |τ − 1(u < 0)| stay float32: 0.7 is 0.69999999, V 2e-8 off)
+TOL = 1e-7
+
+
+class CorlReference(ReferenceIQL):
+    """The reference with CORL's critic loss: the mean of the two critics' squared errors, not their sum. Adam
+    does not see a constant factor, except through its ε where a gradient is near 0: the sum ends 7e-4 away."""
+
+    def critic_loss(self, critics, value_params, batch):
+        return super().critic_loss(critics, value_params, batch) / 2
+
+
+def load_plain_iql():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_iql.py"
+    spec = importlib.util.spec_from_file_location("plain_iql", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def linear_params(net: torch.nn.Sequential, stacked=None) -> dict:
+    """``{("<layer>", "weight"|"bias"): float64 tensor}`` of an MLP; ``stacked``: the same layers of twin MLPs, stacked."""
+    nets = [net] if stacked is None else stacked
+    params = {}
+    for index, layer in enumerate(nets[0]):
+        if isinstance(layer, torch.nn.Linear):
+            for name in ("weight", "bias"):
+                tensors = [getattr(n[index], name).detach().double() for n in nets]
+                params[(str(index), name)] = tensors[0].clone() if stacked is None else torch.stack(tensors)
+    return params
+
+
+def as_reference(plain) -> dict:
+    return {
+        "actor": {**linear_params(plain.actor.mean), ("log_std",): plain.actor.log_std.detach().double().clone()},
+        "critics": linear_params(None, stacked=list(plain.q)),
+        "targets": linear_params(None, stacked=list(plain.q_target)),
+        "value": linear_params(plain.v),
+    }
+
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        yield {"observation": torch.randn(B, OBS, generator=g, dtype=torch.float64),
+               "action": torch.rand(B, ACT, generator=g, dtype=torch.float64) * 1.8 - 0.9,
+               "reward": torch.randn(B, generator=g, dtype=torch.float64),
+               "next_observation": torch.randn(B, OBS, generator=g, dtype=torch.float64),
+               "terminated": (torch.rand(B, generator=g) < 0.2).double()}
+
+
+def run(order: str, reference_class=CorlReference):
+    plain_iql = load_plain_iql()
+    torch.manual_seed(0)
+    args = argparse.Namespace(steps=TOTAL, beta=3.0, iql_tau=0.7, discount=0.99)
+    plain = plain_iql.PlainIQL(OBS, ACT, args)
+    for module in (plain.actor, plain.v, plain.q, plain.q_target):
+        module.double()
+    start = as_reference(plain)
+    reference = reference_class(start["actor"], start["critics"], start["targets"], start["value"], lr=3e-4, tau=0.005,
+                             total_steps=TOTAL, gamma=0.99, expectile=0.7, temperature=3.0, order=order)
+    for batch in batches():
+        plain.update(batch["observation"], batch["action"], batch["reward"], batch["next_observation"],
+                     batch["terminated"])
+        reference.step(batch)
+    end = as_reference(plain)
+    return {name: max_abs_diff(getattr(reference, attr), end[name])
+            for name, attr in (("actor", "actor"), ("critics", "critics"), ("targets", "targets"), ("value", "value"))}
+
+
+def test_plain_iql_takes_the_reference_update_in_corl_s_order():
+    gaps = run("summed")
+    assert max(gaps.values()) < TOL, gaps
+    # the wrong variant: the paper's order (the critics' target and the advantage from the stepped V) ends elsewhere
+    paper = run("paper")
+    assert paper["actor"] > 100 * TOL and paper["critics"] > 100 * TOL, paper
+    # and the critics' summed errors (the reference's own loss) end elsewhere too
+    summed_errors = run("summed", ReferenceIQL)
+    assert summed_errors["critics"] > 100 * TOL, summed_errors
