@@ -209,14 +209,7 @@ class IQLUpdate(LiveSettings):
             return _summed_losses(result), (result, scratch.select(*_batch_outputs(self.loss), strict=False))
 
         if torch.compiler.is_compiling():  # torch.func.grad traces into the one graph
-            layouts = []
-
-            def tensor_objective(tensors):
-                total, aux = objective(tensors)
-                return total, _as_dicts(aux, layouts)
-
-            grads, aux = torch.func.grad(tensor_objective, has_aux=True)({g: self.params[g] for g in groups})
-            result, written = _as_tensordicts(aux, iter(layouts))
+            grads, (result, written) = _grad_with_tensordicts(objective, {g: self.params[g] for g in groups})
             grads = [grad for g in groups for grad in grads[g]]
         else:  # eager, autograd has no functional wrappers to pay for
             with torch.enable_grad():
@@ -313,12 +306,24 @@ def metrics_to_floats(metrics: TensorDict) -> dict[str, float]:
     return {key: float(value.float().mean()) for key, value in metrics.items()}
 
 
-def _as_dicts(tree, layouts: list):
-    """``tree`` with each TensorDict as a flat dict of its tensors, its batch size and device appended to ``layouts``.
+def _grad_with_tensordicts(objective, params):
+    """``torch.func.grad(objective, has_aux=True)(params)``, the TensorDicts of its auxiliary output carried as dicts.
 
     ``torch.func.grad``'s auxiliary output may hold tensors in tuples and dicts only: a TensorDict is one of those
     only while it is registered in torch's pytree, and tensordict's ``CudaGraphModule`` unregisters it for the whole
     process when a user builds one."""
+    layouts = []
+
+    def tensor_objective(tensors):
+        total, aux = objective(tensors)
+        return total, _as_dicts(aux, layouts)
+
+    grads, aux = torch.func.grad(tensor_objective, has_aux=True)(params)
+    return grads, _as_tensordicts(aux, iter(layouts))
+
+
+def _as_dicts(tree, layouts: list):
+    """``tree`` with each TensorDict as a flat dict of its tensors, its batch size and device appended to ``layouts``."""
     if isinstance(tree, TensorDictBase):
         layouts.append((tree.batch_size, tree.device))
         return dict(tree.items(include_nested=True, leaves_only=True))
