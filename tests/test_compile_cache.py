@@ -173,15 +173,19 @@ def test_a_tampered_entry_is_compiled_anew(filled_cache, tmp_path):
     assert entry.read_bytes() != bytes(data)  # rewritten by the new compilation
 
 
-@pytest.mark.parametrize("change", ["tau", "expectile", "hidden layer", "lr", "loss_function"])
+@pytest.mark.parametrize("change", ["tau", "expectile", "hidden layer", "lr", "loss_function", "update subclass"])
 def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
     # τ and the learning rates are tensors the compiled step reads: one entry serves them all; what the
     # graph bakes in (the networks, the critic loss) changes the entry; the expectile, a tensor too,
     # changes it through the number the loss keeps beside it (a needless miss, never a wrong hit)
     from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
 
-    def key(loss=None, **kwargs):
-        update = IQLUpdate(loss or _loss(), mode="eager", **kwargs)
+    class ClippedUpdate(IQLUpdate):  # a user's own step: the gradients clipped before Adam
+        def _optimizer_step(self, group, grads):
+            super()._optimizer_step(group, [g.clamp(-1, 1) for g in grads])
+
+    def key(loss=None, update_class=IQLUpdate, **kwargs):
+        update = update_class(loss or _loss(), mode="eager", **kwargs)
         return entry_key(compiled_step_description(update))
 
     base = key()
@@ -193,6 +197,8 @@ def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
         loss = _loss()
         loss.expectile = 0.9
         assert key(loss) != base
+    elif change == "update subclass":  # it would load the base's step, and train without its clipping
+        assert key(update_class=ClippedUpdate) != base
     elif change == "loss_function":
         loss = _loss()
         loss.loss_function = "l1"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CompiledStepCache", "default_cache_folder", "entry_key", "describe_objects"]
+__all__ = ["CompiledStepCache", "default_cache_folder", "entry_key", "describe_objects", "describe_classes"]
 
 _SUFFIX = ".step"
 _KEY_FILE = "secret.key"
@@ -100,6 +100,12 @@ def describe_objects(*objects) -> list:
     for obj in objects:
         visit(obj, "")
     return out
+
+
+def describe_classes(obj) -> list:
+    """``obj``'s class and its bases, each named with a hash of the file defining it: a subclass that changes
+    the step (an overridden method) never loads its base's compiled step, nor the base a subclass's."""
+    return [[f"{cls.__module__}.{cls.__qualname__}", _source_hash(cls)] for cls in type(obj).__mro__ if cls is not object]
 
 
 def _plain(value) -> bool:

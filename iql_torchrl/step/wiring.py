@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from iql_torchrl.step.compile_cache import CompiledStepCache, describe_objects
+from iql_torchrl.step.compile_cache import CompiledStepCache, describe_classes, describe_objects
 from iql_torchrl.step.eager_check import EagerCheck, tolerance
 from iql_torchrl.step.modes import StepRunner, call_structure
 
@@ -59,9 +59,10 @@ def written_tensors(update) -> list[Tensor]:
 
 def compiled_step_description(update) -> dict:
     """Everything the compiled step bakes in besides its call signature, for the compile cache: the update's
-    settings, every plain attribute and class source of the loss and its networks, and the structure of the
-    parameters and optimizer state it reads."""
+    class and settings, every plain attribute and class source of the loss and its networks, and the structure
+    of the parameters and optimizer state it reads."""
     return {
+        "class": describe_classes(update),
         "update": {"order": update.order, "precision": update.precision, "bf16_min_features": update.bf16_min_features,
                    "optimizers": {g: {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")}
                                   for g, opt in update.optimizers.items()}},
