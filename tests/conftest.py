@@ -39,10 +39,17 @@ class TinyDatasets(NamedTuple):
     reference_episodes: int = TINY_REFERENCE_EPISODES
 
 
+@pytest.fixture(scope="session")
+def session_compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("compiled-steps")
+
+
 @pytest.fixture(autouse=True)
-def no_compiled_step_cache(monkeypatch):
-    """Runs compile their steps afresh (tests of the compiled-step cache pass a folder of their own)."""
-    monkeypatch.setenv("IQL_TORCHRL_COMPILE_CACHE", "")
+def shared_compiled_step_cache(monkeypatch, session_compile_cache):
+    """Jobs keep their compiled steps in one folder for the session, never the user's: a step compiled once
+    (same class, settings, shapes: the cache's key) loads in later tests (tests of the cache pass a folder of
+    their own)."""
+    monkeypatch.setenv("IQL_TORCHRL_COMPILE_CACHE", str(session_compile_cache))
 
 
 @pytest.fixture(autouse=True)
