@@ -31,19 +31,59 @@ def _write_snapshots(folder, returns, step=10_000, warmup=10_000):
 
 @pytest.fixture
 def kept(tmp_path, monkeypatch):
-    """Hopper policies kept from snapshots returning 10, 130, 140, 400, 300 at frames 10k … 50k."""
+    """Hopper policies kept from snapshots logged as returning 10, 90, 140, 400, 300 at frames 10k … 50k."""
     monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "policies")
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
-    _write_snapshots(tmp_path / "training", [10.0, 130.0, 140.0, 400.0, 300.0])
-    return locomotion.keep_policies("hopper", tmp_path / "training")
+    _write_snapshots(tmp_path / "training", [10.0, 90.0, 140.0, 400.0, 300.0])
+    return locomotion.keep_policies("hopper", tmp_path / "training", episodes=0, progress=False)
 
 
 def test_the_expert_is_the_best_snapshot_and_medium_the_first_at_a_third_of_it(kept):
     assert kept["expert"]["frames"] == 40_000  # the highest return (400), not the last snapshot (300)
-    # a third of 400 is 133.3: the first snapshot reaching it returns 140 (frame 30k); the closest to it is 130
+    # a third of 400 is 133.3; within 25% of it (100-166.7): 140, at frame 30k
     assert kept["medium"]["frames"] == 30_000
     assert [entry["frames"] for entry in kept["replay"]] == [10_000, 20_000]  # medium-replay's stages before medium
     assert kept["warmup_frames"] == 10_000
+
+
+def test_a_spike_far_above_a_third_is_not_the_medium_policy(tmp_path, monkeypatch):
+    monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "policies")
+    _write_snapshots(tmp_path / "training", [10.0, 390.0, 140.0, 400.0, 300.0])
+    kept = locomotion.keep_policies("hopper", tmp_path / "training", episodes=0, progress=False)
+    # the first snapshot reaching a third (133.3) is the spike at 20k (390, the expert's level); about a third is 30k
+    assert kept["medium"]["frames"] == 30_000
+    # none within 25% of a third: the closest to it (10 and 390 against 133.3 → 390 is 256.7 away, 10 is 123.3)
+    monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "other")
+    shutil.rmtree(tmp_path / "training")
+    _write_snapshots(tmp_path / "training", [10.0, 390.0, 400.0])
+    assert locomotion.keep_policies("hopper", tmp_path / "training", episodes=0, progress=False)["medium"]["frames"] == 10_000
+
+
+def test_keeping_re_measures_each_snapshot_instead_of_trusting_the_log(tmp_path, monkeypatch):
+    """Random actors logged as returning 5000 and 9: re-measured over 3 episodes, both return what random actors do."""
+    monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "policies")
+    _write_snapshots(tmp_path / "training", [9.0, 5000.0])
+    kept = locomotion.keep_policies("hopper", tmp_path / "training", episodes=3, progress=False)
+    assert kept["evaluation_episodes"] == 3
+    chosen = kept["expert"]
+    assert chosen["logged_return"] in (9.0, 5000.0) and chosen["mean_return"] < 500  # no random actor hops to 5000
+    # the measured mean lies among the returns of the same actor's episodes played here by hand
+    env = gym.make("Hopper-v5")
+    actor = behaviour.snapshot_policy(load_snapshot(locomotion.POLICIES / "hopper" / "expert.pt"), "Hopper-v5")
+    from tensordict import TensorDict
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    returns = []
+    for seed in range(30):
+        observation, _ = env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+                action = actor(TensorDict(observation=torch.as_tensor(observation, dtype=torch.float32)))["action"]
+            observation, reward, terminated, truncated, _ = env.step(action.numpy())
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    assert min(returns) <= chosen["mean_return"] <= max(returns)
 
 
 def test_keeping_an_absent_snapshot_names_the_frames_there_are(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@
     python -m iql_torchrl.datasets build ID [ID ...] [--episodes N] [--seed S] [--overwrite]
     python -m iql_torchrl.datasets build --all
     python -m iql_torchrl.datasets train-behaviour {hopper,walker2d,halfcheetah} FOLDER [--frames N]
-    python -m iql_torchrl.datasets keep-policies {hopper,walker2d,halfcheetah} FOLDER [--medium-frames N] [--expert-frames N]
+    python -m iql_torchrl.datasets keep-policies {hopper,walker2d,halfcheetah} FOLDER [--medium-frames N] [--expert-frames N] [--episodes N]
 
 Datasets are written under ``MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``).
 """
@@ -134,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     keep.add_argument("environment", choices=sorted(ENVIRONMENTS), help="the locomotion task")
     keep.add_argument("folder", help="the training folder")
     keep.add_argument("--medium-frames", type=_at_least(1), default=None,
-                      help="the medium snapshot (default: the first reaching a third of the expert's return)")
+                      help="the medium snapshot (default: the first within 25%% of a third of the expert's return)")
     keep.add_argument("--expert-frames", type=_at_least(1), default=None,
                       help="the expert snapshot (default: the highest return)")
+    keep.add_argument("--episodes", type=_at_least(0), default=10,
+                      help="episodes that re-measure each snapshot's return before choosing (default 10; 0: the "
+                           "training log's 5)")
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list()
@@ -152,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keep-policies":
         try:
             kept = keep_policies(args.environment, args.folder, medium_frames=args.medium_frames,
-                                 expert_frames=args.expert_frames)
+                                 expert_frames=args.expert_frames, episodes=args.episodes)
         except (FileNotFoundError, ValueError) as error:
             print(f"keep-policies: {error}", file=sys.stderr)
             return 2
         for name in ("medium", "expert"):
-            print(f"{name}: frame {kept[name]['frames']}, return {kept[name]['mean_return']}")
+            print(f"{name}: frame {kept[name]['frames']}, return {kept[name]['mean_return']} over "
+                  f"{kept['evaluation_episodes'] or 'the log'}'s episodes (logged {kept[name]['logged_return']})")
         print(f"medium-replay: {len(kept['replay'])} snapshots before the medium one")
         return 0
     return _build(args)

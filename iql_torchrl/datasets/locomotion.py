@@ -31,7 +31,7 @@ import torch
 from iql_torchrl.datasets.behaviour import ENVIRONMENTS, Snapshot, load_snapshot, snapshot_policy
 
 __all__ = ["D4RL_REFERENCE", "LOCOMOTION_BUILDERS", "LOCOMOTION_KINDS", "LocomotionRecipe", "POLICIES",
-           "collect_locomotion_episodes", "keep_policies", "kept_policies"]
+           "collect_locomotion_episodes", "evaluate_snapshots", "keep_policies", "kept_policies"]
 
 LOCOMOTION_KINDS = ("medium", "medium-replay", "expert", "medium-expert")
 POLICIES = Path(__file__).parent / "policies"
@@ -39,6 +39,7 @@ POLICIES = Path(__file__).parent / "policies"
 D4RL_REFERENCE = {"hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0)}
 FRAMES = 1_000_000  # transitions in a medium or expert set (each half of medium-expert)
 NUM_ENVS = 32  # environments stepped side by side, their observations batched through the policy
+EVALUATION_SEED = 10_000_000  # first reset seed of keep-policies' re-evaluation, far from any set's episodes
 
 
 @dataclass(frozen=True)
@@ -209,12 +210,37 @@ def locomotion_episodes(recipe: LocomotionRecipe, episodes: int | None, seed: in
     return collected, names
 
 
+def evaluate_snapshots(task: str, files: list[Path], episodes: int, progress: bool = True) -> dict[Path, float]:
+    """Each snapshot's mean return over ``episodes`` fresh episodes of its stochastic policy (resets seeded from
+    :data:`EVALUATION_SEED`, actions from one stream seeded 0), the episodes of all snapshots under one bar."""
+    from tqdm import tqdm
+
+    env_id = ENVIRONMENTS[task]
+    env = gym.make(env_id)
+    action_space = env.action_space
+    env.close()
+    returns = {}
+    with torch.random.fork_rng(devices=[]), tqdm(total=len(files) * episodes, unit="episode", disable=not progress,
+                                                  desc=f"re-evaluating {task}'s snapshots") as bar:
+        torch.manual_seed(0)
+        for path in files:
+            sampler = _sampler(load_snapshot(path), env_id, action_space)
+            played = collect_locomotion_episodes(env_id, sampler, EVALUATION_SEED, episodes=episodes,
+                                                 progress=lambda n: bar.update())
+            returns[path] = float(np.mean([episode["rewards"].sum() for episode in played]))
+    return returns
+
+
 def keep_policies(task: str, folder: str | Path, *, medium_frames: int | None = None,
-                  expert_frames: int | None = None, root: Path | None = None) -> dict:
-    """Copy a training folder's snapshots into the package: the expert (``expert_frames``, default the snapshot of
-    the highest return), the medium (``medium_frames``, default the first snapshot reaching a third of the expert's
-    return), and every snapshot before the medium one (medium-replay's stages). Returns what it wrote to
-    ``policies.json``."""
+                  expert_frames: int | None = None, episodes: int = 10, root: Path | None = None,
+                  progress: bool = True) -> dict:
+    """Copy a training folder's snapshots into the package: the expert, the medium, and every snapshot before the
+    medium one (medium-replay's stages). Returns what it wrote to ``policies.json``.
+
+    A snapshot's return is re-measured over ``episodes`` episodes (0: the training log's, 5 episodes, which swing
+    by thousands on hopper). The expert (``expert_frames``) defaults to the highest return; the medium
+    (``medium_frames``) to the first snapshot within 25% of a third of the expert's return (a spike far above a
+    third is not medium data), else the one closest to a third."""
     folder = Path(folder)
     files = sorted((folder / "snapshots").glob("frames-*.pt"))
     if not files:
@@ -223,25 +249,32 @@ def keep_policies(task: str, folder: str | Path, *, medium_frames: int | None = 
     entries = {path: load_snapshot(path) for path in files}
     by_frames = {snap.frames: path for path, snap in entries.items()}
 
-    def pick(frames: int | None, default: Path, what: str) -> Path:
+    def pick(frames: int | None, default: Callable[[], Path], what: str) -> Path:
         if frames is None:
-            return default
+            return default()
         if frames not in by_frames:
             raise ValueError(f"--{what}-frames {frames}: no snapshot at that frame; there are {sorted(by_frames)}.")
         return by_frames[frames]
 
-    expert = pick(expert_frames, max(entries, key=lambda p: entries[p].mean_return), "expert")
-    third = entries[expert].mean_return / 3
-    default_medium = next((p for p in files if entries[p].mean_return >= third), files[0])
+    pick(expert_frames, lambda: files[0], "expert"), pick(medium_frames, lambda: files[0], "medium")  # refuse first
+    logged = {path: snap.mean_return for path, snap in entries.items()}
+    measured = evaluate_snapshots(task, files, episodes, progress) if episodes else logged
+    expert = pick(expert_frames, lambda: max(files, key=measured.get), "expert")
+    third = measured[expert] / 3
+
+    def default_medium() -> Path:
+        near = [path for path in files if abs(measured[path] - third) <= 0.25 * abs(third)]
+        return near[0] if near else min(files, key=lambda path: abs(measured[path] - third))
+
     medium = pick(medium_frames, default_medium, "medium")
     target = (POLICIES if root is None else root) / task
     shutil.rmtree(target, ignore_errors=True)
     (target / "replay").mkdir(parents=True)
     describe = lambda path, name: dict(file=name, frames=entries[path].frames,  # noqa: E731
-                                       mean_return=round(entries[path].mean_return, 2))
+                                       mean_return=round(measured[path], 2), logged_return=round(logged[path], 2))
     warmup = json.loads((folder / "settings.json").read_text())["warmup_frames"]
     kept = {"medium": describe(medium, "medium.pt"), "expert": describe(expert, "expert.pt"), "replay": [],
-            "warmup_frames": warmup}
+            "warmup_frames": warmup, "evaluation_episodes": episodes}
     shutil.copyfile(medium, target / "medium.pt")
     shutil.copyfile(expert, target / "expert.pt")
     for path in files:
