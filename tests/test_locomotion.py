@@ -207,3 +207,16 @@ def test_the_command_stops_on_sigterm_with_a_checkpoint(tmp_path):
     assert process.returncode == 130 and "keeps a checkpoint: run the same command to go on" in err
     frames = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["frames"]
     assert frames >= 100 and (tmp_path / "buffer-frames").read_text().strip() == str(frames)
+
+
+def test_the_package_s_hopper_policies_play_as_policies_json_says(tmp_path, monkeypatch):
+    """The kept hopper expert hops to the end of its episode; the medium policy falls early, at about a third."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    kept = locomotion.kept_policies("hopper")
+    dataset = build_dataset("iql_torchrl/hopper/medium-expert-v0", episodes=4, progress=False)
+    returns = {"medium": [], "expert": []}
+    for episode, metadata in zip(dataset.iterate_episodes(), dataset.storage.get_episode_metadata(range(4))):
+        returns[metadata["policy"]].append(float(episode.rewards.sum()))
+    assert kept["expert"]["mean_return"] > 3000 and min(returns["expert"]) > 2500
+    assert max(returns["medium"]) < 0.5 * kept["expert"]["mean_return"]
+    assert kept["medium"]["mean_return"] == pytest.approx(kept["expert"]["mean_return"] / 3, rel=0.25)
