@@ -2,6 +2,7 @@
 
     python benchmarks/bench_eager_check.py                         # 50 seeds, fp32 and bf16
     python benchmarks/bench_eager_check.py --seeds 100 --json benchmarks/results/results_eager_check.json
+    python benchmarks/bench_eager_check.py --cost 5 --threads 2   # what the check costs the default job
 
 At the job's shapes (obs 17, action 6, 2×256 networks, batch 256, paper order), the step is compiled once per
 precision; each seed then loads its own initial networks and a fresh optimizer state into it, in place, and
@@ -103,6 +104,46 @@ def checked_runs(precision: str, seeds: int, calls: int, planted: bool) -> list[
     return runs
 
 
+def check_cost(rounds: int, steps: int = 10_000) -> dict:
+    """What the eager check adds to a run at the default job's shapes (pendulum: obs 3, action 1; 2×256, batch 256,
+    fp32): calls 2 and 3 of a checked and of an unchecked compiled step (the first call loads the compilation from a
+    cache both share, and its time swings with the disk), rounds alternating; the check of the first call costs as
+    much as each of the others', so a run pays 3/2 of the difference. Also the unchecked step's time an update
+    after them."""
+    import tempfile
+    import time
+
+    torch.manual_seed(0)
+    data = TensorDict({"observation": torch.randn(DATA, 3), "action": torch.rand(DATA, 1) * 2 - 1,
+                       ("next", "observation"): torch.randn(DATA, 3), ("next", "reward"): torch.randn(DATA, 1),
+                       ("next", "terminated"): torch.zeros(DATA, 1, dtype=torch.bool),
+                       ("next", "done"): torch.zeros(DATA, 1, dtype=torch.bool)}, [DATA])
+    batches = [torch.randint(0, DATA, (BATCH,)) for _ in range(23)]
+    first = {"checked": [], "unchecked": []}
+    later = []
+    with tempfile.TemporaryDirectory() as cache:
+        for round_ in range(rounds + 1):  # round 0 fills the cache: not counted
+            for name, checks in (("checked", 2), ("unchecked", 0)):
+                torch.manual_seed(round_)
+                loss = IQLLoss(*make_iql_networks(3, 1, hidden_sizes=HIDDEN))
+                update = IQLUpdate(loss, data=data, mode="compile", precision="fp32", total_steps=steps,
+                                   eager_checks=checks, compile_cache=cache)
+                times = []
+                for batch in batches:
+                    start = time.perf_counter()
+                    update(batch)
+                    times.append(time.perf_counter() - start)
+                if round_:
+                    first[name].append(sum(times[1:3]))
+                    if name == "unchecked":
+                        later.append(statistics.median(times[3:]))
+    extra = 1.5 * (statistics.median(first["checked"]) - statistics.median(first["unchecked"]))
+    per_update = statistics.median(later)
+    return {"rounds": rounds, "calls_2_3_checked_s": first["checked"], "calls_2_3_unchecked_s": first["unchecked"],
+            "update_s": per_update, "check_s": extra, "run_updates": steps,
+            "fraction_of_run": extra / (extra + steps * per_update)}
+
+
 def summary(runs: list[list[dict[str, float]]], bound: float) -> dict:
     seed_worst = [max(call[name] for call in run for name in NETWORKS) for run in runs]
     return {
@@ -123,8 +164,23 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cost", type=int, metavar="ROUNDS", help="measure what the check costs the default job "
+                        "(ROUNDS alternating rounds) instead of its false alarms")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cost:
+        cost = check_cost(args.cost)
+        cost.update(host=cpu_name(), torch=torch.__version__, threads=args.threads)
+        print(f"host: {cost['host']}; torch {cost['torch']}; {args.threads} thread(s); {args.cost} rounds")
+        print("| calls 2-3, checked (ms) | calls 2-3, unchecked (ms) | the check, 3 calls (ms) | an update after (ms) | "
+              "share of a 10,000-update run |")
+        print("|---|---|---|---|---|")
+        print(f"| {statistics.median(cost['calls_2_3_checked_s']) * 1e3:.1f} | "
+              f"{statistics.median(cost['calls_2_3_unchecked_s']) * 1e3:.1f} | {cost['check_s'] * 1e3:.1f} | "
+              f"{cost['update_s'] * 1e3:.2f} | {100 * cost['fraction_of_run']:.2f}% |")
+        if args.json:
+            args.json.write_text(json.dumps(cost, indent=1))
+        return
     results = {"host": cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
                "threads": args.threads, "shapes": {"obs": OBS, "action": ACT, "hidden": HIDDEN, "batch": BATCH},
                "calls": args.calls, "rows": []}

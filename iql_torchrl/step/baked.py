@@ -14,13 +14,13 @@ graph reads, not values it bakes: changing them compiles nothing.
 from __future__ import annotations
 
 import ast
+import operator
 import re
-import textwrap
 
 import torch
 from tensordict import TensorDictBase
 
-__all__ = ["BakedValues", "VALUE_GUARDS"]
+__all__ = ["BakedValues", "CHANGED", "VALUE_GUARDS"]
 
 # dynamo guard types that compare a value the trace read (or its type) with the one it saw
 VALUE_GUARDS = ("CONSTANT_MATCH", "EQUALS_MATCH", "TYPE_MATCH")
@@ -36,6 +36,7 @@ class BakedValues:
     """
 
     def __init__(self, reads: list[tuple[str, str]]):
+        """``ValueError`` when an expression is not a chain of attributes and constant subscripts of ``self``."""
         self.reads = [tuple(r) for r in reads]
         self._read = _reader(self.reads)
 
@@ -63,38 +64,87 @@ class BakedValues:
         return [list(r) for r in self.reads]
 
 
-_CHANGED = object()  # what a read that fails returns: never equal to a value read before
+CHANGED = object()  # what a read that fails returns: never equal to a value read before
+
+
+def _path(expression: str) -> tuple | None:
+    """``expression``'s steps from ``self``, ``("attr", name)`` or ``("item", key)``, when it
+    is a chain of attributes and constant subscripts of ``self``; ``None`` for anything else."""
+    try:
+        node = ast.parse(expression, mode="eval").body
+    except SyntaxError:
+        return None
+    steps = []
+    while not (isinstance(node, ast.Name) and node.id == "self"):
+        if isinstance(node, ast.Attribute):
+            steps.append(("attr", node.attr))
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            steps.append(("item", node.slice.value))
+        else:
+            return None
+        node = node.value
+    return tuple(reversed(steps))
 
 
 def _reader(reads: list[tuple[str, str]]):
     """One function reading every expression of ``reads``, each attribute or item of a shared prefix read
-    once (the reads walk the same objects: ``self.loss.actor_network...``), so a check costs microseconds."""
-    lines, names, results = [], {}, []
-
-    def node(expression: ast.expr) -> str:
-        key = ast.dump(expression)
-        if key not in names:
-            if isinstance(expression, ast.Name):
-                return expression.id
-            if isinstance(expression, ast.Attribute):
-                text = f"{node(expression.value)}.{expression.attr}"
-            elif isinstance(expression, ast.Subscript) and isinstance(expression.slice, ast.Constant):
-                text = f"{node(expression.value)}[{expression.slice.value!r}]"
-            else:  # anything else is read whole
-                text = ast.unparse(expression)
-            names[key] = f"_{len(names)}"
-            lines.append(f"    {names[key]} = {text}")
-        return names[key]
-
+    once (the reads walk the same objects: ``self.loss.actor_network...``), so a check costs microseconds:
+    a run of attributes is one ``operator.attrgetter``, an item one ``operator.itemgetter``."""
+    nodes: list[tuple[int, object]] = []  # (the node it reads from, the getter); node 0 is ``self``
+    index: dict[tuple, int] = {(): 0}  # a path's prefix → its node
+    results = []
     for kind, expression in reads:
-        name = node(ast.parse(expression, mode="eval").body)
-        results.append(name if kind == "value" else f"_type_name({name})")
-    body = "\n".join(lines) or "    pass"
-    source = (f"def read(self):\n    try:\n{textwrap.indent(body, '    ')}\n    except Exception:\n        return _CHANGED\n"
-              f"    return ({''.join(r + ', ' for r in results)})\n")
-    scope = {"_type_name": _type_name, "_CHANGED": _CHANGED}
-    exec(compile(source, "<baked values>", "exec"), scope)  # noqa: S102 -- code built from dynamo's guard sources
-    return scope["read"]
+        path = _path(expression)
+        if path is None:
+            raise ValueError(f"{expression!r} is not a chain of attributes and constant subscripts of self")
+        for depth in range(1, len(path) + 1):
+            if path[:depth] not in index:
+                index[path[:depth]] = len(nodes) + 1
+                nodes.append((index[path[:depth - 1]], path[depth - 1]))
+        results.append((index[path], kind == "type"))
+    nodes = _merge_attribute_runs(nodes, {i for i, _ in results})
+    size = len(index)
+    plain = operator.itemgetter(*(i for i, _ in results)) if results else None
+    types = [position for position, (_, is_type) in enumerate(results) if is_type]
+
+    def read(owner) -> tuple:
+        values = [owner] * size
+        try:
+            for node, source, getter in nodes:
+                values[node] = getter(values[source])
+        except Exception:
+            return CHANGED
+        if plain is None:
+            return ()
+        out = plain(values)
+        out = list(out) if len(results) > 1 else [out]
+        for position in types:
+            out[position] = _type_name(out[position])
+        return tuple(out)
+
+    return read
+
+
+def _merge_attribute_runs(nodes: list[tuple[int, tuple]], kept: set[int]) -> list[tuple[int, int, object]]:
+    """``(node, source, getter)`` per node that is read, an unbranched run of attributes folded into one getter."""
+    children: dict[int, int] = {}
+    for source, _ in nodes:
+        children[source] = children.get(source, 0) + 1
+    merged, through = [], {0: (0, ())}  # node → (the node its run starts from, the attribute names since)
+    for number, (source, (kind, name)) in enumerate(nodes, start=1):
+        start, names = through[source]
+        if kind == "attr":
+            names = (*names, name)
+            if children.get(number, 0) == 1 and number not in kept:  # a link inside a run: read with the run's end
+                through[number] = (start, names)
+                continue
+            merged.append((number, start, operator.attrgetter(".".join(names))))
+        else:
+            if names:
+                merged.append((source, start, operator.attrgetter(".".join(names))))
+            merged.append((number, source, operator.itemgetter(name)))
+        through[number] = (number, ())
+    return merged
 
 
 # a class attribute dynamo read for an object that has none of its own: dict(type(X)[.__mro__[k]].__dict__)['name']
@@ -117,10 +167,12 @@ def _type_name(obj) -> str:
 def _readable(read: tuple[str, str], owner) -> bool:
     """Whether ``read`` evaluates on ``owner`` to a plain value (a tensor, a module, a dict is not one)."""
     kind, expression = read
-    try:
-        value = eval(compile(f"lambda self: {expression}", "<baked value>", "eval"), {})(owner)  # noqa: S307
-    except Exception:  # a guard's source that is not plain Python (dynamo's own helpers)
+    if _path(expression) is None:  # a guard's source that is not a plain read (dynamo's own helpers)
         return False
+    value = _reader([read])(owner)
+    if value is CHANGED:
+        return False
+    value = value[0]
     if kind == "type":  # a replaced module or object; tensors and containers are checked by what they hold
         return not isinstance(value, (torch.Tensor, TensorDictBase, dict, list, tuple))
     return isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))

@@ -39,7 +39,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from iql_torchrl.step.baked import BakedValues
+from iql_torchrl.step.baked import CHANGED, BakedValues
 from iql_torchrl.step.compile_cache import CompiledStepCache, entry_key
 from iql_torchrl.step.cuda_graph import CudaGraphStep
 from iql_torchrl.step.eager_check import EagerCheck, StepMismatch
@@ -272,9 +272,9 @@ class StepRunner:
             loaded = self.cache.load(key, self.step_function.__globals__)
             if loaded is not None:
                 step, reads, values = loaded
-                baked = BakedValues(reads)
+                baked = BakedValues(reads)  # entries hold only the reads from_guards kept
                 now = baked(owner)
-                if _plain_values(now) == _plain_values(values):
+                if now is not CHANGED and _plain_values(now) == _plain_values(values):
                     self.compilations += 1
                     step.disable_guard_check()
                     return baked, now, step
