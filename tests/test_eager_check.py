@@ -16,6 +16,7 @@ from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, StepMismatch, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
+from iql_torchrl.step.compile_cache import default_cache_folder
 from iql_torchrl.step.eager_check import tolerance
 from iql_torchrl.step.update import IQLUpdate
 
@@ -46,6 +47,11 @@ class WrongWaySmallActorTensors(IQLUpdate):
             p.copy_(2 * b - p)
 
 
+def compiled(kind, loss, **kwargs):
+    """``kind(loss)`` in compile mode, its compilation kept in the session's cache: a step compiled alike loads."""
+    return kind(loss, mode="compile", compile_cache=default_cache_folder(), **kwargs)
+
+
 def make_loss(seed=1):
     torch.manual_seed(seed)
     return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16)))
@@ -67,7 +73,7 @@ def named(message: str) -> set[str]:
 def test_a_compiled_step_that_moves_the_actor_twice_is_caught_before_it_trains():
     data = random_transitions(N, OBS, ACT)
     loss = make_loss()
-    update = DoubledActorStep(loss, data=data, mode="compile")
+    update = compiled(DoubledActorStep, loss, data=data)
     before = params(loss)
     with pytest.raises(StepMismatch) as caught:
         update(indices(1)[0])
@@ -85,7 +91,7 @@ def test_a_compiled_step_that_steps_two_six_element_actor_tensors_the_wrong_way_
     obs, act, n = 17, 6, 4_096
     torch.manual_seed(1)
     loss = IQLLoss(*make_iql_networks(obs, act, hidden_sizes=(256, 256)))
-    update = WrongWaySmallActorTensors(loss, data=random_transitions(n, obs, act), mode="compile")
+    update = compiled(WrongWaySmallActorTensors, loss, data=random_transitions(n, obs, act))
     before = params(loss)
     with pytest.raises(StepMismatch) as caught:
         update(torch.randint(0, n, (256,), generator=torch.Generator().manual_seed(0)))
@@ -106,7 +112,7 @@ def test_with_fall_back_the_mismatched_update_is_the_eager_step_s_and_the_step_r
     stream = indices(4)
     eager_loss, checked_loss = make_loss(), make_loss()
     eager = IQLUpdate(eager_loss, data=data)
-    checked = DoubledActorStep(checked_loss, data=data, mode="compile", fall_back_to_eager=True)
+    checked = compiled(DoubledActorStep, checked_loss, data=data, fall_back_to_eager=True)
     with pytest.warns(UserWarning, match=r"actor parameters differ .* runs eager from here"):
         checked(stream[0])
     for idx in stream:
@@ -117,7 +123,7 @@ def test_with_fall_back_the_mismatched_update_is_the_eager_step_s_and_the_step_r
         assert torch.equal(a, b), key
     # the wrong variant: the planted step, unchecked, trains a different actor
     planted_loss = make_loss()
-    planted = DoubledActorStep(planted_loss, data=data, mode="compile", eager_checks=0)
+    planted = compiled(DoubledActorStep, planted_loss, data=data, eager_checks=0)
     for idx in stream:
         planted(idx)
     actor = [k for k in params(eager_loss) if "actor" in k and "target" not in k]
@@ -128,8 +134,8 @@ def test_a_correct_compiled_step_passes_its_checks_and_trains_bitwise_as_if_unch
     data = random_transitions(N, OBS, ACT)
     stream = indices(5)
     checked_loss, unchecked_loss = make_loss(), make_loss()
-    checked = IQLUpdate(checked_loss, data=data, mode="compile", total_steps=5)
-    unchecked = IQLUpdate(unchecked_loss, data=data, mode="compile", total_steps=5, eager_checks=0)
+    checked = compiled(IQLUpdate, checked_loss, data=data, total_steps=5)
+    unchecked = compiled(IQLUpdate, unchecked_loss, data=data, total_steps=5, eager_checks=0)
     for idx in stream:
         a, b = checked(idx), unchecked(idx)
         assert all(torch.equal(a[k], b[k]) for k in a.keys())
@@ -144,7 +150,7 @@ def test_a_correct_compiled_step_passes_its_checks_and_trains_bitwise_as_if_unch
 def test_vmapped_seeds_compiled_with_a_wrong_step_are_caught_too():
     data = random_transitions(N, OBS, ACT)
     ensemble = SeedEnsemble([make_loss(1), make_loss(2)])
-    update = DoubledActorStep(ensemble, data=data, mode="compile")
+    update = compiled(DoubledActorStep, ensemble, data=data)
     with pytest.raises(StepMismatch, match="actor parameters differ"):
         update(torch.stack(indices(2)))
 

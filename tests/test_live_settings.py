@@ -17,6 +17,7 @@ from synthetic import random_transitions
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
+from iql_torchrl.step.compile_cache import default_cache_folder
 
 N, B, OBS, ACT, SEEDS = 256, 32, 3, 2, 2
 # float32 reassociation in inductor's kernels, grown over ~20 steps at learning rates up to 1e-2; every
@@ -99,6 +100,7 @@ def build(mode, *, seeds=False, discrete=False, cache=None, actor_dropout=0.0, t
         loss = make_loss(1, discrete, actor_dropout)
     # a gradient hook (torchrun's all-reduce) makes the compiled step a guarded torch.compile step
     hook = (lambda grads: grads) if guarded else None
+    cache = default_cache_folder() if cache is None else cache  # the session's: a step compiled alike loads
     return loss, IQLUpdate(loss, data=data, total_steps=total_steps, mode=mode, compile_cache=cache, grad_hook=hook,
                            precision=precision, bf16_min_features=BF16_MIN_FEATURES)
 

@@ -13,6 +13,7 @@ from synthetic import random_transitions
 from test_live_settings import CUDA_TOL  # the 16-wide CUDA comparisons' tolerance, from an H100 reading
 
 from iql_torchrl import IQLLoss, make_iql_networks
+from iql_torchrl.step.compile_cache import default_cache_folder
 from iql_torchrl.step.update import IQLUpdate, cosine_decay
 
 N, B, OBS, ACT = 512, 32, 3, 2
@@ -25,6 +26,7 @@ def dataset(seed=0):
 def make_update(data=None, seed=1, actor_dropout=0.0, device="cpu", **kwargs):
     torch.manual_seed(seed)
     loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16), actor_dropout=actor_dropout)).to(device)
+    kwargs.setdefault("compile_cache", default_cache_folder())  # the session's: a step compiled alike loads
     return loss, IQLUpdate(loss, data=data, **kwargs)
 
 

@@ -1,0 +1,101 @@
+"""Where the locomotion study's runs stand: each run's evaluations so far, read from its checkpoint.
+
+    python benchmarks/locomotion_study.py benchmarks/locomotion/hopper-medium-expert-paper \\
+        benchmarks/locomotion/hopper-medium-expert-corl --name hopper-medium-expert
+
+A run of the study is the main job with ``--sweep`` and ``--num-seeds 3`` (docs/locomotion.md has the commands);
+it writes its checkpoint every 5,000 updates and evaluates every 25,000, so this reads a run while it trains, or
+after it stopped. For each run and each of its settings, the mean ± std over seeds of the last and of each seed's
+best evaluation; every run's settings on one plot (``benchmarks/figures/locomotion_NAME.png``) and the numbers in
+``benchmarks/results/locomotion_NAME.json``. The checkpoint is read as weights only (nothing in it runs as code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from iql_torchrl.runs.config import OfflineConfig, config_from_dict
+from iql_torchrl.runs.sweep import member_settings, run_members, setting_label
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run_rows(run_dir: Path) -> dict:
+    """The run's settings: each one's seeds' curves, last and best evaluations (normalized scores)."""
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    config = config_from_dict(OfflineConfig, state["config"])
+    curve = state["curve"]
+    members = list(zip(member_settings(config), run_members(config)))
+    reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
+    rows = []
+    for setting in member_settings(config)[::config.num_seeds]:
+        own = [i for i, (s, _) in enumerate(members) if s == setting]
+        scores = [[point["per_seed"][i]["normalized_score"] for point in curve] for i in own]
+        label = f"{run_dir.name}: {setting_label(setting)}"
+        rows.append({
+            "run": run_dir.name, "label": label, **setting, "reward_transform": reward,
+            "normalize_observations": config.normalize_observations, "seeds": [members[i][1][1] for i in own],
+            "steps": [point["step"] for point in curve], "scores": scores,
+            "final_mean": statistics.fmean(s[-1] for s in scores), "final_std": statistics.pstdev(s[-1] for s in scores),
+            "best_mean": statistics.fmean(max(s) for s in scores), "best_std": statistics.pstdev(max(s) for s in scores),
+        })
+    return {"run": run_dir.name, "dataset": config.dataset, "updates_done": state["step"], "updates": config.steps,
+            "rows": rows}
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for run in runs:
+        for row in run["rows"]:
+            scores = np.array(row["scores"])
+            mean, std = scores.mean(axis=0), scores.std(axis=0)
+            line, = ax.plot(row["steps"], mean, marker="o", ms=3, label=row["label"])
+            ax.fill_between(row["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.axhline(100, color="gray", ls="--", lw=1)
+    ax.set_xlabel("updates")
+    ax.set_ylabel("D4RL-normalized score (mean ± std over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders of one dataset")
+    parser.add_argument("--name", required=True, help="the figure's and the JSON's name, e.g. hopper-medium-expert")
+    args = parser.parse_args()
+    missing = [str(run) for run in args.runs if not (run / "checkpoint.pt").exists()]
+    if missing:
+        print(f"locomotion_study: no checkpoint.pt in {', '.join(missing)}", file=sys.stderr)
+        return 2
+    runs = [run_rows(run) for run in args.runs]
+    print("| run: setting | reward | seeds | updates | last | best |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        for row in run["rows"]:
+            print(f"| {row['label']} | {row['reward_transform']} | {len(row['seeds'])} | {run['updates_done']:,} of "
+                  f"{run['updates']:,} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
+                  f"{row['best_mean']:.1f} ± {row['best_std']:.1f} |")
+    figure = ROOT / "figures" / f"locomotion_{args.name}.png"
+    plot(runs, figure, f"{runs[0]['dataset']}: IQL's settings as members of one sweep per run")
+    (ROOT / "results" / f"locomotion_{args.name}.json").write_text(json.dumps(runs, indent=1) + "\n")
+    print(f"wrote {figure.relative_to(ROOT.parent)} and benchmarks/results/locomotion_{args.name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
