@@ -1,13 +1,15 @@
 """Where the locomotion study's runs stand: each run's evaluations so far, read from its checkpoint.
 
     python benchmarks/locomotion_study.py benchmarks/locomotion/hopper-medium-expert-paper \\
-        benchmarks/locomotion/hopper-medium-expert-corl --name hopper-medium-expert
+        benchmarks/locomotion/hopper-medium-expert-corl --title hopper-medium-expert \\
+        --png benchmarks/figures/locomotion_hopper-medium-expert.png \\
+        --json benchmarks/results/locomotion_hopper-medium-expert.json
 
 A run of the study is the main job with ``--sweep`` and ``--num-seeds 3`` (docs/locomotion.md has the commands);
 it writes its checkpoint every 5,000 updates and evaluates every 25,000, so this reads a run while it trains, or
 after it stopped. For each run and each of its settings, the mean ± std over seeds of the last and of each seed's
-best evaluation; every run's settings on one plot (``benchmarks/figures/locomotion_NAME.png``) and the numbers in
-``benchmarks/results/locomotion_NAME.json``. The checkpoint is read as weights only (nothing in it runs as code).
+best evaluation; every run's settings on one plot (``--png``) and the numbers in ``--json``. The checkpoint is read
+as weights only (nothing in it runs as code).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import torch
 from iql_torchrl.runs.config import OfflineConfig, config_from_dict
 from iql_torchrl.runs.sweep import member_settings, run_members, setting_label
 
-ROOT = Path(__file__).resolve().parent
 
 
 def run_rows(run_dir: Path) -> dict:
@@ -76,7 +77,9 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders of one dataset")
-    parser.add_argument("--name", required=True, help="the figure's and the JSON's name, e.g. hopper-medium-expert")
+    parser.add_argument("--title", default=None, help="the figure's title (default: the dataset)")
+    parser.add_argument("--png", type=Path, help="the plot of every run's settings")
+    parser.add_argument("--json", type=Path, help="the numbers: each setting's curve, last and best")
     args = parser.parse_args()
     missing = [str(run) for run in args.runs if not (run / "checkpoint.pt").exists()]
     if missing:
@@ -90,10 +93,10 @@ def main() -> int:
             print(f"| {row['label']} | {row['reward_transform']} | {len(row['seeds'])} | {run['updates_done']:,} of "
                   f"{run['updates']:,} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
                   f"{row['best_mean']:.1f} ± {row['best_std']:.1f} |")
-    figure = ROOT / "figures" / f"locomotion_{args.name}.png"
-    plot(runs, figure, f"{runs[0]['dataset']}: IQL's settings as members of one sweep per run")
-    (ROOT / "results" / f"locomotion_{args.name}.json").write_text(json.dumps(runs, indent=1) + "\n")
-    print(f"wrote {figure.relative_to(ROOT.parent)} and benchmarks/results/locomotion_{args.name}.json")
+    if args.png:
+        plot(runs, args.png, args.title or runs[0]["dataset"])
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1) + "\n")
     return 0
 
 

@@ -6,6 +6,7 @@ write: those commands run first, the training one at small sizes.
 """
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def shell_commands(block: str) -> list[str]:
 
 def small(command: str, tmp_path: Path) -> list[str]:
     """``command`` as the test runs it: the interpreter under test, small sizes, outputs in ``tmp_path``."""
-    words = command.replace(OFFLINE_RUN, str(tmp_path / "offline-run")).split()
+    words = shlex.split(command.replace(OFFLINE_RUN, str(tmp_path / "offline-run")))  # as a shell reads quotes
     if words[0] == "torchrun":
         words = ["python", "-m", "torch.distributed.run", *words[1:]]
     assert words[0] == "python", command
@@ -114,6 +115,10 @@ def test_bash_blocks_run(page, index, block, tmp_path):
                         str(tmp_path / "offline-run"), *SMALL_RUN], cwd=tmp_path, check=True, capture_output=True,
                        timeout=300, env=env)
     for command in shell_commands(block):
+        for dataset in re.findall(r"--dataset (iql_torchrl/(?:hopper|walker2d|halfcheetah)/\S+)", command):
+            # a locomotion set of 4 episodes first: the command would build its 1-2M transitions (minutes)
+            subprocess.run([sys.executable, "-m", "iql_torchrl.datasets", "build", dataset, "--episodes", "4"],
+                           cwd=tmp_path, check=True, capture_output=True, timeout=300, env=env)
         args = small(command, tmp_path)
         result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, (command, args, result.stderr[-3000:])
