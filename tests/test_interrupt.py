@@ -83,6 +83,18 @@ def test_the_first_ctrl_c_is_a_request_and_the_second_stops_at_once():
         request.stop_listening()
 
 
+def test_sigterm_is_a_request_too_and_puts_both_handlers_back():
+    request = StopRequest()
+    request.listen()
+    try:
+        signal.raise_signal(signal.SIGTERM)  # a scheduler's notice: SIGTERM's default would end the process here
+        assert request.requested
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second one ends the process at once
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        request.stop_listening()
+
+
 def test_the_request_puts_python_s_handler_back_and_changes_nothing_it_does_not_own():
     request = StopRequest()
     request.listen()
@@ -153,7 +165,9 @@ def _example(*args):
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_the_command_line_exits_130_with_one_line_and_resumes_to_the_uninterrupted_run(tiny_datasets, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_on_the_command_line_exits_130_with_one_line_and_resumes_to_the_uninterrupted_run(
+        signum, tiny_datasets, tmp_path):
     flags = ["--dataset", tiny_datasets.pendulum, "--steps", "600", "--batch-size", "32", "--eval-every", "200",
              "--eval-episodes", "1", "--checkpoint-every", "50", "--log-every", "50", "--hidden-sizes", "16", "16",
              "--device", "cpu", "--logger", "none", "--threads", "1"]
@@ -166,7 +180,7 @@ def test_ctrl_c_on_the_command_line_exits_130_with_one_line_and_resumes_to_the_u
         if path.exists() and load_checkpoint(path)["step"] >= 50:
             break
         time.sleep(0.05)
-    victim.send_signal(signal.SIGINT)
+    victim.send_signal(signum)
     _, err = victim.communicate(timeout=120)
     assert victim.returncode == 130, err[-2000:]
     assert "Traceback" not in err

@@ -157,8 +157,8 @@ def test_each_change_moves_the_eager_step(name, precision, tol):
 
 
 # ------------------------------------------------------------------ compiled steps follow them
-@pytest.mark.parametrize("variant", ["compile", "bf16", *(pytest.param(v, marks=pytest.mark.slow)
-                                                         for v in ("seeds", "discrete", "compile cache", "guarded"))])
+@pytest.mark.parametrize("variant", ["compile", *(pytest.param(v, marks=pytest.mark.slow)  # bf16 as fp32 reads them
+                                                  for v in ("bf16", "seeds", "discrete", "compile cache", "guarded"))])
 @pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'")  # bf16 at 16×16 is slower, on purpose
 def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(variant, tmp_path):
     seeds, discrete, guarded = variant == "seeds", variant == "discrete", variant == "guarded"

@@ -1,10 +1,11 @@
-"""Ctrl-C in a training loop: the run stops after the update in progress, with a checkpoint there.
+"""Ctrl-C (or SIGTERM) in a training loop: the run stops after the update in progress, with a checkpoint there.
 
-While a loop runs, :class:`StopRequest` stands in for Python's SIGINT handler: the first Ctrl-C only
-sets :attr:`StopRequest.requested` and puts Python's handler back, so the loop finishes its update,
-checkpoints it and ends (:class:`RunInterrupted`), and a second Ctrl-C stops at once, as always. It
-takes over only from the main thread and only from Python's own handler (an ignored SIGINT, or a
-handler of the caller's, stays as it is), and puts that handler back when the loop ends.
+While a loop runs, :class:`StopRequest` stands in for Python's SIGINT handler and for SIGTERM's default
+(what a batch scheduler sends before it kills a job): the first signal only sets
+:attr:`StopRequest.requested` and puts both handlers back, so the loop finishes its update, checkpoints it
+and ends (:class:`RunInterrupted`), and a second one stops at once, as always. It takes over only from the
+main thread and only from the handlers Python starts with (an ignored signal, or a handler of the caller's,
+stays as it is), and puts them back when the loop ends.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ _SCRIPTS = {"offline": "examples/iql_offline.py", "finetune": "examples/iql_fine
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C after a checkpoint: Python's KeyboardInterrupt, which a job's command line
+    """A run stopped by Ctrl-C or SIGTERM after a checkpoint: Python's KeyboardInterrupt, which a job's command line
     (:func:`iql_torchrl.jobs.cli.run_job`) ends with status 130 and no traceback."""
 
     def __init__(self, step: int, output_dir: Path, job: str):
@@ -33,26 +34,33 @@ class RunInterrupted(KeyboardInterrupt):
         return self.message
 
 
+# the handler each signal has when Python starts: the ones a request may stand in for
+_PYTHON_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
 class StopRequest:
-    """Whether Ctrl-C asked the running loop to stop; :meth:`listen` while the loop runs, :meth:`stop_listening` after."""
+    """Whether Ctrl-C or SIGTERM asked the running loop to stop; :meth:`listen` while the loop runs,
+    :meth:`stop_listening` after."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None  # Python's handler while ours stands in for it
+        self._previous = {}  # signal → Python's handler, while ours stands in for it
 
     def listen(self) -> None:
-        """Takes the first SIGINT from here on (main thread, Python's own handler in place, not asked already)."""
-        if self.requested or self._previous is not None or threading.current_thread() is not threading.main_thread():
+        """Takes the first SIGINT or SIGTERM from here on (main thread, Python's own handler in place, not asked
+        already)."""
+        if self.requested or self._previous or threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._request)
+        for signum, handler in _PYTHON_HANDLERS.items():
+            if signal.getsignal(signum) is handler:
+                self._previous[signum] = signal.signal(signum, self._request)
 
     def stop_listening(self) -> None:
-        """Puts Python's handler back (a no-op when it is in place)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        """Puts Python's handlers back (a no-op when they are in place)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def _request(self, signum, frame) -> None:
         self.requested = True
-        self.stop_listening()  # a second Ctrl-C stops at once
+        self.stop_listening()  # a second signal stops at once

@@ -10,7 +10,7 @@ One :class:`Run` owns a run folder from start to summary:
    evaluation environment created and reset once, the reference scores checked;
 4. the loop's services -- logger, progress bar, timing summed over resumes, non-finite guard,
    checkpoints written before every evaluation, evaluation, and the summary;
-5. Ctrl-C -- the first stops the loop after the update in progress, checkpointed, with one line
+5. Ctrl-C or SIGTERM -- the first stops the loop after the update in progress, checkpointed, with one line
    saying how to continue (:mod:`iql_torchrl.runs.interrupt`; single-process runs: under torchrun the
    launcher signals its processes again at once, so there Ctrl-C stops at once, as Python does);
 6. a failed start -- a folder this run created and that holds nothing but its lock is removed.
@@ -96,7 +96,7 @@ class Run:
         self.metadata = self.fingerprint = None
         self.last_values = {"loss_qvalue": float("nan")}
         self.progress = None  # the running loop's bar and clock
-        self.stop_request = StopRequest()  # Ctrl-C during a loop
+        self.stop_request = StopRequest()  # Ctrl-C or SIGTERM during a loop
         self.value_bound = ValueBoundWatch()  # the offline job's: set when its data loads
 
     # ------------------------------------------------------------------ start
