@@ -86,12 +86,12 @@ def main() -> int:
         print(f"locomotion_study: no checkpoint.pt in {', '.join(missing)}", file=sys.stderr)
         return 2
     runs = [run_rows(run) for run in args.runs]
-    print("| run: setting | reward | seeds | updates | last | best |")
-    print("|---|---|---|---|---|---|")
+    print("| run: setting | reward | seeds | updates trained | last evaluation at | last | best |")
+    print("|---|---|---|---|---|---|---|")
     for run in runs:
         for row in run["rows"]:
             print(f"| {row['label']} | {row['reward_transform']} | {len(row['seeds'])} | {run['updates_done']:,} of "
-                  f"{run['updates']:,} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
+                  f"{run['updates']:,} | {row['steps'][-1]:,} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
                   f"{row['best_mean']:.1f} ± {row['best_std']:.1f} |")
     if args.png:
         plot(runs, args.png, args.title or runs[0]["dataset"])
