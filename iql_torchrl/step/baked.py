@@ -88,9 +88,8 @@ def _path(expression: str) -> tuple | None:
 
 def _reader(reads: list[tuple[str, str]]):
     """One function reading every expression of ``reads``, each attribute or item of a shared prefix read
-    once (the reads walk the same objects: ``self.loss.actor_network...``), so a check costs microseconds:
-    a run of attributes is one ``operator.attrgetter``, an item one ``operator.itemgetter``."""
-    nodes: list[tuple[int, object]] = []  # (the node it reads from, the getter); node 0 is ``self``
+    once (the reads walk the same objects: ``self.loss.actor_network...``), so a check costs microseconds."""
+    nodes: list[tuple[int, object]] = []  # (the node it reads from, its getter); node 0 is ``self``
     index: dict[tuple, int] = {(): 0}  # a path's prefix → its node
     results = []
     for kind, expression in reads:
@@ -100,51 +99,21 @@ def _reader(reads: list[tuple[str, str]]):
         for depth in range(1, len(path) + 1):
             if path[:depth] not in index:
                 index[path[:depth]] = len(nodes) + 1
-                nodes.append((index[path[:depth - 1]], path[depth - 1]))
+                step, name = path[depth - 1]
+                getter = operator.attrgetter(name) if step == "attr" else operator.itemgetter(name)
+                nodes.append((index[path[:depth - 1]], getter))
         results.append((index[path], kind == "type"))
-    nodes = _merge_attribute_runs(nodes, {i for i, _ in results})
-    size = len(index)
-    plain = operator.itemgetter(*(i for i, _ in results)) if results else None
-    types = [position for position, (_, is_type) in enumerate(results) if is_type]
 
     def read(owner) -> tuple:
-        values = [owner] * size
+        values = [owner]
         try:
-            for node, source, getter in nodes:
-                values[node] = getter(values[source])
+            for source, getter in nodes:
+                values.append(getter(values[source]))
         except Exception:
             return CHANGED
-        if plain is None:
-            return ()
-        out = plain(values)
-        out = list(out) if len(results) > 1 else [out]
-        for position in types:
-            out[position] = _type_name(out[position])
-        return tuple(out)
+        return tuple(_type_name(values[i]) if is_type else values[i] for i, is_type in results)
 
     return read
-
-
-def _merge_attribute_runs(nodes: list[tuple[int, tuple]], kept: set[int]) -> list[tuple[int, int, object]]:
-    """``(node, source, getter)`` per node that is read, an unbranched run of attributes folded into one getter."""
-    children: dict[int, int] = {}
-    for source, _ in nodes:
-        children[source] = children.get(source, 0) + 1
-    merged, through = [], {0: (0, ())}  # node → (the node its run starts from, the attribute names since)
-    for number, (source, (kind, name)) in enumerate(nodes, start=1):
-        start, names = through[source]
-        if kind == "attr":
-            names = (*names, name)
-            if children.get(number, 0) == 1 and number not in kept:  # a link inside a run: read with the run's end
-                through[number] = (start, names)
-                continue
-            merged.append((number, start, operator.attrgetter(".".join(names))))
-        else:
-            if names:
-                merged.append((source, start, operator.attrgetter(".".join(names))))
-            merged.append((number, source, operator.itemgetter(name)))
-        through[number] = (number, ())
-    return merged
 
 
 # a class attribute dynamo read for an object that has none of its own: dict(type(X)[.__mro__[k]].__dict__)['name']
@@ -166,13 +135,13 @@ def _type_name(obj) -> str:
 
 def _readable(read: tuple[str, str], owner) -> bool:
     """Whether ``read`` evaluates on ``owner`` to a plain value (a tensor, a module, a dict is not one)."""
-    kind, expression = read
-    if _path(expression) is None:  # a guard's source that is not a plain read (dynamo's own helpers)
+    try:
+        value = _reader([read])(owner)
+    except ValueError:  # a guard's source that is not a plain read (dynamo's own helpers)
         return False
-    value = _reader([read])(owner)
     if value is CHANGED:
         return False
     value = value[0]
-    if kind == "type":  # a replaced module or object; tensors and containers are checked by what they hold
+    if read[0] == "type":  # a replaced module or object; tensors and containers are checked by what they hold
         return not isinstance(value, (torch.Tensor, TensorDictBase, dict, list, tuple))
     return isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
