@@ -121,6 +121,12 @@ def _stages(recipe: LocomotionRecipe, episodes: int | None) -> list[tuple[str, S
     return stages
 
 
+def _action_space(env_id: str) -> gym.spaces.Box:
+    env = gym.make(env_id)
+    env.close()
+    return env.action_space
+
+
 def _sampler(snapshot: Snapshot | None, env_id: str, action_space: gym.spaces.Box):
     """Batched observations → actions: the snapshot's stochastic policy (TorchRL's actor, sampling), or uniform
     random actions; both draw from torch's global generator."""
@@ -194,9 +200,7 @@ def collect_locomotion_episodes(
 
 def locomotion_episodes(recipe: LocomotionRecipe, episodes: int | None, seed: int, progress: Callable[[int], None]):
     """The recipe's episodes (Minari's fields, each with its seed) and, per episode, the policy that played it."""
-    env = gym.make(recipe.env_id)
-    action_space = env.action_space
-    env.close()
+    action_space = _action_space(recipe.env_id)
     collected, names = [], []
     with torch.random.fork_rng(devices=[]):  # the actions' draws: one stream from the build's seed
         torch.manual_seed(seed)
@@ -216,9 +220,7 @@ def evaluate_snapshots(task: str, files: list[Path], episodes: int, progress: bo
     from tqdm import tqdm
 
     env_id = ENVIRONMENTS[task]
-    env = gym.make(env_id)
-    action_space = env.action_space
-    env.close()
+    action_space = _action_space(env_id)
     returns = {}
     with torch.random.fork_rng(devices=[]), tqdm(total=len(files) * episodes, unit="episode", disable=not progress,
                                                   desc=f"re-evaluating {task}'s snapshots") as bar:
@@ -249,24 +251,19 @@ def keep_policies(task: str, folder: str | Path, *, medium_frames: int | None = 
     entries = {path: load_snapshot(path) for path in files}
     by_frames = {snap.frames: path for path, snap in entries.items()}
 
-    def pick(frames: int | None, default: Callable[[], Path], what: str) -> Path:
-        if frames is None:
-            return default()
-        if frames not in by_frames:
+    for frames, what in ((expert_frames, "expert"), (medium_frames, "medium")):  # before minutes of measuring
+        if frames is not None and frames not in by_frames:
             raise ValueError(f"--{what}-frames {frames}: no snapshot at that frame; there are {sorted(by_frames)}.")
-        return by_frames[frames]
-
-    pick(expert_frames, lambda: files[0], "expert"), pick(medium_frames, lambda: files[0], "medium")  # refuse first
     logged = {path: snap.mean_return for path, snap in entries.items()}
     measured = evaluate_snapshots(task, files, episodes, progress) if episodes else logged
-    expert = pick(expert_frames, lambda: max(files, key=measured.get), "expert")
+    expert = by_frames[expert_frames] if expert_frames is not None else max(files, key=measured.get)
     third = measured[expert] / 3
 
     def default_medium() -> Path:
         near = [path for path in files if abs(measured[path] - third) <= 0.25 * abs(third)]
         return near[0] if near else min(files, key=lambda path: abs(measured[path] - third))
 
-    medium = pick(medium_frames, default_medium, "medium")
+    medium = by_frames[medium_frames] if medium_frames is not None else default_medium()
     target = (POLICIES if root is None else root) / task
     shutil.rmtree(target, ignore_errors=True)
     (target / "replay").mkdir(parents=True)
