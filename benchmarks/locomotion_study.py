@@ -15,36 +15,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 from iql_torchrl.runs.config import OfflineConfig, config_from_dict
-from iql_torchrl.runs.sweep import member_settings, run_members, setting_label
-
+from iql_torchrl.runs.sweep import SWEEPABLE, sweep_results
 
 
 def run_rows(run_dir: Path) -> dict:
-    """The run's settings: each one's seeds' curves, last and best evaluations (normalized scores)."""
+    """The run's settings: each one's seeds' curves and the sweep results' last and best evaluations."""
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     config = config_from_dict(OfflineConfig, state["config"])
     curve = state["curve"]
-    members = list(zip(member_settings(config), run_members(config)))
+    results = sweep_results(curve, config)  # per setting: final and best, mean ± std over its seeds
     reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
     rows = []
-    for setting in member_settings(config)[::config.num_seeds]:
-        own = [i for i, (s, _) in enumerate(members) if s == setting]
-        scores = [[point["per_seed"][i]["normalized_score"] for point in curve] for i in own]
-        label = f"{run_dir.name}: {setting_label(setting)}"
-        rows.append({
-            "run": run_dir.name, "label": label, **setting, "reward_transform": reward,
-            "normalize_observations": config.normalize_observations, "seeds": [members[i][1][1] for i in own],
-            "steps": [point["step"] for point in curve], "scores": scores,
-            "final_mean": statistics.fmean(s[-1] for s in scores), "final_std": statistics.pstdev(s[-1] for s in scores),
-            "best_mean": statistics.fmean(max(s) for s in scores), "best_std": statistics.pstdev(max(s) for s in scores),
-        })
+    for setting in results["settings"]:
+        own = [m["member"] for m in results["members"] if all(m[name] == setting[name] for name in SWEEPABLE)]
+        rows.append({**setting, "run": run_dir.name, "label": f"{run_dir.name}: {setting['label']}",
+                     "reward_transform": reward, "normalize_observations": config.normalize_observations,
+                     "steps": [point["step"] for point in curve],
+                     "scores": [[point["per_seed"][m][results["score"]] for point in curve] for m in own]})
     return {"run": run_dir.name, "dataset": config.dataset, "updates_done": state["step"], "updates": config.steps,
             "rows": rows}
 
