@@ -55,12 +55,12 @@ class WrongWaySmallActorTensors(IQLUpdate):
             p.copy_(2 * b - p)
 
 
-def transitions(n: int, seed: int = 0) -> TensorDict:
+def transitions(n: int, seed: int = 0, obs: int = OBS, act: int = ACT) -> TensorDict:
     g = torch.Generator().manual_seed(seed)
     return TensorDict({
-        "observation": torch.randn(n, OBS, generator=g),
-        "action": torch.rand(n, ACT, generator=g) * 2 - 1,
-        ("next", "observation"): torch.randn(n, OBS, generator=g),
+        "observation": torch.randn(n, obs, generator=g),
+        "action": torch.rand(n, act, generator=g) * 2 - 1,
+        ("next", "observation"): torch.randn(n, obs, generator=g),
         ("next", "reward"): torch.randn(n, 1, generator=g),
         ("next", "terminated"): torch.rand(n, 1, generator=g) < 0.05,
         ("next", "done"): torch.rand(n, 1, generator=g) < 0.05,
@@ -114,10 +114,7 @@ def check_cost(rounds: int, steps: int = 10_000) -> dict:
     import time
 
     torch.manual_seed(0)
-    data = TensorDict({"observation": torch.randn(DATA, 3), "action": torch.rand(DATA, 1) * 2 - 1,
-                       ("next", "observation"): torch.randn(DATA, 3), ("next", "reward"): torch.randn(DATA, 1),
-                       ("next", "terminated"): torch.zeros(DATA, 1, dtype=torch.bool),
-                       ("next", "done"): torch.zeros(DATA, 1, dtype=torch.bool)}, [DATA])
+    data = transitions(DATA, obs=3, act=1)
     batches = [torch.randint(0, DATA, (BATCH,)) for _ in range(23)]
     first = {"checked": [], "unchecked": []}
     later = []
