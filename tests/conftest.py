@@ -15,12 +15,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
+
+# two test processes share the cores (pytest -n 2): OpenMP threads that spin while waiting would starve each other
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 # the main job is examples/iql_offline.py: tests import its train() as `from iql_offline import train`
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -27,6 +27,18 @@ TINY_FINETUNE = dict(offline_steps=20, online_steps=96, num_envs=2, frames_per_b
                      progress=False, logger="none")
 
 
+@pytest.fixture(autouse=True)
+def python_s_ctrl_c_handler():
+    """Python's own SIGINT handler, as in a foreground terminal, even where the tests were started with SIGINT
+    ignored (``pytest ... &`` in a non-interactive shell: Python then keeps the signal ignored)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        yield
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        yield
+
+
 @pytest.fixture
 def ctrl_c_during_update(monkeypatch):
     """``ctrl_c_during_update(k)``: SIGINT arrives while the k-th update call from here on runs;
@@ -160,8 +172,10 @@ def test_fine_tuning_stops_the_same_way_and_a_ctrl_c_on_a_loop_s_last_update_sto
 
 # ------------------------------------------------------------------ the command line
 def _example(*args):
+    # a job started from a terminal: SIGINT not ignored, whatever the tests inherited
     return subprocess.Popen([sys.executable, str(ROOT / "examples" / "iql_offline.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
