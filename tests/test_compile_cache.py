@@ -207,3 +207,30 @@ def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
         actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(17,))
         assert key(IQLLoss(actor, critics, value)) != base
     assert key() == base
+
+
+@pytest.mark.slow
+def test_vmapped_seeds_are_cached_and_a_second_run_trains_as_eager_from_the_entry(tmp_path):
+    # tensordict replaces a torch vmap helper that the compiled vmapped graph pickles by name: without
+    # putting torch's own back while pickling, the entry is never written and every run of seeds compiles
+    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
+        pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
+    from iql_torchrl import IQLUpdate
+    from iql_torchrl.objectives.ensemble import SeedEnsemble
+    from synthetic import random_transitions
+
+    data = random_transitions(64, 3, 2)
+    indices = [torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    IQLUpdate(SeedEnsemble([_loss(1), _loss(2)]), mode="compile", compile_cache=tmp_path, data=data)(indices[0])
+    assert len(list(tmp_path.glob("*.step"))) == 1
+
+    loaded_loss, eager_loss = SeedEnsemble([_loss(1), _loss(2)]), SeedEnsemble([_loss(1), _loss(2)])
+    loaded = IQLUpdate(loaded_loss, mode="compile", compile_cache=tmp_path, data=data)
+    loaded.runner.unguarded = None  # compiling now would fail: the step must come from the entry
+    eager = IQLUpdate(eager_loss, mode="eager", data=data)
+    for batch in indices:
+        loaded(batch)
+        eager(batch)
+    assert loaded.compilations == 1
+    for p, q in zip(loaded_loss.parameters(), eager_loss.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -83,8 +83,7 @@ def update_options(config: RunConfig, loss, distributed: bool = False) -> dict:
     return dict(
         mode="cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager",
         precision=config.precision, grad_hook=all_reduce_gradients if distributed else None,
-        # a step of several seeds is vmapped, and torch cannot serialise a compiled vmapped graph: not cached
-        compile_cache=None if isinstance(loss, SeedEnsemble) else default_cache_folder(),
+        compile_cache=default_cache_folder(),
         fall_back_to_eager=config.step_chosen, **config.optimizer_settings(),
     )
 

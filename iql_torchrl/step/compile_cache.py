@@ -16,6 +16,7 @@ The folder is ``$IQL_TORCHRL_COMPILE_CACHE`` when set (empty: no cache), else
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import inspect
@@ -146,8 +147,9 @@ class CompiledStepCache:
             header_size = int.from_bytes(payload[:_HEADER_BYTES], "big")
             header = json.loads(payload[_HEADER_BYTES:_HEADER_BYTES + header_size])
             step_bytes = payload[_HEADER_BYTES + header_size:]
-            return torch.compiler.load_compiled_function(io.BytesIO(step_bytes), f_globals=f_globals), \
-                header["reads"], header["values"]
+            with _torch_s_own_vmap_helpers():
+                step = torch.compiler.load_compiled_function(io.BytesIO(step_bytes), f_globals=f_globals)
+            return step, header["reads"], header["values"]
         except Exception as error:  # an experimental torch API: any failure means compile anew
             return self._discard(path, f"torch could not load it ({type(error).__name__}: {error})")
 
@@ -156,7 +158,8 @@ class CompiledStepCache:
         ``values`` it baked in (JSON-able); a failure only warns."""
         try:
             header = json.dumps({"reads": reads, "values": values}).encode()
-            step_bytes = type(compiled).serialize(compiled).serialized_data
+            with _torch_s_own_vmap_helpers():
+                step_bytes = type(compiled).serialize(compiled).serialized_data
             payload = len(header).to_bytes(_HEADER_BYTES, "big") + header + step_bytes
             secret = self._secret(create=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".entry.", suffix=".tmp")
@@ -193,6 +196,31 @@ class CompiledStepCache:
                       "compiled anew.", stacklevel=3)
         path.unlink(missing_ok=True)
         return None
+
+
+@contextlib.contextmanager
+def _torch_s_own_vmap_helpers():
+    """For the time of a pickle or unpickle, ``torch._functorch.vmap``'s helpers are torch's own again.
+
+    tensordict replaces some of them with its own (to vmap over TensorDicts), while torch's vmap keeps the
+    originals (``torch._functorch.apis`` imported them first). A compiled vmapped step refers to torch's
+    originals and pickles them by name: under tensordict's replacements pickle refuses them ("not the same
+    object"), and an unpickled step would call tensordict's. The swap is undone on exit; a thread running a
+    vmap over TensorDicts during it would get torch's helpers.
+    """
+    import torch._functorch.apis as apis
+    import torch._functorch.vmap as vmap_module
+
+    replaced = {name: getattr(vmap_module, name) for name, original in vars(apis).items()
+                if callable(original) and getattr(original, "__module__", None) == vmap_module.__name__
+                and getattr(vmap_module, name, original) is not original}
+    for name in replaced:
+        setattr(vmap_module, name, getattr(apis, name))
+    try:
+        yield
+    finally:
+        for name, theirs in replaced.items():
+            setattr(vmap_module, name, theirs)
 
 
 def _mac(secret: bytes, payload: bytes) -> bytes:
