@@ -24,6 +24,10 @@ from synthetic import random_transitions
 # several tests here step bf16 eagerly on purpose, which warns that eager bf16 is the slower choice
 pytestmark = pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'.. the eager step runs slower")
 
+# eager bf16 GEMMs are emulated on a CPU without native bf16 (AVX2 only), where a test that trains in them takes
+# minutes: the slow tier's there
+slow_where_bf16_is_emulated = pytest.mark.slow if precision.native_bf16() is None else (lambda test: test)
+
 BF16_ULP = 2.0**-7  # the spacing of bf16 numbers in [1, 2): 8 significant bits
 
 
@@ -110,6 +114,7 @@ def _flat(loss):
     return torch.cat([p.detach().flatten() for p in loss.parameters()])
 
 
+@slow_where_bf16_is_emulated
 def test_bf16_learns_what_fp32_learns_within_less_than_seed_noise():
     # 300 updates at the default job's shapes (2×256, B 256). A bf16 GEMM rounds each product to 8 significant
     # bits (0.2% on average); through Adam, whose first steps turn near-zero gradients into ±lr moves whatever
