@@ -115,8 +115,8 @@ def test_bash_blocks_run(page, index, block, tmp_path):
                         str(tmp_path / "offline-run"), *SMALL_RUN], cwd=tmp_path, check=True, capture_output=True,
                        timeout=300, env=env)
     for command in shell_commands(block):
-        for dataset in re.findall(r"--dataset (iql_torchrl/(?:hopper|walker2d|halfcheetah)/\S+)", command):
-            # a locomotion set of 4 episodes first: the command would build its 1-2M transitions (minutes)
+        for dataset in re.findall(r"--dataset (iql_torchrl/(?:hopper|walker2d|halfcheetah|pointmaze)/\S+)", command):
+            # a locomotion or maze set of 4 episodes first: the command would build its full set (minutes)
             subprocess.run([sys.executable, "-m", "iql_torchrl.datasets", "build", dataset, "--episodes", "4"],
                            cwd=tmp_path, check=True, capture_output=True, timeout=300, env=env)
         args = small(command, tmp_path)
