@@ -45,7 +45,7 @@ import torch
 
 import iql_torchrl
 from iql_torchrl.runs.threads import available_cpus
-from iql_torchrl.step.precision import MIN_FEATURES
+from iql_torchrl.precision_choice import MIN_FEATURES
 from host import cpu_name
 from update_steps import Setup, gemm_flops, gemm_steps, iql_steps, make_batch, recorded_gemms, sync, torchrl_steps
 

@@ -24,7 +24,7 @@ from torchrl.objectives import IQLLoss as TorchRLIQLLoss
 from torchrl.objectives import SoftUpdate, group_optimizers
 
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
-from iql_torchrl.step.precision import MIN_FEATURES
+from iql_torchrl.precision_choice import MIN_FEATURES
 
 PAPER = {"expectile": 0.7, "temperature": 3.0, "gamma": 0.99, "tau": 0.005, "lr": 3e-4}
 GEMM_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,

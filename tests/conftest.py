@@ -63,7 +63,7 @@ def fp32_host_and_own_threads(monkeypatch):
     (``test_precision.py``). A test that changes torch's thread count leaves the next the one it found."""
     import torch
 
-    import iql_torchrl.step.precision as precision
+    import iql_torchrl.precision_choice as precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda: None)
     threads = torch.get_num_threads()

@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-import iql_torchrl.step.precision as precision
+import iql_torchrl.precision_choice as precision
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
 from iql_torchrl.runs.config import OfflineConfig, parse_cli
 from iql_torchrl.runs.resume import ResumeError
 from iql_torchrl.runs.settings import resolve_precision
-from iql_torchrl.step.precision import BF16Layers, choose_precision
+from iql_torchrl.precision_choice import choose_precision
+from iql_torchrl.step.precision import BF16Layers
 from iql_offline import train
 from synthetic import random_transitions
 

@@ -12,8 +12,8 @@ from iql_torchrl.runs.config import ConfigError
 from iql_torchrl.runs.resume import ResumeError, resumed_config
 from iql_torchrl.step.modes import missing_compiler
 from iql_torchrl.runs.threads import set_threads, threads_are_auto
-from iql_torchrl.step import precision
-from iql_torchrl.step.precision import ONE_THREAD_PAYS, PrecisionChoice, choose_precision, widest_layer
+from iql_torchrl import precision_choice
+from iql_torchrl.precision_choice import ONE_THREAD_PAYS, PrecisionChoice, choose_precision, widest_layer
 
 __all__ = ["resolve_settings", "resolved_device", "check_device", "resolve_precision", "auto_compile", "COMPILE_BREAK_EVEN"]
 
@@ -90,7 +90,7 @@ def resolve_precision(config, loss, distributed: bool = False) -> None:
     """``--precision auto``: bf16 or fp32 for this run's ``loss``, measured on its threads, said on one line;
     where the threads are the run's own choice (``--threads auto``, no ``OMP_NUM_THREADS``) a bf16 step takes
     one thread where its GEMMs run faster there
-    (:func:`~iql_torchrl.step.precision.choose_precision`). Under torchrun rank 0 measures and every process
+    (:func:`~iql_torchrl.precision_choice.choose_precision`). Under torchrun rank 0 measures and every process
     takes its choice. Sets ``config.precision`` (and torch's threads); a resolved precision stays as it is.
     """
     may_take_one_thread = threads_are_auto(config.threads) and config.device == "cpu" and bool(config.compile)
@@ -105,8 +105,8 @@ def resolve_precision(config, loss, distributed: bool = False) -> None:
             print(f"iql_torchrl: the update step computes in {choice.precision}"
                   f"{' on one thread' if choice.threads == 1 else ''}: {choice.reason}. "
                   "--precision fp32 / bf16 (and --threads) force it.", file=sys.stderr)
-        elif layer is not None and precision.native_bf16() is not None:
-            alone = precision.one_thread_speedup(*layer, config.batch_size, seeds)
+        elif layer is not None and precision_choice.native_bf16() is not None:
+            alone = precision_choice.one_thread_speedup(*layer, config.batch_size, seeds)
             if alone >= ONE_THREAD_PAYS:
                 choice = PrecisionChoice("bf16", "asked for", threads=1)
                 print(f"iql_torchrl: the bf16 step runs on one thread: its {layer[0]}×{layer[1]} layers' GEMMs "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from iql_torchrl.objectives.checks import is_finite_number
 from iql_torchrl.step.modes import check_mode
-from iql_torchrl.step.precision import PRECISIONS
+from iql_torchrl.precision_choice import PRECISIONS
 
 __all__ = ["ORDERS", "OPTIMIZERS", "check_arguments", "check_setting", "check_total_steps", "optimizer_settings_problem"]
 

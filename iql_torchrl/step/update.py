@@ -31,7 +31,8 @@ from iql_torchrl.step.guards import HeldTensors
 from iql_torchrl.step.live_settings import LiveSettings, cosine_decay
 from iql_torchrl.step.modes import MODES, missing_compiler
 from iql_torchrl.step.optimizers import adam_step, load_in_place, make_adam
-from iql_torchrl.step.precision import MIN_FEATURES, BF16Layers, resolve_precision
+from iql_torchrl.precision_choice import MIN_FEATURES, resolve_precision
+from iql_torchrl.step.precision import BF16Layers
 from iql_torchrl.step.wiring import STATE_TENSORS, build_runner
 
 __all__ = [
