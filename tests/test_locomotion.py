@@ -222,3 +222,31 @@ def test_the_package_s_policies_play_as_policies_json_says(task, expert_mean, ex
     assert kept["expert"]["mean_return"] > expert_mean and min(returns["expert"]) > expert_episode, returns
     assert max(returns["medium"]) < 0.5 * kept["expert"]["mean_return"]
     assert kept["medium"]["mean_return"] == pytest.approx(kept["expert"]["mean_return"] / 3, rel=0.25)
+
+
+@pytest.mark.slow
+def test_a_set_is_the_same_whatever_torch_s_thread_count_and_the_count_is_given_back(tmp_path, monkeypatch):
+    # a product split over two threads rounds otherwise on some CPUs (an AVX2 EPYC: a 64-episode hopper set
+    # differed), and the episodes diverge from there: the policies sample on one thread
+    seen = []
+    sampler = locomotion._sampler
+
+    def recording(*args):
+        sample = sampler(*args)
+        return lambda obs: seen.append(torch.get_num_threads()) or sample(obs)
+
+    monkeypatch.setattr(locomotion, "_sampler", recording)
+    own = torch.get_num_threads()
+    sets = []
+    try:
+        for threads in (1, 2):
+            monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / f"threads-{threads}"))
+            torch.set_num_threads(threads)
+            dataset = build_dataset("iql_torchrl/hopper/medium-expert-v0", episodes=8, progress=False)
+            assert torch.get_num_threads() == threads  # the caller's count, given back
+            sets.append([episode.actions for episode in dataset.iterate_episodes()])
+    finally:
+        torch.set_num_threads(own)
+    assert set(seen) == {1}
+    for one, two in zip(*sets):
+        np.testing.assert_array_equal(one, two)

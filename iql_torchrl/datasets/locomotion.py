@@ -18,6 +18,7 @@ returned: :func:`keep_policies` writes them from a training folder). Scores read
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -199,10 +200,13 @@ def collect_locomotion_episodes(
 
 
 def locomotion_episodes(recipe: LocomotionRecipe, episodes: int | None, seed: int, progress: Callable[[int], None]):
-    """The recipe's episodes (Minari's fields, each with its seed) and, per episode, the policy that played it."""
+    """The recipe's episodes (Minari's fields, each with its seed) and, per episode, the policy that played it.
+
+    The policies run on one thread (torch's count given back after): a product split over threads may round
+    otherwise (seen on an AVX2 CPU), the episodes diverge from there, and a set would depend on the machine's cores."""
     action_space = _action_space(recipe.env_id)
     collected, names = [], []
-    with torch.random.fork_rng(devices=[]):  # the actions' draws: one stream from the build's seed
+    with torch.random.fork_rng(devices=[]), _threads(1):  # the actions' draws: one stream from the build's seed
         torch.manual_seed(seed)
         for name, snapshot, frames, count in _stages(recipe, episodes):
             if count == 0:
@@ -212,6 +216,17 @@ def locomotion_episodes(recipe: LocomotionRecipe, episodes: int | None, seed: in
             collected += part
             names += [name] * len(part)
     return collected, names
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    """torch's CPU threads set to ``count`` inside, given back after."""
+    own = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(own)
 
 
 def evaluate_snapshots(task: str, files: list[Path], episodes: int, progress: bool = True) -> dict[Path, float]:
