@@ -324,8 +324,24 @@ def test_the_run_resolves_auto_once_says_why_and_a_resume_keeps_it(
         summary = train(OfflineConfig(output_dir=out, resume=True, precision="auto", progress=False))
     assert summary["precision"] == "bf16"
     assert json.loads((out / "summary.json").read_text())["precision"] == "bf16"
-    with pytest.raises(ResumeError, match="--precision: checkpoint bf16, given fp32"):
-        train(OfflineConfig(output_dir=out, resume=True, precision="fp32", progress=False))
+
+
+def test_a_resume_goes_on_in_the_precision_asked_for_and_says_so(capsys):
+    # a bf16 run moved to a CPU without native bf16 would go on emulated: --precision fp32 continues it in fp32
+    from iql_torchrl.runs.config import config_to_dict
+    from iql_torchrl.runs.resume import resumed_config
+
+    saved = config_to_dict(OfflineConfig(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x",
+                                         precision="bf16", temperature=5.0).resolved())
+    again = lambda **given: OfflineConfig(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x", resume=True,
+                                          **given)
+    assert resumed_config(OfflineConfig, saved, again(precision="fp32"), {"precision"}).precision == "fp32"
+    assert "--precision fp32: the run goes on in fp32 (its checkpoint trained in bf16)" in capsys.readouterr().err
+    for precision in ("auto", "bf16"):  # the checkpoint's, quietly
+        assert resumed_config(OfflineConfig, saved, again(precision=precision), {"precision"}).precision == "bf16"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ResumeError, match="--temperature: checkpoint 5.0, given 3.0"):  # the run's shape still may not
+        resumed_config(OfflineConfig, saved, again(precision="fp32", temperature=3.0), {"precision", "temperature"})
 
 
 @pytest.mark.slow

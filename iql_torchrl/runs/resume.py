@@ -6,7 +6,9 @@
   refused) -- except the settings that do not shape the run
   (:data:`~iql_torchrl.runs.config.RUN_NEUTRAL_SETTINGS`: logger, progress bar, threads, evaluation
   episodes, log and checkpoint intervals, device), which take the new value. ``--steps`` is
-  never one of those: the actor's cosine schedule depends on it.
+  never one of those: the actor's cosine schedule depends on it. ``--precision fp32`` or ``bf16`` continues the
+  run in that number format and says so (a bf16 run moved to a CPU without native bf16 would go on emulated,
+  many times slower); ``auto`` keeps the checkpoint's.
 * The data must be the data the run trained on: the checkpoint keeps a fingerprint (dataset id,
   transition count, a SHA-256 of the dataset's files, the normalisation statistics, the reward
   transform and the goal rule), and a changed or missing dataset, or one read with another goal
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 from iql_torchrl.runs.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, conflicting_flags
@@ -35,6 +38,13 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
     wanted, stored = config_to_dict(given_config), config_to_dict(config)
     for name in given & set(RUN_NEUTRAL_SETTINGS):
         setattr(config, name, getattr(given_config, name))
+    precision = getattr(given_config, "precision", "auto")
+    if "precision" in given and precision != "auto":  # a number format chosen for this machine: not the run's shape
+        given = given - {"precision"}
+        if precision != config.precision:
+            print(f"--precision {precision}: the run goes on in {precision} (its checkpoint trained in "
+                  f"{config.precision}).", file=sys.stderr)
+            config.precision = precision
     if "sweep" in given and same_grid(getattr(given_config, "sweep", None), saved.get("sweep")):
         given = given - {"sweep"}  # the same grid, written otherwise (0,3 and 0.0,3.0)
     changed = conflicting_flags(given - set(RUN_NEUTRAL_SETTINGS), wanted, stored, "checkpoint", _preset_default)
