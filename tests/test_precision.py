@@ -26,7 +26,7 @@ from synthetic import random_transitions
 pytestmark = pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'.. the eager step runs slower")
 
 # eager bf16 GEMMs are emulated on a CPU without native bf16 (AVX2 only), where a test that trains in them takes
-# minutes: the slow tier's there
+# minutes (a compiled bf16 step and its eager check, 32 s): the slow tier's there
 slow_where_bf16_is_emulated = pytest.mark.slow if precision.native_bf16() is None else (lambda test: test)
 
 BF16_ULP = 2.0**-7  # the spacing of bf16 numbers in [1, 2): 8 significant bits
@@ -139,6 +139,7 @@ def test_bf16_learns_what_fp32_learns_within_less_than_seed_noise():
     assert (last_16 - last_32).abs().max() < 0.5 * (last_other - last_32).abs().max()
 
 
+@slow_where_bf16_is_emulated
 def test_the_compiled_bf16_step_passes_its_eager_check_and_agrees_with_eager():
     batches = [random_transitions(256, 17, 6, seed=s) for s in range(6)]
     loss_c, curve_c = _run("bf16", batches, mode="compile")

@@ -1,0 +1,122 @@
+"""Updates per second of the compiled step compiled ahead of time against guarded ``torch.compile`` steps.
+
+The compiled ``IQLUpdate`` step runs without dynamo's guards: it is compiled ahead of time (``aot_compile``)
+and checks before each call only the Python values its trace baked in (``iql_torchrl.step.baked``). The
+standard way is a guarded ``torch.compile`` step, whose guards dynamo evaluates on every call; PyTorch's
+public guard filters drop some of them. Rows, each the same step at the main job's default shapes (obs 3,
+action 1, batch 256, 2×256 networks, indices into the data on the device), timed in the same rounds
+(round-robin, the order rotating every round; the median block):
+
+* ``ahead-of-time``: ``IQLUpdate(mode="compile")`` as built;
+* ``guarded``: the same step under ``torch.compile`` with every guard dynamo writes;
+* ``guarded-nn-modules``: with PyTorch's ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``;
+* ``guarded-no-state-tensors``: without the guards on tensors reached from the step's ``self`` (parameters,
+  optimizer state, counters: what ``IQLUpdate`` refuses to see replaced before each call), the others kept.
+
+    python benchmarks/bench_guards.py --threads 1 --precision bf16 --json benchmarks/results/results_guards_1t.json
+
+The warm start (first update of a second run) is the main job's: docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_update import time_block  # noqa: E402
+from host import cpu_name  # noqa: E402
+
+from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks  # noqa: E402
+from iql_torchrl.step.modes import StepRunner  # noqa: E402
+
+OBS, ACT, BATCH, DATA = 3, 1, 256, 100_000
+STATE_GUARDS = ("TENSOR_MATCH", "ID_MATCH", "DATA_PTR_MATCH", "NO_TENSOR_ALIASING")
+FILTERS = {
+    "guarded": lambda entries: [True] * len(entries),
+    "guarded-nn-modules": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+    "guarded-no-state-tensors": lambda entries: [
+        not (e.guard_type in STATE_GUARDS and e.name.startswith("self")) for e in entries],
+}
+
+
+class GuardedRunner(StepRunner):
+    """The step under a guarded ``torch.compile`` whose guards ``keep`` filters."""
+
+    def __init__(self, step, keep):
+        self.keep = keep
+        super().__init__(step, mode="compile", ahead_of_time=False)
+
+    def _record_guards(self, keep: bool):
+        record = super()._record_guards(keep)
+
+        def filtered(entries):
+            entries = list(entries)
+            record(entries)
+            return self.keep(entries)
+
+        return filtered
+
+
+def data() -> TensorDict:
+    g = torch.Generator().manual_seed(0)
+    return TensorDict({
+        "observation": torch.randn(DATA, OBS, generator=g), "action": torch.rand(DATA, ACT, generator=g) * 1.8 - 0.9,
+        ("next", "observation"): torch.randn(DATA, OBS, generator=g), ("next", "reward"): torch.randn(DATA, 1, generator=g),
+        ("next", "terminated"): torch.zeros(DATA, 1, dtype=torch.bool), ("next", "done"): torch.zeros(DATA, 1, dtype=torch.bool),
+    }, [DATA])
+
+
+def build(name: str, transitions: TensorDict, precision: str) -> IQLUpdate:
+    torch.manual_seed(0)
+    loss = IQLLoss(*make_iql_networks(OBS, ACT), expectile=0.7, temperature=3.0)
+    loss.make_value_estimator(gamma=0.99)
+    update = IQLUpdate(loss, total_steps=1_000_000, data=transitions, mode="compile", precision=precision,
+                       eager_checks=0)
+    if name != "ahead-of-time":
+        update.runner = GuardedRunner(update._paper_step, FILTERS[name])
+    return update
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--block", type=int, default=300, help="updates per timed block")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    transitions = data()
+    indices = torch.randint(DATA, (BATCH,), generator=torch.Generator().manual_seed(1))
+    names = ["ahead-of-time", *FILTERS]
+    updates = {}
+    for name in names:
+        updates[name] = build(name, transitions, args.precision)
+        time_block(updates[name], indices, 100, "cpu")  # compiles, then warms up
+    samples = {name: [] for name in names}
+    for r in range(args.rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(time_block(updates[name], indices, args.block, "cpu"))
+    host = cpu_name()
+    rows = {name: {"updates_per_second": 1000 / statistics.median(ms), "ms_per_update": ms,
+                   "compilations": updates[name].compilations} for name, ms in samples.items()}
+    best = rows["ahead-of-time"]["updates_per_second"]
+    print(f"{host}; {args.threads} thread(s), {args.precision}, torch {torch.__version__}")
+    print("| step | updates/s | ahead of time / row |\n|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['updates_per_second']:.1f} | {best / row['updates_per_second']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"host": host, "threads": args.threads, "precision": args.precision,
+                                         "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
