@@ -87,10 +87,12 @@ def inductor_options(device_type: str, torch_version: str = torch.__version__) -
     """Inductor settings of the step's own compilation (``torch.compile``'s ``options``: a scoped patch).
 
     Inductor's per-call size and stride asserts repeat what dynamo's guards (or the call signature) check.
+    On the CPU the graph's kernels and GEMMs are called from C++ (``cpp_wrapper``) rather than from a Python
+    function, whose calls between them cost a few percent of the step (docs/performance.md).
     Before torch 2.13, inductor's loop reordering after fusion crashes compiling the step for CUDA
     (pytorch/pytorch#176591, fixed in 2.13's scheduler).
     """
-    options = {"size_asserts": False, "alignment_asserts": False}
+    options = {"size_asserts": False, "alignment_asserts": False, "cpp_wrapper": device_type == "cpu"}
     if device_type == "cuda" and _release(torch_version) < (2, 13):
         options["loop_ordering_after_fusion"] = False
     return options
