@@ -3,9 +3,9 @@
 The compiled ``IQLUpdate`` step runs without dynamo's guards: it is compiled ahead of time (``aot_compile``)
 and checks before each call only the Python values its trace baked in (``iql_torchrl.step.baked``). The
 standard way is a guarded ``torch.compile`` step, whose guards dynamo evaluates on every call; PyTorch's
-public guard filters drop some of them. Rows, each the same step at the main job's default shapes (obs 3,
-action 1, batch 256, 2×256 networks, indices into the data on the device), timed in the same rounds
-(round-robin, the order rotating every round; the median block):
+public guard filters drop some of them. Rows, each the same paper-order step at the main job's default shapes
+(obs 3, action 1, batch 256, 2×256 networks, indices into the data, as the job calls it), timed in the same
+rounds (``bench_update.interleaved``; the median block):
 
 * ``ahead-of-time``: ``IQLUpdate(mode="compile")`` as built;
 * ``guarded``: the same step under ``torch.compile`` with every guard dynamo writes;
@@ -26,16 +26,16 @@ import sys
 from pathlib import Path
 
 import torch
-from tensordict import TensorDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_update import time_block  # noqa: E402
+from bench_update import Variant, interleaved, time_block  # noqa: E402
 from host import cpu_name  # noqa: E402
+from update_steps import Setup, make_batch, make_iql_update  # noqa: E402
 
-from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks  # noqa: E402
 from iql_torchrl.step.modes import StepRunner  # noqa: E402
 
-OBS, ACT, BATCH, DATA = 3, 1, 256, 100_000
+SETUP = Setup(obs_dim=3, action_dim=1)  # the default dataset's (pendulum); batch 256, 2×256
+DATA = 100_000  # transitions the indices draw from
 STATE_GUARDS = ("TENSOR_MATCH", "ID_MATCH", "DATA_PTR_MATCH", "NO_TENSOR_ALIASING")
 FILTERS = {
     "guarded": lambda entries: [True] * len(entries),
@@ -63,26 +63,6 @@ class GuardedRunner(StepRunner):
         return filtered
 
 
-def data() -> TensorDict:
-    g = torch.Generator().manual_seed(0)
-    return TensorDict({
-        "observation": torch.randn(DATA, OBS, generator=g), "action": torch.rand(DATA, ACT, generator=g) * 1.8 - 0.9,
-        ("next", "observation"): torch.randn(DATA, OBS, generator=g), ("next", "reward"): torch.randn(DATA, 1, generator=g),
-        ("next", "terminated"): torch.zeros(DATA, 1, dtype=torch.bool), ("next", "done"): torch.zeros(DATA, 1, dtype=torch.bool),
-    }, [DATA])
-
-
-def build(name: str, transitions: TensorDict, precision: str) -> IQLUpdate:
-    torch.manual_seed(0)
-    loss = IQLLoss(*make_iql_networks(OBS, ACT), expectile=0.7, temperature=3.0)
-    loss.make_value_estimator(gamma=0.99)
-    update = IQLUpdate(loss, total_steps=1_000_000, data=transitions, mode="compile", precision=precision,
-                       eager_checks=0)
-    if name != "ahead-of-time":
-        update.runner = GuardedRunner(update._paper_step, FILTERS[name])
-    return update
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -93,18 +73,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    transitions = data()
-    indices = torch.randint(DATA, (BATCH,), generator=torch.Generator().manual_seed(1))
-    names = ["ahead-of-time", *FILTERS]
+    data = make_batch(Setup(batch_size=DATA, obs_dim=SETUP.obs_dim, action_dim=SETUP.action_dim))
+    indices = torch.randint(DATA, (SETUP.batch_size,), generator=torch.Generator().manual_seed(1))
     updates = {}
-    for name in names:
-        updates[name] = build(name, transitions, args.precision)
+    for name in ("ahead-of-time", *FILTERS):
+        updates[name] = make_iql_update(SETUP, "compile", "paper", args.precision, data=data)
+        if name in FILTERS:
+            updates[name].runner = GuardedRunner(updates[name]._paper_step, FILTERS[name])
         time_block(updates[name], indices, 100, "cpu")  # compiles, then warms up
-    samples = {name: [] for name in names}
-    for r in range(args.rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(time_block(updates[name], indices, args.block, "cpu"))
+    variants = [Variant(name, update, None) for name, update in updates.items()]
+    samples = interleaved(variants, {name: indices for name in updates}, args.rounds, args.block, "cpu")
     host = cpu_name()
     rows = {name: {"updates_per_second": 1000 / statistics.median(ms), "ms_per_update": ms,
                    "compilations": updates[name].compilations} for name, ms in samples.items()}

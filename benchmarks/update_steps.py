@@ -133,12 +133,13 @@ def torchrl_steps(setup: Setup, mode: str) -> Steps:
 
 # ------------------------------------------------------------------------------------- ours
 def make_iql_update(setup: Setup, mode: str, order: str, precision: str = "fp32",
-                    min_features: int = MIN_FEATURES) -> IQLUpdate:
+                    min_features: int = MIN_FEATURES, data: TensorDict | None = None) -> IQLUpdate:
+    """``data``: the step takes indices into it, as the main job's does."""
     loss = IQLLoss(*make_networks(setup), temperature=PAPER["temperature"], expectile=PAPER["expectile"])
     loss.make_value_estimator(gamma=PAPER["gamma"])
     return IQLUpdate(
         loss.to(setup.device), total_steps=10**9, lr=PAPER["lr"], tau=PAPER["tau"], mode=mode, order=order,
-        precision=precision, bf16_min_features=min_features,
+        precision=precision, bf16_min_features=min_features, data=data,
     )
 
 

@@ -26,7 +26,7 @@ from synthetic import random_transitions
 pytestmark = pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'.. the eager step runs slower")
 
 # eager bf16 GEMMs are emulated on a CPU without native bf16 (AVX2 only), where a test that trains in them takes
-# minutes (a compiled bf16 step and its eager check, 32 s): the slow tier's there
+# minutes (bf16-learns), or a compiled bf16 step with its eager check half a minute: the slow tier's there
 slow_where_bf16_is_emulated = pytest.mark.slow if precision.native_bf16() is None else (lambda test: test)
 
 BF16_ULP = 2.0**-7  # the spacing of bf16 numbers in [1, 2): 8 significant bits

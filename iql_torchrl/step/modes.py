@@ -88,7 +88,7 @@ def inductor_options(device_type: str, torch_version: str = torch.__version__) -
 
     Inductor's per-call size and stride asserts repeat what dynamo's guards (or the call signature) check.
     On the CPU the graph's kernels and GEMMs are called from C++ (``cpp_wrapper``) rather than from a Python
-    function, whose calls between them cost a few percent of the step (docs/performance.md).
+    function, whose calls between them cost a few percent of the step (benchmarks/README.md).
     Before torch 2.13, inductor's loop reordering after fusion crashes compiling the step for CUDA
     (pytorch/pytorch#176591, fixed in 2.13's scheduler).
     """
