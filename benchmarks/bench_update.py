@@ -22,6 +22,7 @@ every row, the GEMM limit included.
 
     python benchmarks/bench_update.py --threads 2        # writes benchmarks/results/results_update_2t.json
     python benchmarks/bench_update.py --threads 1 --profile ours-compile-paper   # + results/profile_ours-compile-paper_1t.txt
+    python benchmarks/bench_update.py --threads 2 --variants ours-compile-paper --profile ours-compile-paper --kernels
     python benchmarks/bench_update.py --quick            # a tiny smoke run (no JSON unless --json)
 
 A run with ``--variants`` writes JSON only where ``--json`` says: the default results files hold
@@ -148,6 +149,18 @@ def write_profile(variant: Variant, batch, device, updates: int, path: Path, hea
     path.write_text(f"{header}\n{updates} updates profiled, top ops by self CPU time\n\n{table}\n")
 
 
+def profile_each_kernel() -> None:
+    """Steps compiled from here on record each of their kernels in torch.profiler: inductor's kernel profile, with
+    the graph's kernels called from Python (the C++ launcher hides them from the profiler)."""
+    import torch._inductor.config as inductor_config
+
+    from iql_torchrl.step import modes
+
+    inductor_config.cpp.enable_kernel_profile = True
+    options = modes.inductor_options
+    modes.inductor_options = lambda *args: {**options(*args), "cpp_wrapper": False}
+
+
 # ------------------------------------------------------------------------------------- report
 def rows_from(samples, warm, graphs) -> dict[str, dict]:
     rows = {}
@@ -249,6 +262,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="write a torch.profiler table of this variant")
     parser.add_argument("--profile-out", type=Path, default=None,
                         help="profile table path (default: benchmarks/results/profile_<variant>_<threads>t.txt)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="with --profile, CPU: one row per kernel of the compiled graph (inductor's kernel profile, "
+                             "the graph's launcher in Python); every compiled row is then built so")
     parser.add_argument("--json", type=Path, default=None,
                         help="results path (default: benchmarks/results/results_update_<threads>t.json for the full default run; "
                              "none with --quick or --variants unless given)")
@@ -271,6 +287,8 @@ def parse_args(argv=None):
             parser.error(f"--variants {name} needs CUDA (--device cuda).")
     if args.profile is not None and args.profile not in args.variants:
         parser.error(f"--profile {args.profile!r} is not among the variants run: {', '.join(args.variants)}.")
+    if args.kernels and (args.profile is None or cuda):
+        parser.error("--kernels profiles a compiled CPU step's kernels: give --profile VARIANT, on --device cpu.")
     if args.quick:
         args.rounds, args.block, args.batch_size, args.hidden = 2, 3, 32, 32
     return args
@@ -289,6 +307,8 @@ def main(argv=None):
              + ("" if args.matmul_precision == "highest" else f", float32 matmul precision {args.matmul_precision}"))
     print(title, file=sys.stderr)
 
+    if args.kernels:
+        profile_each_kernel()
     gemms = recorded_gemms(setup)
     variants = [build(name, setup, gemms) for name in args.variants]
     batches = {v.name: make_batch(setup) for v in variants}  # one each: a step may write into its batch
