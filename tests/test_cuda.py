@@ -44,6 +44,7 @@ def stream(steps):
     return [torch.randint(0, N, (B,), generator=g).to("cuda") for _ in range(steps)]
 
 
+@torch.no_grad()
 def largest_gaps(a, b):
     gaps = {}
     for name in ("actor", "qvalue", "value"):
