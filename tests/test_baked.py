@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from iql_torchrl.step.baked import BakedValues
+from iql_torchrl.step.baked import BakedValues, as_plain
 
 
 class Counting:
@@ -32,7 +32,12 @@ READS = [("value", "self.optimizers['actor'].param_groups[0]['eps']"),
 
 def test_reads_every_value_and_type_as_the_expressions_say():
     o = owner()
-    assert BakedValues(READS)(o) == (1e-8, 0.999, "l2", True, "types.SimpleNamespace", 256, "x")
+    assert BakedValues(READS)(o) == (1e-8, 0.999, "l2", True, SimpleNamespace, 256, "x")
+
+
+def test_values_are_kept_as_json_keeps_them_classes_by_name():
+    values = BakedValues(READS + [("value", "self.optimizers['actor'].param_groups[0]['betas']")])(owner())
+    assert as_plain(values) == [1e-8, 0.999, "l2", True, "types.SimpleNamespace", 256, "x", [0.9, 0.999]]
 
 
 def test_a_change_anywhere_on_a_path_reads_differently():
@@ -66,3 +71,15 @@ def test_an_expression_that_is_not_a_plain_read_is_refused():
                ("len(self.optimizers)", "self.name", "self.optimizers", "G['x']", "self.loss.inner.flag")]
     # a call, a plain value, a dict (checked by what it holds), not of self, a plain value
     assert BakedValues.from_guards(entries, owner()).reads == [("value", "self.name"), ("value", "self.loss.inner.flag")]
+
+
+def test_a_type_read_is_kept_for_an_object_not_for_a_container_or_tensor():
+    """A replaced module or object changes a type the step read; containers and tensors are checked by what they hold
+    (the update's held-tensor checks), so dynamo's type guards on them are not read back on every call."""
+    import torch
+
+    o = owner()
+    o.weight = torch.zeros(2)
+    entries = [SimpleNamespace(guard_type="TYPE_MATCH", name=name) for name in
+               ("self.optimizers", "self.optimizers['actor'].param_groups", "self.weight", "self.loss.inner.net")]
+    assert BakedValues.from_guards(entries, o).reads == [("type", "self.loss.inner.net")]

@@ -5,7 +5,7 @@ tracing (``loss.loss_function``, an optimizer's ``weight_decay``, a network's fl
 estimator's class) is a constant of its graph. :class:`BakedValues` is built from the guards dynamo
 wrote for that trace -- the record of what it read -- keeping those on plain values and types of
 objects reached from the step's ``self``, and drops the tensor guards (the tensors are the graph's
-inputs, read anew on every call). Reading them again costs a few microseconds; a difference means
+inputs, read anew on every call). Reading them again costs tens of microseconds; a difference means
 the graph no longer computes what eager would, and the step is compiled anew.
 
 Settings a user changes often (β, τ, the learning rates, the target update rate) are tensors the
@@ -20,7 +20,7 @@ import re
 import torch
 from tensordict import TensorDictBase
 
-__all__ = ["BakedValues", "CHANGED", "VALUE_GUARDS"]
+__all__ = ["BakedValues", "CHANGED", "VALUE_GUARDS", "as_plain"]
 
 # dynamo guard types that compare a value the trace read (or its type) with the one it saw
 VALUE_GUARDS = ("CONSTANT_MATCH", "EQUALS_MATCH", "TYPE_MATCH")
@@ -57,7 +57,7 @@ class BakedValues:
         return cls(reads)
 
     def __call__(self, owner) -> tuple:
-        """The values now."""
+        """The values now: a plain value as it is, a ``"type"`` read as the class (:func:`as_plain` names it)."""
         return self._read(owner)
 
     def to_json(self) -> list:
@@ -88,7 +88,7 @@ def _path(expression: str) -> tuple | None:
 
 def _reader(reads: list[tuple[str, str]]):
     """One function reading every expression of ``reads``, each attribute or item of a shared prefix read
-    once (the reads walk the same objects: ``self.loss.actor_network...``), so a check costs microseconds."""
+    once (the reads walk the same objects: ``self.loss.actor_network...``)."""
     nodes: list[tuple[int, object]] = []  # (the node it reads from, its getter); node 0 is ``self``
     index: dict[tuple, int] = {(): 0}  # a path's prefix → its node
     results = []
@@ -111,7 +111,7 @@ def _reader(reads: list[tuple[str, str]]):
                 values.append(getter(values[source]))
         except Exception:
             return CHANGED
-        return tuple(_type_name(values[i]) if is_type else values[i] for i, is_type in results)
+        return tuple(type(values[i]) if is_type else values[i] for i, is_type in results)
 
     return read
 
@@ -128,15 +128,17 @@ def _as_attribute(expression: str) -> str:
     return f"{match['owner']}.{match['name']}" if match else expression
 
 
-def _type_name(obj) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+def as_plain(values) -> list:
+    """``values`` as JSON keeps them and a later process reads them: a class by its qualified name, a tuple as a
+    list."""
+    return [as_plain(v) if isinstance(v, (list, tuple)) else f"{v.__module__}.{v.__qualname__}"
+            if isinstance(v, type) else v for v in values]
 
 
 def _readable(read: tuple[str, str], owner) -> bool:
     """Whether ``read`` evaluates on ``owner`` to a plain value (a tensor, a module, a dict is not one)."""
     try:
-        value = _reader([read])(owner)
+        value = _reader([("value", read[1])])(owner)
     except ValueError:  # a guard's source that is not a plain read (dynamo's own helpers)
         return False
     if value is CHANGED:

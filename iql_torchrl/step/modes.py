@@ -39,7 +39,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from iql_torchrl.step.baked import CHANGED, BakedValues
+from iql_torchrl.step.baked import CHANGED, BakedValues, as_plain
 from iql_torchrl.step.compile_cache import CompiledStepCache, entry_key
 from iql_torchrl.step.cuda_graph import CudaGraphStep
 from iql_torchrl.step.eager_check import EagerCheck, StepMismatch
@@ -276,7 +276,7 @@ class StepRunner:
                 step, reads, values = loaded
                 baked = BakedValues(reads)  # entries hold only the reads from_guards kept
                 now = baked(owner)
-                if now is not CHANGED and _plain_values(now) == _plain_values(values):
+                if now is not CHANGED and as_plain(now) == as_plain(values):
                     self.compilations += 1
                     step.disable_guard_check()
                     return baked, now, step
@@ -294,14 +294,9 @@ class StepRunner:
         baked = BakedValues.from_guards(self._guards, owner)
         values = baked(owner)
         if key is not None:
-            self.cache.store(key, step, baked.to_json(), list(values))
+            self.cache.store(key, step, baked.to_json(), as_plain(values))
         step.disable_guard_check()
         return baked, values, step
-
-
-def _plain_values(values) -> tuple:
-    """``values`` with lists as tuples (JSON writes tuples as lists)."""
-    return tuple(_plain_values(v) if isinstance(v, (list, tuple)) else v for v in values)
 
 
 def _own_code(function: types.FunctionType) -> types.FunctionType:
