@@ -1,5 +1,6 @@
 """Locomotion data without network: SAC behaviour policies (TorchRL's SACLoss) and the D4RL-style sets built from them."""
 import json
+import re
 import shutil
 
 import gymnasium as gym
@@ -133,6 +134,14 @@ def test_medium_replay_starts_random_then_follows_the_training_stages(kept):
         ("random", 10_000), ("frame 10000", 10_000), ("frame 20000", 10_000)]
     assert ("first 30000 training frames, up to the medium policy: 10000 uniform-random frames, then 2 training "
             "snapshots") in dataset.storage.metadata["description"]
+
+
+def test_a_build_s_progress_bar_ends_at_the_frames_it_collected(kept, capsys):
+    # hopper's medium-replay episodes end long before 1,000 steps: the bar's first total (5 × 1,000) is not reached,
+    # and a set built by frames ends its last episodes past the frames asked for
+    dataset = build_dataset("iql_torchrl/hopper/medium-replay-v0", episodes=5, progress=True)
+    last = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]
+    assert f"{dataset.total_steps}/{dataset.total_steps} " in last and "100%" in last, last
 
 
 def test_frames_stop_new_episodes_once_reached():

@@ -483,7 +483,10 @@ def _locomotion_buffers(recipe: LocomotionRecipe, episodes: int | None, seed: in
     frames = {"medium-expert": 2 * FRAMES, "medium-replay": kept_policies(recipe.task)["medium"]["frames"]}
     total = episodes * 1000 if episodes else frames.get(recipe.kind, FRAMES)
     with tqdm(total=total, desc=f"building {recipe.dataset_id}", unit="frame", disable=not progress) as bar:
-        collected, policies = locomotion_episodes(recipe, episodes, seed, bar.update)
+        # episodes end past the frames asked for (or, given a count, before 1,000 steps): the bar stops at its total,
+        # which becomes the frames collected when they are all in
+        collected, policies = locomotion_episodes(recipe, episodes, seed, lambda n: bar.update(min(n, bar.total - bar.n)))
+        bar.total = bar.n = sum(len(episode["actions"]) for episode in collected)
     buffers = [minari.data_collector.EpisodeBuffer(id=i, **episode) for i, episode in enumerate(collected)]
     return buffers, policies
 
