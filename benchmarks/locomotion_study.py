@@ -8,7 +8,8 @@
 A run of the study is the main job with ``--sweep`` and ``--num-seeds 3`` (docs/locomotion.md has the commands);
 it writes its checkpoint every 5,000 updates and evaluates every 25,000, so this reads a run while it trains, or
 after it stopped. For each run and each of its settings, the mean ± std over seeds of the last and of each seed's
-best evaluation; every run's settings on one plot (``--png``) and the numbers in ``--json``. The checkpoint is read
+best evaluation, their gap and the range of the seeds' mean over every evaluation; where a run holds behaviour
+cloning (β 0), how far each other setting ends above it; every run's settings on one plot (``--png``) and the numbers in ``--json``. The checkpoint is read
 as weights only (nothing in it runs as code).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_rows(run_dir: Path) -> dict:
                      "reward_transform": reward, "normalize_observations": config.normalize_observations,
                      "steps": [point["step"] for point in curve],
                      "scores": [[point["per_seed"][m][results["score"]] for point in curve] for m in own]})
+        rows[-1]["curve_mean"] = [sum(seed[i] for seed in rows[-1]["scores"]) / len(own) for i in range(len(curve))]
     return {"run": run_dir.name, "dataset": config.dataset, "updates_done": state["step"], "updates": config.steps,
             "rows": rows}
 
@@ -79,13 +81,20 @@ def main() -> int:
         print(f"locomotion_study: no checkpoint.pt in {', '.join(missing)}", file=sys.stderr)
         return 2
     runs = [run_rows(run) for run in args.runs]
-    print("| run: setting | reward | seeds | updates trained | last evaluation at | last | best |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run: setting | reward | seeds | updates trained | last evaluation at | last | best | best − last "
+          "| mean of seeds, every evaluation |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         for row in run["rows"]:
             print(f"| {row['label']} | {row['reward_transform']} | {len(row['seeds'])} | {run['updates_done']:,} of "
                   f"{run['updates']:,} | {row['steps'][-1]:,} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
-                  f"{row['best_mean']:.1f} ± {row['best_std']:.1f} |")
+                  f"{row['best_mean']:.1f} ± {row['best_std']:.1f} | {row['best_mean'] - row['final_mean']:.1f} | "
+                  f"{min(row['curve_mean']):.1f}–{max(row['curve_mean']):.1f} |")
+    for run in runs:  # the study's target on medium-replay: IQL at least 10 above behaviour cloning, its last evaluation
+        cloning = [row for row in run["rows"] if row["temperature"] == 0]
+        for row in (row for row in run["rows"] if cloning and row["temperature"] > 0):
+            print(f"{row['label']}: {row['final_mean'] - cloning[0]['final_mean']:+.1f} over behaviour cloning at the "
+                  "last evaluation")
     if args.png:
         plot(runs, args.png, args.title or runs[0]["dataset"])
     if args.json:
