@@ -337,6 +337,47 @@ def test_cuda_graph_step_matches_eager_on_cuda():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), key
 
 
+def test_a_replay_s_input_must_keep_the_captured_entries_shapes_and_dtypes():
+    """A CUDA graph copies each call's batch into the input it captured: that copy would cast another dtype and leave
+    an entry the batch lacks as captured (eager would promote, or raise), so any such change is refused."""
+    from iql_torchrl.step.cuda_graph import input_structure, structure_change
+
+    batch = random_transitions(B, OBS, ACT)
+    captured = input_structure(batch)
+    assert structure_change(captured, input_structure(batch.clone())) is None
+    assert structure_change(captured, input_structure(random_transitions(B, OBS, ACT, seed=3))) is None  # new values
+    transposed = batch.clone()
+    transposed["observation"] = batch["observation"].T.contiguous().T  # another memory layout: copy_ handles it
+    assert structure_change(captured, input_structure(transposed)) is None
+    as_float64 = batch.clone()
+    as_float64["next", "reward"] = batch["next", "reward"].double()
+    assert "entry ('next', 'reward') was [32, 1] torch.float32 when captured, now [32, 1] torch.float64" in \
+        structure_change(captured, input_structure(as_float64))
+    assert "lacks the entry ('next', 'done')" in structure_change(captured, input_structure(batch.exclude(("next", "done"))))
+    weighted = batch.clone().set("_weight", torch.ones(B))  # an entry a loss may read (importance weights)
+    assert "an entry the captured input lacked, '_weight'" in structure_change(captured, input_structure(weighted))
+    assert "was [32, 3] torch.float32 when captured, now [64, 3]" in \
+        structure_change(captured, input_structure(random_transitions(2 * B, OBS, ACT)))
+    indices = torch.arange(B)
+    assert "the input was [32] torch.int64" in structure_change(input_structure(indices), input_structure(indices[:8]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_cuda_graph_step_refuses_a_batch_of_another_dtype_or_entries():
+    batch = random_transitions(B, OBS, ACT).to("cuda")
+    _, graphed = make_update(device="cuda", total_steps=20, mode="cudagraphs")
+    for _ in range(6):  # warm-up calls, the capture, replays
+        graphed(batch.clone())
+    as_float64 = batch.clone()
+    as_float64["next", "reward"] = batch["next", "reward"].double()
+    with pytest.raises(ValueError, match=r"entry \('next', 'reward'\) was \[32, 1\] torch.float32"):
+        graphed(as_float64)
+    with pytest.raises(ValueError, match="lacks the entry"):
+        graphed(batch.exclude(("next", "done")))
+    graphed(batch.clone())  # the same structure replays again
+
+
 def test_update_state_saved_by_the_previous_fused_adam_step_loads_and_continues():
     # earlier releases kept three torch.optim.Adam(fused=True) optimizers and saved their state_dicts
     data = dataset()

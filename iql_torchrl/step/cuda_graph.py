@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-__all__ = ["CudaGraphStep"]
+__all__ = ["CudaGraphStep", "input_structure", "structure_change"]
 
 
 class CudaGraphStep:
@@ -42,6 +42,7 @@ class CudaGraphStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_input = None
+        self.static_structure = None
         self.static_output = None
         self.baked = baked
         self.captures = 0
@@ -71,11 +72,9 @@ class CudaGraphStep:
             if self.calls <= self.warmup:
                 return self._warm_up(x)
             self._capture(x)
-        elif x.shape != self.static_input.shape:
-            raise ValueError(
-                f"a CUDA graph replays fixed shapes: it was captured with input shape {tuple(self.static_input.shape)},"
-                f" got {tuple(x.shape)}. Keep the batch size fixed for the run."
-            )
+        elif (change := structure_change(self.static_structure, input_structure(x))) is not None:
+            raise ValueError(f"a CUDA graph replays the input it was captured with: {change}. Keep the batch's "
+                             "size, entries and dtypes fixed for the run.")
         self.static_input.copy_(x)
         self.graph.replay()
         return self.static_output.clone()
@@ -90,6 +89,7 @@ class CudaGraphStep:
 
     def _capture(self, x):
         self.static_input = x.clone()
+        self.static_structure = input_structure(x)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -98,3 +98,24 @@ class CudaGraphStep:
         if self.baked is not None:
             self._read_baked = self.baked()
             self._baked_values = self._read_baked()
+
+
+def input_structure(x: Tensor | TensorDictBase) -> dict:
+    """Each entry of ``x`` (``()`` for a tensor) with its shape and dtype: what a replay's input must keep, since
+    copying into the captured input would cast another dtype and leave an entry it lacks as captured."""
+    if isinstance(x, Tensor):
+        return {(): (tuple(x.shape), x.dtype)}
+    return {key: (tuple(v.shape), v.dtype) for key, v in x.items(True, True)}
+
+
+def structure_change(captured: dict, now: dict) -> str | None:
+    """The first difference between two :func:`input_structure` results, in words; ``None`` when they agree."""
+    for key in captured.keys() - now.keys():
+        return f"it lacks the entry {key!r}"
+    for key in now.keys() - captured.keys():
+        return f"it has an entry the captured input lacked, {key!r}"
+    for key, (shape, dtype) in captured.items():
+        if now[key] != (shape, dtype):
+            name = "the input" if key == () else f"entry {key!r}"
+            return f"{name} was {list(shape)} {dtype} when captured, now {list(now[key][0])} {now[key][1]}"
+    return None
