@@ -9,8 +9,8 @@ A run of the study is the main job with ``--sweep`` and ``--num-seeds 3`` (docs/
 it writes its checkpoint every 5,000 updates and evaluates every 25,000, so this reads a run while it trains, or
 after it stopped. For each run and each of its settings, the mean ± std over seeds of the last and of each seed's
 best evaluation, their gap and the range of the seeds' mean over every evaluation; where a run holds behaviour
-cloning (β 0), how far each other setting ends above it; every run's settings on one plot (``--png``) and the numbers in ``--json``. The checkpoint is read
-as weights only (nothing in it runs as code).
+cloning (β 0), how far each other setting ends above it; every run's settings on one plot (``--png``) and the
+numbers in ``--json``. The checkpoint is read as weights only (nothing in it runs as code).
 """
 from __future__ import annotations
 
@@ -90,11 +90,14 @@ def main() -> int:
                   f"{run['updates']:,} | {row['steps'][-1]:,} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
                   f"{row['best_mean']:.1f} ± {row['best_std']:.1f} | {row['best_mean'] - row['final_mean']:.1f} | "
                   f"{min(row['curve_mean']):.1f}–{max(row['curve_mean']):.1f} |")
-    for run in runs:  # the study's target on medium-replay: IQL at least 10 above behaviour cloning, its last evaluation
-        cloning = [row for row in run["rows"] if row["temperature"] == 0]
-        for row in (row for row in run["rows"] if cloning and row["temperature"] > 0):
-            print(f"{row['label']}: {row['final_mean'] - cloning[0]['final_mean']:+.1f} over behaviour cloning at the "
-                  "last evaluation")
+    for run in runs:  # the study's target on medium-replay: IQL >= 10 above behaviour cloning at the last evaluation
+        cloning = next((row for row in run["rows"] if row["temperature"] == 0), None)
+        if cloning is None:
+            continue
+        for row in run["rows"]:
+            if row["temperature"] > 0:
+                print(f"{row['label']}: {row['final_mean'] - cloning['final_mean']:+.1f} over behaviour cloning at "
+                      "the last evaluation")
     if args.png:
         plot(runs, args.png, args.title or runs[0]["dataset"])
     if args.json:

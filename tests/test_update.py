@@ -353,7 +353,8 @@ def test_a_replay_s_input_must_keep_the_captured_entries_shapes_and_dtypes():
     as_float64["next", "reward"] = batch["next", "reward"].double()
     assert "entry ('next', 'reward') was [32, 1] torch.float32 when captured, now [32, 1] torch.float64" in \
         structure_change(captured, input_structure(as_float64))
-    assert "lacks the entry ('next', 'done')" in structure_change(captured, input_structure(batch.exclude(("next", "done"))))
+    assert "lacks the entry ('next', 'done')" in \
+        structure_change(captured, input_structure(batch.exclude(("next", "done"))))
     weighted = batch.clone().set("_weight", torch.ones(B))  # an entry a loss may read (importance weights)
     assert "an entry the captured input lacked, '_weight'" in structure_change(captured, input_structure(weighted))
     assert "was [32, 3] torch.float32 when captured, now [64, 3]" in \

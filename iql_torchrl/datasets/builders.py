@@ -485,7 +485,8 @@ def _locomotion_buffers(recipe: LocomotionRecipe, episodes: int | None, seed: in
     with tqdm(total=total, desc=f"building {recipe.dataset_id}", unit="frame", disable=not progress) as bar:
         # episodes end past the frames asked for (or, given a count, before 1,000 steps): the bar stops at its total,
         # which becomes the frames collected when they are all in
-        collected, policies = locomotion_episodes(recipe, episodes, seed, lambda n: bar.update(min(n, bar.total - bar.n)))
+        advance = lambda n: bar.update(min(n, bar.total - bar.n))  # noqa: E731
+        collected, policies = locomotion_episodes(recipe, episodes, seed, advance)
         bar.total = bar.n = sum(len(episode["actions"]) for episode in collected)
     buffers = [minari.data_collector.EpisodeBuffer(id=i, **episode) for i, episode in enumerate(collected)]
     return buffers, policies

@@ -131,8 +131,15 @@ def _as_attribute(expression: str) -> str:
 def as_plain(values) -> list:
     """``values`` as JSON keeps them and a later process reads them: a class by its qualified name, a tuple as a
     list."""
-    return [as_plain(v) if isinstance(v, (list, tuple)) else f"{v.__module__}.{v.__qualname__}"
-            if isinstance(v, type) else v for v in values]
+    return [_as_plain(v) for v in values]
+
+
+def _as_plain(value):
+    if isinstance(value, (list, tuple)):
+        return as_plain(value)
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value
 
 
 def _readable(read: tuple[str, str], owner) -> bool:
