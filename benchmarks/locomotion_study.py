@@ -10,7 +10,8 @@ it writes its checkpoint every 5,000 updates and evaluates every 25,000, so this
 after it stopped. For each run and each of its settings, the mean ± std over seeds of the last and of each seed's
 best evaluation, their gap and the range of the seeds' mean over every evaluation; where a run holds behaviour
 cloning (β 0), how far each other setting ends above it; every run's settings on one plot (``--png``) and the
-numbers in ``--json``. The checkpoint is read as weights only (nothing in it runs as code).
+numbers in ``--json``. The checkpoint is read as weights only (nothing in it runs as code). A folder of
+``plain_iql.py`` (the one-file reference, one seed) is read from its ``curve.json`` and shown beside the runs.
 """
 from __future__ import annotations
 
@@ -44,6 +45,22 @@ def run_rows(run_dir: Path) -> dict:
             "rows": rows}
 
 
+def plain_rows(run_dir: Path) -> dict:
+    """A ``plain_iql.py`` run (one seed): its ``curve.json`` as one setting of one seed."""
+    saved = json.loads((run_dir / "curve.json").read_text())
+    settings, curve = saved["settings"], saved["curve"]
+    scores = [point["score"] for point in curve]
+    beta, expectile, seed = float(settings["beta"]), float(settings["iql_tau"]), int(settings["seed"])
+    row = {"temperature": beta, "expectile": expectile, "seeds": [seed], "run": run_dir.name,
+           "label": f"{run_dir.name}: plain_iql.py, β {beta:g}, τ {expectile:g}, seed {seed}",
+           "reward_transform": "locomotion" if settings["normalize_reward"] == "True" else "none",
+           "normalize_observations": "yes" if settings["normalize"] == "True" else "no",
+           "final_mean": scores[-1], "final_std": 0.0, "best_mean": max(scores), "best_std": 0.0,
+           "steps": [point["step"] for point in curve], "scores": [scores], "curve_mean": scores}
+    return {"run": run_dir.name, "dataset": settings["dataset"], "updates_done": curve[-1]["step"],
+            "updates": int(settings["steps"]), "rows": [row]}
+
+
 def plot(runs: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -71,7 +88,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders of one dataset")
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders of one dataset (the main job's or plain_iql.py's)")
     parser.add_argument("--title", default=None, help="the figure's title (default: the dataset)")
     parser.add_argument("--png", type=Path, help="the plot of every run's settings")
     parser.add_argument("--json", type=Path, help="the numbers: each setting's curve, last and best")
@@ -80,7 +97,7 @@ def main() -> int:
     if missing:
         print(f"locomotion_study: no checkpoint.pt in {', '.join(missing)}", file=sys.stderr)
         return 2
-    runs = [run_rows(run) for run in args.runs]
+    runs = [plain_rows(run) if (run / "curve.json").exists() else run_rows(run) for run in args.runs]
     print("| run: setting | reward | seeds | updates trained | last evaluation at | last | best | best − last "
           "| mean of seeds, every evaluation |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -57,6 +57,7 @@ SMALL_FINETUNE = ["--online-steps", "40", "--frames-per-batch", "20", "--num-env
                   "--eval-episodes", "1", "--batch-size", "32", "--no-progress"]
 SMALL_FRESH_FINETUNE = ["--offline-steps", "10", "--hidden-sizes", "16", "16"]
 SMALL_BENCH = {
+    "plain_iql.py": ["--steps", "20", "--eval-every", "20", "--eval-episodes", "1"],
     "bench_maze_values.py": ["--steps", "20", "--eval-episodes", "1"],
     "bench_scores.py": ["--steps", "20", "--eval-every", "20", "--eval-episodes", "1", "--seeds", "1",
                         "--hidden-sizes", "16", "16", "--expectiles", "0.7", "--temperatures", "3",
