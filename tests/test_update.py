@@ -77,6 +77,28 @@ def test_every_mode_writes_the_td_error_and_log_prob_into_the_caller_s_batch(mod
     assert update.compilations == (mode == "compile")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_cuda_graph_step_writes_the_td_error_and_log_prob_into_the_caller_s_batch_as_eager_does():
+    """Past its warm-up and capture, each replay leaves in the caller's batch the TD error and log-probability of
+    that call (not the captured call's, not the previous replay's), equal to the eager step's on the same batches;
+    the entries are the caller's own tensors, which the next replay does not overwrite."""
+    _, eager = make_update(device="cuda", total_steps=20)
+    _, graphed = make_update(device="cuda", total_steps=20, mode="cudagraphs")
+    batches = [random_transitions(B, OBS, ACT, seed).to("cuda") for seed in range(8)]
+    kept = []
+    for call, batch in enumerate(batches):  # warm-up calls, the capture, replays
+        expected = batch.clone()
+        eager(expected)
+        graphed(batch)
+        for key in ("td_error", "_log_prob"):
+            assert torch.allclose(batch[key], expected[key], **CUDA_TOL), (call, key)
+        if call:  # the wrong variant: the previous call's values left in place
+            assert not torch.allclose(batch["td_error"], batches[call - 1]["td_error"], **CUDA_TOL), call
+        kept.append(batch["td_error"].clone())
+    assert all(torch.equal(batch["td_error"], k) for batch, k in zip(batches, kept))
+
+
 def test_cosine_decay_goes_from_one_to_zero():
     steps = torch.tensor([0, 50, 100, 150])
     assert torch.allclose(cosine_decay(steps, 100), torch.tensor([1.0, 0.5, 0.0, 0.0]), atol=1e-7)
