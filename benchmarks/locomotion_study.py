@@ -31,6 +31,9 @@ def run_rows(run_dir: Path) -> dict:
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     config = config_from_dict(OfflineConfig, state["config"])
     curve = state["curve"]
+    summary = run_dir / "summary.json"  # a finished run's: its whole curve, the final evaluation included
+    if summary.exists() and len(finished := json.loads(summary.read_text())["curve"]) > len(curve):
+        curve = finished
     results = sweep_results(curve, config)  # per setting: final and best, mean ± std over its seeds
     reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
     rows = []

@@ -242,6 +242,16 @@ def test_a_finished_run_says_so_and_leaves_every_file_untouched(tiny_datasets, t
     assert _files(out) == before
 
 
+def test_a_finished_run_s_checkpoint_holds_its_whole_curve(tiny_datasets, tmp_path):
+    """The checkpoint written before the last evaluation is written again after it: what reads a finished run's
+    checkpoint (a study of its curve, a fine-tuning) sees the final evaluation, and no evaluation is pending."""
+    out = tmp_path / "run"
+    summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert [p["step"] for p in state["curve"]] == [10, 20]  # not [10]: the last evaluation left out
+    assert state["curve"] == summary["curve"] and state["step"] == 20 and not state["evaluate_pending"]
+
+
 def _crashed_run(dataset, out, monkeypatch, **overrides):
     """A run whose evaluation failed at its last step: its checkpoint (step 20) is written, the summary is not."""
     real = _evaluation_fails_at(monkeypatch, 20)

@@ -351,14 +351,17 @@ class Run:
 
     def after_updates(self, metrics, before: int, last: bool, extra=None) -> None:
         """What is due after the updates from step ``before`` to ``self.step`` (:meth:`due`): the log
-        (with ``extra()``'s entries), then the evaluation (checkpointed first) or the checkpoint; then,
-        after a Ctrl-C, the stop (:meth:`stop_if_requested`)."""
+        (with ``extra()``'s entries), then the evaluation (checkpointed first, and after too at a loop's end, so
+        a finished run's checkpoint holds its whole curve) or the checkpoint; then, after a Ctrl-C, the stop
+        (:meth:`stop_if_requested`)."""
         log_now, checkpoint_now, evaluate_now = self.due(before, self.step, last)
         if log_now:
             self.read_metrics(metrics, extra() if extra else None)  # waits for the updates: their time, not left out
             started = time.perf_counter()
             if evaluate_now:
                 self.checkpoint_and_evaluate()
+                if last:  # the loop's last checkpoint holds its last evaluation too
+                    self.checkpoint()
             elif checkpoint_now:
                 self.checkpoint()
             self.progress.show(self.last_values, self.curve)
