@@ -11,12 +11,14 @@ after it stopped. For each run and each of its settings, the mean ± std over se
 best evaluation, their gap and the range of the seeds' mean over every evaluation; where a run holds behaviour
 cloning (β 0), how far each other setting ends above it; every run's settings on one plot (``--png``) and the
 numbers in ``--json``. The checkpoint is read as weights only (nothing in it runs as code). A folder of
-``plain_iql.py`` (the one-file reference, one seed) is read from its ``curve.json`` and shown beside the runs.
+``plain_iql.py`` (the one-file reference, one seed a folder) is read from its ``curve.json`` and shown beside the runs;
+folders of one setting and several seeds make one row, over the evaluations every seed has reached.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -48,20 +50,40 @@ def run_rows(run_dir: Path) -> dict:
             "rows": rows}
 
 
-def plain_rows(run_dir: Path) -> dict:
-    """A ``plain_iql.py`` run (one seed): its ``curve.json`` as one setting of one seed."""
-    saved = json.loads((run_dir / "curve.json").read_text())
-    settings, curve = saved["settings"], saved["curve"]
-    scores = [point["score"] for point in curve]
-    beta, expectile, seed = float(settings["beta"]), float(settings["iql_tau"]), int(settings["seed"])
-    row = {"temperature": beta, "expectile": expectile, "seeds": [seed], "run": run_dir.name,
-           "label": f"{run_dir.name}: plain_iql.py, β {beta:g}, τ {expectile:g}, seed {seed}",
+def plain_rows(run_dirs: list[Path]) -> dict:
+    """``plain_iql.py`` runs of one setting (one seed each, in its own folder): their ``curve.json`` as one
+    setting's seeds."""
+    saved = [json.loads((run_dir / "curve.json").read_text()) for run_dir in run_dirs]
+    settings = saved[0]["settings"]
+    seeds = [int(run["settings"]["seed"]) for run in saved]
+    length = min(len(run["curve"]) for run in saved)  # the evaluations every seed has reached
+    scores = [[point["score"] for point in run["curve"][:length]] for run in saved]
+    beta, expectile = float(settings["beta"]), float(settings["iql_tau"])
+    name = run_dirs[0].name if len(run_dirs) == 1 else f"{run_dirs[0].name} (+{len(run_dirs) - 1})"
+    row = {"temperature": beta, "expectile": expectile, "seeds": seeds, "run": name,
+           "label": f"{name}: plain_iql.py, β {beta:g}, τ {expectile:g}, seed{'s' * (len(seeds) > 1)} "
+                    f"{', '.join(map(str, seeds))}",
            "reward_transform": "locomotion" if settings["normalize_reward"] == "True" else "none",
            "normalize_observations": "yes" if settings["normalize"] == "True" else "no",
-           "final_mean": scores[-1], "final_std": 0.0, "best_mean": max(scores), "best_std": 0.0,
-           "steps": [point["step"] for point in curve], "scores": [scores], "curve_mean": scores}
-    return {"run": run_dir.name, "dataset": settings["dataset"], "updates_done": curve[-1]["step"],
+           **_mean_std("final", [seed[-1] for seed in scores]), **_mean_std("best", [max(seed) for seed in scores]),
+           "steps": [point["step"] for point in saved[0]["curve"][:length]], "scores": scores,
+           "curve_mean": [statistics.fmean(column) for column in zip(*scores)]}
+    return {"run": name, "dataset": settings["dataset"], "updates_done": saved[0]["curve"][length - 1]["step"],
             "updates": int(settings["steps"]), "rows": [row]}
+
+
+def _mean_std(name: str, values: list[float]) -> dict:
+    return {f"{name}_mean": statistics.fmean(values), f"{name}_std": statistics.pstdev(values)}
+
+
+def _plain_groups(run_dirs: list[Path]) -> list[list[Path]]:
+    """``plain_iql.py`` folders grouped by setting: the same settings but for the seed and the folder."""
+    groups: dict[str, list[Path]] = {}
+    for run_dir in run_dirs:
+        settings = json.loads((run_dir / "curve.json").read_text())["settings"]
+        key = json.dumps({k: v for k, v in settings.items() if k not in ("seed", "out")}, sort_keys=True)
+        groups.setdefault(key, []).append(run_dir)
+    return list(groups.values())
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
@@ -100,7 +122,8 @@ def main() -> int:
     if missing:
         print(f"locomotion_study: no checkpoint.pt in {', '.join(missing)}", file=sys.stderr)
         return 2
-    runs = [plain_rows(run) if (run / "curve.json").exists() else run_rows(run) for run in args.runs]
+    plain = [run for run in args.runs if (run / "curve.json").exists()]
+    runs = [run_rows(run) for run in args.runs if run not in plain] + [plain_rows(group) for group in _plain_groups(plain)]
     print("| run: setting | reward | seeds | updates trained | last evaluation at | last | best | best − last "
           "| mean of seeds, every evaluation |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -23,9 +23,10 @@ class CorlReference(ReferenceIQL):
         return super().critic_loss(critics, value_params, batch) / 2
 
 
-def load_plain_iql():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_iql.py"
-    spec = importlib.util.spec_from_file_location("plain_iql", path)
+def load_benchmark(name: str = "plain_iql"):
+    """``benchmarks/<name>.py`` as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -63,7 +64,7 @@ def batches():
 
 
 def run(order: str, reference_class=CorlReference):
-    plain_iql = load_plain_iql()
+    plain_iql = load_benchmark()
     torch.manual_seed(0)
     args = argparse.Namespace(steps=TOTAL, beta=3.0, iql_tau=0.7, discount=0.99)
     plain = plain_iql.PlainIQL(OBS, ACT, args)
@@ -90,3 +91,29 @@ def test_plain_iql_takes_the_reference_update_in_corl_s_order():
     # and the critics' summed errors (the reference's own loss) end elsewhere too
     summed_errors = run("summed", ReferenceIQL)
     assert summed_errors["critics"] > 100 * TOL, summed_errors
+
+
+def test_the_study_reads_plain_seeds_of_one_setting_as_one_row_over_the_evaluations_all_reached(tmp_path, capsys):
+    import json
+    import statistics
+
+    def write(name, seed, scores, beta="3.0"):
+        folder = tmp_path / name
+        folder.mkdir()
+        settings = {"dataset": "d", "steps": "300", "beta": beta, "iql_tau": "0.7", "normalize": "True",
+                    "normalize_reward": "True", "seed": str(seed), "out": str(folder)}
+        curve = [{"step": 100 * (i + 1), "score": s, "return": 0.0} for i, s in enumerate(scores)]
+        (folder / "curve.json").write_text(json.dumps({"settings": settings, "curve": curve}))
+        (folder / "checkpoint.pt").write_bytes(b"")
+        return folder
+
+    study = load_benchmark("locomotion_study")
+    seeds = [write("a", 0, [10.0, 40.0, 30.0]), write("b", 1, [20.0, 25.0]), write("c", 2, [5.0, 50.0, 1.0], beta="6.0")]
+    groups = study._plain_groups(seeds)
+    assert [[p.name for p in g] for g in groups] == [["a", "b"], ["c"]]  # β 6 is another setting
+    row = study.plain_rows(groups[0])["rows"][0]
+    # seed 1 has reached 200 updates: both seeds' last evaluation there is 40 and 25, their best 40 and 25
+    assert row["seeds"] == [0, 1] and row["steps"] == [100, 200]
+    assert row["final_mean"] == 32.5 and row["final_std"] == statistics.pstdev([40.0, 25.0]) == 7.5
+    assert row["best_mean"] == 32.5 and row["curve_mean"] == [15.0, 32.5]
+    assert row["final_mean"] != statistics.fmean([30.0, 25.0])  # not each seed's own latest evaluation
