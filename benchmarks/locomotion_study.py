@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from iql_torchrl.runs.config import OfflineConfig, config_from_dict
-from iql_torchrl.runs.sweep import SWEEPABLE, sweep_results
+from iql_torchrl.runs.sweep import SWEEPABLE, mean_std, sweep_results
 
 
 def run_rows(run_dir: Path) -> dict:
@@ -65,15 +65,11 @@ def plain_rows(run_dirs: list[Path]) -> dict:
                     f"{', '.join(map(str, seeds))}",
            "reward_transform": "locomotion" if settings["normalize_reward"] == "True" else "none",
            "normalize_observations": "yes" if settings["normalize"] == "True" else "no",
-           **_mean_std("final", [seed[-1] for seed in scores]), **_mean_std("best", [max(seed) for seed in scores]),
+           **mean_std("final", [seed[-1] for seed in scores]), **mean_std("best", [max(seed) for seed in scores]),
            "steps": [point["step"] for point in saved[0]["curve"][:length]], "scores": scores,
            "curve_mean": [statistics.fmean(column) for column in zip(*scores)]}
     return {"run": name, "dataset": settings["dataset"], "updates_done": saved[0]["curve"][length - 1]["step"],
             "updates": int(settings["steps"]), "rows": [row]}
-
-
-def _mean_std(name: str, values: list[float]) -> dict:
-    return {f"{name}_mean": statistics.fmean(values), f"{name}_std": statistics.pstdev(values)}
 
 
 def _plain_groups(run_dirs: list[Path]) -> list[list[Path]]:

@@ -93,7 +93,7 @@ def test_plain_iql_takes_the_reference_update_in_corl_s_order():
     assert summed_errors["critics"] > 100 * TOL, summed_errors
 
 
-def test_the_study_reads_plain_seeds_of_one_setting_as_one_row_over_the_evaluations_all_reached(tmp_path, capsys):
+def test_the_study_reads_plain_seeds_of_one_setting_as_one_row_over_the_evaluations_all_reached(tmp_path):
     import json
     import statistics
 

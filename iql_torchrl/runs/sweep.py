@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from iql_torchrl.objectives.checks import is_finite_number
 
-__all__ = ["SWEEPABLE", "sweep_problem", "sweep_grid", "swept_names", "sweep_values", "run_members", "member_settings",
+__all__ = ["SWEEPABLE", "mean_std", "sweep_problem", "sweep_grid", "swept_names", "sweep_values", "run_members", "member_settings",
            "same_grid", "saved_member_seeds", "sweep_results", "setting_label"]
 
 # the settings a sweep may vary: each one's valid range (as its own flag states it) and its symbol
@@ -132,10 +132,11 @@ def sweep_results(curve: list[dict], config) -> dict:
     for setting in member_settings(config)[::getattr(config, "num_seeds", 1)]:
         own = [m for m in members if all(m[name] == value for name, value in setting.items())]
         settings.append({**setting, "label": setting_label(setting), "seeds": [m["seed"] for m in own],
-                         **_mean_std("final", [m["final"] for m in own]), **_mean_std("best", [m["best"] for m in own])})
+                         **mean_std("final", [m["final"] for m in own]), **mean_std("best", [m["best"] for m in own])})
     return {"grid": {name: list(values) for name, values in sweep_values(config.sweep).items()}, "score": key,
             "settings": settings, "members": members}
 
 
-def _mean_std(name: str, values: list[float]) -> dict:
+def mean_std(name: str, values: list[float]) -> dict:
+    """``{name}_mean`` and ``{name}_std`` (population std) of ``values``: how a setting's seeds are reported."""
     return {f"{name}_mean": statistics.fmean(values), f"{name}_std": statistics.pstdev(values)}
