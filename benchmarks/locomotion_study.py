@@ -10,7 +10,8 @@ it writes its checkpoint every 5,000 updates and evaluates every 25,000, so this
 after it stopped. For each run and each of its settings, the mean ± std over seeds of the last and of each seed's
 best evaluation, their gap and the range of the seeds' mean over every evaluation; where a run holds behaviour
 cloning (β 0), how far each other setting ends above it; every run's settings on one plot (``--png``) and the
-numbers in ``--json``. The checkpoint is read as weights only (nothing in it runs as code). A folder of
+numbers in ``--json``. The checkpoint is read as weights only (nothing in it runs as code); a finished run kept
+without it is read from its ``summary.json``. A folder of
 ``plain_iql.py`` (the one-file reference, one seed a folder) is read from its ``curve.json`` and shown beside the runs;
 folders of one setting and several seeds make one row, over the evaluations every seed has reached.
 """
@@ -30,7 +31,7 @@ from iql_torchrl.runs.sweep import SWEEPABLE, mean_std, sweep_results
 
 def run_rows(run_dir: Path) -> dict:
     """The run's settings: each one's seeds' curves and the sweep results' last and best evaluations."""
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state = _saved_state(run_dir)
     config = config_from_dict(OfflineConfig, state["config"])
     curve = state["curve"]
     summary = run_dir / "summary.json"  # a finished run's: its whole curve, the final evaluation included
@@ -48,6 +49,17 @@ def run_rows(run_dir: Path) -> dict:
         rows[-1]["curve_mean"] = [sum(seed[i] for seed in rows[-1]["scores"]) / len(own) for i in range(len(curve))]
     return {"run": run_dir.name, "dataset": config.dataset, "updates_done": state["step"], "updates": config.steps,
             "rows": rows}
+
+
+def _saved_state(run_dir: Path) -> dict:
+    """The run's checkpoint (weights only), or for a finished run whose checkpoint was not kept, what its
+    ``summary.json`` holds of it: the settings, the whole curve and the updates done."""
+    if (run_dir / "checkpoint.pt").exists():
+        return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    grid = (summary.get("sweep") or {}).get("grid", {})  # the summary holds the sweep's results; the grid is its setting
+    sweep = [f"{name}={','.join(f'{value:g}' for value in values)}" for name, values in grid.items()] or None
+    return {"config": {**summary, "sweep": sweep}, "curve": summary["curve"], "step": summary["steps"]}
 
 
 def plain_rows(run_dirs: list[Path]) -> dict:
@@ -114,9 +126,10 @@ def main() -> int:
     parser.add_argument("--png", type=Path, help="the plot of every run's settings")
     parser.add_argument("--json", type=Path, help="the numbers: each setting's curve, last and best")
     args = parser.parse_args()
-    missing = [str(run) for run in args.runs if not (run / "checkpoint.pt").exists()]
+    missing = [str(run) for run in args.runs
+               if not any((run / name).exists() for name in ("checkpoint.pt", "summary.json", "curve.json"))]
     if missing:
-        print(f"locomotion_study: no checkpoint.pt in {', '.join(missing)}", file=sys.stderr)
+        print(f"locomotion_study: no checkpoint.pt, summary.json or curve.json in {', '.join(missing)}", file=sys.stderr)
         return 2
     plain = [run for run in args.runs if (run / "curve.json").exists()]
     runs = [run_rows(run) for run in args.runs if run not in plain] + [plain_rows(group) for group in _plain_groups(plain)]

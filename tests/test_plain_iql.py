@@ -117,3 +117,31 @@ def test_the_study_reads_plain_seeds_of_one_setting_as_one_row_over_the_evaluati
     assert row["final_mean"] == 32.5 and row["final_std"] == statistics.pstdev([40.0, 25.0]) == 7.5
     assert row["best_mean"] == 32.5 and row["curve_mean"] == [15.0, 32.5]
     assert row["final_mean"] != statistics.fmean([30.0, 25.0])  # not each seed's own latest evaluation
+
+
+def test_the_study_reads_a_finished_run_kept_without_its_checkpoint_from_its_summary(tmp_path):
+    import json
+
+    study = load_benchmark("locomotion_study")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    curve = [{"step": 100 * (i + 1), "normalized_score": 0.0,
+              "per_seed": [{"seed": 6, "normalized_score": a, "return_mean": 0.0},
+                           {"seed": 7, "normalized_score": b, "return_mean": 0.0}]}
+             for i, (a, b) in enumerate([(10.0, 30.0), (50.0, 20.0), (40.0, 10.0)])]
+    summary = {"dataset": "d", "steps": 300, "seed": 6, "num_seeds": 2, "sweep": None, "temperature": 3.0,
+               "expectile": 0.7, "preset": "mujoco", "curve": curve}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    run = study.run_rows(folder)
+    (row,) = run["rows"]
+    # by hand: seed 6 ends at 40 (best 50), seed 7 at 10 (best 30)
+    assert run["updates_done"] == 300 and row["seeds"] == [6, 7]
+    assert (row["final_mean"], row["final_std"], row["best_mean"], row["best_std"]) == (25.0, 15.0, 40.0, 10.0)
+    assert row["curve_mean"] == [20.0, 35.0, 25.0]
+
+    # a sweep's summary holds its results under "sweep"; its grid is the setting each member trained
+    sweep = {"grid": {"temperature": [0.0, 3.0]}, "settings": [], "members": []}
+    (folder / "summary.json").write_text(json.dumps({**summary, "num_seeds": 1, "sweep": sweep}))
+    cloning, iql = study.run_rows(folder)["rows"]
+    assert (cloning["temperature"], cloning["final_mean"]) == (0.0, 40.0)
+    assert (iql["temperature"], iql["final_mean"], iql["best_mean"]) == (3.0, 10.0, 30.0)
