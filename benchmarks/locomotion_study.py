@@ -13,7 +13,8 @@ cloning (β 0), how far each other setting ends above it; every run's settings o
 numbers in ``--json``. The checkpoint is read as weights only (nothing in it runs as code); a finished run kept
 without it is read from its ``summary.json``. A folder of
 ``plain_iql.py`` (the one-file reference, one seed a folder) is read from its ``curve.json`` and shown beside the runs;
-folders of one setting and several seeds make one row, over the evaluations every seed has reached.
+folders of one setting and several seeds make one row, over the evaluations every seed has reached, and so do runs of
+the main job that differ only in their seeds.
 """
 from __future__ import annotations
 
@@ -48,7 +49,43 @@ def run_rows(run_dir: Path) -> dict:
                      "scores": [[point["per_seed"][m][results["score"]] for point in curve] for m in own]})
         rows[-1]["curve_mean"] = [sum(seed[i] for seed in rows[-1]["scores"]) / len(own) for i in range(len(curve))]
     return {"run": run_dir.name, "dataset": config.dataset, "updates_done": state["step"], "updates": config.steps,
-            "rows": rows}
+            "rows": rows, "setting": _setting_key(state["config"])}
+
+
+# what a run's seeds and mechanics are, not its setting: runs that differ only in these are seeds of one setting
+NOT_SETTING = ("seed", "num_seeds", "output_dir", "threads", "resume", "checkpoint_every", "progress", "logger")
+
+
+def _setting_key(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k in OfflineConfig.__dataclass_fields__
+                       and k not in NOT_SETTING}, sort_keys=True, default=str)
+
+
+def merged_runs(runs: list[dict]) -> list[dict]:
+    """Runs of the main job of one setting but for their seeds, each setting's seeds joined into one row over the
+    evaluations every run has reached; other runs as they are, in their order."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["setting"], []).append(run)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        length = min(len(run["rows"][0]["steps"]) for run in group)
+        name = f"{group[0]['run']} (+{len(group) - 1})"
+        rows = []
+        for settings in zip(*(run["rows"] for run in group)):  # the same settings, in the same order, in each run
+            scores = [seed[:length] for row in settings for seed in row["scores"]]
+            rows.append({**settings[0], "run": name, "label": f"{name}: {settings[0]['label'].split(': ', 1)[1]}",
+                         "seeds": [seed for row in settings for seed in row["seeds"]], "scores": scores,
+                         "steps": settings[0]["steps"][:length],
+                         **mean_std("final", [seed[-1] for seed in scores]),
+                         **mean_std("best", [max(seed) for seed in scores]),
+                         "curve_mean": [statistics.fmean(column) for column in zip(*scores)]})
+        merged.append({**group[0], "run": name, "updates_done": min(run["updates_done"] for run in group),
+                       "rows": rows})
+    return merged
 
 
 def _saved_state(run_dir: Path) -> dict:
@@ -132,7 +169,8 @@ def main() -> int:
         print(f"locomotion_study: no checkpoint.pt, summary.json or curve.json in {', '.join(missing)}", file=sys.stderr)
         return 2
     plain = [run for run in args.runs if (run / "curve.json").exists()]
-    runs = [run_rows(run) for run in args.runs if run not in plain] + [plain_rows(group) for group in _plain_groups(plain)]
+    runs = merged_runs([run_rows(run) for run in args.runs if run not in plain]) + \
+        [plain_rows(group) for group in _plain_groups(plain)]
     print("| run: setting | reward | seeds | updates trained | last evaluation at | last | best | best − last "
           "| mean of seeds, every evaluation |")
     print("|---|---|---|---|---|---|---|---|---|")

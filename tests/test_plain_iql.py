@@ -145,3 +145,35 @@ def test_the_study_reads_a_finished_run_kept_without_its_checkpoint_from_its_sum
     cloning, iql = study.run_rows(folder)["rows"]
     assert (cloning["temperature"], cloning["final_mean"]) == (0.0, 40.0)
     assert (iql["temperature"], iql["final_mean"], iql["best_mean"]) == (3.0, 10.0, 30.0)
+
+
+def test_the_study_joins_runs_of_one_setting_that_differ_in_their_seeds_into_one_row(tmp_path):
+    import json
+    import statistics
+
+    study = load_benchmark("locomotion_study")
+
+    def write(name, seed, per_seed_scores, temperature=3.0):
+        folder = tmp_path / name
+        folder.mkdir()
+        curve = [{"step": 100 * (i + 1), "normalized_score": 0.0,
+                  "per_seed": [{"seed": seed + k, "normalized_score": scores[i], "return_mean": 0.0}
+                               for k, scores in enumerate(per_seed_scores)]}
+                 for i in range(min(map(len, per_seed_scores)))]
+        (folder / "summary.json").write_text(json.dumps(
+            {"dataset": "d", "steps": 300, "seed": seed, "num_seeds": len(per_seed_scores), "sweep": None,
+             "temperature": temperature, "expectile": 0.7, "threads": seed + 1, "output_dir": str(folder),
+             "curve": curve}))
+        return study.run_rows(folder)
+
+    a = write("a", 0, [[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])
+    b = write("b", 2, [[5.0, 25.0]])  # seed 2, on another thread count, two evaluations so far
+    c = write("c", 0, [[1.0, 2.0, 3.0]], temperature=6.0)
+    joined, other = study.merged_runs([a, b, c])
+    (row,) = joined["rows"]
+    assert joined["run"] == "a (+1)" and row["seeds"] == [0, 1, 2] and row["steps"] == [100, 200]
+    # over the evaluations all reached (two): finals 20, 50, 25; bests the same
+    assert row["final_mean"] == statistics.fmean([20.0, 50.0, 25.0]) and row["best_mean"] == row["final_mean"]
+    assert row["final_std"] == statistics.pstdev([20.0, 50.0, 25.0])
+    assert row["curve_mean"] == [statistics.fmean([10.0, 40.0, 5.0]), statistics.fmean([20.0, 50.0, 25.0])]
+    assert other is c  # β 6 is another setting
