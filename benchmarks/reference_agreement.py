@@ -33,12 +33,9 @@ from tensordict.nn import TensorDictModule
 import plain_iql  # benchmarks/, beside this file
 from iql_torchrl import IQLLoss, make_iql_networks
 from iql_torchrl.data import load_minari_dataset
-from iql_torchrl.runs.builders import actor_from_checkpoint, build_loss
+from iql_torchrl.runs.builders import actor_from_checkpoint, loss_from_checkpoint
 from iql_torchrl.runs.evaluation import evaluate_policy
 from iql_torchrl.runs.checkpoint import load_run_checkpoint
-from iql_torchrl.runs.config import RunConfig, config_from_dict
-from iql_torchrl.data.metadata import OfflineDataMetadata
-from iql_torchrl.objectives.ensemble import SeedEnsemble
 from iql_torchrl.runs.sweep import sweep_grid
 from iql_torchrl.step.update import IQLUpdate
 
@@ -50,11 +47,16 @@ def linear(net: torch.nn.Sequential) -> list[torch.Tensor]:
     return [t for layer in net if isinstance(layer, torch.nn.Linear) for t in (layer.weight, layer.bias)]
 
 
+def actor_tensors(actor: plain_iql.Actor) -> list[torch.Tensor]:
+    """The reference actor's log-std, then its mean network's weights and biases: the package's order."""
+    return [actor.log_std, *linear(actor.mean)]
+
+
 def plain_tensors(agent: plain_iql.PlainIQL) -> dict[str, list[torch.Tensor]]:
     """The reference's parameters per network, in the package's order (log-std first, then each linear layer); the
     twin critics' stacked (copies: read them, write into each critic's own)."""
     stacked = lambda nets: [torch.stack(pair) for pair in zip(*(linear(q) for q in nets))]
-    return {"actor": [agent.actor.log_std, *linear(agent.actor.mean)], "critics": stacked(agent.q),
+    return {"actor": actor_tensors(agent.actor), "critics": stacked(agent.q),
             "value": linear(agent.v), "targets": stacked(agent.q_target)}
 
 
@@ -72,7 +74,7 @@ def _layer_order(key: tuple[str, ...]) -> tuple:
 
 @torch.no_grad()
 def load_into_plain(agent: plain_iql.PlainIQL, tensors: dict[str, list[torch.Tensor]]) -> None:
-    for target, source in zip([agent.actor.log_std, *linear(agent.actor.mean)], tensors["actor"]):
+    for target, source in zip(actor_tensors(agent.actor), tensors["actor"]):
         target.copy_(source)
     for target, source in zip(linear(agent.v), tensors["value"]):
         target.copy_(source)
@@ -90,19 +92,9 @@ def load_into_package(loss: IQLLoss, tensors: dict[str, list[torch.Tensor]]) -> 
 
 
 def trained_member(run_dir: Path, member: int) -> dict[str, list[torch.Tensor]]:
-    """Member ``member``'s networks of a saved run of the main job (one seed, or several)."""
-    state = load_run_checkpoint(run_dir, map_location="cpu")
-    config = config_from_dict(RunConfig, state["config"])
-    config.device, config.output_dir = "cpu", None
-    metadata = OfflineDataMetadata.from_state_dict(state["metadata"])
-    if state["config"].get("sweep"):
-        raise SystemExit(f"{run_dir}: a --sweep run; start from a run of one setting.")
-    members = state["config"].get("num_seeds", 1)
-    loss = build_loss(config, metadata) if members == 1 else SeedEnsemble([build_loss(config, metadata)
-                                                                           for _ in range(members)])
-    loss.claim_target_update()
-    loss.load_state_dict(state["loss"])
-    return package_tensors(loss if members == 1 else loss.seed_loss(member))
+    """Member ``member``'s networks of a saved run of the main job."""
+    loss, _ = loss_from_checkpoint(load_run_checkpoint(run_dir, map_location="cpu"), "cpu", member)
+    return package_tensors(loss)
 
 
 def relative_difference(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
@@ -115,12 +107,12 @@ def action_difference(actor_a, actor_b, states: torch.Tensor) -> float:
     return float((actor_a(states).mean - actor_b(states).mean).pow(2).mean().sqrt())
 
 
+@torch.no_grad()
 def package_actor(loss: IQLLoss, obs_dim: int, act_dim: int) -> plain_iql.Actor:
     """The package's current policy as the reference's actor class (the same layout, its weights copied in)."""
     actor = plain_iql.Actor(obs_dim, act_dim)
-    with torch.no_grad():
-        for target, source in zip([actor.log_std, *linear(actor.mean)], package_tensors(loss)["actor"]):
-            target.copy_(source)
+    for target, source in zip(actor_tensors(actor), package_tensors(loss)["actor"]):
+        target.copy_(source)
     return actor
 
 

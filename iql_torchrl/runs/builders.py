@@ -26,7 +26,7 @@ from iql_torchrl.objectives.networks import make_iql_networks
 from iql_torchrl.step.update import IQLUpdate
 
 __all__ = ["build_loss", "build_seed_losses", "make_update", "update_options", "batch_generators", "index_sampler", "load_actor",
-           "actor_from_checkpoint", "RANK_SEED_STRIDE"]
+           "actor_from_checkpoint", "loss_from_checkpoint", "RANK_SEED_STRIDE"]
 
 RANK_SEED_STRIDE = 1_000_003  # keeps the ranks' batch streams apart
 
@@ -121,6 +121,13 @@ def load_actor(run_dir: str | Path, device: str = "cpu", seed_index: int = 0):
 def actor_from_checkpoint(state: dict, device: str = "cpu", seed_index: int = 0):
     """:func:`load_actor` on a checkpoint already read: ``(actor, metadata)`` on ``device``. ``seed_index`` counts
     the members of a run of several (seeds, or ``--sweep`` settings × seeds, setting-major)."""
+    loss, metadata = loss_from_checkpoint(state, device, seed_index)
+    return loss.get_stateful_net("actor_network", copy=True).eval(), metadata
+
+
+def loss_from_checkpoint(state: dict, device: str = "cpu", seed_index: int = 0):
+    """Member ``seed_index``'s loss of a checkpoint already read (its networks and target critics, its β and τ) and
+    the data metadata: ``(loss, metadata)`` on ``device``, the loss ready to evaluate (nothing updates its targets)."""
     saved = state["config"]
     config = config_from_dict(RunConfig, saved)
     config.device, config.output_dir = device, None
@@ -132,8 +139,6 @@ def actor_from_checkpoint(state: dict, device: str = "cpu", seed_index: int = 0)
         loss = SeedEnsemble([build_loss(replace(config, **setting), metadata) for setting in settings])
     else:
         loss = build_loss(replace(config, **settings[0]), metadata)
-    loss.claim_target_update()  # nothing updates the targets of a loss built to load an actor
+    loss.claim_target_update()  # nothing updates the targets of a loss built to be read
     loss.load_state_dict(state["loss"])  # tensors saved on any device land on this one
-    if len(settings) > 1:
-        loss = loss.seed_loss(seed_index)
-    return loss.get_stateful_net("actor_network", copy=True).eval(), metadata
+    return (loss.seed_loss(seed_index) if len(settings) > 1 else loss), metadata
