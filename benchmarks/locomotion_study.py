@@ -79,13 +79,17 @@ def merged_runs(runs: list[dict]) -> list[dict]:
             scores = [seed[:length] for row in settings for seed in row["scores"]]
             rows.append({**settings[0], "run": name, "label": f"{name}: {settings[0]['label'].split(': ', 1)[1]}",
                          "seeds": [seed for row in settings for seed in row["seeds"]], "scores": scores,
-                         "steps": settings[0]["steps"][:length],
-                         **mean_std("final", [seed[-1] for seed in scores]),
-                         **mean_std("best", [max(seed) for seed in scores]),
-                         "curve_mean": [statistics.fmean(column) for column in zip(*scores)]})
+                         "steps": settings[0]["steps"][:length], **seeds_summary(scores)})
         merged.append({**group[0], "run": name, "updates_done": min(run["updates_done"] for run in group),
                        "rows": rows})
     return merged
+
+
+def seeds_summary(scores: list[list[float]]) -> dict:
+    """One setting's seeds (each a curve of equal length): mean ± std of the last and of each seed's best
+    evaluation, and the seeds' mean at every evaluation."""
+    return {**mean_std("final", [seed[-1] for seed in scores]), **mean_std("best", [max(seed) for seed in scores]),
+            "curve_mean": [statistics.fmean(column) for column in zip(*scores)]}
 
 
 def _saved_state(run_dir: Path) -> dict:
@@ -114,9 +118,7 @@ def plain_rows(run_dirs: list[Path]) -> dict:
                     f"{', '.join(map(str, seeds))}",
            "reward_transform": "locomotion" if settings["normalize_reward"] == "True" else "none",
            "normalize_observations": "yes" if settings["normalize"] == "True" else "no",
-           **mean_std("final", [seed[-1] for seed in scores]), **mean_std("best", [max(seed) for seed in scores]),
-           "steps": [point["step"] for point in saved[0]["curve"][:length]], "scores": scores,
-           "curve_mean": [statistics.fmean(column) for column in zip(*scores)]}
+           "steps": [point["step"] for point in saved[0]["curve"][:length]], "scores": scores, **seeds_summary(scores)}
     return {"run": name, "dataset": settings["dataset"], "updates_done": saved[0]["curve"][length - 1]["step"],
             "updates": int(settings["steps"]), "rows": [row]}
 
