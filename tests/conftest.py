@@ -45,7 +45,10 @@ class TinyDatasets(NamedTuple):
 
 @pytest.fixture(scope="session")
 def session_compile_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("compiled-steps")
+    """One folder for the whole session, shared by pytest-xdist's test processes (their temporary folders sit
+    side by side): a step compiled in one process loads in the other (the cache writes atomically)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "compiled-steps"
 
 
 @pytest.fixture(autouse=True)

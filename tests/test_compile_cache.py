@@ -75,6 +75,33 @@ def test_a_failed_write_warns_and_leaves_nothing(tmp_path):
         CompiledStepCache(blocked / "cache").store("k", FakeCompiled(b"bytes"), [], [])
 
 
+def test_two_runs_starting_at_once_on_a_new_folder_keep_both_entries(tmp_path, monkeypatch, recwarn):
+    # two runs (e.g. seeds launched side by side) store their first entries at once, each creating the folder's
+    # key; the key's bytes take a while to come (as from a slow disk): neither run may read it half written
+    import secrets
+    import threading
+    import time
+
+    seen = loaded_payloads(monkeypatch)
+    real = secrets.token_bytes
+    monkeypatch.setattr(secrets, "token_bytes", lambda n: time.sleep(0.2) or real(n))
+    start = threading.Barrier(2)
+
+    def run(key):
+        start.wait()
+        CompiledStepCache(tmp_path).store(key, FakeCompiled(key.encode()), [], [])
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    cache = CompiledStepCache(tmp_path)
+    assert cache.load("a", {}) == ("step", [], []) and cache.load("b", {}) == ("step", [], [])
+    assert sorted(seen) == [b"a", b"b"] and not [str(w.message) for w in recwarn]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.step", "b.step", "secret.key"]  # no key left half made
+
+
 def test_the_key_follows_every_setting():
     base = {"tau": 0.005, "signature": "(256, 3)"}
     assert entry_key(base) == entry_key(dict(base))

@@ -178,13 +178,17 @@ class CompiledStepCache:
         path = self.folder / _KEY_FILE
         if create and not path.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
+            # written whole under another name, then linked into place: a run starting at the same moment
+            # never reads a key half written, and of two runs creating one, the first link wins for both
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".key.", suffix=".tmp")  # mode 0o600
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another run created it first
-                pass
-            else:
                 with os.fdopen(fd, "wb") as f:
                     f.write(secrets.token_bytes(32))
+                os.link(tmp, path)
+            except FileExistsError:  # another run created it first
+                pass
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         try:
             secret = path.read_bytes()
         except OSError:
