@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
     seconds_per_update = sum(1 / summary["updates_per_second"] for _, summary, _ in alone)
     result = {
         "dataset": args.dataset, "steps": args.steps, "sweep": args.sweep, "members": members,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "mode": swept["mode"],
+        "sweep_threads": swept["threads"], "run_threads": sorted({summary["threads"] for _, summary, _ in alone}),
+        "torch": torch.__version__, "mode": swept["mode"],
         "precision": swept["precision"],
         "sweep_member_updates_per_second": members * swept["updates_per_second"],
         "sequential_member_updates_per_second": members / seconds_per_update,
@@ -63,8 +64,8 @@ def main(argv=None) -> dict:
                   "wall_seconds": wall} for setting, summary, wall in alone],
     }
     result["speedup"] = result["sweep_member_updates_per_second"] / result["sequential_member_updates_per_second"]
-    print(f"{members} members, {args.steps} updates each, {args.dataset}, {swept['mode']} {swept['precision']}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{members} members, {args.steps} updates each, {args.dataset}, {swept['mode']} {swept['precision']}; "
+          f"threads: the sweep {result['sweep_threads']}, the runs {result['run_threads']} (each run's own choice)")
     print(f"  one sweep:           {result['sweep_member_updates_per_second']:8.1f} member-updates/s, "
           f"wall {swept_wall:.0f} s")
     print(f"  one run per member:  {result['sequential_member_updates_per_second']:8.1f} member-updates/s, "

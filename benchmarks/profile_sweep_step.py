@@ -1,0 +1,145 @@
+"""Where a vmapped step's time goes as its members grow: the compiled step of 1 and of K members, by kernel kind.
+
+    python benchmarks/profile_sweep_step.py                          # 1 and 6 members, one thread, bf16
+    python benchmarks/profile_sweep_step.py --members 1 6 --threads 2 --rounds 2 --json sweep_profile.json
+
+Each row is one ``IQLUpdate`` (compile mode, the default job's shapes: obs 3, action 1, 2×256 networks,
+batch 256 a member, indices into 20,000 transitions), profiled with inductor's per-kernel records over
+``--updates`` updates: the GEMMs (torch's mm/bmm/addmm), the graph's fused kernels that hold Adam's update
+(inductor fuses it with the gradients' last sums and casts), the other fused kernels, and the rest of the
+update (the graph's launcher and whatever is not recorded). Beside them, Adam alone over the same
+parameters: torch's fused kernel (eager) and its capturable foreach form compiled by itself. Member-updates/s
+is timed without the profiler running, over as many updates just before. Run it alone on the host; the rounds
+alternate the member counts.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+from torch.optim.adam import adam
+from torch.profiler import ProfilerActivity, profile
+
+from host import cpu_name
+from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+from iql_torchrl.objectives.ensemble import SeedEnsemble
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic import random_transitions  # noqa: E402
+
+warnings.filterwarnings("ignore")
+OBS, ACT, HIDDEN, BATCH, TRANSITIONS = 3, 1, (256, 256), 256, 20_000
+KINDS = ("GEMMs", "kernels with Adam", "other fused kernels", "rest")
+
+
+def kind(name: str) -> str | None:
+    if name.startswith("aoti_torch_cpu_") and "mm" in name:
+        return "GEMMs"
+    if "foreach_addcdiv" in name:
+        return "kernels with Adam"
+    if name.startswith("graph_") and "cpp_fused" in name:
+        return "other fused kernels"
+    return None
+
+
+def make_update(members: int, precision: str) -> IQLUpdate:
+    def loss(seed):
+        torch.manual_seed(seed)
+        return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=HIDDEN))
+
+    ensemble = loss(0) if members == 1 else SeedEnsemble([loss(seed) for seed in range(members)])
+    return IQLUpdate(ensemble, mode="compile", precision=precision, data=random_transitions(TRANSITIONS, OBS, ACT),
+                     total_steps=10**6, eager_checks=0, compile_cache=None)
+
+
+def profile_step(update: IQLUpdate, members: int, updates: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    shape = (members, BATCH) if members > 1 else (BATCH,)
+    draw = lambda: torch.randint(0, TRANSITIONS, shape, generator=g)
+    for _ in range(30):
+        update(draw())
+    start = time.perf_counter()
+    for _ in range(updates):
+        update(draw())
+    unprofiled = (time.perf_counter() - start) * 1e3 / updates
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        start = time.perf_counter()
+        for _ in range(updates):
+            update(draw())
+        ms = (time.perf_counter() - start) * 1e3 / updates
+    split = collections.Counter()
+    for event in recorded.key_averages():
+        if (k := kind(event.key)) is not None:
+            split[k] += event.self_cpu_time_total / 1e3 / updates
+    split["rest"] = ms - sum(split.values())
+    return {"ms": ms, "ms_unprofiled": unprofiled, **{k: split[k] for k in KINDS}}
+
+
+def adam_alone(update: IQLUpdate, repeats: int = 200) -> dict:
+    """Milliseconds of one Adam step over the update's trainable parameters: torch's fused kernel, eager, and its
+    capturable foreach form compiled alone."""
+    params = [p.detach().clone() for group in update.params.values() for p in group]
+    grads = [torch.randn_like(p) for p in params]
+    avg, avg_sq = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps, lr = [torch.zeros(()) for _ in params], torch.tensor(3e-4)
+    settings = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
+    fused = lambda: adam(params, grads, avg, avg_sq, [], steps, fused=True, lr=3e-4, **settings)
+    foreach = torch.compile(lambda: adam(params, grads, avg, avg_sq, [], steps, foreach=True, capturable=True, lr=lr,
+                                         **settings), fullgraph=True)
+    out = {}
+    for name, step in (("fused, eager", fused), ("foreach capturable, compiled alone", foreach)):
+        for _ in range(20):
+            step()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        out[name] = (time.perf_counter() - start) * 1e3 / repeats
+    return {"parameters": sum(p.numel() for p in params), **out}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 6])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--updates", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    inductor_config.cpp.enable_kernel_profile = True  # per-kernel records; set before the steps compile
+    updates = {k: make_update(k, args.precision) for k in args.members}
+    rows = []
+    for round_ in range(args.rounds):
+        for members, update in updates.items():
+            row = {"members": members, "round": round_ + 1, **profile_step(update, members, args.updates)}
+            row["member_updates_per_second"] = members * 1e3 / row["ms_unprofiled"]
+            rows.append(row)
+    adam_rows = {k: adam_alone(update) for k, update in updates.items()}
+    print(f"{cpu_name()}, torch {torch.__version__}, {args.threads} thread(s), {args.precision}, "
+          f"{args.updates} updates a row")
+    print(f"| members | round | ms an update (profiled) | member-updates/s (unprofiled) | {' | '.join(KINDS)} |")
+    print("|---|---|---|---|" + "---|" * len(KINDS))
+    for row in rows:
+        print(f"| {row['members']} | {row['round']} | {row['ms']:.2f} | {row['member_updates_per_second']:.0f} | "
+              + " | ".join(f"{row[k]:.2f}" for k in KINDS) + " |")
+    print("\nAdam alone over the same parameters (ms a step):")
+    for members, row in adam_rows.items():
+        print(f"  {members} member(s), {row['parameters']:,} parameters: "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in row.items() if name != "parameters"))
+    result = {"host": cpu_name(), "torch": torch.__version__, "threads": args.threads, "precision": args.precision,
+              "rows": rows, "adam_alone": {str(k): v for k, v in adam_rows.items()}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
