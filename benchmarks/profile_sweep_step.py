@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,11 +27,9 @@ from torch.optim.adam import adam
 from torch.profiler import ProfilerActivity, profile
 
 from host import cpu_name
+from update_steps import Setup, make_batch
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic import random_transitions  # noqa: E402
 
 warnings.filterwarnings("ignore")
 OBS, ACT, HIDDEN, BATCH, TRANSITIONS = 3, 1, (256, 256), 256, 20_000
@@ -55,8 +52,9 @@ def make_update(members: int, precision: str) -> IQLUpdate:
         return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=HIDDEN))
 
     ensemble = loss(0) if members == 1 else SeedEnsemble([loss(seed) for seed in range(members)])
-    return IQLUpdate(ensemble, mode="compile", precision=precision, data=random_transitions(TRANSITIONS, OBS, ACT),
-                     total_steps=10**6, eager_checks=0, compile_cache=None)
+    data = make_batch(Setup(batch_size=TRANSITIONS, obs_dim=OBS, action_dim=ACT))
+    return IQLUpdate(ensemble, mode="compile", precision=precision, data=data, total_steps=10**6, eager_checks=0,
+                     compile_cache=None)
 
 
 def profile_step(update: IQLUpdate, members: int, updates: int) -> dict:
