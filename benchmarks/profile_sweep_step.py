@@ -5,8 +5,9 @@
 
 Each row is one ``IQLUpdate`` (compile mode, the default job's shapes: obs 3, action 1, 2×256 networks,
 batch 256 a member, indices into 20,000 transitions), profiled with inductor's per-kernel records over
-``--updates`` updates: the GEMMs (torch's mm/bmm/addmm), the graph's fused kernels that hold Adam's update
-(inductor fuses it with the gradients' last sums and casts), the other fused kernels, and the rest of the
+``--updates`` updates: the GEMMs (torch's mm/bmm/addmm), the kernels that hold Adam's update (the graph's
+fused kernels, into which inductor also fuses the gradients' last sums and casts; or torch's fused Adam kernel,
+which a step of three or more members in bf16 calls), the other fused kernels, and the rest of the
 update (the graph's launcher and whatever is not recorded). Beside them, Adam alone over the same
 parameters: torch's fused kernel (eager) and its capturable foreach form compiled by itself. Member-updates/s
 is timed without the profiler running, over as many updates just before. Run it alone on the host; the rounds
@@ -39,7 +40,7 @@ KINDS = ("GEMMs", "kernels with Adam", "other fused kernels", "rest")
 def kind(name: str) -> str | None:
     if name.startswith("aoti_torch_cpu_") and "mm" in name:
         return "GEMMs"
-    if "foreach_addcdiv" in name:
+    if "foreach_addcdiv" in name or "fused_adam" in name:  # the foreach form's kernels, or torch's fused kernel
         return "kernels with Adam"
     if name.startswith("graph_") and "cpp_fused" in name:
         return "other fused kernels"

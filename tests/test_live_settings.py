@@ -19,7 +19,8 @@ from iql_torchrl import DiscreteIQLLoss, IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
 from iql_torchrl.step.compile_cache import default_cache_folder
 
-N, B, OBS, ACT, SEEDS = 256, 32, 3, 2, 2
+N, B, OBS, ACT = 256, 32, 3, 2
+SEEDS = 3  # stacked seeds: in bf16 on the CPU as many as make the compiled step call torch's fused Adam kernel
 # float32 reassociation in inductor's kernels, grown over ~20 steps at learning rates up to 1e-2; every
 # change moves the parameters by far more (test_each_change_moves_the_eager_step: > MARGIN × TOL)
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -158,16 +159,18 @@ def test_each_change_moves_the_eager_step(name, precision, tol):
 
 # ------------------------------------------------------------------ compiled steps follow them
 @pytest.mark.parametrize("variant", ["compile", *(pytest.param(v, marks=pytest.mark.slow)  # bf16 as fp32 reads them
-                                                  for v in ("bf16", "seeds", "discrete", "compile cache", "guarded"))])
+                                                  for v in ("bf16", "seeds", "bf16 seeds", "discrete",
+                                                            "compile cache", "guarded"))])
 @pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'")  # bf16 at 16×16 is slower, on purpose
 def test_tensor_settings_reach_the_compiled_step_without_compiling_it_again(variant, tmp_path):
-    seeds, discrete, guarded = variant == "seeds", variant == "discrete", variant == "guarded"
-    precision, tol = ("bf16", BF16_TOL) if variant == "bf16" else ("fp32", TOL)
+    seeds, discrete, guarded = variant.endswith("seeds"), variant == "discrete", variant == "guarded"
+    precision, tol = ("bf16", BF16_TOL) if variant.startswith("bf16") else ("fp32", TOL)
     cache = tmp_path / "cache" if variant == "compile cache" else None
     if cache is not None:  # an earlier run's compilation, loaded by the twin below
         take_steps(build("compile", cache=cache)[1], 0, 1)
     eager = build("eager", seeds=seeds, discrete=discrete, precision=precision)
     compiled = build("compile", seeds=seeds, discrete=discrete, cache=cache, guarded=guarded, precision=precision)
+    assert compiled[1].fused_adam == (variant == "bf16 seeds")  # the row that covers torch's fused Adam in the graph
     assert_twins_agree(eager, compiled, "before any change", seeds, tol=tol)
     for step, (name, change) in enumerate(TENSOR_CHANGES.items()):
         for loss, update in (eager, compiled):
@@ -205,12 +208,13 @@ ONE_AT_A_TIME, ALL_AT_ONCE = [[name] for name in BAKED_CHANGES], [list(BAKED_CHA
 @pytest.mark.parametrize("variant, groups", [
     ("compile", [["loss_mask_key"]]),
     pytest.param("compile", ONE_AT_A_TIME, marks=pytest.mark.slow),
-    *(pytest.param(v, ALL_AT_ONCE, marks=pytest.mark.slow) for v in ("bf16", "seeds", "compile cache", "guarded")),
+    *(pytest.param(v, ALL_AT_ONCE, marks=pytest.mark.slow)
+      for v in ("bf16", "seeds", "bf16 seeds", "compile cache", "guarded")),
 ])
 @pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'")  # bf16 at 16×16 is slower, on purpose
 def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, groups, tmp_path):
-    seeds, guarded = variant == "seeds", variant == "guarded"
-    precision, tol = ("bf16", BF16_TOL) if variant == "bf16" else ("fp32", TOL)
+    seeds, guarded = variant.endswith("seeds"), variant == "guarded"
+    precision, tol = ("bf16", BF16_TOL) if variant.startswith("bf16") else ("fp32", TOL)
     cache = tmp_path / "cache" if variant == "compile cache" else None
     if cache is not None:  # an earlier run's compilation, loaded by the twin below
         take_steps(build("compile", cache=cache)[1], 0, 1)

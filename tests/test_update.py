@@ -14,6 +14,7 @@ from test_live_settings import CUDA_TOL  # the 16-wide CUDA comparisons' toleran
 
 from iql_torchrl import IQLLoss, make_iql_networks
 from iql_torchrl.step.compile_cache import default_cache_folder
+from iql_torchrl.step.optimizers import adam_step, make_adam
 from iql_torchrl.step.update import IQLUpdate, cosine_decay
 
 N, B, OBS, ACT = 512, 32, 3, 2
@@ -572,6 +573,43 @@ def test_the_compiled_step_trains_every_network_as_torch_optim_adam_does_at_the_
     assert all(gap < 0.01 for gap in gaps(loss, reference()).values()), gaps(loss, reference())
     # the wrong variant: the value network's first moment lost (Adam without momentum) ends far from it
     assert gaps(loss, reference(value_betas=(0.0, 0.999)))["value"] > 0.1
+
+
+@pytest.mark.parametrize("name, weight_decay", [("adam", 0.0), ("adamw", 0.1)])
+def test_torch_s_fused_adam_called_from_a_compiled_graph_steps_as_torch_optim_adam_does(name, weight_decay):
+    # the form a compiled step of stacked seeds in bf16 takes on the CPU: three seeds of a 256×256 layer and its
+    # bias; the weight's gradient a transposed view, as autograd may return it; the learning rate changed between
+    # calls; the reference: torch.optim.Adam's for-loop form, in float64
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(3, 256, 256, generator=g), torch.randn(3, 256, generator=g)]
+    stored = [[torch.randn(3, 256, 256, generator=g), torch.randn(3, 256, generator=g)] for _ in range(3)]
+    grads = [[w.mT, b] for w, b in stored]
+    rates = [3e-4, 1e-2, 1e-3]
+    ours = [p.clone() for p in start]
+    optimizer = make_adam(ours, rates[0], name, weight_decay, "cpu")
+    step = torch.compile(lambda gs: adam_step(optimizer, ours, gs, fused=True), fullgraph=True)
+    for lr, gs in zip(rates, grads):
+        optimizer.param_groups[0]["lr"].fill_(lr)
+        step(gs)
+
+    def reference(grads, rates):
+        params = [p.double().clone() for p in start]
+        adam = torch.optim.Adam(params, lr=rates[0], weight_decay=weight_decay, foreach=False,
+                                decoupled_weight_decay=name == "adamw")
+        for lr, gs in zip(rates, grads):
+            adam.param_groups[0]["lr"] = lr
+            for p, grad in zip(params, gs):
+                p.grad = grad.double()
+            adam.step()
+        return params
+
+    def gap(expected):
+        return max(float((a.double() - b).abs().max()) for a, b in zip(ours, expected))
+
+    assert gap(reference(grads, rates)) < 1e-6
+    # the wrong variants, each ~1e-2 off: the first learning rate kept; the weight's gradient read as stored
+    assert gap(reference(grads, [rates[0]] * 3)) > 1e-3
+    assert gap(reference([[w, b] for w, b in stored], rates)) > 1e-3
 
 
 def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(monkeypatch):

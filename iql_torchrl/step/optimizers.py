@@ -1,8 +1,14 @@
 """The step's optimizers: ``torch.optim.Adam`` objects holding the state and settings, stepped through torch's
-functional ``adam`` so that the whole update stays one function (and, compiled, one graph).
+own Adam so that the whole update stays one function (and, compiled, one graph).
 
-The objects keep checkpoints in torch's format and let torch's LR schedulers change a learning rate; the
-functional call is torch's own Adam, in its fused form eager and its foreach, capturable form compiled.
+The objects keep checkpoints in torch's format and let torch's LR schedulers change a learning rate. Eager, the
+step calls torch's fused kernel. Compiled, it traces torch's functional ``adam`` in its foreach, capturable form,
+except for stacked seeds in bf16 on the CPU (:func:`fused_in_graph`): there the graph calls the fused kernel
+itself, through an operator of the package's own namespace (torch registers no fake kernel for
+``_fused_adam_`` with a tensor learning rate). Inductor computes the foreach form's bias corrections again in
+every vectorised loop over the parameters, and at several stacked seeds those loops cost more than the fused
+kernel does with the gradients it needs laid out first; for one network, or in float32, they cost less
+(benchmarks/README.md, "Many settings in one run").
 """
 from __future__ import annotations
 
@@ -10,9 +16,36 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-__all__ = ["BETAS", "EPS", "make_adam", "adam_step", "load_in_place"]
+__all__ = ["BETAS", "EPS", "make_adam", "adam_step", "fused_in_graph", "load_in_place"]
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper's code
+
+FUSED_MIN_SEEDS = 3  # stacked seeds from which a compiled bf16 step on the CPU calls the fused kernel
+
+# torch's fused CPU Adam as an operator a compiled graph holds as one call: adds 1 to the step counts and
+# steps, as torch.optim.Adam(fused=True) does
+_OPS = torch.library.Library("iql_torchrl", "FRAGMENT")
+_OPS.define("fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+            "Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
+            "bool decoupled_weight_decay) -> ()")
+
+
+def _fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                 decoupled_weight_decay) -> None:
+    torch._foreach_add_(steps, 1)
+    fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+          weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+
+
+_OPS.impl("fused_adam_", _fused_adam_, "CPU")
+torch.library.register_fake("iql_torchrl::fused_adam_", lambda *args: None, lib=_OPS)
+
+
+def fused_in_graph(device_type: str, precision: str, seeds: int) -> bool:
+    """Whether a compiled step calls torch's fused Adam kernel (``True``) or traces the foreach form: on the CPU,
+    in bf16, for at least :data:`FUSED_MIN_SEEDS` stacked seeds, where the kernel was measured faster."""
+    return device_type == "cpu" and precision == "bf16" and seeds >= FUSED_MIN_SEEDS
 
 
 def make_adam(params: list[Tensor], lr: float, name: str, weight_decay: float, device) -> torch.optim.Adam:
@@ -33,13 +66,20 @@ def make_adam(params: list[Tensor], lr: float, name: str, weight_decay: float, d
     return optimizer
 
 
-def adam_step(optimizer: torch.optim.Adam, params: list[Tensor], grads: list[Tensor]) -> None:
+def adam_step(optimizer: torch.optim.Adam, params: list[Tensor], grads: list[Tensor], fused: bool = False) -> None:
     """One Adam step of ``params`` with the settings and state ``optimizer`` holds: eager, torch's fused kernel;
-    compiled, its capturable foreach form, traced into the graph (step count and learning rate stay tensors: no
-    sync, no recompile)."""
+    compiled, its capturable foreach form traced into the graph, or with ``fused`` (CPU) the fused kernel called
+    from the graph, the gradients laid out like their parameters first, as the kernel reads them (step count and
+    learning rate stay tensors: no sync, no recompile)."""
     settings = optimizer.param_groups[0]
     states = [optimizer.state[p] for p in params]
     beta1, beta2 = settings["betas"]
+    if fused and torch.compiler.is_compiling():
+        torch.ops.iql_torchrl.fused_adam_(
+            params, [g.contiguous() for g in grads], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], settings["lr"], beta1, beta2,
+            settings["eps"], settings["weight_decay"], settings["decoupled_weight_decay"])
+        return
     adam(
         params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
         [s["step"] for s in states], lr=settings["lr"], beta1=beta1, beta2=beta2, eps=settings["eps"],

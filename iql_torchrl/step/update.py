@@ -30,7 +30,7 @@ from iql_torchrl.step.arguments import OPTIMIZERS, ORDERS, check_arguments, opti
 from iql_torchrl.step.guards import HeldTensors
 from iql_torchrl.step.live_settings import LiveSettings, cosine_decay
 from iql_torchrl.step.modes import MODES, missing_compiler
-from iql_torchrl.step.optimizers import adam_step, load_in_place, make_adam
+from iql_torchrl.step.optimizers import adam_step, fused_in_graph, load_in_place, make_adam
 from iql_torchrl.precision_choice import MIN_FEATURES, resolve_precision
 from iql_torchrl.step.precision import BF16Layers
 from iql_torchrl.step.wiring import STATE_TENSORS, build_runner
@@ -137,6 +137,7 @@ class IQLUpdate(LiveSettings):
                            for group in OPTIMIZER_GROUPS}
         self.value_optimizer, self.actor_optimizer, self.qvalue_optimizer = (
             self.optimizers[group] for group in ("value", "actor", "qvalue"))
+        self.fused_adam = fused_in_graph(device.type, self.precision, getattr(loss, "num_seeds", 1))
         super().__init__(tau=tau, total_steps=total_steps, actor_lr=rates["actor"], optimizers=self.optimizers,
                          device=device)
         loss.claim_target_update()  # before the targets are read, which is when TorchRL warns about no updater
@@ -236,7 +237,7 @@ class IQLUpdate(LiveSettings):
             return phase(batch, params)
 
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
-        adam_step(self.optimizers[group], self.params[group], grads)
+        adam_step(self.optimizers[group], self.params[group], grads, fused=self.fused_adam)
 
     def _finish(self, out: TensorDictBase, written: TensorDictBase) -> TensorDictBase:
         """Soft target update, step counter, non-finite bookkeeping; the detached metrics and the batch's entries."""
