@@ -14,6 +14,10 @@ is a seed where any checked call of a correct step goes over the bound.
 The planted fault steps the actor's two 6-element tensors (log-std and the mean head's bias) the wrong way at
 every compiled update (eager steps them right): each is then about two learning rates off.
 
+``--members K`` checks the vmapped step of K stacked seeds instead (as ``--num-seeds`` and ``--sweep`` run it),
+each member of a seed's ensemble initialised from its own network seed; the planted fault then steps every
+member's two small tensors the wrong way.
+
 On a CPU without native bf16 (AVX2 only) every bf16 GEMM is emulated: the rounding is bf16's all the same,
 only slower. The host line of the output says which CPU ran it.
 """
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host import cpu_name  # noqa: E402
 
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks  # noqa: E402
+from iql_torchrl.objectives.ensemble import SeedEnsemble  # noqa: E402
 from iql_torchrl.step.eager_check import tolerance  # noqa: E402
 
 OBS, ACT, HIDDEN, BATCH, DATA = 17, 6, (256, 256), 256, 20_000
@@ -46,7 +51,8 @@ class WrongWaySmallActorTensors(IQLUpdate):
     """Planted: compiled, the actor's ACT-element tensors (log-std, the mean head's bias) step the wrong way."""
 
     def _optimizer_step(self, group, grads):
-        small = [p for p in self.params[group] if p.numel() == ACT] if group == "actor" else []
+        members = getattr(self.loss, "num_seeds", 1)
+        small = [p for p in self.params[group] if p.numel() == ACT * members] if group == "actor" else []
         if not torch.compiler.is_compiling():
             small = []
         before = [p.clone() for p in small]
@@ -67,9 +73,12 @@ def transitions(n: int, seed: int = 0, obs: int = OBS, act: int = ACT) -> Tensor
     }, [n])
 
 
-def make_loss(seed: int) -> IQLLoss:
-    torch.manual_seed(seed)
-    return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=HIDDEN))
+def make_loss(seed: int, members: int = 1) -> IQLLoss | SeedEnsemble:
+    """One loss (``members`` 1), or a ``SeedEnsemble`` of ``members`` losses, from network seeds ``seed·members`` on."""
+    def single(s):
+        torch.manual_seed(s)
+        return IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=HIDDEN))
+    return single(seed) if members == 1 else SeedEnsemble([single(seed * members + m) for m in range(members)])
 
 
 def whole_network(gaps) -> float:
@@ -78,11 +87,12 @@ def whole_network(gaps) -> float:
     return math.sqrt(sum(g.rms**2 * g.numel for g in gaps) / sum(g.numel for g in gaps)) / gaps[0].lr
 
 
-def checked_runs(precision: str, seeds: int, calls: int, planted: bool) -> list[list[dict[str, float]]]:
+def checked_runs(precision: str, seeds: int, calls: int, planted: bool,
+                 members: int = 1) -> list[list[dict[str, float]]]:
     """For each seed, each checked call's largest tensor difference per network, and the actor's difference over
     the whole network (``"actor as a whole"``), in learning rates."""
     data = transitions(DATA)
-    loss = make_loss(0)
+    loss = make_loss(0, members)
     kind = WrongWaySmallActorTensors if planted else IQLUpdate
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a forced bf16 on a CPU that emulates it says so
@@ -92,13 +102,13 @@ def checked_runs(precision: str, seeds: int, calls: int, planted: bool) -> list[
     fresh_state = update.state_dict()
     runs = []
     for seed in range(seeds):
-        loss.load_state_dict(make_loss(seed).state_dict())
+        loss.load_state_dict(make_loss(seed, members).state_dict())
         update.load_state_dict(fresh_state)
         g = torch.Generator().manual_seed(1_000 + seed)
         run = []
         for _ in range(calls):
             check.largest = {}
-            update(torch.randint(0, DATA, (BATCH,), generator=g))
+            update(torch.randint(0, DATA, (BATCH,) if members == 1 else (members, BATCH), generator=g))
             run.append({**check.largest, "actor as a whole": whole_network(check.last["actor"])})
         runs.append(run)
     return runs
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3, help="checked calls a run takes (1 + eager_checks)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--members", type=int, default=1, help="stacked seeds a step trains (vmapped)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cost", type=int, metavar="ROUNDS", help="measure what the check costs the default job "
                         "(ROUNDS alternating rounds) instead of its false alarms")
@@ -179,16 +190,18 @@ def main() -> None:
             args.json.write_text(json.dumps(cost, indent=1))
         return
     results = {"host": cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
-               "threads": args.threads, "shapes": {"obs": OBS, "action": ACT, "hidden": HIDDEN, "batch": BATCH},
+               "threads": args.threads, "members": args.members,
+               "shapes": {"obs": OBS, "action": ACT, "hidden": HIDDEN, "batch": BATCH},
                "calls": args.calls, "rows": []}
     for precision in args.precisions:
         bound = tolerance(precision)
         for planted, seeds in ((False, args.seeds), (True, args.planted_seeds)):
             row = {"precision": precision, "step": "planted fault" if planted else "correct", "bound": bound,
-                   **summary(checked_runs(precision, seeds, args.calls, planted), bound)}
+                   **summary(checked_runs(precision, seeds, args.calls, planted, args.members), bound)}
             results["rows"].append(row)
             print(f"{precision} {row['step']}: done", flush=True)
-    print(f"\nhost: {results['host']}; torch {results['torch']}; {args.threads} thread(s); {args.calls} checked calls a seed")
+    print(f"\nhost: {results['host']}; torch {results['torch']}; {args.threads} thread(s); {args.calls} checked calls a seed; "
+          f"{args.members} member(s) a step")
     print("| precision | step | seeds | bound (× lr) | seeds over it | largest tensor: value | actor | qvalue | target | "
           "the actor as a whole | median seed's worst tensor | smallest seed's worst tensor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
