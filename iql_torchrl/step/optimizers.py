@@ -7,8 +7,8 @@ except for stacked seeds in bf16 on the CPU (:func:`fused_in_graph`): there the 
 itself, through an operator of the package's own namespace (torch registers no fake kernel for
 ``_fused_adam_`` with a tensor learning rate). Inductor computes the foreach form's bias corrections again in
 every vectorised loop over the parameters, and at several stacked seeds those loops cost more than the fused
-kernel does with the gradients it needs laid out first; for one network, or in float32, they cost less
-(benchmarks/README.md, "Many settings in one run").
+kernel does with the gradients it needs laid out first; for one or two seeds, or in float32, they cost as
+little or less (benchmarks/README.md, "Many settings in one run").
 """
 from __future__ import annotations
 
