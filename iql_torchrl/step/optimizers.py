@@ -22,23 +22,22 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the paper'
 
 FUSED_MIN_SEEDS = 3  # stacked seeds from which a compiled bf16 step on the CPU calls the fused kernel
 
-# torch's fused CPU Adam as an operator a compiled graph holds as one call: adds 1 to the step counts and
-# steps, as torch.optim.Adam(fused=True) does
+# torch's fused CPU Adam as an operator a compiled graph holds as one call (its kernel: _fused_adam below)
 _OPS = torch.library.Library("iql_torchrl", "FRAGMENT")
 _OPS.define("fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
             "Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
             "bool decoupled_weight_decay) -> ()")
 
 
-def _fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                 decoupled_weight_decay) -> None:
-    torch._foreach_add_(steps, 1)
-    fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
-    fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-          weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+def _fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                decoupled_weight_decay) -> None:
+    """torch's functional ``adam`` with ``fused=True``: the eager step's Adam, and the operator's kernel."""
+    adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+         weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, amsgrad=False, maximize=False,
+         fused=True)
 
 
-_OPS.impl("fused_adam_", _fused_adam_, "CPU")
+_OPS.impl("fused_adam_", _fused_adam, "CPU")
 torch.library.register_fake("iql_torchrl::fused_adam_", lambda *args: None, lib=_OPS)
 
 
@@ -71,22 +70,20 @@ def adam_step(optimizer: torch.optim.Adam, params: list[Tensor], grads: list[Ten
     compiled, its capturable foreach form traced into the graph, or with ``fused`` (CPU) the fused kernel called
     from the graph, the gradients laid out like their parameters first, as the kernel reads them (step count and
     learning rate stay tensors: no sync, no recompile)."""
-    settings = optimizer.param_groups[0]
+    group = optimizer.param_groups[0]
     states = [optimizer.state[p] for p in params]
-    beta1, beta2 = settings["betas"]
-    if fused and torch.compiler.is_compiling():
-        torch.ops.iql_torchrl.fused_adam_(
-            params, [g.contiguous() for g in grads], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], settings["lr"], beta1, beta2,
-            settings["eps"], settings["weight_decay"], settings["decoupled_weight_decay"])
-        return
-    adam(
-        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-        [s["step"] for s in states], lr=settings["lr"], beta1=beta1, beta2=beta2, eps=settings["eps"],
-        weight_decay=settings["weight_decay"], decoupled_weight_decay=settings["decoupled_weight_decay"],
-        amsgrad=False, maximize=False,
-        **(dict(foreach=True, capturable=True) if torch.compiler.is_compiling() else dict(fused=True)),
-    )
+    exp_avgs, exp_avg_sqs, steps = ([s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step"))
+    beta1, beta2 = group["betas"]
+    settings = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"])
+    if not torch.compiler.is_compiling():
+        _fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, **settings)
+    elif fused:
+        torch.ops.iql_torchrl.fused_adam_(params, [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs, steps,
+                                          **settings)
+    else:
+        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, **settings, amsgrad=False, maximize=False,
+             foreach=True, capturable=True)
 
 
 def load_in_place(optimizer: torch.optim.Adam, params: list[Tensor], state: dict) -> None:
