@@ -86,6 +86,20 @@ def fresh_compiler_caches():
 
 
 @pytest.fixture
+def guarded_compile(monkeypatch):
+    """``torch.compile`` without ``aot_compile`` (as on torch 2.11): a compiled step runs under dynamo's guards."""
+    import torch
+
+    compile_with_aot = torch.compile
+
+    def compile_without_aot(*args, **kwargs):
+        compiled = compile_with_aot(*args, **kwargs)
+        return lambda *a, **k: compiled(*a, **k)  # the same guarded function, without .aot_compile
+
+    monkeypatch.setattr(torch, "compile", compile_without_aot)
+
+
+@pytest.fixture
 def stop_after_checkpoint(monkeypatch):
     """``stop_after_checkpoint(when)``: from then on a run raises ``KeyboardInterrupt`` right after a
     checkpoint for which ``when(run)`` is true, as if killed there; ``stop_after_checkpoint(None)``

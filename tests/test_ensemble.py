@@ -115,6 +115,25 @@ def test_vmapped_seeds_without_dropout_in_the_compiled_step_match_separate_runs(
             assert torch.allclose(expected[key], got[key], rtol=1e-5, atol=1e-6), (k, key)
 
 
+def test_the_guarded_compiled_step_of_vmapped_seeds_compiles_once_and_trains_as_eager(guarded_compile):
+    # the guarded step is what a CUDA graph captures and what a torch without aot_compile runs: state that the
+    # first call's eager code leaves behind, read by the trace's guards, would compile it again at the second
+    # call, a whole compilation inside a run's timed updates
+    data, seeds = dataset(), [3, 4]
+    eager, compiled = SeedEnsemble([make_loss(s) for s in seeds]), SeedEnsemble([make_loss(s) for s in seeds])
+    eager_update = IQLUpdate(eager, data=data, total_steps=STEPS)
+    compiled_update = IQLUpdate(compiled, data=data, total_steps=STEPS, mode="compile", compile_cache=None)
+    streams = [index_stream(seed) for seed in seeds]
+    for step in range(4):
+        indices = torch.stack([stream[step] for stream in streams])
+        compiled_update(indices)  # first, as in a run: what its trace looked up, no eager call had looked up yet
+        eager_update(indices)
+    assert compiled_update.compilations == 1
+    expected, got = flat_params(eager), flat_params(compiled)
+    for key in expected:
+        assert torch.allclose(expected[key], got[key], rtol=1e-5, atol=1e-6), key
+
+
 # ------------------------------------------------------------------ each member's own β and τ
 SETTINGS = [(0.0, 0.5), (6.0, 0.9)]  # (β, τ): behaviour cloning at the median; a sharp AWR at a high expectile
 MEMBERS = [(setting, seed) for setting in SETTINGS for seed in (3, 4)]  # setting-major, as a --sweep run

@@ -612,15 +612,8 @@ def test_torch_s_fused_adam_called_from_a_compiled_graph_steps_as_torch_optim_ad
     assert gap(reference([[w, b] for w, b in stored], rates)) > 1e-3
 
 
-def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(monkeypatch):
+def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(guarded_compile):
     # torch 2.11 has no aot_compile: no warning (the suite turns that one into an error), eager's results
-    compile_with_aot = torch.compile
-
-    def compile_without_aot(*args, **kwargs):
-        compiled = compile_with_aot(*args, **kwargs)
-        return lambda *a, **k: compiled(*a, **k)  # the same compiled function, without .aot_compile
-
-    monkeypatch.setattr(torch, "compile", compile_without_aot)
     data = dataset()
     stream = index_stream(3)
     loss_e, eager = make_update(data, total_steps=3)

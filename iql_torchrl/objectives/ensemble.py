@@ -53,7 +53,6 @@ class SeedEnsemble(nn.Module):
         self._temperature_values = tuple(loss.temperature for loss in losses)  # as given, for reading back
         self._expectile_values = tuple(loss.expectile for loss in losses)
         self.num_seeds = len(losses)  # the members stacked (seeds, or settings × seeds)
-        self._vmapped = {}
 
     # ------------------------------------------------------------------ hyperparameters: each member's
     @property
@@ -138,18 +137,18 @@ class SeedEnsemble(nn.Module):
     def _call(self, method: str, *args, params: dict | None = None):
         """``template.method(*args, params)`` for every member at once, each with its own β and τ; ``params``
         replaces the member's own parameters."""
-        if method not in self._vmapped:
-            template = self.template
+        template = self.template
 
-            def one_member(member_params, member_settings, *inputs):
-                with member_settings.to_module(template):
-                    return getattr(template, method)(*inputs, member_params)
+        def one_member(member_params, member_settings, *inputs):
+            with member_settings.to_module(template):
+                return getattr(template, method)(*inputs, member_params)
 
-            self._vmapped[method] = torch.vmap(one_member, randomness="different")
+        # vmapped anew each call: a cache of vmapped functions filled on the first call would be state that a
+        # compiled step's guards read, and the second call would compile the step again
         member_params = {name: self.params[f"{name}_network_params"] for name in _PARAMETER_NAMES}
         member_params.update(params or {})
         settings = TensorDict({name: getattr(self, name) for name in _HYPERPARAMETERS}, batch_size=[self.num_seeds])
-        return self._vmapped[method](member_params, settings, *args)
+        return torch.vmap(one_member, randomness="different")(member_params, settings, *args)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         return self._call("evaluate", tensordict)

@@ -51,6 +51,11 @@ MODES = ("eager", "compile", "cudagraphs")
 # tensordict's to_module reads a torch config that torch deprecates, each time the step is traced:
 # a FutureWarning that tells a user of the compiled step nothing
 _TRACING_NOISE = r"torch\._dynamo\.config\.inline_inbuilt_nn_modules is deprecated"
+# tensordict memoizes which classes are tensorclasses in a module-level dict, filled by eager calls only; a trace
+# that looked a class up there guards on the dict, and the first eager call after it (the eager check, the
+# caller's code) adds that class and fails the guard: a vmapped step compiled twice. What the memo holds never
+# changes what the step computes, so the guarded step drops the guards on it
+_MEMO_SOURCE = "_TENSORCLASS_MEMO"
 _copies = itertools.count(1)
 
 
@@ -193,11 +198,12 @@ class StepRunner:
                 self.ahead_of_time = None
 
     def _record_guards(self, keep: bool):
-        """A guard filter that records a trace's guards (what it read) and keeps all or none of them; a
-        trace that keeps them is a guarded compilation, counted here (ahead-of-time ones are counted where
-        they are made). Only the step's own trace (its guards on ``self`` are guards on the step's owner)
-        is recorded: dynamo also compiles frames that run after the step's graph (on torch 2.11, tensordict's
-        batch-size check of the vmapped seeds' outputs), and their guards are not what the step read."""
+        """A guard filter that records a trace's guards (what it read) and keeps all of them but those on
+        tensordict's memo (``_MEMO_SOURCE``), or none; a trace that keeps them is a guarded compilation, counted
+        here (ahead-of-time ones are counted where they are made). Only the step's own trace (its guards on
+        ``self`` are guards on the step's owner) is recorded: dynamo also compiles frames that run after the
+        step's graph (on torch 2.11, tensordict's batch-size check of the vmapped seeds' outputs), and their
+        guards are not what the step read."""
         owner = self.step_function.__self__
 
         def record(entries):
@@ -205,7 +211,7 @@ class StepRunner:
             if any(entry.name == "self" and entry.has_value and entry.value is owner for entry in entries):
                 self._guards = entries
                 self.compilations += keep
-            return [keep] * len(entries)
+            return [keep and _MEMO_SOURCE not in entry.name for entry in entries]
 
         return record
 
