@@ -72,6 +72,32 @@ def test_eager_and_compiled_steps_agree_on_cuda_at_the_job_s_shapes_over_300_upd
     assert max(largest_gaps(loss_e, loss_c).values()) > ONE_UPDATE
 
 
+def test_a_cuda_graph_step_of_vmapped_seeds_compiles_once_and_follows_the_eager_step():
+    # what a sweep or --num-seeds runs on a GPU: a second compilation (~8 s on an H100) would fall inside the
+    # run's timed updates
+    from iql_torchrl.objectives.ensemble import SeedEnsemble
+
+    def ensemble():
+        losses = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            losses.append(IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(256, 256))))
+        return SeedEnsemble(losses).to("cuda")
+
+    data = random_transitions(N, OBS, ACT).to("cuda")
+    loss_e, loss_g = ensemble(), ensemble()
+    eager = IQLUpdate(loss_e, data=data, total_steps=1_000)
+    graphed = IQLUpdate(loss_g, data=data, total_steps=1_000, mode="cudagraphs")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):  # three warm-up calls, the capture, replays
+        indices = torch.randint(0, N, (2, B), generator=g).to("cuda")
+        graphed(indices)
+        eager(indices)
+    assert graphed.compilations == 1 and graphed.mode == "cudagraphs"
+    gaps = largest_gaps(loss_e, loss_g)
+    assert all(gaps[name] <= AFTER_300[name] for name in gaps), gaps
+
+
 def test_a_planted_wrong_step_is_caught_on_cuda_in_a_cuda_graph_s_replays_too():
     from test_eager_check import DoubledActorStep  # the actor's Adam step taken twice, compiled only
 
