@@ -60,8 +60,9 @@ def main(argv=None) -> dict:
         "sweep_member_updates_per_second": members * swept["updates_per_second"],
         "sequential_member_updates_per_second": members / seconds_per_update,
         "sweep_wall_seconds": swept_wall, "sequential_wall_seconds": sum(wall for *_, wall in alone),
+        "sweep_compilations": swept["compilations"],
         "runs": [{"setting": setting_label(setting), "updates_per_second": summary["updates_per_second"],
-                  "wall_seconds": wall} for setting, summary, wall in alone],
+                  "wall_seconds": wall, "compilations": summary["compilations"]} for setting, summary, wall in alone],
     }
     result["speedup"] = result["sweep_member_updates_per_second"] / result["sequential_member_updates_per_second"]
     print(f"{members} members, {args.steps} updates each, {args.dataset}, {swept['mode']} {swept['precision']}; "
@@ -71,6 +72,9 @@ def main(argv=None) -> dict:
     print(f"  one run per member:  {result['sequential_member_updates_per_second']:8.1f} member-updates/s, "
           f"wall {result['sequential_wall_seconds']:.0f} s")
     print(f"  speed-up: {result['speedup']:.2f}x")
+    compiled = [result["sweep_compilations"], *(run["compilations"] for run in result["runs"])]
+    if any(count > 1 for count in compiled):  # a compilation after the first falls inside the timed updates
+        print(f"  compiled more than once (the sweep, then each run): {compiled}: the rates hold that time")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -49,6 +49,13 @@ def test_each_member_trains_as_a_run_of_its_setting_and_seed_would(sweep_run, ti
                    for a, b in zip(actor_parameters(tmp_path / "beta0"), actor_parameters(out, 5)))
 
 
+def test_a_compiled_sweep_under_dynamo_s_guards_compiles_its_step_once(tiny_datasets, tmp_path, guarded_compile):
+    # the guarded step, as a CUDA graph captures it: a second compilation would fall inside the timed updates
+    summary = train(OfflineConfig(sweep=("temperature=0,6",), output_dir=tmp_path / "run", compile=True,
+                                  **{**TINY, "steps": 6, "eval_every": 6}))
+    assert summary["mode"] == "compile" and summary["compilations"] == 1
+
+
 def test_the_summary_reports_each_setting_over_its_seeds_and_each_member(sweep_run):
     summary, out = sweep_run
     assert summary == json.loads((out / "summary.json").read_text())

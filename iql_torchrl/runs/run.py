@@ -408,7 +408,8 @@ class Run:
             "dataset": config.dataset, "steps": config.steps, "seed": config.seed, "num_seeds": config.num_seeds,
             "sweep": None if config.sweep is None else sweep_results(self.curve, config),  # per setting, per member
             "temperature": config.temperature, "expectile": config.expectile, "preset": config.preset,
-            "order": config.order, "mode": update.mode, "precision": update.precision,
+            "order": config.order, "mode": update.mode, "compilations": update.compilations,
+            "precision": update.precision,
             "threads": torch.get_num_threads(), "device": config.device, "batch_size": config.batch_size,
             "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
             **(self.summary_fields() if ctx.is_main else {}),
