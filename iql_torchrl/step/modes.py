@@ -23,7 +23,8 @@ Where torch has no ``aot_compile`` (torch 2.11) the step runs guarded; where ind
 setting for the step to compile at all on an older torch, it reaches this step's compilation only.
 
 Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls,
-inductor options, tensordict's pytree registration, code-object cloning (and, in
+inductor options, tensordict's pytree registration, the guards on tensordict's tensorclass memo that the
+guarded step drops (named by its module-level name), code-object cloning (and, in
 :mod:`iql_torchrl.step.optimizers`, the operator that calls torch's fused Adam from a graph). None of them changes a
 process-wide torch setting: inductor options reach only this step's compilation (``torch.compile``'s
 ``options``), and warning filters only the calls that trace.
