@@ -31,7 +31,7 @@ from torch.optim.adam import adam
 from torch.profiler import ProfilerActivity, profile
 
 from host import cpu_name
-from update_steps import Setup, make_batch
+from update_steps import Setup, make_batch, sync
 from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
 
@@ -70,11 +70,6 @@ def make_update(members: int, precision: str, device: str = "cpu", mode: str = "
     data = make_batch(Setup(batch_size=TRANSITIONS, obs_dim=OBS, action_dim=ACT, device=device))
     return IQLUpdate(ensemble.to(device), mode=mode, precision=precision, data=data, total_steps=10**6,
                      eager_checks=0, compile_cache=None)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def profile_step(update: IQLUpdate, members: int, updates: int, device: str = "cpu", top: int = 0) -> dict:
