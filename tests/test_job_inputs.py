@@ -96,14 +96,21 @@ def test_the_reward_transform_is_a_flag_and_the_locomotion_scale_on_equal_return
     assert "reward transform none (--reward-transform; the preset's locomotion)" in line
 
 
+SUMMARY = dict(dataset="d", steps=10, seed=0, num_seeds=3, normalized_score=90.0, normalized_score_std=2.0,
+               return_mean=-150.0, return_std=40.0, eval_episodes=10, updates_per_second=100.0, wall_seconds=12.0,
+               success_rate=0.5)
+
+
 def test_the_summary_counts_every_seeds_evaluation_episodes():
-    summary = dict(dataset="d", steps=10, seed=0, num_seeds=3, normalized_score=90.0, normalized_score_std=2.0,
-                   return_mean=-150.0, return_std=40.0, eval_episodes=10, updates_per_second=100.0,
-                   wall_seconds=12.0, success_rate=0.5)
-    text = console_summary(summary, Path("run"))
+    text = console_summary(SUMMARY, Path("run"))
     assert "over 3 seeds × 10 evaluation episodes" in text and "50% of 3 seeds × 10 evaluation episodes" in text
-    one = console_summary({**summary, "num_seeds": 1, "eval_episodes": 1}, Path("run"))
+    one = console_summary({**SUMMARY, "num_seeds": 1, "eval_episodes": 1}, Path("run"))
     assert "over 1 evaluation episode\n" in one and "seeds ×" not in one
+
+
+def test_the_summary_says_when_the_step_compiled_again_inside_the_timed_updates():
+    assert "compiled 2 times" in console_summary({**SUMMARY, "compilations": 2}, Path("run"))
+    assert "compiled" not in console_summary({**SUMMARY, "compilations": 1}, Path("run"))
 
 
 @pytest.mark.parametrize("argv, episodes", [

@@ -117,6 +117,8 @@ def console_summary(summary: dict, run_dir: Path) -> str:
     speed = f"{rate:.1f} updates/s" if rate else "updates/s not measured"
     if rate and sweep:
         speed += f" (each updates all {len(summary['sweep']['members'])} members)"
+    if (compilations := summary.get("compilations") or 0) > 1:  # the first is timed apart, the later ones are not
+        speed += f" (the update step compiled {compilations} times; the rate includes all but the first)"
     lines.append(f"  {speed}, wall time {_duration(summary['wall_seconds'])}")
     lines.append(f"  run folder: {run_dir} (summary.json, learning_curve.png, checkpoint.pt)")
     return "\n".join(lines)
