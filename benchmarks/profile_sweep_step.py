@@ -12,9 +12,10 @@ which a step of three or more members in bf16 calls), the other fused kernels, a
 update (the graph's launcher and whatever is not recorded). Beside them, Adam alone over the same
 parameters: torch's fused kernel (eager) and its capturable foreach form compiled by itself. Member-updates/s
 is timed without the profiler running, over as many updates just before. Run it alone on the host; the rounds
-alternate the member counts. ``--device cuda`` runs the steps as CUDA graphs (the job's default there; ``--mode compile``: compiled only) and splits
-each update's GPU time by kernel (GEMMs: cuBLAS/CUTLASS kernels; Adam: the foreach kernels); ``--top N`` lists the
-N kernels that took the most time in the largest member count's step.
+alternate the member counts. ``--device cuda`` runs the steps as CUDA graphs (the job's default there;
+``--mode compile``: compiled only) and splits each update's GPU time by kernel (GEMMs: cuBLAS/CUTLASS kernels;
+Adam: the foreach kernels); ``--top N`` lists the N kernels that took the most time in the largest member
+count's step.
 """
 from __future__ import annotations
 
