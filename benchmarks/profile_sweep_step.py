@@ -15,7 +15,9 @@ is timed without the profiler running, over as many updates just before. Run it 
 alternate the member counts. ``--device cuda`` runs the steps as CUDA graphs (the job's default there;
 ``--mode compile``: compiled only) and splits each update's GPU time by kernel (GEMMs: cuBLAS/CUTLASS kernels;
 Adam: the foreach kernels); ``--top N`` lists the N kernels that took the most time in the largest member
-count's step.
+count's step. On the CPU it ends with the most the largest member count could gain over one member's runs on
+this host: that many one-member updates against the two parts of its own update no fusion removes, its GEMMs and
+torch's fused Adam over its parameters.
 """
 from __future__ import annotations
 
@@ -134,6 +136,17 @@ def adam_alone(update: IQLUpdate, repeats: int = 200, device: str = "cpu") -> di
     return {"parameters": sum(p.numel() for p in params), **out}
 
 
+def ceiling(rows: list[dict], adam_rows: dict) -> dict:
+    """The most K stacked members could gain over K one-member runs: K × one member's update (unprofiled) against
+    the K-member step's GEMMs and torch's fused Adam alone over its parameters, the fastest of each."""
+    k = max(adam_rows)
+    one = min(row["ms_unprofiled"] for row in rows if row["members"] == 1)
+    gemms = min(row["GEMMs"] for row in rows if row["members"] == k)
+    fused_adam = adam_rows[k]["fused, eager"]
+    return {"members": k, "one_member_ms": one, "gemms_ms": gemms, "fused_adam_ms": fused_adam,
+            "speedup_at_most": k * one / (gemms + fused_adam)}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 6])
@@ -179,9 +192,16 @@ def main(argv=None) -> list[dict]:
     for members, row in adam_rows.items():
         print(f"  {members} member(s), {row['parameters']:,} parameters: "
               + ", ".join(f"{name} {ms:.2f}" for name, ms in row.items() if name != "parameters"))
+    bound = None
+    if args.device == "cpu" and 1 in updates and len(updates) > 1:
+        bound = ceiling(rows, adam_rows)
+        print(f"\nAt most {bound['speedup_at_most']:.2f}x for {bound['members']} members on this host: "
+              f"{bound['members']} one-member updates take {bound['members'] * bound['one_member_ms']:.2f} ms, "
+              f"the {bound['members']}-member step's GEMMs alone {bound['gemms_ms']:.2f} ms and torch's fused Adam "
+              f"alone {bound['fused_adam_ms']:.2f} ms")
     result = {"host": host, "device": args.device, "mode": mode, "torch": torch.__version__, "threads": args.threads,
               "precision": args.precision,
-              "rows": rows, "adam_alone": {str(k): v for k, v in adam_rows.items()}}
+              "rows": rows, "adam_alone": {str(k): v for k, v in adam_rows.items()}, "ceiling": bound}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return rows
