@@ -576,21 +576,31 @@ def test_the_compiled_step_trains_every_network_as_torch_optim_adam_does_at_the_
 
 
 @pytest.mark.parametrize("name, weight_decay", [("adam", 0.0), ("adamw", 0.1)])
-def test_torch_s_fused_adam_called_from_a_compiled_graph_steps_as_torch_optim_adam_does(name, weight_decay):
-    # the form a compiled step of stacked seeds in bf16 takes on the CPU: three seeds of a 256×256 layer and its
-    # bias; the weight's gradient a transposed view, as autograd may return it; the learning rate changed between
-    # calls; the reference: torch.optim.Adam's for-loop form, in float64
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_torch_s_fused_adam_eager_and_called_from_a_compiled_graph_steps_as_torch_optim_adam_does(
+        name, weight_decay, layout):
+    # the form a compiled step of stacked seeds in bf16 takes on the CPU, and the eager step's: three seeds of a
+    # 256×256 layer and its bias; the weight stored contiguous or transposed (as a user's module may hold it), its
+    # gradient in the other layout (autograd may return a transposed view, a hook a contiguous copy); the
+    # learning rate changed between calls; the reference: torch.optim.Adam's for-loop form, in float64
     g = torch.Generator().manual_seed(0)
-    start = [torch.randn(3, 256, 256, generator=g), torch.randn(3, 256, generator=g)]
+    weight, bias = torch.randn(3, 256, 256, generator=g), torch.randn(3, 256, generator=g)
+    start = [weight if layout == "contiguous" else weight.mT.contiguous().mT, bias]
     stored = [[torch.randn(3, 256, 256, generator=g), torch.randn(3, 256, generator=g)] for _ in range(3)]
-    grads = [[w.mT, b] for w, b in stored]
+    other_layout = (lambda w: w.mT.contiguous().mT) if layout == "contiguous" else (lambda w: w.contiguous())
+    grads = [[other_layout(w), b] for w, b in stored]
+    assert grads[0][0].stride() != start[0].stride()
     rates = [3e-4, 1e-2, 1e-3]
-    ours = [p.clone() for p in start]
-    optimizer = make_adam(ours, rates[0], name, weight_decay, "cpu")
-    step = torch.compile(lambda gs: adam_step(optimizer, ours, gs, fused=True), fullgraph=True)
-    for lr, gs in zip(rates, grads):
-        optimizer.param_groups[0]["lr"].fill_(lr)
-        step(gs)
+
+    def ours(compiled):
+        params = [p.clone(memory_format=torch.preserve_format) for p in start]
+        optimizer = make_adam(params, rates[0], name, weight_decay, "cpu")
+        step = lambda gs: adam_step(optimizer, params, gs, fused=True)
+        step = torch.compile(step, fullgraph=True) if compiled else step
+        for lr, gs in zip(rates, grads):
+            optimizer.param_groups[0]["lr"].fill_(lr)
+            step(gs)
+        return params
 
     def reference(grads, rates):
         params = [p.double().clone() for p in start]
@@ -603,13 +613,78 @@ def test_torch_s_fused_adam_called_from_a_compiled_graph_steps_as_torch_optim_ad
             adam.step()
         return params
 
-    def gap(expected):
-        return max(float((a.double() - b).abs().max()) for a, b in zip(ours, expected))
+    def gap(params, expected):
+        return max(float((a.double() - b).abs().max()) for a, b in zip(params, expected))
 
-    assert gap(reference(grads, rates)) < 1e-6
-    # the wrong variants, each ~1e-2 off: the first learning rate kept; the weight's gradient read as stored
-    assert gap(reference(grads, [rates[0]] * 3)) > 1e-3
-    assert gap(reference([[w, b] for w, b in stored], rates)) > 1e-3
+    for compiled in (False, True):
+        params = ours(compiled)
+        assert params[0].stride() == start[0].stride()
+        assert gap(params, reference(grads, rates)) < 1e-6, (compiled, gap(params, reference(grads, rates)))
+        # the wrong variants, each ~1e-2 off: the first learning rate kept; the gradient read in the parameter's
+        # memory order (what torch's fused kernel does with a gradient laid out otherwise)
+        assert gap(params, reference(grads, [rates[0]] * 3)) > 1e-3
+        in_memory_order = [[w.as_strided(w.shape, start[0].stride()), b] for w, b in grads]
+        assert gap(params, reference(in_memory_order, rates)) > 1e-3
+
+
+def test_a_network_whose_weights_are_laid_out_transposed_trains_as_torch_optim_adam_does():
+    # a user's networks may hold a weight transposed in memory (or channels-last); the eager step's fused Adam must
+    # still step each element by its own gradient. Reference: IQLLoss's two phases, backward(), torch.optim.Adam's
+    # for-loop form per network; the wrong variant: torch's fused Adam fed gradients made contiguous
+    n, obs, act, batch, steps, lr = 1_024, 5, 2, 64, 4, 1e-3
+    data = random_transitions(n, obs, act)
+    g = torch.Generator().manual_seed(0)
+    stream = [torch.randint(0, n, (batch,), generator=g) for _ in range(steps)]
+
+    def fresh():
+        torch.manual_seed(1)
+        actor, critics, value_net = make_iql_networks(obs, act, hidden_sizes=(32, 32))
+        for module in (m for net in (actor, *critics, value_net) for m in net.modules()):
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(module.weight.detach().mT.contiguous().mT)
+        return IQLLoss(actor, critics, value_net)
+
+    def reference(fused_on_contiguous_grads=False):
+        loss = fresh()
+        trainable = {name: [p for p in getattr(loss, f"{name}_network_params").values(True, True) if p.requires_grad]
+                     for name in ("value", "actor", "qvalue")}
+        optimizers = {name: torch.optim.Adam(ps, lr=lr, foreach=False, fused=fused_on_contiguous_grads or None)
+                      for name, ps in trainable.items()}
+
+        def step(names):
+            for name in names:
+                if fused_on_contiguous_grads:
+                    for p in trainable[name]:
+                        p.grad = p.grad.contiguous()
+                optimizers[name].step()
+                optimizers[name].zero_grad()
+
+        for idx in stream:
+            td = data[idx]
+            out, target_min_q = loss.value_phase(td)
+            out["loss_value"].backward()
+            step(["value"])
+            out = loss.actor_critic_phase(td, target_min_q)
+            (out["loss_actor"] + out["loss_qvalue"]).backward()
+            step(["actor", "qvalue"])
+        return loss
+
+    loss = fresh()
+    update = IQLUpdate(loss, data=data, lr=lr, tau=0.005, total_steps=None, mode="eager")
+    for idx in stream:
+        update(idx)
+
+    def gaps(a, b):
+        """Root mean square of each network's parameter difference, in learning rates."""
+        return [float(torch.cat([(x - y).detach().flatten() for x, y in zip(
+            getattr(a, f"{name}_network_params").values(True, True), getattr(b, f"{name}_network_params").values(True, True))
+        ]).square().mean().sqrt()) / lr for name in ("value", "actor", "qvalue")]
+
+    for name in ("value", "actor"):  # IQLLoss stacks the critics' weights anew, contiguous
+        assert any(p.stride() != p.contiguous().stride() for p in getattr(loss, f"{name}_network_params").values(True, True))
+    assert max(gaps(loss, reference())) < 0.01, gaps(loss, reference())
+    value_gap, actor_gap, _ = gaps(loss, reference(fused_on_contiguous_grads=True))
+    assert min(value_gap, actor_gap) > 0.5
 
 
 def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(guarded_compile):

@@ -41,6 +41,13 @@ _OPS.impl("fused_adam_", _fused_adam, "CPU")
 torch.library.register_fake("iql_torchrl::fused_adam_", lambda *args: None, lib=_OPS)
 
 
+def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """``grads`` with their parameters' strides: the fused kernel walks a parameter, its gradient and its state in
+    memory order, so a gradient laid out otherwise (a transposed view from autograd, a contiguous one for a
+    transposed or channels-last parameter) would step the wrong elements."""
+    return [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
+
+
 def fused_in_graph(device_type: str, precision: str, seeds: int) -> bool:
     """Whether a compiled step calls torch's fused Adam kernel (``True``) or traces the foreach form: on the CPU,
     in bf16, for at least :data:`FUSED_MIN_SEEDS` stacked seeds, where the kernel was measured faster."""
@@ -68,8 +75,7 @@ def make_adam(params: list[Tensor], lr: float, name: str, weight_decay: float, d
 def adam_step(optimizer: torch.optim.Adam, params: list[Tensor], grads: list[Tensor], fused: bool = False) -> None:
     """One Adam step of ``params`` with the settings and state ``optimizer`` holds: eager, torch's fused kernel;
     compiled, its capturable foreach form traced into the graph, or with ``fused`` (CPU) the fused kernel called
-    from the graph, the gradients laid out like their parameters first, as the kernel reads them (step count and
-    learning rate stay tensors: no sync, no recompile)."""
+    from the graph (step count and learning rate stay tensors: no sync, no recompile)."""
     group = optimizer.param_groups[0]
     states = [optimizer.state[p] for p in params]
     exp_avgs, exp_avg_sqs, steps = ([s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step"))
@@ -77,9 +83,9 @@ def adam_step(optimizer: torch.optim.Adam, params: list[Tensor], grads: list[Ten
     settings = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     decoupled_weight_decay=group["decoupled_weight_decay"])
     if not torch.compiler.is_compiling():
-        _fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, **settings)
+        _fused_adam(params, _laid_out_like(grads, params), exp_avgs, exp_avg_sqs, steps, **settings)
     elif fused:
-        torch.ops.iql_torchrl.fused_adam_(params, [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs, steps,
+        torch.ops.iql_torchrl.fused_adam_(params, _laid_out_like(grads, params), exp_avgs, exp_avg_sqs, steps,
                                           **settings)
     else:
         adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, **settings, amsgrad=False, maximize=False,

@@ -218,8 +218,6 @@ class IQLUpdate(LiveSettings):
                 total, (result, written) = objective(None)
                 params = [p for g in groups for p in self.params[g]]
                 grads = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
-            # the fused CPU Adam reads gradients laid out like their parameters; autograd may return a transposed view
-            grads = [g.contiguous() for g in grads]
         if self.grad_hook is not None:
             grads = self.grad_hook(list(grads))
         if "actor" in groups:
