@@ -186,6 +186,19 @@ def test_a_second_run_starts_from_the_cached_step_and_trains_as_eager(filled_cac
     _assert_matches_eager(from_cache)
 
 
+def test_a_loss_moved_with_to_loads_the_step_cached_for_one_that_was_not(filled_cache):
+    # .to() / .double() only count in the loss for the misuse guard; the device and dtype they change are in the
+    # call signature, so a loss moved to where it already was shares the entry
+    from iql_torchrl import IQLUpdate
+
+    def moved(loss):
+        update = IQLUpdate(loss.to("cpu").float(), mode="compile", compile_cache=filled_cache)
+        update.runner.unguarded = None  # compiling now would fail (and the suite turns that warning into an error)
+        return update
+
+    _assert_matches_eager(moved)
+
+
 @pytest.mark.slow
 def test_a_tampered_entry_is_compiled_anew(filled_cache, tmp_path):
     from iql_torchrl import IQLUpdate

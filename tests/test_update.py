@@ -26,9 +26,7 @@ def dataset(seed=0):
 
 def make_update(data=None, seed=1, actor_dropout=0.0, device="cpu", **kwargs):
     torch.manual_seed(seed)
-    loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16), actor_dropout=actor_dropout))
-    if device != "cpu":  # a loss moved by .to() counts it, and a step compiled for it is cached apart
-        loss = loss.to(device)
+    loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16), actor_dropout=actor_dropout)).to(device)
     kwargs.setdefault("compile_cache", default_cache_folder())  # the session's: a step compiled alike loads
     return loss, IQLUpdate(loss, data=data, **kwargs)
 

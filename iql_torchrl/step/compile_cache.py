@@ -76,14 +76,15 @@ def entry_key(description: dict) -> str:
 _PLAIN = (bool, int, float, str, type(None))
 
 
-def describe_objects(*objects) -> list:
+def describe_objects(*objects, ignore: tuple[str, ...] = ()) -> list:
     """What a compiled graph may bake in from ``objects`` (modules and plain objects): for each object,
     each of its submodules and each module it holds outside its registered submodules (a TorchRL loss
     keeps its networks so), its class, a hash of the file that defines the class, and its attributes
     that are plain Python values (numbers, strings, flags, tuples of them); tensors are left to the
     call signature. A custom network with a constant in its ``forward`` changes the key when its
-    source file or that constant changes."""
-    out, seen = [], set()
+    source file or that constant changes. ``ignore``: attributes of ``objects`` themselves that only
+    Python reads around the step."""
+    out, seen, roots = [], set(), {id(obj) for obj in objects}
 
     def visit(obj, path: str) -> None:
         parts = obj.named_modules() if isinstance(obj, torch.nn.Module) else [("", obj)]
@@ -92,7 +93,8 @@ def describe_objects(*objects) -> list:
                 continue
             seen.add(id(part))
             cls = type(part)
-            attributes = {k: v for k, v in sorted(vars(part).items()) if _plain(v)}
+            attributes = {k: v for k, v in sorted(vars(part).items())
+                          if _plain(v) and not (id(part) in roots and k in ignore)}
             out.append([f"{path}{name}", f"{cls.__module__}.{cls.__qualname__}", _source_hash(cls), attributes])
             for key, value in sorted(vars(part).items()):
                 if isinstance(value, torch.nn.Module) and id(value) not in seen:

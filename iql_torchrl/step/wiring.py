@@ -66,7 +66,7 @@ def compiled_step_description(update) -> dict:
         "update": {"order": update.order, "precision": update.precision, "bf16_min_features": update.bf16_min_features,
                    "optimizers": {g: {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")}
                                   for g, opt in update.optimizers.items()}},
-        "loss": describe_objects(update.loss),
+        "loss": describe_objects(update.loss, ignore=("conversions",)),  # the misuse guard's count of .to() calls
         "tensors": [call_structure(td) for td in (*update.param_tds.values(), update.loss.target_qvalue_network_params)],
     }
 
