@@ -625,14 +625,17 @@ def test_torch_s_fused_adam_eager_and_called_from_a_compiled_graph_steps_as_torc
         assert gap(params, reference(in_memory_order, rates)) > 1e-3
 
 
-def test_a_network_whose_weights_are_laid_out_transposed_trains_as_torch_optim_adam_does():
+@pytest.mark.parametrize("device", ["cpu", pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_a_network_whose_weights_are_laid_out_transposed_trains_as_torch_optim_adam_does(device):
     # a user's networks may hold a weight transposed in memory (or channels-last); the eager step's fused Adam must
     # still step each element by its own gradient. Reference: IQLLoss's two phases, backward(), torch.optim.Adam's
-    # for-loop form per network; the wrong variant: torch's fused Adam fed gradients made contiguous
+    # for-loop form per network; the wrong variant: torch's fused Adam fed gradients made contiguous (on the CPU
+    # it steps the wrong elements; CUDA's kernel may refuse the layouts instead)
     n, obs, act, batch, steps, lr = 1_024, 5, 2, 64, 4, 1e-3
-    data = random_transitions(n, obs, act)
+    data = random_transitions(n, obs, act).to(device)
     g = torch.Generator().manual_seed(0)
-    stream = [torch.randint(0, n, (batch,), generator=g) for _ in range(steps)]
+    stream = [torch.randint(0, n, (batch,), generator=g).to(device) for _ in range(steps)]
 
     def fresh():
         torch.manual_seed(1)
@@ -640,7 +643,7 @@ def test_a_network_whose_weights_are_laid_out_transposed_trains_as_torch_optim_a
         for module in (m for net in (actor, *critics, value_net) for m in net.modules()):
             if isinstance(module, torch.nn.Linear):
                 module.weight = torch.nn.Parameter(module.weight.detach().mT.contiguous().mT)
-        return IQLLoss(actor, critics, value_net)
+        return IQLLoss(actor, critics, value_net).to(device)
 
     def reference(fused_on_contiguous_grads=False):
         loss = fresh()
@@ -681,8 +684,12 @@ def test_a_network_whose_weights_are_laid_out_transposed_trains_as_torch_optim_a
     for name in ("value", "actor"):  # IQLLoss stacks the critics' weights anew, contiguous
         assert any(p.stride() != p.contiguous().stride() for p in getattr(loss, f"{name}_network_params").values(True, True))
     assert max(gaps(loss, reference())) < 0.01, gaps(loss, reference())
-    value_gap, actor_gap, _ = gaps(loss, reference(fused_on_contiguous_grads=True))
-    assert min(value_gap, actor_gap) > 0.5
+    try:
+        value_gap, actor_gap, _ = gaps(loss, reference(fused_on_contiguous_grads=True))
+    except RuntimeError:  # the kernel refused the layouts
+        assert device == "cuda"
+    else:
+        assert min(value_gap, actor_gap) > 0.5
 
 
 def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(guarded_compile):
