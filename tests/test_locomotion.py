@@ -101,7 +101,7 @@ def test_a_task_without_kept_policies_names_the_commands_that_make_them(tmp_path
 
 
 def test_medium_expert_replays_from_its_seeds_and_reads_on_d4rl_scale(kept):
-    dataset = build_dataset("iql_torchrl/hopper/medium-expert-v0", episodes=4, seed=7, progress=False)
+    dataset = build_dataset("iql_torchrl/hopper/medium-expert-v1", episodes=4, seed=7, progress=False)
     assert dataset.total_episodes == 4
     assert [m["policy"] for m in dataset.storage.get_episode_metadata(range(4))] == ["medium"] * 2 + ["expert"] * 2
     # D4RL's hopper references: (x + 20.272305) / (3234.3 + 20.272305); 1607.0136 is half way
@@ -124,12 +124,12 @@ def test_medium_expert_replays_from_its_seeds_and_reads_on_d4rl_scale(kept):
 
 
 def test_medium_replay_starts_random_then_follows_the_training_stages(kept):
-    dataset = build_dataset("iql_torchrl/hopper/medium-replay-v0", episodes=5, progress=False)
+    dataset = build_dataset("iql_torchrl/hopper/medium-replay-v1", episodes=5, progress=False)
     names = [m["policy"] for m in dataset.storage.get_episode_metadata(range(5))]
     # random actions until warm-up ends (10k), then the snapshot at 10k for frames 10k-20k, the one at 20k up to
     # medium (30k); the medium snapshot's own data is not medium-replay's (the agent had just reached it)
     assert names == ["random", "frame 10000", "frame 20000", "frame 20000", "frame 20000"]
-    stages = locomotion._stages(locomotion.LOCOMOTION_BUILDERS["iql_torchrl/hopper/medium-replay-v0"], None)
+    stages = locomotion._stages(locomotion.LOCOMOTION_BUILDERS["iql_torchrl/hopper/medium-replay-v1"], None)
     assert [(name, frames) for name, _, frames, _ in stages] == [
         ("random", 10_000), ("frame 10000", 10_000), ("frame 20000", 10_000)]
     assert ("first 30000 training frames, up to the medium policy: 10000 uniform-random frames, then 2 training "
@@ -139,7 +139,7 @@ def test_medium_replay_starts_random_then_follows_the_training_stages(kept):
 def test_a_build_s_progress_bar_ends_at_the_frames_it_collected(kept, capsys):
     # hopper's medium-replay episodes end long before 1,000 steps: the bar's first total (5 × 1,000) is not reached,
     # and a set built by frames ends its last episodes past the frames asked for
-    dataset = build_dataset("iql_torchrl/hopper/medium-replay-v0", episodes=5, progress=True)
+    dataset = build_dataset("iql_torchrl/hopper/medium-replay-v1", episodes=5, progress=True)
     last = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]
     assert f"{dataset.total_steps}/{dataset.total_steps} " in last and "100%" in last, last
 
@@ -180,10 +180,10 @@ def test_a_set_without_kept_policies_is_refused_before_any_work(tmp_path, monkey
 
     monkeypatch.setattr(locomotion, "POLICIES", tmp_path / "none")
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
-    assert cli_main(["build", "iql_torchrl/walker2d/medium-v0"]) == 2
+    assert cli_main(["build", "iql_torchrl/walker2d/medium-v1"]) == 2
     assert "does not keep" in capsys.readouterr().err and not (tmp_path / "datasets" / "iql_torchrl").exists()
-    with pytest.raises(ValueError, match="--dataset iql_torchrl/walker2d/medium-v0.*train-behaviour walker2d"):
-        OfflineConfig(dataset="iql_torchrl/walker2d/medium-v0").check()
+    with pytest.raises(ValueError, match="--dataset iql_torchrl/walker2d/medium-v1.*train-behaviour walker2d"):
+        OfflineConfig(dataset="iql_torchrl/walker2d/medium-v1").check()
 
 
 def test_a_stopped_training_keeps_a_checkpoint_to_go_on_from(tmp_path):
@@ -259,3 +259,43 @@ def test_a_set_is_the_same_whatever_torch_s_thread_count_and_the_count_is_given_
     assert set(seen) == {1}
     for one, two in zip(*sets):
         np.testing.assert_array_equal(one, two)
+
+
+_BUILD_BOTH_VERSIONS = """
+import sys
+import numpy as np
+from iql_torchrl.datasets.builders import build_dataset
+arrays = {}
+for version in ("v0", "v1"):
+    dataset = build_dataset(f"iql_torchrl/hopper/medium-expert-{version}", episodes=16, progress=False)
+    for i, episode in enumerate(dataset.iterate_episodes()):
+        arrays[f"{version}-{i}-actions"], arrays[f"{version}-{i}-observations"] = episode.actions, episode.observations
+np.savez(sys.argv[1], **arrays)
+"""
+
+
+@pytest.mark.slow
+def test_a_v1_set_is_the_same_whatever_the_cpu_s_vector_instructions(tmp_path):
+    # torch's kernels for this CPU's widest vectors against its scalar ones (ATEN_CPU_CAPABILITY=default): the float32
+    # policies of a -v0 set round apart and its episodes diverge; the -v1 policies' float64 rounds to the same actions
+    import os
+    import subprocess
+    import sys
+
+    native = torch.backends.cpu.get_cpu_capability()
+    if native == "DEFAULT":
+        pytest.skip("this CPU has no vector instructions for torch to choose between")
+    sets = {}
+    for capability in (native.lower(), "default"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MINARI_DATASETS_PATH=str(tmp_path / capability))
+        subprocess.run([sys.executable, "-c", _BUILD_BOTH_VERSIONS, str(tmp_path / f"{capability}.npz")], env=env,
+                       check=True)
+        sets[capability] = np.load(tmp_path / f"{capability}.npz")
+    wide, scalar = sets.values()
+    assert sorted(wide.files) == sorted(scalar.files)
+    v1 = [name for name in wide.files if name.startswith("v1-")]
+    assert len(v1) == 32
+    for name in v1:
+        np.testing.assert_array_equal(wide[name], scalar[name], err_msg=name)
+    v0 = [name for name in wide.files if name.startswith("v0-")]
+    assert any(not np.array_equal(wide[name], scalar[name]) for name in v0)  # the set computed in float32 differs

@@ -1,6 +1,6 @@
 """D4RL-style locomotion datasets from the SAC behaviour policies kept in the package.
 
-Ids ``iql_torchrl/<task>/<kind>-v0`` for the tasks of :data:`~iql_torchrl.datasets.behaviour.ENVIRONMENTS`
+Ids ``iql_torchrl/<task>/<kind>-v1`` (and ``-v0``) for the tasks of :data:`~iql_torchrl.datasets.behaviour.ENVIRONMENTS`
 (``hopper``, ``walker2d``, ``halfcheetah``) and the kinds of D4RL:
 
 * ``medium``: about 1M transitions of the policy stopped at about a third of the expert's return;
@@ -11,7 +11,9 @@ Ids ``iql_torchrl/<task>/<kind>-v0`` for the tasks of :data:`~iql_torchrl.datase
   for the frames that came after it, up to the medium snapshot.
 
 Every action is sampled from the policy (the stochastic SAC policy, as D4RL recorded its data); episode
-``i`` resets with seed ``seed + i``. A set is written only when its task's policies are kept in
+``i`` resets with seed ``seed + i``. A ``-v1`` set's policies compute in float64 and its actions are rounded to
+float32, so the set is the same on every CPU; a ``-v0`` set's policies compute in float32, whose products round
+differently with the CPU's vector instructions (AVX-512, AVX2, none): its episodes diverge from one CPU to another. A set is written only when its task's policies are kept in
 ``policies/<task>/`` (``policies.json`` says which snapshot is medium and which expert, and what each
 returned: :func:`keep_policies` writes them from a training folder). Scores read on D4RL's scale:
 ``ref_min_score`` and ``ref_max_score`` are D4RL's random and expert returns (:data:`D4RL_REFERENCE`).
@@ -52,6 +54,7 @@ class LocomotionRecipe:
     kind: str
     episodes: int | None = None  # a set made of whole episodes is cut by frames, not episodes
     preset: str = "mujoco"
+    policy_dtype: torch.dtype = torch.float64  # what the policies compute in: float32 in -v0 sets
 
     @property
     def env_id(self) -> str:
@@ -69,12 +72,15 @@ class LocomotionRecipe:
             named = [name for name in ("medium", "expert") if name in self.kind]
             policies = " then ".join(f"the {name} SAC policy (frame {kept[name]['frames']}, return "
                                      f"{kept[name]['mean_return']:.1f})" for name in named)
-        return f"{self.env_id}, {self.kind}: actions sampled from {policies}."
+        computed = ", computed in float64 and rounded to float32" if self.policy_dtype == torch.float64 else ""
+        return f"{self.env_id}, {self.kind}: actions sampled from {policies}{computed}."
 
 
 def _make_builders() -> dict[str, LocomotionRecipe]:
-    return {f"iql_torchrl/{task}/{kind}-v0": LocomotionRecipe(f"iql_torchrl/{task}/{kind}-v0", task, kind)
-            for task in ENVIRONMENTS for kind in LOCOMOTION_KINDS}
+    versions = {1: torch.float64, 0: torch.float32}
+    return {f"iql_torchrl/{task}/{kind}-v{version}": LocomotionRecipe(f"iql_torchrl/{task}/{kind}-v{version}", task, kind,
+                                                                    policy_dtype=dtype)
+            for version, dtype in versions.items() for task in ENVIRONMENTS for kind in LOCOMOTION_KINDS}
 
 
 LOCOMOTION_BUILDERS = _make_builders()
@@ -128,9 +134,9 @@ def _action_space(env_id: str) -> gym.spaces.Box:
     return env.action_space
 
 
-def _sampler(snapshot: Snapshot | None, env_id: str, action_space: gym.spaces.Box):
-    """Batched observations → actions: the snapshot's stochastic policy (TorchRL's actor, sampling), or uniform
-    random actions; both draw from torch's global generator."""
+def _sampler(snapshot: Snapshot | None, env_id: str, action_space: gym.spaces.Box, dtype: torch.dtype = torch.float32):
+    """Batched observations → float32 actions: the snapshot's stochastic policy (TorchRL's actor, sampling, computing
+    in ``dtype``), or uniform random actions; both draw from torch's global generator."""
     from tensordict import TensorDict
     from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -138,12 +144,12 @@ def _sampler(snapshot: Snapshot | None, env_id: str, action_space: gym.spaces.Bo
     high = torch.as_tensor(action_space.high, dtype=torch.float32)
     if snapshot is None:
         return lambda obs: (low + (high - low) * torch.rand(len(obs), len(low))).numpy()
-    actor = snapshot_policy(snapshot, env_id)
+    actor = snapshot_policy(snapshot, env_id).to(dtype)
 
     def sample(obs: np.ndarray) -> np.ndarray:
-        batch = TensorDict(observation=torch.as_tensor(obs, dtype=torch.float32), batch_size=[len(obs)])
+        batch = TensorDict(observation=torch.as_tensor(obs, dtype=dtype), batch_size=[len(obs)])
         with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-            return actor(batch)["action"].numpy()
+            return actor(batch)["action"].to(torch.float32).numpy()
 
     return sample
 
@@ -211,8 +217,9 @@ def locomotion_episodes(recipe: LocomotionRecipe, episodes: int | None, seed: in
         for name, snapshot, frames, count in _stages(recipe, episodes):
             if count == 0:
                 continue
-            part = collect_locomotion_episodes(recipe.env_id, _sampler(snapshot, recipe.env_id, action_space),
-                                               seed + len(collected), frames=frames, episodes=count, progress=progress)
+            sampler = _sampler(snapshot, recipe.env_id, action_space, recipe.policy_dtype)
+            part = collect_locomotion_episodes(recipe.env_id, sampler, seed + len(collected), frames=frames,
+                                               episodes=count, progress=progress)
             collected += part
             names += [name] * len(part)
     return collected, names
