@@ -260,7 +260,8 @@ def _crashed_run(dataset, out, monkeypatch, **overrides):
     monkeypatch.setattr(Run, "evaluate", real)
 
 
-def test_resume_refuses_data_rebuilt_since_and_never_rebuilds_a_missing_dataset(minari_root, tmp_path, monkeypatch):
+def test_resume_refuses_data_rebuilt_since_never_rebuilds_a_missing_dataset_and_goes_on_once_it_is_built_again(
+        minari_root, tmp_path, monkeypatch):
     from iql_torchrl.datasets import build_dataset, dataset_exists
 
     dataset = "iql_torchrl/pendulum/mixed-v0"
@@ -275,10 +276,15 @@ def test_resume_refuses_data_rebuilt_since_and_never_rebuilds_a_missing_dataset(
     import shutil
 
     shutil.rmtree(minari_root / dataset)
-    with pytest.raises(ResumeError, match="dataset iql_torchrl/pendulum/mixed-v0 of this run is missing"):
+    with pytest.raises(ResumeError, match="dataset iql_torchrl/pendulum/mixed-v0 of this run is missing; restore it, or "
+                       "build it again .*`python -m iql_torchrl.datasets build iql_torchrl/pendulum/mixed-v0`"):
         train(OfflineConfig(output_dir=out, resume=True, progress=False))
     assert not dataset_exists(dataset)  # not silently rebuilt
     assert not (out / "summary.json").exists()
+
+    build_dataset(dataset, episodes=2, seed=0, reference_episodes=1, progress=False)  # as the run's set was built
+    summary = train(OfflineConfig(output_dir=out, resume=True, progress=False))
+    assert [point["step"] for point in summary["curve"]] == [10, 20]
 
 
 def test_a_failed_evaluation_loses_nothing_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_datasets, tmp_path, monkeypatch):

@@ -26,8 +26,12 @@ def load_run_data(config, ctx, device, dataset: str, source: dict | None = None)
     fingerprint = (source or {}).get("data")
     if fingerprint is not None:
         if not dataset_exists(dataset):
-            raise ResumeError(f"The dataset {dataset} of this run is missing; restore it to continue "
-                              "(it is not rebuilt: rebuilt data would not be the data the run trained on).")
+            rebuild = (f", or build it again with the arguments it was built with (`python -m iql_torchrl.datasets "
+                       f"build {dataset}`, with its --episodes and --seed if any): the run goes on if the files are the "
+                       "same bytes, as a builder's are on any CPU (a -v0 locomotion set's only on a CPU with the same "
+                       "vector instructions)" if dataset in BUILDERS else "")
+            raise ResumeError(f"The dataset {dataset} of this run is missing; restore it{rebuild}. It is not built "
+                              "here: data built otherwise would not be the data the run trained on.")
     elif dataset in BUILDERS:
         if ctx.is_main:
             ensure_dataset(dataset, progress=config.progress)
