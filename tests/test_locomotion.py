@@ -11,7 +11,7 @@ import torch
 
 from iql_torchrl.datasets import behaviour, locomotion
 from iql_torchrl.datasets.behaviour import SACSettings, load_snapshot, make_sac_actor, train_behaviour
-from iql_torchrl.datasets.builders import build_dataset
+from iql_torchrl.datasets.builders import BUILDERS, build_dataset
 
 TINY = SACSettings(frames=300, warmup_frames=100, frames_per_batch=50, batch_size=32, snapshot_every=100,
                    checkpoint_every=200, eval_episodes=1)
@@ -261,23 +261,33 @@ def test_a_set_is_the_same_whatever_torch_s_thread_count_and_the_count_is_given_
         np.testing.assert_array_equal(one, two)
 
 
-_BUILD_BOTH_VERSIONS = """
+_BUILD_EVERY_KIND = """
 import sys
 import numpy as np
+from iql_torchrl.datasets import BUILDERS
 from iql_torchrl.datasets.builders import build_dataset
+from iql_torchrl.datasets.locomotion import LocomotionRecipe
 arrays = {}
-for version in ("v0", "v1"):
-    dataset = build_dataset(f"iql_torchrl/hopper/medium-expert-{version}", episodes=16, progress=False)
+for dataset_id, recipe in BUILDERS.items():
+    if isinstance(recipe, LocomotionRecipe):
+        if recipe.task != "hopper" or recipe.kind != "medium-expert":
+            continue
+        dataset = build_dataset(dataset_id, episodes=16, progress=False)
+    else:
+        dataset = build_dataset(dataset_id, episodes=6, reference_episodes=2, progress=False)
     for i, episode in enumerate(dataset.iterate_episodes()):
-        arrays[f"{version}-{i}-actions"], arrays[f"{version}-{i}-observations"] = episode.actions, episode.observations
+        observations = episode.observations if isinstance(episode.observations, dict) else {"": episode.observations}
+        for name, value in [("actions", episode.actions), *observations.items()]:
+            arrays[f"{dataset_id}|{i}|{name}"] = np.asarray(value)
 np.savez(sys.argv[1], **arrays)
 """
 
 
 @pytest.mark.slow
-def test_a_v1_set_is_the_same_whatever_the_cpu_s_vector_instructions(tmp_path):
+def test_a_builder_set_is_the_same_whatever_the_cpu_s_vector_instructions(tmp_path):
     # torch's kernels for this CPU's widest vectors against its scalar ones (ATEN_CPU_CAPABILITY=default): the float32
-    # policies of a -v0 set round apart and its episodes diverge; the -v1 policies' float64 rounds to the same actions
+    # policies of a -v0 locomotion set round apart and its episodes diverge; the -v1 policies' float64 rounds to the
+    # same actions, and the scripted sets compute nothing in torch that would part them
     import os
     import subprocess
     import sys
@@ -288,14 +298,15 @@ def test_a_v1_set_is_the_same_whatever_the_cpu_s_vector_instructions(tmp_path):
     sets = {}
     for capability in (native.lower(), "default"):
         env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MINARI_DATASETS_PATH=str(tmp_path / capability))
-        subprocess.run([sys.executable, "-c", _BUILD_BOTH_VERSIONS, str(tmp_path / f"{capability}.npz")], env=env,
+        subprocess.run([sys.executable, "-c", _BUILD_EVERY_KIND, str(tmp_path / f"{capability}.npz")], env=env,
                        check=True)
         sets[capability] = np.load(tmp_path / f"{capability}.npz")
     wide, scalar = sets.values()
     assert sorted(wide.files) == sorted(scalar.files)
-    v1 = [name for name in wide.files if name.startswith("v1-")]
-    assert len(v1) == 32
-    for name in v1:
+    v0 = [name for name in wide.files if name.startswith("iql_torchrl/hopper/medium-expert-v0|")]
+    same = [name for name in wide.files if name not in v0]
+    scripted = {dataset_id for dataset_id, recipe in BUILDERS.items() if not isinstance(recipe, locomotion.LocomotionRecipe)}
+    assert len(v0) == 32 and {name.split("|")[0] for name in same} == scripted | {"iql_torchrl/hopper/medium-expert-v1"}
+    for name in same:
         np.testing.assert_array_equal(wide[name], scalar[name], err_msg=name)
-    v0 = [name for name in wide.files if name.startswith("v0-")]
     assert any(not np.array_equal(wide[name], scalar[name]) for name in v0)  # the set computed in float32 differs
