@@ -11,6 +11,7 @@ import gymnasium as gym
 import minari
 import numpy as np
 import pytest
+import torch
 from minari.dataset.minari_dataset import parse_dataset_id
 
 from iql_torchrl import datasets
@@ -86,11 +87,15 @@ def test_expert_actions_stay_within_the_action_bounds():
 def test_builder_ids_are_valid_minari_ids_for_each_env_and_kind():
     from iql_torchrl.datasets.maze import MazeRecipe
 
-    # 5 envs x 4 kinds, the PointMaze umaze, medium, large, medium-stitch, 3 locomotion tasks x 4 kinds
-    assert len(BUILDERS) == 20 + 4 + 12
+    from iql_torchrl.datasets.locomotion import LocomotionRecipe
+
+    # 5 envs x 4 kinds, the PointMaze umaze, medium, large, medium-stitch, 3 locomotion tasks x 4 kinds x 2 versions
+    assert len(BUILDERS) == 20 + 4 + 12 * 2
     for dataset_id, recipe in BUILDERS.items():
         namespace, name, version = parse_dataset_id(dataset_id)
-        assert namespace.startswith("iql_torchrl/") and version == 0
+        # a locomotion set's policies compute in float32 in -v0, in float64 in -v1
+        expected = {torch.float32: 0, torch.float64: 1}[recipe.policy_dtype] if isinstance(recipe, LocomotionRecipe) else 0
+        assert namespace.startswith("iql_torchrl/") and version == expected
         assert name.startswith(recipe.maze) if isinstance(recipe, MazeRecipe) else name == recipe.kind
     assert {"iql_torchrl/pendulum/mixed-v0", "iql_torchrl/inverted-pendulum/expert-v0", "iql_torchrl/reacher/medium-v0"} <= set(BUILDERS)
 
