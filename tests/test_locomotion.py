@@ -108,7 +108,8 @@ def test_medium_expert_replays_from_its_seeds_and_reads_on_d4rl_scale(kept):
     assert minari.get_normalized_score(dataset, np.array([1607.0138475])) == pytest.approx(0.5, abs=1e-7)
     assert minari.get_normalized_score(dataset, np.array([0.0])) == pytest.approx(20.272305 / 3254.572305)
     env = gym.make("Hopper-v5")
-    medium = locomotion._sampler(load_snapshot(locomotion.POLICIES / "hopper" / "medium.pt"), "Hopper-v5", env.action_space)
+    medium = locomotion._sampler(load_snapshot(locomotion.POLICIES / "hopper" / "medium.pt"), "Hopper-v5", env.action_space,
+                                 torch.float64)
     for i, episode in enumerate(dataset.iterate_episodes()):
         # the recorded actions, replayed from the episode's seed, give the recorded transitions
         observation, _ = env.reset(seed=7 + i)
@@ -146,7 +147,7 @@ def test_a_build_s_progress_bar_ends_at_the_frames_it_collected(kept, capsys):
 
 def test_frames_stop_new_episodes_once_reached():
     env = gym.make("Hopper-v5")
-    random = locomotion._sampler(None, "Hopper-v5", env.action_space)
+    random = locomotion._sampler(None, "Hopper-v5", env.action_space, torch.float32)
     episodes = locomotion.collect_locomotion_episodes("Hopper-v5", random, 3, frames=300)
     lengths = [len(e["actions"]) for e in episodes]
     assert sum(lengths) >= 300  # whole episodes, as many as were under way when 300 frames were reached

@@ -13,9 +13,10 @@ Ids ``iql_torchrl/<task>/<kind>-v1`` (and ``-v0``) for the tasks of :data:`~iql_
 Every action is sampled from the policy (the stochastic SAC policy, as D4RL recorded its data); episode
 ``i`` resets with seed ``seed + i``. A ``-v1`` set's policies compute in float64 and its actions are rounded to
 float32, so the set is the same on every CPU; a ``-v0`` set's policies compute in float32, whose products round
-differently with the CPU's vector instructions (AVX-512, AVX2, none): its episodes diverge from one CPU to another. A set is written only when its task's policies are kept in
-``policies/<task>/`` (``policies.json`` says which snapshot is medium and which expert, and what each
-returned: :func:`keep_policies` writes them from a training folder). Scores read on D4RL's scale:
+differently with the CPU's vector instructions (AVX-512, AVX2, none): its episodes diverge from one CPU to another.
+A set is written only when its task's policies are kept in ``policies/<task>/`` (``policies.json`` says which
+snapshot is medium and which expert, and what each returned: :func:`keep_policies` writes them from a training
+folder). Scores read on D4RL's scale:
 ``ref_min_score`` and ``ref_max_score`` are D4RL's random and expert returns (:data:`D4RL_REFERENCE`).
 """
 from __future__ import annotations
@@ -134,7 +135,7 @@ def _action_space(env_id: str) -> gym.spaces.Box:
     return env.action_space
 
 
-def _sampler(snapshot: Snapshot | None, env_id: str, action_space: gym.spaces.Box, dtype: torch.dtype = torch.float32):
+def _sampler(snapshot: Snapshot | None, env_id: str, action_space: gym.spaces.Box, dtype: torch.dtype):
     """Batched observations → float32 actions: the snapshot's stochastic policy (TorchRL's actor, sampling, computing
     in ``dtype``), or uniform random actions; both draw from torch's global generator."""
     from tensordict import TensorDict
@@ -248,7 +249,8 @@ def evaluate_snapshots(task: str, files: list[Path], episodes: int, progress: bo
                                                   desc=f"re-evaluating {task}'s snapshots") as bar:
         torch.manual_seed(0)
         for path in files:
-            sampler = _sampler(load_snapshot(path), env_id, action_space)
+            # in float32, as policies.json's returns were measured
+            sampler = _sampler(load_snapshot(path), env_id, action_space, torch.float32)
             played = collect_locomotion_episodes(env_id, sampler, EVALUATION_SEED, episodes=episodes,
                                                  progress=lambda n: bar.update())
             returns[path] = float(np.mean([episode["rewards"].sum() for episode in played]))
