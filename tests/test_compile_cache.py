@@ -1,7 +1,10 @@
 """The compiled-step cache trusts only entries its own key signed, and never breaks a run."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -113,6 +116,21 @@ def test_the_key_follows_every_setting():
         assert entry_key(base) != key
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_process_on_other_vector_instructions_gets_its_own_entry():
+    # inductor generates C++ for the vector width torch's kernels use (ATEN_CPU_CAPABILITY), and code made for one
+    # width computes wrong values compiled for another: processes of two widths sharing a folder keep two entries
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no vector instructions torch uses")
+    script = "from iql_torchrl.step.compile_cache import entry_key; print(entry_key({'tau': 0.005}))"
+
+    def key(**env):
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
+                              text=True, check=True)
+        return done.stdout.strip()
+
+    assert key() != key(ATEN_CPU_CAPABILITY="default")  # a second run's own key is tested by loading its entry
 
 
 def test_the_folder_follows_the_environment(monkeypatch, tmp_path):
