@@ -14,7 +14,7 @@ Each run gets its own inductor cache (``TORCHINDUCTOR_CACHE_DIR``): torch's FX g
 the vector instructions it was generated for, and code made for AVX-512 and compiled for AVX2 computes wrong
 values (docs/performance.md).
 
-    python benchmarks/bench_tiers.py --tier fast --cpu no-native-bf16 --json benchmarks/results/results_tiers_fast_avx2.json
+    python benchmarks/bench_tiers.py --tier fast --cpu no-native-bf16 --json benchmarks/results/results_tiers_fast_no-native-bf16.json
 """
 from __future__ import annotations
 
