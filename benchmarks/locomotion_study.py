@@ -43,7 +43,7 @@ def run_rows(run_dir: Path) -> dict:
     rows = []
     for setting in results["settings"]:
         own = [m["member"] for m in results["members"] if all(m[name] == setting[name] for name in SWEEPABLE)]
-        rows.append({**setting, "run": run_dir.name, "label": f"{run_dir.name}: {setting['label']}",
+        rows.append({**setting, "run": run_dir.name, "label": f"{run_dir.name}: {setting['label']}", "members": own,
                      "reward_transform": reward, "normalize_observations": config.normalize_observations,
                      "steps": [point["step"] for point in curve],
                      "scores": [[point["per_seed"][m][results["score"]] for point in curve] for m in own]})
@@ -77,7 +77,8 @@ def merged_runs(runs: list[dict]) -> list[dict]:
         rows = []
         for settings in zip(*(run["rows"] for run in group)):  # the same settings, in the same order, in each run
             scores = [seed[:length] for row in settings for seed in row["scores"]]
-            rows.append({**settings[0], "run": name, "label": f"{name}: {settings[0]['label'].split(': ', 1)[1]}",
+            first = {key: value for key, value in settings[0].items() if key != "members"}  # members are per run
+            rows.append({**first, "run": name, "label": f"{name}: {settings[0]['label'].split(': ', 1)[1]}",
                          "seeds": [seed for row in settings for seed in row["seeds"]], "scores": scores,
                          "steps": settings[0]["steps"][:length], **seeds_summary(scores)})
         merged.append({**group[0], "run": name, "updates_done": min(run["updates_done"] for run in group),
@@ -90,6 +91,18 @@ def seeds_summary(scores: list[list[float]]) -> dict:
     evaluation, and the seeds' mean at every evaluation."""
     return {**mean_std("final", [seed[-1] for seed in scores]), **mean_std("best", [max(seed) for seed in scores]),
             "curve_mean": [statistics.fmean(column) for column in zip(*scores)]}
+
+
+def best_minus_last(scores, window: int = 1):
+    """The seeds' mean of their best minus their mean of their last ``window``-evaluation mean: ``scores`` holds
+    each seed's curve on its last axis, seeds on the one before (more axes in front: one result each). With
+    ``window`` 1 it is the table's best − last; a longer window reads the curve's level, not one evaluation."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=float)
+    kernel = np.ones(window) / window
+    means = np.apply_along_axis(lambda curve: np.convolve(curve, kernel, mode="valid"), -1, scores)
+    return means.max(axis=-1).mean(axis=-1) - means[..., -1].mean(axis=-1)
 
 
 def _saved_state(run_dir: Path) -> dict:
@@ -164,7 +177,11 @@ def main() -> int:
     parser.add_argument("--title", default=None, help="the figure's title (default: the dataset)")
     parser.add_argument("--png", type=Path, help="the plot of every run's settings")
     parser.add_argument("--json", type=Path, help="the numbers: each setting's curve, last and best")
+    parser.add_argument("--window", type=int, default=4,
+                        help="evaluations in the moving mean of the last column (default 4: 100k updates at 25k apart)")
     args = parser.parse_args()
+    if args.window < 1:
+        parser.error(f"--window {args.window}: must be an integer >= 1.")
     missing = [str(run) for run in args.runs
                if not any((run / name).exists() for name in ("checkpoint.pt", "summary.json", "curve.json"))]
     if missing:
@@ -173,15 +190,21 @@ def main() -> int:
     plain = [run for run in args.runs if (run / "curve.json").exists()]
     runs = merged_runs([run_rows(run) for run in args.runs if run not in plain]) + \
         [plain_rows(group) for group in _plain_groups(plain)]
+    for run in runs:
+        for row in run["rows"]:
+            if len(row["steps"]) >= args.window:
+                row[f"best_minus_last_window_{args.window}"] = float(best_minus_last(row["scores"], args.window))
+    windowed = lambda row: (f"{row[key]:.1f}" if (key := f"best_minus_last_window_{args.window}") in row  # noqa: E731
+                            else f"fewer than {args.window} evaluations")
     print("| run: setting | reward | seeds | updates trained | last evaluation at | last | best | best − last "
-          "| mean of seeds, every evaluation |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| mean of seeds, every evaluation | best − last, means of {args.window} evaluations |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         for row in run["rows"]:
             print(f"| {row['label']} | {row['reward_transform']} | {len(row['seeds'])} | {run['updates_done']:,} of "
                   f"{run['updates']:,} | {row['steps'][-1]:,} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
                   f"{row['best_mean']:.1f} ± {row['best_std']:.1f} | {row['best_mean'] - row['final_mean']:.1f} | "
-                  f"{min(row['curve_mean']):.1f}–{max(row['curve_mean']):.1f} |")
+                  f"{min(row['curve_mean']):.1f}–{max(row['curve_mean']):.1f} | {windowed(row)} |")
     for run in runs:  # the study's target on medium-replay: IQL >= 10 above behaviour cloning at the last evaluation
         cloning = next((row for row in run["rows"] if row["temperature"] == 0), None)
         if cloning is None:

@@ -58,6 +58,7 @@ SMALL_FINETUNE = ["--online-steps", "40", "--frames-per-batch", "20", "--num-env
 SMALL_FRESH_FINETUNE = ["--offline-steps", "10", "--hidden-sizes", "16", "16"]
 SMALL_BENCH = {
     "plain_iql.py": ["--steps", "20", "--eval-every", "20", "--eval-episodes", "1"],
+    "evaluation_noise.py": ["--episodes", "2", "--draws", "10"],
     "bench_maze_values.py": ["--steps", "20", "--eval-episodes", "1"],
     "bench_scores.py": ["--steps", "20", "--eval-every", "20", "--eval-episodes", "1", "--seeds", "1",
                         "--hidden-sizes", "16", "16", "--expectiles", "0.7", "--temperatures", "3",

@@ -177,3 +177,36 @@ def test_the_study_joins_runs_of_one_setting_that_differ_in_their_seeds_into_one
     assert row["final_std"] == statistics.pstdev([20.0, 50.0, 25.0])
     assert row["curve_mean"] == [statistics.fmean([10.0, 40.0, 5.0]), statistics.fmean([20.0, 50.0, 25.0])]
     assert other is c  # β 6 is another setting
+
+
+def test_the_study_s_best_minus_last_is_the_seeds_mean_of_each_seed_s_best_over_a_moving_mean():
+    import numpy as np
+
+    study = load_benchmark("locomotion_study")
+    scores = [[10.0, 40.0, 30.0], [50.0, 20.0, 25.0]]
+    # by hand: bests 40 and 50, lasts 30 and 25: 45 − 27.5
+    assert study.best_minus_last(scores) == 17.5
+    # not the best of the seeds' mean curve (15+..: 30, 30, 27.5) minus its last
+    assert 17.5 != max(np.mean(scores, axis=0)) - np.mean(scores, axis=0)[-1] == 2.5
+    # two-evaluation means: seed 0 [25, 35], seed 1 [35, 22.5]: (35 + 35) / 2 − (35 + 22.5) / 2
+    assert study.best_minus_last(scores, 2) == 6.25
+    # more axes in front give one result each
+    assert study.best_minus_last(np.stack([scores, scores]), 2).tolist() == [6.25, 6.25]
+
+
+def test_a_frozen_policy_s_best_minus_last_gap_comes_from_drawing_its_episodes_again():
+    import numpy as np
+
+    noise = load_benchmark("evaluation_noise")
+    # a policy whose every episode scores the same: every evaluation reads it, no gap
+    assert not noise.frozen_gaps([np.full(50, 30.0), np.full(50, 70.0)], evaluations=40, episodes=10).any()
+    # episodes of 0 or 100, one an evaluation: with two evaluations the gap is 100 when the first reads 100 and the
+    # last 0 (probability 1/4): 25 on average; with three, the last reads 0 (1/2) and one of the two before 100 (3/4)
+    two_points = [np.array([0.0, 100.0])]
+    two = noise.frozen_gaps(two_points, evaluations=2, episodes=1, draws=40_000)
+    three = noise.frozen_gaps(two_points, evaluations=3, episodes=1, draws=40_000)
+    assert abs(two.mean() - 25) < 1.5 and abs(three.mean() - 37.5) < 1.5
+    # ten episodes an evaluation: each reads 100 × a binomial(10, 1/2) / 10, std 100 × sqrt(1/40) = 15.8; the
+    # best of three normals lies 3 / (2 sqrt(pi)) = 0.846 std above their mean: about 13.4, not 37.5 or 0
+    ten = noise.frozen_gaps(two_points, evaluations=3, episodes=10, draws=40_000)
+    assert abs(ten.mean() - 0.846 * 15.8) < 1.0
