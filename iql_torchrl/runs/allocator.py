@@ -2,10 +2,9 @@
 
 By default glibc hands blocks above its mmap threshold (128 KiB, rising only to sizes it has
 seen freed) straight back to the OS and trims the top of its heap, so each update's fresh
-activation buffers are page-faulted in again: ~600 minor page faults per eager update at
-2×256 MLPs, B 256. Serving blocks up to 32 MiB from the heap and trimming it only beyond 1 GiB
-keeps them mapped: 0.2 faults an update, the eager step ~20% faster at 2 threads (6% at one). The process
-keeps its peak memory mapped until it exits.
+activation buffers are page-faulted in again, hundreds of times an eager update at 2×256 MLPs, B 256.
+Serving blocks up to 32 MiB from the heap and trimming it only beyond 1 GiB keeps them mapped (the faults
+and the time they cost: benchmarks/README.md). The process keeps its peak memory mapped until it exits.
 """
 from __future__ import annotations
 

@@ -68,9 +68,9 @@ def resolve_settings(config, job: str, given: set[str]):
     return config, state
 
 
-# --compile auto: on 2 CPU cores compiling the default step costs ~13 s (~3 s with the compile cache warm)
-# and saves ~8 ms an update, repaid after ~1,600 updates; 5,000 leaves room for slower machines and
-# longer compiles (measured: docs/fused-step.md, "The main job compiles by default")
+# --compile auto: compiling the default step on 2 CPU cores is repaid after a couple of thousand updates
+# (docs/fused-step.md, "The main job compiles by default", has the measurements); 5,000 leaves room for
+# slower machines and longer compiles
 COMPILE_BREAK_EVEN = 5_000
 
 

@@ -8,7 +8,7 @@ GEMMs run faster there (:func:`iql_torchrl.runs.settings.resolve_precision`).
 
 How idle OpenMP threads wait is the other half. An update is hundreds of short parallel regions: a
 thread that sleeps at once between them (``OMP_WAIT_POLICY=PASSIVE``) pays a wake-up in each (a solo
-run ~45% slower), and one that spins without end (``ACTIVE``, or libgomp's default 300,000 rounds)
+run much slower), and one that spins without end (``ACTIVE``, or libgomp's default 300,000 rounds)
 holds a core that a second run needs (two runs side by side collapse to a few updates/s). The example
 scripts set ``GOMP_SPINCOUNT=1000`` (libgomp's own throttled count) before torch loads, unless the user
 set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``: idle threads spin ~1,000 rounds, enough to catch the
