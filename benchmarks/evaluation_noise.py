@@ -58,7 +58,7 @@ def main() -> int:
     from tqdm.auto import tqdm
 
     state = load_run_checkpoint(args.run, map_location="cpu")
-    run = run_rows(args.run)
+    run = run_rows(args.run, state)
     per_evaluation = state["config"]["eval_episodes"]
     if run["updates_done"] > run["rows"][0]["steps"][-1]:
         print(f"evaluation_noise: {args.run} trained {run['updates_done']:,} updates, its last evaluation was at "

@@ -30,9 +30,10 @@ from iql_torchrl.runs.config import OfflineConfig, config_from_dict
 from iql_torchrl.runs.sweep import SWEEPABLE, mean_std, sweep_results
 
 
-def run_rows(run_dir: Path) -> dict:
-    """The run's settings: each one's seeds' curves and the sweep results' last and best evaluations."""
-    state = _saved_state(run_dir)
+def run_rows(run_dir: Path, state: dict | None = None) -> dict:
+    """The run's settings: each one's seeds' curves and the sweep results' last and best evaluations (``state``: its
+    checkpoint when the caller has already read it)."""
+    state = state if state is not None else _saved_state(run_dir)
     config = config_from_dict(OfflineConfig, state["config"])
     curve = state["curve"]
     summary = run_dir / "summary.json"  # a finished run's: its whole curve, the final evaluation included

@@ -186,7 +186,7 @@ def test_the_study_s_best_minus_last_is_the_seeds_mean_of_each_seed_s_best_over_
     scores = [[10.0, 40.0, 30.0], [50.0, 20.0, 25.0]]
     # by hand: bests 40 and 50, lasts 30 and 25: 45 − 27.5
     assert study.best_minus_last(scores) == 17.5
-    # not the best of the seeds' mean curve (15+..: 30, 30, 27.5) minus its last
+    # not the best of the seeds' mean curve (30, 30, 27.5) minus its last
     assert 17.5 != max(np.mean(scores, axis=0)) - np.mean(scores, axis=0)[-1] == 2.5
     # two-evaluation means: seed 0 [25, 35], seed 1 [35, 22.5]: (35 + 35) / 2 − (35 + 22.5) / 2
     assert study.best_minus_last(scores, 2) == 6.25
