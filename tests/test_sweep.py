@@ -158,4 +158,5 @@ def test_evaluate_and_export_read_every_member_on_its_own_seeds(sweep_run, tiny_
     assert report["seed"] == 10_001
     assert report["return_mean"] == pytest.approx(summary["per_seed"][member]["return_mean"], rel=1e-6)
     policy, _ = environment_policy(out, member)  # members past --num-seeds are exported too
-    assert policy_sidecar(policy, summary, format="onnx", file="x", seed_index=member)["seed"] == 1
+    sidecar = policy_sidecar(policy, summary, format="onnx", file="x", seed_index=member)
+    assert (sidecar["seed"], sidecar["temperature"], sidecar["expectile"]) == (1, 6.0, 0.6)  # not the run's first setting

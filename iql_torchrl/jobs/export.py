@@ -198,7 +198,7 @@ def _without_exporter_notices():
 
 
 def policy_sidecar(policy: EnvironmentPolicy, summary: dict, *, format: str, file: str, seed_index: int) -> dict:
-    """What a user of the exported file needs: environment, spaces, input/output, versions, score."""
+    """What a user of the exported file needs: environment, spaces, input/output, versions, setting, score."""
     from minari.serialization import serialize_space
 
     metadata = policy.metadata
@@ -224,6 +224,9 @@ def policy_sidecar(policy: EnvironmentPolicy, summary: dict, *, format: str, fil
         "output": {"name": OUTPUT_NAME, "dtype": "int64" if policy.discrete else "float32", "shape": action_shape},
         "seed": saved_member_seeds(summary)[seed_index],
         "seed_index": seed_index,
+        # the IQL setting this policy trained with: a --sweep member's own, else the run's
+        "temperature": score_of.get("temperature", summary.get("temperature")),
+        "expectile": score_of.get("expectile", summary.get("expectile")),
         "normalized_score": score_of.get("normalized_score"),
         "return_mean": score_of.get("return_mean"),
         "versions": {"iql_torchrl": iql_torchrl.__version__, "torch": torch.__version__},
