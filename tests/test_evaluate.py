@@ -41,10 +41,13 @@ def test_by_default_evaluate_gives_the_runs_final_score(runs, tiny_datasets, cap
     assert report["episodes"] == 3 and report["seed"] == 10_000  # the run's --eval-episodes, its seeds from seed + 10000
     assert report["normalized_score"] == summary["normalized_score"] and report["return_mean"] == summary["return_mean"]
     assert json.loads(capsys.readouterr().out) == report
+    # the report names the member: the pendulum builder's preset (mujoco: β 3, τ 0.7), not the config's unset β/τ
+    assert (report["seed_index"], report["training_seed"], report["temperature"], report["expectile"]) == (0, 0, 3.0, 0.7)
     # seed K of a --num-seeds run evaluates on seed K's own episodes
     second = main([str(runs.two), "--seed-index", "1"])
     assert second["seed"] == 6 + 10_000
     assert second["normalized_score"] == summary_of(runs.two)["per_seed"][1]["normalized_score"]
+    assert (second["seed_index"], second["training_seed"]) == (1, 6)
     # an explicit --seed and --episodes choose other episodes
     chosen = main([str(runs.one), "--seed", "0", "--episodes", "2"])
     assert chosen["seed"] == 0 and chosen["episodes"] == 2 and len(chosen["returns"]) == 2

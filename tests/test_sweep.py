@@ -156,6 +156,7 @@ def test_evaluate_and_export_read_every_member_on_its_own_seeds(sweep_run, tiny_
     member = 5  # β 6, τ 0.6, seed 1: evaluated by the run on seed 1's episodes (10_001), not 10_005
     report = evaluate_main([str(out), "--seed-index", str(member)])
     assert report["seed"] == 10_001
+    assert (report["seed_index"], report["training_seed"], report["temperature"], report["expectile"]) == (5, 1, 6.0, 0.6)
     assert report["return_mean"] == pytest.approx(summary["per_seed"][member]["return_mean"], rel=1e-6)
     policy, _ = environment_policy(out, member)  # members past --num-seeds are exported too
     sidecar = policy_sidecar(policy, summary, format="onnx", file="x", seed_index=member)

@@ -1,7 +1,8 @@
 """Evaluate a saved run without training: ``python -m iql_torchrl.jobs.evaluate RUN_DIR``.
 
 Loads the checkpoint's policy (a plain TorchRL module, see :func:`iql_torchrl.runs.builders.load_actor`),
-runs deterministic episodes in the dataset's environment and prints the normalized score. By default
+runs deterministic episodes in the dataset's environment and prints the normalized score with the member it
+evaluated (``seed_index``, its training seed, its β and τ). By default
 the episodes are the run's own evaluation episodes (its ``--eval-episodes``, on the environment seeds
 its evaluations use), so a finished run's folder gives the score in its ``summary.json``.
 """
@@ -11,7 +12,7 @@ import argparse
 import json
 
 from iql_torchrl.jobs.cli import quiet_library_logs
-from iql_torchrl.runs.builders import actor_from_checkpoint
+from iql_torchrl.runs.builders import loss_from_checkpoint
 from iql_torchrl.runs.settings import resolved_device
 from iql_torchrl.runs.checkpoint import CheckpointError, load_run_checkpoint
 from iql_torchrl.runs.evaluation import evaluate_policy, evaluation_seed
@@ -36,14 +37,19 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         device = resolved_device(args.device)
         state = load_run_checkpoint(args.run_dir, map_location="cpu")
-        actor, metadata = actor_from_checkpoint(state, device, args.seed_index)
+        loss, metadata = loss_from_checkpoint(state, device, args.seed_index)
     except (CheckpointError, FileNotFoundError, ValueError) as err:  # ValueError: a ConfigError too
         parser.exit(2, f"error: {err}\n")
     run = state["config"]
     episodes = args.episodes or run["eval_episodes"]
-    seed = evaluation_seed(saved_member_seeds(run)[args.seed_index]) if args.seed is None else args.seed
+    member_seed = saved_member_seeds(run)[args.seed_index]
+    seed = evaluation_seed(member_seed) if args.seed is None else args.seed
+    actor = loss.get_stateful_net("actor_network", copy=True).eval()
     result = evaluate_policy(actor, metadata, episodes=episodes, seed=seed, device=device)
-    report = {"run_dir": args.run_dir, "dataset": metadata.dataset_id, "episodes": episodes, "seed": seed, **result}
+    member = {"seed_index": args.seed_index, "training_seed": member_seed,
+              "temperature": loss.temperature, "expectile": loss.expectile}
+    report = {"run_dir": args.run_dir, "dataset": metadata.dataset_id, **member,
+              "episodes": episodes, "seed": seed, **result}
     print(json.dumps(report, indent=2))
     return report
 
