@@ -23,7 +23,11 @@ def blocks(page: Path, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), re.S | re.M)
 
 
-PYTHON_BLOCKS = [(page.name, i, block) for page in PAGES for i, block in enumerate(blocks(page, "python"))]
+# blocks that compile the job's step or run the job (the fast tier tests both elsewhere): the slow tier runs them
+SLOW_PAGES = {"fused-step.md", "export.md"}
+PYTHON_BLOCKS = [pytest.param(page.name, i, block, id=f"{page.name}-{i}",
+                              marks=[pytest.mark.slow] if page.name in SLOW_PAGES else [])
+                 for page in PAGES for i, block in enumerate(blocks(page, "python"))]
 
 
 def test_every_page_is_reached_from_the_readme():
@@ -31,7 +35,7 @@ def test_every_page_is_reached_from_the_readme():
     assert all(f"docs/{page.name}" in readme for page in PAGES)
 
 
-@pytest.mark.parametrize("page, index, block", PYTHON_BLOCKS, ids=[f"{p}-{i}" for p, i, _ in PYTHON_BLOCKS])
+@pytest.mark.parametrize("page, index, block", PYTHON_BLOCKS)
 def test_python_blocks_run(page, index, block, tiny_datasets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if page == "export.md":  # the block reads the policy the page's commands export
@@ -116,11 +120,14 @@ def test_bash_blocks_run(page, index, block, tmp_path):
         subprocess.run([sys.executable, str(ROOT / "examples" / "iql_offline.py"), "--output-dir",
                         str(tmp_path / "offline-run"), *SMALL_RUN], cwd=tmp_path, check=True, capture_output=True,
                        timeout=300, env=env)
+    built = set()
     for command in shell_commands(block):
         for dataset in re.findall(r"--dataset (iql_torchrl/(?:hopper|walker2d|halfcheetah|pointmaze)/\S+)", command):
-            # a locomotion or maze set of 4 episodes first: the command would build its full set (minutes)
-            subprocess.run([sys.executable, "-m", "iql_torchrl.datasets", "build", dataset, "--episodes", "4"],
-                           cwd=tmp_path, check=True, capture_output=True, timeout=300, env=env)
+            # a locomotion or maze set of 4 episodes first (once a block): the command would build its full set
+            if dataset not in built:
+                subprocess.run([sys.executable, "-m", "iql_torchrl.datasets", "build", dataset, "--episodes", "4"],
+                               cwd=tmp_path, check=True, capture_output=True, timeout=300, env=env)
+                built.add(dataset)
         args = small(command, tmp_path)
         result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, (command, args, result.stderr[-3000:])

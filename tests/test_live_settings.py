@@ -230,7 +230,8 @@ def test_a_baked_setting_changed_compiles_the_step_anew_once(variant, groups, tm
             assert compiled[1].compilations == step + 2, names  # one more compilation, not one a call
 
 
-@pytest.mark.parametrize("seeds", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a CUDA graph's mechanism, checked on the CPU in the slow tier; the GPU tier runs the replays
+@pytest.mark.parametrize("seeds", [False, True])
 def test_what_a_guarded_trace_read_tells_each_baked_change(seeds):
     """A CUDA graph replays without dynamo's guards: before each replay it reads again what its guarded trace
     read (BakedValues of the trace's guards) and captures anew when one changed. Checked here on the CPU, on

@@ -26,7 +26,8 @@ from synthetic import random_transitions
 pytestmark = pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'.. the eager step runs slower")
 
 # eager bf16 GEMMs are emulated on a CPU without native bf16 (AVX2 only), where a test that trains in them takes
-# minutes (bf16-learns), or a compiled bf16 step with its eager check half a minute: the slow tier's there
+# minutes (bf16-learns), or a compiled bf16 step with its eager check (alone or in a job) half a minute: the slow
+# tier's there
 slow_where_bf16_is_emulated = pytest.mark.slow if precision.native_bf16() is None else (lambda test: test)
 
 BF16_ULP = 2.0**-7  # the spacing of bf16 numbers in [1, 2): 8 significant bits
@@ -245,6 +246,7 @@ def test_the_run_takes_one_thread_only_where_its_threads_are_its_own(host, two_t
     assert torch.get_num_threads() == 2
 
 
+@slow_where_bf16_is_emulated
 def test_a_run_on_one_thread_says_so_in_its_summary(host, two_threads, tiny_datasets, tmp_path):
     host("AMX", 0.8, alone=2.5)
     summary = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "run", steps=2,
@@ -307,6 +309,7 @@ def test_the_precision_flag_and_its_bf16_alias(argv, expected):
     assert config.precision == expected and ("precision" in given) == bool(argv)
 
 
+@slow_where_bf16_is_emulated
 def test_the_run_resolves_auto_once_says_why_and_a_resume_keeps_it(
         host, tiny_datasets, tmp_path, capsys, stop_after_checkpoint):
     host("AMX", 2.0)

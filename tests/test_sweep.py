@@ -49,8 +49,10 @@ def test_each_member_trains_as_a_run_of_its_setting_and_seed_would(sweep_run, ti
                    for a, b in zip(actor_parameters(tmp_path / "beta0"), actor_parameters(out, 5)))
 
 
+@pytest.mark.slow
 def test_a_compiled_sweep_under_dynamo_s_guards_compiles_its_step_once(tiny_datasets, tmp_path, guarded_compile):
     # the guarded step, as a CUDA graph captures it: a second compilation would fall inside the timed updates
+    # (the step itself, members of two settings, compiles once and trains as eager: test_ensemble.py, fast tier)
     summary = train(OfflineConfig(sweep=("temperature=0,6",), output_dir=tmp_path / "run", compile=True,
                                   **{**TINY, "steps": 6, "eval_every": 6}))
     assert summary["mode"] == "compile" and summary["compilations"] == 1

@@ -680,6 +680,7 @@ def test_a_network_whose_weights_are_laid_out_transposed_trains_as_torch_optim_a
         assert min(wrong["value"], wrong["actor"]) > 0.5
 
 
+@pytest.mark.slow  # the fast tier runs the guarded step of vmapped members (test_ensemble.py), quietly too
 def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(guarded_compile):
     # torch 2.11 has no aot_compile: no warning (the suite turns that one into an error), eager's results
     data = dataset()
