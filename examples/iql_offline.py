@@ -37,7 +37,8 @@ from iql_torchrl.runs.sweep import run_members  # noqa: E402
 def make_loss(config: OfflineConfig, metadata: OfflineDataMetadata) -> IQLLoss:
     """The model and its loss: actor π(a|s), two critics Q(s, a) and the value network V(s), the
     paper's MLPs (2×256), in IQLLoss (DiscreteIQLLoss for discrete actions: one Q per action)."""
-    actor, qvalue, value = make_iql_networks(metadata.observation_dim, metadata.action_dim, actor_kind=metadata.actor_kind,
+    actor, qvalue, value = make_iql_networks(metadata.observation_dim, metadata.action_dim,
+                                             actor_kind=config.actor_kind(metadata),  # --actor: Gaussian by default
                                              hidden_sizes=config.hidden_sizes, actor_dropout=config.actor_dropout)
     # V: the τ-expectile of min Q̄(s, a) over dataset actions; actor: exp(β·(Q̄ − V)), clamped at 100, × −log π(a|s)
     hyperparameters = dict(expectile=config.expectile, temperature=config.temperature)

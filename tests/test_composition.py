@@ -257,7 +257,7 @@ CELLS = (
     + [("one_n1", actor) for actor in ("tanh_normal", "deterministic", "categorical", "one_hot")]
     + [("list", actor) for actor in ("categorical", "one_hot")]
 )
-COMPILED_CELLS = [("one_n1", "gaussian"), ("trunk_separate_n1", "tanh_normal"),
+COMPILED_CELLS = [("one_n1", "gaussian"), ("trunk_separate_n1", "tanh_normal"), ("one_n1", "deterministic"),
                   ("one_n1", "categorical")]
 MATRIX = [(c, a, d) for c, a in CELLS for d in ("script", "per_key", "update_eager")] + [
     pytest.param(c, a, "update_compile", marks=pytest.mark.slow, id=f"{c}-{a}-update_compile") for c, a in COMPILED_CELLS]

@@ -62,7 +62,7 @@ FINETUNE_DATASET = "iql_torchrl/pendulum/medium-v0"  # offline IQL stays clearly
 # what an offline run fixes (--checkpoint): the data as its networks read it, the networks' shapes, the
 # discount its values were learned with and the optimizer its moments belong to; a flag given with another value is refused
 ADOPTED_FROM_OFFLINE_RUN = ("dataset", "preset", "reward_transform", "normalize_observations", "clip_actions", "goal_input",
-                            "success_terminal", "hidden_sizes", "gamma", "optimizer", "weight_decay")
+                            "success_terminal", "hidden_sizes", "actor", "gamma", "optimizer", "weight_decay")
 # the loss's β and τ: the offline run's unless given (the update step takes new values as they are)
 DEFAULTS_FROM_OFFLINE_RUN = ("temperature", "expectile")
 
@@ -78,7 +78,7 @@ class FinetuneConfig(RunConfig):
     online_steps: int = 4_000
     """Environment steps of the online phase, summed over the environments."""
     checkpoint: Path | None = None
-    """Start from this offline run folder (iql_offline.py's --output-dir) at its latest checkpoint: its networks, optimizer state and update count, and its --dataset, --preset, --reward-transform, --normalize-observations, --clip-actions, --goal-input, --success-terminal, --hidden-sizes, --gamma, --optimizer, --weight-decay and --offline-steps (one of these given with another value is refused); its --temperature and --expectile unless given. The learning rates are this run's."""
+    """Start from this offline run folder (iql_offline.py's --output-dir) at its latest checkpoint: its networks, optimizer state and update count, and its --dataset, --preset, --reward-transform, --normalize-observations, --clip-actions, --goal-input, --success-terminal, --hidden-sizes, --actor, --gamma, --optimizer, --weight-decay and --offline-steps (one of these given with another value is refused); its --temperature and --expectile unless given. The learning rates are this run's."""
     num_envs: int = 4
     """Environments stepped by the collector (a TorchRL SerialEnv). They run on the CPU."""
     frames_per_batch: int = 200
@@ -112,12 +112,16 @@ class FinetuneConfig(RunConfig):
             raise ConfigError(f"--online-fraction {self.online_fraction}: must be in (0, 1).")
         if self.online_buffer_size is not None and self.online_buffer_size < 1:
             raise ConfigError(f"--online-buffer-size {self.online_buffer_size}: must be >= 1.")
+        if self.actor == "deterministic":
+            raise ConfigError(DETERMINISTIC_REFUSAL.format(source="--actor deterministic"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("Fine-tuning runs in one process: start it without torchrun "
                               "(data-parallel training is examples/iql_offline.py's).")
 
 
 # ---------------------------------------------------------------------------------------- finetune
+DETERMINISTIC_REFUSAL = ("{source}: fine-tuning explores by sampling the policy, and a deterministic actor has nothing to "
+                         "sample; fine-tune a Gaussian actor (--actor gaussian, the default).")
 DISCRETE_REFUSAL = ("--dataset {dataset} has discrete actions: fine-tuning on discrete actions is not supported yet; "
                     "train offline with examples/iql_offline.py.")
 
@@ -148,6 +152,9 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         offline_run = load_run_checkpoint(config.checkpoint, map_location="cpu")
         given = given_fields(config) | set(given or ())
         config = adopt_offline_run(config, offline_run, given)
+        if config.actor == "deterministic":
+            raise ConfigError(DETERMINISTIC_REFUSAL.format(
+                source=f"--checkpoint {config.checkpoint} trained a deterministic actor"))
         sources = {name: "the offline run's" for name in PRESET_FIELDS if name not in given}
         reason = offline_run.get("normalization_reason")
         sources["normalize_observations"] = "the offline run's" + (f": {reason}" if reason else "")
@@ -216,7 +223,8 @@ def adopt_offline_run(config: FinetuneConfig, offline_run: dict, given: set[str]
     fixed = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN if name in offline}  # older runs: no goal_input
     fixed["offline_steps"] = offline_run["step"]
     conflicts = conflicting_flags(given, config_to_dict(config), fixed, "the offline run's",
-                                  agrees=lambda name, value: value == "auto")
+                                  agrees=lambda name, value: value == "auto" or (  # auto's actor on Box actions
+                                      name == "actor" and value == "gaussian" and fixed["actor"] == "auto"))
     if conflicts:
         raise ConfigError(
             f"--checkpoint {config.checkpoint} fine-tunes the offline run with the settings it trained with; "

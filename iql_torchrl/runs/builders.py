@@ -34,21 +34,20 @@ RANK_SEED_STRIDE = 1_000_003  # keeps the ranks' batch streams apart
 def build_loss(config: RunConfig, metadata: OfflineDataMetadata) -> IQLLoss:
     """The networks and loss a run trains, from its (resolved) config and the data's metadata.
 
-    Box actions: :class:`IQLLoss` with the paper's Gaussian actor. Discrete actions:
+    Box actions: :class:`IQLLoss` with the paper's Gaussian actor (or ``--actor deterministic``). Discrete actions:
     :class:`DiscreteIQLLoss` with a categorical actor over ``metadata.num_actions`` (one-hot when
     the data stores one-hot actions) and one Q value per action.
     """
-    actor_kind = metadata.actor_kind
     actor, critics, value = make_iql_networks(
         metadata.observation_dim,
         metadata.action_dim,
-        actor_kind=actor_kind,
+        actor_kind=config.actor_kind(metadata),
         hidden_sizes=tuple(config.hidden_sizes),
         actor_dropout=config.actor_dropout,
     )
     hyperparameters = dict(temperature=config.temperature, expectile=config.expectile)
     if metadata.discrete:
-        loss = DiscreteIQLLoss(actor, critics, value, action_space=actor_kind, **hyperparameters)
+        loss = DiscreteIQLLoss(actor, critics, value, action_space=metadata.actor_kind, **hyperparameters)
     else:
         loss = IQLLoss(actor, critics, value, **hyperparameters)
     loss.make_value_estimator(gamma=config.gamma)

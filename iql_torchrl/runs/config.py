@@ -250,6 +250,10 @@ class RunConfig:
     """Read metrics to the host and log them every this many updates."""
     hidden_sizes: tuple[int, ...] = (256, 256)
     """Hidden layer widths of every network."""
+    actor: Literal["auto", "gaussian", "deterministic"] = "auto"
+    """The policy on Box actions: gaussian (the paper's, trained by advantage-weighted log-likelihood) or deterministic
+    (tanh of an MLP, trained by advantage-weighted squared error to the dataset action: CORL's iql_deterministic, its
+    setting on hopper medium and medium-replay); auto: gaussian. Discrete actions take a categorical actor."""
     lr: float = 3e-4
     """Learning rate of every network, unless set per network below."""
     actor_lr: float | None = None
@@ -314,6 +318,14 @@ class RunConfig:
         """The actor's dropout: the (resolved) preset's (0.1 on kitchen and adroit, as in the paper)."""
         return PRESETS[self.preset].actor_dropout
 
+    def actor_kind(self, metadata) -> str:
+        """The actor :func:`~iql_torchrl.make_iql_networks` builds for data described by ``metadata``; :class:`ConfigError`
+        for ``--actor deterministic`` on discrete actions."""
+        if self.actor == "deterministic" and metadata.discrete:
+            raise ConfigError(f"--actor deterministic: {self.dataset} has discrete actions, which take a categorical "
+                              "actor; leave out --actor.")
+        return "deterministic" if self.actor == "deterministic" else metadata.actor_kind
+
     def goal_in_observation(self) -> bool | None:
         """``--goal-input`` as the data loader's ``goal_in_observation`` (``None``: the dataset's choice)."""
         return {"auto": None, "yes": True, "no": False}[self.goal_input]
@@ -356,6 +368,7 @@ class RunConfig:
             need(False, *problem)
         need(is_finite_number(self.gamma) and 0 <= self.gamma <= 1, "gamma", "in [0, 1], e.g. 0.99")
         need(self.normalize_observations in ("auto", "yes", "no"), "normalize_observations", "auto, yes or no")
+        need(self.actor in ("auto", "gaussian", "deterministic"), "actor", "auto, gaussian or deterministic")
         need(self.success_terminal is True or self.success_terminal is False or self.success_terminal == "auto",
              "success_terminal", "True, False or auto")
         need(self.threads == "auto" or (_is_int(self.threads) and self.threads >= 1), "threads", "auto or an integer >= 1")

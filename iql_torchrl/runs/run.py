@@ -408,6 +408,7 @@ class Run:
             "dataset": config.dataset, "steps": config.steps, "seed": config.seed, "num_seeds": config.num_seeds,
             "sweep": None if config.sweep is None else sweep_results(self.curve, config),  # per setting, per member
             "temperature": config.temperature, "expectile": config.expectile, "preset": config.preset,
+            "actor": config.actor_kind(self.metadata),
             "order": config.order, "mode": update.mode, "compilations": update.compilations,
             "precision": update.precision,
             "threads": torch.get_num_threads(), "device": config.device, "batch_size": config.batch_size,
