@@ -15,7 +15,7 @@ from iql_torchrl.jobs import evaluate, export
 from iql_torchrl.jobs.finetune import FinetuneConfig, adopt_offline_run, finetune
 from iql_torchrl.runs.builders import build_loss, load_actor
 from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from iql_torchrl.runs.config import ConfigError, OfflineConfig, parse_cli
+from iql_torchrl.runs.config import ConfigError, OfflineConfig, describe_preset, parse_cli
 from iql_torchrl.runs.evaluation import evaluation_seed
 
 from conftest import TINY_PENDULUM
@@ -120,3 +120,10 @@ def test_fine_tuning_a_gaussian_run_takes_its_actor_whether_or_not_given(determi
     deterministic = load_checkpoint(deterministic_run["deterministic"].dir / CHECKPOINT_NAME)
     with pytest.raises(ConfigError, match="--actor: the offline run's deterministic, given gaussian"):
         adopt_offline_run(FinetuneConfig(checkpoint=gaussian.dir, actor="gaussian"), deterministic, {"actor"})
+
+
+def test_the_preset_line_names_a_deterministic_actor_and_nothing_for_the_paper_s():
+    line = describe_preset("mujoco", "why", OfflineConfig(actor="deterministic", preset="mujoco"))
+    assert line == ("preset mujoco (expectile 0.7, temperature 3.0, reward transform locomotion, "
+                    "a deterministic actor (--actor)): why")
+    assert "actor" not in describe_preset("mujoco", "why", OfflineConfig(actor="gaussian", preset="mujoco"))

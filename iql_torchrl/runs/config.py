@@ -169,7 +169,8 @@ def describe_preset(name: str, reason: str, config=None, sources: dict[str, str]
     if preset.success_terminal or terminal is not False:
         goal = {None: ", goal terminal where the goal is out of the input", True: ", goal terminal",
                 False: ", goal continuing"}[terminal]
-    line = f"preset {name} ({', '.join(value(field) for field in PRESET_FIELDS)}{goal}): {reason}"
+    actor = ", a deterministic actor (--actor)" if getattr(config, "actor", "auto") == "deterministic" else ""
+    line = f"preset {name} ({', '.join(value(field) for field in PRESET_FIELDS)}{goal}{actor}): {reason}"
     return line if normalization is None else f"{line}; {describe_normalization(*normalization)}"
 
 
