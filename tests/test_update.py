@@ -24,9 +24,10 @@ def dataset(seed=0):
     return random_transitions(N, OBS, ACT, seed)
 
 
-def make_update(data=None, seed=1, actor_dropout=0.0, device="cpu", **kwargs):
+def make_update(data=None, seed=1, actor_dropout=0.0, device="cpu", actor_kind="gaussian", **kwargs):
     torch.manual_seed(seed)
-    loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16), actor_dropout=actor_dropout)).to(device)
+    loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16), actor_dropout=actor_dropout,
+                                      actor_kind=actor_kind)).to(device)
     kwargs.setdefault("compile_cache", default_cache_folder())  # the session's: a step compiled alike loads
     return loss, IQLUpdate(loss, data=data, **kwargs)
 
@@ -203,15 +204,17 @@ def test_cudagraphs_without_cuda_is_a_clear_error():
         make_update(mode="cudagraphs")
 
 
-@pytest.mark.parametrize("order, actor_dropout", [  # with dropout, fast: test_live_settings' train/eval test
-    ("paper", 0.0), *(pytest.param(*row, marks=pytest.mark.slow) for row in (("paper", 0.1), ("summed", 0.0)))])
-def test_compiled_step_matches_eager_after_several_steps(order, actor_dropout):
+@pytest.mark.parametrize("order, actor_dropout, actor_kind", [  # with dropout, fast: test_live_settings' train/eval test
+    ("paper", 0.0, "gaussian"), *(pytest.param(*row, marks=pytest.mark.slow) for row in (
+        ("paper", 0.1, "gaussian"), ("summed", 0.0, "gaussian"), ("paper", 0.0, "deterministic")))])
+def test_compiled_step_matches_eager_after_several_steps(order, actor_dropout, actor_kind):
     # tolerance: float32 reassociation in inductor's kernels; 1e-5 relative after 5 steps.
     # With dropout, both runs must draw the same masks from the same torch seed.
     data = dataset()
     stream = index_stream(5)
-    loss_e, eager = make_update(data, total_steps=5, order=order, actor_dropout=actor_dropout)
-    loss_c, compiled = make_update(data, total_steps=5, order=order, mode="compile", actor_dropout=actor_dropout)
+    loss_e, eager = make_update(data, total_steps=5, order=order, actor_dropout=actor_dropout, actor_kind=actor_kind)
+    loss_c, compiled = make_update(data, total_steps=5, order=order, mode="compile", actor_dropout=actor_dropout,
+                                   actor_kind=actor_kind)
     for seed, idx in enumerate(stream):
         torch.manual_seed(seed)
         eager(idx)
