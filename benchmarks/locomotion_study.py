@@ -39,6 +39,9 @@ def run_rows(run_dir: Path, state: dict | None = None) -> dict:
     summary = run_dir / "summary.json"  # a finished run's: its whole curve, the final evaluation included
     if summary.exists() and len(finished := json.loads(summary.read_text())["curve"]) > len(curve):
         curve = finished
+    if not curve:  # started, not evaluated yet: nothing to show
+        return {"run": run_dir.name, "dataset": config.dataset, "updates_done": state["step"], "updates": config.steps,
+                "rows": [], "setting": _setting_key(state["config"])}
     results = sweep_results(curve, config)  # per setting: final and best, mean ± std over its seeds
     reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
     rows = []
@@ -189,8 +192,13 @@ def main() -> int:
         print(f"locomotion_study: no checkpoint.pt, summary.json or curve.json in {', '.join(missing)}", file=sys.stderr)
         return 2
     plain = [run for run in args.runs if (run / "curve.json").exists()]
-    runs = merged_runs([run_rows(run) for run in args.runs if run not in plain]) + \
-        [plain_rows(group) for group in _plain_groups(plain)]
+    evaluated = []
+    for run in (run_rows(run) for run in args.runs if run not in plain):
+        if run["rows"]:
+            evaluated.append(run)
+        else:  # a run just started is left out, said so
+            print(f"locomotion_study: {run['run']} has no evaluation yet (update {run['updates_done']})", file=sys.stderr)
+    runs = merged_runs(evaluated) + [plain_rows(group) for group in _plain_groups(plain)]
     for run in runs:
         for row in run["rows"]:
             if len(row["steps"]) >= args.window:

@@ -147,6 +147,25 @@ def test_the_study_reads_a_finished_run_kept_without_its_checkpoint_from_its_sum
     assert (iql["temperature"], iql["final_mean"], iql["best_mean"]) == (3.0, 10.0, 30.0)
 
 
+def test_the_study_leaves_out_a_run_not_evaluated_yet_and_says_so(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    study = load_benchmark("locomotion_study")
+    summaries = {"new": [], "old": [{"step": 100, "normalized_score": 0.0,
+                                     "per_seed": [{"seed": 0, "normalized_score": 12.0, "return_mean": 0.0}]}]}
+    for name, curve in summaries.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"dataset": "d", "steps": 300, "seed": 0, "num_seeds": 1, "sweep": None, "temperature": 3.0,
+             "expectile": 0.7, "output_dir": name, "curve": curve}))
+    assert study.run_rows(tmp_path / "new")["rows"] == []
+    monkeypatch.setattr(sys, "argv", ["locomotion_study.py", str(tmp_path / "new"), str(tmp_path / "old")])
+    assert study.main() in (0, None)
+    out, err = capsys.readouterr()
+    assert "new has no evaluation yet" in err and "| old: " in out and "| new: " not in out
+
+
 def test_the_study_joins_runs_of_one_setting_that_differ_in_their_seeds_into_one_row(tmp_path):
     import json
     import statistics
