@@ -44,10 +44,13 @@ def run_rows(run_dir: Path, state: dict | None = None) -> dict:
                 "rows": [], "setting": _setting_key(state["config"])}
     results = sweep_results(curve, config)  # per setting: final and best, mean ± std over its seeds
     reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
+    # settings outside the sweep's that a run may change from the job's defaults
+    extra = "".join([", deterministic actor" if config.actor == "deterministic" else "",
+                     f", target rate {config.tau:g}" if config.tau != OfflineConfig.tau else ""])
     rows = []
     for setting in results["settings"]:
         own = [m["member"] for m in results["members"] if all(m[name] == setting[name] for name in SWEEPABLE)]
-        rows.append({**setting, "run": run_dir.name, "label": f"{run_dir.name}: {setting['label']}", "members": own,
+        rows.append({**setting, "run": run_dir.name, "label": f"{run_dir.name}: {setting['label']}{extra}", "members": own,
                      "reward_transform": reward, "normalize_observations": config.normalize_observations,
                      "steps": [point["step"] for point in curve],
                      "scores": [[point["per_seed"][m][results["score"]] for point in curve] for m in own]})
