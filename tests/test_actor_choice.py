@@ -94,7 +94,7 @@ def test_a_deterministic_actor_on_discrete_actions_is_refused_before_any_update(
     with pytest.raises(ConfigError, match="--actor deterministic: .*discrete actions"):
         train(OfflineConfig(dataset=cartpole, output_dir=tmp_path / "run", actor="deterministic",
                             **{**TINY, "steps": 20, "eval_every": 20}))
-    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written: the new run folder removed
 
 
 def test_fine_tuning_refuses_a_deterministic_actor_given_or_from_its_offline_run(deterministic_run, tiny_datasets,
