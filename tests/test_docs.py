@@ -3,12 +3,22 @@
 A block runs in a fresh folder (the datasets: the tests' tiny builds). Sizes a user would not wait for in a
 test are made small: ``10_000`` updates become 20. The export page's block reads the policy its commands
 write: those commands run first, the training one at small sizes.
+
+The bash blocks' commands each run in a process of their own, forked from a server that has imported torch and
+the package once (``multiprocessing``'s forkserver): the same script, arguments, folder and environment as the
+pasted command, without paying the imports again for each of them (a command of the study block would spend
+about half its time importing). A command that differs from one already run in its block only in ``--seed``
+and its output folder is not run again: its output folder gets a copy of the other's, for the commands that
+read it (the study's plots).
 """
+import multiprocessing
 import os
 import re
+import runpy
 import shlex
-import subprocess
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,8 +61,8 @@ def run_commands(block: str, cwd: Path) -> None:
         command = [sys.executable, *command[1:]]
         if command[1] == "examples/iql_offline.py":
             command = [command[0], str(ROOT / command[1]), *command[2:], *SMALL_RUN]
-        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-        assert result.returncode == 0, (line, result.stderr[-2000:])
+        code, output = run_python(command, cwd, os.environ, timeout=300)
+        assert code == 0, (line, output[-2000:])
 
 
 # ------------------------------------------------------------------ the docs' commands
@@ -107,6 +117,76 @@ def small(command: str, tmp_path: Path) -> list[str]:
     return args
 
 
+# ------------------------------------------------------------------ a process per command, imports paid once
+PRELOAD = ["torch", "torchrl", "tensordict", "gymnasium", "minari", "matplotlib.pyplot", "iql_torchrl",
+           "iql_torchrl.datasets", "iql_torchrl.jobs.cli", "iql_torchrl.runs.run", "iql_torchrl.runs.sweep"]
+_SERVER = None
+
+
+def _forkserver():
+    global _SERVER
+    if _SERVER is None:
+        _SERVER = multiprocessing.get_context("forkserver")
+        _SERVER.set_forkserver_preload(PRELOAD)
+    return _SERVER
+
+
+def _run_as_main(args: list[str], cwd: str, env: dict, log: str) -> None:
+    """In the forked process: ``python ARGS`` as the interpreter would run it, output to ``log``."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    with open(log, "w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    code = 0
+    try:
+        if args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(args)
+            sys.path.insert(0, str(Path(args[0]).parent))
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_python(args: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str]:
+    """``args`` (``[sys.executable, ...]``) run in a fresh process forked from the preloaded server:
+    its exit code and its output (stdout and stderr together)."""
+    assert args[0] == sys.executable, args
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        process = _forkserver().Process(target=_run_as_main, args=(args[1:], str(cwd), dict(env), log.name))
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            return -9, f"timed out after {timeout} s\n" + log.read()
+        return process.exitcode, log.read()
+
+
+def seed_or_folder_only(command: str) -> str:
+    """The command with the values of ``--seed`` (a number) and its output folder left out."""
+    return re.sub(r"(--seed) \d+|(--output-dir|--out) \S+", lambda m: f"{m.group(1) or m.group(2)} _", command)
+
+
+def output_folder(command: str) -> str | None:
+    found = re.search(r"(?:--output-dir|--out) (\S+)", command)
+    return found and found.group(1)
+
+
 BASH_BLOCKS = [(page.name, i, block) for page in PAGES for i, block in enumerate(blocks(page, "bash"))]
 
 
@@ -117,20 +197,48 @@ def test_bash_blocks_run(page, index, block, tmp_path):
     # folder (a command builds what it needs, as on a user's first run), at small sizes
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
     if OFFLINE_RUN in block:
-        subprocess.run([sys.executable, str(ROOT / "examples" / "iql_offline.py"), "--output-dir",
-                        str(tmp_path / "offline-run"), *SMALL_RUN], cwd=tmp_path, check=True, capture_output=True,
-                       timeout=300, env=env)
-    built = set()
+        offline = [sys.executable, str(ROOT / "examples" / "iql_offline.py"), "--output-dir",
+                   str(tmp_path / "offline-run"), *SMALL_RUN]
+        code, output = run_python(offline, tmp_path, env, timeout=300)
+        assert code == 0, (offline, output[-3000:])
+    built, ran = set(), {}
     for command in shell_commands(block):
+        twin = ran.get(seed_or_folder_only(command))
+        if twin is not None:
+            if output_folder(twin) and (tmp_path / output_folder(twin)).is_dir():
+                shutil.copytree(tmp_path / output_folder(twin), tmp_path / output_folder(command))
+            continue
+        ran[seed_or_folder_only(command)] = command
         for dataset in re.findall(r"--dataset (iql_torchrl/(?:hopper|walker2d|halfcheetah|pointmaze)/\S+)", command):
             # a locomotion or maze set of 4 episodes first (once a block): the command would build its full set
             if dataset not in built:
-                subprocess.run([sys.executable, "-m", "iql_torchrl.datasets", "build", dataset, "--episodes", "4"],
-                               cwd=tmp_path, check=True, capture_output=True, timeout=300, env=env)
+                build = [sys.executable, "-m", "iql_torchrl.datasets", "build", dataset, "--episodes", "4"]
+                code, output = run_python(build, tmp_path, env, timeout=300)
+                assert code == 0, (build, output[-3000:])
                 built.add(dataset)
         args = small(command, tmp_path)
-        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, (command, args, result.stderr[-3000:])
+        code, output = run_python(args, tmp_path, env, timeout=600)
+        assert code == 0, (command, args, output[-3000:])
+
+
+@pytest.mark.slow  # as the tests that run commands so
+def test_a_command_run_in_a_forked_process_fails_and_reports_as_the_interpreter_would(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("import os, sys\nprint('args', sys.argv[1:], os.getcwd(), os.environ['MARK'])\n"
+                      "sys.exit(int(sys.argv[1]))\n")
+    env = {**os.environ, "MARK": "here"}
+    assert run_python([sys.executable, str(script), "0"], tmp_path, env, 60) == (
+        0, f"args ['0'] {tmp_path} here\n")
+    code, output = run_python([sys.executable, str(script), "3"], tmp_path, env, 60)
+    assert code == 3
+    code, output = run_python([sys.executable, "-m", "iql_torchrl.datasets", "build", "no/such-v0"], tmp_path, env, 60)
+    assert code != 0 and "no/such-v0" in output
+    script.write_text("raise ValueError('a clear message')\n")
+    code, output = run_python([sys.executable, str(script)], tmp_path, env, 60)
+    assert code == 1 and "ValueError: a clear message" in output
+    assert seed_or_folder_only("python x.py --seed 3 --steps 9 --output-dir runs/a") == (
+        "python x.py --seed _ --steps 9 --output-dir _")
+    assert seed_or_folder_only("python x.py --seed 3 --out a") != seed_or_folder_only("python x.py --out a --steps 2")
 
 
 def test_the_commands_are_made_small_as_the_test_says():
