@@ -90,11 +90,20 @@ def test_a_deterministic_run_s_saved_evaluated_and_exported_policy_scores_what_t
     assert other["returns"] != report["returns"]
 
 
-def test_a_deterministic_actor_on_discrete_actions_is_refused_before_any_update(cartpole, tmp_path):  # noqa: F811
-    with pytest.raises(ConfigError, match="--actor deterministic: .*discrete actions"):
-        train(OfflineConfig(dataset=cartpole, output_dir=tmp_path / "run", actor="deterministic",
-                            **{**TINY, "steps": 20, "eval_every": 20}))
-    assert not (tmp_path / "run").exists()  # nothing trained, nothing written: the new run folder removed
+def test_a_deterministic_actor_on_discrete_actions_is_refused_before_any_update(cartpole, cartpole_root,  # noqa: F811
+                                                                                   tmp_path, capsys, monkeypatch):
+    # a built set (its action space read) and a builder's set not built yet (its environment's): refused before
+    # the run says anything about itself (its preset line), writes a folder or builds the data
+    empty_root = tmp_path / "no datasets"
+    empty_root.mkdir()
+    for dataset, root in ((cartpole, cartpole_root), ("iql_torchrl/mountain-car/mixed-v0", empty_root)):
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+        with pytest.raises(ConfigError, match="--actor deterministic: .*discrete actions"):
+            train(OfflineConfig(dataset=dataset, output_dir=tmp_path / "run", actor="deterministic",
+                                **{**TINY, "steps": 20, "eval_every": 20}))
+        assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+        assert "preset" not in capsys.readouterr().err
+    assert not any(empty_root.iterdir())  # the set was not built
 
 
 def test_fine_tuning_refuses_a_deterministic_actor_given_or_from_its_offline_run(deterministic_run, tiny_datasets,

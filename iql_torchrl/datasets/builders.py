@@ -314,6 +314,19 @@ def dataset_exists(dataset_id: str) -> bool:
     return (_datasets_root() / dataset_id / "data").exists()
 
 
+def discrete_actions(dataset_id: str) -> bool | None:
+    """Whether a dataset's actions are discrete, read without building or downloading it: from the local
+    dataset's action space, or a builder's environment (``None``: known only once the data is there)."""
+    from iql_torchrl.datasets.environments import env_action_space
+
+    if dataset_exists(dataset_id):
+        import minari
+
+        return isinstance(minari.load_dataset(dataset_id).action_space, gym.spaces.Discrete)
+    space = env_action_space(getattr(BUILDERS.get(dataset_id), "env_id", None))
+    return None if space is None else isinstance(space, gym.spaces.Discrete)
+
+
 @contextlib.contextmanager
 def _minari_root(path: Path):
     """Point Minari at another datasets root for the duration of the block."""

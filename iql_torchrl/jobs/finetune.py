@@ -41,8 +41,7 @@ from torchrl.collectors import Collector
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
 from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
-from iql_torchrl.datasets.environments import env_action_space
-from iql_torchrl.datasets import BUILDERS, dataset_exists
+from iql_torchrl.datasets import discrete_actions
 from iql_torchrl.runs.evaluation import reference_scores_problem
 from iql_torchrl.jobs.online import (
     episode_states,
@@ -124,19 +123,6 @@ DETERMINISTIC_REFUSAL = ("{source}: fine-tuning explores by sampling the policy,
                          "sample; fine-tune a Gaussian actor (--actor gaussian, the default).")
 DISCRETE_REFUSAL = ("--dataset {dataset} has discrete actions: fine-tuning on discrete actions is not supported yet; "
                     "train offline with examples/iql_offline.py.")
-
-
-def discrete_actions(dataset_id: str) -> bool | None:
-    """Whether a dataset's actions are discrete, read without building or downloading it: from the local
-    dataset's action space, or a builder's environment (``None``: known only once the data is there)."""
-    import gymnasium as gym
-
-    if dataset_exists(dataset_id):
-        import minari
-
-        return isinstance(minari.load_dataset(dataset_id).action_space, gym.spaces.Discrete)
-    space = env_action_space(getattr(BUILDERS.get(dataset_id), "env_id", None))
-    return None if space is None else isinstance(space, gym.spaces.Discrete)
 
 
 def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:

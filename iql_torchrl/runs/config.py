@@ -322,10 +322,15 @@ class RunConfig:
     def actor_kind(self, metadata) -> str:
         """The actor :func:`~iql_torchrl.make_iql_networks` builds for data described by ``metadata``; :class:`ConfigError`
         for ``--actor deterministic`` on discrete actions."""
-        if self.actor == "deterministic" and metadata.discrete:
+        self.check_actor(metadata.discrete)
+        return "deterministic" if self.actor == "deterministic" else metadata.actor_kind
+
+    def check_actor(self, discrete: bool | None) -> None:
+        """:class:`ConfigError` for ``--actor deterministic`` on discrete actions (``discrete``: whether the data's
+        actions are, ``None`` while that is not known)."""
+        if self.actor == "deterministic" and discrete:
             raise ConfigError(f"--actor deterministic: {self.dataset} has discrete actions, which take a categorical "
                               "actor; leave out --actor.")
-        return "deterministic" if self.actor == "deterministic" else metadata.actor_kind
 
     def goal_in_observation(self) -> bool | None:
         """``--goal-input`` as the data loader's ``goal_in_observation`` (``None``: the dataset's choice)."""

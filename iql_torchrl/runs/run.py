@@ -35,6 +35,7 @@ import torch
 
 import iql_torchrl
 from iql_torchrl.data import buffer_transitions
+from iql_torchrl.datasets import discrete_actions
 from iql_torchrl.runs.allocator import keep_freed_memory
 from iql_torchrl.runs.checkpoint import (
     CHECKPOINT_NAME,
@@ -113,6 +114,8 @@ class Run:
         """
         given = given_fields(config) | set(given or ())
         config.check()
+        if config.actor == "deterministic":  # refused before any line about the run where the data tells already
+            config.check_actor(discrete_actions(config.dataset))
         preset_reason = preset_reason or preset_choice(config)[1]
         normalization_reason = (sources or {}).get("normalize_observations") or normalization_choice(config)[1]
         folder = failure = None
