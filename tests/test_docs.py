@@ -113,7 +113,7 @@ def small(command: str, tmp_path: Path) -> list[str]:
     elif words[1:4] == ["-m", "iql_torchrl.datasets", "build"]:
         args += ["--episodes", "4"]
     elif words[1:4] == ["-m", "iql_torchrl.datasets", "train-behaviour"]:
-        args += ["--frames", "300", "--warmup-frames", "100", "--snapshot-every", "100"]
+        args += ["--frames", "300", "--warmup-frames", "100", "--snapshot-every", "100", "--frames-per-batch", "100"]
     return args
 
 

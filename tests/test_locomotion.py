@@ -208,7 +208,7 @@ def test_the_command_stops_on_sigterm_with_a_checkpoint(tmp_path):
     import time
 
     command = [sys.executable, "-m", "iql_torchrl.datasets", "train-behaviour", "hopper", str(tmp_path), "--frames",
-               "100000", "--warmup-frames", "100", "--snapshot-every", "100"]
+               "100000", "--warmup-frames", "100", "--snapshot-every", "100", "--frames-per-batch", "100"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
         time.sleep(0.5)  # the first snapshot: training is under way
@@ -217,6 +217,19 @@ def test_the_command_stops_on_sigterm_with_a_checkpoint(tmp_path):
     assert process.returncode == 130 and "keeps a checkpoint: run the same command to go on" in err
     frames = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["frames"]
     assert frames >= 100 and (tmp_path / "buffer-frames").read_text().strip() == str(frames)
+
+
+def test_snapshots_between_batches_only_a_snapshot_interval_across_a_batch_is_refused_before_any_work(tmp_path,
+                                                                                                      capsys):
+    from iql_torchrl.datasets.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train-behaviour", "hopper", str(tmp_path / "sac"), "--snapshot-every", "150", "--frames-per-batch", "100"])
+    assert stopped.value.code == 2 and not (tmp_path / "sac").exists()
+    assert "snapshot_every=150 (--snapshot-every) is not a multiple of frames_per_batch=100" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="checkpoint_every=250 is not a multiple of frames_per_batch=100"):
+        SACSettings(frames_per_batch=100, snapshot_every=200, checkpoint_every=250)
+    SACSettings(frames_per_batch=100, snapshot_every=200, checkpoint_every=300)  # multiples: taken
 
 
 @pytest.mark.parametrize("task, expert_mean, expert_episode", [("hopper", 3000, 2500), ("walker2d", 4000, 3500),

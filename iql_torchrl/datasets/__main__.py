@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--warmup-frames", type=_at_least(1), default=SACSettings.warmup_frames,
                        help=f"uniform-random frames before the first update (default {SACSettings.warmup_frames})")
     train.add_argument("--snapshot-every", type=_at_least(1), default=SACSettings.snapshot_every,
-                       help=f"frames between two snapshots (default {SACSettings.snapshot_every})")
+                       help=f"frames between two snapshots, a multiple of --frames-per-batch (default "
+                            f"{SACSettings.snapshot_every})")
+    train.add_argument("--frames-per-batch", type=_at_least(1), default=SACSettings.frames_per_batch,
+                       help="frames collected between two rounds of updates, one update a frame (default "
+                            f"{SACSettings.frames_per_batch})")
     keep = commands.add_parser("keep-policies", help="keep a training folder's medium, expert and medium-replay "
                                "snapshots in the package, for the locomotion datasets")
     keep.add_argument("environment", choices=sorted(ENVIRONMENTS), help="the locomotion task")
@@ -144,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         return _list()
     if args.command == "train-behaviour":
+        try:
+            settings = SACSettings(frames=args.frames, seed=args.seed, warmup_frames=args.warmup_frames,
+                                   snapshot_every=args.snapshot_every, frames_per_batch=args.frames_per_batch)
+        except ValueError as error:
+            parser.error(str(error))
         stop = _stop_requests()
-        train_behaviour(args.environment, args.folder, SACSettings(
-            frames=args.frames, seed=args.seed, warmup_frames=args.warmup_frames, snapshot_every=args.snapshot_every),
-            stop=stop.is_set)
+        train_behaviour(args.environment, args.folder, settings, stop=stop.is_set)
         if stop.is_set():
             print(f"stopped; {args.folder} keeps a checkpoint: run the same command to go on", file=sys.stderr)
             return 130

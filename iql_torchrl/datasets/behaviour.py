@@ -50,6 +50,15 @@ class SACSettings:
     checkpoint_every: int = 50_000
     seed: int = 0
 
+    def __post_init__(self):
+        # snapshots and checkpoints are taken between a batch's updates and the next batch
+        for name, flag in (("snapshot_every", "--snapshot-every"), ("checkpoint_every", None)):
+            every = getattr(self, name)
+            if self.frames_per_batch < 1 or every % self.frames_per_batch:
+                raise ValueError(f"{name}={every}{f' ({flag})' if flag else ''} is not a multiple of frames_per_batch="
+                                 f"{self.frames_per_batch} (--frames-per-batch): a snapshot or checkpoint is taken "
+                                 "after a whole batch; make it one.")
+
 
 @dataclass(frozen=True)
 class Snapshot:
