@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from synthetic import random_transitions
-import test_live_settings as live
 
 from iql_torchrl import IQLLoss, StepMismatch, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
@@ -123,9 +122,12 @@ def test_with_fall_back_the_mismatched_update_is_the_eager_step_s_and_the_step_r
 
 
 def test_a_correct_compiled_step_passes_its_checks_and_trains_bitwise_as_if_unchecked():
-    # the live-settings tests' compiled step (built alike, it is compiled once for both files: the session's cache)
-    (checked_loss, checked), (unchecked_loss, unchecked) = live.build("compile"), live.build("compile", eager_checks=0)
-    for idx in map(live.indices, range(5)):
+    data = random_transitions(N, OBS, ACT)
+    stream = indices(5)
+    checked_loss, unchecked_loss = make_loss(), make_loss()
+    checked = compiled(IQLUpdate, checked_loss, data=data, total_steps=5)
+    unchecked = compiled(IQLUpdate, unchecked_loss, data=data, total_steps=5, eager_checks=0)
+    for idx in stream:
         a, b = checked(idx), unchecked(idx)
         assert all(torch.equal(a[k], b[k]) for k in a.keys())
     for (key, a), b in zip(params(checked_loss).items(), params(unchecked_loss).values()):
