@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -118,6 +119,30 @@ def test_the_key_follows_every_setting():
         torch.set_num_threads(threads)
 
 
+def test_the_key_follows_the_code_a_step_traces_beyond_the_step_itself(monkeypatch):
+    # the loss's equations (a module of the package outside step/) and TorchRL's and tensordict's code: an upgrade
+    # of any of them must not load a step compiled from the old code
+    import importlib.metadata
+
+    import iql_torchrl.objectives.equations as equations
+    import iql_torchrl.step.compile_cache as compile_cache
+
+    base = {"tau": 0.005, "signature": "(256, 3)"}
+    key = entry_key(base)
+    changed, read_bytes = Path(equations.__file__).resolve(), Path.read_bytes
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "read_bytes", lambda path: read_bytes(path) + (b"# edited" if path.resolve() == changed else b""))
+        assert entry_key(base) != key
+    version = importlib.metadata.version
+    for upgraded in ("torchrl", "tensordict", "torch"):
+        with monkeypatch.context() as patch:
+            patch.setattr(compile_cache.importlib.metadata, "version",
+                          lambda name: version(name) + ".post1" if name == upgraded else version(name))
+            patch.setattr(torch, "__version__", torch.__version__ + (".post1" if upgraded == "torch" else ""))
+            assert entry_key(base) != key, upgraded
+    assert entry_key(base) == key
+
+
 def test_a_process_on_other_vector_instructions_gets_its_own_entry():
     # inductor generates C++ for the vector width torch's kernels use (ATEN_CPU_CAPABILITY), and code made for one
     # width computes wrong values compiled for another: processes of two widths sharing a folder keep two entries
@@ -155,9 +180,6 @@ def _loss(seed: int = 0):
 
 
 def _batch():
-    import sys
-    from pathlib import Path
-
     sys.path.insert(0, str(Path(__file__).parent))
     from synthetic import random_transitions
 

@@ -6,8 +6,8 @@ Python values its trace baked in (:mod:`iql_torchrl.step.baked`), so an entry is
 cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
 kept beside the entries (created on first use, readable by its owner only); its name is a hash of
 everything the compiled graph bakes in (the caller's description of the step and its call
-signature, plus torch's and this package's versions and sources, the Python version, the CPU's
-instruction set and torch's thread count). A truncated, corrupt, foreign or unloadable entry is
+signature, plus torch's, TorchRL's and tensordict's versions, this package's sources, the Python version,
+the CPU's instruction set and torch's thread count). A truncated, corrupt, foreign or unloadable entry is
 removed, with a warning, and the step is compiled anew: the cache never decides a result, it only
 saves time.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import importlib.metadata
 import inspect
 import io
 import json
@@ -38,7 +39,7 @@ _SUFFIX = ".step"
 _KEY_FILE = "secret.key"
 _MAC_BYTES = 32
 _HEADER_BYTES = 8  # the JSON header's length
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the whole package: a step traces the loss's and networks' code too
 
 
 def default_cache_folder() -> Path | None:
@@ -58,11 +59,20 @@ def _package_sources() -> str:
     return digest.hexdigest()
 
 
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def entry_key(description: dict) -> str:
     """The entry's name: a hash of ``description`` (JSON-able; ``str`` of anything else) and the
     environment a compiled step depends on."""
     environment = {
         "torch": torch.__version__,
+        "torchrl": _version("torchrl"),  # its value estimators, distributions and modules are traced into the step
+        "tensordict": _version("tensordict"),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu": torch.backends.cpu.get_cpu_capability(),
