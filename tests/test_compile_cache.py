@@ -22,13 +22,13 @@ class FakeCompiled:
         self.payload = payload
 
     @classmethod
-    def serialize(cls, fn):
+    def serialize(cls, fn, external_data=None):
         return SimpleNamespace(serialized_data=fn.payload)
 
 
 def loaded_payloads(monkeypatch):
     seen = []
-    monkeypatch.setattr("torch.compiler.load_compiled_function", lambda f, f_globals: seen.append(f.read()) or "step")
+    monkeypatch.setattr("torch.compiler.load_compiled_function", lambda f, f_globals, external_data: seen.append(f.read()) or "step")
     return seen
 
 
@@ -62,7 +62,7 @@ def test_a_damaged_or_foreign_entry_is_removed_not_loaded(tmp_path, monkeypatch,
 
 
 def test_an_entry_torch_cannot_load_is_removed(tmp_path, monkeypatch):
-    def refuse(f, f_globals):
+    def refuse(f, f_globals, external_data):
         raise RuntimeError("incompatible")
     monkeypatch.setattr("torch.compiler.load_compiled_function", refuse)
     cache = CompiledStepCache(tmp_path)
@@ -170,12 +170,17 @@ def test_the_folder_follows_the_environment(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------ with IQLUpdate: compiled steps across runs
 def _loss(seed: int = 0):
+    # the value network as a user composes one: TorchRL's MLP inside a Sequential of their own (dynamo's code
+    # around such a graph holds tensordict.utils' globals, which pickle alone refuses)
     import torch
+    from torchrl.modules import MLP, ValueOperator
 
     from iql_torchrl import IQLLoss, make_iql_networks
 
     torch.manual_seed(seed)
-    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(16,))
+    actor, critics, _ = make_iql_networks(3, 2, hidden_sizes=(16,))
+    value = ValueOperator(torch.nn.Sequential(MLP(in_features=3, out_features=1, num_cells=[16]), torch.nn.Identity()),
+                          in_keys=["observation"])
     return IQLLoss(actor, critics, value)
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import secrets
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -160,7 +161,8 @@ class CompiledStepCache:
             header = json.loads(payload[_HEADER_BYTES:_HEADER_BYTES + header_size])
             step_bytes = payload[_HEADER_BYTES + header_size:]
             with _torch_s_own_vmap_helpers():
-                step = torch.compiler.load_compiled_function(io.BytesIO(step_bytes), f_globals=f_globals)
+                step = torch.compiler.load_compiled_function(io.BytesIO(step_bytes), f_globals=f_globals,
+                                                             external_data=_module_namespaces())
             return step, header["reads"], header["values"]
         except Exception as error:  # an experimental torch API: any failure means compile anew
             return self._discard(path, f"torch could not load it ({type(error).__name__}: {error})")
@@ -171,7 +173,7 @@ class CompiledStepCache:
         try:
             header = json.dumps({"reads": reads, "values": values}).encode()
             with _torch_s_own_vmap_helpers():
-                step_bytes = type(compiled).serialize(compiled).serialized_data
+                step_bytes = type(compiled).serialize(compiled, external_data=_module_namespaces()).serialized_data
             payload = len(header).to_bytes(_HEADER_BYTES, "big") + header + step_bytes
             secret = self._secret(create=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".entry.", suffix=".tmp")
@@ -212,6 +214,18 @@ class CompiledStepCache:
                       "compiled anew.", stacklevel=3)
         path.unlink(missing_ok=True)
         return None
+
+
+def _module_namespaces() -> dict[str, dict]:
+    """Every imported module's namespace, by the module's name: what a compiled step refers to of them is
+    stored as that name and found again by it on loading (torch's ``external_data``).
+
+    Dynamo's code around the graph may hold a module's globals (e.g. tensordict.utils' when a network nests a
+    TorchRL ``MLP`` in a ``Sequential``), and those hold objects pickle refuses (a logging handler's lock); a
+    module missing from a later process makes its load fail, and the step is compiled anew.
+    """
+    return {f"module-namespace:{name}": vars(module) for name, module in list(sys.modules.items())
+            if module is not None}
 
 
 @contextlib.contextmanager
