@@ -94,8 +94,8 @@ def describe_objects(*objects, ignore: tuple[str, ...] = ()) -> list:
     that are plain Python values (numbers, strings, flags, tuples of them); tensors are left to the
     call signature. A custom network with a constant in its ``forward`` changes the key when its
     source file or that constant changes; code it calls in other files of the user's does not (the eager
-    check of a loaded step's first calls is what would see that changed). ``ignore``: attributes of ``objects`` themselves that only
-    Python reads around the step."""
+    check of a loaded step's first calls is what would see that changed). ``ignore``: attributes of
+    ``objects`` themselves that only Python reads around the step."""
     out, seen, roots = [], set(), {id(obj) for obj in objects}
 
     def visit(obj, path: str) -> None:
