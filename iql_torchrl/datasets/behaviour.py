@@ -52,12 +52,14 @@ class SACSettings:
 
     def __post_init__(self):
         # snapshots and checkpoints are taken between a batch's updates and the next batch
+        if self.frames_per_batch < 1:
+            raise ValueError(f"frames_per_batch={self.frames_per_batch} (--frames-per-batch) must be at least 1.")
         for name, flag in (("snapshot_every", "--snapshot-every"), ("checkpoint_every", None)):
             every = getattr(self, name)
-            if self.frames_per_batch < 1 or every % self.frames_per_batch:
+            if every % self.frames_per_batch:
                 raise ValueError(f"{name}={every}{f' ({flag})' if flag else ''} is not a multiple of frames_per_batch="
                                  f"{self.frames_per_batch} (--frames-per-batch): a snapshot or checkpoint is taken "
-                                 "after a whole batch; make it one.")
+                                 "after a whole batch; make it a multiple.")
 
 
 @dataclass(frozen=True)
