@@ -149,9 +149,11 @@ def _run_as_main(args: list[str], cwd: str, env: dict, log: str) -> None:
             sys.path.insert(0, str(Path(args[0]).parent))
             runpy.run_path(args[0], run_name="__main__")
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if not isinstance(stop.code, (int, type(None))):
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:  # sys.exit("a message"): printed, status 1, as the interpreter does
             print(stop.code, file=sys.stderr)
+            code = 1
     except BaseException:
         import traceback
 
@@ -233,6 +235,8 @@ def test_a_command_run_in_a_forked_process_fails_and_reports_as_the_interpreter_
     assert code == 3
     code, output = run_python([sys.executable, "-m", "iql_torchrl.datasets", "build", "no/such-v0"], tmp_path, env, 60)
     assert code != 0 and "no/such-v0" in output
+    script.write_text("import sys\nsys.exit('stopped: a message')\n")
+    assert run_python([sys.executable, str(script)], tmp_path, env, 60) == (1, "stopped: a message\n")
     script.write_text("raise ValueError('a clear message')\n")
     code, output = run_python([sys.executable, str(script)], tmp_path, env, 60)
     assert code == 1 and "ValueError: a clear message" in output
