@@ -25,6 +25,9 @@ class FakeCompiled:
     def serialize(cls, fn, external_data=None):
         return SimpleNamespace(serialized_data=fn.payload)
 
+    def source_info(self):
+        return SimpleNamespace(inlined_sources=set())
+
 
 def loaded_payloads(monkeypatch):
     seen = []
@@ -319,3 +322,51 @@ def test_vmapped_seeds_are_cached_and_a_second_run_trains_as_eager_from_the_entr
     assert loaded.compilations == 1
     for p, q in zip(loaded_loss.parameters(), eager_loss.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_step_whose_network_calls_code_in_another_file_is_compiled_anew_once_that_file_changed(tmp_path, monkeypatch):
+    # the user's value network ends in a layer of theirs whose forward calls a helper from another of their files;
+    # that file is edited between two runs (the network's class and its own file stay as they were)
+    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
+        pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
+    import importlib
+
+    from torchrl.modules import ValueOperator
+
+    from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helper = tmp_path / "user_value_helpers.py"
+    helper.write_text("def shift(x):\n    return x + 5.0\n")
+    import user_value_helpers
+
+    class Shifted(torch.nn.Module):
+        def forward(self, x):
+            return user_value_helpers.shift(x)
+
+    def loss():
+        torch.manual_seed(0)
+        actor, critics, _ = make_iql_networks(3, 2, hidden_sizes=(16,))
+        net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1), Shifted())
+        return IQLLoss(actor, critics, ValueOperator(net, in_keys=["observation"]))
+
+    def trained(mode):
+        trained_loss = loss()
+        update = IQLUpdate(trained_loss, mode=mode, compile_cache=tmp_path / "cache", eager_checks=0)
+        for _ in range(3):
+            update(_batch())
+        return trained_loss
+
+    trained("compile")  # the first run: compiled and stored
+    assert len(list((tmp_path / "cache").glob("*.step"))) == 1
+    before = trained("eager")
+    helper.write_text("def shift(x):\n    return x - 5.0\n")
+    importlib.reload(user_value_helpers)
+    # the second run (no eager check to stop a stale step): the step traced from the old helper is not loaded
+    after, expected = trained("compile"), trained("eager")
+    for p, q in zip(after.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # the wrong variant: the old helper's step trains elsewhere
+    assert any(not torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(before.parameters(), expected.parameters()))
+

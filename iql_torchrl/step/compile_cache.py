@@ -7,7 +7,9 @@ cache wrote it. Each file carries an HMAC-SHA256 of its bytes under a secret key
 kept beside the entries (created on first use, readable by its owner only); its name is a hash of
 everything the compiled graph bakes in (the caller's description of the step and its call
 signature, plus torch's, TorchRL's and tensordict's versions, this package's sources, the Python version,
-the CPU's instruction set and torch's thread count). A truncated, corrupt, foreign or unloadable entry is
+the CPU's instruction set and torch's thread count). The header also holds a hash of each source file whose
+code the trace went through (a network's helper in a file of the user's, TorchRL's modules, torch's): an
+entry whose files have changed since is compiled anew. A truncated, corrupt, foreign or unloadable entry is
 removed, with a warning, and the step is compiled anew: the cache never decides a result, it only
 saves time.
 
@@ -93,9 +95,9 @@ def describe_objects(*objects, ignore: tuple[str, ...] = ()) -> list:
     keeps its networks so), its class, a hash of the file that defines the class, and its attributes
     that are plain Python values (numbers, strings, flags, tuples of them); tensors are left to the
     call signature. A custom network with a constant in its ``forward`` changes the key when its
-    source file or that constant changes; code it calls in other files of the user's does not (the eager
-    check of a loaded step's first calls is what would see that changed). ``ignore``: attributes of
-    ``objects`` themselves that only Python reads around the step."""
+    source file or that constant changes (code it calls in other files is checked on loading:
+    :meth:`CompiledStepCache.load`). ``ignore``: attributes of ``objects`` themselves that only Python
+    reads around the step."""
     out, seen, roots = [], set(), {id(obj) for obj in objects}
 
     def visit(obj, path: str) -> None:
@@ -147,7 +149,8 @@ class CompiledStepCache:
 
     def load(self, key: str, f_globals: dict) -> tuple[Callable, list, list] | None:
         """The compiled step stored under ``key`` with the reads and values it baked in (as given to
-        :meth:`store`), or ``None`` (absent, or removed as untrustworthy)."""
+        :meth:`store`), or ``None`` (absent, traced from source files that have changed since, or removed as
+        untrustworthy)."""
         path = self.path(key)
         try:
             data = path.read_bytes()
@@ -160,6 +163,8 @@ class CompiledStepCache:
         try:
             header_size = int.from_bytes(payload[:_HEADER_BYTES], "big")
             header = json.loads(payload[_HEADER_BYTES:_HEADER_BYTES + header_size])
+            if any(_file_hash(name) != digest for name, digest in header["traced"].items()):
+                return None  # compiled anew, and stored over this entry
             step_bytes = payload[_HEADER_BYTES + header_size:]
             with _torch_s_own_vmap_helpers():
                 step = torch.compiler.load_compiled_function(io.BytesIO(step_bytes), f_globals=f_globals,
@@ -172,7 +177,7 @@ class CompiledStepCache:
         """Writes ``compiled`` (an ``AOTCompiledFunction``) under ``key`` atomically, with the ``reads`` and
         ``values`` it baked in (JSON-able); a failure only warns."""
         try:
-            header = json.dumps({"reads": reads, "values": values}).encode()
+            header = json.dumps({"reads": reads, "values": values, "traced": _traced_files(compiled)}).encode()
             with _torch_s_own_vmap_helpers():
                 step_bytes = type(compiled).serialize(compiled, external_data=_module_namespaces()).serialized_data
             payload = len(header).to_bytes(_HEADER_BYTES, "big") + header + step_bytes
@@ -214,6 +219,20 @@ class CompiledStepCache:
         warnings.warn(f"Ignoring the cached compiled step {path.name}: {why}. It is removed and the step "
                       "compiled anew.", stacklevel=3)
         path.unlink(missing_ok=True)
+        return None
+
+
+def _traced_files(compiled) -> dict[str, str | None]:
+    """The modules whose code the trace of ``compiled`` went through, each with a hash of its source file."""
+    modules = {source.module for source in compiled.source_info().inlined_sources}
+    return {name: _file_hash(name) for name in sorted(modules)}
+
+
+def _file_hash(module_name: str) -> str | None:
+    """A hash of the source file of the module imported as ``module_name`` (``None``: not imported, or no file)."""
+    try:
+        return hashlib.sha256(Path(sys.modules[module_name].__file__).read_bytes()).hexdigest()
+    except (KeyError, AttributeError, TypeError, OSError):
         return None
 
 
