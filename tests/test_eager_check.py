@@ -12,7 +12,6 @@ import re
 import pytest
 import torch
 
-import test_live_settings as live
 from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, StepMismatch, make_iql_networks
@@ -123,10 +122,15 @@ def test_with_fall_back_the_mismatched_update_is_the_eager_step_s_and_the_step_r
 
 
 def test_a_correct_compiled_step_passes_its_checks_and_trains_bitwise_as_if_unchecked():
-    # the live-settings tests' compiled step: the session compiles it once for both files
-    (checked_loss, checked), (unchecked_loss, unchecked) = live.build("compile"), live.build("compile", eager_checks=0)
-    for step in range(5):
-        a, b = checked(live.indices(step)), unchecked(live.indices(step))
+    # built as test_update's fast several-steps row builds its step (16×16, 512 transitions, 5 steps): the
+    # session compiles it once for both
+    data = random_transitions(N, OBS, ACT)
+    stream = indices(5)
+    checked_loss, unchecked_loss = make_loss(), make_loss()
+    checked = compiled(IQLUpdate, checked_loss, data=data, total_steps=5)
+    unchecked = compiled(IQLUpdate, unchecked_loss, data=data, total_steps=5, eager_checks=0)
+    for idx in stream:
+        a, b = checked(idx), unchecked(idx)
         assert all(torch.equal(a[k], b[k]) for k in a.keys())
     for (key, a), b in zip(params(checked_loss).items(), params(unchecked_loss).values()):
         assert torch.equal(a, b), key

@@ -93,7 +93,7 @@ def _template(loss):
 
 
 def build(mode, *, seeds=False, discrete=False, cache=None, actor_dropout=0.0, total_steps=10, guarded=False,
-          precision="fp32", **kwargs):
+          precision="fp32"):
     data = discrete_data() if discrete else dataset()
     if seeds:
         loss = SeedEnsemble([make_loss(seed, discrete, actor_dropout) for seed in range(1, SEEDS + 1)])
@@ -103,7 +103,7 @@ def build(mode, *, seeds=False, discrete=False, cache=None, actor_dropout=0.0, t
     hook = (lambda grads: grads) if guarded else None
     cache = default_cache_folder() if cache is None else cache  # the session's: a step compiled alike loads
     return loss, IQLUpdate(loss, data=data, total_steps=total_steps, mode=mode, compile_cache=cache, grad_hook=hook,
-                           precision=precision, bf16_min_features=BF16_MIN_FEATURES, **kwargs)
+                           precision=precision, bf16_min_features=BF16_MIN_FEATURES)
 
 
 def indices(step, seeds=False):
