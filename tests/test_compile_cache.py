@@ -16,17 +16,17 @@ from iql_torchrl.step.wiring import compiled_step_description
 
 
 class FakeCompiled:
-    """Stands for an AOTCompiledFunction: what store() serialises."""
+    """Stands for an AOTCompiledFunction: what store() serialises, and the modules its trace went through."""
 
-    def __init__(self, payload: bytes):
-        self.payload = payload
+    def __init__(self, payload: bytes, traced_modules=()):
+        self.payload, self.traced_modules = payload, traced_modules
 
     @classmethod
     def serialize(cls, fn, external_data=None):
         return SimpleNamespace(serialized_data=fn.payload)
 
     def source_info(self):
-        return SimpleNamespace(inlined_sources=set())
+        return SimpleNamespace(inlined_sources=[SimpleNamespace(module=name) for name in self.traced_modules])
 
 
 def loaded_payloads(monkeypatch):
@@ -41,6 +41,27 @@ def test_an_entry_it_signed_loads(tmp_path, monkeypatch):
     cache.store("k", FakeCompiled(b"compiled bytes"), [["value", "self.tau"]], [0.5])
     assert cache.load("k", {}) == ("step", [["value", "self.tau"]], [0.5]) and seen == [b"compiled bytes"]
     assert (tmp_path / "secret.key").stat().st_mode & 0o077 == 0  # the key is its owner's alone
+
+
+def test_an_entry_traced_through_a_file_loads_while_the_file_is_unchanged_imported_or_not(tmp_path, monkeypatch):
+    # a step traced through a module of the user's; a later run may load the entry before it imports that module
+    import importlib
+
+    loaded_payloads(monkeypatch)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_lazy_helpers.py").write_text("SCALE = 2.0\n")
+    importlib.import_module("user_lazy_helpers")
+    cache = CompiledStepCache(tmp_path / "cache")
+    cache.store("k", FakeCompiled(b"compiled bytes", ["user_lazy_helpers", "torch.nn.modules.linear"]), [], [])
+    assert cache.load("k", {}) is not None
+    monkeypatch.delitem(sys.modules, "user_lazy_helpers")  # a new run, not imported yet: read where it was found
+    assert cache.load("k", {}) is not None
+    (tmp_path / "user_lazy_helpers.py").write_text("SCALE = 3.0\n")
+    assert cache.load("k", {}) is None
+    importlib.import_module("user_lazy_helpers")  # and imported, edited
+    assert cache.load("k", {}) is None
+    (tmp_path / "user_lazy_helpers.py").write_text("SCALE = 2.0\n")  # back as the trace saw it
+    assert cache.load("k", {}) is not None
 
 
 @pytest.mark.parametrize("damage", ["flip a payload byte", "truncate", "foreign key"])

@@ -163,7 +163,7 @@ class CompiledStepCache:
         try:
             header_size = int.from_bytes(payload[:_HEADER_BYTES], "big")
             header = json.loads(payload[_HEADER_BYTES:_HEADER_BYTES + header_size])
-            if any(_file_hash(name) != digest for name, digest in header["traced"].items()):
+            if _changed(header["traced"]):
                 return None  # compiled anew, and stored over this entry
             step_bytes = payload[_HEADER_BYTES + header_size:]
             with _torch_s_own_vmap_helpers():
@@ -222,17 +222,29 @@ class CompiledStepCache:
         return None
 
 
-def _traced_files(compiled) -> dict[str, str | None]:
-    """The modules whose code the trace of ``compiled`` went through, each with a hash of its source file."""
-    modules = {source.module for source in compiled.source_info().inlined_sources}
-    return {name: _file_hash(name) for name in sorted(modules)}
+def _traced_files(compiled) -> dict[str, list]:
+    """The modules whose code the trace of ``compiled`` went through: each module's source file and its hash."""
+    files = {}
+    for name in sorted({source.module for source in compiled.source_info().inlined_sources}):
+        path = getattr(sys.modules.get(name), "__file__", None)
+        files[name] = [path, _file_hash(path)]
+    return files
 
 
-def _file_hash(module_name: str) -> str | None:
-    """A hash of the source file of the module imported as ``module_name`` (``None``: not imported, or no file)."""
+def _changed(traced: dict[str, list]) -> bool:
+    """Whether a file of ``traced`` differs now: a module imported from elsewhere, or its file's text changed (a
+    module not imported yet is read where the trace found it)."""
+    for name, (path, digest) in traced.items():
+        now = getattr(sys.modules.get(name), "__file__", path)
+        if now != path or _file_hash(now) != digest:
+            return True
+    return False
+
+
+def _file_hash(path: str | None) -> str | None:
     try:
-        return hashlib.sha256(Path(sys.modules[module_name].__file__).read_bytes()).hexdigest()
-    except (KeyError, AttributeError, TypeError, OSError):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except (TypeError, OSError):  # no file (a built-in or namespace module), or gone
         return None
 
 
