@@ -132,9 +132,10 @@ def _plain(value) -> bool:
 
 
 def _source_hash(cls) -> str | None:
+    """A hash of the file defining ``cls`` (``None`` for a builtin or a class without one: its name stands for it)."""
     try:
-        return hashlib.sha256(Path(inspect.getsourcefile(cls)).read_bytes()).hexdigest()
-    except (TypeError, OSError):  # a builtin or a class without a source file: its name stands for it
+        return _file_hash(inspect.getsourcefile(cls))
+    except TypeError:  # a builtin class
         return None
 
 
@@ -242,6 +243,7 @@ def _changed(traced: dict[str, list]) -> bool:
 
 
 def _file_hash(path: str | None) -> str | None:
+    """A SHA-256 of the file at ``path`` (``None``: no path, or no such file)."""
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except (TypeError, OSError):  # no file (a built-in or namespace module), or gone
