@@ -28,6 +28,12 @@ class FakeCompiled:
     def source_info(self):
         return SimpleNamespace(inlined_sources=[SimpleNamespace(module=name) for name in self.traced_modules])
 
+    def __call__(self, owner, x):  # as a compiled step is called: with its owner
+        return owner.step(x)
+
+    def disable_guard_check(self):
+        pass
+
 
 def loaded_payloads(monkeypatch):
     seen = []
@@ -128,6 +134,75 @@ def test_two_runs_starting_at_once_on_a_new_folder_keep_both_entries(tmp_path, m
     assert cache.load("a", {}) == ("step", [], []) and cache.load("b", {}) == ("step", [], [])
     assert sorted(seen) == [b"a", b"b"] and not [str(w.message) for w in recwarn]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.step", "b.step", "secret.key"]  # no key left half made
+
+
+class Doubler:
+    """A step's owner, as IQLUpdate is: its step doubles the input."""
+
+    def step(self, x):
+        return 2 * x
+
+
+def compiling_slowly(monkeypatch, compiled: list):
+    """Runners of Doubler.step whose ahead-of-time compilation takes a while and is counted in ``compiled``;
+    their cache's entries load as FakeCompiled."""
+    import time
+
+    from iql_torchrl.step.modes import StepRunner
+
+    monkeypatch.setattr("torch.compiler.load_compiled_function",
+                        lambda f, f_globals, external_data: FakeCompiled(f.read()))
+
+    def aot_compile(example):
+        time.sleep(1.0)
+        compiled.append(example)
+        return FakeCompiled(b"doubled")
+
+    def runner(cache):
+        runner = StepRunner(Doubler().step, mode="compile", ahead_of_time=True, cache=cache,
+                            description=lambda: {"step": "double"})
+        runner.unguarded = SimpleNamespace(aot_compile=aot_compile)
+        return runner
+
+    return runner
+
+
+def test_runs_starting_the_same_step_at_once_compile_it_once(tmp_path, monkeypatch):
+    # seeds launched side by side as separate runs: the first compiles, the others wait and load its entry
+    import threading
+
+    compiled = []
+    make_runner = compiling_slowly(monkeypatch, compiled)
+    runners = [make_runner(CompiledStepCache(tmp_path)) for _ in range(3)]
+    outputs, start = [None] * 3, threading.Barrier(3)
+
+    def run(i):
+        start.wait()
+        outputs[i] = runners[i](torch.ones(2))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(compiled) == 1 and [r.compilations for r in runners] == [1, 1, 1]
+    assert all(torch.equal(out, torch.full((2,), 2.0)) for out in outputs)
+
+
+def test_a_run_waits_for_another_compiling_the_same_step_only_so_long(tmp_path, monkeypatch):
+    # a run whose lock holder seems stuck (paused, in a debugger) compiles the step itself after the cache's wait
+    import threading
+    import time
+
+    compiled = []
+    make_runner = compiling_slowly(monkeypatch, compiled)
+    first = threading.Thread(target=make_runner(CompiledStepCache(tmp_path)), args=(torch.ones(2),))
+    first.start()
+    time.sleep(0.2)  # the first run holds the lock, compiling
+    with pytest.warns(UserWarning, match="compiling it here too"):
+        out = make_runner(CompiledStepCache(tmp_path, wait=0.1))(torch.ones(2))
+    first.join()
+    assert len(compiled) == 2 and torch.equal(out, torch.full((2,), 2.0))
 
 
 def test_the_key_follows_every_setting():

@@ -11,7 +11,8 @@ the CPU's instruction set and torch's thread count). The header also holds a has
 code the trace went through (a network's helper in a file of the user's, TorchRL's modules, torch's): an
 entry whose files have changed since is compiled anew. A truncated, corrupt, foreign or unloadable entry is
 removed, with a warning, and the step is compiled anew: the cache never decides a result, it only
-saves time.
+saves time. Runs that start the same step at once (seeds launched side by side) take turns on a lock per
+entry: one compiles and stores it, the others wait and load it.
 
 The folder is ``$IQL_TORCHRL_COMPILE_CACHE`` when set (empty: no cache), else
 ``$XDG_CACHE_HOME/iql_torchrl/compiled-steps`` (``~/.cache/...``).
@@ -34,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import filelock
 import torch
 
 __all__ = ["CompiledStepCache", "default_cache_folder", "entry_key", "describe_objects", "describe_classes"]
@@ -140,13 +142,40 @@ def _source_hash(cls) -> str | None:
 
 
 class CompiledStepCache:
-    """Ahead-of-time compiled steps in ``folder``, each signed with the folder's own secret key."""
+    """Ahead-of-time compiled steps in ``folder``, each signed with the folder's own secret key.
 
-    def __init__(self, folder: str | Path):
+    ``wait``: how long, in seconds, a run waits for another process compiling the same step before it
+    compiles the step itself."""
+
+    def __init__(self, folder: str | Path, wait: float = 600.0):
         self.folder = Path(folder)
+        self.wait = wait
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{_SUFFIX}"
+
+    @contextlib.contextmanager
+    def compiling(self, key: str):
+        """Held while the step of ``key`` is loaded, or compiled and stored: a second run of the same step
+        waits here for the first one's entry instead of compiling it too. A lock the folder cannot hold (not
+        writable, a filesystem without locks), or held by another process longer than ``wait``, leaves this
+        run to compile on its own (the entry is written atomically either way)."""
+        lock = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(self.folder / f".{key}.lock", timeout=self.wait)
+            lock.acquire()
+        except filelock.Timeout:
+            warnings.warn(f"Another process has been compiling this update step for {self.wait:.0f} s (it holds "
+                          f"{lock.lock_file}); compiling it here too.", stacklevel=3)
+            lock = None
+        except OSError:
+            lock = None
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
 
     def load(self, key: str, f_globals: dict) -> tuple[Callable, list, list] | None:
         """The compiled step stored under ``key`` with the reads and values it baked in (as given to

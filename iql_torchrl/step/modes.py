@@ -274,11 +274,17 @@ class StepRunner:
         """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), what its
         trace baked in and those values now, or ``(None, None, None)`` where torch refuses it (e.g. its caches disabled): the
         step then runs under dynamo's guards. With a cache, a step compiled for the same description,
-        signature and baked values by an earlier run is loaded instead, and a step compiled here is stored."""
-        owner = self.step_function.__self__
+        signature and baked values by an earlier run is loaded instead, and a step compiled here is stored; a
+        run compiling the same step meanwhile is waited for (:meth:`CompiledStepCache.compiling`)."""
         key = None
         if self.cache is not None:
             key = entry_key({"description": self.description(), "signature": repr(signature)})
+        with self.cache.compiling(key) if key is not None else contextlib.nullcontext():
+            return self._load_or_compile(example, key)
+
+    def _load_or_compile(self, example, key: str | None) -> tuple[BakedValues | None, tuple | None, object]:
+        owner = self.step_function.__self__
+        if key is not None:
             loaded = self.cache.load(key, self.step_function.__globals__)
             if loaded is not None:
                 step, reads, values = loaded
@@ -295,7 +301,7 @@ class StepRunner:
             warnings.warn(
                 f"IQLUpdate: compiling the step ahead of time failed ({type(error).__name__}: {error}); "
                 "it runs as a guarded torch.compile step instead (same results, slower a step: benchmarks/README.md).",
-                stacklevel=4,
+                stacklevel=5,
             )
             return None, None, None
         self.compilations += 1
