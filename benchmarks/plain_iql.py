@@ -18,7 +18,14 @@ reader and the maths, so that a score the package loses and this file keeps poin
         --normalize --steps 1000000 --out runs/plain-hopper-me
 
 It writes ``curve.json`` (the evaluations) in ``--out`` and a checkpoint there every evaluation; run it again with
-the same ``--out`` to go on from the checkpoint.
+the same ``--out`` to go on from the checkpoint. A run's noisy 10-episode evaluations can be taken again over many
+episodes, on environment seeds the run never evaluated on, from its checkpoint or any copy of one (e.g. kept in git):
+
+    python benchmarks/plain_iql.py --dataset iql_torchrl/hopper/medium-v1 --out runs/plain-hopper-medium \
+        --evaluate 200 --checkpoints runs/plain-hopper-medium/checkpoint.pt
+
+``--evaluate`` trains nothing; it prints each checkpoint's score and writes them, every episode's included, to
+``evaluations.json`` in ``--out``.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LOG_STD_MIN, LOG_STD_MAX, EXP_ADV_MAX = -20.0, 2.0, 100.0
+EVALUATE_ONLY = ("evaluate", "checkpoints", "evaluate_seed")  # options of --evaluate, not of the training
 
 
 def load_transitions(dataset, normalize: bool, normalize_reward: bool):
@@ -128,10 +136,10 @@ class PlainIQL:
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, env, mean, std, episodes: int) -> list[float]:
+def evaluate(actor: Actor, env, mean, std, episodes: int, first_seed: int = 10_000) -> list[float]:
     returns = []
     for j in range(episodes):
-        observation, _ = env.reset(seed=10_000 + j)
+        observation, _ = env.reset(seed=first_seed + j)
         total, done = 0.0, False
         while not done:
             s = torch.as_tensor((observation - mean) / std, dtype=torch.float32)
@@ -155,7 +163,17 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--evaluate", type=int, metavar="EPISODES",
+                        help="train nothing: run each of --checkpoints' policies for EPISODES episodes")
+    parser.add_argument("--checkpoints", type=Path, nargs="+", help="with --evaluate (default: --out's checkpoint.pt)")
+    parser.add_argument("--evaluate-seed", type=int, default=50_000,
+                        help="with --evaluate: the first episode's environment seed (default 50000; the run's own "
+                             "evaluations are seeded from 10000)")
     args = parser.parse_args()
+    if args.evaluate is not None and args.evaluate < 1:
+        parser.error(f"--evaluate {args.evaluate}: episodes must be >= 1.")
+    if args.checkpoints and args.evaluate is None:
+        parser.error("--checkpoints is read with --evaluate only.")
 
     dataset = minari.load_dataset(args.dataset)
     data, mean, std = load_transitions(dataset, args.normalize, args.normalize_reward)
@@ -164,6 +182,9 @@ def main() -> None:
         raise SystemExit(f"{args.dataset}: actions in {env.action_space}; this reference acts in [-1, 1] only.")
     torch.manual_seed(args.seed)
     agent = PlainIQL(data["s"].shape[1], data["a"].shape[1], args)
+    if args.evaluate is not None:
+        evaluate_checkpoints(agent, dataset, env, mean, std, args)
+        return
     generator = torch.Generator().manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint, curve_path = args.out / "checkpoint.pt", args.out / "curve.json"
@@ -184,11 +205,32 @@ def main() -> None:
             score = 100 * float(np.mean(minari.get_normalized_score(dataset, np.asarray(returns))))
             curve.append({"step": step, "score": score, "return": float(np.mean(returns))})
             print(f"update {step}: score {score:.1f} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
-            curve_path.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "curve": curve},
-                                             indent=1) + "\n")
+            settings = {k: str(v) for k, v in vars(args).items() if k not in EVALUATE_ONLY}
+            curve_path.write_text(json.dumps({"settings": settings, "curve": curve}, indent=1) + "\n")
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"agent": agent.state_dict(), "generator": generator.get_state(), "step": step}, tmp)
             os.replace(tmp, checkpoint)
+
+
+def evaluate_checkpoints(agent: PlainIQL, dataset, env, mean, std, args) -> None:
+    """Each of ``args.checkpoints``' policies over ``args.evaluate`` episodes: printed, and written to evaluations.json."""
+    paths = args.checkpoints or [args.out / "checkpoint.pt"]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise SystemExit(f"--evaluate: no checkpoint at {', '.join(missing)}.")
+    results = []
+    for path in paths:
+        state = torch.load(path, weights_only=True)
+        agent.actor.load_state_dict(state["agent"]["actor"])
+        returns = evaluate(agent.actor, env, mean, std, args.evaluate, first_seed=args.evaluate_seed)
+        normalized = minari.get_normalized_score(dataset, np.asarray(returns))
+        score, spread = 100 * float(np.mean(normalized)), 100 * float(np.std(normalized))  # as the run's curve
+        results.append({"checkpoint": str(path), "step": int(state["step"]), "score": score, "score_std": spread,
+                        "episode_scores": [100 * float(x) for x in normalized]})
+        print(f"{path}: update {int(state['step'])}: {score:.1f} ± {spread:.1f} over {args.evaluate} episodes", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {"episodes": args.evaluate, "first_seed": args.evaluate_seed, "dataset": args.dataset}
+    (args.out / "evaluations.json").write_text(json.dumps({"settings": settings, "evaluations": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -229,3 +229,35 @@ def test_a_frozen_policy_s_best_minus_last_gap_comes_from_drawing_its_episodes_a
     # best of three normals lies 3 / (2 sqrt(pi)) = 0.846 std above their mean: about 13.4, not 37.5 or 0
     ten = noise.frozen_gaps(two_points, evaluations=3, episodes=10, draws=40_000)
     assert abs(ten.mean() - 0.846 * 15.8) < 1.0
+
+
+def test_evaluate_takes_each_kept_checkpoint_s_policy_again_on_the_seeds_asked_for(minari_root, tmp_path, monkeypatch):
+    # the run's own evaluations seed their episodes from 10000: --evaluate with that seed must read each of its
+    # checkpoints as the run did at that update, and its default seeds episodes the run never saw
+    import json
+    import shutil
+    import sys
+
+    from iql_torchrl.datasets import build_dataset
+
+    build_dataset("iql_torchrl/reacher/mixed-v0", episodes=4, progress=False)
+    plain_iql, out = load_benchmark(), tmp_path / "run"
+    common = ["plain_iql.py", "--dataset", "iql_torchrl/reacher/mixed-v0", "--out", str(out)]
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", [*common, *args])
+        plain_iql.main()
+
+    main("--steps", "2", "--eval-every", "2", "--eval-episodes", "3")
+    shutil.copy(out / "checkpoint.pt", tmp_path / "at-2.pt")
+    main("--steps", "6", "--eval-every", "2", "--eval-episodes", "3")  # goes on from update 2
+    curve = {point["step"]: point["score"] for point in json.loads((out / "curve.json").read_text())["curve"]}
+    assert sorted(curve) == [2, 4, 6] and "evaluate" not in json.loads((out / "curve.json").read_text())["settings"]
+
+    main("--evaluate", "3", "--evaluate-seed", "10000", "--checkpoints", str(tmp_path / "at-2.pt"), str(out / "checkpoint.pt"))
+    evaluations = json.loads((out / "evaluations.json").read_text())["evaluations"]
+    assert [(e["step"], e["score"]) for e in evaluations] == [(2, curve[2]), (6, curve[6])]
+    assert curve[2] != curve[6]  # the wrong variant: one checkpoint's policy read twice
+    main("--evaluate", "3")  # --out's checkpoint, on seeds from 50000
+    (fresh,) = json.loads((out / "evaluations.json").read_text())["evaluations"]
+    assert fresh["step"] == 6 and len(fresh["episode_scores"]) == 3 and fresh["score"] != curve[6]
