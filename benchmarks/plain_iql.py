@@ -150,6 +150,12 @@ def evaluate(actor: Actor, env, mean, std, episodes: int, first_seed: int = 10_0
     return returns
 
 
+def d4rl_score(dataset, returns: list[float]) -> tuple[float, np.ndarray]:
+    """The episodes' mean D4RL-normalised score × 100, and each episode's (× 100)."""
+    normalized = minari.get_normalized_score(dataset, np.asarray(returns))
+    return 100 * float(np.mean(normalized)), 100 * np.asarray(normalized, dtype=np.float64)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
@@ -202,7 +208,7 @@ def main() -> None:
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             returns = evaluate(agent.actor, env, mean, std, args.eval_episodes)
-            score = 100 * float(np.mean(minari.get_normalized_score(dataset, np.asarray(returns))))
+            score, _ = d4rl_score(dataset, returns)
             curve.append({"step": step, "score": score, "return": float(np.mean(returns))})
             print(f"update {step}: score {score:.1f} ({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
             settings = {k: str(v) for k, v in vars(args).items() if k not in EVALUATE_ONLY}
@@ -223,10 +229,10 @@ def evaluate_checkpoints(agent: PlainIQL, dataset, env, mean, std, args) -> None
         state = torch.load(path, weights_only=True)
         agent.actor.load_state_dict(state["agent"]["actor"])
         returns = evaluate(agent.actor, env, mean, std, args.evaluate, first_seed=args.evaluate_seed)
-        normalized = minari.get_normalized_score(dataset, np.asarray(returns))
-        score, spread = 100 * float(np.mean(normalized)), 100 * float(np.std(normalized))  # as the run's curve
+        score, episode_scores = d4rl_score(dataset, returns)
+        spread = float(np.std(episode_scores))
         results.append({"checkpoint": str(path), "step": int(state["step"]), "score": score, "score_std": spread,
-                        "episode_scores": [100 * float(x) for x in normalized]})
+                        "episode_scores": episode_scores.tolist()})
         print(f"{path}: update {int(state['step'])}: {score:.1f} ± {spread:.1f} over {args.evaluate} episodes", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"episodes": args.evaluate, "first_seed": args.evaluate_seed, "dataset": args.dataset}
