@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from iql_torchrl.runs.config import OfflineConfig, config_from_dict
+from iql_torchrl.runs.config import PRESETS, OfflineConfig, config_from_dict
 from iql_torchrl.runs.sweep import SWEEPABLE, mean_std, sweep_results
+
+PAPER_TAU = PRESETS["mujoco"].tau  # the paper's target rate, 0.005
 
 
 def run_rows(run_dir: Path, state: dict | None = None) -> dict:
@@ -44,9 +46,9 @@ def run_rows(run_dir: Path, state: dict | None = None) -> dict:
                 "rows": [], "setting": _setting_key(state["config"])}
     results = sweep_results(curve, config)  # per setting: final and best, mean ± std over its seeds
     reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
-    # settings outside the sweep's that a run may change from the job's defaults
+    # settings outside the sweep's that a run may change from the paper's
     extra = "".join([", deterministic actor" if config.actor == "deterministic" else "",
-                     f", target rate {config.tau:g}" if config.tau != OfflineConfig.tau else ""])
+                     f", target rate {config.tau:g}" if config.tau != PAPER_TAU else ""])
     rows = []
     for setting in results["settings"]:
         own = [m["member"] for m in results["members"] if all(m[name] == setting[name] for name in SWEEPABLE)]

@@ -114,7 +114,7 @@ def test_fine_tuning_refuses_a_deterministic_actor_given_or_from_its_offline_run
     config = FinetuneConfig(checkpoint=run.dir, output_dir=tmp_path / "finetune", online_steps=32, num_envs=2,
                             frames_per_batch=16, hidden_sizes=(16, 16), device="cpu", progress=False, logger="none")
     config.check()
-    with pytest.raises(ConfigError, match=f"--checkpoint {run.dir} trained a deterministic actor"):
+    with pytest.raises(ConfigError, match=f"--checkpoint {run.dir} trained a deterministic actor.*--actor gaussian"):
         finetune(config)
     assert load_checkpoint(run.dir / CHECKPOINT_NAME)["config"]["actor"] == "deterministic"
 
@@ -122,10 +122,10 @@ def test_fine_tuning_refuses_a_deterministic_actor_given_or_from_its_offline_run
 def test_fine_tuning_a_gaussian_run_takes_its_actor_whether_or_not_given(deterministic_run, tiny_datasets):
     gaussian = deterministic_run["gaussian"]  # trained with --actor gaussian: the same actor as auto's
     auto_run = load_checkpoint(gaussian.dir / CHECKPOINT_NAME)
-    auto_run["config"]["actor"] = "auto"  # as a run of the default stores it
+    auto_run["config"]["actor"] = "auto"  # as a run of the default stored it before the presets chose actors
     for given in ("auto", "gaussian"):
         config = adopt_offline_run(FinetuneConfig(checkpoint=gaussian.dir, actor=given), auto_run, {"actor"})
-        assert config.actor == "auto"
+        assert config.actor == "gaussian"
     deterministic = load_checkpoint(deterministic_run["deterministic"].dir / CHECKPOINT_NAME)
     with pytest.raises(ConfigError, match="--actor: the offline run's deterministic, given gaussian"):
         adopt_offline_run(FinetuneConfig(checkpoint=gaussian.dir, actor="gaussian"), deterministic, {"actor"})
@@ -134,5 +134,75 @@ def test_fine_tuning_a_gaussian_run_takes_its_actor_whether_or_not_given(determi
 def test_the_preset_line_names_a_deterministic_actor_and_nothing_for_the_paper_s():
     line = describe_preset("mujoco", "why", OfflineConfig(actor="deterministic", preset="mujoco"))
     assert line == ("preset mujoco (expectile 0.7, temperature 3.0, reward transform locomotion, "
-                    "a deterministic actor (--actor)): why")
+                    "actor deterministic (--actor; the preset's gaussian)): why")
     assert "actor" not in describe_preset("mujoco", "why", OfflineConfig(actor="gaussian", preset="mujoco"))
+
+
+# ------------------------------------------------------------------ the hopper preset
+HOPPER, WALKER = "iql_torchrl/hopper/medium-expert-v1", "iql_torchrl/walker2d/medium-replay-v1"
+
+
+def test_hopper_data_take_the_hopper_preset_a_deterministic_actor_and_a_slow_target_and_say_so():
+    hopper = OfflineConfig(dataset=HOPPER).resolved()
+    assert (hopper.preset, hopper.actor, hopper.tau, hopper.expectile, hopper.temperature, hopper.reward_transform) == (
+        "hopper", "deterministic", 0.001, 0.7, 3.0, "locomotion")
+    for dataset in ("mujoco/hopper/medium-v0", "D4RL/hopper/medium-replay-v2", "iql_torchrl/hopper/medium-v0"):
+        assert OfflineConfig(dataset=dataset).resolved().preset == "hopper", dataset
+    walker = OfflineConfig(dataset=WALKER).resolved()  # every other locomotion set: the paper's actor and target rate
+    assert (walker.preset, walker.actor, walker.tau) == ("mujoco", "gaussian", 0.005)
+    assert describe_preset(hopper.preset, "why", hopper) == (
+        "preset hopper (expectile 0.7, temperature 3.0, reward transform locomotion, target rate 0.001, "
+        "actor deterministic): why")
+    assert "target rate" not in describe_preset(walker.preset, "why", walker)
+    # flags still choose: the paper's actor and target rate on hopper, said against the preset's
+    given = parse_cli(OfflineConfig, ["--dataset", HOPPER, "--actor", "gaussian", "--tau", "0.005"])[0].resolved()
+    assert (given.preset, given.actor, given.tau) == ("hopper", "gaussian", 0.005)
+    assert ("target rate 0.005 (--tau; the preset's 0.001), actor gaussian (--actor; the preset's deterministic)"
+            in describe_preset(given.preset, "why", given))
+
+
+def test_the_hopper_preset_steps_its_targets_at_0_001_with_an_actor_that_does_not_sample(tiny_datasets):
+    from iql_torchrl.runs.builders import make_update
+
+    config = OfflineConfig(dataset=TINY_PENDULUM, preset="hopper", cudagraphs=False, **TINY).resolved()
+    source = load_minari_dataset(TINY_PENDULUM)
+    torch.manual_seed(0)
+    loss = build_loss(config, source.metadata)
+    observation = dataset_batch(64).select("observation")
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        assert torch.equal(loss.actor_network(observation.clone())["action"],
+                           loss.actor_network(observation.clone())["action"])  # a Gaussian's samples would differ
+    update = make_update(config, loss, buffer_transitions(source), total_steps=None)
+    read = lambda params: {k: v.detach().double().clone() for k, v in params.items(True, True)}
+    target = read(loss.target_qvalue_network_params)
+    update(torch.arange(32))
+    online, after = read(loss.qvalue_network_params), read(loss.target_qvalue_network_params)
+    for rate, close in ((0.001, True), (0.005, False)):  # the paper's rate is the plausible wrong one
+        expected = {k: target[k] + rate * (online[k] - target[k]) for k in target}
+        assert all(torch.allclose(after[k], expected[k], rtol=0, atol=1e-7) for k in target) is close, rate
+
+
+def test_a_run_from_before_the_hopper_preset_resumes_as_it_trained():
+    from iql_torchrl.runs.config import config_to_dict
+    from iql_torchrl.runs.resume import ResumeError, resumed_config
+
+    saved = config_to_dict(OfflineConfig(dataset=HOPPER, preset="mujoco", output_dir="/tmp/x").resolved())
+    saved.update(actor="auto", tau=0.005)  # as a hopper run of the mujoco preset stored them
+    again = OfflineConfig(dataset=HOPPER, output_dir="/tmp/x", resume=True)  # --preset, --actor, --tau: auto
+    resumed = resumed_config(OfflineConfig, saved, again, set()).resolved()
+    assert (resumed.preset, resumed.actor, resumed.tau) == ("mujoco", "gaussian", 0.005)
+    with pytest.raises(ResumeError, match="--tau: checkpoint 0.005, given 0.001"):
+        resumed_config(OfflineConfig, saved, OfflineConfig(dataset=HOPPER, tau=0.001, output_dir="/tmp/x",
+                                                           resume=True), {"tau"})
+
+
+def test_fine_tuning_on_hopper_takes_the_gaussian_actor_and_refuses_a_hopper_preset_run(deterministic_run):
+    config = FinetuneConfig(dataset=HOPPER).resolved()
+    assert (config.preset, config.actor, config.tau) == ("hopper", "gaussian", 0.001)
+    line = describe_preset(config.preset, "why", config, {"actor": "fine-tuning samples its policy"})
+    assert "actor gaussian (fine-tuning samples its policy; the preset's deterministic)" in line
+    offline = load_checkpoint(deterministic_run["deterministic"].dir / CHECKPOINT_NAME)
+    offline["config"].update(preset="hopper", actor="deterministic")  # as a hopper run of the default stores it
+    adopted = adopt_offline_run(FinetuneConfig(checkpoint=deterministic_run["deterministic"].dir), offline, set())
+    assert adopted.actor == "deterministic"  # which finetune() refuses, naming --actor gaussian
+

@@ -426,7 +426,9 @@ def test_environments_without_success_report_no_rate(tiny_datasets):
 @pytest.mark.parametrize("dataset_id, preset", [
     ("D4RL/antmaze/umaze-v1", "antmaze"), ("D4RL/antmaze/large-diverse-v1", "antmaze"),
     ("D4RL/pointmaze/medium-v2", "maze"), (STITCH, "maze"), (UMAZE, "maze"),
-    ("mujoco/hopper/medium-v0", "mujoco"), ("D4RL/hopper/medium-v2", "mujoco"), ("D4RL/walker2d/expert-v2", "mujoco"),
+    ("mujoco/hopper/medium-v0", "hopper"), ("D4RL/hopper/medium-v2", "hopper"), ("D4RL/walker2d/expert-v2", "mujoco"),
+    ("mujoco/walker2d/medium-v0", "mujoco"), ("iql_torchrl/hopper/medium-replay-v1", "hopper"),
+    ("iql_torchrl/halfcheetah/medium-v1", "mujoco"),
     ("D4RL/halfcheetah/medium-replay-v2", "mujoco"), ("D4RL/kitchen/mixed-v2", "kitchen"),
     ("D4RL/door/human-v2", "adroit"), ("D4RL/hammer/expert-v2", "adroit"), ("D4RL/pen/cloned-v2", "adroit"),
     ("D4RL/relocate/human-v2", "adroit"), ("iql_torchrl/pendulum/mixed-v0", "mujoco"),
@@ -437,6 +439,7 @@ def test_auto_preset_follows_the_dataset_id(dataset_id, preset):
     resolved = RunConfig(dataset=dataset_id).resolved()
     assert resolved.preset == preset
     assert (resolved.expectile, resolved.temperature) == (PRESETS[preset].expectile, PRESETS[preset].temperature)
+    assert (resolved.tau, resolved.actor) == (PRESETS[preset].tau, PRESETS[preset].actor)
 
 
 def test_an_unknown_dataset_gets_mujoco_with_a_reason_saying_so():

@@ -39,7 +39,7 @@ import torch
 from torchrl.collectors import Collector
 
 from iql_torchrl.runs.checkpoint import load_run_checkpoint, restore_rng
-from iql_torchrl.runs.config import PRESET_FIELDS, ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
+from iql_torchrl.runs.config import PRESET_FIELDS, PRESETS, ConfigError, RunConfig, config_to_dict, conflicting_flags, given_fields
 from iql_torchrl.data import TRANSITION_KEYS, buffer_transitions
 from iql_torchrl.datasets import discrete_actions
 from iql_torchrl.runs.evaluation import reference_scores_problem
@@ -112,15 +112,20 @@ class FinetuneConfig(RunConfig):
         if self.online_buffer_size is not None and self.online_buffer_size < 1:
             raise ConfigError(f"--online-buffer-size {self.online_buffer_size}: must be >= 1.")
         if self.actor == "deterministic":
-            raise ConfigError(DETERMINISTIC_REFUSAL.format(source="--actor deterministic"))
+            raise ConfigError(DETERMINISTIC_REFUSAL.format(
+                source="--actor deterministic", remedy="fine-tune a Gaussian actor (leave out --actor)"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("Fine-tuning runs in one process: start it without torchrun "
                               "(data-parallel training is examples/iql_offline.py's).")
 
+    def actor_choice(self) -> str:
+        """``--actor`` as given, else the Gaussian actor on every preset: fine-tuning explores by sampling it."""
+        return "gaussian" if self.actor == "auto" else self.actor
+
 
 # ---------------------------------------------------------------------------------------- finetune
 DETERMINISTIC_REFUSAL = ("{source}: fine-tuning explores by sampling the policy, and a deterministic actor has nothing to "
-                         "sample; fine-tune a Gaussian actor (--actor gaussian, the default).")
+                         "sample; {remedy}.")
 DISCRETE_REFUSAL = ("--dataset {dataset} has discrete actions: fine-tuning on discrete actions is not supported yet; "
                     "train offline with examples/iql_offline.py.")
 
@@ -140,7 +145,8 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         config = adopt_offline_run(config, offline_run, given)
         if config.actor == "deterministic":
             raise ConfigError(DETERMINISTIC_REFUSAL.format(
-                source=f"--checkpoint {config.checkpoint} trained a deterministic actor"))
+                source=f"--checkpoint {config.checkpoint} trained a deterministic actor",
+                remedy="fine-tune an offline run trained with --actor gaussian (the hopper preset's actor is deterministic)"))
         sources = {name: "the offline run's" for name in PRESET_FIELDS if name not in given}
         reason = offline_run.get("normalization_reason")
         sources["normalize_observations"] = "the offline run's" + (f": {reason}" if reason else "")
@@ -150,6 +156,8 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
             print(f"iql_torchrl: the offline run {config.checkpoint} stopped at update {offline_run['step']} of "
                   f"{offline_run['config']['steps']} (no {SUMMARY_NAME}): fine-tuning starts from that checkpoint.",
                   file=sys.stderr)
+    if config.actor == "auto":  # where the preset's actor is deterministic, the line says why this one is Gaussian
+        sources = {**(sources or {}), "actor": "fine-tuning samples its policy"}
     if not config.resume and discrete_actions(config.dataset):
         raise ConfigError(DISCRETE_REFUSAL.format(dataset=config.dataset))
     with Run.begin(config, job="finetune", given=given, label="finetune", preset_reason=preset_reason,
@@ -207,10 +215,11 @@ def adopt_offline_run(config: FinetuneConfig, offline_run: dict, given: set[str]
         raise ConfigError(f"--checkpoint {config.checkpoint} trained a --sweep of settings at once; "
                           "fine-tuning takes a run of one setting and one seed.")
     fixed = {name: offline[name] for name in ADOPTED_FROM_OFFLINE_RUN if name in offline}  # older runs: no goal_input
+    if fixed["actor"] == "auto":  # older runs: the actor their preset gave
+        fixed["actor"] = PRESETS[offline["preset"]].actor
     fixed["offline_steps"] = offline_run["step"]
     conflicts = conflicting_flags(given, config_to_dict(config), fixed, "the offline run's",
-                                  agrees=lambda name, value: value == "auto" or (  # auto's actor on Box actions
-                                      name == "actor" and value == "gaussian" and fixed["actor"] == "auto"))
+                                  agrees=lambda name, value: value == "auto")
     if conflicts:
         raise ConfigError(
             f"--checkpoint {config.checkpoint} fine-tunes the offline run with the settings it trained with; "

@@ -60,9 +60,9 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
 
 def _preset_default(name: str, value) -> bool:
     # "use the preset's value" (None) matches whatever value the checkpoint resolved it to; so do --preset auto,
-    # --normalize-observations auto and --precision auto (a resumed run keeps what it chose)
-    return ((name in ("temperature", "expectile") and value is None)
-            or (name in ("preset", "precision", "normalize_observations") and value == "auto"))
+    # --actor auto, --normalize-observations auto and --precision auto (a resumed run keeps what it chose)
+    return ((name in ("temperature", "expectile", "tau") and value is None)
+            or (name in ("preset", "precision", "normalize_observations", "actor") and value == "auto"))
 
 
 # ---------------------------------------------------------------------------------------- data fingerprint

@@ -114,7 +114,7 @@ class Run:
         """
         given = given_fields(config) | set(given or ())
         config.check()
-        if config.actor == "deterministic":  # refused before any line about the run where the data tells already
+        if config.actor_choice() == "deterministic":  # refused before any line about the run where the data tells already
             config.check_actor(discrete_actions(config.dataset))
         preset_reason = preset_reason or preset_choice(config)[1]
         normalization_reason = (sources or {}).get("normalize_observations") or normalization_choice(config)[1]
