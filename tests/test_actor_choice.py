@@ -20,7 +20,7 @@ from iql_torchrl.runs.evaluation import evaluation_seed
 
 from conftest import TINY_PENDULUM
 from test_discrete_trainer import CARTPOLE, cartpole, cartpole_root  # noqa: F401 (fixtures)
-from test_normalization import TINY, exported_returns
+from test_normalization import FINETUNE, TINY, exported_returns
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +196,18 @@ def test_a_run_from_before_the_hopper_preset_resumes_as_it_trained():
                                                            resume=True), {"tau"})
 
 
-def test_fine_tuning_on_hopper_takes_the_gaussian_actor_and_refuses_a_hopper_preset_run(deterministic_run):
+def test_fine_tuning_on_hopper_takes_the_gaussian_actor_and_refuses_a_hopper_preset_run(deterministic_run, tiny_datasets,
+                                                                                         tmp_path, capsys):
     config = FinetuneConfig(dataset=HOPPER).resolved()
     assert (config.preset, config.actor, config.tau) == ("hopper", "gaussian", 0.001)
-    line = describe_preset(config.preset, "why", config, {"actor": "fine-tuning samples its policy"})
-    assert "actor gaussian (fine-tuning samples its policy; the preset's deterministic)" in line
+    # a run of the hopper preset fine-tunes a Gaussian actor, and its preset line says why
+    finetune(FinetuneConfig(dataset=TINY_PENDULUM, preset="hopper", offline_steps=20, output_dir=tmp_path / "finetune",
+                            **FINETUNE))
+    assert "actor gaussian (fine-tuning samples its policy; the preset's deterministic)" in capsys.readouterr().err
+    actor, _ = load_actor(tmp_path / "finetune")
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        observation = dataset_batch(64).select("observation")
+        assert not torch.equal(actor(observation.clone())["action"], actor(observation.clone())["action"])  # it samples
     offline = load_checkpoint(deterministic_run["deterministic"].dir / CHECKPOINT_NAME)
     offline["config"].update(preset="hopper", actor="deterministic")  # as a hopper run of the default stores it
     adopted = adopt_offline_run(FinetuneConfig(checkpoint=deterministic_run["deterministic"].dir), offline, set())
