@@ -103,6 +103,10 @@ def test_a_deterministic_actor_on_discrete_actions_is_refused_before_any_update(
                                 **{**TINY, "steps": 20, "eval_every": 20}))
         assert not (tmp_path / "run").exists()  # nothing trained, nothing written
         assert "preset" not in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="--preset hopper: its actor is deterministic, .*discrete actions"):
+            train(OfflineConfig(dataset=dataset, output_dir=tmp_path / "run", preset="hopper",
+                                **{**TINY, "steps": 20, "eval_every": 20}))
+        assert not (tmp_path / "run").exists()
     assert not any(empty_root.iterdir())  # the set was not built
 
 

@@ -174,11 +174,11 @@ def describe_preset(name: str, reason: str, config=None, sources: dict[str, str]
             return f"{shown} {getattr(preset, field)}"
         return f"{shown} {own} ({(sources or {}).get(field, flag(field))}; the preset's {getattr(preset, field)})"
 
-    def paper_s(field: str) -> bool:  # the target rate and the actor are shown where either is not the paper's
-        own = getattr(config, field, None)
-        return getattr(preset, field) == paper[field] and own in (None, "auto", paper[field])
-
-    paper = {"tau": 0.005, "actor": "gaussian"}
+    def shown(field: str) -> bool:  # the target rate and the actor where the preset's or the run's is not the paper's
+        if field not in ("tau", "actor"):
+            return True
+        paper, own = getattr(PRESETS["mujoco"], field), getattr(config, field, None)
+        return getattr(preset, field) != paper or own not in (None, "auto", paper)
 
     # the loader's rule, as the run applies it (fine-tuning keeps it online too: jobs/online.SuccessTerminal)
     terminal = config.success_terminal_option() if config is not None else (None if preset.success_terminal else False)
@@ -186,8 +186,7 @@ def describe_preset(name: str, reason: str, config=None, sources: dict[str, str]
     if preset.success_terminal or terminal is not False:
         goal = {None: ", goal terminal where the goal is out of the input", True: ", goal terminal",
                 False: ", goal continuing"}[terminal]
-    shown = [value(field) for field in PRESET_FIELDS if field not in paper or not paper_s(field)]
-    line = f"preset {name} ({', '.join(shown)}{goal}): {reason}"
+    line = f"preset {name} ({', '.join(value(field) for field in PRESET_FIELDS if shown(field))}{goal}): {reason}"
     return line if normalization is None else f"{line}; {describe_normalization(*normalization)}"
 
 
