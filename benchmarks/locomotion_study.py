@@ -48,7 +48,7 @@ def run_rows(run_dir: Path, state: dict | None = None) -> dict:
     reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
     # settings outside the sweep's that a run may change from the paper's
     extra = "".join([", deterministic actor" if config.actor == "deterministic" else "",
-                     f", target rate {config.tau:g}" if config.tau != PAPER_TAU else ""])
+                     f", target rate {config.tau:g}" if config.tau not in (None, PAPER_TAU) else ""])
     rows = []
     for setting in results["settings"]:
         own = [m["member"] for m in results["members"] if all(m[name] == setting[name] for name in SWEEPABLE)]
