@@ -46,9 +46,10 @@ def run_rows(run_dir: Path, state: dict | None = None) -> dict:
                 "rows": [], "setting": _setting_key(state["config"])}
     results = sweep_results(curve, config)  # per setting: final and best, mean ± std over its seeds
     reward = config.reward_transform if config.reward_transform != "auto" else f"auto ({config.preset} preset)"
-    # settings outside the sweep's that a run may change from the paper's
-    extra = "".join([", deterministic actor" if config.actor == "deterministic" else "",
-                     f", target rate {config.tau:g}" if config.tau not in (None, PAPER_TAU) else ""])
+    # settings outside the sweep's that a run may change from the paper's, as trained (the preset's where unset)
+    trained = config.resolved()
+    extra = "".join([", deterministic actor" if trained.actor == "deterministic" else "",
+                     f", target rate {trained.tau:g}" if trained.tau != PAPER_TAU else ""])
     rows = []
     for setting in results["settings"]:
         own = [m["member"] for m in results["members"] if all(m[name] == setting[name] for name in SWEEPABLE)]
