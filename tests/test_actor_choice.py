@@ -142,22 +142,26 @@ def test_the_preset_line_names_a_deterministic_actor_and_nothing_for_the_paper_s
     assert "actor" not in describe_preset("mujoco", "why", OfflineConfig(actor="gaussian", preset="mujoco"))
 
 
-# ------------------------------------------------------------------ the hopper preset
+# ------------------------------------------------------------------ the hopper and walker2d presets
 HOPPER, WALKER = "iql_torchrl/hopper/medium-expert-v1", "iql_torchrl/walker2d/medium-replay-v1"
+CHEETAH = "iql_torchrl/halfcheetah/medium-v1"
 
 
-def test_hopper_data_take_the_hopper_preset_a_deterministic_actor_and_a_slow_target_and_say_so():
-    hopper = OfflineConfig(dataset=HOPPER).resolved()
-    assert (hopper.preset, hopper.actor, hopper.tau, hopper.expectile, hopper.temperature, hopper.reward_transform) == (
-        "hopper", "deterministic", 0.001, 0.7, 3.0, "locomotion")
+def test_hopper_and_walker2d_data_take_a_deterministic_actor_and_a_slow_target_and_say_so():
+    for dataset, preset in ((HOPPER, "hopper"), (WALKER, "walker2d")):
+        config = OfflineConfig(dataset=dataset).resolved()
+        assert (config.preset, config.actor, config.tau, config.expectile, config.temperature,
+                config.reward_transform) == (preset, "deterministic", 0.001, 0.7, 3.0, "locomotion")
+        assert describe_preset(config.preset, "why", config) == (
+            f"preset {preset} (expectile 0.7, temperature 3.0, reward transform locomotion, target rate 0.001, "
+            "actor deterministic): why")
     for dataset in ("mujoco/hopper/medium-v0", "D4RL/hopper/medium-replay-v2", "iql_torchrl/hopper/medium-v0"):
         assert OfflineConfig(dataset=dataset).resolved().preset == "hopper", dataset
-    walker = OfflineConfig(dataset=WALKER).resolved()  # every other locomotion set: the paper's actor and target rate
-    assert (walker.preset, walker.actor, walker.tau) == ("mujoco", "gaussian", 0.005)
-    assert describe_preset(hopper.preset, "why", hopper) == (
-        "preset hopper (expectile 0.7, temperature 3.0, reward transform locomotion, target rate 0.001, "
-        "actor deterministic): why")
-    assert "target rate" not in describe_preset(walker.preset, "why", walker)
+    for dataset in ("mujoco/walker2d/medium-v0", "D4RL/walker2d/medium-expert-v2", "iql_torchrl/walker2d/medium-v0"):
+        assert OfflineConfig(dataset=dataset).resolved().preset == "walker2d", dataset
+    cheetah = OfflineConfig(dataset=CHEETAH).resolved()  # every other locomotion set: the paper's actor and target rate
+    assert (cheetah.preset, cheetah.actor, cheetah.tau) == ("mujoco", "gaussian", 0.005)
+    assert "target rate" not in describe_preset(cheetah.preset, "why", cheetah)
     # flags still choose: the paper's actor and target rate on hopper, said against the preset's
     given = parse_cli(OfflineConfig, ["--dataset", HOPPER, "--actor", "gaussian", "--tau", "0.005"])[0].resolved()
     assert (given.preset, given.actor, given.tau) == ("hopper", "gaussian", 0.005)
@@ -186,17 +190,18 @@ def test_the_hopper_preset_steps_its_targets_at_0_001_with_an_actor_that_does_no
         assert all(torch.allclose(after[k], expected[k], rtol=0, atol=1e-7) for k in target) is close, rate
 
 
-def test_a_run_from_before_the_hopper_preset_resumes_as_it_trained():
+@pytest.mark.parametrize("dataset", [HOPPER, WALKER])
+def test_a_run_from_before_its_preset_resumes_as_it_trained(dataset):
     from iql_torchrl.runs.config import config_to_dict
     from iql_torchrl.runs.resume import ResumeError, resumed_config
 
-    saved = config_to_dict(OfflineConfig(dataset=HOPPER, preset="mujoco", output_dir="/tmp/x").resolved())
-    saved.update(actor="auto", tau=0.005)  # as a hopper run of the mujoco preset stored them
-    again = OfflineConfig(dataset=HOPPER, output_dir="/tmp/x", resume=True)  # --preset, --actor, --tau: auto
+    saved = config_to_dict(OfflineConfig(dataset=dataset, preset="mujoco", output_dir="/tmp/x").resolved())
+    saved.update(actor="auto", tau=0.005)  # as a run of the mujoco preset on this data stored them
+    again = OfflineConfig(dataset=dataset, output_dir="/tmp/x", resume=True)  # --preset, --actor, --tau: auto
     resumed = resumed_config(OfflineConfig, saved, again, set()).resolved()
     assert (resumed.preset, resumed.actor, resumed.tau) == ("mujoco", "gaussian", 0.005)
     with pytest.raises(ResumeError, match="--tau: checkpoint 0.005, given 0.001"):
-        resumed_config(OfflineConfig, saved, OfflineConfig(dataset=HOPPER, tau=0.001, output_dir="/tmp/x",
+        resumed_config(OfflineConfig, saved, OfflineConfig(dataset=dataset, tau=0.001, output_dir="/tmp/x",
                                                            resume=True), {"tau"})
 
 

@@ -426,8 +426,8 @@ def test_environments_without_success_report_no_rate(tiny_datasets):
 @pytest.mark.parametrize("dataset_id, preset", [
     ("D4RL/antmaze/umaze-v1", "antmaze"), ("D4RL/antmaze/large-diverse-v1", "antmaze"),
     ("D4RL/pointmaze/medium-v2", "maze"), (STITCH, "maze"), (UMAZE, "maze"),
-    ("mujoco/hopper/medium-v0", "hopper"), ("D4RL/hopper/medium-v2", "hopper"), ("D4RL/walker2d/expert-v2", "mujoco"),
-    ("mujoco/walker2d/medium-v0", "mujoco"), ("iql_torchrl/hopper/medium-replay-v1", "hopper"),
+    ("mujoco/hopper/medium-v0", "hopper"), ("D4RL/hopper/medium-v2", "hopper"), ("D4RL/walker2d/expert-v2", "walker2d"),
+    ("mujoco/walker2d/medium-v0", "walker2d"), ("iql_torchrl/walker2d/medium-expert-v1", "walker2d"), ("iql_torchrl/hopper/medium-replay-v1", "hopper"),
     ("iql_torchrl/halfcheetah/medium-v1", "mujoco"),
     ("D4RL/halfcheetah/medium-replay-v2", "mujoco"), ("D4RL/kitchen/mixed-v2", "kitchen"),
     ("D4RL/door/human-v2", "adroit"), ("D4RL/hammer/expert-v2", "adroit"), ("D4RL/pen/cloned-v2", "adroit"),

@@ -80,7 +80,7 @@ class LocomotionRecipe:
 def _make_builders() -> dict[str, LocomotionRecipe]:
     versions = {1: torch.float64, 0: torch.float32}
     return {f"iql_torchrl/{task}/{kind}-v{version}": LocomotionRecipe(f"iql_torchrl/{task}/{kind}-v{version}", task, kind,
-                                                                    preset="hopper" if task == "hopper" else "mujoco",
+                                                                    preset=task if task in ("hopper", "walker2d") else "mujoco",
                                                                     policy_dtype=dtype)
             for version, dtype in versions.items() for task in ENVIRONMENTS for kind in LOCOMOTION_KINDS}
 

@@ -146,7 +146,7 @@ def finetune(config: FinetuneConfig, given: set[str] | None = None) -> dict:
         if config.actor == "deterministic":
             raise ConfigError(DETERMINISTIC_REFUSAL.format(
                 source=f"--checkpoint {config.checkpoint} trained a deterministic actor",
-                remedy="fine-tune an offline run trained with --actor gaussian (the hopper preset's actor is deterministic)"))
+                remedy="fine-tune an offline run trained with --actor gaussian (the hopper and walker2d presets' actor is deterministic)"))
         sources = {name: "the offline run's" for name in PRESET_FIELDS if name not in given}
         reason = offline_run.get("normalization_reason")
         sources["normalize_observations"] = "the offline run's" + (f": {reason}" if reason else "")
