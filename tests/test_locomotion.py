@@ -124,6 +124,35 @@ def test_medium_expert_replays_from_its_seeds_and_reads_on_d4rl_scale(kept):
     assert not np.allclose(medium(first.observations[:-1]), first.actions)
 
 
+def test_a_mujoco_set_records_the_mujoco_that_built_it_and_a_run_on_it_says_when_another_is_installed(
+        kept, tmp_path, monkeypatch):
+    # MuJoCo's versions step the same actions to other states (walker2d medium-v1's first 64 episodes: 25,090
+    # transitions under 3.1.6, 25,846 under 3.17.0, 25,602 under 4.0.0): the set names the one that made it
+    from importlib.metadata import version
+
+    from iql_torchrl.data import unmet_requirements
+
+    dataset = build_dataset("iql_torchrl/hopper/medium-v1", episodes=1, progress=False)
+    assert dataset.storage.metadata["requirements"] == [f"mujoco=={version('mujoco')}"]
+    assert unmet_requirements("iql_torchrl/hopper/medium-v1") == []
+    assert "requirements" not in build_dataset("iql_torchrl/pendulum/mixed-v0", episodes=1, reference_episodes=1,
+                                               progress=False).storage.metadata
+
+    metadata = tmp_path / "datasets" / "iql_torchrl" / "hopper" / "medium-v1" / "data" / "metadata.json"
+    recorded = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps({**recorded, "requirements": ["mujoco==3.1.6"]}))
+    assert unmet_requirements("iql_torchrl/hopper/medium-v1") == [f"mujoco==3.1.6 (installed: {version('mujoco')})"]
+
+    from iql_offline import train
+    from iql_torchrl.runs.config import OfflineConfig
+
+    with pytest.warns(UserWarning, match=r"iql_torchrl/hopper/medium-v1 was made with other package versions than "
+                      rf"these: mujoco==3\.1\.6 \(installed: {re.escape(version('mujoco'))}\)"):
+        train(OfflineConfig(dataset="iql_torchrl/hopper/medium-v1", steps=2, batch_size=8, eval_every=2,
+                            eval_episodes=1, hidden_sizes=(8, 8), device="cpu", progress=False, logger="none",
+                            reward_transform="none", output_dir=tmp_path / "run"))
+
+
 def test_medium_replay_starts_random_then_follows_the_training_stages(kept):
     dataset = build_dataset("iql_torchrl/hopper/medium-replay-v1", episodes=5, progress=False)
     names = [m["policy"] for m in dataset.storage.get_episode_metadata(range(5))]

@@ -287,6 +287,54 @@ def test_resume_refuses_data_rebuilt_since_never_rebuilds_a_missing_dataset_and_
     assert [point["step"] for point in summary["curve"]] == [10, 20]
 
 
+def _write_again(hdf5: Path, action_nudge: float = 0.0) -> None:
+    """The Minari file's arrays and attributes written again compressed (other bytes), the first action of
+    episode 0 moved by ``action_nudge``."""
+    import h5py
+
+    copy = hdf5.with_suffix(".rewritten")
+    with h5py.File(hdf5, "r") as source, h5py.File(copy, "w") as target:
+        target.attrs.update(source.attrs)
+
+        def write(name, item):
+            if isinstance(item, h5py.Group):
+                target.require_group(name).attrs.update(item.attrs)
+                return
+            data = item[()]
+            if name == "episode_0/actions":
+                data.flat[0] += action_nudge
+            target.create_dataset(name, data=data, **({} if item.shape == () else dict(compression="gzip")))
+            target[name].attrs.update(item.attrs)
+
+        source.visititems(write)
+    copy.replace(hdf5)
+
+
+def test_resume_goes_on_on_the_same_transitions_in_other_bytes_and_refuses_one_action_moved(
+        minari_root, tmp_path, monkeypatch, capsys):
+    from iql_torchrl.datasets import build_dataset
+
+    dataset = "iql_torchrl/pendulum/mixed-v0"
+    build_dataset(dataset, episodes=2, seed=0, reference_episodes=1, progress=False)
+    out = tmp_path / "run"
+    _crashed_run(dataset, out, monkeypatch)
+    hdf5 = minari_root / dataset / "data" / "main_data.hdf5"
+    original = hdf5.read_bytes()
+
+    _write_again(hdf5, action_nudge=1e-5)  # one of 400 actions moved: the observations' statistics are unchanged
+    with pytest.raises(ResumeError, match=r"not the data this run trained on \(files_sha256 differ"):
+        train(OfflineConfig(output_dir=out, resume=True, progress=False))
+
+    hdf5.write_bytes(original)
+    _write_again(hdf5)
+    assert hdf5.read_bytes() != original
+    capsys.readouterr()
+    summary = train(OfflineConfig(output_dir=out, resume=True, progress=False))
+    assert [point["step"] for point in summary["curve"]] == [10, 20]
+    assert ("iql_torchrl: The files of iql_torchrl/pendulum/mixed-v0 are not the bytes this run trained on"
+            in capsys.readouterr().err)
+
+
 def test_a_failed_evaluation_loses_nothing_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_datasets, tmp_path, monkeypatch):
     straight = train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=tmp_path / "straight", **TINY))
     out = tmp_path / "crashed"

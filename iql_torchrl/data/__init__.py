@@ -73,7 +73,7 @@ dict and :meth:`OfflineDataMetadata.from_state_dict` restores it.
 from iql_torchrl.data.buffer import REWARD_TRANSFORMS, BufferOptions, normalize_stored_observations
 from iql_torchrl.data.checks import ACTION_BOUND_TOLERANCE, DatasetError
 from iql_torchrl.data.metadata import ACTION_CLIP_EPS, OBSERVATION_STD_EPS, OfflineDataMetadata, flatten_observation
-from iql_torchrl.data.minari import is_fixed_goal_data, load_minari_dataset, read_minari_transitions
+from iql_torchrl.data.minari import is_fixed_goal_data, load_minari_dataset, read_minari_transitions, unmet_requirements
 from iql_torchrl.data.sampling import buffer_transitions, sample_indices
 from iql_torchrl.data.transitions import TRANSITION_KEYS, make_offline_buffer
 
@@ -94,4 +94,5 @@ __all__ = [
     "normalize_stored_observations",
     "read_minari_transitions",
     "sample_indices",
+    "unmet_requirements",
 ]

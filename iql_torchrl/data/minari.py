@@ -265,6 +265,27 @@ def is_fixed_goal_data(dataset_id: str) -> bool | None:
     return GOAL_KEY in keys and ACHIEVED_KEY in keys and fixed_goal(_env_spec_of(dataset)) is not None
 
 
+def unmet_requirements(dataset_id: str) -> list[str]:
+    """The package versions a dataset on disk records as its requirements (Minari's ``requirements``: those
+    that made it, e.g. ``mujoco==3.17.0``) that the installed packages do not meet, each with what is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    unmet = []
+    for text in _open_minari_dataset(dataset_id, download=False).storage.metadata.get("requirements") or []:
+        try:
+            requirement = Requirement(text)
+            installed = version(requirement.name)
+        except InvalidRequirement:
+            continue
+        except PackageNotFoundError:
+            installed = None
+        if installed is None or not requirement.specifier.contains(installed, prereleases=True):
+            unmet.append(f"{text} (installed: {installed or 'none'})")
+    return unmet
+
+
 def _goal_input(dataset_id: str, layout, env_spec, wanted: bool | None):
     """``(layout, reward_goal)``: the flattening without ``desired_goal`` and the fixed goal to relabel the
     rewards to, when the goal stays out of the policy's input; the layout unchanged and ``None`` otherwise."""

@@ -409,15 +409,18 @@ def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_e
         )
 
     algorithm = f"iql_torchrl scripted {recipe.kind} policy"
+    requirements = None
     if isinstance(recipe, MazeRecipe):
         episode_buffers, policies = _maze_episodes(recipe, episodes, seed, progress)
         ref_min_score, ref_max_score = maze_reference_returns(recipe.maze, reference_episodes, REFERENCE_SEED)
         env, eval_env = collection_env_spec(recipe.maze), eval_env_spec(recipe.maze)
+        requirements = _simulator_requirements("mujoco", "gymnasium-robotics")
     elif isinstance(recipe, LocomotionRecipe):
         episode_buffers, policies = _locomotion_buffers(recipe, episodes, seed, progress)
         ref_min_score, ref_max_score = D4RL_REFERENCE[recipe.task]
         env = eval_env = recipe.env_id
         algorithm = f"iql_torchrl SAC behaviour policies ({recipe.kind})"
+        requirements = _simulator_requirements("mujoco")
     else:
         episode_buffers, policies = _scripted_episodes(recipe, episodes, seed, progress)
         ref_min_score, ref_max_score = reference_returns(recipe.env_id, reference_episodes)
@@ -442,6 +445,7 @@ def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_e
                 ref_max_score=ref_max_score,
                 num_episodes_average_score=reference_episodes,
                 description=recipe.describe(episodes) + f" Episode i resets with seed {seed} + i.",
+                requirements=requirements,
             )
             dataset.storage.update_episode_metadata([{"policy": name} for name in policies])
         _ensure_namespace(dataset_id)
@@ -452,6 +456,14 @@ def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_e
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return minari.load_dataset(dataset_id)
+
+
+def _simulator_requirements(*packages: str) -> list[str]:
+    """The installed versions of the simulator packages, pinned (Minari's ``requirements``): a MuJoCo set's
+    episodes differ from one MuJoCo version to the next, so the set records the one that built it."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in packages]
 
 
 def _scripted_episodes(recipe: DatasetRecipe, episodes: int, seed: int, progress: bool):

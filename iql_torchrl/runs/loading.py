@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from iql_torchrl.data import load_minari_dataset, normalize_stored_observations
+from iql_torchrl.data import load_minari_dataset, normalize_stored_observations, unmet_requirements
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
 from iql_torchrl.runs.evaluation import check_evaluation_env, reference_scores_problem
 from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint
@@ -27,9 +27,9 @@ def load_run_data(config, ctx, device, dataset: str, source: dict | None = None)
     if fingerprint is not None:
         if not dataset_exists(dataset):
             rebuild = (f", or build it again with the arguments it was built with (`python -m iql_torchrl.datasets "
-                       f"build {dataset}`, with its --episodes and --seed if any): the run goes on if the files are the "
-                       "same bytes, as a builder's are on any CPU (a -v0 locomotion set's only on a CPU with the same "
-                       "vector instructions)" if dataset in BUILDERS else "")
+                       f"build {dataset}`, with its --episodes and --seed if any): the run goes on if they hold the same "
+                       "transitions, as a builder's do on any CPU (a MuJoCo set's with the same MuJoCo version, a -v0 "
+                       "locomotion set's only on a CPU with the same vector instructions)" if dataset in BUILDERS else "")
             raise ResumeError(f"The dataset {dataset} of this run is missing; restore it{rebuild}. It is not built "
                               "here: data built otherwise would not be the data the run trained on.")
     elif dataset in BUILDERS:
@@ -41,12 +41,20 @@ def load_run_data(config, ctx, device, dataset: str, source: dict | None = None)
         reward_transform=config.reward_transform, clip_actions=config.clip_actions,
         goal_in_observation=config.goal_in_observation(), success_terminal=config.success_terminal_option(),
     )
-    own = data_fingerprint(dataset, buffer.metadata)
+    own = data_fingerprint(dataset, buffer.metadata, buffer.storage.get(slice(None)))
     if fingerprint is not None:
-        check_same_data(fingerprint, own)
+        note = check_same_data(fingerprint, own)
+        if note is not None and ctx.is_main:
+            print(f"iql_torchrl: {note}", file=sys.stderr)
     if config.normalize_observations == "yes":  # after the fingerprint: it holds the data's own statistics
         normalize_stored_observations(buffer, *saved_statistics(source))
     if ctx.is_main:
+        unmet = unmet_requirements(dataset)
+        if unmet:
+            warnings.warn(f"{dataset} was made with other package versions than these: {', '.join(unmet)}. Its "
+                          "episodes came from that simulator and the evaluations here run on this one, whose "
+                          f"physics may differ; install those versions to evaluate as the data were collected.",
+                          stacklevel=3)
         check_evaluation_env(buffer.metadata)
         problem = reference_scores_problem(buffer.metadata)
         if problem is not None:

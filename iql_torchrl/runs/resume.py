@@ -10,9 +10,11 @@
   run in that number format and says so (a bf16 run moved to a CPU without native bf16 would go on emulated,
   many times slower); ``auto`` keeps the checkpoint's.
 * The data must be the data the run trained on: the checkpoint keeps a fingerprint (dataset id,
-  transition count, a SHA-256 of the dataset's files, the normalisation statistics, the reward
-  transform and the goal rule), and a changed or missing dataset, or one read with another goal
-  rule, refuses to resume -- a builder dataset is never silently rebuilt.
+  transition count, a SHA-256 of the dataset's files, the statistics of its observations, actions and
+  rewards, the reward transform and the goal rule), and a changed or missing dataset, or one read with
+  another goal rule, refuses to resume -- a builder dataset is never silently rebuilt. Files of other bytes
+  that hold the same transitions (a set built again where another version of a library writes or rounds
+  differently) go on when every statistic matches to :data:`SAME_DATA_TOLERANCE`, and the run says so.
 """
 from __future__ import annotations
 
@@ -22,10 +24,16 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 from iql_torchrl.runs.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, conflicting_flags
 from iql_torchrl.runs.sweep import same_grid
 
-__all__ = ["ResumeError", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
+__all__ = ["ResumeError", "SAME_DATA_TOLERANCE", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
+
+# relative difference under which two fingerprints' statistics are those of the same transitions: a diverged
+# episode moves a mean over the data by far more, rounding in another summation order by about 1e-14
+SAME_DATA_TOLERANCE = 1e-9
 
 
 class ResumeError(RuntimeError):
@@ -74,8 +82,9 @@ def dataset_files(dataset_id: str) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
-def data_fingerprint(dataset_id: str, metadata) -> dict:
-    """What identifies the data a run trains on: id, size, a SHA-256 of the dataset's files, the statistics."""
+def data_fingerprint(dataset_id: str, metadata, transitions=None) -> dict:
+    """What identifies the data a run trains on: id, size, a SHA-256 of the dataset's files, the statistics
+    (with ``transitions``, the loaded data's TensorDict, also its actions' and rewards' means, in float64)."""
     digest = hashlib.sha256()
     files = dataset_files(dataset_id)
     for path in files:
@@ -92,15 +101,32 @@ def data_fingerprint(dataset_id: str, metadata) -> dict:
         "reward_scale": metadata.reward_scale,
         "reward_shift": metadata.reward_shift,
         "success_terminal": metadata.success_terminal,
+        **({} if transitions is None else {
+            "action_mean": transitions.get("action").to(torch.float64).mean(0).reshape(-1).tolist(),
+            "reward_mean": transitions.get(("next", "reward")).to(torch.float64).mean().item(),
+        }),
     }
 
 
-def check_same_data(saved: dict, current: dict, what: str = "this run") -> None:
+def check_same_data(saved: dict, current: dict, what: str = "this run") -> str | None:
     """Refuses (:class:`ResumeError`) when the data differ from the fingerprint ``saved``, or would be read
-    with another goal rule or reward transform (a fingerprint without a goal rule read its data continuing)."""
+    with another goal rule or reward transform (a fingerprint without a goal rule read its data continuing).
+
+    Returns a line to show when the files are other bytes holding the same transitions (every statistic both
+    fingerprints hold equal to :data:`SAME_DATA_TOLERANCE`), else ``None``."""
     differences = [
-        name for name in ("dataset", "num_transitions", "files_sha256") if saved.get(name) != current.get(name)
+        name for name in ("dataset", "num_transitions") if saved.get(name) != current.get(name)
     ] + [name for name in ("observation_mean", "observation_std") if not _close(saved.get(name), current.get(name))]
+    note = None
+    if not differences and saved.get("files_sha256") != current.get("files_sha256"):
+        compared = [name for name in ("observation_mean", "observation_std", "reward_scale", "reward_shift",
+                                      "action_mean", "reward_mean") if name in saved and name in current]
+        if all(_close(saved[name], current[name], SAME_DATA_TOLERANCE, 1e-12) for name in compared):
+            note = (f"The files of {current['dataset']} are not the bytes {what} trained on (built again, or written "
+                    f"by another version of a library), but they hold as many transitions ({current['num_transitions']:,}) "
+                    f"with the same {', '.join(compared)} (to a relative {SAME_DATA_TOLERANCE:g}): the same data.")
+        else:
+            differences.append("files_sha256")
     if differences:
         raise ResumeError(
             f"The dataset {current['dataset']} is not the data {what} trained on ({', '.join(differences)} differ: "
@@ -121,12 +147,13 @@ def check_same_data(saved: dict, current: dict, what: str = "this run") -> None:
             f"otherwise ({', '.join(rewards)} differ: the preset's reward transform differs from the one it started "
             f"with). Start a new run."
         )
+    return note
 
 
-def _close(a, b) -> bool:
+def _close(a, b, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
     a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_close(x, y, rel_tol, abs_tol) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+        return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
     return a == b
