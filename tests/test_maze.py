@@ -120,7 +120,7 @@ def test_the_stitching_check_refuses_an_episode_from_start_to_goal():
         check_no_start_to_goal_episode("medium", [{"observations": {"achieved_goal": path}}])
 
 
-def test_maze_datasets_record_the_fixed_goal_evaluation_env(mazes):
+def test_maze_datasets_record_the_fixed_goal_evaluation_env_and_the_simulator_versions(mazes):
     import minari
 
     dataset = minari.load_dataset(MEDIUM)
@@ -129,6 +129,11 @@ def test_maze_datasets_record_the_fixed_goal_evaluation_env(mazes):
     assert dataset._eval_env_spec.kwargs["reset_target"] is False and dataset._eval_env_spec.max_episode_steps == 600
     assert dataset.storage.metadata["ref_max_score"] > 100 > dataset.storage.metadata["ref_min_score"]
     check_recipe(MEDIUM)  # the description matches this recipe
+    from importlib.metadata import version
+
+    # the simulator that stepped the episodes: another MuJoCo or maze package would step them elsewhere
+    assert dataset.storage.metadata["requirements"] == [f"mujoco=={version('mujoco')}",
+                                                        f"gymnasium-robotics=={version('gymnasium-robotics')}"]
 
 
 # ------------------------------------------------------------------ goal in or out of the input
