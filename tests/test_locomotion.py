@@ -137,6 +137,8 @@ def test_a_mujoco_set_records_the_mujoco_that_built_it_and_a_run_on_it_says_when
     assert unmet_requirements("iql_torchrl/hopper/medium-v1") == []
     assert "requirements" not in build_dataset("iql_torchrl/pendulum/mixed-v0", episodes=1, reference_episodes=1,
                                                progress=False).storage.metadata
+    assert build_dataset("iql_torchrl/inverted-pendulum/expert-v0", episodes=1, reference_episodes=1,
+                         progress=False).storage.metadata["requirements"] == [f"mujoco=={version('mujoco')}"]
 
     metadata = tmp_path / "datasets" / "iql_torchrl" / "hopper" / "medium-v1" / "data" / "metadata.json"
     recorded = json.loads(metadata.read_text())

@@ -425,6 +425,8 @@ def _build_locked(recipe, episodes: int, seed: int, overwrite: bool, reference_e
         episode_buffers, policies = _scripted_episodes(recipe, episodes, seed, progress)
         ref_min_score, ref_max_score = reference_returns(recipe.env_id, reference_episodes)
         env = eval_env = recipe.env_id
+        if str(gym.spec(recipe.env_id).entry_point).startswith("gymnasium.envs.mujoco"):
+            requirements = _simulator_requirements("mujoco")
 
     # this id's staging folders: any left here (a build killed before its cleanup) is stale, the lock being ours
     prefix = f".building-{dataset_id.replace('/', '--')}-"
