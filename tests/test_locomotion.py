@@ -125,7 +125,7 @@ def test_medium_expert_replays_from_its_seeds_and_reads_on_d4rl_scale(kept):
 
 
 def test_a_mujoco_set_records_the_mujoco_that_built_it_and_a_run_on_it_says_when_another_is_installed(
-        kept, tmp_path, monkeypatch):
+        kept, tmp_path):
     # MuJoCo's versions step the same actions to other states (walker2d medium-v1's first 64 episodes: 25,090
     # transitions under 3.1.6, 25,846 under 3.17.0, 25,602 under 4.0.0): the set names the one that made it
     from importlib.metadata import version

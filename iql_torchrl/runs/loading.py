@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from iql_torchrl.data import load_minari_dataset, normalize_stored_observations, unmet_requirements
+from iql_torchrl.data import buffer_transitions, load_minari_dataset, normalize_stored_observations, unmet_requirements
 from iql_torchrl.datasets import BUILDERS, dataset_exists, ensure_dataset
 from iql_torchrl.runs.evaluation import check_evaluation_env, reference_scores_problem
 from iql_torchrl.runs.resume import ResumeError, check_same_data, data_fingerprint
@@ -41,7 +41,7 @@ def load_run_data(config, ctx, device, dataset: str, source: dict | None = None)
         reward_transform=config.reward_transform, clip_actions=config.clip_actions,
         goal_in_observation=config.goal_in_observation(), success_terminal=config.success_terminal_option(),
     )
-    own = data_fingerprint(dataset, buffer.metadata, buffer.storage.get(slice(None)))
+    own = data_fingerprint(dataset, buffer.metadata, buffer_transitions(buffer))
     if fingerprint is not None:
         note = check_same_data(fingerprint, own)
         if note is not None and ctx.is_main:
