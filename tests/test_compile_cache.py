@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from torch_features import AHEAD_OF_TIME, CACHED_STEPS
+
 from iql_torchrl.step.compile_cache import CompiledStepCache, default_cache_folder, entry_key
 from iql_torchrl.step.wiring import compiled_step_description
 
@@ -309,7 +311,7 @@ def _assert_matches_eager(update_factory, steps: int = 3):
 @pytest.fixture(scope="module")
 def filled_cache(tmp_path_factory):
     """A cache holding the step of _loss() compiled once (by a run that then ends)."""
-    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
+    if not AHEAD_OF_TIME:
         pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
     from iql_torchrl import IQLUpdate
 
@@ -394,11 +396,10 @@ def test_every_setting_the_graph_bakes_in_changes_the_entry(change):
 
 
 @pytest.mark.slow
+@CACHED_STEPS
 def test_vmapped_seeds_are_cached_and_a_second_run_trains_as_eager_from_the_entry(tmp_path):
     # tensordict replaces a torch vmap helper that the compiled vmapped graph pickles by name: without
     # putting torch's own back while pickling, the entry is never written and every run of seeds compiles
-    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
-        pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
     from iql_torchrl import IQLUpdate
     from iql_torchrl.objectives.ensemble import SeedEnsemble
     from synthetic import random_transitions
@@ -421,11 +422,10 @@ def test_vmapped_seeds_are_cached_and_a_second_run_trains_as_eager_from_the_entr
 
 
 @pytest.mark.slow
+@CACHED_STEPS
 def test_a_step_whose_network_calls_code_in_another_file_is_compiled_anew_once_that_file_changed(tmp_path, monkeypatch):
     # the user's value network ends in a layer of theirs whose forward calls a helper from another of their files;
     # that file is edited between two runs (the network's class and its own file stay as they were)
-    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
-        pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
     import importlib
 
     from torchrl.modules import ValueOperator

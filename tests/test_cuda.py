@@ -17,10 +17,15 @@ lr·g/(|g| + 1e-8): ±lr wherever |g| ≫ 1e-8, whatever the order, but a gradie
 fraction of lr that its last bits decide, the likely source of the critics' 1.3e-5. A step behind differs by about
 the learning rate (3e-4); a miscompiled foreach Adam left the actor's log-std 3.96e-4 off after one update.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from synthetic import random_transitions
+from torch_features import CACHED_STEPS
 
 from iql_torchrl import IQLLoss, make_iql_networks
 from iql_torchrl.step.update import IQLUpdate
@@ -32,11 +37,11 @@ ONE_UPDATE = 1e-4  # 7.5× the largest calibrated difference after one update (1
 AFTER_300 = {"actor": 5e-2, "qvalue": 6e-2, "value": 2e-2}  # about three times the calibrated drift
 
 
-def make(mode, seed=1):
+def make(mode, seed=1, actor_kind="gaussian", compile_cache=None):
     torch.manual_seed(seed)
-    loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(256, 256))).to("cuda")
+    loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(256, 256), actor_kind=actor_kind)).to("cuda")
     data = random_transitions(N, OBS, ACT).to("cuda")
-    return loss, IQLUpdate(loss, data=data, total_steps=1_000, mode=mode)
+    return loss, IQLUpdate(loss, data=data, total_steps=1_000, mode=mode, compile_cache=compile_cache)
 
 
 def stream(steps):
@@ -53,10 +58,10 @@ def largest_gaps(a, b):
     return gaps
 
 
-@pytest.mark.parametrize("mode", ["compile", "cudagraphs"])
-def test_eager_and_compiled_steps_agree_on_cuda_at_the_job_s_shapes_over_300_updates(mode):
-    (loss_e, eager), (loss_c, compiled) = make("eager"), make(mode)
-    indices = stream(300)
+def assert_follows(twins, indices):
+    """Eager and compiled twins, stepped on ``indices``, within one update's bound after the first and within the
+    calibrated drift after the rest; the wrong variant: eager a step ahead differs by more than one update's bound."""
+    (loss_e, eager), (loss_c, compiled) = twins
     eager(indices[0])
     compiled(indices[0])
     one = largest_gaps(loss_e, loss_c)
@@ -66,10 +71,69 @@ def test_eager_and_compiled_steps_agree_on_cuda_at_the_job_s_shapes_over_300_upd
         compiled(idx)
     after = largest_gaps(loss_e, loss_c)
     assert all(after[name] <= AFTER_300[name] for name in after), after
-    assert compiled.mode == mode  # its checks passed: it never fell back to eager
-    # the wrong variant: a step behind differs by more than the bound
     eager(indices[0])
     assert max(largest_gaps(loss_e, loss_c).values()) > ONE_UPDATE
+
+
+@pytest.mark.parametrize("mode", ["compile", "cudagraphs"])
+def test_eager_and_compiled_steps_agree_on_cuda_at_the_job_s_shapes_over_300_updates(mode):
+    twins = make("eager"), make(mode)
+    assert_follows(twins, stream(300))
+    assert twins[1][1].mode == mode  # its checks passed: it never fell back to eager
+
+
+def test_a_cuda_graph_step_of_a_deterministic_actor_follows_the_eager_step():
+    # the hopper and walker2d presets' actor (--actor deterministic): its loss is a weighted squared error
+    twins = make("eager", actor_kind="deterministic"), make("cudagraphs", actor_kind="deterministic")
+    assert_follows(twins, stream(20))
+    assert twins[1][1].mode == "cudagraphs" and twins[1][1].compilations == 1
+
+
+@CACHED_STEPS
+def test_a_step_compiled_for_cuda_and_cached_by_one_process_loads_in_another_and_trains_as_eager(tmp_path):
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_cuda import N, OBS, ACT, stream
+from synthetic import random_transitions
+from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+torch.manual_seed(1)
+loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(256, 256))).to("cuda")
+update = IQLUpdate(loss, data=random_transitions(N, OBS, ACT).to("cuda"), total_steps=1_000, mode="compile",
+                   compile_cache={str(tmp_path)!r})
+update(stream(1)[0])
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
+    assert len(list(tmp_path.glob("*.step"))) == 1
+    eager, (loss_c, loaded) = make("eager"), make("compile", compile_cache=tmp_path)
+    loaded.runner.unguarded = None  # compiling here would fail: the step must come from the other process's entry
+    assert_follows((eager, (loss_c, loaded)), stream(3))
+    assert loaded.compilations == 1 and loaded.mode == "compile"
+
+
+def test_a_run_trained_on_the_cpu_resumes_on_cuda_and_ends_there(tiny_datasets, tmp_path, stop_after_checkpoint, capsys):
+    # observations normalized: the run's normalization moves to the GPU with it
+    from iql_offline import train
+
+    from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from iql_torchrl.runs.config import OfflineConfig
+
+    settings = dict(dataset=tiny_datasets.pendulum, steps=20, batch_size=32, eval_every=10, eval_episodes=2,
+                    checkpoint_every=10, hidden_sizes=(16, 16), progress=False, logger="none",
+                    normalize_observations="yes")
+    stop_after_checkpoint(lambda run: run.step == 10)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(OfflineConfig(output_dir=out, device="cpu", **settings))
+    halfway = load_checkpoint(out / CHECKPOINT_NAME)
+    stop_after_checkpoint(None)
+    capsys.readouterr()
+    summary = train(OfflineConfig(output_dir=out, resume=True, device="cuda", progress=False))
+    assert "drawn anew" in capsys.readouterr().err  # a CPU generator's state cannot continue on CUDA
+    end = load_checkpoint(out / CHECKPOINT_NAME)
+    assert end["step"] == 20 and [point["step"] for point in summary["curve"]] == [10, 20]
+    assert all(torch.isfinite(value).all() for value in end["loss"].values())
+    assert any(not torch.equal(end["loss"][key], value) for key, value in halfway["loss"].items())  # it trained
 
 
 def test_a_cuda_graph_step_of_vmapped_seeds_compiles_once_and_follows_the_eager_step():

@@ -14,6 +14,7 @@ import torch
 from tensordict import TensorDict
 
 from synthetic import random_transitions
+from torch_features import AHEAD_OF_TIME
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, IQLUpdate, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
@@ -34,8 +35,6 @@ CUDA_TOL = {"rtol": 1e-3, "atol": 1e-4}
 # measured up to 1.3 × TOL over the tensor changes, against 0.04 × TOL in float32
 BF16_MIN_FEATURES = 16
 BF16_TOL = {"rtol": 5e-4, "atol": 5e-5}
-# a torch without aot_compile (2.11) runs every compiled step guarded, and dynamo's guards may recompile it
-AHEAD_OF_TIME = hasattr(torch.compile(lambda x: x), "aot_compile")
 # a change must move the eager step by more than this many times the twins' tolerance (measured: 5× for the
 # cosine's length under bf16, 26× in float32, hundreds to thousands for most)
 MARGIN = 4

@@ -21,6 +21,7 @@ from iql_torchrl.precision_choice import choose_precision
 from iql_torchrl.step.precision import BF16Layers
 from iql_offline import train
 from synthetic import random_transitions
+from torch_features import CACHED_STEPS
 
 # several tests here step bf16 eagerly on purpose, which warns that eager bf16 is the slower choice
 pytestmark = pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'.. the eager step runs slower")
@@ -349,9 +350,8 @@ def test_a_resume_goes_on_in_the_precision_asked_for_and_says_so(capsys):
 
 
 @pytest.mark.slow
+@CACHED_STEPS
 def test_the_compile_cache_keeps_a_step_per_precision(tmp_path):
-    if not hasattr(torch.compile(lambda x: x), "aot_compile"):
-        pytest.skip("this torch has no aot_compile (e.g. 2.11): its guarded step is never cached")
     batch = random_transitions(256, 17, 6)
     out = {}
     for name in ("fp32", "bf16", "bf16"):

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,48 @@ def test_wandb_without_an_api_key_runs_offline_and_writes_its_files(tiny_dataset
 def _example(*args, **kwargs):
     return subprocess.Popen([sys.executable, str(ROOT / "examples" / "iql_offline.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_a_run_saved_on_another_kind_of_device_resumes_here_on_fresh_batches_repeatably_and_says_so(
+        tiny_datasets, tmp_path, stop_after_checkpoint, capsys):
+    stop_after_checkpoint(lambda run: run.step == 10)
+    first = tmp_path / "first"
+    with pytest.raises(KeyboardInterrupt):
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=first, **TINY))
+    stop_after_checkpoint(None)
+    # as a run on a GPU saves it: its batch generator's state is a CUDA generator's (a 16-byte seed and offset),
+    # which a CPU generator refuses
+    state = load_checkpoint(first / CHECKPOINT_NAME)
+    saved_on_cpu = state["rng"][0]["generators"][0]
+    state["rng"][0]["generators"] = [torch.arange(16, dtype=torch.uint8)]
+    torch.save(state, first / CHECKPOINT_NAME)
+    with pytest.raises(RuntimeError, match="size"):  # the wrong variant: the state put back as it was saved
+        torch.Generator().set_state(state["rng"][0]["generators"][0])
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    ends = []
+    for out in (first, second):
+        capsys.readouterr()
+        train(OfflineConfig(output_dir=out, resume=True, progress=False))
+        assert "drawn anew" in capsys.readouterr().err
+        ends.append(load_checkpoint(out / CHECKPOINT_NAME))
+    assert ends[0]["step"] == ends[1]["step"] == 20
+    for key, value in ends[0]["loss"].items():  # the fresh stream is seeded by the run: resuming is repeatable
+        assert torch.equal(value, ends[1]["loss"][key]), key
+    assert not torch.equal(ends[0]["rng"][0]["generators"][0], saved_on_cpu)
+
+
+def test_random_states_saved_with_more_gpus_than_here_restore_the_gpus_here(monkeypatch):
+    from iql_torchrl.runs.checkpoint import capture_rng, restore_rng
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)] * 2)
+    state = capture_rng([torch.Generator()])  # as a machine with two GPUs saves it
+    assert restore_rng(state, [torch.Generator()]) == []
+    assert restored == [0]
 
 
 @pytest.mark.slow

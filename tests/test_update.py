@@ -10,6 +10,7 @@ import torch
 
 from reference import ReferenceIQL, as_float64, critic, gaussian_log_prob, num_critics, value
 from synthetic import random_transitions
+from torch_features import AHEAD_OF_TIME
 from test_live_settings import CUDA_TOL  # the 16-wide CUDA comparisons' tolerance, from an H100 reading
 
 from iql_torchrl import IQLLoss, make_iql_networks
@@ -18,8 +19,6 @@ from iql_torchrl.step.optimizers import adam_step, make_adam
 from iql_torchrl.step.update import IQLUpdate, cosine_decay
 
 N, B, OBS, ACT = 512, 32, 3, 2
-# a torch without aot_compile (2.11) runs every compiled step guarded, and dynamo's guards may recompile it
-AHEAD_OF_TIME = hasattr(torch.compile(lambda x: x), "aot_compile")
 
 
 def dataset(seed=0):

@@ -55,17 +55,25 @@ def capture_rng(generators: list[torch.Generator] = ()) -> dict:
     return state
 
 
-def restore_rng(state: dict, generators: list[torch.Generator] = ()) -> None:
+def restore_rng(state: dict, generators: list[torch.Generator] = ()) -> list[int]:
+    """Puts the saved random states back; returns the indices of the ``generators`` it left as they are: those
+    saved on another kind of device (a CPU generator and a CUDA one hold states of different kinds and sizes)."""
     torch.set_rng_state(state["torch"])
     saved = state["numpy"]
     np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["position"],
                          saved["has_gauss"], saved["cached_gaussian"]))
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for generator, saved_generator in zip(generators, state["generators"], strict=True):
-        generator.set_state(saved_generator)
+    if "cuda" in state and torch.cuda.is_available():  # each GPU this machine has (the saving one may have had more)
+        for index, saved_cuda in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(saved_cuda, index)
+    elsewhere = []
+    for index, (generator, saved_generator) in enumerate(zip(generators, state["generators"], strict=True)):
+        if saved_generator.numel() == generator.get_state().numel():
+            generator.set_state(saved_generator)
+        else:
+            elsewhere.append(index)
+    return elsewhere
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import iql_torchrl
@@ -213,10 +214,22 @@ class Run:
         if self.state is not None:
             loss.load_state_dict(self.state["loss"])
             update.load_state_dict(self.state["update"])
-            restore_rng(self.state["rng"][self.ctx.rank], generators)
             self.step, self.curve = self.state["step"], self.state["curve"]
+            self._redraw(restore_rng(self.state["rng"][self.ctx.rank], generators))
             self.value_bound.beyond_at = self.state.get("values_beyond_bound_at")
             self.last_checkpoint_step = self.step
+
+    def _redraw(self, elsewhere: list[int]) -> None:
+        """Seeds the batch streams saved on another kind of device (``--device`` changed on resume) from the
+        run's seed, rank and update, so that resuming is still repeatable, and says so."""
+        for index in elsewhere:
+            entropy = [self.seeds[index], self.ctx.rank, self.step]
+            self.generators[index].manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
+        if elsewhere and self.ctx.is_main:
+            print(f"{self.output_dir}: its batches were drawn on another kind of device than {self.device}, whose "
+                  f"random state this one cannot continue: from update {self.step} on they are drawn anew (seeded by "
+                  "the run's seed and that update), not as the run would have drawn them where it started.",
+                  file=sys.stderr)
 
     def read_metrics(self, metrics, extra: dict | None = None) -> dict:
         """The interval's one host sync: metrics to floats, the non-finite guard, the value-bound watch, the log."""
