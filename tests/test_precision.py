@@ -341,7 +341,7 @@ def test_a_resume_goes_on_in_the_precision_asked_for_and_says_so(capsys):
     again = lambda **given: OfflineConfig(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x", resume=True,
                                           **given)
     assert resumed_config(OfflineConfig, saved, again(precision="fp32"), {"precision"}).precision == "fp32"
-    assert "--precision fp32: the run goes on in fp32 (its checkpoint trained in bf16)" in capsys.readouterr().err
+    assert "--precision fp32: the run goes on in fp32 (its checkpoint's step ran in bf16)" in capsys.readouterr().err
     for precision in ("auto", "bf16"):  # the checkpoint's, quietly
         assert resumed_config(OfflineConfig, saved, again(precision=precision), {"precision"}).precision == "bf16"
     assert capsys.readouterr().err == ""

@@ -222,6 +222,27 @@ def test_resume_refuses_every_changed_setting_and_lists_both_values(tiny_dataset
     assert _files(out) == before
 
 
+def test_a_resume_goes_on_compiled_or_eager_with_or_without_a_cuda_graph_as_asked_and_says_so(capsys):
+    # the way the step runs on a machine: a run moved between the CPU and a GPU may want it back
+    from iql_torchrl.runs.config import config_to_dict
+    from iql_torchrl.runs.resume import resumed_config
+
+    saved = config_to_dict(OfflineConfig(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x", compile=False,
+                                         cudagraphs=False).resolved())
+    again = lambda **given: OfflineConfig(dataset="iql_torchrl/pendulum/mixed-v0", output_dir="/tmp/x", resume=True,
+                                          **given)
+    resumed = resumed_config(OfflineConfig, saved, again(compile=True, cudagraphs=True), {"compile", "cudagraphs"})
+    assert resumed.compile is True and resumed.cudagraphs is True
+    said = capsys.readouterr().err
+    assert "--compile: the run goes on compiled (its checkpoint's step ran eager)" in said
+    assert "--cudagraphs: the run goes on replayed as a CUDA graph (its checkpoint's step ran without a CUDA graph)" in said
+    resumed = resumed_config(OfflineConfig, saved, again(compile="auto", cudagraphs=False), {"compile", "cudagraphs"})
+    assert resumed.compile is False and resumed.cudagraphs is False  # the checkpoint's, quietly
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ResumeError, match="--batch-size: checkpoint 256, given 64"):  # the run's shape still may not
+        resumed_config(OfflineConfig, saved, again(compile=True, batch_size=64), {"compile", "batch_size"})
+
+
 def test_a_flag_given_on_the_command_line_counts_even_at_its_default_value(tiny_datasets, tmp_path):
     out = tmp_path / "run"
     train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **TINY))

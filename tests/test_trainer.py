@@ -162,29 +162,36 @@ def _example(*args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_a_run_saved_on_another_kind_of_device_resumes_here_on_fresh_batches_repeatably_and_says_so(
+def test_a_run_saved_on_a_gpu_resumes_on_the_cpu_repeatably_in_the_way_this_machine_can_and_says_so(
         tiny_datasets, tmp_path, stop_after_checkpoint, capsys):
     stop_after_checkpoint(lambda run: run.step == 10)
     first = tmp_path / "first"
     with pytest.raises(KeyboardInterrupt):
         train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=first, **TINY))
     stop_after_checkpoint(None)
-    # as a run on a GPU saves it: its batch generator's state is a CUDA generator's (a 16-byte seed and offset),
-    # which a CPU generator refuses
+    # as a run on a GPU saves it: a compiled step replayed as a CUDA graph, and a batch generator's state that is a
+    # CUDA generator's (a 16-byte seed and offset), which a CPU generator refuses
     state = load_checkpoint(first / CHECKPOINT_NAME)
     saved_on_cpu = state["rng"][0]["generators"][0]
     state["rng"][0]["generators"] = [torch.arange(16, dtype=torch.uint8)]
+    state["config"].update(device="cuda", compile=True, cudagraphs=True)
     torch.save(state, first / CHECKPOINT_NAME)
     with pytest.raises(RuntimeError, match="size"):  # the wrong variant: the state put back as it was saved
         torch.Generator().set_state(state["rng"][0]["generators"][0])
     second = tmp_path / "second"
     shutil.copytree(first, second)
     ends = []
-    for out in (first, second):
-        capsys.readouterr()
-        train(OfflineConfig(output_dir=out, resume=True, progress=False))
-        assert "drawn anew" in capsys.readouterr().err
-        ends.append(load_checkpoint(out / CHECKPOINT_NAME))
+    # on a machine without a C++ compiler too: the compiled step goes on eager
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        for out in (first, second):
+            capsys.readouterr()
+            train(OfflineConfig(output_dir=out, resume=True, device="cpu", progress=False))
+            said = capsys.readouterr().err
+            for line in ("replayed its compiled step as a CUDA graph; on cpu it goes on compiled, without one",
+                         "it goes on eager here: compiling the update step on the CPU needs a C++ compiler",
+                         "from update 10 on they are drawn anew"):
+                assert line in said, line
+            ends.append(load_checkpoint(out / CHECKPOINT_NAME))
     assert ends[0]["step"] == ends[1]["step"] == 20
     for key, value in ends[0]["loss"].items():  # the fresh stream is seeded by the run: resuming is repeatable
         assert torch.equal(value, ends[1]["loss"][key]), key

@@ -6,9 +6,11 @@
   refused) -- except the settings that do not shape the run
   (:data:`~iql_torchrl.runs.config.RUN_NEUTRAL_SETTINGS`: logger, progress bar, threads, evaluation
   episodes, log and checkpoint intervals, device), which take the new value. ``--steps`` is
-  never one of those: the actor's cosine schedule depends on it. ``--precision fp32`` or ``bf16`` continues the
-  run in that number format and says so (a bf16 run moved to a CPU without native bf16 would go on emulated,
-  many times slower); ``auto`` keeps the checkpoint's.
+  never one of those: the actor's cosine schedule depends on it. The way the step runs on a machine may be given
+  again: ``--precision fp32`` or ``bf16``, ``--compile`` / ``--no-compile``, ``--cudagraphs`` / ``--no-cudagraphs``
+  continue the run that way and say so (a bf16 run moved to a CPU without native bf16 would go on emulated,
+  many times slower; a run moved between the CPU and a GPU may want its CUDA graph back); ``auto`` keeps the
+  checkpoint's.
 * The data must be the data the run trained on: the checkpoint keeps a fingerprint (dataset id,
   transition count, a SHA-256 of the dataset's files, the statistics of its observations, actions and
   rewards, the reward transform and the goal rule), and a changed or missing dataset, or one read with
@@ -36,6 +38,14 @@ __all__ = ["ResumeError", "SAME_DATA_TOLERANCE", "resumed_config", "dataset_file
 SAME_DATA_TOLERANCE = 1e-9
 
 
+# how the step runs on a machine, in words: a resume may change it (given, not auto)
+_STEP_WAYS = {
+    "precision": lambda value: f"in {value}",
+    "compile": lambda value: "compiled" if value else "eager",
+    "cudagraphs": lambda value: "replayed as a CUDA graph" if value else "without a CUDA graph",
+}
+
+
 class ResumeError(RuntimeError):
     """The run in the folder cannot continue as asked."""
 
@@ -46,13 +56,16 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
     wanted, stored = config_to_dict(given_config), config_to_dict(config)
     for name in given & set(RUN_NEUTRAL_SETTINGS):
         setattr(config, name, getattr(given_config, name))
-    precision = getattr(given_config, "precision", "auto")
-    if "precision" in given and precision != "auto":  # a number format chosen for this machine: not the run's shape
-        given = given - {"precision"}
-        if precision != config.precision:
-            print(f"--precision {precision}: the run goes on in {precision} (its checkpoint trained in "
-                  f"{config.precision}).", file=sys.stderr)
-            config.precision = precision
+    for name, way in _STEP_WAYS.items():  # chosen for a machine, not the run's shape
+        value = getattr(given_config, name, "auto")
+        if name not in given or value == "auto":
+            continue
+        given = given - {name}
+        if value != getattr(config, name):
+            given_flag = f"--{name} {value}" if name == "precision" else f"--{'' if value else 'no-'}{name}"
+            print(f"{given_flag}: the run goes on {way(value)} (its checkpoint's step ran "
+                  f"{way(getattr(config, name))}).", file=sys.stderr)
+            setattr(config, name, value)
     if "sweep" in given and same_grid(getattr(given_config, "sweep", None), saved.get("sweep")):
         given = given - {"sweep"}  # the same grid, written otherwise (0,3 and 0.0,3.0)
     changed = conflicting_flags(given - set(RUN_NEUTRAL_SETTINGS), wanted, stored, "checkpoint", _preset_default)
@@ -68,9 +81,10 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
 
 def _preset_default(name: str, value) -> bool:
     # "use the preset's value" (None) matches whatever value the checkpoint resolved it to; so do --preset auto,
-    # --actor auto, --normalize-observations auto and --precision auto (a resumed run keeps what it chose)
+    # --actor auto, --normalize-observations auto, --precision auto, --compile auto and --cudagraphs auto (a resumed
+    # run keeps what it chose)
     return ((name in ("temperature", "expectile", "tau") and value is None)
-            or (name in ("preset", "precision", "normalize_observations", "actor") and value == "auto"))
+            or (name in ("preset", "normalize_observations", "actor", *_STEP_WAYS) and value == "auto"))
 
 
 # ---------------------------------------------------------------------------------------- data fingerprint

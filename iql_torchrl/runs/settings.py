@@ -43,6 +43,8 @@ def resolve_settings(config, job: str, given: set[str]):
         config = resumed_config(type(config), state["config"], config, given)
         config.check()
     config = config.resolved()
+    if state is not None:
+        _fit_resumed_step(config, given)
     if config.cudagraphs is True and config.device != "cuda":
         raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
     check_device(config.device)
@@ -66,6 +68,19 @@ def resolve_settings(config, job: str, given: set[str]):
               file=sys.stderr)
     config.step_chosen = chosen
     return config, state
+
+
+def _fit_resumed_step(config, given: set[str]) -> None:
+    """A resumed run's step where its checkpoint's way cannot run here (a GPU run resumed on the CPU, a compiled
+    run on a machine without a C++ compiler): the nearest way that can, said in one line. The step computes
+    the same updates either way; a flag given on the command line is never replaced."""
+    if config.cudagraphs is True and config.device != "cuda" and "cudagraphs" not in given:
+        config.cudagraphs = False
+        print(f"iql_torchrl: the run replayed its compiled step as a CUDA graph; on {config.device} it goes on "
+              "compiled, without one.", file=sys.stderr)
+    if config.compile is True and "compile" not in given and (problem := missing_compiler(config.device)):
+        config.compile = False
+        print(f"iql_torchrl: the run compiled its step; it goes on eager here: {problem}.", file=sys.stderr)
 
 
 # --compile auto: compiling the default step on 2 CPU cores is repaid after a couple of thousand updates
