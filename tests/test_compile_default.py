@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from iql_torchrl.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from iql_torchrl.runs.config import parse_cli
 from iql_torchrl.jobs.finetune import FinetuneConfig
 from iql_torchrl.runs.settings import COMPILE_BREAK_EVEN, auto_compile, resolve_settings
@@ -70,6 +71,24 @@ def test_on_cuda_the_default_step_is_the_cuda_graph_step_and_a_forced_one_is_nev
     if not argv:
         line = capsys.readouterr().err
         assert "runs compiled" in line and "replayed as a CUDA graph" in line and "checked against the eager step" in line
+
+
+@pytest.mark.parametrize("argv, cudagraphs", [([], True), (["--no-cudagraphs"], False)])
+def test_a_compiled_cpu_run_resumed_on_cuda_takes_cuda_s_default_step_unless_told_otherwise(
+        argv, cudagraphs, tiny_datasets, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, steps=4, eval_every=4, eval_episodes=1,
+                        hidden_sizes=(8,), batch_size=16, logger="none", progress=False, log_every=2))
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    state["config"].update(compile=True, cudagraphs=False)  # as a compiled run saves it on the CPU
+    torch.save(state, out / CHECKPOINT_NAME)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capsys.readouterr()
+    config, given = parse_cli(OfflineConfig, ["--resume", "--output-dir", str(out), "--device", "cuda", *argv])
+    resolved, _ = resolve_settings(config, "offline", given)
+    assert resolved.compile is True and resolved.cudagraphs is cudagraphs
+    said = "the run's step ran on cpu; on cuda it goes on replayed as a CUDA graph" in capsys.readouterr().err
+    assert said is cudagraphs  # a flag given is taken as it is, quietly
 
 
 def test_on_the_cpu_auto_means_no_cuda_graphs_and_a_forced_one_is_refused(monkeypatch):

@@ -111,7 +111,8 @@ update(stream(1)[0])
     assert loaded.compilations == 1 and loaded.mode == "compile"
 
 
-def test_a_run_trained_on_the_cpu_resumes_on_cuda_and_ends_there(tiny_datasets, tmp_path, stop_after_checkpoint, capsys):
+def test_a_compiled_run_trained_on_the_cpu_resumes_on_cuda_as_a_cuda_graph_and_ends_there(
+        tiny_datasets, tmp_path, stop_after_checkpoint, capsys):
     # observations normalized: the run's normalization moves to the GPU with it
     from iql_offline import train
 
@@ -120,7 +121,7 @@ def test_a_run_trained_on_the_cpu_resumes_on_cuda_and_ends_there(tiny_datasets, 
 
     settings = dict(dataset=tiny_datasets.pendulum, steps=20, batch_size=32, eval_every=10, eval_episodes=2,
                     checkpoint_every=10, hidden_sizes=(16, 16), progress=False, logger="none",
-                    normalize_observations="yes")
+                    normalize_observations="yes", compile=True)
     stop_after_checkpoint(lambda run: run.step == 10)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -129,9 +130,12 @@ def test_a_run_trained_on_the_cpu_resumes_on_cuda_and_ends_there(tiny_datasets, 
     stop_after_checkpoint(None)
     capsys.readouterr()
     summary = train(OfflineConfig(output_dir=out, resume=True, device="cuda", progress=False))
-    assert "drawn anew" in capsys.readouterr().err  # a CPU generator's state cannot continue on CUDA
+    said = capsys.readouterr().err
+    assert "drawn anew" in said  # a CPU generator's state cannot continue on CUDA
+    assert "the run's step ran on cpu; on cuda it goes on replayed as a CUDA graph" in said
     end = load_checkpoint(out / CHECKPOINT_NAME)
     assert end["step"] == 20 and [point["step"] for point in summary["curve"]] == [10, 20]
+    assert summary["mode"] == "cudagraphs"  # its checks passed: it never fell back to eager
     assert all(torch.isfinite(value).all() for value in end["loss"].values())
     assert any(not torch.equal(end["loss"][key], value) for key, value in halfway["loss"].items())  # it trained
 

@@ -44,7 +44,7 @@ def resolve_settings(config, job: str, given: set[str]):
         config.check()
     config = config.resolved()
     if state is not None:
-        _fit_resumed_step(config, given)
+        _fit_resumed_step(config, given, state["config"]["device"])
     if config.cudagraphs is True and config.device != "cuda":
         raise ConfigError("--cudagraphs needs CUDA (--device cuda on a machine with a GPU).")
     check_device(config.device)
@@ -70,17 +70,21 @@ def resolve_settings(config, job: str, given: set[str]):
     return config, state
 
 
-def _fit_resumed_step(config, given: set[str]) -> None:
-    """A resumed run's step where its checkpoint's way cannot run here (a GPU run resumed on the CPU, a compiled
-    run on a machine without a C++ compiler): the nearest way that can, said in one line. The step computes
-    the same updates either way; a flag given on the command line is never replaced."""
-    if config.cudagraphs is True and config.device != "cuda" and "cudagraphs" not in given:
-        config.cudagraphs = False
-        print(f"iql_torchrl: the run replayed its compiled step as a CUDA graph; on {config.device} it goes on "
-              "compiled, without one.", file=sys.stderr)
+def _fit_resumed_step(config, given: set[str], saved_device: str) -> None:
+    """A resumed run's step on a machine its checkpoint's way does not suit: compiled on a machine without a C++
+    compiler, eager; moved between the CPU and a GPU, CUDA graphs as that device's default has them (a compiled
+    step replayed as one on CUDA, never on the CPU). Said in one line each; the step computes the same updates
+    either way, and a flag given on the command line is never replaced."""
     if config.compile is True and "compile" not in given and (problem := missing_compiler(config.device)):
         config.compile = False
         print(f"iql_torchrl: the run compiled its step; it goes on eager here: {problem}.", file=sys.stderr)
+    if "cudagraphs" not in given and config.device != saved_device:
+        graphs = config.compile is True and config.device == "cuda"
+        if graphs != config.cudagraphs:
+            how = "replayed as a CUDA graph" if graphs else "without a CUDA graph"
+            print(f"iql_torchrl: the run's step ran on {saved_device}; on {config.device} it goes on {how}.",
+                  file=sys.stderr)
+            config.cudagraphs = graphs
 
 
 # --compile auto: compiling the default step on 2 CPU cores is repaid after a couple of thousand updates
