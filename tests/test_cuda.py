@@ -121,12 +121,14 @@ def test_a_compiled_run_trained_on_the_cpu_resumes_on_cuda_as_a_cuda_graph_and_e
 
     settings = dict(dataset=tiny_datasets.pendulum, steps=20, batch_size=32, eval_every=10, eval_episodes=2,
                     checkpoint_every=10, hidden_sizes=(16, 16), progress=False, logger="none",
-                    normalize_observations="yes", compile=True)
+                    normalize_observations="yes")
     stop_after_checkpoint(lambda run: run.step == 10)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(OfflineConfig(output_dir=out, device="cpu", **settings))
     halfway = load_checkpoint(out / CHECKPOINT_NAME)
+    halfway["config"]["compile"] = True  # as a compiled run saves it on the CPU (this one was eager: 20 updates)
+    torch.save(halfway, out / CHECKPOINT_NAME)
     stop_after_checkpoint(None)
     capsys.readouterr()
     summary = train(OfflineConfig(output_dir=out, resume=True, device="cuda", progress=False))
