@@ -75,16 +75,18 @@ def _fit_resumed_step(config, given: set[str], saved_device: str) -> None:
     compiler, eager; moved between the CPU and a GPU, CUDA graphs as that device's default has them (a compiled
     step replayed as one on CUDA, never on the CPU). Said in one line each; the step computes the same updates
     either way, and a flag given on the command line is never replaced."""
+    said = []
     if config.compile is True and "compile" not in given and (problem := missing_compiler(config.device)):
         config.compile = False
-        print(f"iql_torchrl: the run compiled its step; it goes on eager here: {problem}.", file=sys.stderr)
+        said.append(f"iql_torchrl: the run compiled its step; it goes on eager here: {problem}.")
     if "cudagraphs" not in given and config.device != saved_device:
         graphs = config.compile is True and config.device == "cuda"
         if graphs != config.cudagraphs:
             how = "replayed as a CUDA graph" if graphs else "without a CUDA graph"
-            print(f"iql_torchrl: the run's step ran on {saved_device}; on {config.device} it goes on {how}.",
-                  file=sys.stderr)
+            said.append(f"iql_torchrl: the run's step ran on {saved_device}; on {config.device} it goes on {how}.")
             config.cudagraphs = graphs
+    if said and int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(said), file=sys.stderr)
 
 
 # --compile auto: compiling the default step on 2 CPU cores is repaid after a couple of thousand updates
