@@ -1,4 +1,5 @@
-"""The GPU tier: eager, compiled and CUDA-graph steps on CUDA at the job's shapes, and the main job learning there.
+"""The GPU tier: eager, compiled and CUDA-graph steps on CUDA at the job's shapes, a compiled step cached by one process
+and loaded in another, the main job learning there, and a CPU run resumed there.
 
 Run on a machine with a GPU: ``python -m pytest -q -m cuda tests`` (skipped without CUDA).
 
