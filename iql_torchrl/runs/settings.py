@@ -56,8 +56,8 @@ def resolve_settings(config, job: str, given: set[str]):
     elif config.compile and (problem := missing_compiler(config.device)) is not None:  # auto checked it already
         raise ConfigError(f"--compile: {problem} (leave out --compile).")
     graphs_chosen = config.cudagraphs == "auto"
-    if graphs_chosen:  # CUDA graphs wherever the step compiles on CUDA
-        config.cudagraphs = bool(config.compile) and config.device == "cuda"
+    if graphs_chosen:
+        config.cudagraphs = _cuda_graphs_by_default(config)
     if reason is not None and int(os.environ.get("RANK", "0")) == 0:
         if config.cudagraphs and graphs_chosen:
             reason += ", replayed as a CUDA graph (--no-cudagraphs: compiled only)"
@@ -70,6 +70,11 @@ def resolve_settings(config, job: str, given: set[str]):
     return config, state
 
 
+def _cuda_graphs_by_default(config) -> bool:
+    """``--cudagraphs auto``: CUDA graphs wherever the step compiles on CUDA."""
+    return bool(config.compile) and config.device == "cuda"
+
+
 def _fit_resumed_step(config, given: set[str], saved_device: str) -> None:
     """A resumed run's step on a machine its checkpoint's way does not suit: compiled on a machine without a C++
     compiler, eager; moved between the CPU and a GPU, CUDA graphs as that device's default has them (a compiled
@@ -80,7 +85,7 @@ def _fit_resumed_step(config, given: set[str], saved_device: str) -> None:
         config.compile = False
         said.append(f"iql_torchrl: the run compiled its step; it goes on eager here: {problem}.")
     if "cudagraphs" not in given and config.device != saved_device:
-        graphs = config.compile is True and config.device == "cuda"
+        graphs = _cuda_graphs_by_default(config)
         if graphs != config.cudagraphs:
             how = "replayed as a CUDA graph" if graphs else "without a CUDA graph"
             said.append(f"iql_torchrl: the run's step ran on {saved_device}; on {config.device} it goes on {how}.")
