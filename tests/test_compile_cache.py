@@ -169,6 +169,7 @@ def compiling_slowly(monkeypatch, compiled: list):
     return runner
 
 
+@CACHED_STEPS
 def test_runs_starting_the_same_step_at_once_compile_it_once(tmp_path, monkeypatch):
     # seeds launched side by side as separate runs: the first compiles, the others wait and load its entry
     import threading
@@ -191,6 +192,7 @@ def test_runs_starting_the_same_step_at_once_compile_it_once(tmp_path, monkeypat
     assert all(torch.equal(out, torch.full((2,), 2.0)) for out in outputs)
 
 
+@CACHED_STEPS
 def test_a_run_waits_for_another_compiling_the_same_step_only_so_long(tmp_path, monkeypatch):
     # a run whose lock holder seems stuck (paused, in a debugger) compiles the step itself after the cache's wait
     import threading
