@@ -11,7 +11,9 @@ and then draws, from those episodes' scores, what the run's evaluations would ha
 been that final policy: as many evaluations as the run made, as many episodes each. Per setting it prints the
 final policies' score over the many episodes, one evaluation's spread, and the best − last gap such a frozen
 policy shows (mean and 90th percentile over the draws) beside the run's own, for single evaluations and for the
-moving mean of ``--window`` evaluations that ``locomotion_study.py`` also prints.
+moving mean of ``--window`` evaluations that ``locomotion_study.py`` also prints. ``--per-evaluation N`` draws
+evaluations of N episodes instead of the run's own number: what a frozen policy would show had the run evaluated
+over N.
 """
 from __future__ import annotations
 
@@ -48,27 +50,31 @@ def main() -> int:
                         help="environment seed of the first episode (default 50000, apart from the run's evaluations)")
     parser.add_argument("--window", type=int, default=4, help="evaluations in the moving mean (default 4)")
     parser.add_argument("--draws", type=int, default=10_000, help="frozen-policy runs drawn (default 10000)")
+    parser.add_argument("--per-evaluation", type=int,
+                        help="episodes per evaluation in the frozen-policy draws (default: the run's --eval-episodes)")
     parser.add_argument("--json", type=Path, help="the numbers, every episode's score included")
     args = parser.parse_args()
-    for name in ("episodes", "window", "draws"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: must be an integer >= 1.")
+    for name in ("episodes", "window", "draws", "per_evaluation"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be an integer >= 1.")
     if not (args.run / "checkpoint.pt").exists():
         parser.error(f"{args.run}: no checkpoint.pt; the final policies are read from it.")
     from tqdm.auto import tqdm
 
     state = load_run_checkpoint(args.run, map_location="cpu")
     run = run_rows(args.run, state)
-    per_evaluation = state["config"]["eval_episodes"]
+    run_episodes = state["config"]["eval_episodes"]
+    per_evaluation = args.per_evaluation or run_episodes
     if run["updates_done"] > run["rows"][0]["steps"][-1]:
         print(f"evaluation_noise: {args.run} trained {run['updates_done']:,} updates, its last evaluation was at "
               f"{run['rows'][0]['steps'][-1]:,}: the policies run here are the checkpoint's, not the last evaluated",
               file=sys.stderr)
     members = sum(len(row["members"]) for row in run["rows"])
     bar = tqdm(total=members, desc=f"final policies, {args.episodes} episodes each", unit="policy")
-    print(f"| setting | seeds | final policies over {args.episodes} episodes | one evaluation ({per_evaluation} "
-          f"episodes): std | best − last: the run | a frozen policy: mean [90%] | means of {args.window} evaluations: "
-          f"the run | a frozen policy: mean [90%] |")
+    frozen = f"a frozen policy, {per_evaluation} episodes an evaluation: mean [90%]"
+    print(f"| setting | seeds | final policies over {args.episodes} episodes | one evaluation of {per_evaluation} "
+          f"episodes: std | best − last: the run ({run_episodes} episodes an evaluation) | {frozen} | means of "
+          f"{args.window} evaluations: the run | {frozen} |")
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for row in run["rows"]:
@@ -100,6 +106,7 @@ def main() -> int:
         args.json.write_text(json.dumps({"run": str(args.run), "dataset": run["dataset"],
                                          "updates_done": run["updates_done"], "episodes": args.episodes,
                                          "seed": args.seed, "window": args.window, "draws": args.draws,
+                                         "run_eval_episodes": run_episodes, "per_evaluation": per_evaluation,
                                          "settings": results}, indent=1) + "\n")
     return 0
 
