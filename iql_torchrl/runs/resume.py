@@ -31,15 +31,16 @@ import torch
 from iql_torchrl.runs.config import RUN_NEUTRAL_SETTINGS, config_from_dict, config_to_dict, conflicting_flags
 from iql_torchrl.runs.sweep import same_grid
 
-__all__ = ["ResumeError", "SAME_DATA_TOLERANCE", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
+__all__ = ["ResumeError", "SAME_DATA_TOLERANCE", "STEP_WAYS", "resumed_config", "dataset_files", "data_fingerprint", "check_same_data"]
 
 # relative difference under which two fingerprints' statistics are those of the same transitions: a diverged
 # episode moves a mean over the data by far more, rounding in another summation order by about 1e-14
 SAME_DATA_TOLERANCE = 1e-9
 
 
-# how the step runs on a machine, in words: a resume may change it (given, not auto)
-_STEP_WAYS = {
+# how the step runs on a machine, in words: a resume may change it (given, not auto), or fit it to the machine
+# (iql_torchrl.runs.settings)
+STEP_WAYS = {
     "precision": lambda value: f"in {value}",
     "compile": lambda value: "compiled" if value else "eager",
     "cudagraphs": lambda value: "replayed as a CUDA graph" if value else "without a CUDA graph",
@@ -56,7 +57,7 @@ def resumed_config(config_cls, saved: dict, given_config, given: set[str]):
     wanted, stored = config_to_dict(given_config), config_to_dict(config)
     for name in given & set(RUN_NEUTRAL_SETTINGS):
         setattr(config, name, getattr(given_config, name))
-    for name, way in _STEP_WAYS.items():  # chosen for a machine, not the run's shape
+    for name, way in STEP_WAYS.items():  # chosen for a machine, not the run's shape
         value = getattr(given_config, name, "auto")
         if name not in given or value == "auto":
             continue
@@ -84,7 +85,7 @@ def _preset_default(name: str, value) -> bool:
     # --actor auto, --normalize-observations auto, --precision auto, --compile auto and --cudagraphs auto (a resumed
     # run keeps what it chose)
     return ((name in ("temperature", "expectile", "tau") and value is None)
-            or (name in ("preset", "normalize_observations", "actor", *_STEP_WAYS) and value == "auto"))
+            or (name in ("preset", "normalize_observations", "actor", *STEP_WAYS) and value == "auto"))
 
 
 # ---------------------------------------------------------------------------------------- data fingerprint

@@ -9,7 +9,7 @@ import torch
 
 from iql_torchrl.runs.checkpoint import load_run_checkpoint
 from iql_torchrl.runs.config import ConfigError
-from iql_torchrl.runs.resume import ResumeError, resumed_config
+from iql_torchrl.runs.resume import STEP_WAYS, ResumeError, resumed_config
 from iql_torchrl.step.modes import missing_compiler
 from iql_torchrl.runs.threads import set_threads, threads_are_auto
 from iql_torchrl import precision_choice
@@ -87,8 +87,8 @@ def _fit_resumed_step(config, given: set[str], saved_device: str) -> None:
     if "cudagraphs" not in given and config.device != saved_device:
         graphs = _cuda_graphs_by_default(config)
         if graphs != config.cudagraphs:
-            how = "replayed as a CUDA graph" if graphs else "without a CUDA graph"
-            said.append(f"iql_torchrl: the run's step ran on {saved_device}; on {config.device} it goes on {how}.")
+            said.append(f"iql_torchrl: the run's step ran on {saved_device}; on {config.device} it goes on "
+                        f"{STEP_WAYS['cudagraphs'](graphs)}.")
             config.cudagraphs = graphs
     if said and int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(said), file=sys.stderr)
