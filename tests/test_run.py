@@ -395,6 +395,41 @@ def test_updates_per_second_counts_each_update_once_across_a_resume(tiny_dataset
     assert summary["wall_seconds"] > first["wall_seconds"]
 
 
+def _csv_rows(out: Path) -> dict[str, list[tuple[int, str]]]:
+    scalars = out / "logs" / out.name / "scalars"
+    return {path.stem: [(int(step), value) for step, value in (line.split(",") for line in path.read_text().split())]
+            for path in sorted(scalars.glob("*.csv"))}
+
+
+def test_a_run_killed_between_checkpoints_resumes_to_the_csv_logs_of_an_uninterrupted_one(tiny_datasets, tmp_path,
+                                                                                          monkeypatch):
+    settings = {**TINY, "logger": "csv", "log_every": 2}
+    straight = tmp_path / "straight"
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=straight, **settings))
+    real = Run.read_metrics
+
+    def killed_after_logging(self, metrics, extra=None):  # killed at update 14, its metrics logged, no checkpoint
+        values = real(self, metrics, extra)
+        if self.step == 14:
+            raise RuntimeError("killed")
+        return values
+
+    monkeypatch.setattr(Run, "read_metrics", killed_after_logging)
+    out = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="killed"):
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **settings))
+    monkeypatch.setattr(Run, "read_metrics", real)
+    before = _csv_rows(out)
+    assert [step for step, _ in before["loss_value"]] == [2, 4, 6, 8, 10, 12, 14]
+    assert [step for step, _ in before["normalized_score"]] == [10]  # logged after the checkpoint at 10
+
+    train(OfflineConfig(output_dir=out, resume=True, progress=False))
+    after, expected = _csv_rows(out), _csv_rows(straight)
+    assert [step for step, _ in after["loss_value"]] == list(range(2, 21, 2))  # 12 and 14 once, not twice
+    assert [step for step, _ in after["normalized_score"]] == [10, 20]  # the redone evaluation once
+    assert after == expected  # every metric, row for row: the resumed updates are bitwise the straight run's
+
+
 # ------------------------------------------------------------------ safe loading
 class _RunsCode:
     def __init__(self, marker):

@@ -60,7 +60,7 @@ from iql_torchrl.runs.evaluation import EvaluationEnvError, evaluate_seeds
 from iql_torchrl.runs.folder import FolderInUseError, RunFolder, default_run_dir
 from iql_torchrl.runs.interrupt import RunInterrupted, StopRequest
 from iql_torchrl.runs.loading import load_run_data
-from iql_torchrl.runs.loggers import log_values, make_logger
+from iql_torchrl.runs.loggers import EVALUATION_KEYS, log_values, make_logger
 from iql_torchrl.runs.progress import LoopProgress
 from iql_torchrl.runs.report import plot_curve, plot_sweep_curves
 from iql_torchrl.runs.resume import ResumeError
@@ -210,7 +210,8 @@ class Run:
         self.extra_state = extra_state or dict
         self.point_fields = point_fields or dict
         if self.ctx.is_main:
-            self.logger = make_logger(self.config, self.output_dir)
+            self.logger = make_logger(self.config, self.output_dir, None if self.state is None else self.state["step"],
+                                      self._evaluation_pending())
         if self.state is not None:
             loss.load_state_dict(self.state["loss"])
             update.load_state_dict(self.state["update"])
@@ -296,8 +297,7 @@ class Run:
                 entry.update(setting)
         self.curve.append({"step": self.step, **self.point_fields(),
                            **{k: summary[k] for k in ("normalized_score", "success_rate", "return_mean", "per_seed")}})
-        log_values(self.logger, {k: summary[k] for k in ("return_mean", "normalized_score", "success_rate")
-                                 if summary[k] is not None}, self.step)
+        log_values(self.logger, {k: summary[k] for k in EVALUATION_KEYS if summary[k] is not None}, self.step)
         self.last_eval = summary
         return summary
 
@@ -308,9 +308,14 @@ class Run:
 
     def evaluate_if_pending(self) -> None:
         """A resumed run whose checkpoint was written right before an evaluation evaluates first."""
-        if self.state is not None and self.state.get("evaluate_pending") and self.step == self.state["step"]:
-            if not any(p["step"] == self.step for p in self.curve[-1:]):
-                self.evaluate()
+        if self._evaluation_pending() and self.step == self.state["step"]:
+            self.evaluate()
+
+    def _evaluation_pending(self) -> bool:
+        """Whether this run resumes from a checkpoint written right before an evaluation its curve lacks."""
+        state = self.state
+        return (state is not None and bool(state.get("evaluate_pending"))
+                and not any(p["step"] == state["step"] for p in state["curve"][-1:]))
 
     # ------------------------------------------------------------------ the loops' cadence
     def updates(self, last_step: int, update, desc: str = "IQL"):
