@@ -157,6 +157,24 @@ def test_wandb_without_an_api_key_runs_offline_and_writes_its_files(tiny_dataset
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
 
 
+def test_a_resumed_wandb_run_goes_on_in_the_same_wandb_run(tiny_datasets, tmp_path, monkeypatch, stop_after_checkpoint):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    stop_after_checkpoint(lambda run: run.step == 10)
+    with pytest.raises(KeyboardInterrupt):
+        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, logger="wandb", **TINY))
+    stop_after_checkpoint(None)
+    train(OfflineConfig(output_dir=out, resume=True, progress=False))
+    sessions = sorted((out / "wandb").glob("offline-run-*"))
+    ids = {path.name.split("-")[3] for path in sessions}  # offline-run-<time>-<run id>[-<n>, in the same second]
+    assert sessions and len(ids) == 1, [path.name for path in sessions]  # both sessions in one W&B run
+    other = tmp_path / "other"
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=other, logger="wandb", **TINY))
+    assert {path.name.split("-")[3] for path in (other / "wandb").glob("offline-run-*")} != ids  # a new run: its own
+
+
 def _example(*args, **kwargs):
     return subprocess.Popen([sys.executable, str(ROOT / "examples" / "iql_offline.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

@@ -11,12 +11,13 @@ __all__ = ["make_logger", "log_values", "EVALUATION_KEYS"]
 EVALUATION_KEYS = ("return_mean", "normalized_score", "success_rate")
 
 
-def make_logger(config, output_dir: Path, resumed_at: int | None = None, evaluates_again: bool = False):
+def make_logger(config, output_dir: Path, resumed_at: int | None = None, evaluates_again: bool = False,
+                wandb_id: str | None = None):
     """The TorchRL logger ``--logger`` names, writing under the run folder (``None`` for ``none``).
 
     ``resumed_at``: the update a resumed run goes on from (``evaluates_again``: it first redoes that update's
     evaluation). TorchRL's CSV logger appends to the files it finds, so their rows the run is about to write
-    again are dropped first (:func:`drop_rows_logged_again`)."""
+    again are dropped first (:func:`drop_rows_logged_again`). ``wandb_id``: the W&B run a resumed run goes on in."""
     if config.logger == "none":
         return None
     from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
@@ -29,7 +30,7 @@ def make_logger(config, output_dir: Path, resumed_at: int | None = None, evaluat
     if config.logger == "tensorboard":
         return TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
     offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
-    return WandbLogger(exp_name=name, save_dir=str(output_dir), project="iql_torchrl", offline=offline,
+    return WandbLogger(exp_name=name, save_dir=str(output_dir), id=wandb_id, project="iql_torchrl", offline=offline,
                        config=config_to_dict(config))
 
 

@@ -93,6 +93,7 @@ class Run:
         self.device = f"cuda:{ctx.local_rank}" if config.device == "cuda" and ctx.enabled else config.device
         self.finished = state is not None and (output_dir / SUMMARY_NAME).is_file()
         self.logger = None
+        self.wandb_id = (state or {}).get("wandb_id")  # the W&B run this run logs to, kept across resumes
         self.step, self.curve, self.last_eval, self.last_checkpoint_step = 0, [], None, None
         self.timing = RunTiming(state.get("timing") if state else None)
         self.metadata = self.fingerprint = None
@@ -211,7 +212,9 @@ class Run:
         self.point_fields = point_fields or dict
         if self.ctx.is_main:
             self.logger = make_logger(self.config, self.output_dir, None if self.state is None else self.state["step"],
-                                      self._evaluation_pending())
+                                      self._evaluation_pending(), self.wandb_id)
+            if self.config.logger == "wandb":
+                self.wandb_id = self.logger.experiment.id
         if self.state is not None:
             loss.load_state_dict(self.state["loss"])
             update.load_state_dict(self.state["update"])
@@ -281,6 +284,7 @@ class Run:
                 "preset_reason": self.preset_reason,
                 "normalization_reason": self.normalization_reason,
                 "values_beyond_bound_at": self.value_bound.beyond_at,
+                "wandb_id": self.wandb_id,
                 "version": iql_torchrl.__version__,
                 **self.extra_state(),
             })
