@@ -155,6 +155,16 @@ def test_wandb_without_an_api_key_runs_offline_and_writes_its_files(tiny_dataset
     train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, logger="wandb", **TINY))
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+    assert "WANDB_MODE" not in os.environ  # the offline mode was this run's, not the process's from then on
+
+
+def test_wandb_mode_set_by_the_user_decides(tiny_datasets, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, logger="wandb", **TINY))
+    assert not list(out.glob("wandb/*run-*")) and os.environ["WANDB_MODE"] == "disabled"
 
 
 def test_a_resumed_wandb_run_goes_on_in_the_same_wandb_run(tiny_datasets, tmp_path, monkeypatch, stop_after_checkpoint):

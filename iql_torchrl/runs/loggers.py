@@ -29,8 +29,10 @@ def make_logger(config, output_dir: Path, resumed_at: int | None = None, evaluat
         return CSVLogger(exp_name=name, log_dir=str(output_dir / "logs"))
     if config.logger == "tensorboard":
         return TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
-    offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
-    return WandbLogger(exp_name=name, save_dir=str(output_dir), id=wandb_id, project="iql_torchrl", offline=offline,
+    # WANDB_MODE where set, else offline without an API key; given to this run's wandb.init, not through TorchRL's
+    # `offline`, which sets WANDB_MODE for the whole process (and wandb keeps the first run's mode for the next)
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return WandbLogger(exp_name=name, save_dir=str(output_dir), id=wandb_id, project="iql_torchrl", mode=mode,
                        config=config_to_dict(config))
 
 
