@@ -104,10 +104,11 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def write_text_atomic(self, name: str, text: str) -> Path:
-        """Writes ``name`` in the folder via a temporary file and a rename (never a torn file)."""
+    def write_text_atomic(self, name: str | Path, text: str) -> Path:
+        """Writes ``name`` (a path inside the folder) via a temporary file beside it and a rename (never a torn
+        file)."""
         target = self.path / name
-        staged = self.path / f".{name}.{os.getpid()}.tmp"
+        staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         staged.write_text(text)
         os.replace(staged, target)
         return target

@@ -5,15 +5,16 @@ import os
 from pathlib import Path
 
 from iql_torchrl.runs.config import config_to_dict
+from iql_torchrl.runs.folder import RunFolder
 
 __all__ = ["make_logger", "log_values", "EVALUATION_KEYS"]
 
 EVALUATION_KEYS = ("return_mean", "normalized_score", "success_rate")
 
 
-def make_logger(config, output_dir: Path, resumed_at: int | None = None, evaluates_again: bool = False,
+def make_logger(config, folder: RunFolder, resumed_at: int | None = None, evaluates_again: bool = False,
                 wandb_id: str | None = None):
-    """The TorchRL logger ``--logger`` names, writing under the run folder (``None`` for ``none``).
+    """The TorchRL logger ``--logger`` names, writing under the run ``folder`` (``None`` for ``none``).
 
     ``resumed_at``: the update a resumed run goes on from (``evaluates_again``: it first redoes that update's
     evaluation). TorchRL's CSV logger appends to the files it finds, so their rows the run is about to write
@@ -22,10 +23,11 @@ def make_logger(config, output_dir: Path, resumed_at: int | None = None, evaluat
         return None
     from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
 
+    output_dir = folder.path
     name = output_dir.name
     if config.logger == "csv":
         if resumed_at is not None:
-            drop_rows_logged_again(output_dir / "logs" / name / "scalars", resumed_at, evaluates_again)
+            drop_rows_logged_again(folder, Path("logs", name, "scalars"), resumed_at, evaluates_again)
         return CSVLogger(exp_name=name, log_dir=str(output_dir / "logs"))
     if config.logger == "tensorboard":
         return TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
@@ -36,20 +38,16 @@ def make_logger(config, output_dir: Path, resumed_at: int | None = None, evaluat
                        config=config_to_dict(config))
 
 
-def drop_rows_logged_again(scalars: Path, step: int, evaluates_again: bool) -> None:
-    """Drops from the CSV files in ``scalars`` the rows a run resumed at update ``step`` writes again: those of
-    later updates (logged before the run stopped, after its checkpoint), and that update's evaluation where the
-    checkpoint was written before it. Each file is replaced whole, never left half written."""
-    if not scalars.is_dir():
-        return
-    for path in sorted(scalars.glob("*.csv")):
+def drop_rows_logged_again(folder: RunFolder, scalars: Path, step: int, evaluates_again: bool) -> None:
+    """Drops from the CSV files in ``scalars`` (inside ``folder``) the rows a run resumed at update ``step`` writes
+    again: those of later updates (logged before the run stopped, after its checkpoint), and that update's
+    evaluation where the checkpoint was written before it. Each file is replaced whole, never left half written."""
+    for path in sorted((folder.path / scalars).glob("*.csv")):
         last = step - 1 if evaluates_again and path.stem in EVALUATION_KEYS else step
         lines = path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if not _row_after(line, last)]
         if len(kept) < len(lines):
-            partial = path.with_name(f".{path.name}.tmp")
-            partial.write_text("".join(kept))
-            os.replace(partial, path)
+            folder.write_text_atomic(scalars / path.name, "".join(kept))
 
 
 def _row_after(line: str, last: int) -> bool:

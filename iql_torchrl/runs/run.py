@@ -211,7 +211,7 @@ class Run:
         self.extra_state = extra_state or dict
         self.point_fields = point_fields or dict
         if self.ctx.is_main:
-            self.logger = make_logger(self.config, self.output_dir, None if self.state is None else self.state["step"],
+            self.logger = make_logger(self.config, self.folder, None if self.state is None else self.state["step"],
                                       self._evaluation_pending(), self.wandb_id)
             if self.config.logger == "wandb":
                 self.wandb_id = self.logger.experiment.id
