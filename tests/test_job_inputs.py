@@ -31,8 +31,9 @@ def test_a_dataset_id_that_names_no_dataset_is_refused_before_anything_is_writte
         load_minari_dataset(dataset)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
-def test_a_logger_whose_package_is_missing_is_refused_before_anything_is_written(tmp_path):
+def test_a_logger_whose_package_is_missing_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "tensorboard" else find_spec(name, *args))
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"^--logger tensorboard: needs the tensorboard package: pip install"):
         train(OfflineConfig(output_dir=out, **{**TINY, "logger": "tensorboard"}))

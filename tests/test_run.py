@@ -401,33 +401,61 @@ def _csv_rows(out: Path) -> dict[str, list[tuple[int, str]]]:
             for path in sorted(scalars.glob("*.csv"))}
 
 
-def test_a_run_killed_between_checkpoints_resumes_to_the_csv_logs_of_an_uninterrupted_one(tiny_datasets, tmp_path,
-                                                                                          monkeypatch):
-    settings = {**TINY, "logger": "csv", "log_every": 2}
+def _tensorboard_rows(out: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / out.name), size_guidance={SCALARS: 0})  # what TensorBoard shows
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _killed_at_update_14_and_resumed(dataset, tmp_path, monkeypatch, logger: str, rows):
+    """A run (checkpoint and evaluation every 10 updates, metrics logged every 2) killed at update 14 after logging it,
+    then resumed: its logs before and after the resume, and an uninterrupted run's."""
+    settings = {**TINY, "logger": logger, "log_every": 2}
     straight = tmp_path / "straight"
-    train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=straight, **settings))
+    train(OfflineConfig(dataset=dataset, output_dir=straight, **settings))
     real = Run.read_metrics
 
-    def killed_after_logging(self, metrics, extra=None):  # killed at update 14, its metrics logged, no checkpoint
+    def killed_after_logging(self, metrics, extra=None):
         values = real(self, metrics, extra)
         if self.step == 14:
+            if logger == "tensorboard":
+                self.logger.experiment.flush()  # what a killed process's writer had written
             raise RuntimeError("killed")
         return values
 
     monkeypatch.setattr(Run, "read_metrics", killed_after_logging)
     out = tmp_path / "killed"
     with pytest.raises(RuntimeError, match="killed"):
-        train(OfflineConfig(dataset=tiny_datasets.pendulum, output_dir=out, **settings))
+        train(OfflineConfig(dataset=dataset, output_dir=out, **settings))
     monkeypatch.setattr(Run, "read_metrics", real)
-    before = _csv_rows(out)
+    before = rows(out)
+    train(OfflineConfig(output_dir=out, resume=True, progress=False))
+    return before, rows(out), rows(straight)
+
+
+def test_a_run_killed_between_checkpoints_resumes_to_the_csv_logs_of_an_uninterrupted_one(tiny_datasets, tmp_path,
+                                                                                          monkeypatch):
+    before, after, expected = _killed_at_update_14_and_resumed(tiny_datasets.pendulum, tmp_path, monkeypatch, "csv",
+                                                               _csv_rows)
     assert [step for step, _ in before["loss_value"]] == [2, 4, 6, 8, 10, 12, 14]
     assert [step for step, _ in before["normalized_score"]] == [10]  # logged after the checkpoint at 10
-
-    train(OfflineConfig(output_dir=out, resume=True, progress=False))
-    after, expected = _csv_rows(out), _csv_rows(straight)
     assert [step for step, _ in after["loss_value"]] == list(range(2, 21, 2))  # 12 and 14 once, not twice
     assert [step for step, _ in after["normalized_score"]] == [10, 20]  # the redone evaluation once
     assert after == expected  # every metric, row for row: the resumed updates are bitwise the straight run's
+
+
+def test_a_run_killed_between_checkpoints_resumes_to_the_tensorboard_logs_of_an_uninterrupted_one(
+        tiny_datasets, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    before, after, expected = _killed_at_update_14_and_resumed(tiny_datasets.pendulum, tmp_path, monkeypatch,
+                                                               "tensorboard", _tensorboard_rows)
+    assert [step for step, _ in before["loss_value"]] == [2, 4, 6, 8, 10, 12, 14]
+    assert [step for step, _ in after["loss_value"]] == list(range(2, 21, 2))  # 12 and 14 once, not twice
+    assert after.keys() == expected.keys()
+    for tag in expected:  # the redone evaluation of update 10 shows twice (the purge spans every tag), here at one value
+        assert list(dict.fromkeys(after[tag])) == expected[tag], tag
 
 
 # ------------------------------------------------------------------ safe loading

@@ -18,7 +18,8 @@ def make_logger(config, folder: RunFolder, resumed_at: int | None = None, evalua
 
     ``resumed_at``: the update a resumed run goes on from (``evaluates_again``: it first redoes that update's
     evaluation). TorchRL's CSV logger appends to the files it finds, so their rows the run is about to write
-    again are dropped first (:func:`drop_rows_logged_again`). ``wandb_id``: the W&B run a resumed run goes on in."""
+    again are dropped first (:func:`drop_rows_logged_again`), and TensorBoard is told to hide them
+    (:func:`purging_writer`). ``wandb_id``: the W&B run a resumed run goes on in."""
     if config.logger == "none":
         return None
     from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
@@ -30,12 +31,25 @@ def make_logger(config, folder: RunFolder, resumed_at: int | None = None, evalua
             drop_rows_logged_again(folder, Path("logs", name, "scalars"), resumed_at, evaluates_again)
         return CSVLogger(exp_name=name, log_dir=str(output_dir / "logs"))
     if config.logger == "tensorboard":
-        return TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
+        logger = TensorboardLogger(exp_name=name, log_dir=str(output_dir / "logs"))
+        if resumed_at is not None:
+            logger.experiment = purging_writer(logger.experiment, resumed_at)
+        return logger
     # WANDB_MODE where set, else offline without an API key; given to this run's wandb.init, not through TorchRL's
     # `offline`, which sets WANDB_MODE for the whole process (and wandb keeps the first run's mode for the next)
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     return WandbLogger(exp_name=name, save_dir=str(output_dir), id=wandb_id, project="iql_torchrl", mode=mode,
                        config=config_to_dict(config))
+
+
+def purging_writer(writer, step: int):
+    """``writer`` (a ``SummaryWriter``) closed and reopened on its folder with ``purge_step``: TensorBoard then hides
+    the events the earlier session logged after update ``step``, which a run resumed at ``step`` logs again. The purge
+    spans every tag, so a redone evaluation of update ``step`` (``evaluates_again``) shows twice at that update."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer.close()
+    return SummaryWriter(log_dir=writer.log_dir, purge_step=step + 1)
 
 
 def drop_rows_logged_again(folder: RunFolder, scalars: Path, step: int, evaluates_again: bool) -> None:
