@@ -106,6 +106,25 @@ def test_expectile_loss_weights_positive_errors_by_tau_and_negative_by_one_minus
     assert torch.allclose(expectile_loss(diff, 0.5), torch.tensor([2.0, 2.0, 0.0]))
 
 
+def test_loss_value_diff_is_torchrl_s_expectile_loss_with_its_default_tau():
+    diff = torch.tensor([2.0, -2.0, 0.5, -0.5, 0.0], dtype=torch.float64)
+    by_hand = {0.8: torch.tensor([0.8 * 4, 0.2 * 4, 0.8 * 0.25, 0.2 * 0.25, 0.0], dtype=torch.float64),
+               0.7: torch.tensor([0.7 * 4, 0.3 * 4, 0.7 * 0.25, 0.3 * 0.25, 0.0], dtype=torch.float64)}
+    assert torch.allclose(IQLLoss.loss_value_diff(diff), by_hand[0.8])  # TorchRL's default τ 0.8, not the paper's 0.7
+    assert torch.allclose(IQLLoss.loss_value_diff(diff, 0.7), by_hand[0.7])
+    assert not torch.allclose(IQLLoss.loss_value_diff(-diff, 0.7), by_hand[0.7])  # the weights the other way round
+    for tau in (0.8, 0.7, 0.9):
+        assert torch.equal(IQLLoss.loss_value_diff(diff, tau), TorchRLIQLLoss.loss_value_diff(diff, tau))
+
+
+def test_every_public_name_of_torchrl_s_iql_losses_is_on_ours():
+    from torchrl.objectives import DiscreteIQLLoss as TorchRLDiscreteIQLLoss
+
+    for theirs, ours in ((TorchRLIQLLoss, IQLLoss), (TorchRLDiscreteIQLLoss, DiscreteIQLLoss)):
+        missing = {name for name in dir(theirs) if not name.startswith("_") and not hasattr(ours, name)}
+        assert missing == {"device"}, (ours.__name__, missing)  # TorchRL's `device` only raises: deprecated since 0.3
+
+
 def test_bellman_target_stops_only_at_termination():
     target = bellman_target(torch.tensor([1.0, 1.0]), torch.tensor([False, True]), torch.tensor([10.0, 10.0]), 0.9)
     assert torch.allclose(target, torch.tensor([1.0 + 9.0, 1.0]))

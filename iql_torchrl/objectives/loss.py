@@ -52,7 +52,9 @@ from torchrl.objectives.utils import (
 )
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
-from iql_torchrl.objectives.equations import MAX_AWR_WEIGHT, actor_objective, bellman_target, critic_objective, value_objective
+from iql_torchrl.objectives.equations import (
+    MAX_AWR_WEIGHT, actor_objective, bellman_target, critic_objective, expectile_loss, value_objective,
+)
 from iql_torchrl.objectives.checks import (
     NETWORKS,
     batch_shaped,
@@ -447,6 +449,12 @@ class IQLLoss(LossModule):
         return log_prob
 
     # ------------------------------------------------------------------ the three losses
+    @staticmethod
+    def loss_value_diff(diff: Tensor, expectile: float = 0.8) -> Tensor:
+        """TorchRL's name (and default τ) for eq. (5)'s asymmetric squared loss of ``diff = Q − V``:
+        :func:`~iql_torchrl.objectives.equations.expectile_loss`."""
+        return expectile_loss(diff, expectile)
+
     def value_loss(self, tensordict: TensorDictBase, *, params: dict | None = None) -> tuple[Tensor, dict]:
         """Eq. (5): expectile regression of V(s) onto min over TARGET critics of Q(s, a_dataset).
 
