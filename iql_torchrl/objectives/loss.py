@@ -165,6 +165,7 @@ class IQLLoss(LossModule):
     tensor_keys: _AcceptedKeys
     default_keys = _AcceptedKeys
     default_value_estimator = ValueEstimators.TD0
+    delay_qvalue = True  # TorchRL's flag: the critics have target copies (the value and actor losses read them)
     SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda)
     out_keys = ["loss_actor", "loss_qvalue", "loss_value", "entropy"]
 
