@@ -117,6 +117,8 @@ def test_the_summary_says_when_the_step_compiled_again_inside_the_timed_updates(
 @pytest.mark.parametrize("argv, episodes", [
     ([], 10),
     (["--preset", "maze"], 100),  # the paper's 100 on the mazes when the flag is not given
+    (["--preset", "walker2d"], 50),  # walker2d's evaluations spread: 50 episodes
+    (["--preset", "hopper"], 10),
     (["--preset", "maze", "--eval-episodes", "10"], 10),  # a value given is kept, the default's value included
     (["--preset", "antmaze", "--eval-episodes", "3"], 3),
 ])
