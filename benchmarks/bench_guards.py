@@ -12,8 +12,12 @@ rounds (``bench_update.interleaved``; the median block):
 * ``guarded-nn-modules``: with PyTorch's ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``;
 * ``guarded-no-state-tensors``: without the guards on tensors reached from the step's ``self`` (parameters,
   optimizer state, counters: what ``IQLUpdate`` refuses to see replaced before each call), the others kept.
+* ``guarded-skip-eval``: every guard written, evaluated on the first call only; the later calls run under
+  PyTorch's ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped to the call (safe as a step only
+  beside a check of what the trace read before each call, as the ahead-of-time step's ``BakedValues``).
 
     python benchmarks/bench_guards.py --threads 1 --precision bf16 --json benchmarks/results/results_guards_1t.json
+    python benchmarks/bench_guards.py --threads 2 --precision fp32 --json benchmarks/results/results_guards_2t_fp32.json
 
 The warm start (first update of a second run) is the main job's: docs/performance.md.
 """
@@ -63,6 +67,20 @@ class GuardedRunner(StepRunner):
         return filtered
 
 
+class SkippingRunner(GuardedRunner):
+    """The guarded step with every guard, evaluated on its first call only."""
+
+    def __init__(self, step):
+        super().__init__(step, FILTERS["guarded"])
+
+    def __call__(self, batch_or_indices):
+        if self._calls == 0:
+            return super().__call__(batch_or_indices)
+        self._calls += 1
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return self.guarded(batch_or_indices)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -76,10 +94,12 @@ def main(argv=None) -> None:
     data = make_batch(Setup(batch_size=DATA, obs_dim=SETUP.obs_dim, action_dim=SETUP.action_dim))
     indices = torch.randint(DATA, (SETUP.batch_size,), generator=torch.Generator().manual_seed(1))
     updates = {}
-    for name in ("ahead-of-time", *FILTERS):
+    for name in ("ahead-of-time", *FILTERS, "guarded-skip-eval"):
         updates[name] = make_iql_update(SETUP, "compile", "paper", args.precision, data=data)
         if name in FILTERS:
             updates[name].runner = GuardedRunner(updates[name]._paper_step, FILTERS[name])
+        elif name == "guarded-skip-eval":
+            updates[name].runner = SkippingRunner(updates[name]._paper_step)
         time_block(updates[name], indices, 100, "cpu")  # compiles, then warms up
     variants = [Variant(name, update, None) for name, update in updates.items()]
     samples = interleaved(variants, {name: indices for name in updates}, args.rounds, args.block, "cpu")

@@ -1,6 +1,7 @@
 """The compiled-step cache trusts only entries its own key signed, and never breaks a run."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -468,3 +469,49 @@ def test_a_step_whose_network_calls_code_in_another_file_is_compiled_anew_once_t
     # the wrong variant: the old helper's step trains elsewhere
     assert any(not torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(before.parameters(), expected.parameters()))
 
+
+# the guarded compiled step (a gradient hook's, as torchrun's all-reduce makes it; torch's FX graph cache keeps its
+# kernels, which it does not for a step compiled ahead of time) and its eager twin take three updates: how far apart
+# they end, and what the FX graph cache did
+_TWINS = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch
+from torch._dynamo.utils import counters
+from synthetic import random_transitions
+from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
+
+data = random_transitions(256, 3, 2)
+twins = []
+for mode in ("eager", "compile"):
+    torch.manual_seed(1)
+    loss = IQLLoss(*make_iql_networks(3, 2, hidden_sizes=(16, 16)))
+    twins.append((loss, IQLUpdate(loss, data=data, total_steps=10, mode=mode, eager_checks=0,
+                                  grad_hook=lambda grads: grads)))
+for step in range(3):
+    for loss, update in twins:
+        update(torch.arange(32) + 32 * step)
+(eager, _), (compiled, update) = twins
+print(json.dumps({{"gap": max((a - b).abs().max().item() for a, b in zip(eager.parameters(), compiled.parameters())),
+                  "compilations": update.compilations, "fx": dict(counters["inductor"])}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_on_other_vector_instructions_sharing_torch_s_inductor_cache_compiles_its_own_kernels(tmp_path):
+    # torch's FX graph cache does not key the vector width: C++ generated for 16-float vectors, served to a process
+    # using 8-float ones, computes wrong values or aborts (docs/performance.md); the step names its width to inductor
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs an AVX-512 CPU to run a narrower width beside it")
+
+    def twins(**env):
+        done = subprocess.run([sys.executable, "-c", _TWINS], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), **env})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    native, narrow = twins(), twins(ATEN_CPU_CAPABILITY="avx2")
+    assert native["fx"].get("fxgraph_cache_miss") == 1, native
+    assert narrow["fx"].get("fxgraph_cache_miss") == 1 and "fxgraph_cache_hit" not in narrow["fx"], narrow
+    for out in (native, narrow):
+        assert out["compilations"] == 1 and out["gap"] < 1e-5, out
