@@ -22,11 +22,11 @@ with ``fall_back`` warns and leaves the runner eager.
 Where torch has no ``aot_compile`` (torch 2.11) the step runs guarded; where inductor needs a
 setting for the step to compile at all on an older torch, it reaches this step's compilation only.
 
-Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls,
-inductor options, tensordict's pytree registration, the guards on tensordict's tensorclass memo that the
-guarded step drops (named by its module-level name), code-object cloning (and, in
-:mod:`iql_torchrl.step.optimizers`, the operator that calls torch's fused Adam from a graph). None of them changes a
-process-wide torch setting: inductor options reach only this step's compilation (``torch.compile``'s
+Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls, inductor
+options and the vector width inductor picks, tensordict's pytree registration, the guards on tensordict's
+tensorclass memo that the guarded step drops (named by its module-level name), code-object cloning (and, in
+:mod:`iql_torchrl.step.optimizers`, the operator that calls torch's fused Adam from a graph). None of them
+changes a process-wide torch setting: inductor options reach only this step's compilation (``torch.compile``'s
 ``options``), and warning filters only the calls that trace.
 """
 from __future__ import annotations
@@ -58,7 +58,6 @@ _TRACING_NOISE = r"torch\._dynamo\.config\.inline_inbuilt_nn_modules is deprecat
 # changes what the step computes, so the guarded step drops the guards on it
 _MEMO_SOURCE = "_TENSORCLASS_MEMO"
 _copies = itertools.count(1)
-_VECTOR_WIDTHS = {"AVX512": 512, "AVX2": 256}  # torch's CPU capability -> inductor's vector width in bits
 
 
 def missing_compiler(device_type: str) -> str | None:
@@ -97,17 +96,18 @@ def inductor_options(device_type: str, torch_version: str = torch.__version__) -
     Inductor's per-call size and stride asserts repeat what dynamo's guards (or the call signature) check.
     On the CPU the graph's kernels and GEMMs are called from C++ (``cpp_wrapper``) rather than from a Python
     function, whose calls between them cost a few percent of the step (benchmarks/README.md).
-    On the CPU the vector width is named (``cpp.simdlen``: the width torch's own kernels use here, which
-    inductor would pick anyway), which puts it in the key of torch's FX graph cache: that cache otherwise serves
-    C++ generated for one width to a process of another (``ATEN_CPU_CAPABILITY``, or another host on a shared
-    cache folder), where it computes wrong values or aborts (docs/performance.md).
+    On the CPU the vector width inductor picks here (after ``ATEN_CPU_CAPABILITY``; 0: none) is named to it
+    (``cpp.simdlen``), which changes no code but puts the width in the key of torch's FX graph cache: that cache
+    otherwise serves C++ generated for one width to a process of another (``ATEN_CPU_CAPABILITY``, or another host
+    on a shared cache folder), where it computes wrong values or aborts (docs/performance.md).
     Before torch 2.13, inductor's loop reordering after fusion crashes compiling the step for CUDA
     (pytorch/pytorch#176591, fixed in 2.13's scheduler).
     """
     options = {"size_asserts": False, "alignment_asserts": False, "cpp_wrapper": device_type == "cpu"}
-    width = _VECTOR_WIDTHS.get(torch.backends.cpu.get_cpu_capability())
-    if device_type == "cpu" and width is not None:
-        options["cpp.simdlen"] = width
+    if device_type == "cpu":
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        options["cpp.simdlen"] = pick_vec_isa().bit_width()
     if device_type == "cuda" and _release(torch_version) < (2, 13):
         options["loop_ordering_after_fusion"] = False
     return options
