@@ -244,6 +244,13 @@ class IQLLoss(LossModule):
         self._critic_in_features = concatenated_input_width(critics[0])
         self.make_value_estimator()  # built now, so state_dicts of fresh and used losses match
         self._make_vmap()
+        # the calls the loss makes at given parameters, as modules for torch.func.functional_call (kept out of
+        # the loss's submodules, as TorchRL keeps the networks)
+        self.__dict__["_network_calls"] = {
+            ("value", "forward"): _MethodCall(self.value_network, "forward"),
+            ("actor", "forward"): _MethodCall(self.actor_network, "forward"),
+            ("actor", "get_dist"): _MethodCall(self.actor_network, "get_dist"),
+        }
         # a TorchRL IQLLoss with one critic stores it unstacked; this one holds it stacked [1, …]
         self.register_load_state_dict_pre_hook(_stack_a_single_critic)
         # plain MLPs are evaluated from their parameters (the critics as batched matmuls); None: through the module
@@ -374,7 +381,7 @@ class IQLLoss(LossModule):
             self._has_update_associated[network] = True
 
     # ------------------------------------------------------------------ network calls
-    def _params(self, params: dict | None, network: str) -> TensorDictBase:
+    def _params(self, params: dict | None, network: str) -> TensorDictBase | dict:
         """The parameters to evaluate ``network`` with: ``params[network]`` when given, else the loss's own.
 
         ``network`` is ``"actor"``, ``"value"``, ``"qvalue"`` or ``"target_qvalue"``. Passing
@@ -384,6 +391,26 @@ class IQLLoss(LossModule):
         if params is not None and network in params:
             return params[network]
         return getattr(self, f"{network}_network_params")
+
+    def _params_td(self, params: dict | None, network: str) -> TensorDictBase:
+        """:meth:`_params` as a TensorDict, what the critics' ``vmap`` takes."""
+        given = self._params(params, network)
+        if isinstance(given, TensorDictBase):
+            return given
+        return _nested_tensordict(given, getattr(self, f"{network}_network_params").batch_size)
+
+    def _call_network(self, params: dict | None, network: str, method: str, tensordict: TensorDictBase):
+        """``<network>_network.<method>(tensordict)`` at the parameters :meth:`_params` gives: a TensorDict of them
+        is swapped in with ``to_module``, a dict (the fused step's) through ``torch.func.functional_call``, which a
+        compiled step traces in a fraction of the steps."""
+        given = self._params(params, network)
+        if isinstance(given, TensorDictBase):
+            module = getattr(self, f"{network}_network")
+            # preserve_module_state=False keeps detached (shared, separate_losses) tensors detached
+            with given.to_module(module, preserve_module_state=False):
+                return getattr(module, method)(tensordict)
+        named = {".".join(("network", *_key_tuple(key))): value for key, value in given.items()}
+        return torch.func.functional_call(self._network_calls[network, method], named, (tensordict,), tie_weights=False)
 
     @staticmethod
     def _plain(plain: PlainMLP | None, out_key) -> bool:
@@ -396,10 +423,7 @@ class IQLLoss(LossModule):
             value = self.plain_value(self._params(params, "value"), tensordict)
         else:
             td = tensordict.select(*self.value_network.in_keys)
-            # preserve_module_state=False keeps detached (shared, separate_losses) tensors detached
-            with self._params(params, "value").to_module(self.value_network, preserve_module_state=False):
-                td = self.value_network(td)
-            value = td.get(self.tensor_keys.value)
+            value = self._call_network(params, "value", "forward", td).get(self.tensor_keys.value)
         if value.shape[-1:] != (1,):
             raise ValueError(
                 f"The value network must write {self.tensor_keys.value!r} with a trailing dim of 1 "
@@ -407,13 +431,14 @@ class IQLLoss(LossModule):
             )
         return value.squeeze(-1)
 
-    def _critic_values(self, tensordict: TensorDictBase, params: TensorDictBase) -> Tensor:
-        """All critics on (s, a) in one call; returns Q(s, a) of shape [num_qvalue_nets, *B]."""
+    def _critic_values(self, tensordict: TensorDictBase, params: dict | None, network: str) -> Tensor:
+        """All critics (``network``: ``"qvalue"`` or ``"target_qvalue"``) on (s, a) in one call; returns Q(s, a)
+        of shape [num_qvalue_nets, *B]."""
         if self._plain(self.plain_qvalue, self.tensor_keys.state_action_value):
-            q_all = self.plain_qvalue(params, tensordict)
+            q_all = self.plain_qvalue(self._params(params, network), tensordict)
         else:
             td = tensordict.select(*self.qvalue_network.in_keys)
-            q_all = self._vmapped_qvalue(td, params).get(self.tensor_keys.state_action_value)
+            q_all = self._vmapped_qvalue(td, self._params_td(params, network)).get(self.tensor_keys.state_action_value)
         return self._q_of_dataset_action(q_all, tensordict.get(self.tensor_keys.action))
 
     def _q_of_dataset_action(self, q_all: Tensor, action: Tensor) -> Tensor:
@@ -433,14 +458,10 @@ class IQLLoss(LossModule):
         """
         action = tensordict.get(self.tensor_keys.action)
         td = tensordict.select(*self.actor_network.in_keys)
-        with self._params(params, "actor").to_module(self.actor_network, preserve_module_state=False):
-            if self.is_probabilistic_actor:
-                dist = self.actor_network.get_dist(td)
-            else:
-                predicted = self.actor_network(td).get(self.tensor_keys.action)
         if not self.is_probabilistic_actor:
+            predicted = self._call_network(params, "actor", "forward", td).get(self.tensor_keys.action)
             return (predicted - action).pow(2).sum(-1), None
-        log_prob = self._log_prob(dist, action)
+        log_prob = self._log_prob(self._call_network(params, "actor", "get_dist", td), action)
         return -log_prob, log_prob
 
     def _log_prob(self, dist, action: Tensor) -> Tensor:
@@ -474,7 +495,7 @@ class IQLLoss(LossModule):
     def _target_min_q(self, tensordict: TensorDictBase, params: dict | None) -> Tensor:
         """min_i Q̄_i(s, a_dataset) over the TARGET critics, without gradient: shape [*B]."""
         with torch.no_grad():
-            return self._critic_values(tensordict, self._params(params, "target_qvalue")).min(0).values
+            return self._critic_values(tensordict, params, "target_qvalue").min(0).values
 
     def actor_loss(
         self,
@@ -531,7 +552,7 @@ class IQLLoss(LossModule):
     def _qvalue_loss(self, tensordict, next_value, params) -> tuple[Tensor, dict]:
         with torch.no_grad():
             target = self._bellman_target(tensordict, next_value, params)
-        q = self._critic_values(tensordict, self._params(params, "qvalue"))
+        q = self._critic_values(tensordict, params, "qvalue")
         if q.shape[1:] != target.shape:
             raise ValueError(
                 f"Q(s, a) has batch shape {tuple(q.shape[1:])} but the Bellman target has "
@@ -570,8 +591,8 @@ class IQLLoss(LossModule):
         """:meth:`forward` evaluated at ``params`` instead of the loss's own parameters.
 
         ``params`` maps any of ``"actor"``, ``"value"``, ``"qvalue"``, ``"target_qvalue"`` to a
-        TensorDict shaped like the loss's ``*_network_params``; missing entries (or ``None``) use
-        the loss's own. :meth:`value_phase` and :meth:`actor_critic_phase` take it too. The fused
+        TensorDict shaped like the loss's ``*_network_params``, or to a dict from its leaf keys (as
+        ``items(True, True)`` names them) to tensors; missing entries (or ``None``) use the loss's own. :meth:`value_phase` and :meth:`actor_critic_phase` take it too. The fused
         update step differentiates the loss this way with ``torch.func`` (one compiled graph).
         """
         # checked once; the three losses are the unchecked bodies
@@ -694,6 +715,35 @@ class IQLLoss(LossModule):
 
 
 # --------------------------------------------------------------------------- helpers
+def _nested_tensordict(flat: dict, batch_size: torch.Size) -> TensorDict:
+    """A TensorDict of ``flat``'s tensors, keyed by its (nested) keys; built from nested dicts, which a compiled
+    graph traces in fewer steps than nested keys set one by one."""
+    nested = {}
+    for key, value in flat.items():
+        *parents, name = _key_tuple(key)
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return TensorDict(nested, batch_size=batch_size)
+
+
+def _key_tuple(key: NestedKey) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else key
+
+
+class _MethodCall(nn.Module):
+    """``network.<method>(*args)`` as a module's forward, for ``torch.func.functional_call`` (parameters named
+    ``network.<name>``)."""
+
+    def __init__(self, network: nn.Module, method: str):
+        super().__init__()
+        self.network, self.method = network, method
+
+    def forward(self, *args):
+        return getattr(self.network, self.method)(*args)
+
+
 def _mean(x: Tensor, kept: Tensor | None) -> Tensor:
     """The mean of ``x`` over the positions ``kept`` keeps (every position when None)."""
     if kept is None:

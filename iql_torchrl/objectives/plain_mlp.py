@@ -53,7 +53,10 @@ class PlainMLP:
 
     def hooked(self) -> bool:
         """Whether a hook is registered on the network (then only the module's own call runs it)."""
-        return any(_has_hooks(m) for m in self._modules)
+        for module in self._modules:
+            if _has_hooks(module):
+                return True
+        return False
 
     @classmethod
     def from_module(cls, network: nn.Module) -> PlainMLP | None:
@@ -119,5 +122,6 @@ class PlainMLP:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(getattr(module, name, None) for name in hooks)
+    # plain attribute reads and ``or``: a compiled step traces them in a few steps (``any`` over a generator: many)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)

@@ -7,8 +7,8 @@ calls on a side stream (where ``torch.compile`` compiles), one call is captured 
 the graph: one launch per update, no Python between the kernels.
 
 It is written here rather than taken from tensordict's ``CudaGraphModule`` because that module
-removes TensorDict from torch's pytree registry for the whole process, which breaks
-``torch.func.grad`` returning TensorDicts (the compiled update step) and vmapped seeds.
+removes TensorDict from torch's pytree registry for the whole process, which breaks vmapped seeds
+(``torch.vmap`` over TensorDicts of parameters and outputs).
 """
 from __future__ import annotations
 

@@ -130,9 +130,13 @@ class IQLUpdate(LiveSettings):
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
-        # per network: the loss's parameter TensorDict, its trainable leaves, and an Adam holding their state
+        # per network: the loss's parameter TensorDict, its leaves by key, the keys of its trainable leaves, those
+        # leaves, and an Adam holding their state
         self.param_tds = {group: getattr(loss, f"{group}_network_params") for group in OPTIMIZER_GROUPS}
-        self.params = {group: _trainable(td) for group, td in self.param_tds.items()}
+        self.leaves = {group: dict(td.items(True, True)) for group, td in self.param_tds.items()}
+        self.trainable_keys = {group: [key for key, value in leaves.items() if _is_trainable(value)]
+                               for group, leaves in self.leaves.items()}
+        self.params = {group: [self.leaves[group][key] for key in keys] for group, keys in self.trainable_keys.items()}
         self.optimizers = {group: make_adam(self.params[group], rates[group], optimizer, weight_decay, device)
                            for group in OPTIMIZER_GROUPS}
         self.value_optimizer, self.actor_optimizer, self.qvalue_optimizer = (
@@ -141,7 +145,8 @@ class IQLUpdate(LiveSettings):
         super().__init__(tau=tau, total_steps=total_steps, actor_lr=rates["actor"], optimizers=self.optimizers,
                          device=device)
         loss.claim_target_update()  # before the targets are read, which is when TorchRL warns about no updater
-        self.target_params = list(loss.target_qvalue_network_params.values(True, True))
+        self.target_leaves = dict(loss.target_qvalue_network_params.items(True, True))
+        self.target_params = list(self.target_leaves.values())
         self.online_params = list(loss.qvalue_network_params.values(True, True))
         self.held = HeldTensors(loss, self.param_tds, self.optimizers,
                                 [*(p for params in self.params.values() for p in params), *self.target_params])
@@ -181,16 +186,17 @@ class IQLUpdate(LiveSettings):
     def _paper_step(self, batch_or_indices):
         with torch.no_grad():  # inside, not a decorator: the decorator's frame is shared by every such function
             batch = self._batch(batch_or_indices)
-            (value_out, target_min_q), _ = self._descend(("value",), batch, self.loss.value_phase)
-            out, written = self._descend(
+            value_out, target_min_q, _ = self._descend(("value",), batch, self.loss.value_phase)
+            out, _, written = self._descend(
                 ("actor", "qvalue"), batch, lambda td, params: self.loss.actor_critic_phase(td, target_min_q, params))
-            out.set("loss_value", value_out["loss_value"])
+            out["loss_value"] = value_out["loss_value"]
             return self._finish(out, written)
 
     def _summed_step(self, batch_or_indices):
         with torch.no_grad():
             batch = self._batch(batch_or_indices)
-            return self._finish(*self._descend(tuple(OPTIMIZER_GROUPS), batch, self.loss.evaluate))
+            out, _, written = self._descend(tuple(OPTIMIZER_GROUPS), batch, self.loss.evaluate)
+            return self._finish(out, written)
 
     def _batch(self, batch_or_indices):
         if isinstance(batch_or_indices, Tensor):
@@ -200,22 +206,27 @@ class IQLUpdate(LiveSettings):
         return batch_or_indices
 
     def _descend(self, groups: tuple[str, ...], batch: TensorDictBase, phase):
-        """Differentiates ``phase``'s summed losses w.r.t. ``groups`` and steps their optimizers; returns the phase's
-        output (``phase(batch, params)``: the loss evaluated at ``params``, ``None`` for its own) and the entries the
-        loss wrote into the batch."""
+        """Differentiates ``phase``'s summed losses w.r.t. ``groups`` and steps their optimizers. ``phase(batch,
+        params)`` is the loss evaluated at ``params`` (``None``: its own): an output TensorDict, or that and a tensor.
+        Returns the output's entries (a dict), the tensor (or ``None``) and the entries the loss wrote into the
+        batch (a dict): plain dicts, which ``torch.func.grad`` carries out of the graph as they are."""
 
         def objective(tensors):
             scratch = batch.copy()  # the loss writes into the batch it evaluates: the writes are returned instead
-            params = None if tensors is None else {g: _with_trainable(self.param_tds[g], tensors[g]) for g in groups}
+            params = None if tensors is None else self._parameters_with(groups, tensors)
             result = self._loss_call(phase, scratch, params)
-            return _summed_losses(result), (result, scratch.select(*_batch_outputs(self.loss), strict=False))
+            out, *extra = result if isinstance(result, tuple) else (result,)  # torch.func.grad's aux holds no None
+            out = dict(out.items(include_nested=True, leaves_only=True))
+            written = {key: scratch.get(key) for key in _batch_outputs(self.loss) if key in scratch.keys(True)}
+            return sum(out[name].sum() for name in LOSS_NAMES if name in out), (out, written, *extra)
 
         if torch.compiler.is_compiling():  # torch.func.grad traces into the one graph
-            grads, (result, written) = _grad_with_tensordicts(objective, {g: self.params[g] for g in groups})
+            grads, (out, written, *extra) = torch.func.grad(objective, has_aux=True)(
+                {g: self.params[g] for g in groups})
             grads = [grad for g in groups for grad in grads[g]]
         else:  # eager, autograd has no functional wrappers to pay for
             with torch.enable_grad():
-                total, (result, written) = objective(None)
+                total, (out, written, *extra) = objective(None)
                 params = [p for g in groups for p in self.params[g]]
                 grads = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
         if self.grad_hook is not None:
@@ -226,7 +237,15 @@ class IQLUpdate(LiveSettings):
         for g in groups:
             self._optimizer_step(g, list(grads[offset:offset + len(self.params[g])]))
             offset += len(self.params[g])
-        return result, written
+        return out, (extra[0] if extra else None), written
+
+    def _parameters_with(self, groups: tuple[str, ...], trainable: dict[str, list[Tensor]]) -> dict[str, dict]:
+        """Every network's parameters as the loss takes them (a dict from each leaf's key to its tensor), the
+        trainable leaves of ``groups`` replaced by ``trainable``'s."""
+        params = {"target_qvalue": self.target_leaves, **self.leaves}
+        for g in groups:
+            params[g] = {**self.leaves[g], **dict(zip(self.trainable_keys[g], trainable[g]))}
+        return params
 
     def _loss_call(self, phase, batch, params):
         if self.precision != "bf16":
@@ -237,7 +256,7 @@ class IQLUpdate(LiveSettings):
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
         adam_step(self.optimizers[group], self.params[group], grads, fused=self.fused_adam)
 
-    def _finish(self, out: TensorDictBase, written: TensorDictBase) -> TensorDictBase:
+    def _finish(self, out: dict, written: dict) -> TensorDictBase:
         """Soft target update, step counter, non-finite bookkeeping; the detached metrics and the batch's entries."""
         torch._foreach_lerp_(self.target_params, self.online_params, self._tau)
         bad = nonfinite([out[name] for name in LOSS_NAMES])
@@ -245,9 +264,8 @@ class IQLUpdate(LiveSettings):
         self.first_nonfinite_step.copy_(torch.where(first, self.step, self.first_nonfinite_step))
         self.nonfinite_losses.copy_(torch.where(first, bad, self.nonfinite_losses))
         self.step.add_(1)
-        metrics = out.detach()
-        metrics.batch_size = torch.Size([])  # a SeedEnsemble's metrics are [num_seeds]-shaped
-        metrics.set("actor_lr", self.actor_lr.clone())
+        metrics = {name: value.detach() for name, value in out.items()}
+        metrics["actor_lr"] = self.actor_lr.clone()
         return TensorDict({"metrics": metrics, "batch": written}, batch_size=[])
 
     # ------------------------------------------------------------------ state
@@ -281,62 +299,10 @@ def _batch_outputs(loss: TrainableLoss) -> tuple:
     return tuple(key for key in (getattr(keys, "priority", None), getattr(keys, "log_prob", None)) if key is not None)
 
 
-def _with_trainable(params: TensorDictBase, trainable: list[Tensor]) -> TensorDictBase:
-    """``params`` (a network's parameter TensorDict) with its trainable leaves, in order, replaced by ``trainable``."""
-    leaves = iter(trainable)
-    return TensorDict({key: next(leaves) if _is_trainable(v) else v for key, v in params.items(True, True)},
-                      batch_size=params.batch_size)
-
-
-def _summed_losses(result) -> Tensor:
-    out = result[0] if isinstance(result, tuple) else result
-    return sum(out[name].sum() for name in LOSS_NAMES if name in out.keys())
-
-
 def _is_trainable(value) -> bool:
     return isinstance(value, torch.nn.Parameter) and value.requires_grad
-
-
-def _trainable(params: TensorDictBase) -> list[Tensor]:
-    return [p for p in params.values(True, True) if _is_trainable(p)]
 
 
 def metrics_to_floats(metrics: TensorDict) -> dict[str, float]:
     """Host copies of a metrics TensorDict (one sync), for logging; per-seed entries are averaged."""
     return {key: float(value.float().mean()) for key, value in metrics.items()}
-
-
-def _grad_with_tensordicts(objective, params):
-    """``torch.func.grad(objective, has_aux=True)(params)``, the TensorDicts of its auxiliary output carried as dicts.
-
-    ``torch.func.grad``'s auxiliary output may hold tensors in tuples and dicts only: a TensorDict is one of those
-    only while it is registered in torch's pytree, and tensordict's ``CudaGraphModule`` unregisters it for the whole
-    process when a user builds one."""
-    layouts = []
-
-    def tensor_objective(tensors):
-        total, aux = objective(tensors)
-        return total, _as_dicts(aux, layouts)
-
-    grads, aux = torch.func.grad(tensor_objective, has_aux=True)(params)
-    return grads, _as_tensordicts(aux, iter(layouts))
-
-
-def _as_dicts(tree, layouts: list):
-    """``tree`` with each TensorDict as a flat dict of its tensors, its batch size and device appended to ``layouts``."""
-    if isinstance(tree, TensorDictBase):
-        layouts.append((tree.batch_size, tree.device))
-        return dict(tree.items(include_nested=True, leaves_only=True))
-    if isinstance(tree, tuple):
-        return tuple(_as_dicts(item, layouts) for item in tree)
-    return tree
-
-
-def _as_tensordicts(tree, layouts):
-    """The inverse of :func:`_as_dicts`, reading ``layouts`` in the same order."""
-    if isinstance(tree, dict):
-        batch_size, device = next(layouts)
-        return TensorDict(tree, batch_size=batch_size, device=device)
-    if isinstance(tree, tuple):
-        return tuple(_as_tensordicts(item, layouts) for item in tree)
-    return tree
