@@ -116,11 +116,10 @@ def checked_runs(precision: str, seeds: int, calls: int, planted: bool,
 
 def check_cost(rounds: int, steps: int = 10_000) -> dict:
     """What the eager check adds to a run at the default job's shapes (pendulum: obs 3, action 1; 2×256, batch 256,
-    fp32): calls 2 and 3 of a checked and of an unchecked compiled step (the first call loads the compilation from a
-    cache both share, and its time swings with the disk), rounds alternating; the check of the first call costs as
+    fp32): calls 2 and 3 of a checked and of an unchecked compiled step (the first call compiles, from torch's caches
+    after round 0, and its time swings with the disk), rounds alternating; the check of the first call costs as
     much as each of the others', so a run pays 3/2 of the difference. Also the unchecked step's time an update
     after them."""
-    import tempfile
     import time
 
     torch.manual_seed(0)
@@ -128,22 +127,21 @@ def check_cost(rounds: int, steps: int = 10_000) -> dict:
     batches = [torch.randint(0, DATA, (BATCH,)) for _ in range(23)]
     first = {"checked": [], "unchecked": []}
     later = []
-    with tempfile.TemporaryDirectory() as cache:
-        for round_ in range(rounds + 1):  # round 0 fills the cache: not counted
-            for name, checks in (("checked", 2), ("unchecked", 0)):
-                torch.manual_seed(round_)
-                loss = IQLLoss(*make_iql_networks(3, 1, hidden_sizes=HIDDEN))
-                update = IQLUpdate(loss, data=data, mode="compile", precision="fp32", total_steps=steps,
-                                   eager_checks=checks, compile_cache=cache)
-                times = []
-                for batch in batches:
-                    start = time.perf_counter()
-                    update(batch)
-                    times.append(time.perf_counter() - start)
-                if round_:
-                    first[name].append(sum(times[1:3]))
-                    if name == "unchecked":
-                        later.append(statistics.median(times[3:]))
+    for round_ in range(rounds + 1):  # round 0 fills torch's caches: not counted
+        for name, checks in (("checked", 2), ("unchecked", 0)):
+            torch.manual_seed(round_)
+            loss = IQLLoss(*make_iql_networks(3, 1, hidden_sizes=HIDDEN))
+            update = IQLUpdate(loss, data=data, mode="compile", precision="fp32", total_steps=steps,
+                               eager_checks=checks)
+            times = []
+            for batch in batches:
+                start = time.perf_counter()
+                update(batch)
+                times.append(time.perf_counter() - start)
+            if round_:
+                first[name].append(sum(times[1:3]))
+                if name == "unchecked":
+                    later.append(statistics.median(times[3:]))
     extra = 1.5 * (statistics.median(first["checked"]) - statistics.median(first["unchecked"]))
     per_update = statistics.median(later)
     return {"rounds": rounds, "calls_2_3_checked_s": first["checked"], "calls_2_3_unchecked_s": first["unchecked"],

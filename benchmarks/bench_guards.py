@@ -1,20 +1,17 @@
-"""Updates per second of the compiled step compiled ahead of time against guarded ``torch.compile`` steps.
+"""Updates per second of the compiled step as ``IQLUpdate`` builds it against guarded ``torch.compile`` steps.
 
-The compiled ``IQLUpdate`` step runs without dynamo's guards: it is compiled ahead of time (``aot_compile``)
-and checks before each call only the Python values its trace baked in (``iql_torchrl.step.baked``). The
-standard way is a guarded ``torch.compile`` step, whose guards dynamo evaluates on every call; PyTorch's
-public guard filters drop some of them. Rows, each the same paper-order step at the main job's default shapes
-(obs 3, action 1, batch 256, 2×256 networks, indices into the data, as the job calls it), timed in the same
-rounds (``bench_update.interleaved``; the median block):
+The compiled ``IQLUpdate`` step evaluates dynamo's guards only on a call that meets a new variant (a call
+signature, or a Python value its trace read that changed: ``iql_torchrl.step.baked``); the other calls skip
+them (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``). A plain guarded ``torch.compile`` step
+evaluates them on every call; PyTorch's public guard filters drop some of them. Rows, each the same paper-order
+step at the main job's default shapes (obs 3, action 1, batch 256, 2×256 networks, indices into the data, as the
+job calls it), timed in the same rounds (``bench_update.interleaved``; the median block):
 
-* ``ahead-of-time``: ``IQLUpdate(mode="compile")`` as built;
-* ``guarded``: the same step under ``torch.compile`` with every guard dynamo writes;
+* ``as-built``: ``IQLUpdate(mode="compile")`` as built;
+* ``guarded``: the same step evaluating every guard dynamo writes on every call;
 * ``guarded-nn-modules``: with PyTorch's ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``;
 * ``guarded-no-state-tensors``: without the guards on tensors reached from the step's ``self`` (parameters,
   optimizer state, counters: what ``IQLUpdate`` refuses to see replaced before each call), the others kept.
-* ``guarded-skip-eval``: every guard written, evaluated on the first call only; the later calls run under
-  PyTorch's ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped to the call (safe as a step only
-  beside a check of what the trace read before each call, as the ahead-of-time step's ``BakedValues``).
 
     python benchmarks/bench_guards.py --threads 1 --precision bf16 --json benchmarks/results/results_guards_1t.json
     python benchmarks/bench_guards.py --threads 2 --precision fp32 --json benchmarks/results/results_guards_2t_fp32.json
@@ -50,35 +47,16 @@ FILTERS = {
 
 
 class GuardedRunner(StepRunner):
-    """The step under a guarded ``torch.compile`` whose guards ``keep`` filters."""
+    """The step under a guarded ``torch.compile`` whose guards ``keep`` filters, evaluated on every call."""
 
     def __init__(self, step, keep):
         self.keep = keep
-        super().__init__(step, mode="compile", ahead_of_time=False)
+        super().__init__(step, mode="compile")
 
-    def _record_guards(self, keep: bool):
-        record = super()._record_guards(keep)
-
-        def filtered(entries):
-            entries = list(entries)
-            record(entries)
-            return self.keep(entries)
-
-        return filtered
-
-
-class SkippingRunner(GuardedRunner):
-    """The guarded step with every guard, evaluated on its first call only."""
-
-    def __init__(self, step):
-        super().__init__(step, FILTERS["guarded"])
-
-    def __call__(self, batch_or_indices):
-        if self._calls == 0:
-            return super().__call__(batch_or_indices)
-        self._calls += 1
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.guarded(batch_or_indices)
+    def _record_guards(self, entries):
+        entries = list(entries)
+        super()._record_guards(entries)
+        return self.keep(entries)
 
 
 def main(argv=None) -> None:
@@ -94,21 +72,19 @@ def main(argv=None) -> None:
     data = make_batch(Setup(batch_size=DATA, obs_dim=SETUP.obs_dim, action_dim=SETUP.action_dim))
     indices = torch.randint(DATA, (SETUP.batch_size,), generator=torch.Generator().manual_seed(1))
     updates = {}
-    for name in ("ahead-of-time", *FILTERS, "guarded-skip-eval"):
+    for name in ("as-built", *FILTERS):
         updates[name] = make_iql_update(SETUP, "compile", "paper", args.precision, data=data)
         if name in FILTERS:
             updates[name].runner = GuardedRunner(updates[name]._paper_step, FILTERS[name])
-        elif name == "guarded-skip-eval":
-            updates[name].runner = SkippingRunner(updates[name]._paper_step)
         time_block(updates[name], indices, 100, "cpu")  # compiles, then warms up
     variants = [Variant(name, update, None) for name, update in updates.items()]
     samples = interleaved(variants, {name: indices for name in updates}, args.rounds, args.block, "cpu")
     host = cpu_name()
     rows = {name: {"updates_per_second": 1000 / statistics.median(ms), "ms_per_update": ms,
                    "compilations": updates[name].compilations} for name, ms in samples.items()}
-    best = rows["ahead-of-time"]["updates_per_second"]
+    best = rows["as-built"]["updates_per_second"]
     print(f"{host}; {args.threads} thread(s), {args.precision}, torch {torch.__version__}")
-    print("| step | updates/s | ahead of time / row |\n|---|---|---|")
+    print("| step | updates/s | as built / row |\n|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['updates_per_second']:.1f} | {best / row['updates_per_second']:.3f} |")
     if args.json:

@@ -4,8 +4,8 @@
     python benchmarks/bench_run.py --json benchmarks/results/results_run.json
     python benchmarks/bench_run.py --steps 200 --modes eager --step-rounds 2   # a smoke test
 
-In one sitting, for each mode (the default flags with the compiled-step cache empty, then again with
-what the first run left in it; ``--no-compile``, and ``--compile`` at each ``--precision``, forced) it runs
+In one sitting, for each mode (the default flags with torch's compile caches empty, then again with
+what the first run left in them; ``--no-compile``, and ``--compile`` at each ``--precision``, forced) it runs
 
 * the step alone, as ``bench_update.py`` measures it (``ours-<eager|compile>-paper[-bf16]``: the step,
   precision and threads the job ran, from its console and ``summary.json``; the default dataset's shapes,
@@ -35,7 +35,7 @@ from host import cpu_name
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# mode -> flags; every run shares one fresh compiled-step cache, so "default, cache warm" finds the entry
+# mode -> flags; every run shares one fresh inductor cache folder, so "default, cache warm" finds what
 # "default, cache cold" stored (the user's own cache folder is never touched)
 MODES = {"default, cache cold": [], "default, cache warm": [], "eager": ["--no-compile"],
          "compile fp32": ["--compile", "--precision", "fp32"], "compile bf16": ["--compile", "--precision", "bf16"]}
@@ -48,7 +48,7 @@ def run_job(folder: Path, steps: int, flags: list[str], cache: Path) -> dict:
     command = [sys.executable, str(ROOT / "examples" / "iql_offline.py"), "--steps", str(steps), "--no-progress",
                "--logger", "none", "--eval-every", "1000000", "--eval-episodes", "2", "--output-dir", str(folder), *flags]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "IQL_TORCHRL_COMPILE_CACHE": str(cache)})
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -91,7 +91,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-run-") as scratch:
         scratch = Path(scratch)
-        cache = scratch / "compiled-steps"
+        cache = scratch / "inductor"
         run_job(scratch / "warm-up", 1, ["--no-compile"], cache)  # builds the default dataset, outside the timing
         step_rates = {}
         for name in args.modes:

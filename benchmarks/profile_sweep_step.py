@@ -72,7 +72,7 @@ def make_update(members: int, precision: str, device: str = "cpu", mode: str = "
     ensemble = loss(0) if members == 1 else SeedEnsemble([loss(seed) for seed in range(members)])
     data = make_batch(Setup(batch_size=TRANSITIONS, obs_dim=OBS, action_dim=ACT, device=device))
     return IQLUpdate(ensemble.to(device), mode=mode, precision=precision, data=data, total_steps=10**6,
-                     eager_checks=0, compile_cache=None)
+                     eager_checks=0)
 
 
 def profile_step(update: IQLUpdate, members: int, updates: int, device: str = "cpu", top: int = 0) -> dict:

@@ -43,22 +43,6 @@ class TinyDatasets(NamedTuple):
     reference_episodes: int = TINY_REFERENCE_EPISODES
 
 
-@pytest.fixture(scope="session")
-def session_compile_cache(tmp_path_factory):
-    """One folder for the whole session, shared by pytest-xdist's test processes (their temporary folders sit
-    side by side): a step compiled in one process loads in the other (the cache writes atomically)."""
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "compiled-steps"
-
-
-@pytest.fixture(autouse=True)
-def shared_compiled_step_cache(monkeypatch, session_compile_cache):
-    """Jobs keep their compiled steps in one folder for the session, never the user's: a step compiled once
-    (same class, settings, shapes: the cache's key) loads in later tests (tests of the cache pass a folder of
-    their own)."""
-    monkeypatch.setenv("IQL_TORCHRL_COMPILE_CACHE", str(session_compile_cache))
-
-
 @pytest.fixture(autouse=True)
 def fp32_host_and_own_threads(monkeypatch):
     """``--precision auto`` takes fp32 in every host's tests (a CPU with native bf16 would measure its way to
@@ -87,16 +71,11 @@ def fresh_compiler_caches():
 
 @pytest.fixture
 def guarded_compile(monkeypatch):
-    """``torch.compile`` without ``aot_compile`` (as on torch 2.11): a compiled step runs under dynamo's guards."""
-    import torch
+    """Compiled steps evaluate dynamo's guards on every call, as a torchrun step and a CUDA graph's warm-up calls
+    do, instead of on the calls that meet a new variant only."""
+    from iql_torchrl.step.modes import StepRunner
 
-    compile_with_aot = torch.compile
-
-    def compile_without_aot(*args, **kwargs):
-        compiled = compile_with_aot(*args, **kwargs)
-        return lambda *a, **k: compiled(*a, **k)  # the same guarded function, without .aot_compile
-
-    monkeypatch.setattr(torch, "compile", compile_without_aot)
+    monkeypatch.setattr(StepRunner, "_skipping_guards", lambda self, batch_or_indices: self.guarded(batch_or_indices))
 
 
 @pytest.fixture

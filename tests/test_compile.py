@@ -90,9 +90,9 @@ def test_the_whole_update_step_is_one_graph(order, actor):
 
 
 @pytest.mark.slow
-def test_a_torchrl_tanh_normal_actor_and_mlp_critics_run_compiled_ahead_of_time_like_eager():
+def test_a_torchrl_tanh_normal_actor_and_mlp_critics_run_compiled_like_eager():
     # custom networks (TorchRL's MLP inside a ProbabilisticActor with TanhNormal; TorchRL MLP critics)
-    # take the ahead-of-time compiled step too (a fallback would raise: see pyproject's filterwarnings)
+    # take the compiled step too, as one graph (a fallback would raise: see pyproject's filterwarnings)
     from synthetic import random_transitions
     from tensordict.nn import TensorDictModule
     from torchrl.modules import MLP

@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from synthetic import random_transitions
-from torch_features import CACHED_STEPS
 
 from iql_torchrl import IQLLoss, make_iql_networks
 from iql_torchrl.step.update import IQLUpdate
@@ -38,11 +37,11 @@ ONE_UPDATE = 1e-4  # 7.5× the largest calibrated difference after one update (1
 AFTER_300 = {"actor": 5e-2, "qvalue": 6e-2, "value": 2e-2}  # about three times the calibrated drift
 
 
-def make(mode, seed=1, actor_kind="gaussian", compile_cache=None):
+def make(mode, seed=1, actor_kind="gaussian"):
     torch.manual_seed(seed)
     loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(256, 256), actor_kind=actor_kind)).to("cuda")
     data = random_transitions(N, OBS, ACT).to("cuda")
-    return loss, IQLUpdate(loss, data=data, total_steps=1_000, mode=mode, compile_cache=compile_cache)
+    return loss, IQLUpdate(loss, data=data, total_steps=1_000, mode=mode)
 
 
 def stream(steps):
@@ -88,28 +87,6 @@ def test_a_cuda_graph_step_of_a_deterministic_actor_follows_the_eager_step():
     twins = make("eager", actor_kind="deterministic"), make("cudagraphs", actor_kind="deterministic")
     assert_follows(twins, stream(20))
     assert twins[1][1].mode == "cudagraphs" and twins[1][1].compilations == 1
-
-
-@CACHED_STEPS
-def test_a_step_compiled_for_cuda_and_cached_by_one_process_loads_in_another_and_trains_as_eager(tmp_path):
-    script = f"""
-import sys, torch
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_cuda import N, OBS, ACT, stream
-from synthetic import random_transitions
-from iql_torchrl import IQLLoss, IQLUpdate, make_iql_networks
-torch.manual_seed(1)
-loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(256, 256))).to("cuda")
-update = IQLUpdate(loss, data=random_transitions(N, OBS, ACT).to("cuda"), total_steps=1_000, mode="compile",
-                   compile_cache={str(tmp_path)!r})
-update(stream(1)[0])
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
-    assert len(list(tmp_path.glob("*.step"))) == 1
-    eager, (loss_c, loaded) = make("eager"), make("compile", compile_cache=tmp_path)
-    loaded.runner.unguarded = None  # compiling here would fail: the step must come from the other process's entry
-    assert_follows((eager, (loss_c, loaded)), stream(3))
-    assert loaded.compilations == 1 and loaded.mode == "compile"
 
 
 def test_a_compiled_run_trained_on_the_cpu_resumes_on_cuda_as_a_cuda_graph_and_ends_there(

@@ -16,7 +16,6 @@ from synthetic import random_transitions
 
 from iql_torchrl import IQLLoss, StepMismatch, make_iql_networks
 from iql_torchrl.objectives.ensemble import SeedEnsemble
-from iql_torchrl.step.compile_cache import default_cache_folder
 from iql_torchrl.step.eager_check import tolerance
 from iql_torchrl.step.update import IQLUpdate
 
@@ -49,8 +48,8 @@ class WrongWaySmallActorTensors(IQLUpdate):
 
 
 def compiled(kind, loss, **kwargs):
-    """``kind(loss)`` in compile mode, its compilation kept in the session's cache: a step compiled alike loads."""
-    return kind(loss, mode="compile", compile_cache=default_cache_folder(), **kwargs)
+    """``kind(loss)`` in compile mode."""
+    return kind(loss, mode="compile", **kwargs)
 
 
 def make_loss(seed=1):

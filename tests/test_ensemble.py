@@ -116,13 +116,13 @@ def test_vmapped_seeds_without_dropout_in_the_compiled_step_match_separate_runs(
 
 
 def test_the_guarded_compiled_step_of_vmapped_seeds_and_settings_compiles_once_and_trains_as_eager(guarded_compile):
-    # the guarded step is what a CUDA graph captures and what a torch without aot_compile runs: state that the
+    # the guarded step is what a CUDA graph captures and what torchrun runs: state that the
     # first call's eager code leaves behind, read by the trace's guards, would compile it again at the second
     # call, a whole compilation inside a run's timed updates; the members differ in β and τ, as a --sweep's do
     data, seeds, settings = dataset(), [3, 4], [(0.0, 0.5), (6.0, 0.9)]
     eager, compiled = (SeedEnsemble([make_loss(s, *setting) for s, setting in zip(seeds, settings)]) for _ in range(2))
     eager_update = IQLUpdate(eager, data=data, total_steps=STEPS)
-    compiled_update = IQLUpdate(compiled, data=data, total_steps=STEPS, mode="compile", compile_cache=None)
+    compiled_update = IQLUpdate(compiled, data=data, total_steps=STEPS, mode="compile")
     streams = [index_stream(seed) for seed in seeds]
     for step in range(4):
         indices = torch.stack([stream[step] for stream in streams])

@@ -21,7 +21,6 @@ from iql_torchrl.precision_choice import choose_precision
 from iql_torchrl.step.precision import BF16Layers
 from iql_offline import train
 from synthetic import random_transitions
-from torch_features import CACHED_STEPS
 
 # several tests here step bf16 eagerly on purpose, which warns that eager bf16 is the slower choice
 pytestmark = pytest.mark.filterwarnings("ignore:IQLUpdate.precision='bf16'.. the eager step runs slower")
@@ -347,16 +346,3 @@ def test_a_resume_goes_on_in_the_precision_asked_for_and_says_so(capsys):
     assert capsys.readouterr().err == ""
     with pytest.raises(ResumeError, match="--temperature: checkpoint 5.0, given 3.0"):  # the run's shape still may not
         resumed_config(OfflineConfig, saved, again(precision="fp32", temperature=3.0), {"precision", "temperature"})
-
-
-@pytest.mark.slow
-@CACHED_STEPS
-def test_the_compile_cache_keeps_a_step_per_precision(tmp_path):
-    batch = random_transitions(256, 17, 6)
-    out = {}
-    for name in ("fp32", "bf16", "bf16"):
-        torch.manual_seed(0)
-        loss = IQLLoss(*make_iql_networks(17, 6, hidden_sizes=(64, 64)))
-        out[name] = IQLUpdate(loss, precision=name, mode="compile", compile_cache=tmp_path)(batch.clone())
-    assert len(list(tmp_path.glob("*.step"))) == 2  # the second bf16 step loaded the first's
-    assert not torch.equal(out["fp32"]["loss_qvalue"], out["bf16"]["loss_qvalue"])

@@ -10,11 +10,9 @@ import torch
 
 from reference import ReferenceIQL, as_float64, critic, gaussian_log_prob, num_critics, value
 from synthetic import random_transitions
-from torch_features import AHEAD_OF_TIME
 from test_live_settings import CUDA_TOL  # the 16-wide CUDA comparisons' tolerance, from an H100 reading
 
 from iql_torchrl import IQLLoss, make_iql_networks
-from iql_torchrl.step.compile_cache import default_cache_folder
 from iql_torchrl.step.optimizers import adam_step, make_adam
 from iql_torchrl.step.update import IQLUpdate, cosine_decay
 
@@ -29,7 +27,6 @@ def make_update(data=None, seed=1, actor_dropout=0.0, device="cpu", actor_kind="
     torch.manual_seed(seed)
     loss = IQLLoss(*make_iql_networks(OBS, ACT, hidden_sizes=(16, 16), actor_dropout=actor_dropout,
                                       actor_kind=actor_kind)).to(device)
-    kwargs.setdefault("compile_cache", default_cache_folder())  # the session's: a step compiled alike loads
     return loss, IQLUpdate(loss, data=data, **kwargs)
 
 
@@ -255,9 +252,9 @@ def column_major(data):
 
 @pytest.mark.slow
 def test_compiled_step_follows_a_new_batch_shape_dropout_switched_off_and_on_and_new_data():
-    # The compiled step runs without dynamo's guards, compiled ahead of time for the call's signature; a new
-    # batch size, the actor's dropout put in eval mode and back in train mode, and a new dataset with other
-    # sizes and strides must still be seen (compiled anew, or the earlier compilation reused), as eager sees them.
+    # The compiled step skips dynamo's guards once it has met a call's signature; a new batch size, the actor's
+    # dropout put in eval mode and back in train mode, and a new dataset with other sizes and strides must still
+    # be seen (compiled anew, or the earlier compilation reused), as eager sees them.
     data = dataset()
     g = torch.Generator().manual_seed(3)
     calls = [torch.randint(0, N, (B,), generator=g), torch.randint(0, N, (B,), generator=g),
@@ -281,8 +278,7 @@ def test_compiled_step_follows_a_new_batch_shape_dropout_switched_off_and_on_and
         results.append(params(loss))
     for (key, a), b in zip(results[0].items(), results[1].values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
-    if AHEAD_OF_TIME:  # batch 32, 16, 16 with dropout off, the new data: dropout back on reuses the second
-        assert update.compilations == 4
+    assert update.compilations == 4  # batch 32, 16, 16 with dropout off, the new data: dropout back on reuses the second
     # the wrong variant: the step with dropout off taken with dropout still on moves the actor elsewhere
     loss, update = make_update(data, total_steps=5, actor_dropout=0.5)
     for seed, call in enumerate(calls):
@@ -314,28 +310,6 @@ def test_two_compiled_steps_in_one_process_each_train_their_own_networks():
     # the wrong variant: the networks swapped (a weight: the two inits differ there, log_std starts at 0 in both)
     key = next(k for k in losses["eager"][0] if k.endswith("weight"))
     assert not torch.allclose(losses["eager"][0][key], losses["compile"][1][key], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_a_compiled_step_torch_cannot_compile_ahead_of_time_warns_and_runs_guarded():
-    if not AHEAD_OF_TIME:
-        pytest.skip("this torch has no aot_compile (e.g. 2.11): its step always runs guarded, without a warning")
-    # aot_compile refuses when inductor's caches are disabled: the step says so and still trains like eager
-    # (config.patch restores the setting; monkeypatch's undo would delete torch's hidden config entry)
-    data = dataset()
-    stream = index_stream(3)
-    loss_e, eager = make_update(data, total_steps=3)
-    loss_c, compiled = make_update(data, total_steps=3, mode="compile", compile_cache=None)  # compiles here
-    with torch._inductor.config.patch(force_disable_caches=True), \
-            pytest.warns(UserWarning, match="ahead of time failed .*force_disable_caches"):
-        for idx in stream:
-            eager(idx)
-            compiled(idx)
-    for (key, a), b in zip(params(loss_e).items(), params(loss_c).values()):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
-    # the wrong variant: a step behind
-    eager(stream[0])
-    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params(loss_e).values(), params(loss_c).values()))
 
 
 @pytest.mark.cuda
@@ -688,21 +662,6 @@ def test_a_network_whose_weights_are_laid_out_transposed_trains_as_torch_optim_a
         assert min(wrong["value"], wrong["actor"]) > 0.5
 
 
-@pytest.mark.slow  # the fast tier runs the guarded step of vmapped members (test_ensemble.py), quietly too
-def test_a_torch_without_ahead_of_time_compilation_runs_the_guarded_step_quietly_and_like_eager(guarded_compile):
-    # torch 2.11 has no aot_compile: no warning (the suite turns that one into an error), eager's results
-    data = dataset()
-    stream = index_stream(3)
-    loss_e, eager = make_update(data, total_steps=3)
-    loss_c, compiled = make_update(data, total_steps=3, mode="compile")
-    for idx in stream:
-        eager(idx)
-        compiled(idx)
-    assert compiled.compilations == 1  # dynamo's guarded step, traced once
-    for (key, a), b in zip(params(loss_e).items(), params(loss_c).values()):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
-
-
 def test_the_cuda_compile_workaround_reaches_older_torch_only():
     from iql_torchrl.step.modes import inductor_options
 
@@ -748,6 +707,5 @@ for a, b in zip(loss_e.parameters(), loss_c.parameters()):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 print("same")
 """)
-    env = {**os.environ, "IQL_TORCHRL_COMPILE_CACHE": ""}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from iql_torchrl.runs.checkpoint import load_run_checkpoint
-from iql_torchrl.step.compile_cache import default_cache_folder
 from iql_torchrl.runs.config import RunConfig, config_from_dict
 from iql_torchrl.data import OfflineDataMetadata, sample_indices
 from iql_torchrl.objectives.discrete import DiscreteIQLLoss
@@ -72,7 +71,7 @@ def make_update(config: RunConfig, loss, data, *, total_steps: int | None, distr
 
 def update_options(config: RunConfig, loss, distributed: bool = False) -> dict:
     """:class:`IQLUpdate`'s keyword arguments for how a run's step runs: the mode (``--compile``,
-    ``--cudagraphs``), the precision, the torchrun gradient all-reduce, the compiled-step cache, what a
+    ``--cudagraphs``), the precision, the torchrun gradient all-reduce, what a
     compiled step that fails its eager check does (the run continues eager where the step was its own choice,
     and stops where it was forced) and the optimiser settings that differ from IQLUpdate's defaults.
 
@@ -82,7 +81,6 @@ def update_options(config: RunConfig, loss, distributed: bool = False) -> dict:
     return dict(
         mode="cudagraphs" if config.cudagraphs else "compile" if config.compile else "eager",
         precision=config.precision, grad_hook=all_reduce_gradients if distributed else None,
-        compile_cache=default_cache_folder(),
         fall_back_to_eager=config.step_chosen, **config.optimizer_settings(),
     )
 

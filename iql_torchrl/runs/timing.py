@@ -11,7 +11,7 @@ class RunTiming:
 
     Only the updates count towards ``updates_per_second``: logging, evaluation and checkpoints
     are paused out, and so is the compile warm-up of each session, whose time ``compile_seconds``
-    sums (the first call of a compiled step: compiled, or loaded from the compile cache).
+    sums (the first call of a compiled step: traced, its kernels compiled or found in torch's caches).
     """
 
     def __init__(self, saved: dict | None = None):

@@ -1,12 +1,13 @@
 """What a compiled step baked in: the Python values its trace read, read again before each call.
 
-A step compiled ahead of time runs without dynamo's guards, so a Python number it read while
-tracing (``loss.loss_function``, an optimizer's ``weight_decay``, a network's flag, the value
-estimator's class) is a constant of its graph. :class:`BakedValues` is built from the guards dynamo
+A compiled step that skips dynamo's guards (or a captured CUDA graph) would not see a Python value it
+read while tracing change (``loss.loss_function``, an optimizer's ``weight_decay``, a network's flag, the
+value estimator's class): it is a constant of its graph. :class:`BakedValues` is built from the guards dynamo
 wrote for that trace -- the record of what it read -- keeping those on plain values and types of
 objects reached from the step's ``self``, and drops the tensor guards (the tensors are the graph's
 inputs, read anew on every call). Reading them again costs tens of microseconds; a difference means
-the graph no longer computes what eager would, and the step is compiled anew.
+the graph no longer computes what eager would: that call runs under dynamo's guards, which compile the
+step anew.
 
 Settings a user changes often (β, τ, the learning rates, the target update rate) are tensors the
 graph reads, not values it bakes: changing them compiles nothing.
@@ -20,7 +21,7 @@ import re
 import torch
 from tensordict import TensorDictBase
 
-__all__ = ["BakedValues", "CHANGED", "VALUE_GUARDS", "as_plain"]
+__all__ = ["BakedValues", "CHANGED", "VALUE_GUARDS"]
 
 # dynamo guard types that compare a value the trace read (or its type) with the one it saw
 VALUE_GUARDS = ("CONSTANT_MATCH", "EQUALS_MATCH", "TYPE_MATCH")
@@ -57,11 +58,9 @@ class BakedValues:
         return cls(reads)
 
     def __call__(self, owner) -> tuple:
-        """The values now: a plain value as it is, a ``"type"`` read as the class (:func:`as_plain` names it)."""
+        """The values now: a plain value as it is, a ``"type"`` read as the class (:data:`CHANGED` when one cannot
+        be read)."""
         return self._read(owner)
-
-    def to_json(self) -> list:
-        return [list(r) for r in self.reads]
 
 
 CHANGED = object()  # what a read that fails returns: never equal to a value read before
@@ -126,20 +125,6 @@ def _as_attribute(expression: str) -> str:
     class's entry. Any other expression as it is."""
     match = _CLASS_ATTRIBUTE.fullmatch(expression)
     return f"{match['owner']}.{match['name']}" if match else expression
-
-
-def as_plain(values) -> list:
-    """``values`` as JSON keeps them and a later process reads them: a class by its qualified name, a tuple as a
-    list."""
-    return [_as_plain(v) for v in values]
-
-
-def _as_plain(value):
-    if isinstance(value, (list, tuple)):
-        return as_plain(value)
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    return value
 
 
 def _readable(read: tuple[str, str], owner) -> bool:

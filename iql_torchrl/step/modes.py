@@ -1,37 +1,41 @@
-"""How an update step runs: eager, compiled, compiled ahead of time, or replayed as a CUDA graph.
+"""How an update step runs: eager, compiled, or replayed as a CUDA graph.
 
 :class:`StepRunner` takes a step (a method of one input: a batch TensorDict or a tensor of indices)
 and runs it in one of :data:`MODES` behind one call:
 
 * ``"eager"`` -- the method itself;
-* ``"compile"`` -- ``torch.compile`` as one graph; without a gradient hook, compiled ahead of time
-  (``aot_compile``) once per call signature and run without dynamo's guards (and, with a cache,
-  loaded from an earlier run's compilation: :mod:`iql_torchrl.step.compile_cache`), else guarded;
+* ``"compile"`` -- ``torch.compile`` as one graph. Without a gradient hook, dynamo evaluates its guards
+  only on the call that meets a new variant of the step; the calls after it skip them
+  (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped to the call);
 * ``"cudagraphs"`` -- the guarded compiled step captured once in a CUDA graph and replayed
   (:class:`~iql_torchrl.step.cuda_graph.CudaGraphStep`).
 
-A step compiled ahead of time or captured in a CUDA graph checks, before each call, the Python values
-its trace read (:class:`~iql_torchrl.step.baked.BakedValues`); when one changed, it is compiled (or
-captured) anew, so it always computes what the eager step would. ``compilations`` counts them.
+A variant is a call signature (the input's structure and the step's ``specialisation``) with the Python
+values the latest trace read (:class:`~iql_torchrl.step.baked.BakedValues`), read again before each call:
+when one changed, the call runs under dynamo's guards, which compile the step anew (or pick the
+compilation made for those values), so the step always computes what the eager step would. A CUDA graph is
+captured anew in the same case. ``compilations`` counts the traces and captures. Compiled steps are kept
+between runs by torch's own caches (the FX graph and AOTAutograd caches).
 
-With a check (:class:`~iql_torchrl.step.eager_check.EagerCheck`), the calls that compile or capture a
-step and the first ``check_calls`` calls after them (for a CUDA graph: its warm-up calls, the capture
-and its first replays) are also taken eagerly and compared; a compiled step that disagrees raises, or
-with ``fall_back`` warns and leaves the runner eager.
+With a check (:class:`~iql_torchrl.step.eager_check.EagerCheck`), the calls that meet a new variant or
+capture a step and the first ``check_calls`` calls after them (for a CUDA graph: its warm-up calls, the
+capture and its first replays) are also taken eagerly and compared; a compiled step that disagrees raises,
+or with ``fall_back`` warns and leaves the runner eager.
 
-Where torch has no ``aot_compile`` (torch 2.11) the step runs guarded; where inductor needs a
-setting for the step to compile at all on an older torch, it reaches this step's compilation only.
+Where inductor needs a setting for the step to compile at all on an older torch, it reaches this step's
+compilation only.
 
-Every experimental torch API the project uses lives here: ``aot_compile`` and its guard controls, inductor
-options and the vector width inductor picks, tensordict's pytree registration, the guards on tensordict's
-tensorclass memo that the guarded step drops (named by its module-level name), code-object cloning (and, in
-:mod:`iql_torchrl.step.optimizers`, the operator that calls torch's fused Adam from a graph). None of them
-changes a process-wide torch setting: inductor options reach only this step's compilation (``torch.compile``'s
-``options``), and warning filters only the calls that trace.
+Every experimental torch API the project uses lives here: guard filters and the guard-skipping stance,
+inductor options, tensordict's pytree registration, the guards on tensordict's tensorclass memo that the
+step drops (named by its module-level name), code-object cloning (and, in :mod:`iql_torchrl.step.optimizers`,
+the operator that calls torch's fused Adam from a graph). None of them changes a process-wide torch setting:
+inductor options reach only this step's compilation (``torch.compile``'s ``options``), the stance and
+warning filters only the step's calls.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import types
 import warnings
@@ -41,8 +45,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from iql_torchrl.step.baked import CHANGED, BakedValues, as_plain
-from iql_torchrl.step.compile_cache import CompiledStepCache, entry_key
+from iql_torchrl.step.baked import BakedValues
 from iql_torchrl.step.cuda_graph import CudaGraphStep
 from iql_torchrl.step.eager_check import EagerCheck, StepMismatch
 
@@ -138,34 +141,26 @@ class StepRunner:
     Keyword Args:
         mode (str): one of :data:`MODES` (the caller checks it first: :func:`check_mode`).
         fullgraph (bool): compile the step as one graph (any graph break raises).
-        ahead_of_time (bool): mode ``"compile"`` only: compile ahead of time for each call signature.
+        skip_guards (bool): mode ``"compile"`` only: evaluate dynamo's guards only on calls that meet a new
+            variant (see the module docstring); the others skip them.
         eager_random (bool): compiled random ops (dropout) draw from eager's generator, so compiled
             and eager steps, and resumed runs, draw the same masks.
         specialisation (callable): what, besides the input's structure, the compiled step is
             specialised on and may change between calls (e.g. the data's layout, train/eval flags,
-            autocast); a change compiles anew. Used by the ahead-of-time step, which has no guards.
-        cache (CompiledStepCache, optional): where ahead-of-time compiled steps are kept between runs
-            (:mod:`iql_torchrl.step.compile_cache`); an entry is found by ``description()`` and the call signature.
-        description (callable): everything else the compiled graph bakes in (settings, network
-            structure), JSON-able; required with ``cache``.
+            autocast): a change is a new variant.
         device_type (str): where the step runs (``"cpu"``, ``"cuda"``): the inductor settings it needs.
         check (EagerCheck, optional): compares compiled calls with eager ones (see the module docstring).
-        check_calls (int): how many calls after each compilation or capture are checked besides it (0: none).
+        check_calls (int): how many calls after each new variant or capture are checked besides it (0: none).
         fall_back (bool): on a mismatch, warn and run eager from then on (the mismatched call's result is the
             eager call's), instead of raising :class:`~iql_torchrl.step.eager_check.StepMismatch` with nothing applied.
     """
 
-    def __init__(self, step, *, mode: str, fullgraph: bool = True, ahead_of_time: bool = False,
-                 eager_random: bool = False, specialisation=tuple, cache: CompiledStepCache | None = None,
-                 description=None, device_type: str = "cpu", check: EagerCheck | None = None, check_calls: int = 2,
-                 fall_back: bool = False):
-        if cache is not None and description is None:
-            raise ValueError("StepRunner(cache=...) needs description: what the compiled step bakes in.")
+    def __init__(self, step, *, mode: str, fullgraph: bool = True, skip_guards: bool = False,
+                 eager_random: bool = False, specialisation=tuple, device_type: str = "cpu",
+                 check: EagerCheck | None = None, check_calls: int = 2, fall_back: bool = False):
         if check_calls < 0:
             raise ValueError(f"check_calls must be >= 0, got {check_calls}.")
         self.mode = mode
-        self.cache = cache
-        self.description = description
         self.check = check if check_calls > 0 else None
         self.check_calls = check_calls
         self.fall_back = fall_back
@@ -174,55 +169,37 @@ class StepRunner:
         # the plain step, before any compilation (e.g. for torch._dynamo.explain)
         self.step_function = types.MethodType(_own_code(step.__func__), step.__self__)
         self.specialisation = specialisation
-        self.compilations = 0  # steps compiled (ahead of time or guarded), captured, or loaded from the cache
+        self.compilations = 0  # traces of the step, and CUDA graph captures
         self._guards = []  # the guards of the latest trace: what it read
-        # call signature -> its variants (values it baked in, those values, the step compiled ahead of time or
-        # None: run guarded); None when not ahead of time
-        self.ahead_of_time = {} if mode == "compile" and ahead_of_time else None
+        # call signature -> the values each variant's trace read (BakedValues, those values); None: every call guarded
+        self.variants = {} if mode == "compile" and skip_guards else None
         if mode == "eager":
             self.guarded = self.step_function
             return
         # tensordict registers a TensorDict's pytree constructor on first use, which a compiled
         # step's guards would see as a change and recompile once; use it before compiling
         tree_unflatten(*tree_flatten(TensorDict()))
+        options = inductor_options(device_type)
+        if eager_random:
+            options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
         # static shapes: the batch size is fixed for a run, and a dynamic batch dim would make the
         # step slower and is not supported by dropout under torch.func
-        compile_options = {"fullgraph": fullgraph, "dynamic": False}
-        own_options = inductor_options(device_type)
-        if eager_random:
-            own_options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
-        # every guarded trace is counted; a CUDA graph replays without guards and reads what its trace recorded
-        guarded_options = {**own_options, "guard_filter_fn": self._record_guards(keep=True)}
-        self.guarded = _traced_quietly(torch.compile(self.step_function, **compile_options, options=guarded_options))
+        self.guarded = _traced_quietly(torch.compile(self.step_function, fullgraph=fullgraph, dynamic=False,
+                                                     options={**options, "guard_filter_fn": self._record_guards}))
         if mode == "cudagraphs":  # the graph replays without calling the compiled step (nor its warning filter)
             self.guarded = CudaGraphStep(self.guarded, baked=self._baked_since_capture)
-        if self.ahead_of_time is not None:
-            # run without dynamo: no frame lookup, no guards on every parameter and optimizer state; the call
-            # signature holds the input's structure, and BakedValues the Python values the trace read
-            self.unguarded = torch.compile(
-                self.step_function, **compile_options,
-                options={**own_options, "guard_filter_fn": self._record_guards(keep=False)},
-            )
-            if not hasattr(self.unguarded, "aot_compile"):  # e.g. torch 2.11: the guarded step, the same results
-                self.ahead_of_time = None
 
-    def _record_guards(self, keep: bool):
-        """A guard filter that records a trace's guards (what it read) and keeps all of them but those on
-        tensordict's memo (``_MEMO_SOURCE``), or none; a trace that keeps them is a guarded compilation, counted
-        here (ahead-of-time ones are counted where they are made). Only the step's own trace (its guards on
-        ``self`` are guards on the step's owner) is recorded: dynamo also compiles frames that run after the
-        step's graph (on torch 2.11, tensordict's batch-size check of the vmapped seeds' outputs), and their
-        guards are not what the step read."""
+    def _record_guards(self, entries):
+        """A guard filter that records a trace's guards (what it read), counts the trace, and keeps every guard but
+        those on tensordict's memo (``_MEMO_SOURCE``). Only the step's own trace (its guards on ``self`` are guards on
+        the step's owner) is recorded: dynamo also compiles frames that run after the step's graph (on torch 2.11,
+        tensordict's batch-size check of the vmapped seeds' outputs), and their guards are not what the step read."""
+        entries = list(entries)
         owner = self.step_function.__self__
-
-        def record(entries):
-            entries = list(entries)
-            if any(entry.name == "self" and entry.has_value and entry.value is owner for entry in entries):
-                self._guards = entries
-                self.compilations += keep
-            return [keep and _MEMO_SOURCE not in entry.name for entry in entries]
-
-        return record
+        if any(entry.name == "self" and entry.has_value and entry.value is owner for entry in entries):
+            self._guards = entries
+            self.compilations += 1
+        return [_MEMO_SOURCE not in entry.name for entry in entries]
 
     def _baked_since_capture(self):
         """For a CUDA graph: reads the values the latest trace baked in (a new capture reads them anew)."""
@@ -254,71 +231,32 @@ class StepRunner:
             return mismatch.eager_output
 
     def _compiled(self, batch_or_indices):
-        """The compiled callable for this call, and whether calling it compiles or captures a step (or
-        compiling it just did)."""
+        """The compiled callable for this call, and whether this call meets a new variant or captures a step."""
         if self.mode == "cudagraphs":
             return self.guarded, self.guarded.will_build()
-        if self.ahead_of_time is None:  # guarded: dynamo compiles on the first call (its recompiles are its own)
+        if self.variants is None:  # guarded: dynamo compiles on the first call (its recompiles are its own)
             return self.guarded, self._calls == 0
         owner = self.step_function.__self__
-        signature = (call_structure(batch_or_indices), *self.specialisation())
-        variants = self.ahead_of_time.setdefault(signature, [])
-        builds = False
-        for baked, values, step in variants:
-            if baked is None or baked(owner) == values:
-                break
-        else:  # a new signature, or a value the compiled variants baked in has changed
-            baked, values, step = self._compile_ahead_of_time(batch_or_indices, signature)
-            variants.append((baked, values, step))
-            builds = True
-        if step is None:
-            return self.guarded, builds
-        return (lambda x: step(owner, x)), builds
+        known = self.variants.setdefault((call_structure(batch_or_indices), *self.specialisation()), [])
+        if any(baked(owner) == values for baked, values in known):
+            return self._skipping_guards, False
+        return functools.partial(self._new_variant, known), True
+
+    def _new_variant(self, known: list, batch_or_indices):
+        """A call under dynamo's guards (they compile the step anew, or pick the compilation made for what it
+        reads now), then the values its trace read, recorded for the calls that skip the guards."""
+        out = self.guarded(batch_or_indices)
+        owner = self.step_function.__self__
+        baked = BakedValues.from_guards(self._guards, owner)
+        known.append((baked, baked(owner)))
+        return out
+
+    def _skipping_guards(self, batch_or_indices):
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return self.guarded(batch_or_indices)
 
     def _to_eager(self) -> None:
-        self.mode, self.guarded, self.ahead_of_time = "eager", self.step_function, None
-
-    def _compile_ahead_of_time(self, example, signature) -> tuple[BakedValues | None, tuple | None, object]:
-        """The step compiled for calls like ``example`` with ``aot_compile`` (one graph, no guards), what its
-        trace baked in and those values now, or ``(None, None, None)`` where torch refuses it (e.g. its caches disabled): the
-        step then runs under dynamo's guards. With a cache, a step compiled for the same description,
-        signature and baked values by an earlier run is loaded instead, and a step compiled here is stored; a
-        run compiling the same step meanwhile is waited for (:meth:`CompiledStepCache.compiling`)."""
-        key = None
-        if self.cache is not None:
-            key = entry_key({"description": self.description(), "signature": repr(signature)})
-        with self.cache.compiling(key) if key is not None else contextlib.nullcontext():
-            return self._load_or_compile(example, key)
-
-    def _load_or_compile(self, example, key: str | None) -> tuple[BakedValues | None, tuple | None, object]:
-        owner = self.step_function.__self__
-        if key is not None:
-            loaded = self.cache.load(key, self.step_function.__globals__)
-            if loaded is not None:
-                step, reads, values = loaded
-                baked = BakedValues(reads)  # entries hold only the reads from_guards kept
-                now = baked(owner)
-                if now is not CHANGED and as_plain(now) == as_plain(values):
-                    self.compilations += 1
-                    step.disable_guard_check()
-                    return baked, now, step
-        try:
-            with _quiet_tracing():
-                step = self.unguarded.aot_compile(((example,), {}))
-        except Exception as error:  # an experimental torch API: any refusal leaves the guarded step
-            warnings.warn(
-                f"IQLUpdate: compiling the step ahead of time failed ({type(error).__name__}: {error}); "
-                "it runs as a guarded torch.compile step instead (same results, slower a step: benchmarks/README.md).",
-                stacklevel=5,
-            )
-            return None, None, None
-        self.compilations += 1
-        baked = BakedValues.from_guards(self._guards, owner)
-        values = baked(owner)
-        if key is not None:
-            self.cache.store(key, step, baked.to_json(), as_plain(values))
-        step.disable_guard_check()
-        return baked, values, step
+        self.mode, self.guarded, self.variants = "eager", self.step_function, None
 
 
 def _own_code(function: types.FunctionType) -> types.FunctionType:

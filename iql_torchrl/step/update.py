@@ -17,7 +17,6 @@ vmapped runs see the same batches and a resumed run continues the same random st
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -98,8 +97,6 @@ class IQLUpdate(LiveSettings):
             bfloat16) or ``"auto"`` (bf16 where it pays here; ``precision_reason`` says why).
         grad_hook (callable, optional): takes and returns each phase's gradients before the optimizers
             (data-parallel training averages them across processes here).
-        compile_cache (path, optional): mode ``"compile"``: a folder keeping the compiled step for the next
-            step built alike (:mod:`iql_torchrl.step.compile_cache`).
         eager_checks (int): compiled modes: the call that compiles (or captures) a step and this many after
             it are also taken eagerly and compared (:mod:`iql_torchrl.step.eager_check`); 0: none.
         fall_back_to_eager (bool): a checked call that disagrees warns and the step runs eager from then on,
@@ -115,8 +112,7 @@ class IQLUpdate(LiveSettings):
                  actor_lr: float | None = None, qvalue_lr: float | None = None, value_lr: float | None = None,
                  optimizer: str = "adam", weight_decay: float = 0.0, tau: float = 0.005, order: str = "paper",
                  mode: str = "eager", data: TensorDictBase | None = None, precision: str = "fp32",
-                 bf16_min_features: int = MIN_FEATURES, grad_hook=None, compile_cache: str | Path | None = None,
-                 eager_checks: int = 2, fall_back_to_eager: bool = False):
+                 bf16_min_features: int = MIN_FEATURES, grad_hook=None, eager_checks: int = 2, fall_back_to_eager: bool = False):
         device = next(loss.parameters()).device
         rates = {"value": value_lr, "actor": actor_lr, "qvalue": qvalue_lr}
         rates = {group: lr if rate is None else rate for group, rate in rates.items()}
@@ -150,8 +146,8 @@ class IQLUpdate(LiveSettings):
         self.online_params = list(loss.qvalue_network_params.values(True, True))
         self.held = HeldTensors(loss, self.param_tds, self.optimizers,
                                 [*(p for params in self.params.values() for p in params), *self.target_params])
-        self.runner = build_runner(self, mode=mode, grad_hook=grad_hook, compile_cache=compile_cache,
-                                   eager_checks=eager_checks, fall_back_to_eager=fall_back_to_eager)
+        self.runner = build_runner(self, mode=mode, grad_hook=grad_hook, eager_checks=eager_checks,
+                                   fall_back_to_eager=fall_back_to_eager)
 
     @property
     def mode(self) -> str:
@@ -165,7 +161,7 @@ class IQLUpdate(LiveSettings):
 
     @property
     def compilations(self) -> int:
-        """How many times the step has been compiled (or loaded from the compile cache) so far."""
+        """How many times the step has been traced (or a CUDA graph captured) so far."""
         return self.runner.compilations
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:

@@ -1,36 +1,31 @@
 """What an :class:`~iql_torchrl.IQLUpdate` hands its :class:`~iql_torchrl.step.modes.StepRunner`: the step, and what
-the runner reads from the update to compile it, cache it and check it against the eager step.
+the runner reads from the update to compile it and check it against the eager step.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from iql_torchrl.step.compile_cache import CompiledStepCache, describe_classes, describe_objects
 from iql_torchrl.step.eager_check import EagerCheck, tolerance
 from iql_torchrl.step.modes import StepRunner, call_structure
 
-__all__ = ["build_runner", "compiled_step_description"]
+__all__ = ["build_runner"]
 
 STATE_TENSORS = ("step", "actor_lr", "first_nonfinite_step", "nonfinite_losses")  # the update's own, besides Adam's
 
 
-def build_runner(update, *, mode: str, grad_hook, compile_cache: str | Path | None, eager_checks: int,
-                 fall_back_to_eager: bool) -> StepRunner:
+def build_runner(update, *, mode: str, grad_hook, eager_checks: int, fall_back_to_eager: bool) -> StepRunner:
     """The runner of ``update``'s step in ``mode``. A gradient hook (torchrun's all-reduce) is a graph break: the
-    step then compiles without ``fullgraph`` and runs under dynamo's guards. Dropout layers make compiled random
-    ops draw from eager's generator."""
+    step then compiles without ``fullgraph`` and every call evaluates dynamo's guards. Dropout layers make compiled
+    random ops draw from eager's generator."""
     dropouts = [m for m in _modules(update.loss) if isinstance(m, torch.nn.Dropout)]
     device_type = update.step.device.type  # the update's counters live where it trains
     return StepRunner(
         update._paper_step if update.order == "paper" else update._summed_step, mode=mode,
-        fullgraph=grad_hook is None, ahead_of_time=grad_hook is None, eager_random=bool(dropouts),
+        fullgraph=grad_hook is None, skip_guards=grad_hook is None, eager_random=bool(dropouts),
         specialisation=lambda: (call_structure(update.data), tuple(m.training for m in dropouts),
                                 torch.is_autocast_enabled(device_type)),
-        cache=None if compile_cache is None or mode != "compile" else CompiledStepCache(compile_cache),
-        description=lambda: compiled_step_description(update), device_type=device_type,
+        device_type=device_type,
         check=EagerCheck(lambda: checked_networks(update), lambda: written_tensors(update), random=bool(dropouts),
                          tolerance=tolerance(update.precision)),
         check_calls=eager_checks, fall_back=fall_back_to_eager,
@@ -55,20 +50,6 @@ def written_tensors(update) -> list[Tensor]:
     for group, params in update.params.items():
         tensors += [t for p in params for t in update.optimizers[group].state[p].values()]
     return tensors + [getattr(update, name) for name in STATE_TENSORS]
-
-
-def compiled_step_description(update) -> dict:
-    """Everything the compiled step bakes in besides its call signature, for the compile cache: the update's
-    class and settings, every plain attribute and class source of the loss and its networks, and the structure
-    of the parameters and optimizer state it reads."""
-    return {
-        "class": describe_classes(update),
-        "update": {"order": update.order, "precision": update.precision, "bf16_min_features": update.bf16_min_features,
-                   "optimizers": {g: {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")}
-                                  for g, opt in update.optimizers.items()}},
-        "loss": describe_objects(update.loss, ignore=("conversions",)),  # the misuse guard's count of .to() calls
-        "tensors": [call_structure(td) for td in (*update.param_tds.values(), update.loss.target_qvalue_network_params)],
-    }
 
 
 def _dotted(key) -> str:
