@@ -22,9 +22,6 @@ capture a step and the first ``check_calls`` calls after them (for a CUDA graph:
 capture and its first replays) are also taken eagerly and compared; a compiled step that disagrees raises,
 or with ``fall_back`` warns and leaves the runner eager.
 
-Where inductor needs a setting for the step to compile at all on an older torch, it reaches this step's
-compilation only.
-
 Every experimental torch API the project uses lives here: guard filters and the guard-skipping stance,
 inductor options, tensordict's pytree registration, the guards on tensordict's tensorclass memo that the
 step drops (named by its module-level name), code-object cloning (and, in :mod:`iql_torchrl.step.optimizers`,

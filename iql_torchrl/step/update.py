@@ -50,8 +50,8 @@ class TrainableLoss(Protocol):
     For each network of :data:`OPTIMIZER_GROUPS` (``value``, ``actor``, ``qvalue``): ``<name>_network``, the
     module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable leaves get
     an optimizer); ``target_qvalue_network_params`` (the soft update's target); the phases, each evaluable at
-    given parameters; and the claim on the target update (``claim_target_update()``: the step updates the
-    targets itself). Optionally ``tensor_keys`` (TorchRL's): the ``priority`` and ``log_prob`` entries the loss
+    given parameters (network name → a dict of its leaves by key); and the claim on the target update
+    (``claim_target_update()``: the step updates the targets itself). Optionally ``tensor_keys`` (TorchRL's): the ``priority`` and ``log_prob`` entries the loss
     writes into the batch it evaluates, which the step hands on to its caller's batch.
     """
 
@@ -103,9 +103,9 @@ class IQLUpdate(LiveSettings):
             instead of raising :class:`~iql_torchrl.step.eager_check.StepMismatch`.
 
     The optimizers (``value_optimizer``, ``actor_optimizer``, ``qvalue_optimizer``) are ``torch.optim.Adam``
-    objects holding the state. A :class:`SeedEnsemble`'s per-seed losses are summed before differentiation
-    (the seeds share no parameters). On the device: ``step``, ``actor_lr`` and the first non-finite loss
-    (``first_nonfinite_step``, −1 while all are finite; ``nonfinite_losses``), read when a run logs.
+    objects holding the state. A :class:`SeedEnsemble`'s per-seed losses are summed before differentiation. On
+    the device: ``step``, ``actor_lr``, the first non-finite loss (``first_nonfinite_step``, −1 while all are
+    finite; ``nonfinite_losses``), read when a run logs.
     """
 
     def __init__(self, loss: TrainableLoss, *, total_steps: int | None = None, lr: float = 3e-4,
@@ -126,8 +126,7 @@ class IQLUpdate(LiveSettings):
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.nonfinite_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.bool, device=device)
-        # per network: the loss's parameter TensorDict, its leaves by key, the keys of its trainable leaves, those
-        # leaves, and an Adam holding their state
+        # per network: the loss's parameters, its leaves by key, its trainable leaves' keys and tensors, an Adam
         self.param_tds = {group: getattr(loss, f"{group}_network_params") for group in OPTIMIZER_GROUPS}
         self.leaves = {group: dict(td.items(True, True)) for group, td in self.param_tds.items()}
         self.trainable_keys = {group: [key for key, value in leaves.items() if _is_trainable(value)]
@@ -165,11 +164,9 @@ class IQLUpdate(LiveSettings):
         return self.runner.compilations
 
     def __call__(self, batch_or_indices: TensorDictBase | Tensor) -> TensorDictBase:
-        """One update. Pass a batch TensorDict, or indices into ``data`` when it was given.
-
-        A batch receives what the loss writes into the batch it evaluates, as TorchRL's losses do, in every mode:
-        each transition's TD error under the priority key (``"td_error"``: a prioritized replay buffer's
-        ``update_tensordict_priority`` reads it) and its log-probability (``"_log_prob"``)."""
+        """One update, of a batch TensorDict or of indices into ``data``. A batch receives, in every mode, what the
+        loss writes into the batch it evaluates, as TorchRL's losses do: each transition's TD error under the priority
+        key (``"td_error"``, which a prioritized replay buffer reads) and its log-probability (``"_log_prob"``)."""
         self.held.check()
         if not isinstance(batch_or_indices, TensorDictBase):
             return self.runner(batch_or_indices)["metrics"]
@@ -203,13 +200,13 @@ class IQLUpdate(LiveSettings):
 
     def _descend(self, groups: tuple[str, ...], batch: TensorDictBase, phase):
         """Differentiates ``phase``'s summed losses w.r.t. ``groups`` and steps their optimizers. ``phase(batch,
-        params)`` is the loss evaluated at ``params`` (``None``: its own): an output TensorDict, or that and a tensor.
-        Returns the output's entries (a dict), the tensor (or ``None``) and the entries the loss wrote into the
-        batch (a dict): plain dicts, which ``torch.func.grad`` carries out of the graph as they are."""
+        params)``: the loss at ``params`` (``None``: its own; else each network's leaves by key, plain dicts dynamo
+        traces fast), a TensorDict or that and a tensor. Returns its entries, the tensor and the batch's writes."""
 
         def objective(tensors):
             scratch = batch.copy()  # the loss writes into the batch it evaluates: the writes are returned instead
-            params = None if tensors is None else self._parameters_with(groups, tensors)
+            params = None if tensors is None else {"target_qvalue": self.target_leaves, **self.leaves, **{
+                g: {**self.leaves[g], **dict(zip(self.trainable_keys[g], tensors[g]))} for g in groups}}
             result = self._loss_call(phase, scratch, params)
             out, *extra = result if isinstance(result, tuple) else (result,)  # torch.func.grad's aux holds no None
             out = dict(out.items(include_nested=True, leaves_only=True))
@@ -234,14 +231,6 @@ class IQLUpdate(LiveSettings):
             self._optimizer_step(g, list(grads[offset:offset + len(self.params[g])]))
             offset += len(self.params[g])
         return out, (extra[0] if extra else None), written
-
-    def _parameters_with(self, groups: tuple[str, ...], trainable: dict[str, list[Tensor]]) -> dict[str, dict]:
-        """Every network's parameters as the loss takes them (a dict from each leaf's key to its tensor), the
-        trainable leaves of ``groups`` replaced by ``trainable``'s."""
-        params = {"target_qvalue": self.target_leaves, **self.leaves}
-        for g in groups:
-            params[g] = {**self.leaves[g], **dict(zip(self.trainable_keys[g], trainable[g]))}
-        return params
 
     def _loss_call(self, phase, batch, params):
         if self.precision != "bf16":
