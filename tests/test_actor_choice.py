@@ -148,13 +148,13 @@ CHEETAH = "iql_torchrl/halfcheetah/medium-v1"
 
 
 def test_hopper_and_walker2d_data_take_a_deterministic_actor_and_a_slow_target_and_say_so():
-    for dataset, preset in ((HOPPER, "hopper"), (WALKER, "walker2d")):
+    for dataset, preset, episodes in ((HOPPER, "hopper", ""), (WALKER, "walker2d", ", evaluation episodes 50")):
         config = OfflineConfig(dataset=dataset).resolved()
         assert (config.preset, config.actor, config.tau, config.expectile, config.temperature,
                 config.reward_transform) == (preset, "deterministic", 0.001, 0.7, 3.0, "locomotion")
         assert describe_preset(config.preset, "why", config) == (
             f"preset {preset} (expectile 0.7, temperature 3.0, reward transform locomotion, target rate 0.001, "
-            "actor deterministic): why")
+            f"actor deterministic{episodes}): why")
     for dataset in ("mujoco/hopper/medium-v0", "D4RL/hopper/medium-replay-v2", "iql_torchrl/hopper/medium-v0"):
         assert OfflineConfig(dataset=dataset).resolved().preset == "hopper", dataset
     for dataset in ("mujoco/walker2d/medium-v0", "D4RL/walker2d/medium-expert-v2", "iql_torchrl/walker2d/medium-v0"):
@@ -167,6 +167,10 @@ def test_hopper_and_walker2d_data_take_a_deterministic_actor_and_a_slow_target_a
     assert (given.preset, given.actor, given.tau) == ("hopper", "gaussian", 0.005)
     assert ("target rate 0.005 (--tau; the preset's 0.001), actor gaussian (--actor; the preset's deterministic)"
             in describe_preset(given.preset, "why", given))
+    # the walker2d preset's 50 evaluation episodes, and a run that evaluates over fewer, said against them
+    fewer = parse_cli(OfflineConfig, ["--dataset", WALKER, "--eval-episodes", "10"])[0].resolved()
+    assert fewer.eval_episodes == 10
+    assert "evaluation episodes 10 (--eval-episodes; the preset's 50)" in describe_preset(fewer.preset, "why", fewer)
 
 
 def test_the_hopper_preset_steps_its_targets_at_0_001_with_an_actor_that_does_not_sample(tiny_datasets):

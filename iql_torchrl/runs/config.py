@@ -193,7 +193,13 @@ def describe_preset(name: str, reason: str, config=None, sources: dict[str, str]
     if preset.success_terminal or terminal is not False:
         goal = {None: ", goal terminal where the goal is out of the input", True: ", goal terminal",
                 False: ", goal continuing"}[terminal]
-    line = f"preset {name} ({', '.join(value(field) for field in PRESET_FIELDS if shown(field))}{goal}): {reason}"
+    parts = [value(field) for field in PRESET_FIELDS if shown(field)]
+    episodes = getattr(config, "eval_episodes", None)  # where the preset's or the run's are not the usual 10
+    if episodes not in (None, preset.eval_episodes):
+        parts.append(f"evaluation episodes {episodes} (--eval-episodes; the preset's {preset.eval_episodes})")
+    elif preset.eval_episodes != Preset.eval_episodes:
+        parts.append(f"evaluation episodes {preset.eval_episodes}")
+    line = f"preset {name} ({', '.join(parts)}{goal}): {reason}"
     return line if normalization is None else f"{line}; {describe_normalization(*normalization)}"
 
 
