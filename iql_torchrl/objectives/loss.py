@@ -592,8 +592,9 @@ class IQLLoss(LossModule):
 
         ``params`` maps any of ``"actor"``, ``"value"``, ``"qvalue"``, ``"target_qvalue"`` to a
         TensorDict shaped like the loss's ``*_network_params``, or to a dict from its leaf keys (as
-        ``items(True, True)`` names them) to tensors; missing entries (or ``None``) use the loss's own. :meth:`value_phase` and :meth:`actor_critic_phase` take it too. The fused
-        update step differentiates the loss this way with ``torch.func`` (one compiled graph).
+        ``items(True, True)`` names them) to tensors; missing entries (or ``None``) use the loss's own.
+        :meth:`value_phase` and :meth:`actor_critic_phase` take it too. The fused update step
+        differentiates the loss this way with ``torch.func`` (one compiled graph).
         """
         # checked once; the three losses are the unchecked bodies
         return named_dtype_error(self._check_keys(tensordict), self._evaluate, tensordict, params)
