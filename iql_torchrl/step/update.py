@@ -51,8 +51,9 @@ class TrainableLoss(Protocol):
     module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable leaves get
     an optimizer); ``target_qvalue_network_params`` (the soft update's target); the phases, each evaluable at
     given parameters (network name → a dict of its leaves by key); and the claim on the target update
-    (``claim_target_update()``: the step updates the targets itself). Optionally ``tensor_keys`` (TorchRL's): the ``priority`` and ``log_prob`` entries the loss
-    writes into the batch it evaluates, which the step hands on to its caller's batch.
+    (``claim_target_update()``: the step updates the targets itself). Optionally ``tensor_keys`` (TorchRL's): the
+    ``priority`` and ``log_prob`` entries the loss writes into the batch it evaluates, which the step hands on to
+    its caller's batch.
     """
 
     value_network_params: TensorDictBase
