@@ -26,6 +26,7 @@ from torchrl.objectives import HardUpdate, SoftUpdate, ValueEstimators
 from torchrl.objectives import IQLLoss as TorchRLIQLLoss
 
 from iql_torchrl import DiscreteIQLLoss, IQLLoss, awr_weight, bellman_target, expectile_loss, make_iql_networks
+from iql_torchrl.objectives.loss import _nested_tensordict
 from iql_torchrl.objectives.networks import GaussianPolicyHead, make_actor, make_qvalue_networks
 from reference import gaussian_log_prob, lambda_returns, read
 
@@ -1258,3 +1259,20 @@ def test_a_sequence_ending_in_a_probabilistic_module_is_refused_not_trained_by_s
     sampler = ProbabilisticTensorDictModule(["loc", "scale"], ["action"], distribution_class=Normal)
     with pytest.raises(TypeError, match="ProbabilisticTensorDictSequential"):
         IQLLoss(TensorDictSequential(head, sampler), critics, value)
+
+
+def test_the_step_s_parameter_dicts_become_the_tensordict_its_constructor_builds():
+    # the fused step hands the loss each network's leaves as a dict by nested key; the vmapped critics take them
+    # as a TensorDict, built from nested dicts (fewer traced steps): it must be the one TensorDict(flat) builds
+    torch.manual_seed(0)
+    actor, critics, value = make_iql_networks(3, 2, hidden_sizes=(8,))
+    params = IQLLoss(actor, critics, value).qvalue_network_params
+    flat = {**dict(params.items(True, True)), "scale": torch.ones(2)}  # a key at the root too
+    expected = TensorDict(flat, batch_size=params.batch_size)
+    got = _nested_tensordict(flat, params.batch_size)
+    assert set(got.keys(True, True)) == set(expected.keys(True, True))
+    assert all(got.get(key) is expected.get(key) for key in expected.keys(True, True))  # the same tensors, no copies
+    assert got.batch_size == expected.batch_size == torch.Size([2])
+    assert got.get(("module", "net")).batch_size == torch.Size([2])
+    dotted = TensorDict({".".join(k) if isinstance(k, tuple) else k: v for k, v in flat.items()}, batch_size=[2])
+    assert set(got.keys(True, True)) != set(dotted.keys(True, True))  # nested, not flattened to names
