@@ -1,16 +1,11 @@
 """What a compiled step baked in: the Python values its trace read, read again before each call.
 
-A compiled step that skips dynamo's guards (or a captured CUDA graph) would not see a Python value it
-read while tracing change (``loss.loss_function``, an optimizer's ``weight_decay``, a network's flag, the
-value estimator's class): it is a constant of its graph. :class:`BakedValues` is built from the guards dynamo
-wrote for that trace -- the record of what it read -- keeping those on plain values and types of
-objects reached from the step's ``self``, and drops the tensor guards (the tensors are the graph's
-inputs, read anew on every call). Reading them again costs tens of microseconds; a difference means
-the graph no longer computes what eager would: that call runs under dynamo's guards, which compile the
-step anew.
-
-Settings a user changes often (β, τ, the learning rates, the target update rate) are tensors the
-graph reads, not values it bakes: changing them compiles nothing.
+A Python value a trace read (``loss.loss_function``, an optimizer's ``weight_decay``, the value estimator's
+class) is a constant of its graph, which a step skipping dynamo's guards (or a CUDA graph) would not see change.
+:class:`BakedValues` keeps, of the guards dynamo wrote for the trace, those on plain values and types reached
+from the step's ``self`` (tensors are the graph's inputs, read on every call). Reading them costs tens of
+microseconds; a difference sends the call through dynamo's guards, which compile the step anew. The settings
+users change often (β, τ, the learning rates) are tensors the graph reads: changing them compiles nothing.
 """
 from __future__ import annotations
 
@@ -43,8 +38,7 @@ class BakedValues:
 
     @classmethod
     def from_guards(cls, entries, owner) -> BakedValues:
-        """The reads of dynamo's guard ``entries`` (``GuardFilterEntry``) on ``self`` that can be read back
-        from ``owner`` (the step's ``self``) as plain values."""
+        """The reads of dynamo's guard ``entries`` on ``self`` that read back from ``owner`` as plain values."""
         reads = []
         for entry in entries:
             kind = "type" if entry.guard_type == "TYPE_MATCH" else "value"
@@ -58,8 +52,7 @@ class BakedValues:
         return cls(reads)
 
     def __call__(self, owner) -> tuple:
-        """The values now: a plain value as it is, a ``"type"`` read as the class (:data:`CHANGED` when one cannot
-        be read)."""
+        """The values now (a ``"type"`` read as the class); :data:`CHANGED` when one cannot be read."""
         return self._read(owner)
 
 
@@ -86,8 +79,7 @@ def _path(expression: str) -> tuple | None:
 
 
 def _reader(reads: list[tuple[str, str]]):
-    """One function reading every expression of ``reads``, each attribute or item of a shared prefix read
-    once (the reads walk the same objects: ``self.loss.actor_network...``)."""
+    """One function reading every expression of ``reads``, each shared prefix (``self.loss.actor_network``) once."""
     nodes: list[tuple[int, object]] = []  # (the node it reads from, its getter); node 0 is ``self``
     index: dict[tuple, int] = {(): 0}  # a path's prefix → its node
     results = []
@@ -120,9 +112,8 @@ _CLASS_ATTRIBUTE = re.compile(r"dict\(type\((?P<owner>self\b.*)\)(?:\.__mro__\[\
 
 
 def _as_attribute(expression: str) -> str:
-    """A class attribute's read as the object's attribute, ``X.name``: an attribute the object is given
-    later (``loss.loss_mask_key = ...`` over the class's default) changes what ``X.name`` reads, not the
-    class's entry. Any other expression as it is."""
+    """A class attribute's read as the object's, ``X.name``, which an attribute set later on the object
+    (``loss.loss_mask_key = ...``) changes; any other expression as it is."""
     match = _CLASS_ATTRIBUTE.fullmatch(expression)
     return f"{match['owner']}.{match['name']}" if match else expression
 

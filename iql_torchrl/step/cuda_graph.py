@@ -1,14 +1,7 @@
-"""Replaying a step function as one CUDA graph.
+"""Replaying a step function as one CUDA graph: one launch per update, no Python between the kernels.
 
-:class:`CudaGraphStep` wraps a function of one input (a tensor or a TensorDict) whose every other
-tensor lives at a fixed address (parameters, optimizer state, counters): after a few warm-up
-calls on a side stream (where ``torch.compile`` compiles), one call is captured with
-``torch.cuda.graph`` and every later call copies its input into the captured input and replays
-the graph: one launch per update, no Python between the kernels.
-
-It is written here rather than taken from tensordict's ``CudaGraphModule`` because that module
-removes TensorDict from torch's pytree registry for the whole process, which breaks vmapped seeds
-(``torch.vmap`` over TensorDicts of parameters and outputs).
+Not tensordict's ``CudaGraphModule``: it removes TensorDict from torch's pytree registry for the whole process,
+which breaks vmapped seeds (``torch.vmap`` over TensorDicts).
 """
 from __future__ import annotations
 
@@ -20,18 +13,13 @@ __all__ = ["CudaGraphStep", "input_structure", "structure_change"]
 
 
 class CudaGraphStep:
-    """``fn`` run ``warmup`` times on a side stream, then captured once and replayed.
+    """``fn`` (of one tensor or TensorDict) run ``warmup`` times on a side stream (where it compiles), then captured
+    once with ``torch.cuda.graph``; each later call copies its input into the captured one and replays.
 
-    Every call does the work of one call of ``fn`` (the warm-up calls are real calls; the capture
-    is followed by a replay on the capturing call's input). The returned value is a copy of the
-    graph's output, so it stays valid after the next call.
-
-    The captured graph reads the tensors ``fn`` read when it was captured: state that ``fn``
-    keeps must be updated in place (``copy_``), never replaced by new tensors.
-
-    ``baked`` (optional), called right after a capture, returns a function that reads the Python values
-    the capture baked in; before each replay they are read again, and when one changed the graph is
-    dropped and ``fn`` warmed up and captured anew (``captures`` counts the captures).
+    Every call does one call's work (a capture is followed by a replay on its input) and returns a copy of the
+    output. The graph reads the tensors ``fn`` read when captured: state ``fn`` keeps must be updated in place.
+    ``baked`` (optional), called after a capture, returns a reader of the Python values the capture baked in;
+    when one changed before a replay, the graph is dropped and ``fn`` warmed up and captured anew.
     """
 
     def __init__(self, fn, *, warmup: int = 3, baked=None):
@@ -51,8 +39,8 @@ class CudaGraphStep:
         self._current = False  # will_build() found the graph current: the next call need not read again
 
     def will_build(self) -> bool:
-        """Whether the next call warms up or captures rather than replays (a graph whose baked values changed is
-        dropped here); the next call then skips reading them again."""
+        """Whether the next call warms up or captures rather than replays (a stale graph is dropped here; the next
+        call skips reading the baked values again)."""
         self._drop_if_stale()
         self._current = self.graph is not None
         return not self._current
@@ -101,8 +89,8 @@ class CudaGraphStep:
 
 
 def input_structure(x: Tensor | TensorDictBase) -> dict:
-    """Each entry of ``x`` (``()`` for a tensor) with its shape and dtype: what a replay's input must keep, since
-    copying into the captured input would cast another dtype and leave an entry it lacks as captured."""
+    """Each entry of ``x`` (``()`` for a tensor) with its shape and dtype: what a replay's input must keep (a copy
+    into the captured input would cast another dtype and leave a missing entry as captured)."""
     if isinstance(x, Tensor):
         return {(): (tuple(x.shape), x.dtype)}
     return {key: (tuple(v.shape), v.dtype) for key, v in x.items(True, True)}

@@ -1,16 +1,12 @@
 """A compiled step proves itself: its first calls are also taken eagerly, from the same state, and compared.
 
 A compiler can be wrong without saying so (inductor has miscompiled in-place foreach ops on CUDA,
-pytorch/pytorch#198033). :class:`EagerCheck` runs one call of a compiled step, keeps what it wrote,
-puts the state back as it was, runs the plain (eager) step on the same input, and compares what each
-parameter tensor became. One Adam step moves a weight by about its learning rate, so a correct compiled
-step leaves each tensor a rounding error from the eager one, far below it, while a wrong step of any one
-tensor, however small (a 6-element log-std), leaves that tensor about a learning rate or more away: the
-bound is per tensor, so a fault in a few elements is not averaged away over a whole network. When they
-agree, the compiled call's result stands, bitwise as if it had not been checked; when they do not,
-:class:`StepMismatch` names the network, its furthest tensor and how far, with the state either put back
-as before the call or left at the eager step's result. The false-alarm rate over seeds and precisions:
-``benchmarks/bench_eager_check.py`` (benchmarks/README.md).
+pytorch/pytorch#198033). :class:`EagerCheck` runs one call of a compiled step, keeps what it wrote, puts the
+state back, runs the eager step on the same input and compares each parameter tensor. One Adam step moves a
+weight by about its learning rate: a correct step leaves each tensor a rounding error from the eager one, a
+wrong step of any one tensor (a 6-element log-std too: the bound is per tensor) about a learning rate or more.
+When they agree the compiled result stands, bitwise; when not, :class:`StepMismatch` names the network, its
+furthest tensor and how far. False alarms over seeds and precisions: ``benchmarks/bench_eager_check.py``.
 """
 from __future__ import annotations
 
@@ -28,12 +24,10 @@ def tolerance(precision: str) -> float:
     """The largest root-mean-square difference a checked call may leave between a tensor's compiled and eager
     values, as a fraction of its network's learning rate.
 
-    A tensor stepped wrongly is off by about 1 or more (Adam's first step moves every weight with a gradient by
-    the learning rate; a step the wrong way, by 2). The first update is the sensitive one for a correct step:
-    Adam divides each gradient by its own magnitude, so a gradient near 0 whose rounding differs moves its
-    weight differently (up to twice the learning rate where its sign flips). bf16 GEMMs (8 significant bits)
-    widen that where eager and compiled round differently, hence a wider bound under ``precision="bf16"``,
-    still well under the 1 of a wrong step.
+    A wrongly stepped tensor is off by about 1 or more. A correct step's worst case is the first update: Adam
+    divides each gradient by its own magnitude, so a near-0 gradient whose rounding differs can move its weight
+    up to 2 learning rates apart; bf16 GEMMs (8 significant bits) round differently more often, hence its wider
+    bound, still well under 1.
     """
     return 0.3 if precision == "bf16" else 0.05
 
@@ -50,14 +44,12 @@ class EagerCheck:
     """Runs one call of a compiled step and the same call eagerly, from the same state, and compares them.
 
     Args:
-        networks: returns ``name -> (tensors, learning rate)``: the tensors compared, by name, and the learning
-            rate (a number or a 0-d tensor, read at the check) their bound is a fraction of.
-        state: returns every tensor a call of the step writes (parameters, optimizer state, counters);
-            they are copied before the compiled call and put back before the eager one.
-        random: the step draws random numbers (dropout): the generators' states are put back too, so
-            both calls draw the same.
-        tolerance: the bound on each tensor's root-mean-square difference, as a fraction of the learning
-            rate (:func:`tolerance`).
+        networks: returns ``name -> (tensors by name, learning rate)``: what is compared, and the rate (a number
+            or a 0-d tensor) its bound is a fraction of.
+        state: returns every tensor a call writes (parameters, optimizer state, counters): copied before the
+            compiled call, put back before the eager one.
+        random: the step draws random numbers (dropout): the generators' states are put back too.
+        tolerance: the bound on each tensor's root-mean-square difference, in learning rates (:func:`tolerance`).
     """
 
     def __init__(self, networks, state, *, random: bool = False, tolerance: float = 0.05):
@@ -113,8 +105,7 @@ class EagerCheck:
 
 
 class TensorGap(NamedTuple):
-    """One tensor's difference between the compiled and eager steps: its root mean square, its bound, the
-    learning rate, its largest element and how many elements it has."""
+    """One tensor's compiled-minus-eager difference: root mean square, bound, learning rate, largest, size."""
     tensor: str
     rms: float
     bound: float

@@ -1,10 +1,9 @@
 """Changes an update step cannot follow, refused before each call, the same in every mode.
 
-The step holds tensors: each network's trainable parameters (their Adam state is keyed by them), the target
-critics, the optimizers' tensor learning rates (a compiled step reads the tensor it was built with). A
-parameter replaced in the loss by a new tensor, a learning rate replaced by a number, or the loss moved to
-another dtype or device after the update was built would leave the step training or reading what the loss no
-longer uses: :class:`HeldTensors` refuses the next call, saying what to do instead.
+The step holds tensors: the trainable parameters (their Adam state is keyed by them), the target critics, the
+optimizers' tensor learning rates. A parameter replaced by a new tensor, a learning rate replaced by a number,
+or the loss moved to another dtype or device after the update was built would leave the step training what the
+loss no longer uses: :class:`HeldTensors` refuses the next call, saying what to do instead.
 """
 from __future__ import annotations
 
@@ -59,8 +58,7 @@ class HeldTensors:
 
 
 def _leaves(td: TensorDictBase) -> list[torch.Tensor]:
-    """The tensors ``td`` holds now: a ``TensorDictParams`` (a loss's) lists them as a module does, faster than
-    walking its keys; another TensorDict (a slice of vmapped seeds' parameters) is walked."""
+    """The tensors ``td`` holds now (a loss's ``TensorDictParams`` listed as a module, faster than its keys)."""
     if isinstance(td, torch.nn.Module):
         return [*td.parameters(), *td.buffers()]
     return list(td.values(True, True))

@@ -1,7 +1,5 @@
-"""The settings of an update that may change between calls, kept as 0-d tensors the step reads.
-
-A compiled step or a captured CUDA graph reads these tensors on every call, so changing τ, the cosine's
-length or a learning rate compiles nothing: each setter writes into its tensor in place.
+"""The settings of an update that may change between calls, as 0-d tensors the step reads on every call: a
+setter writes into its tensor in place, so changing τ, the cosine's length or a learning rate compiles nothing.
 """
 from __future__ import annotations
 
@@ -87,7 +85,7 @@ class LiveSettings:
             self.actor_lr.fill_(lr)
 
     def _follow_cosine(self, step: Tensor) -> None:
-        """The actor's learning rate at ``step`` of its cosine; a cosine of length 0 (None) keeps the current rate,
-        by a select on tensors, so changing the length never recompiles."""
+        """The actor's learning rate at ``step`` of its cosine; length 0 (None) keeps the current rate (a select on
+        tensors: changing the length never recompiles)."""
         decayed = self._actor_base_lr * cosine_decay(step, self._total_steps.clamp(min=1))
         self.actor_lr.copy_(torch.where(self._total_steps > 0, decayed, self.actor_lr))

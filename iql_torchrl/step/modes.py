@@ -1,37 +1,24 @@
 """How an update step runs: eager, compiled, or replayed as a CUDA graph.
 
-:class:`StepRunner` takes a step (a method of one input: a batch TensorDict or a tensor of indices)
-and runs it in one of :data:`MODES` behind one call:
+:class:`StepRunner` runs a step (a method of one input: a batch TensorDict or a tensor of indices) in one of
+:data:`MODES`: ``"eager"``, the method itself; ``"compile"``, ``torch.compile`` as one graph; ``"cudagraphs"``,
+that graph captured once in a CUDA graph and replayed (:class:`~iql_torchrl.step.cuda_graph.CudaGraphStep`).
 
-* ``"eager"`` -- the method itself;
-* ``"compile"`` -- ``torch.compile`` as one graph. Without a gradient hook, dynamo evaluates its guards
-  only on the call that meets a new variant of the step; the calls after it skip them
-  (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped to the call);
-* ``"cudagraphs"`` -- the guarded compiled step captured once in a CUDA graph and replayed
-  (:class:`~iql_torchrl.step.cuda_graph.CudaGraphStep`).
+A variant is a call signature (the input's structure, the step's ``specialisation``) with the Python values
+its trace read (:class:`~iql_torchrl.step.baked.BakedValues`). Without a gradient hook, dynamo evaluates its
+guards only on a call that meets a new variant, where they compile the step anew (or pick the compilation made
+for those values); the other calls skip them (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped
+to the call). A CUDA graph is captured anew in the same case. Compiled steps are kept between runs by torch's FX
+graph and AOTAutograd caches. With an :class:`~iql_torchrl.step.eager_check.EagerCheck`, the calls that meet a
+new variant or capture a step, and ``check_calls`` calls after them, are also taken eagerly and compared.
 
-A variant is a call signature (the input's structure and the step's ``specialisation``) with the Python
-values the latest trace read (:class:`~iql_torchrl.step.baked.BakedValues`), read again before each call:
-when one changed, the call runs under dynamo's guards, which compile the step anew (or pick the
-compilation made for those values), so the step always computes what the eager step would. A CUDA graph is
-captured anew in the same case. ``compilations`` counts the traces and captures. Compiled steps are kept
-between runs by torch's own caches (the FX graph and AOTAutograd caches).
-
-With a check (:class:`~iql_torchrl.step.eager_check.EagerCheck`), the calls that meet a new variant or
-capture a step and the first ``check_calls`` calls after them (for a CUDA graph: its warm-up calls, the
-capture and its first replays) are also taken eagerly and compared; a compiled step that disagrees raises,
-or with ``fall_back`` warns and leaves the runner eager.
-
-Every experimental torch API the project uses lives here: guard filters and the guard-skipping stance,
-inductor options, tensordict's pytree registration, the guards on tensordict's tensorclass memo that the
-step drops (named by its module-level name), code-object cloning (and, in :mod:`iql_torchrl.step.optimizers`,
-the operator that calls torch's fused Adam from a graph). None of them changes a process-wide torch setting:
-inductor options reach only this step's compilation (``torch.compile``'s ``options``), the stance and
-warning filters only the step's calls.
+Every experimental torch API the project uses lives here (guard filters and the guard-skipping stance, inductor
+options, code-object cloning), besides the operator :mod:`iql_torchrl.step.optimizers` defines. None changes a
+process-wide setting: inductor options reach only this step's compilation, the stance and warning filters only
+its calls.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import types
@@ -49,23 +36,17 @@ from iql_torchrl.step.eager_check import EagerCheck, StepMismatch
 __all__ = ["StepRunner", "MODES", "check_mode", "missing_compiler", "call_structure", "inductor_options"]
 
 MODES = ("eager", "compile", "cudagraphs")
-# tensordict's to_module reads a torch config that torch deprecates, each time the step is traced:
-# a FutureWarning that tells a user of the compiled step nothing
+# tensordict's to_module reads a config torch deprecates, warning on every trace: nothing a user can act on
 _TRACING_NOISE = r"torch\._dynamo\.config\.inline_inbuilt_nn_modules is deprecated"
-# tensordict memoizes which classes are tensorclasses in a module-level dict, filled by eager calls only; a trace
-# that looked a class up there guards on the dict, and the first eager call after it (the eager check, the
-# caller's code) adds that class and fails the guard: a vmapped step compiled twice. What the memo holds never
-# changes what the step computes, so the guarded step drops the guards on it
+# tensordict's memo of which classes are tensorclasses, filled by eager calls: a guard on it fails at the next
+# eager call (a vmapped step compiled twice), and what it holds never changes what the step computes
 _MEMO_SOURCE = "_TENSORCLASS_MEMO"
 _copies = itertools.count(1)
 
 
 def missing_compiler(device_type: str) -> str | None:
-    """Why the step cannot be compiled for ``device_type`` on this machine, or None when it can.
-
-    On the CPU, torch's inductor builds the step's kernels with a C++ compiler (``g++``, or the one
-    the ``CXX`` environment variable names); without one the first compiled call would fail.
-    """
+    """Why the step cannot be compiled for ``device_type`` here (on the CPU inductor needs a C++ compiler), or
+    None when it can."""
     if device_type != "cpu":
         return None
     from torch._inductor.cpp_builder import get_cpp_compiler
@@ -91,17 +72,13 @@ def check_mode(mode: str, device_type: str, owner: str = "StepRunner") -> None:
 
 
 def inductor_options(device_type: str, torch_version: str = torch.__version__) -> dict:
-    """Inductor settings of the step's own compilation (``torch.compile``'s ``options``: a scoped patch).
+    """Inductor settings of the step's own compilation (``torch.compile``'s ``options``, a scoped patch).
 
-    Inductor's per-call size and stride asserts repeat what dynamo's guards (or the call signature) check.
-    On the CPU the graph's kernels and GEMMs are called from C++ (``cpp_wrapper``) rather than from a Python
-    function, whose calls between them cost a few percent of the step (benchmarks/README.md).
-    On the CPU the vector width inductor picks here (after ``ATEN_CPU_CAPABILITY``; 0: none) is named to it
-    (``cpp.simdlen``), which changes no code but puts the width in the key of torch's FX graph cache: that cache
-    otherwise serves C++ generated for one width to a process of another (``ATEN_CPU_CAPABILITY``, or another host
-    on a shared cache folder), where it computes wrong values or aborts (docs/performance.md).
-    Before torch 2.13, inductor's loop reordering after fusion crashes compiling the step for CUDA
-    (pytorch/pytorch#176591, fixed in 2.13's scheduler).
+    No per-call size and stride asserts: the guards (or the call signature) check them. On the CPU, kernels are
+    called from C++ (``cpp_wrapper``: a few percent of the step, benchmarks/README.md), and the vector width
+    inductor picks is named (``cpp.simdlen``): it changes no code but keys torch's FX graph cache, which would
+    otherwise serve C++ built for one width to a process of another, computing wrong values (docs/performance.md).
+    Before torch 2.13, loop reordering after fusion crashes the CUDA compile (pytorch/pytorch#176591).
     """
     options = {"size_asserts": False, "alignment_asserts": False, "cpp_wrapper": device_type == "cpu"}
     if device_type == "cpu":
@@ -131,25 +108,21 @@ class StepRunner:
     """Runs ``step`` in ``mode`` (see the module docstring); one call = one call of the step.
 
     Args:
-        step: a bound method of one input. The runner runs a copy with a code object of its own, as
-            dynamo keeps one cache per code object: each runner's compiled step has a cache of its
-            own (no recompile limit shared with another step of the same class).
+        step: a bound method of one input. The runner runs a copy with a code object of its own: dynamo keeps
+            one cache per code object, so no recompile limit is shared with another step of the same class.
 
     Keyword Args:
         mode (str): one of :data:`MODES` (the caller checks it first: :func:`check_mode`).
         fullgraph (bool): compile the step as one graph (any graph break raises).
-        skip_guards (bool): mode ``"compile"`` only: evaluate dynamo's guards only on calls that meet a new
-            variant (see the module docstring); the others skip them.
-        eager_random (bool): compiled random ops (dropout) draw from eager's generator, so compiled
-            and eager steps, and resumed runs, draw the same masks.
-        specialisation (callable): what, besides the input's structure, the compiled step is
-            specialised on and may change between calls (e.g. the data's layout, train/eval flags,
-            autocast): a change is a new variant.
+        skip_guards (bool): mode ``"compile"``: evaluate dynamo's guards only on calls that meet a new variant.
+        eager_random (bool): compiled random ops (dropout) draw from eager's generator: the same masks as eager.
+        specialisation (callable): what else the compiled step is specialised on and may change between calls
+            (the data's layout, train/eval flags, autocast): a change is a new variant.
         device_type (str): where the step runs (``"cpu"``, ``"cuda"``): the inductor settings it needs.
-        check (EagerCheck, optional): compares compiled calls with eager ones (see the module docstring).
+        check (EagerCheck, optional): compares compiled calls with eager ones.
         check_calls (int): how many calls after each new variant or capture are checked besides it (0: none).
-        fall_back (bool): on a mismatch, warn and run eager from then on (the mismatched call's result is the
-            eager call's), instead of raising :class:`~iql_torchrl.step.eager_check.StepMismatch` with nothing applied.
+        fall_back (bool): on a mismatch, warn and run eager from then on (that call's result is the eager one),
+            instead of raising :class:`~iql_torchrl.step.eager_check.StepMismatch` with nothing applied.
     """
 
     def __init__(self, step, *, mode: str, fullgraph: bool = True, skip_guards: bool = False,
@@ -173,24 +146,22 @@ class StepRunner:
         if mode == "eager":
             self.guarded = self.step_function
             return
-        # tensordict registers a TensorDict's pytree constructor on first use, which a compiled
-        # step's guards would see as a change and recompile once; use it before compiling
+        # tensordict registers TensorDict's pytree constructor on first use, a change guards would see: use it now
         tree_unflatten(*tree_flatten(TensorDict()))
         options = inductor_options(device_type)
         if eager_random:
             options["fallback_random"] = True  # this compilation only: torch.compile applies options as a scoped patch
-        # static shapes: the batch size is fixed for a run, and a dynamic batch dim would make the
-        # step slower and is not supported by dropout under torch.func
+        # static shapes: the batch size is fixed for a run; a dynamic one is slower, and dropout under torch.func
+        # does not support it
         self.guarded = _traced_quietly(torch.compile(self.step_function, fullgraph=fullgraph, dynamic=False,
                                                      options={**options, "guard_filter_fn": self._record_guards}))
         if mode == "cudagraphs":  # the graph replays without calling the compiled step (nor its warning filter)
             self.guarded = CudaGraphStep(self.guarded, baked=self._baked_since_capture)
 
     def _record_guards(self, entries):
-        """A guard filter that records a trace's guards (what it read), counts the trace, and keeps every guard but
-        those on tensordict's memo (``_MEMO_SOURCE``). Only the step's own trace (its guards on ``self`` are guards on
-        the step's owner) is recorded: dynamo also compiles frames that run after the step's graph (on torch 2.11,
-        tensordict's batch-size check of the vmapped seeds' outputs), and their guards are not what the step read."""
+        """A guard filter: records the step's own trace's guards (what it read) and counts it, and keeps every guard
+        but those on tensordict's memo. Frames dynamo compiles after the step's graph (torch 2.11: tensordict's
+        batch-size check of vmapped outputs) are not the step's trace: their guards are not on the step's owner."""
         entries = list(entries)
         owner = self.step_function.__self__
         if any(entry.name == "self" and entry.has_value and entry.value is owner for entry in entries):
@@ -263,19 +234,13 @@ def _own_code(function: types.FunctionType) -> types.FunctionType:
     return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
 
 
-@contextlib.contextmanager
-def _quiet_tracing():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TRACING_NOISE, category=FutureWarning)
-        yield
-
-
 def _traced_quietly(compiled):
-    """A guarded compiled step (it traces on its first call and on recompiles) called under _quiet_tracing."""
+    """A compiled step (it traces on its first call and on recompiles) called without tensordict's warning."""
     def call(batch_or_indices):
         if torch.compiler.is_compiling():  # traced into an enclosing compiled graph: dynamo cannot trace catch_warnings
             return compiled(batch_or_indices)
-        with _quiet_tracing():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TRACING_NOISE, category=FutureWarning)
             return compiled(batch_or_indices)
 
     return call

@@ -1,14 +1,10 @@
-"""The step's optimizers: ``torch.optim.Adam`` objects holding the state and settings, stepped through torch's
-own Adam so that the whole update stays one function (and, compiled, one graph).
+"""The step's optimizers: ``torch.optim.Adam`` objects (torch's checkpoints, LR schedulers) stepped through
+torch's own Adam inside the step: eager, the fused kernel; compiled, the functional foreach, capturable form.
 
-The objects keep checkpoints in torch's format and let torch's LR schedulers change a learning rate. Eager, the
-step calls torch's fused kernel. Compiled, it traces torch's functional ``adam`` in its foreach, capturable form,
-except for stacked seeds in bf16 on the CPU (:func:`fused_in_graph`): there the graph calls the fused kernel
-itself, through an operator of the package's own namespace (torch registers no fake kernel for
-``_fused_adam_`` with a tensor learning rate). Inductor computes the foreach form's bias corrections again in
-every vectorised loop over the parameters, and at several stacked seeds those loops cost more than the fused
-kernel does with the gradients it needs laid out first; for one or two seeds, or in float32, they cost as
-little or less (benchmarks/README.md, "Many settings in one run").
+Stacked seeds in bf16 on the CPU (:func:`fused_in_graph`) call the fused kernel from the graph, through an
+operator of the package's namespace (torch has no fake kernel for ``_fused_adam_`` with a tensor learning rate):
+there inductor's foreach loops, which recompute the bias corrections per vectorised loop, cost more than the
+kernel (benchmarks/README.md, "Many settings in one run").
 """
 from __future__ import annotations
 
@@ -43,24 +39,18 @@ torch.library.register_fake("iql_torchrl::fused_adam_", lambda *args: None, lib=
 
 def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     """``grads`` with their parameters' strides: the fused kernel walks a parameter, its gradient and its state in
-    memory order, so a gradient laid out otherwise (a transposed view from autograd, a contiguous one for a
-    transposed or channels-last parameter) would step the wrong elements."""
+    memory order, so a gradient laid out otherwise (a transposed view from autograd) would step wrong elements."""
     return [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
 
 
 def fused_in_graph(device_type: str, precision: str, seeds: int) -> bool:
-    """Whether a compiled step calls torch's fused Adam kernel (``True``) or traces the foreach form: on the CPU,
-    in bf16, for at least :data:`FUSED_MIN_SEEDS` stacked seeds, where the kernel was measured faster."""
+    """Whether a compiled step calls the fused kernel rather than tracing the foreach form (measured faster)."""
     return device_type == "cpu" and precision == "bf16" and seeds >= FUSED_MIN_SEEDS
 
 
 def make_adam(params: list[Tensor], lr: float, name: str, weight_decay: float, device) -> torch.optim.Adam:
-    """A ``torch.optim.Adam`` holding ``params``' state, with a tensor learning rate and its state built now.
-
-    A tensor learning rate lets the step change it (the actor's cosine) without recompiling; the state exists
-    before the first step, so a compiled step never sees a lazy initialisation. ``name`` ``"adamw"``: decoupled
-    weight decay.
-    """
+    """A ``torch.optim.Adam`` (``name`` ``"adamw"``: decoupled weight decay) with a tensor learning rate, which the
+    step changes without recompiling, and its state built now, not lazily inside a compiled step."""
     optimizer = torch.optim.Adam(params, lr=torch.tensor(lr, device=device), betas=BETAS, eps=EPS,
                                  weight_decay=weight_decay, decoupled_weight_decay=name == "adamw")
     for p in params:
@@ -73,9 +63,7 @@ def make_adam(params: list[Tensor], lr: float, name: str, weight_decay: float, d
 
 
 def adam_step(optimizer: torch.optim.Adam, params: list[Tensor], grads: list[Tensor], fused: bool = False) -> None:
-    """One Adam step of ``params`` with the settings and state ``optimizer`` holds: eager, torch's fused kernel;
-    compiled, its capturable foreach form traced into the graph, or with ``fused`` (CPU) the fused kernel called
-    from the graph (step count and learning rate stay tensors: no sync, no recompile)."""
+    """One Adam step of ``params`` with the settings and state ``optimizer`` holds (see the module docstring)."""
     group = optimizer.param_groups[0]
     states = [optimizer.state[p] for p in params]
     exp_avgs, exp_avg_sqs, steps = ([s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step"))
@@ -93,9 +81,8 @@ def adam_step(optimizer: torch.optim.Adam, params: list[Tensor], grads: list[Ten
 
 
 def load_in_place(optimizer: torch.optim.Adam, params: list[Tensor], state: dict) -> None:
-    """``optimizer.load_state_dict(state)`` into the tensors it holds (learning rates and state): a compiled step
-    and a captured CUDA graph keep reading them. A 0-d ``step`` saved on another device (older checkpoints) is
-    copied across."""
+    """``optimizer.load_state_dict(state)`` into the tensors it holds (learning rates and state), which a compiled
+    step and a CUDA graph keep reading."""
     learning_rates = [group["lr"] for group in optimizer.param_groups]
     held = {p: dict(optimizer.state[p]) for p in params}
     optimizer.load_state_dict(state)

@@ -1,17 +1,11 @@
 """The update step's number format, layer by layer: bfloat16 GEMMs for the wide layers, float32 for the rest.
 
-Under ``precision="bf16"`` the step computes the matrix products of its wide layers -- a ``Linear``, or the
-plain-MLP path's batched product, whose weight has both dimensions at least ``min_features`` (64): the 2×256
-MLPs' 256×256 hidden layers, most of the step's FLOPs -- from bfloat16 copies of the weight and the input,
-accumulated in float32 by the GEMM and handed on as float32. Everything else stays float32: the thin input
-and output layers (where bf16 GEMMs are slower than float32 ones on every CPU measured), the parameters, the
-gradients Adam reads, its state, the targets, the losses, the expectile and the AWR weights. A bf16 product
-keeps 8 significant bits, so a wide layer's output carries a relative rounding of about 2⁻⁸ ≈ 0.4% per
-element (averaging out over its 256-term sums to far less in the losses).
-
-:class:`BF16Layers` does it for any network the loss evaluates -- the user's own modules too -- as a torch
-function mode around the loss, which the compiler traces like any other code. Whether bf16 pays on this host
-(``precision="auto"``) is :mod:`iql_torchrl.precision_choice`'s question.
+Under ``precision="bf16"`` the matrix products of layers whose weight is at least ``min_features`` (64) in both
+dimensions (the 2×256 MLPs' hidden layers, most of the step's FLOPs) take bfloat16 copies of weight and input,
+accumulate in float32 and hand on float32 (about 0.4% rounding per element). Everything else stays float32: the
+thin layers (where bf16 is slower on every CPU measured), parameters, gradients, Adam, targets and losses.
+:class:`BF16Layers` does it for any network the loss evaluates, the user's own too, as a torch function mode the
+compiler traces; whether bf16 pays here is :mod:`iql_torchrl.precision_choice`'s question.
 """
 from __future__ import annotations
 
@@ -25,13 +19,9 @@ __all__ = ["BF16Layers"]
 
 
 class BF16Layers(TorchFunctionMode):
-    """Inside it, the float32 matrix products of layers whose weight is at least ``min_features`` in both
-    dimensions run in bfloat16 with float32 accumulation, their outputs (and gradients) float32.
-
-    Covers ``F.linear`` (every ``nn.Linear``), ``torch.bmm(weight, h)`` and ``torch.baddbmm(bias, weight, h)``
-    (the plain-MLP path's stacked critics), reading the weight's ``[..., out, in]`` dims; any other call
-    runs as it is.
-    """
+    """Inside it, the float32 products of layers at least ``min_features`` wide run in bfloat16 with float32
+    accumulation: ``F.linear`` (every ``nn.Linear``), ``torch.bmm(weight, h)`` and ``torch.baddbmm(bias, weight,
+    h)`` (the plain-MLP path's stacked critics); any other call runs as it is."""
 
     def __init__(self, min_features: int = MIN_FEATURES):
         super().__init__()

@@ -1,19 +1,13 @@
 """IQL's update step: the losses' gradients → Adam → the actor's cosine learning rate → soft target update.
 
-One call of :class:`IQLUpdate` is one gradient step of every network. The step is a plain function of
-tensors (no ``.item()``, no Python branching on tensor values, no ``backward()``, no ``optimizer.step()``),
-so the same code runs eager (gradients from ``torch.autograd.grad``) or compiled as one graph (gradients from
-``torch.func.grad``, traced with the losses, the optimizers and the target update); how it runs is
-:class:`~iql_torchrl.step.modes.StepRunner`'s job (:mod:`iql_torchrl.step.wiring`).
+One call of :class:`IQLUpdate` is one gradient step of every network, a plain function of tensors (no
+``.item()``, no branching on tensor values, no ``backward()``), so the same code runs eager (gradients from
+``torch.autograd.grad``) or compiled as one graph (``torch.func.grad``, traced with the losses, the optimizers
+and the target update); how it runs is :class:`~iql_torchrl.step.modes.StepRunner`'s job.
 
-Update order (``order``):
-
-* ``"paper"`` (default) -- the official implementation: step V on its expectile loss, then the
-  actor and the critics with the new V (``IQLLoss.value_phase`` then ``actor_critic_phase``);
-* ``"summed"`` -- TorchRL's script: the gradient of the three losses summed, then every optimizer.
-
-Random draws (batch indices) are made by the caller, outside the step, so eager, compiled and
-vmapped runs see the same batches and a resumed run continues the same random stream.
+``order="paper"`` (default) steps V on its expectile loss, then the actor and the critics with the new V, as
+the official implementation; ``"summed"``, as TorchRL's script, differentiates the three losses summed. Batch
+indices are drawn by the caller, so eager, compiled and vmapped runs (and a resumed one) see the same batches.
 """
 from __future__ import annotations
 
@@ -44,16 +38,12 @@ OPTIMIZER_GROUPS = TRAINED_NETWORKS  # one optimizer a network
 
 
 class TrainableLoss(Protocol):
-    """What :class:`IQLUpdate` reads from the loss it trains: :class:`~iql_torchrl.IQLLoss` has it, and so
-    has :class:`~iql_torchrl.objectives.ensemble.SeedEnsemble` (K seeds stacked).
-
-    For each network of :data:`OPTIMIZER_GROUPS` (``value``, ``actor``, ``qvalue``): ``<name>_network``, the
-    module (searched for dropout layers), and ``<name>_network_params``, its parameters (the trainable leaves get
-    an optimizer); ``target_qvalue_network_params`` (the soft update's target); the phases, each evaluable at
-    given parameters (network name → a dict of its leaves by key); and the claim on the target update
-    (``claim_target_update()``: the step updates the targets itself). Optionally ``tensor_keys`` (TorchRL's): the
-    ``priority`` and ``log_prob`` entries the loss writes into the batch it evaluates, which the step hands on to
-    its caller's batch.
+    """What :class:`IQLUpdate` reads from the loss it trains (:class:`~iql_torchrl.IQLLoss`, or a
+    :class:`~iql_torchrl.objectives.ensemble.SeedEnsemble` of K seeds): per network, its module (searched for
+    dropout) and parameters (the trainable leaves get an Adam); the target critics; the phases, each evaluable
+    at given parameters (network name → a dict of its leaves by key); ``claim_target_update()`` (the step
+    updates the targets). Optionally TorchRL's ``tensor_keys``: the ``priority`` and ``log_prob`` entries the
+    loss writes into the batch, which the step hands on to its caller's batch.
     """
 
     value_network_params: TensorDictBase
@@ -103,10 +93,9 @@ class IQLUpdate(LiveSettings):
         fall_back_to_eager (bool): a checked call that disagrees warns and the step runs eager from then on,
             instead of raising :class:`~iql_torchrl.step.eager_check.StepMismatch`.
 
-    The optimizers (``value_optimizer``, ``actor_optimizer``, ``qvalue_optimizer``) are ``torch.optim.Adam``
-    objects holding the state. A :class:`SeedEnsemble`'s per-seed losses are summed before differentiation. On
-    the device: ``step``, ``actor_lr``, the first non-finite loss (``first_nonfinite_step``, −1 while all are
-    finite; ``nonfinite_losses``), read when a run logs.
+    ``value_optimizer``, ``actor_optimizer``, ``qvalue_optimizer``: ``torch.optim.Adam`` objects holding the
+    state. On the device, read when a run logs: ``step``, ``actor_lr``, ``first_nonfinite_step`` (−1 while every
+    loss is finite) and ``nonfinite_losses``.
     """
 
     def __init__(self, loss: TrainableLoss, *, total_steps: int | None = None, lr: float = 3e-4,
@@ -201,8 +190,8 @@ class IQLUpdate(LiveSettings):
 
     def _descend(self, groups: tuple[str, ...], batch: TensorDictBase, phase):
         """Differentiates ``phase``'s summed losses w.r.t. ``groups`` and steps their optimizers. ``phase(batch,
-        params)``: the loss at ``params`` (``None``: its own; else each network's leaves by key, plain dicts dynamo
-        traces fast), a TensorDict or that and a tensor. Returns its entries, the tensor and the batch's writes."""
+        params)`` (params ``None``: the loss's own; else each network's leaves by key) returns a TensorDict, or that
+        and a tensor. Returns its entries, the tensor and what it wrote into the batch."""
 
         def objective(tensors):
             scratch = batch.copy()  # the loss writes into the batch it evaluates: the writes are returned instead

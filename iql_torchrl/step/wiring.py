@@ -33,14 +33,13 @@ def build_runner(update, *, mode: str, grad_hook, eager_checks: int, fall_back_t
 
 
 def checked_networks(update) -> dict[str, tuple[dict[str, Tensor], Tensor]]:
-    """What the eager check compares: each trained network's trainable parameters and the target critics, by
-    name, with the learning rate that bounds their difference."""
-    tds = {**update.param_tds, "target_qvalue": update.loss.target_qvalue_network_params}
+    """What the eager check compares: each network's trainable parameters and the target critics, by name, with
+    the learning rate that bounds their difference (the critics' for the targets)."""
     lrs = {group: opt.param_groups[0]["lr"] for group, opt in update.optimizers.items()}
-    lrs["target_qvalue"] = lrs["qvalue"]
-    return {name: ({_dotted(key): t for key, t in td.items(True, True)
-                    if name == "target_qvalue" or (isinstance(t, torch.nn.Parameter) and t.requires_grad)}, lrs[name])
-            for name, td in tds.items()}
+    named = {group: {_dotted(key): update.leaves[group][key] for key in keys}
+             for group, keys in update.trainable_keys.items()}
+    named["target_qvalue"] = {_dotted(key): t for key, t in update.target_leaves.items()}
+    return {name: (tensors, lrs.get(name, lrs["qvalue"])) for name, tensors in named.items()}
 
 
 def written_tensors(update) -> list[Tensor]:
