@@ -13,7 +13,8 @@ graph and AOTAutograd caches. With an :class:`~iql_torchrl.step.eager_check.Eage
 new variant or capture a step, and ``check_calls`` calls after them, are also taken eagerly and compared.
 
 Every experimental torch API the project uses lives here (guard filters and the guard-skipping stance, inductor
-options, code-object cloning), besides the operator :mod:`iql_torchrl.step.optimizers` defines. None changes a
+options, torch's pytree for TensorDict's registration, the guards dropped on tensordict's tensorclass memo,
+code-object cloning), besides the operator :mod:`iql_torchrl.step.optimizers` defines. None changes a
 process-wide setting: inductor options reach only this step's compilation, the stance and warning filters only
 its calls.
 """

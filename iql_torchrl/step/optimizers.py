@@ -39,7 +39,8 @@ torch.library.register_fake("iql_torchrl::fused_adam_", lambda *args: None, lib=
 
 def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     """``grads`` with their parameters' strides: the fused kernel walks a parameter, its gradient and its state in
-    memory order, so a gradient laid out otherwise (a transposed view from autograd) would step wrong elements."""
+    memory order, so a gradient laid out otherwise (a transposed view from autograd, a contiguous one for a
+    transposed or channels-last parameter) would step the wrong elements."""
     return [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
 
 
