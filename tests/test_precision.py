@@ -18,7 +18,7 @@ from iql_torchrl.runs.config import OfflineConfig, parse_cli
 from iql_torchrl.runs.resume import ResumeError
 from iql_torchrl.runs.settings import resolve_precision
 from iql_torchrl.precision_choice import choose_precision
-from iql_torchrl.step.precision import BF16Layers
+from iql_torchrl.step.precision import BF16Layers, BiasApart
 from iql_offline import train
 from synthetic import random_transitions
 
@@ -78,6 +78,34 @@ def test_gradients_reach_the_float32_weights_through_the_bf16_product():
     assert bf16_grad.dtype == torch.float32
     relative = (bf16_grad - layer.weight.grad).norm() / layer.weight.grad.norm()
     assert 1e-4 < relative < 2e-2  # bf16 rounding (0.4% per factor), not a different gradient
+
+
+def test_a_linear_layer_with_its_bias_apart_computes_the_same_sum():
+    torch.manual_seed(0)
+    layer, no_bias = nn.Linear(17, 32).double(), nn.Linear(17, 32, bias=False).double()
+    x = torch.randn(64, 17, dtype=torch.float64)
+    with BiasApart():
+        got, got_no_bias = layer(x), no_bias(x)
+    assert torch.equal(got, x @ layer.weight.T + layer.bias)  # x - (-b) is x + b, bit for bit
+    assert not torch.allclose(got, x @ layer.weight.T - layer.bias)  # the sign's wrong variant
+    assert torch.equal(got_no_bias, x @ no_bias.weight.T)
+
+
+def test_compiled_on_the_cpu_the_bias_apart_leaves_inductor_no_addmm():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    layer, x = nn.Linear(32, 32), torch.randn(16, 32)
+
+    def apart(x):
+        with BiasApart():
+            return torch.relu(layer(x))
+
+    out, code = run_and_get_code(torch.compile(apart, fullgraph=True), x)
+    assert "addmm" not in "".join(code) and torch.allclose(out, torch.relu(layer(x)), rtol=1e-6, atol=1e-6)
+    # the plain layer is what the mode is for: inductor folds its bias into addmm (a copy of the bias per row)
+    _, code = run_and_get_code(torch.compile(lambda x: torch.relu(layer(x)), fullgraph=True), x)
+    assert "addmm" in "".join(code)
 
 
 def test_the_stacked_critics_plain_path_rounds_as_their_own_linear_layers_do():

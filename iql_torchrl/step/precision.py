@@ -1,4 +1,4 @@
-"""The update step's number format, layer by layer: bfloat16 GEMMs for the wide layers, float32 for the rest.
+"""How the update step's layers multiply: bfloat16 GEMMs for the wide layers, float32 for the rest; the bias apart.
 
 Under ``precision="bf16"`` the matrix products of layers whose weight is at least ``min_features`` (64) in both
 dimensions (the 2×256 MLPs' hidden layers, most of the step's FLOPs) take bfloat16 copies of weight and input,
@@ -6,6 +6,10 @@ accumulate in float32 and hand on float32 (about 0.4% rounding per element). Eve
 thin layers (where bf16 is slower on every CPU measured), parameters, gradients, Adam, targets and losses.
 :class:`BF16Layers` does it for any network the loss evaluates, the user's own too, as a torch function mode the
 compiler traces; whether bf16 pays here is :mod:`iql_torchrl.precision_choice`'s question.
+
+A compiled step on the CPU also adds ``nn.Linear``'s bias after the product (:class:`BiasApart`): inductor keeps
+``addmm`` there, whose kernel first copies the bias into every row of its output; apart, the bias fuses into the
+next pointwise kernel (the ReLU), as inductor arranges by itself on a GPU (benchmarks/README.md has the gain).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from iql_torchrl.precision_choice import MIN_FEATURES
 
-__all__ = ["BF16Layers"]
+__all__ = ["BF16Layers", "BiasApart"]
 
 
 class BF16Layers(TorchFunctionMode):
@@ -47,6 +51,19 @@ class BF16Layers(TorchFunctionMode):
             bias, weight, h = args
             if self._wide(weight, h):
                 return bias + _in_bf16(torch.bmm, weight, h)
+        return func(*args, **kwargs)
+
+
+class BiasApart(TorchFunctionMode):
+    """Inside it, ``F.linear(x, weight, bias)`` is ``F.linear(x, weight) - (-bias)``: the same sum, written so that
+    inductor's pass folding ``mm + bias`` into ``addmm`` leaves it apart; any other call runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.linear:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if bias is not None:
+                return nn.functional.linear(args[0], args[1]) - (-bias)
         return func(*args, **kwargs)
 
 

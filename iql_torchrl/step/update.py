@@ -11,6 +11,7 @@ indices are drawn by the caller, so eager, compiled and vmapped runs (and a resu
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -25,7 +26,7 @@ from iql_torchrl.step.live_settings import LiveSettings, cosine_decay
 from iql_torchrl.step.modes import MODES, missing_compiler
 from iql_torchrl.step.optimizers import adam_step, fused_in_graph, load_in_place, make_adam
 from iql_torchrl.precision_choice import MIN_FEATURES, resolve_precision
-from iql_torchrl.step.precision import BF16Layers
+from iql_torchrl.step.precision import BF16Layers, BiasApart
 from iql_torchrl.step.wiring import STATE_TENSORS, build_runner
 
 __all__ = [
@@ -223,10 +224,12 @@ class IQLUpdate(LiveSettings):
         return out, (extra[0] if extra else None), written
 
     def _loss_call(self, phase, batch, params):
-        if self.precision != "bf16":
-            return phase(batch, params)
-        with BF16Layers(self.bf16_min_features):
-            return phase(batch, params)
+        bias_apart = self.step.device.type == "cpu" and torch.compiler.is_compiling()
+        with BiasApart() if bias_apart else contextlib.nullcontext():
+            if self.precision != "bf16":
+                return phase(batch, params)
+            with BF16Layers(self.bf16_min_features):
+                return phase(batch, params)
 
     def _optimizer_step(self, group: str, grads: list[Tensor]) -> None:
         adam_step(self.optimizers[group], self.params[group], grads, fused=self.fused_adam)
